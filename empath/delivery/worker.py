@@ -1,0 +1,230 @@
+"""The delivery worker process: claim, deliver, record, then remove, defer or finish.
+
+Each worker owns ``active/<pid>/``. It claims work by renaming a file there from ``incoming/``
+(woken by the receivers) or from ``deferred/`` (when the file's mtime, its due time, has
+passed). Work is sharded by a hash of the queue id, so two workers rarely race for one file; a
+file of another shard is taken too once it has waited a while, so a busy or dead worker delays
+nothing for long. A lost race is an ENOENT and is normal.
+
+All state lives in the queue file: after an attempt the envelope is rewritten (tmp, fsync,
+rename over itself) and the file renamed on to ``deferred/`` or ``failed/``, or unlinked when
+every recipient is delivered. This module never builds a spool path itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+import os
+import random
+import time
+import zlib
+from typing import Any
+
+from empath.delivery import state
+from empath.delivery.dispatch import Dispatcher
+from empath.spool import CorruptFile, Spool, WakeListener, read_queue_file
+
+log = logging.getLogger("empath.delivery")
+
+FOREIGN_GRACE = 2.0  # seconds a file of another shard waits before this worker takes it
+REMOVE_RETRIES = 5
+
+
+class DeliveryWorker:
+    def __init__(self, ctx: Any) -> None:
+        self.ctx = ctx
+        self.cfg = ctx.config
+        self.spool = Spool(self.cfg.spool.path)
+        self.slot = os.getpid()
+        self.shard = ctx.index - 1
+        self.shards = max(ctx.count, 1)
+        self.capacity = self.cfg.delivery.max_concurrent
+        self.inflight: dict[str, asyncio.Task[None]] = {}
+        self.wake = asyncio.Event()
+        self.rng = random.Random()
+        self._foreign_seen: dict[str, float] = {}
+        self._due: list[tuple[float, str]] = []  # heap of (due time, id) from the last scan
+        self._next_deferred_scan = 0.0
+        self.dispatcher = Dispatcher(self.cfg)
+
+    def _own(self, message_id: str) -> bool:
+        return zlib.crc32(message_id.encode()) % self.shards == self.shard
+
+    # -- the loop -------------------------------------------------------------------------
+    async def run(self) -> None:
+        os.makedirs(self.spool.active_dir(self.slot), mode=0o700, exist_ok=True)
+        listener = WakeListener(self.spool, self.wake.set)
+        interval = self.cfg.delivery.queue_scan_interval
+        try:
+            while not self.ctx.stopping.is_set():
+                self.wake.clear()
+                if not self.spool.is_frozen():
+                    self._fill()
+                timeout = interval
+                if self._due:
+                    timeout = max(0.05, min(interval, self._due[0][0] - time.time()))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake_or_stop(), timeout)
+        finally:
+            listener.close()
+            await self._drain()
+            await self.dispatcher.close()
+
+    async def _wake_or_stop(self) -> None:
+        stop = asyncio.ensure_future(self.ctx.stopping.wait())
+        woke = asyncio.ensure_future(self.wake.wait())
+        try:
+            await asyncio.wait({stop, woke}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            woke.cancel()
+
+    async def _drain(self) -> None:
+        """Let in-flight deliveries finish (the child enforces shutdown_timeout), then requeue."""
+        if self.inflight:
+            await asyncio.wait(list(self.inflight.values()))
+        self.spool.recover_active(self.slot)
+
+    def _free(self) -> int:
+        return self.capacity - len(self.inflight)
+
+    def _fill(self) -> None:
+        if self._free() <= 0:
+            return
+        now_mono = time.monotonic()
+        seen: dict[str, float] = {}
+        for message_id in self.spool.list_ids("incoming"):
+            if self._free() <= 0:
+                break
+            if not self._own(message_id):
+                first = self._foreign_seen.get(message_id, now_mono)
+                seen[message_id] = first
+                if now_mono - first < FOREIGN_GRACE:
+                    continue
+            self._claim(message_id, "incoming")
+        self._foreign_seen = seen
+        self._fill_deferred()
+
+    def _fill_deferred(self) -> None:
+        now = time.time()
+        if now >= self._next_deferred_scan:
+            self._scan_deferred(now)
+        while self._due and self._due[0][0] <= now and self._free() > 0:
+            _, message_id = heapq.heappop(self._due)
+            self._claim(message_id, "deferred")
+
+    def _scan_deferred(self, now: float) -> None:
+        """Rebuild the heap of due times from deferred/ (mtime = next attempt)."""
+        due: list[tuple[float, str]] = []
+        try:
+            entries = os.scandir(self.spool.state_dir("deferred"))
+        except FileNotFoundError:
+            entries = None
+        if entries is not None:
+            with entries:
+                for entry in entries:
+                    try:
+                        mtime = entry.stat().st_mtime
+                    except FileNotFoundError:
+                        continue
+                    if not self._own(entry.name):
+                        mtime += FOREIGN_GRACE * 5
+                    due.append((mtime, entry.name))
+        heapq.heapify(due)
+        self._due = due
+        self._next_deferred_scan = now + self.cfg.delivery.queue_scan_interval
+
+    def _claim(self, message_id: str, from_state: str) -> None:
+        if message_id in self.inflight:
+            return
+        try:
+            path = self.spool.claim(message_id, from_state, self.slot)
+        except ValueError:
+            return  # not a queue id: never touched
+        if path is None:
+            return
+        task = asyncio.ensure_future(self._process(message_id, path))
+        self.inflight[message_id] = task
+        task.add_done_callback(lambda _t: self._finished(message_id))
+
+    def _finished(self, message_id: str) -> None:
+        self.inflight.pop(message_id, None)
+        self.wake.set()
+
+    # -- one message ----------------------------------------------------------------------
+    async def _process(self, message_id: str, path: str) -> None:
+        try:
+            envelope, source = read_queue_file(path)
+        except CorruptFile as exc:
+            self.spool.mark_corrupt(path, message_id, str(exc))
+            return
+        except FileNotFoundError:
+            return
+        try:
+            await self._attempt(message_id, path, envelope, source)
+        except Exception:
+            # A bug or a system error must not lose the message: it goes back for a retry.
+            log.exception("%s: delivery attempt failed unexpectedly; requeued", message_id)
+            with contextlib.suppress(OSError):
+                self.spool.move(path, "incoming", message_id)
+
+    async def _attempt(self, message_id: str, path: str, envelope: dict[str, Any],
+                       source: Any) -> None:
+        started = time.time()
+        recipients = state.open_recipients(envelope)
+        outcomes, infos = await self.dispatcher.deliver(envelope, recipients, source)
+        now = time.time()
+        info = {"duration": round(now - started, 6), "routes": infos}
+        state.record_attempt(envelope, outcomes, info, now)
+        d = self.cfg.delivery
+        decision = state.decide(
+            envelope, now, max_attempts=d.max_attempts, base=d.retry_base_delay,
+            maximum=d.retry_max_delay, jitter=d.retry_jitter_factor,
+            expiration=d.message_expiration, rng=self.rng)
+        for addr, outcome in outcomes.items():
+            log.info("%s: to=<%s> status=%s %s %s", message_id, addr, outcome.status,
+                     outcome.code or "", outcome.text)
+        if decision.action == "remove":
+            await self._remove(message_id, path, envelope)
+        elif decision.action == "defer":
+            due = decision.next_retry_at or now
+            await asyncio.to_thread(self.spool.rewrite, path, envelope, due)
+            self.spool.move(path, "deferred", message_id)
+            log.info("%s: deferred until %s", message_id,
+                     time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(due)))
+        else:
+            await self._finish_failed(message_id, path, envelope)
+
+    async def _finish_failed(self, message_id: str, path: str, envelope: dict[str, Any]) -> None:
+        """Every recipient is closed and some failed or expired: keep it in failed/."""
+        await asyncio.to_thread(self.spool.rewrite, path, envelope, None)
+        self.spool.move(path, "failed", message_id)
+        log.warning("%s: delivery failed for some recipients; moved to failed/", message_id)
+
+    async def _remove(self, message_id: str, path: str, envelope: dict[str, Any]) -> None:
+        """Unlink a delivered message, retrying; never let it be delivered twice."""
+        for attempt in range(REMOVE_RETRIES):
+            try:
+                self.spool.remove(path)
+                log.info("%s: removed (all recipients delivered)", message_id)
+                return
+            except FileNotFoundError:
+                return
+            except OSError as exc:
+                log.error("%s: cannot remove delivered message (try %d): %s",
+                          message_id, attempt + 1, exc)
+                await asyncio.sleep(0.2 * (attempt + 1))
+        # Still there: record the delivered state so a restart finds nothing left to send.
+        try:
+            await asyncio.to_thread(self.spool.rewrite, path, envelope, None)
+        except OSError as exc:
+            log.critical("%s: delivered but neither removable nor rewritable: %s",
+                         message_id, exc)
+
+
+async def serve(ctx: Any) -> None:
+    """Run one delivery worker until ctx.stopping is set."""
+    await DeliveryWorker(ctx).run()

@@ -1,0 +1,1 @@
+"""empath.smtp"""

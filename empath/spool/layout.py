@@ -1,0 +1,262 @@
+"""The spool tree: every path, every state, every rename. No other module builds a spool path.
+
+States are directories; a message is in exactly one of them, and every change of state is one
+rename(2) within the one filesystem (see docs/SPOOL.md for the table of transitions):
+
+    tmp/            being written by a receiver ("<pid>-<id>"); swept when that pid is gone
+    incoming/       durable and acknowledged, not yet claimed
+    active/<pid>/   claimed by the delivery worker with that pid
+    deferred/       waiting for a retry; the file's mtime is the time of the next attempt
+    hold/           parked by an operator
+    failed/         every recipient finished, some failed, bounce not (yet) generated
+    corrupt/        unreadable files moved aside for an operator
+    control/        ``freeze`` flag and ``wake/<pid>`` datagram sockets of delivery workers
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from empath.spool import fileformat
+from empath.spool.ids import is_valid_id
+
+if TYPE_CHECKING:
+    from empath.spool.writer import ReceiverWriter
+
+log = logging.getLogger("empath.spool")
+
+QUEUE_STATES = ("incoming", "deferred", "hold", "failed", "corrupt")
+ALL_DIRS = ("tmp", "incoming", "active", "deferred", "hold", "failed", "corrupt", "control",
+            "control/wake")
+
+
+class SpoolError(OSError):
+    """A spool operation failed; ``errno`` says why (ENOSPC → 452, anything else → 451)."""
+
+
+class Spool:
+    """Paths and state changes of one spool directory."""
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+        self.tmp = os.path.join(self.root, "tmp")
+        self.active = os.path.join(self.root, "active")
+        self.control = os.path.join(self.root, "control")
+        self.wake_dir = os.path.join(self.control, "wake")
+        self.freeze_flag = os.path.join(self.control, "freeze")
+
+    # -- paths ------------------------------------------------------------------------------
+    def state_dir(self, state: str) -> str:
+        if state not in QUEUE_STATES:
+            raise ValueError(f"unknown queue state {state!r}")
+        return os.path.join(self.root, state)
+
+    def path(self, state: str, message_id: str) -> str:
+        if not is_valid_id(message_id):
+            raise ValueError(f"invalid queue id {message_id!r}")
+        return os.path.join(self.state_dir(state), message_id)
+
+    def active_dir(self, slot: int) -> str:
+        return os.path.join(self.active, str(slot))
+
+    def active_path(self, slot: int, message_id: str) -> str:
+        return os.path.join(self.active, str(slot), message_id)
+
+    def tmp_path(self, message_id: str, pid: int | None = None) -> str:
+        return os.path.join(self.tmp, f"{os.getpid() if pid is None else pid}-{message_id}")
+
+    def open_receiver_writer(self, threads: int = 16) -> ReceiverWriter:
+        """The receiver's group-committing writer; call from inside the running event loop."""
+        from empath.spool.writer import ReceiverWriter
+
+        return ReceiverWriter(self, threads)
+
+    # -- tree -------------------------------------------------------------------------------
+    def create_tree(self) -> None:
+        """Create every directory (0700); fails clearly when the spool is not writable."""
+        os.makedirs(self.root, mode=0o700, exist_ok=True)
+        for name in ALL_DIRS:
+            os.makedirs(os.path.join(self.root, name), mode=0o700, exist_ok=True)
+        probe = os.path.join(self.tmp, f".probe-{os.getpid()}")
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.close(fd)
+        os.unlink(probe)
+
+    def list_ids(self, state: str) -> list[str]:
+        """Ids in ``state``, oldest first (ids sort by arrival)."""
+        try:
+            names = os.listdir(self.state_dir(state))
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if is_valid_id(n))
+
+    list_state = list_ids
+
+    def active_slots(self) -> list[int]:
+        try:
+            return sorted(int(n) for n in os.listdir(self.active) if n.isdigit())
+        except FileNotFoundError:
+            return []
+
+    def list_active(self, slot: int | None = None) -> list[tuple[int, str]]:
+        """(slot, id) of claimed messages, for one slot or all."""
+        slots = [slot] if slot is not None else self.active_slots()
+        out = []
+        for s in slots:
+            try:
+                out.extend((s, n) for n in os.listdir(self.active_dir(s)) if is_valid_id(n))
+            except FileNotFoundError:
+                continue
+        return sorted(out, key=lambda item: item[1])
+
+    def find(self, message_id: str) -> tuple[str, str] | None:
+        """(state, path) of a message wherever it is; state "active" for a claimed one."""
+        for state in QUEUE_STATES:
+            p = self.path(state, message_id)
+            if os.path.exists(p):
+                return state, p
+        for slot, mid in self.list_active():
+            if mid == message_id:
+                return "active", self.active_path(slot, mid)
+        return None
+
+    # -- transitions -------------------------------------------------------------------------
+    def claim(self, message_id: str, from_state: str, slot: int) -> str | None:
+        """Move a message into ``active/<slot>/``; None when another process won the race."""
+        dest = self.active_path(slot, message_id)
+        try:
+            os.rename(self.path(from_state, message_id), dest)
+        except FileNotFoundError:
+            return None
+        return dest
+
+    def move(self, src: str, state: str, message_id: str) -> str:
+        """Rename a queue file into ``state``; returns the new path."""
+        dest = self.path(state, message_id)
+        os.rename(src, dest)
+        return dest
+
+    def rewrite(self, path: str, envelope: dict[str, Any], mtime: float | None = None) -> None:
+        """Replace the envelope of the queue file at ``path`` atomically.
+
+        The data is copied by the kernel into a new file beside the tmp files, the new envelope
+        appended, the file fsynced (and its mtime set first, so a deferred file's due time is
+        durable too), then renamed over ``path``: a crash leaves either the old or the new file.
+        """
+        _, source = fileformat.read_queue_file(path)
+        tmp = self.tmp_path(envelope["id"])
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            with open(path, "rb") as src, open(fd, "wb") as dst:
+                remaining = source.length
+                while remaining > 0:
+                    n = os.copy_file_range(src.fileno(), dst.fileno(), remaining)
+                    if n == 0:
+                        raise fileformat.CorruptFile("queue file shrank while being rewritten")
+                    remaining -= n
+                dst.write(fileformat.encode_tail(envelope, source.length))
+                dst.flush()
+                if mtime is not None:
+                    os.utime(dst.fileno(), (mtime, mtime))
+                # fsync, not fdatasync, when the mtime (the due time) must be durable too.
+                (os.fdatasync if mtime is None else os.fsync)(dst.fileno())
+            os.rename(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    def remove(self, path: str) -> None:
+        os.unlink(path)
+
+    def mark_corrupt(self, path: str, message_id: str, reason: str) -> None:
+        """Move an unreadable file to corrupt/ (never delete it) and say so in the log."""
+        name = message_id if is_valid_id(message_id) else os.path.basename(path)
+        dest = os.path.join(self.root, "corrupt", name)
+        try:
+            os.rename(path, dest)
+        except FileNotFoundError:
+            return
+        log.error("%s: moved to corrupt/: %s", name, reason)
+
+    # -- recovery ----------------------------------------------------------------------------
+    def recover_active(self, slot: int) -> int:
+        """Return a dead worker's claimed messages to incoming/; how many were moved."""
+        d = self.active_dir(slot)
+        moved = 0
+        try:
+            names = os.listdir(d)
+        except FileNotFoundError:
+            return 0
+        for name in names:
+            if is_valid_id(name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.rename(os.path.join(d, name), self.path("incoming", name))
+                    moved += 1
+        with contextlib.suppress(OSError):
+            os.rmdir(d)
+        if moved:
+            log.warning("requeued %d message(s) claimed by delivery worker %d", moved, slot)
+        return moved
+
+    def recover_all(self, alive: Callable[[int], bool]) -> int:
+        """At start-up: requeue active/ of dead workers and sweep tmp/ files of dead writers."""
+        moved = sum(self.recover_active(s) for s in self.active_slots() if not alive(s))
+        for name in _listdir(self.tmp):
+            pid_text, _, _ = name.partition("-")
+            if pid_text.isdigit() and alive(int(pid_text)):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.tmp, name))
+        for name in _listdir(self.wake_dir):
+            if name.isdigit() and not alive(int(name)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.wake_dir, name))
+        return moved
+
+    # -- control -----------------------------------------------------------------------------
+    def is_frozen(self) -> bool:
+        return os.path.exists(self.freeze_flag)
+
+    def set_frozen(self, frozen: bool) -> None:
+        if frozen:
+            fd = os.open(self.freeze_flag, os.O_WRONLY | os.O_CREAT, 0o600)
+            os.close(fd)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.freeze_flag)
+
+    def wake_socket_path(self, pid: int) -> str:
+        return os.path.join(self.wake_dir, str(pid))
+
+    def wake_socket_paths(self) -> Iterator[str]:
+        for name in _listdir(self.wake_dir):
+            if name.isdigit():
+                yield os.path.join(self.wake_dir, name)
+
+
+def pid_alive(pid: int) -> bool:
+    """True when a process with this pid exists (ours or not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except FileNotFoundError:
+        return []
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)

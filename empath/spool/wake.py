@@ -1,0 +1,70 @@
+"""Wake-ups from receivers to delivery workers: one datagram socket per worker.
+
+Each delivery worker binds ``control/wake/<pid>`` (AF_UNIX, SOCK_DGRAM). After a group commit a
+receiver sends one byte to every worker; a full or vanished socket is ignored, because the
+workers also scan the spool on a timer. The datagrams carry no data: the spool is the truth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+from collections.abc import Callable
+
+from empath.spool.layout import Spool
+
+_REFRESH = 2.0  # seconds between re-reads of the list of worker sockets
+
+
+class Waker:
+    """Sender side (receivers, empathctl)."""
+
+    def __init__(self, spool: Spool) -> None:
+        self._spool = spool
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.setblocking(False)
+        self._targets: list[str] = []
+        self._read_at = 0.0
+
+    def wake(self) -> None:
+        now = time.monotonic()
+        if now - self._read_at > _REFRESH:
+            self._targets = list(self._spool.wake_socket_paths())
+            self._read_at = now
+        for path in self._targets:
+            with contextlib.suppress(OSError):
+                self._sock.sendto(b"!", path)
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+class WakeListener:
+    """Receiver side (one per delivery worker): calls ``callback`` when woken."""
+
+    def __init__(self, spool: Spool, callback: Callable[[], None]) -> None:
+        self._path = spool.wake_socket_path(os.getpid())
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._path)
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(self._path)
+        self._sock.setblocking(False)
+        self._callback = callback
+        asyncio.get_running_loop().add_reader(self._sock.fileno(), self._on_readable)
+
+    def _on_readable(self) -> None:
+        # Drain everything queued: many wake-ups mean one scan.
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            while True:
+                self._sock.recv(64)
+        self._callback()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            asyncio.get_running_loop().remove_reader(self._sock.fileno())
+        self._sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._path)

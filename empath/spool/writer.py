@@ -1,0 +1,185 @@
+"""The receiver's write path: make a message durable in incoming/ before its 250.
+
+Per message: create ``tmp/<pid>-<id>``, write data + envelope + trailer (one writev for a
+message held in memory), fdatasync, close, rename into ``incoming/`` — all in a worker thread, so
+sessions never wait behind each other's fsync and the kernel can overlap them. The rename is
+made durable by an fsync of ``incoming/`` shared by every message renamed before that fsync
+started (group commit): one directory fsync answers a whole batch of 250s. When the batch is
+durable the delivery workers are woken.
+
+Messages larger than SPILL_THRESHOLD are written to their tmp file as they arrive, so memory stays
+bounded whatever the message size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from empath.spool import fileformat
+from empath.spool.layout import Spool, SpoolError
+from empath.spool.wake import Waker
+
+SPILL_THRESHOLD = 256 * 1024
+_OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+
+
+def _write_all(fd: int, parts: list[bytes]) -> None:
+    """writev until every byte is written (writev may write less than asked)."""
+    views = [memoryview(p) for p in parts if p]
+    while views:
+        n = os.writev(fd, views)
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if views and n:
+            views[0] = views[0][n:]
+
+
+class ReceiverWriter:
+    """One per receiver process: the thread pool, the group commit and the waker."""
+
+    def __init__(self, spool: Spool, threads: int = 16) -> None:
+        self.spool = spool
+        self._loop = asyncio.get_running_loop()
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="spool")
+        self._dir_fd = os.open(spool.state_dir("incoming"), os.O_RDONLY | os.O_DIRECTORY)
+        self._waiting: list[asyncio.Future[None]] = []
+        self._syncing = False
+        self._waker = Waker(spool)
+
+    def begin(self, message_id: str) -> IncomingMessage:
+        return IncomingMessage(self, message_id)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        with contextlib.suppress(OSError):
+            os.close(self._dir_fd)
+        self._waker.close()
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        return await self._loop.run_in_executor(self._pool, fn, *args)
+
+    async def _await_dir_sync(self) -> None:
+        """Wait until an fsync of incoming/ that started after our rename has finished."""
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._waiting.append(fut)
+        if not self._syncing:
+            self._start_dir_sync()
+        await fut
+
+    def _start_dir_sync(self) -> None:
+        batch, self._waiting = self._waiting, []
+        self._syncing = True
+        task = self._loop.run_in_executor(self._pool, os.fsync, self._dir_fd)
+        task.add_done_callback(lambda done: self._dir_synced(batch, done))
+
+    def _dir_synced(self, batch: list[asyncio.Future[None]], done: asyncio.Future[None]) -> None:
+        self._syncing = False
+        exc = done.exception()
+        for fut in batch:
+            if fut.done():
+                continue
+            if exc is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(SpoolError(getattr(exc, "errno", 0), f"spool: {exc}"))
+        if self._waiting:
+            self._start_dir_sync()
+        if exc is None:
+            self._waker.wake()
+
+
+class IncomingMessage:
+    """A message being received: buffered in memory, spilled to tmp/ when large."""
+
+    __slots__ = ("_writer", "id", "_chunks", "_buffered", "_size", "_fd", "_tmp", "_error")
+
+    def __init__(self, writer: ReceiverWriter, message_id: str) -> None:
+        self._writer = writer
+        self.id = message_id
+        self._chunks: list[bytes] = []
+        self._buffered = 0
+        self._size = 0
+        self._fd = -1
+        self._tmp = ""
+        self._error: OSError | None = None
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def write(self, data: bytes) -> None:
+        """Append message bytes. A write error is kept and raised by commit()."""
+        if not data or self._error is not None:
+            return
+        self._chunks.append(data)
+        self._buffered += len(data)
+        self._size += len(data)
+        if self._buffered >= SPILL_THRESHOLD:
+            try:
+                self._spill()
+            except OSError as exc:
+                self._error = exc
+                self._discard()
+
+    def _spill(self) -> None:
+        if self._fd < 0:
+            self._tmp = self._writer.spool.tmp_path(self.id)
+            self._fd = os.open(self._tmp, _OPEN_FLAGS, 0o600)
+        chunks, self._chunks, self._buffered = self._chunks, [], 0
+        _write_all(self._fd, chunks)
+
+    async def commit(self, envelope: dict[str, Any]) -> None:
+        """Return once the message is durable in incoming/; SpoolError otherwise."""
+        if self._error is not None:
+            raise SpoolError(self._error.errno or 0, f"spool write failed: {self._error}")
+        envelope["data_size"] = self._size
+        tail = fileformat.encode_tail(envelope, self._size)
+        try:
+            await self._writer._run(self._store, tail)
+        except OSError as exc:
+            self._discard()
+            raise SpoolError(exc.errno or 0, f"spool write failed: {exc}") from exc
+        try:
+            await self._writer._await_dir_sync()
+        except SpoolError:
+            # Not durable: take it back so an unacknowledged message is not delivered.
+            with contextlib.suppress(OSError):
+                os.unlink(self._writer.spool.path("incoming", self.id))
+            raise
+
+    def _store(self, tail: bytes) -> None:
+        """Thread side: finish the tmp file, fdatasync, rename into incoming/."""
+        spool = self._writer.spool
+        if self._fd < 0:
+            self._tmp = spool.tmp_path(self.id)
+            self._fd = os.open(self._tmp, _OPEN_FLAGS, 0o600)
+        chunks, self._chunks = self._chunks, []
+        chunks.append(tail)
+        _write_all(self._fd, chunks)
+        # fdatasync covers the data and the size; the name is made durable by the directory
+        # fsync of the group commit.
+        os.fdatasync(self._fd)
+        fd, self._fd = self._fd, -1
+        os.close(fd)
+        os.rename(self._tmp, spool.path("incoming", self.id))
+        self._tmp = ""
+
+    def abort(self) -> None:
+        """Discard the message (nothing durable was promised)."""
+        self._chunks = []
+        self._discard()
+
+    def _discard(self) -> None:
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = -1
+        if self._tmp:
+            with contextlib.suppress(OSError):
+                os.unlink(self._tmp)
+            self._tmp = ""

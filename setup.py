@@ -1,0 +1,60 @@
+"""Build script: compiles the Cython speedups when it can, and never fails without them.
+
+``EMPATH_NO_EXTENSIONS=1`` or a non-CPython interpreter skips the build; a missing compiler
+or Cython makes the build fall back to the pure-Python twins with a printed notice.
+"""
+
+import os
+import platform
+import sys
+
+from setuptools import setup
+from setuptools.command.build_ext import build_ext
+
+SPEEDUPS = ["cmdparse", "datareader"]
+
+
+class OptionalBuildExt(build_ext):
+    """build_ext that reports, rather than raises, a failed compile."""
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except Exception as exc:  # compiler missing, headers missing, ...
+            self._fallback(exc)
+
+    def build_extension(self, ext) -> None:  # type: ignore[no-untyped-def]
+        try:
+            super().build_extension(ext)
+        except Exception as exc:
+            self._fallback(exc)
+
+    @staticmethod
+    def _fallback(exc: BaseException) -> None:
+        sys.stderr.write(
+            f"empath: compiling the speedups failed ({exc}); "
+            "the pure-Python twins will be used\n"
+        )
+
+
+def extensions() -> list:
+    if os.environ.get("EMPATH_NO_EXTENSIONS") or platform.python_implementation() != "CPython":
+        print("empath: building without the Cython speedups (pure-Python twins)")
+        return []
+    try:
+        from Cython.Build import cythonize
+    except ImportError:
+        print("empath: Cython not available; using the pure-Python twins")
+        return []
+    from setuptools import Extension
+
+    exts = [
+        Extension(f"empath._speedups.{name}", [f"empath/_speedups/{name}.pyx"],
+                  extra_compile_args=["-O2"])
+        for name in SPEEDUPS
+    ]
+    return cythonize(exts, language_level=3, quiet=True,
+                     compiler_directives={"boundscheck": False, "wraparound": False})
+
+
+setup(ext_modules=extensions(), cmdclass={"build_ext": OptionalBuildExt})

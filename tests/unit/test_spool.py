@@ -1,0 +1,207 @@
+"""The spool: file format, group-committed writes, claims, rewrites and recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+
+import pytest
+
+from empath.spool import (
+    CorruptFile,
+    Spool,
+    WakeListener,
+    id_time,
+    is_valid_id,
+    new_message_id,
+    read_data,
+    read_queue_file,
+)
+
+
+@pytest.fixture
+def spool(tmp_path) -> Spool:
+    sp = Spool(str(tmp_path / "spool"))
+    sp.create_tree()
+    return sp
+
+
+def store(spool: Spool, chunks: list[bytes], envelope: dict | None = None) -> str:
+    async def go() -> str:
+        writer = spool.open_receiver_writer()
+        msg = writer.begin(new_message_id())
+        for c in chunks:
+            msg.write(c)
+        env = {"id": msg.id, "sender": "a@example.org", "recipients": [{"address": "b@x"}]}
+        env.update(envelope or {})
+        await msg.commit(env)
+        writer.close()
+        return msg.id
+
+    return asyncio.run(go())
+
+
+def test_ids_sort_by_time_and_validate():
+    a = new_message_id(1_700_000_000.0)
+    b = new_message_id(1_700_000_000.5)
+    assert a < b and len(a) == 26 and is_valid_id(a)
+    assert abs(id_time(a) - 1_700_000_000.0) < 0.001
+    assert not is_valid_id("../etc/passwd") and not is_valid_id(a.lower())
+
+
+def test_commit_makes_a_complete_file_in_incoming(spool):
+    mid = store(spool, [b"Received: by test\r\n", b"Subject: hi\r\n\r\nbody\r\n"])
+    assert spool.list_ids("incoming") == [mid]
+    assert os.listdir(spool.tmp) == []
+    env, src = read_queue_file(spool.path("incoming", mid))
+    assert env["id"] == mid and env["data_size"] == src.length
+    assert read_data(src) == b"Received: by test\r\nSubject: hi\r\n\r\nbody\r\n"
+    assert os.stat(spool.path("incoming", mid)).st_mode & 0o777 == 0o600
+
+
+def test_large_message_spills_and_round_trips(spool):
+    chunk = bytes(range(256)) * 1024  # 256 KiB
+    mid = store(spool, [chunk] * 5)
+    _, src = read_queue_file(spool.path("incoming", mid))
+    assert src.length == 5 * len(chunk)
+    assert read_data(src) == chunk * 5
+
+
+def test_many_concurrent_commits_are_all_durable(spool):
+    async def go() -> list[str]:
+        writer = spool.open_receiver_writer()
+
+        async def one(i: int) -> str:
+            msg = writer.begin(new_message_id())
+            msg.write(b"m%d\r\n" % i)
+            await msg.commit({"id": msg.id, "sender": "", "recipients": []})
+            return msg.id
+
+        ids = await asyncio.gather(*(one(i) for i in range(200)))
+        writer.close()
+        return list(ids)
+
+    ids = asyncio.run(go())
+    assert sorted(ids) == spool.list_ids("incoming")
+
+
+@pytest.mark.parametrize("cut", [1, 10, 38, 60])
+def test_truncated_file_is_corrupt(spool, cut):
+    mid = store(spool, [b"Subject: x\r\n\r\nbody\r\n"])
+    path = spool.path("incoming", mid)
+    size = os.path.getsize(path)
+    os.truncate(path, size - cut)
+    with pytest.raises(CorruptFile):
+        read_queue_file(path)
+
+
+def test_garbage_file_is_corrupt(spool):
+    path = os.path.join(spool.state_dir("incoming"), new_message_id())
+    with open(path, "wb") as fh:
+        fh.write(b"not a queue file at all, but long enough to have a trailer\n")
+    with pytest.raises(CorruptFile):
+        read_queue_file(path)
+
+
+def _race(root: str, mid: str, q) -> None:  # runs in a child process
+    spool = Spool(root)
+    os.makedirs(spool.active_dir(os.getpid()), exist_ok=True)
+    q.put(spool.claim(mid, "incoming", os.getpid()) is not None)
+
+
+def test_claim_is_won_by_exactly_one_process(spool):
+    mid = store(spool, [b"x\r\n"])
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+    procs = []
+    for _ in range(4):
+        p = ctx.Process(target=_race, args=(spool.root, mid, q))
+        procs.append(p)
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(10)
+    results = [q.get(timeout=5) for _ in procs]
+    assert results.count(True) == 1
+    assert spool.list_ids("incoming") == []
+    assert len(spool.list_active()) == 1
+
+
+def test_rewrite_replaces_envelope_keeps_data_and_sets_due_time(spool):
+    mid = store(spool, [b"Subject: x\r\n\r\n" + b"y" * 100_000 + b"\r\n"])
+    path = spool.path("incoming", mid)
+    env, src = read_queue_file(path)
+    before = read_data(src)
+    env["recipients"][0]["status"] = "deferred"
+    spool.rewrite(path, env, mtime=2_000_000_000.0)
+    env2, src2 = read_queue_file(path)
+    assert env2["recipients"][0]["status"] == "deferred"
+    assert read_data(src2) == before
+    assert os.stat(path).st_mtime == 2_000_000_000.0
+    assert os.listdir(spool.tmp) == []
+
+
+def test_recover_all_requeues_dead_slots_and_sweeps_tmp(spool):
+    mid = store(spool, [b"x\r\n"])
+    dead = 999_999_999  # beyond pid_max: never alive
+    os.makedirs(spool.active_dir(dead))
+    assert spool.claim(mid, "incoming", dead)
+    with open(spool.tmp_path(new_message_id(), dead), "wb") as fh:
+        fh.write(b"partial")
+    live_tmp = spool.tmp_path(new_message_id())
+    with open(live_tmp, "wb") as fh:
+        fh.write(b"being written by us")
+    moved = spool.recover_all(lambda pid: pid == os.getpid())
+    assert moved == 1
+    assert spool.list_ids("incoming") == [mid]
+    assert os.listdir(spool.tmp) == [os.path.basename(live_tmp)]
+    assert not os.path.exists(spool.active_dir(dead))
+
+
+def test_freeze_flag(spool):
+    assert not spool.is_frozen()
+    spool.set_frozen(True)
+    assert spool.is_frozen()
+    spool.set_frozen(False)
+    assert not spool.is_frozen()
+
+
+def test_commit_wakes_a_listening_worker(spool):
+    async def go() -> bool:
+        woke = asyncio.Event()
+        listener = WakeListener(spool, woke.set)
+        writer = spool.open_receiver_writer()
+        msg = writer.begin(new_message_id())
+        msg.write(b"x\r\n")
+        await msg.commit({"id": msg.id, "sender": "", "recipients": []})
+        await asyncio.wait_for(woke.wait(), 5)
+        writer.close()
+        listener.close()
+        return woke.is_set()
+
+    assert asyncio.run(go())
+    assert list(spool.wake_socket_paths()) == []
+
+
+def test_failed_write_leaves_no_file(spool, monkeypatch):
+    async def go() -> None:
+        writer = spool.open_receiver_writer()
+        msg = writer.begin(new_message_id())
+        msg.write(b"x\r\n")
+
+        def boom(fd: int) -> None:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(os, "fdatasync", boom)
+        try:
+            await msg.commit({"id": msg.id, "sender": "", "recipients": []})
+        finally:
+            writer.close()
+
+    from empath.spool import SpoolError
+
+    with pytest.raises(SpoolError) as info:
+        asyncio.run(go())
+    assert info.value.errno == 28
+    assert spool.list_ids("incoming") == [] and os.listdir(spool.tmp) == []
