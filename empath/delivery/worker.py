@@ -23,9 +23,10 @@ import time
 import zlib
 from typing import Any
 
-from empath.delivery import state
+from empath.delivery import bounce, state
 from empath.delivery.dispatch import Dispatcher
-from empath.spool import CorruptFile, Spool, WakeListener, read_queue_file
+from empath.spool import CorruptFile, Spool, WakeListener, new_message_id, read_queue_file
+from empath.spool.submit import store_message
 
 log = logging.getLogger("empath.delivery")
 
@@ -191,18 +192,74 @@ class DeliveryWorker:
             await self._remove(message_id, path, envelope)
         elif decision.action == "defer":
             due = decision.next_retry_at or now
+            await self._maybe_warn_delay(envelope, source, now)
             await asyncio.to_thread(self.spool.rewrite, path, envelope, due)
             self.spool.move(path, "deferred", message_id)
             log.info("%s: deferred until %s", message_id,
                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(due)))
         else:
-            await self._finish_failed(message_id, path, envelope)
+            await self._finish_failed(message_id, path, envelope, source)
 
-    async def _finish_failed(self, message_id: str, path: str, envelope: dict[str, Any]) -> None:
-        """Every recipient is closed and some failed or expired: keep it in failed/."""
-        await asyncio.to_thread(self.spool.rewrite, path, envelope, None)
-        self.spool.move(path, "failed", message_id)
-        log.warning("%s: delivery failed for some recipients; moved to failed/", message_id)
+    async def _maybe_warn_delay(self, envelope: dict[str, Any], source: Any, now: float) -> None:
+        """Send one delay notice once a message has waited delay_warning (RFC 3461 DELAY).
+
+        The notice is spooled before the envelope that records it is rewritten: a crash in
+        between can repeat a warning, never lose a message.
+        """
+        after = self.cfg.delivery.delay_warning
+        if (not after or envelope.get("delay_notified") or not bounce.should_report(envelope)
+                or now - float(envelope.get("received_at", now)) < after):
+            return
+        waiting = [r for r in state.open_recipients(envelope) if bounce.wants(r, "DELAY")]
+        if waiting:
+            expires = float(envelope.get("received_at", now)) + self.cfg.delivery.message_expiration
+            for r in waiting:
+                r["will_retry_until"] = expires
+            notice_id = await asyncio.to_thread(self._spool_notice, envelope, waiting,
+                                                "delayed", source)
+            log.info("%s: sender delay notification: %s", envelope["id"], notice_id)
+        envelope["delay_notified"] = True
+
+    async def _finish_failed(self, message_id: str, path: str, envelope: dict[str, Any],
+                             source: Any) -> None:
+        """Every recipient is closed and some failed or expired: bounce, then remove.
+
+        The bounce is made durable in incoming/ before the original is removed (nothing
+        vanishes). A message from the null sender is not bounced (no loops); it is kept in
+        failed/ for the operator instead of disappearing silently.
+        """
+        closed = [r for r in envelope["recipients"]
+                  if r.get("status") in (state.FAILED, state.EXPIRED)]
+        report = [r for r in closed if bounce.wants(r, "FAILURE")]
+        if not bounce.should_report(envelope):
+            await asyncio.to_thread(self.spool.rewrite, path, envelope, None)
+            self.spool.move(path, "failed", message_id)
+            log.warning("%s: undeliverable message from the null sender; kept in failed/",
+                        message_id)
+            return
+        if report:
+            bounce_id = await asyncio.to_thread(self._spool_notice, envelope, report,
+                                                "failed", source)
+            log.info("%s: sender non-delivery notification: %s", message_id, bounce_id)
+        await self._remove(message_id, path, envelope)
+
+    def _spool_notice(self, envelope: dict[str, Any], recipients: list[dict[str, Any]],
+                      action: str, source: Any) -> str:
+        """Build a DSN for ``recipients`` and store it durably as a new message."""
+        hostname = self.cfg.hostname
+        data = bounce.build_report(envelope, recipients, action, source, hostname=hostname)
+        notice_id = new_message_id()
+        notice = {
+            "id": notice_id, "sender": "",
+            "recipients": [{"address": envelope["sender"], "orcpt": None, "notify": None}],
+            "params": {"body": "8BITMIME", "smtputf8": False, "size": len(data), "ret": None,
+                       "envid": None},
+            "client": {"ip": None, "port": None, "helo": hostname, "esmtp": False, "tls": None,
+                       "listener": "bounce", "auth": None},
+            "received_at": time.time(), "metadata": {}, "notice_of": envelope["id"],
+        }
+        store_message(self.spool, data, notice)
+        return notice_id
 
     async def _remove(self, message_id: str, path: str, envelope: dict[str, Any]) -> None:
         """Unlink a delivered message, retrying; never let it be delivered twice."""
