@@ -174,6 +174,14 @@ class Spool:
     def remove(self, path: str) -> None:
         os.unlink(path)
 
+    def sync_dir(self, state: str) -> None:
+        """fsync a state directory, making the renames into it durable."""
+        fd = os.open(self.state_dir(state), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
     def mark_corrupt(self, path: str, message_id: str, reason: str) -> None:
         """Move an unreadable file to corrupt/ (never delete it) and say so in the log."""
         name = message_id if is_valid_id(message_id) else os.path.basename(path)

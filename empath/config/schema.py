@@ -1,0 +1,263 @@
+"""The configuration schema: one declarative table of every key, its type, default and meaning.
+
+The loader validates a YAML file against this table, and ``empath config-template`` writes
+``conf/empath.yaml`` from it, so the shipped file's comments are the documentation of each key and
+cannot drift from what the loader accepts. Nothing here reads a file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from empath.config.types import (
+    Bool,
+    Domain,
+    Duration,
+    Float,
+    HostPort,
+    Int,
+    ListOf,
+    Mapping,
+    Network,
+    Path,
+    Size,
+    Str,
+    ValueType,
+)
+
+
+@dataclass(frozen=True)
+class Key:
+    """One scalar (or list of scalars) setting."""
+
+    name: str
+    type: ValueType
+    default: Any
+    doc: str
+    nullable: bool = False
+    # What the generated conf/empath.yaml writes, when it differs from the default.
+    sample: Any = field(default=None)
+    has_sample: bool = False
+
+
+@dataclass(frozen=True)
+class Section:
+    """A mapping of named keys; ``many`` makes it a list of such mappings (``listeners``) and
+    ``keyed_by`` a mapping from names of that type to such mappings (``delivery.domains``)."""
+
+    name: str
+    doc: str
+    children: tuple[Key | Section, ...]
+    many: bool = False
+    keyed_by: ValueType | None = None
+    default: Any = None  # for many / keyed_by: the default list / mapping
+    sample: Any = None
+
+    def child(self, name: str) -> Key | Section | None:
+        for c in self.children:
+            if c.name == name:
+                return c
+        return None
+
+
+def sample(name: str, type_: ValueType, default: Any, doc: str, value: Any,
+           nullable: bool = False) -> Key:
+    """A key whose shipped value (``value``) differs from its built-in default."""
+    return Key(name, type_, default, doc, nullable, value, True)
+
+
+TLS_POLICIES = ("opportunistic", "required", "disabled")
+_POLICY_CHOICES = TLS_POLICIES
+
+LISTENER = (
+    Key("address", HostPort(), None, "host:port to listen on ([::1]:25 for IPv6)."),
+    Key("mode", Str(("smtp", "submission", "smtps")), "smtp",
+        "smtp: plain SMTP with STARTTLS when tls is set; submission: as smtp, for clients; "
+        "smtps: implicit TLS (RFC 8314) on connect."),
+    Section("tls", "Certificate for STARTTLS (or implicit TLS for smtps); both or neither.", (
+        Key("cert", Path(), None, "PEM certificate chain file.", nullable=True),
+        Key("key", Path(), None, "PEM private key file.", nullable=True),
+    )),
+)
+
+DOMAIN_POLICY = (
+    Key("mx_override", HostPort(default_port=25), None,
+        "Send this domain's mail to host:port instead of its MX hosts.", nullable=True),
+    Key("tls", Str(_POLICY_CHOICES), None,
+        "TLS policy for this domain (opportunistic | required | disabled); null: the default.",
+        nullable=True),
+    Key("accept_invalid_certs", Bool(), None,
+        "Accept certificates that do not verify, for this domain (wins over the global "
+        "setting); null: the global setting.", nullable=True),
+    Key("max_connections", Int(1, 10000), None,
+        "Most simultaneous connections to this domain per delivery worker; null: the default.",
+        nullable=True),
+    Key("rate_limit", Int(1), None,
+        "Most messages per minute to this domain; null: the default.", nullable=True),
+)
+
+SCHEMA = Section("", "Empath configuration.", (
+    sample("base_dir", Path(), ".",
+           "Directory that relative paths below are taken against; relative to this file's "
+           "directory. The shipped file uses the checkout (..).", ".."),
+    Key("hostname", Str(), None,
+        "Name used in the SMTP greeting, Received: headers, EHLO and bounces; null: this "
+        "machine's fully qualified name.", nullable=True),
+    Key("user", Str(), None,
+        "User to run as after binding the listeners (the master must start as root); null: "
+        "stay as the starting user.", nullable=True),
+    Key("group", Str(), None, "Group to run as; null: the user's primary group.",
+        nullable=True),
+    Key("pidfile", Path(), "var/run/empath.pid", "The master's pidfile."),
+    Key("shutdown_timeout", Duration(0, 3600), 30.0,
+        "On SIGTERM/SIGINT, how long sessions and deliveries may take to finish before the "
+        "children are killed (messages are never lost: unfinished work stays in the spool)."),
+    Section("log", "Logging.", (
+        Key("file", Path(), None, "Log file; null: standard error. SIGUSR1 reopens it.",
+            nullable=True),
+        Key("level", Str(("debug", "info", "warning", "error"), lower=True), "info",
+            "Least severe level written."),
+    )),
+    Section("listeners", "SMTP listeners; the master binds them all before forking.",
+            LISTENER, many=True,
+            default=[{"address": "127.0.0.1:2525", "mode": "smtp",
+                      "tls": {"cert": None, "key": None}}]),
+    Section("processes", "How many of each child process the master keeps running.", (
+        Key("receivers", Int(1, 256), 2,
+            "SMTP receiver processes sharing the listening sockets (SIGTTIN/SIGTTOU "
+            "add/remove one)."),
+        Key("delivery", Int(1, 256), 2, "Delivery worker processes."),
+    )),
+    Section("spool", "The queue directory: the only shared state between processes.", (
+        Key("path", Path(), "var/spool", "Spool directory (created if missing)."),
+        Key("min_free_space", Size(), 100 * 1024 * 1024,
+            "Answer 452 to new mail while the spool's filesystem has less free space."),
+    )),
+    Key("local_domains", ListOf(Domain()), ["localhost"],
+        "Domains delivered here (local_delivery)."),
+    Key("relay_domains", ListOf(Domain()), [],
+        "Other domains accepted from anyone and relayed onward."),
+    Key("mynetworks", ListOf(Network()), ["127.0.0.0/8", "::1/128"],
+        "Clients that may relay to any domain."),
+    Section("smtp", "The SMTP receiver.", (
+        Key("banner", Str(), "ESMTP Empath", "Text after the hostname in the 220 greeting."),
+        Key("max_message_size", Size(1024), 35 * 1000 * 1000,
+            "Largest message accepted (advertised as SIZE, RFC 1870); larger ones get 552."),
+        Key("max_recipients", Int(1, 100000), 100,
+            "Recipients per message; more get 452 (RFC 5321 §4.5.3.1.8 asks for at least 100)."),
+        Key("max_line_length", Int(1000, 1000000), 1000,
+            "Longest text line in DATA including CRLF (RFC 5321 §4.5.3.1.6: 1000)."),
+        Key("max_command_line", Int(512, 65536), 512,
+            "Longest command line including CRLF (RFC 5321 §4.5.3.1.4: 512; longer "
+            "lines get 500)."),
+        Key("max_connections", Int(1, 1000000), 1000,
+            "Simultaneous connections per receiver process; beyond it, 421."),
+        Key("max_connections_per_ip", Int(1, 1000000), 50,
+            "Simultaneous connections from one client address per receiver process; beyond "
+            "it, 421."),
+        Key("max_errors", Int(1, 1000), 10,
+            "Errors (bad commands, rejected recipients) before the client is dropped with 421."),
+        Key("bare_eol", Str(("reject", "normalize")), "reject",
+            "A bare CR or LF in DATA (SMTP smuggling): reject the message with 550, or "
+            "normalize it to CRLF. A bare line ending never ends the data either way."),
+        Key("greeting_delay", Duration(0, 60), 0.0,
+            "Wait this long before the 220 greeting; a client that talks first is "
+            "rejected with 554 (early talker). 0 still rejects bytes sent before the greeting."),
+        Key("require_helo", Bool(), True, "Require HELO/EHLO before MAIL."),
+        Section("timeouts", "Server timeouts (RFC 5321 §4.5.3.2); 421 when one expires.", (
+            Key("command", Duration(1), 300.0, "Waiting for the next command."),
+            Key("data_init", Duration(1), 120.0, "After 354, waiting for the first data."),
+            Key("data_block", Duration(1), 180.0, "Between data chunks."),
+            Key("data_termination", Duration(1), 600.0,
+                "Storing the message after the final dot (spool write and fsync)."),
+            Key("connection", Duration(1), 1800.0, "Whole connection lifetime."),
+        )),
+        Section("modules", "Modules called on SMTP events (docs/MODULES.md), in order.", (
+            Key("name", Str(), None, "Importable module path, e.g. empath.modules.blocklist."),
+            Key("options", Mapping(), {}, "Options passed to the module's setup()."),
+        ), many=True, default=[]),
+    )),
+    Section("local_delivery", "Delivery for local_domains.", (
+        Key("maildir_root", Path(), "var/mail",
+            "Mail for user@<local domain> goes to <maildir_root>/<user>/{tmp,new,cur}."),
+        Key("lmtp", HostPort(), None,
+            "Deliver to this LMTP server (RFC 2033) instead of Maildir.", nullable=True),
+        Key("users", Path(), None,
+            "File of known local users, one per line; others are rejected at RCPT (550). "
+            "null: accept any user.", nullable=True),
+    )),
+    Section("delivery", "Delivery workers.", (
+        Key("max_attempts", Int(1, 10000), 25, "Attempts before a message fails."),
+        Key("retry_base_delay", Duration(1), 60.0,
+            "Retry delay: min(base * 2^(n-1), max) * (1 +/- jitter)."),
+        Key("retry_max_delay", Duration(1), 86400.0, "Upper bound of the retry delay."),
+        Key("retry_jitter_factor", Float(0, 1), 0.2, "Random spread of retry delays."),
+        Key("message_expiration", Duration(60), 5 * 86400.0,
+            "A message still undelivered after this long expires (bounced)."),
+        Key("delay_warning", Duration(0), 4 * 3600.0,
+            "Send the sender one delay notice after this long (RFC 3461 NOTIFY=DELAY); "
+            "0: never."),
+        Key("max_parallel_deliveries", Int(1, 100000), 100,
+            "Messages in flight at once per delivery worker."),
+        Key("queue_scan_interval", Duration(0.1), 10.0,
+            "How often workers rescan the spool (they are also woken on each new message)."),
+        Key("smarthost", HostPort(default_port=25), None,
+            "Send all remote mail through this host:port instead of MX hosts.", nullable=True),
+        Key("helo_name", Str(), None, "Name sent in EHLO; null: hostname.", nullable=True),
+        Key("max_connections", Int(1, 10000), 20,
+            "Default most simultaneous connections per destination per worker."),
+        Section("connection_reuse", "Keep connections open for the next message.", (
+            Key("max_idle", Duration(0), 30.0, "Close an unused connection after this long."),
+            Key("max_messages", Int(1, 100000), 100, "Messages per connection."),
+        )),
+        Section("timeouts", "Client timeouts per operation (RFC 5321 §4.5.3.2).", (
+            Key("connect", Duration(0.1), 30.0, "TCP connect."),
+            Key("banner", Duration(0.1), 300.0, "Waiting for the 220 greeting."),
+            Key("ehlo", Duration(0.1), 300.0, "EHLO/HELO reply."),
+            Key("starttls", Duration(0.1), 120.0, "STARTTLS reply and the TLS handshake."),
+            Key("mail", Duration(0.1), 300.0, "MAIL reply."),
+            Key("rcpt", Duration(0.1), 300.0, "RCPT reply."),
+            Key("data_init", Duration(0.1), 120.0, "DATA reply (354)."),
+            Key("data_block", Duration(0.1), 180.0, "Sending each block of data."),
+            Key("data_termination", Duration(0.1), 600.0, "Reply after the final dot."),
+            Key("quit", Duration(0.1), 30.0, "QUIT reply."),
+        )),
+        Section("dns", "MX resolution.", (
+            Key("resolver", HostPort(default_port=53), None,
+                "DNS server host:port; null: the system resolver (/etc/resolv.conf).",
+                nullable=True),
+            Key("timeout", Duration(0.1), 10.0, "Lifetime of one lookup."),
+            Key("cache_ttl", Duration(0), 300.0, "Longest time an answer is cached "
+                "(the record's TTL wins when shorter)."),
+            Key("cache_size", Int(0, 10000000), 10000, "Most cached answers."),
+        )),
+        Section("tls", "Outbound TLS.", (
+            Key("default_policy", Str(_POLICY_CHOICES), "opportunistic",
+                "opportunistic: STARTTLS when offered, else plain; required: never plain "
+                "(temporary failure instead); disabled: never STARTTLS."),
+            Key("accept_invalid_certs", Bool(), False,
+                "Deliver even when the server certificate does not verify (logged)."),
+            Key("ca_file", Path(), None, "CA bundle; null: the system store.", nullable=True),
+        )),
+        Section("rate_limits", "Rate limits.", (
+            Key("default", Int(1), None,
+                "Messages per minute per destination domain; null: unlimited.", nullable=True),
+        )),
+        Section("domains", "Per-destination-domain settings.", DOMAIN_POLICY,
+                keyed_by=Domain(), default={},
+                sample={}),
+    )),
+    Section("metrics", "Prometheus metrics.", (
+        Key("listen_addr", HostPort(), None, "host:port for /metrics; null: off.",
+            nullable=True),
+    )),
+    Section("health", "Health checks.", (
+        Key("listen_addr", HostPort(), None, "host:port for /health/*; null: off.",
+            nullable=True),
+    )),
+    Section("audit", "Audit log.", (
+        Key("log_path", Path(), None, "JSON lines, one per message event; null: off.",
+            nullable=True),
+    )),
+))

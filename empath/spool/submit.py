@@ -1,0 +1,47 @@
+"""Store a whole message durably in incoming/ from blocking code.
+
+Used where a message is made outside a receiver (bounces and delay notices by the delivery
+workers, local submission by ``empath sendmail``): write ``tmp/<pid>-<id>``, fdatasync, rename
+into ``incoming/``, fsync ``incoming/``, then wake the delivery workers. The same file format and
+the same guarantees as the receivers' group-committed path, one message at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any
+
+from empath.spool import fileformat
+from empath.spool.layout import Spool
+from empath.spool.wake import Waker
+
+
+def store_message(spool: Spool, data: bytes, envelope: dict[str, Any],
+                  wake: bool = True) -> str:
+    """Make ``data`` with ``envelope`` durable in incoming/; returns the queue id."""
+    message_id = envelope["id"]
+    envelope["data_size"] = len(data)
+    tail = fileformat.encode_tail(envelope, len(data))
+    tmp = spool.tmp_path(message_id)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data + tail)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fdatasync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    os.close(fd)
+    os.rename(tmp, spool.path("incoming", message_id))
+    spool.sync_dir("incoming")
+    if wake:
+        waker = Waker(spool)
+        try:
+            waker.wake()
+        finally:
+            waker.close()
+    return message_id
