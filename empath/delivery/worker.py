@@ -42,7 +42,7 @@ class DeliveryWorker:
         self.slot = os.getpid()
         self.shard = ctx.index - 1
         self.shards = max(ctx.count, 1)
-        self.capacity = self.cfg.delivery.max_concurrent
+        self.capacity = self.cfg.delivery.max_parallel_deliveries
         self.inflight: dict[str, asyncio.Task[None]] = {}
         self.wake = asyncio.Event()
         self.rng = random.Random()
