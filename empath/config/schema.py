@@ -204,6 +204,7 @@ SCHEMA = Section("", "Empath configuration.", (
             "How often workers rescan the spool (they are also woken on each new message)."),
         Key("smarthost", HostPort(default_port=25), None,
             "Send all remote mail through this host:port instead of MX hosts.", nullable=True),
+        Key("port", Int(1, 65535), 25, "TCP port of MX hosts; tests use another."),
         Key("helo_name", Str(), None, "Name sent in EHLO; null: hostname.", nullable=True),
         Key("max_connections", Int(1, 10000), 20,
             "Default most simultaneous connections per destination per worker."),
