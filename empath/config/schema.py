@@ -128,6 +128,9 @@ SCHEMA = Section("", "Empath configuration.", (
             "SMTP receiver processes sharing the listening sockets (SIGTTIN/SIGTTOU "
             "add/remove one)."),
         Key("delivery", Int(1, 256), 2, "Delivery worker processes."),
+        Key("heartbeat_timeout", Duration(2, 3600), 60.0,
+            "A child whose event loop has not reported to the master for this long is "
+            "killed and replaced."),
     )),
     Section("spool", "The queue directory: the only shared state between processes.", (
         Key("path", Path(), "var/spool", "Spool directory (created if missing)."),
