@@ -1,0 +1,56 @@
+"""The ``Received:`` trace header Empath prepends to each message (RFC 5321 §4.4).
+
+    Received: from <helo> ([<ip>])
+            by <hostname> (Empath) with <protocol> id <queue id>
+            (using <TLS version> with cipher <cipher>)
+            for <recipient>; <date>
+
+The protocol keyword is from RFC 3848 / RFC 6531 (SMTP, ESMTP, ESMTPS, UTF8SMTP, UTF8SMTPS);
+``for`` is given only for a single recipient so that a Bcc list is not disclosed. The date is
+formatted once per second, not per message.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from typing import Any
+
+_date_cache: tuple[int, str] = (0, "")
+
+
+def _date() -> str:
+    global _date_cache
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, email.utils.formatdate(now, localtime=True))
+    return _date_cache[1]
+
+
+def protocol(esmtp: bool, tls: bool, utf8: bool) -> str:
+    if utf8:
+        return "UTF8SMTPS" if tls else "UTF8SMTP"
+    if not esmtp:
+        return "SMTPS" if tls else "SMTP"
+    return "ESMTPS" if tls else "ESMTP"
+
+
+def _clean(text: str) -> str:
+    """Keep a client-supplied name from breaking the header (no CR/LF, no parentheses)."""
+    return "".join(c if c.isprintable() and c not in "()" else "?" for c in text)[:255]
+
+
+def received_header(session: Any, ip: str, hostname: str, queue_id: str,
+                    tls: dict[str, str] | None) -> bytes:
+    env = session.envelope
+    helo = _clean(session.helo or "unknown")
+    proto = protocol(session.esmtp, tls is not None, bool(env and env.smtputf8))
+    parts = [f"Received: from {helo} ([{ip}])\r\n\tby {hostname} (Empath) with {proto} "
+             f"id {queue_id}"]
+    if tls is not None:
+        parts.append(f"\r\n\t(using {tls.get('version', '')} with cipher "
+                     f"{tls.get('cipher', '')})")
+    if env is not None and len(env.recipients) == 1:
+        parts.append(f"\r\n\tfor <{_clean(env.recipients[0]['address'])}>")
+    parts.append(f"; {_date()}\r\n")
+    return "".join(parts).encode("utf-8", "replace")

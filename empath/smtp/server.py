@@ -1,0 +1,433 @@
+"""The receiver process: uvloop protocol glue between sockets, SMTP sessions and the spool.
+
+``serve(ctx)`` runs one receiver: it accepts on the listening sockets the master bound,
+gives each connection an ``SMTPProtocol`` that feeds bytes to a sans-IO ``ServerSession`` and
+carries out the session's events: replies are written, message data is streamed into the
+spool writer, a finished message is committed (fsync, rename, group-committed directory fsync)
+before its 250 is released, module hooks are awaited, STARTTLS is begun with ``loop.start_tls``.
+This module owns transports, timers, back-pressure and connection limits; it never parses SMTP
+(session.py does) and never builds a spool path (empath.spool does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import socket
+import ssl
+import time
+from typing import Any
+
+from empath import modules as hooks
+from empath.smtp import replies as R
+from empath.smtp import session as S
+from empath.smtp.received import received_header
+from empath.spool import Spool, SpoolError, new_message_id
+from empath.spool.layout import is_disk_full
+
+log = logging.getLogger("empath.smtp")
+
+SWEEP_INTERVAL = 1.0  # seconds between timeout sweeps over all connections
+FREE_SPACE_CHECK = 1.0  # seconds a free-space reading is trusted
+
+
+class Receiver:
+    """Per-process state shared by all connections of one receiver."""
+
+    def __init__(self, ctx: Any) -> None:
+        self.ctx = ctx
+        cfg = ctx.config
+        self.cfg = cfg
+        self.spool = Spool(cfg.spool.path)
+        self.modules = hooks.load_modules(cfg.smtp.modules)
+        self.connections: set[SMTPProtocol] = set()
+        self.per_ip: collections.Counter[str] = collections.Counter()
+        self.stopping = False
+        self.writer: Any = None
+        self._free_checked = 0.0
+        self._free_ok = True
+        users = None
+        if cfg.local_delivery.users:
+            with open(cfg.local_delivery.users, encoding="utf-8") as fh:
+                users = frozenset(line.strip().lower() for line in fh
+                                  if line.strip() and not line.startswith("#"))
+        self.base_settings = dict(
+            hostname=cfg.hostname, banner=cfg.smtp.banner,
+            max_message_size=cfg.smtp.max_message_size,
+            max_recipients=cfg.smtp.max_recipients,
+            max_line_length=cfg.smtp.max_line_length,
+            max_command_line=cfg.smtp.max_command_line, max_errors=cfg.smtp.max_errors,
+            bare_eol=cfg.smtp.bare_eol, require_helo=cfg.smtp.require_helo,
+            local_domains=frozenset(cfg.local_domains),
+            relay_domains=frozenset(cfg.relay_domains), local_users=users,
+            hooks=hooks.stages(self.modules))
+
+    def listener_settings(self, listener: Any) -> tuple[S.Settings, ssl.SSLContext | None]:
+        ctx = None
+        if listener.tls.cert:
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ctx.load_cert_chain(listener.tls.cert, listener.tls.key)
+        return S.Settings(tls_available=ctx is not None, **self.base_settings), ctx
+
+    def space_ok(self) -> bool:
+        """Whether the spool's filesystem has more free space than spool.min_free_space."""
+        now = time.monotonic()
+        if now - self._free_checked > FREE_SPACE_CHECK:
+            st = os.statvfs(self.spool.root)
+            self._free_ok = st.f_bavail * st.f_frsize >= self.cfg.spool.min_free_space
+            self._free_checked = now
+        return self._free_ok
+
+    def sweep(self) -> None:
+        """Close connections whose current timeout has passed (one timer for all of them)."""
+        now = time.monotonic()
+        for proto in list(self.connections):
+            if proto.deadline < now:
+                proto.timed_out()
+
+
+class SMTPProtocol(asyncio.Protocol):
+    """One SMTP connection: transport + ServerSession + the message being received."""
+
+    def __init__(self, receiver: Receiver, listener: Any, settings: S.Settings,
+                 tls_context: ssl.SSLContext | None) -> None:
+        self.receiver = receiver
+        self.listener = listener
+        self.settings = settings
+        self.tls_context = tls_context
+        self.transport: Any = None
+        self.session: S.ServerSession | None = None
+        self.message: Any = None
+        self.queue_id = ""
+        self.deadline = float("inf")
+        self.end_of_life = float("inf")
+        self.greeted = False
+        self.paused = False
+        self.closed = False
+        self.hook_ctx: hooks.HookContext | None = None
+        self.peer = ("", 0)
+        self.tls_info: dict[str, str] | None = None
+
+    # -- asyncio callbacks -----------------------------------------------------------------
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        r = self.receiver
+        peer = transport.get_extra_info("peername") or ("", 0)
+        self.peer = (str(peer[0]), int(peer[1])) if len(peer) >= 2 else (str(peer), 0)
+        ip = self.peer[0]
+        r.connections.add(self)
+        r.per_ip[ip] += 1
+        cfg = r.cfg
+        hostname = cfg.hostname
+        now = time.monotonic()
+        self.end_of_life = now + cfg.smtp.timeouts.connection
+        self.deadline = now + cfg.smtp.timeouts.command
+        if r.stopping:
+            return self._refuse(R.SHUTTING_DOWN.format(hostname=hostname))
+        if len(r.connections) > cfg.smtp.max_connections:
+            return self._refuse(R.TOO_MANY_CONNECTIONS.format(hostname=hostname))
+        if r.per_ip[ip] > cfg.smtp.max_connections_per_ip:
+            return self._refuse(R.TOO_MANY_FROM_IP.format(hostname=hostname))
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.session = S.ServerSession(self.settings, trusted=S.client_is_trusted(
+            ip, cfg.mynetworks))
+        if self.listener.mode == "smtps":
+            self._note_tls(transport)
+            self.session.tls_established()
+        self.hook_ctx = hooks.HookContext(ip, self.peer[1], str(self.listener.address),
+                                          tls=self.tls_info)
+        if r.modules and any("on_connect" in m.hooks for m in r.modules):
+            asyncio.ensure_future(self._connect_hooks())
+        elif cfg.smtp.greeting_delay > 0:
+            asyncio.get_running_loop().call_later(cfg.smtp.greeting_delay, self._greet)
+        else:
+            self._greet()
+
+    def data_received(self, data: bytes) -> None:
+        if not self.greeted:
+            # RFC 5321 §4.3.1: the client waits for the greeting; talking first is a protocol
+            # violation typical of spam engines (early talker).
+            if not self.closed:
+                self._refuse(R.EARLY_TALKER.format(hostname=self.receiver.cfg.hostname))
+            return
+        session = self.session
+        assert session is not None
+        t = self.receiver.cfg.smtp.timeouts
+        self.deadline = time.monotonic() + (t.data_block if session.phase == S.DATA
+                                            else t.command)
+        self._handle(session.feed(data))
+
+    def eof_received(self) -> bool | None:
+        if self.session is not None:
+            self._handle(self.session.feed(b""))
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        r = self.receiver
+        r.connections.discard(self)
+        ip = self.peer[0]
+        r.per_ip[ip] -= 1
+        if r.per_ip[ip] <= 0:
+            del r.per_ip[ip]
+        if self.message is not None and self.session is not None \
+                and self.session.phase != S.WAIT:
+            self.message.abort()
+            self.message = None
+
+    def pause_writing(self) -> None:
+        self._pause_reading()
+
+    def resume_writing(self) -> None:
+        self._resume_reading()
+
+    # -- events ----------------------------------------------------------------------------
+    def _handle(self, events: list[S.Event]) -> None:
+        transport = self.transport
+        for ev in events:
+            kind = type(ev)
+            if kind is S.Send:
+                transport.write(ev.data)  # type: ignore[union-attr]
+            elif kind is S.Data:
+                self.message.write(ev.chunk)  # type: ignore[union-attr]
+            elif kind is S.DataStart:
+                self._start_message()
+            elif kind is S.DataEnd:
+                self._pause_reading()
+                asyncio.ensure_future(self._commit(ev.envelope))  # type: ignore[union-attr]
+            elif kind is S.DataAbort:
+                if self.message is not None:
+                    self.message.abort()
+                    self.message = None
+            elif kind is S.Check:
+                self._pause_reading()
+                asyncio.ensure_future(self._check(ev))  # type: ignore[arg-type]
+            elif kind is S.StartTLS:
+                self._pause_reading()
+                asyncio.ensure_future(self._start_tls())
+            elif kind is S.Close:
+                self._close()
+        if self.receiver.stopping and self.session is not None and not self.closed:
+            self._maybe_close_for_shutdown()
+
+    def _start_message(self) -> None:
+        session = self.session
+        assert session is not None and session.envelope is not None
+        r = self.receiver
+        self.queue_id = new_message_id()
+        self.message = r.writer.begin(self.queue_id)
+        self.message.write(received_header(
+            session, self.peer[0], r.cfg.hostname, self.queue_id, self.tls_info))
+        self.deadline = time.monotonic() + r.cfg.smtp.timeouts.data_init
+
+    async def _commit(self, envelope: S.Envelope) -> None:
+        session, message, r = self.session, self.message, self.receiver
+        assert session is not None and message is not None and self.hook_ctx is not None
+        self.deadline = time.monotonic() + r.cfg.smtp.timeouts.data_termination
+        reply = None
+        try:
+            if not r.space_ok():
+                reply = R.NO_STORAGE
+            elif any("on_data" in m.hooks for m in r.modules):
+                rej = await hooks.run_hook(r.modules, "on_data", self.hook_ctx, envelope)
+                reply = _module_reply(rej)
+        except hooks.ModuleError:
+            reply = R.MODULE_ERROR
+        if reply is None:
+            try:
+                await message.commit(self._envelope_record(envelope))
+            except SpoolError as exc:
+                log.error("%s: not stored: %s", self.queue_id, exc)
+                reply = R.NO_STORAGE if is_disk_full(exc) else R.SPOOL_ERROR
+        else:
+            message.abort()
+        self.message = None
+        if reply is None:
+            log.info("%s: from=<%s> size=%d nrcpt=%d client=[%s]", self.queue_id,
+                     envelope.sender, message.size, len(envelope.recipients), self.peer[0])
+        if self.closed:
+            return
+        self.deadline = time.monotonic() + r.cfg.smtp.timeouts.command
+        events = (session.message_stored(self.queue_id) if reply is None
+                  else session.message_failed(reply))
+        self.hook_ctx.metadata = {}
+        self._resume_reading()
+        self._handle(events)
+
+    def _envelope_record(self, env: S.Envelope) -> dict[str, Any]:
+        session = self.session
+        assert session is not None and self.hook_ctx is not None
+        return {
+            "id": self.queue_id,
+            "sender": env.sender,
+            "recipients": env.recipients,
+            "params": env.params(),
+            "client": {"ip": self.peer[0], "port": self.peer[1], "helo": session.helo,
+                       "esmtp": session.esmtp, "tls": self.tls_info,
+                       "listener": str(self.listener.address), "auth": None},
+            "received_at": time.time(),
+            "metadata": self.hook_ctx.metadata,
+        }
+
+    async def _check(self, ev: S.Check) -> None:
+        session, r, ctx = self.session, self.receiver, self.hook_ctx
+        assert session is not None and ctx is not None
+        try:
+            if ev.stage == "helo":
+                ctx.helo = ev.value
+                rej = await hooks.run_hook(r.modules, "on_helo", ctx, ev.value)
+            elif ev.stage == "mail_from":
+                ctx.metadata = {}
+                rej = await hooks.run_hook(r.modules, "on_mail_from", ctx, ev.value.sender,
+                                           ev.value.params())
+            else:
+                rej = await hooks.run_hook(r.modules, "on_rcpt_to", ctx, ev.value)
+            reply = _module_reply(rej)
+        except hooks.ModuleError:
+            reply = R.MODULE_ERROR
+        if self.closed:
+            return
+        self._resume_reading()
+        self._handle(session.check_done(reply))
+
+    async def _connect_hooks(self) -> None:
+        assert self.hook_ctx is not None
+        try:
+            rej = await hooks.run_hook(self.receiver.modules, "on_connect", self.hook_ctx)
+            reply = _module_reply(rej)
+        except hooks.ModuleError:
+            reply = R.MODULE_ERROR
+        if self.closed:
+            return
+        if reply is not None and reply.is_error:
+            self._refuse(reply)
+        else:
+            self._greet()
+
+    async def _start_tls(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            transport = await loop.start_tls(
+                self.transport, self, self.tls_context, server_side=True,
+                ssl_handshake_timeout=self.receiver.cfg.smtp.timeouts.command)
+        except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as exc:
+            log.info("TLS handshake with [%s] failed: %s", self.peer[0], exc)
+            self._close()
+            return
+        if transport is None:
+            self._close()
+            return
+        self.transport = transport
+        self._note_tls(transport)
+        assert self.session is not None and self.hook_ctx is not None
+        self.session.tls_established()
+        self.hook_ctx.tls = self.tls_info
+        self.paused = True
+        self._resume_reading()
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _greet(self) -> None:
+        if self.closed or self.session is None:
+            return
+        self.greeted = True
+        self._handle(self.session.start())
+
+    def _note_tls(self, transport: Any) -> None:
+        obj = transport.get_extra_info("ssl_object")
+        if obj is not None:
+            cipher = obj.cipher()
+            self.tls_info = {"version": obj.version() or "", "cipher": cipher[0] if cipher
+                             else ""}
+
+    def _refuse(self, reply: R.Reply) -> None:
+        self.transport.write(reply.line)
+        self._close()
+
+    def _close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.transport.close()
+
+    def _pause_reading(self) -> None:
+        if not self.paused and not self.closed:
+            self.paused = True
+            with contextlib.suppress(Exception):
+                self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self.paused and not self.closed:
+            self.paused = False
+            with contextlib.suppress(Exception):
+                self.transport.resume_reading()
+
+    def timed_out(self) -> None:
+        if self.closed:
+            return
+        if self.session is not None and self.session.phase == S.WAIT and self.message:
+            return  # the spool commit decides; data_termination only bounds waiting clients
+        log.info("timeout: closing connection from [%s]", self.peer[0])
+        self._refuse(R.LIFETIME.format(hostname=self.receiver.cfg.hostname)
+                     if self.end_of_life < time.monotonic()
+                     else R.TIMEOUT.format(hostname=self.receiver.cfg.hostname))
+        if self.message is not None:
+            self.message.abort()
+            self.message = None
+
+    def _maybe_close_for_shutdown(self) -> None:
+        """While draining: idle sessions get 421 now, busy ones after their transaction."""
+        session = self.session
+        assert session is not None
+        if session.phase in (S.GREET, S.READY) and not self.paused:
+            self._refuse(R.SHUTTING_DOWN.format(hostname=self.receiver.cfg.hostname))
+
+
+def _module_reply(rej: hooks.Reject | None) -> R.Reply | None:
+    return None if rej is None else R.Reply(rej.code, rej.enhanced, rej.text)
+
+
+async def serve(ctx: Any) -> None:
+    """Run one receiver process until ctx.stopping is set, then drain its sessions."""
+    receiver = Receiver(ctx)
+    loop = asyncio.get_running_loop()
+    receiver.writer = receiver.spool.open_receiver_writer()
+    servers = []
+    for sock, listener in zip(ctx.listeners, ctx.config.listeners, strict=False):
+        settings, tls = receiver.listener_settings(listener)
+        ssl_ctx = tls if listener.mode == "smtps" else None
+
+        def factory(listener: Any = listener, settings: S.Settings = settings,
+                    tls: ssl.SSLContext | None = tls) -> SMTPProtocol:
+            return SMTPProtocol(receiver, listener, settings, tls)
+
+        servers.append(await loop.create_server(factory, sock=sock, ssl=ssl_ctx,
+                                                backlog=1024))
+    sweeper = loop.create_task(_sweep(receiver))
+    try:
+        await ctx.stopping.wait()
+    finally:
+        receiver.stopping = True
+        for server in servers:
+            server.close()
+        for proto in list(receiver.connections):
+            if proto.session is not None and not proto.closed:
+                proto._maybe_close_for_shutdown()
+        deadline = time.monotonic() + ctx.shutdown_timeout
+        while receiver.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for proto in list(receiver.connections):
+            proto.timed_out()
+        sweeper.cancel()
+        receiver.writer.close()
+
+
+async def _sweep(receiver: Receiver) -> None:
+    while True:
+        await asyncio.sleep(SWEEP_INTERVAL)
+        receiver.sweep()
+

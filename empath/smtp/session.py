@@ -1,0 +1,658 @@
+"""The sans-IO SMTP server session (RFC 5321 with PIPELINING, SIZE, 8BITMIME, SMTPUTF8,
+ENHANCEDSTATUSCODES, STARTTLS, DSN and CHUNKING).
+
+A session is fed bytes and returns events; it never touches a socket, a file or a clock, so the
+whole grammar is testable without a network. The protocol layer (``server.py``) sends the bytes
+of ``Send`` events, begins TLS on ``StartTLS``, streams ``Data`` into the spool between
+``DataStart`` and ``DataEnd``/``DataAbort``, and answers the two pauses:
+
+- ``DataEnd(envelope)``: the message is complete. The session processes no further input until
+  ``message_stored(queue_id)`` or ``message_failed(reply)`` is called (250 only once durable).
+- ``Check(stage, value)``: a module hook wants a say (``helo``, ``mail_from``, ``rcpt_to``);
+  the session waits for ``check_done(reply_or_None)`` (None: the default reply).
+
+Replies to a pipelined batch (RFC 2920) are gathered into one ``Send`` per call, in order.
+
+All state changes are in this module; which command is allowed in which phase is the table
+``ALLOWED`` below, not a chain of ifs.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Any
+
+from empath import _speedups
+from empath._speedups import CommandSyntaxError, DataReader, parse_path, split_command
+from empath.smtp import replies as R
+from empath.smtp.replies import Reply
+
+# -- phases --------------------------------------------------------------------------------
+GREET = "greet"  # connected, no HELO/EHLO yet
+READY = "ready"  # HELO/EHLO done, no transaction
+MAIL = "mail"  # MAIL accepted, no recipient accepted yet
+RCPT = "rcpt"  # at least one recipient accepted
+DATA = "data"  # receiving DATA content
+CHUNK = "chunk"  # receiving the octets of one BDAT chunk
+CHUNKED = "chunked"  # between BDAT chunks of one transaction
+WAIT = "wait"  # paused: storing a message, or a module check
+CLOSED = "closed"
+
+ANY = frozenset({GREET, READY, MAIL, RCPT, CHUNKED})
+# verb -> phases in which it is accepted; anything else is 503 (bad sequence).
+ALLOWED: dict[str, frozenset[str]] = {
+    "EHLO": ANY, "HELO": ANY, "RSET": ANY, "NOOP": ANY, "QUIT": ANY, "VRFY": ANY,
+    "HELP": ANY,
+    "STARTTLS": frozenset({READY}),
+    "MAIL": frozenset({READY}),
+    "RCPT": frozenset({MAIL, RCPT}),
+    "DATA": frozenset({MAIL, RCPT}),
+    "BDAT": frozenset({READY, MAIL, RCPT, CHUNKED}),
+}
+SEQUENCE_HINTS = {
+    "MAIL": "send HELO/EHLO first, and one MAIL per transaction",
+    "RCPT": "need MAIL before RCPT",
+    "DATA": "need MAIL before DATA",
+    "STARTTLS": "STARTTLS needs EHLO first and no transaction in progress",
+    "BDAT": "need MAIL before BDAT",
+}
+NOTIFY_VALUES = frozenset({"SUCCESS", "FAILURE", "DELAY"})
+MAX_ENVID = 100  # RFC 3461 §4.4
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a session needs from the configuration (plain values, no config objects)."""
+
+    hostname: str = "localhost"
+    banner: str = "ESMTP Empath"
+    max_message_size: int = 35_000_000
+    max_recipients: int = 100
+    max_line_length: int = 1000
+    max_command_line: int = 512
+    max_errors: int = 10
+    bare_eol: str = "reject"
+    require_helo: bool = True
+    tls_available: bool = False
+    local_domains: frozenset[str] = frozenset({"localhost"})
+    relay_domains: frozenset[str] = frozenset()
+    local_users: frozenset[str] | None = None
+    hooks: frozenset[str] = frozenset()  # stages some module implements
+
+
+# -- events --------------------------------------------------------------------------------
+@dataclass(slots=True)
+class Send:
+    data: bytes
+
+
+@dataclass(slots=True)
+class StartTLS:
+    pass
+
+
+@dataclass(slots=True)
+class DataStart:
+    pass
+
+
+@dataclass(slots=True)
+class Data:
+    chunk: bytes
+
+
+@dataclass(slots=True)
+class DataEnd:
+    envelope: Envelope
+
+
+@dataclass(slots=True)
+class DataAbort:
+    pass
+
+
+@dataclass(slots=True)
+class Check:
+    stage: str  # "helo" | "mail_from" | "rcpt_to"
+    value: Any
+
+
+@dataclass(slots=True)
+class Close:
+    pass
+
+
+Event = Send | StartTLS | DataStart | Data | DataEnd | DataAbort | Check | Close
+
+
+@dataclass
+class Envelope:
+    """One transaction: sender, recipients and their ESMTP parameters."""
+
+    sender: str = ""
+    recipients: list[dict[str, Any]] = field(default_factory=list)
+    body: str | None = None
+    smtputf8: bool = False
+    size: int | None = None
+    ret: str | None = None
+    envid: str | None = None
+
+    def params(self) -> dict[str, Any]:
+        return {"body": self.body, "smtputf8": self.smtputf8, "size": self.size,
+                "ret": self.ret, "envid": self.envid}
+
+
+class ServerSession:
+    """One SMTP connection's protocol state. See the module docstring for the contract."""
+
+    def __init__(self, settings: Settings, *, trusted: bool = False) -> None:
+        self.settings = settings
+        self.trusted = trusted  # the client may relay anywhere (mynetworks, or authenticated)
+        self.phase = GREET
+        self.helo: str | None = None
+        self.esmtp = False
+        self.tls_active = False
+        self.envelope: Envelope | None = None
+        self.errors = 0
+        self._buf = b""
+        self._pos = 0
+        self._out: list[bytes] = []
+        self._events: list[Event] = []
+        self._skipping_long_line = False
+        self._reader: Any = None
+        self._chunk_left = 0
+        self._chunk_last = False
+        self._chunk_size = 0  # octets of this transaction's BDAT chunks so far
+        self._chunk_failed: Reply | None = None
+        self._pending_rcpt: dict[str, Any] | None = None
+
+    # -- public API ------------------------------------------------------------------------
+    def start(self) -> list[Event]:
+        """The greeting."""
+        self._reply(R.GREETING.format(hostname=self.settings.hostname,
+                                      banner=self.settings.banner))
+        return self._flush()
+
+    def feed(self, data: bytes) -> list[Event]:
+        """Consume bytes from the client; ``b""`` means the client closed the connection."""
+        if self.phase == CLOSED:
+            return []
+        if not data:
+            if self.phase in (DATA, CHUNK):
+                self._emit(DataAbort())
+            self.phase = CLOSED
+            return self._flush()
+        if self._pos < len(self._buf):
+            self._buf = self._buf[self._pos:] + data
+        else:
+            self._buf = data
+        self._pos = 0
+        self._run()
+        return self._flush()
+
+    def message_stored(self, queue_id: str) -> list[Event]:
+        """The message of the last DataEnd is durable: 250, then carry on with buffered input."""
+        self._reply(R.QUEUED.format(queue_id=queue_id))
+        return self._resume()
+
+    def message_failed(self, reply: Reply) -> list[Event]:
+        """The message of the last DataEnd was not stored (spool error, module rejection)."""
+        self._reply(reply)
+        return self._resume()
+
+    def check_done(self, reply: Reply | None) -> list[Event]:
+        """Answer to the last Check; None accepts with the default reply."""
+        stage, self._check_stage = self._check_stage, ""
+        self.phase = self._check_phase
+        if stage == "helo":
+            self._finish_helo(reply)
+        elif stage == "mail_from":
+            self._finish_mail(reply)
+        elif stage == "rcpt_to":
+            self._finish_rcpt(reply)
+        self._run()
+        return self._flush()
+
+    def tls_established(self) -> None:
+        """The TLS handshake after StartTLS completed."""
+        self.tls_active = True
+
+    def timeout_reply(self) -> bytes:
+        self.phase = CLOSED
+        return R.TIMEOUT.format(hostname=self.settings.hostname).line
+
+    # -- internals -------------------------------------------------------------------------
+    def _resume(self) -> list[Event]:
+        self.envelope = None
+        self.phase = READY
+        self._run()
+        return self._flush()
+
+    def _reply(self, reply: Reply) -> None:
+        self._out.append(reply.line)
+        if reply.code >= 500:
+            self.errors += 1
+        if reply.closes:
+            self.phase = CLOSED
+            self._emit(Close())
+
+    def _emit(self, event: Event) -> None:
+        if self._out:
+            self._events.append(Send(b"".join(self._out)))
+            self._out = []
+        self._events.append(event)
+
+    def _flush(self) -> list[Event]:
+        if self._out:
+            self._events.append(Send(b"".join(self._out)))
+            self._out = []
+        events, self._events = self._events, []
+        return events
+
+    def _run(self) -> None:
+        while True:
+            phase = self.phase
+            if phase == DATA:
+                if not self._consume_data():
+                    return
+            elif phase == CHUNK:
+                if not self._consume_chunk():
+                    return
+            elif phase in (WAIT, CLOSED):
+                return
+            else:
+                line = self._next_line()
+                if line is None:
+                    return
+                self._command(line)
+                if self.errors >= self.settings.max_errors and self.phase != CLOSED:
+                    self._reply(R.TOO_MANY_ERRORS.format(hostname=self.settings.hostname))
+
+    def _next_line(self) -> bytes | None:
+        """The next complete command line without its line ending, or None for more input.
+
+        Lines over max_command_line are answered 500 here and skipped; their bytes are never
+        buffered beyond the limit, whatever the client sends.
+        """
+        limit = self.settings.max_command_line
+        while True:
+            buf, pos = self._buf, self._pos
+            end = buf.find(b"\n", pos)
+            if end < 0:
+                if len(buf) - pos > limit:
+                    self._skipping_long_line = True
+                    self._buf, self._pos = b"", 0
+                return None
+            self._pos = end + 1
+            if self._skipping_long_line or end + 1 - pos > limit:
+                self._skipping_long_line = False
+                self._reply(R.LINE_TOO_LONG)
+                continue
+            if end > pos and buf[end - 1] == 13:  # CRLF; a bare LF is tolerated in commands
+                return buf[pos:end - 1]
+            return buf[pos:end]
+
+    def _command(self, line: bytes) -> None:
+        try:
+            verb, arg = split_command(line)
+        except CommandSyntaxError:
+            verb, arg = "?", b""
+        handler = _HANDLERS.get(verb)
+        if handler is None:
+            self._reply(R.UNRECOGNIZED if verb not in ("EXPN", "TURN", "ETRN")
+                        else R.NOT_IMPLEMENTED)
+            return
+        if self.phase not in ALLOWED[verb]:
+            if verb == "DATA" and self.phase == CHUNKED:
+                self._reply(R.BAD_SEQUENCE.format(why="DATA during a BDAT transaction"))
+            elif verb == "STARTTLS" and self.tls_active:
+                self._reply(R.TLS_ALREADY)
+            elif verb == "MAIL" and self.phase == GREET and not self.settings.require_helo:
+                handler(self, arg)
+            else:
+                self._reply(R.BAD_SEQUENCE.format(why=SEQUENCE_HINTS.get(verb, verb)))
+            return
+        handler(self, arg)
+
+    # -- commands --------------------------------------------------------------------------
+    def _helo(self, arg: bytes, esmtp: bool) -> None:
+        name = arg.strip()
+        if not name or b" " in name and not esmtp:
+            self._reply(R.HELO_SYNTAX.format(verb="EHLO" if esmtp else "HELO"))
+            return
+        # RFC 5321 §4.1.4: HELO/EHLO in a session resets any transaction.
+        if self.phase == CHUNKED:
+            self._emit(DataAbort())
+        self.envelope = None
+        self._new_helo = (name.decode("utf-8", "replace"), esmtp)
+        if "helo" in self.settings.hooks:
+            self._pause("helo", self._new_helo[0])
+        else:
+            self._finish_helo(None)
+
+    def _finish_helo(self, reply: Reply | None) -> None:
+        if reply is not None and reply.is_error:
+            self._reply(reply)
+            return
+        self.helo, self.esmtp = self._new_helo
+        self.phase = READY
+        hostname = self.settings.hostname
+        if not self.esmtp:
+            self._reply(R.HELO_OK.format(hostname=hostname, helo=self.helo))
+            return
+        lines = [f"{hostname} greets {self.helo}", "PIPELINING",
+                 f"SIZE {self.settings.max_message_size}", "8BITMIME", "SMTPUTF8",
+                 "ENHANCEDSTATUSCODES"]
+        if self.settings.tls_available and not self.tls_active:
+            lines.append("STARTTLS")
+        lines += ["DSN", "CHUNKING", "HELP"]
+        self._out.append(R.multiline(250, lines))
+
+    def _cmd_ehlo(self, arg: bytes) -> None:
+        self._helo(arg, True)
+
+    def _cmd_helo(self, arg: bytes) -> None:
+        self._helo(arg, False)
+
+    def _cmd_mail(self, arg: bytes) -> None:
+        try:
+            address, params = parse_path(arg, b"FROM", False)
+        except CommandSyntaxError as exc:
+            if "SMTPUTF8" in exc.text:
+                self._reply(R.NEEDS_SMTPUTF8)
+            else:
+                self._reply(R.SENDER_SYNTAX.format(why=exc.text))
+            return
+        env = Envelope(sender=address)
+        for name, value in params.items():
+            problem = self._mail_param(env, name, value)
+            if problem is not None:
+                self._reply(problem)
+                return
+        self._new_envelope = env
+        if "mail_from" in self.settings.hooks:
+            self._pause("mail_from", env)
+        else:
+            self._finish_mail(None)
+
+    def _mail_param(self, env: Envelope, name: str, value: str | None) -> Reply | None:
+        if name == "SIZE":
+            if value is None or not value.isdigit() or len(value) > 20:
+                return R.PARAM_BAD.format(name=name)
+            env.size = int(value)
+            if env.size > self.settings.max_message_size:
+                return R.SIZE_EXCEEDED.format(limit=self.settings.max_message_size)
+        elif name == "BODY":
+            if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                return R.PARAM_BAD.format(name=name)
+            env.body = value.upper()
+        elif name == "SMTPUTF8":
+            if value is not None:
+                return R.PARAM_BAD.format(name=name)
+            env.smtputf8 = True
+        elif name == "RET":
+            if value is None or value.upper() not in ("FULL", "HDRS"):
+                return R.PARAM_BAD.format(name=name)
+            env.ret = value.upper()
+        elif name == "ENVID":
+            decoded = _xtext(value)
+            if decoded is None or len(value or "") > MAX_ENVID:
+                return R.PARAM_BAD.format(name=name)
+            env.envid = decoded
+        else:
+            return R.PARAM_UNKNOWN.format(name=name)
+        return None
+
+    def _finish_mail(self, reply: Reply | None) -> None:
+        if reply is not None and reply.is_error:
+            self._reply(reply)
+            return
+        self.envelope = self._new_envelope
+        self.phase = MAIL
+        self._reply(reply or R.SENDER_OK.format(address=self.envelope.sender))
+
+    def _cmd_rcpt(self, arg: bytes) -> None:
+        env = self.envelope
+        assert env is not None
+        if len(env.recipients) >= self.settings.max_recipients:
+            self._out.append(R.TOO_MANY_RECIPIENTS.line)
+            return
+        try:
+            address, params = parse_path(arg, b"TO", env.smtputf8)
+        except CommandSyntaxError as exc:
+            if "SMTPUTF8" in exc.text:
+                self._reply(R.NEEDS_SMTPUTF8)
+            else:
+                self._reply(R.RCPT_SYNTAX.format(why=exc.text))
+            return
+        rcpt: dict[str, Any] = {"address": address, "orcpt": None, "notify": None}
+        for name, value in params.items():
+            if name == "NOTIFY":
+                notify = (value or "").upper().split(",")
+                if not (notify == ["NEVER"] or (notify and set(notify) <= NOTIFY_VALUES
+                                                and len(set(notify)) == len(notify))):
+                    self._reply(R.PARAM_BAD.format(name=name))
+                    return
+                rcpt["notify"] = notify
+            elif name == "ORCPT":
+                kind, _, text = (value or "").partition(";")
+                decoded = _xtext(text)
+                if not kind or decoded is None or not kind.replace("-", "").isalnum():
+                    self._reply(R.PARAM_BAD.format(name=name))
+                    return
+                rcpt["orcpt"] = f"{kind.lower()};{decoded}"
+            else:
+                self._reply(R.PARAM_UNKNOWN.format(name=name))
+                return
+        denied = self._relay_check(address)
+        if denied is not None:
+            self._reply(denied)
+            return
+        self._pending_rcpt = rcpt
+        if "rcpt_to" in self.settings.hooks:
+            self._pause("rcpt_to", rcpt)
+        else:
+            self._finish_rcpt(None)
+
+    def _relay_check(self, address: str) -> Reply | None:
+        """No open relay: local and relay domains from anyone, anything from trusted clients."""
+        local, _, domain = address.rpartition("@")
+        if not local:  # <postmaster> (RFC 5321 §4.5.1) is always local
+            return None
+        domain = domain.lower().rstrip(".")
+        if domain in self.settings.local_domains:
+            users = self.settings.local_users
+            if users is not None and local.lower() not in users:
+                return R.UNKNOWN_USER.format(address=address)
+            return None
+        if self.trusted or domain in self.settings.relay_domains:
+            return None
+        return R.RELAY_DENIED.format(address=address)
+
+    def _finish_rcpt(self, reply: Reply | None) -> None:
+        rcpt, self._pending_rcpt = self._pending_rcpt, None
+        assert rcpt is not None and self.envelope is not None
+        if reply is not None and reply.is_error:
+            self._reply(reply)
+            return
+        self.envelope.recipients.append(rcpt)
+        self.phase = RCPT
+        self._reply(reply or R.RCPT_OK.format(address=rcpt["address"]))
+
+    def _cmd_data(self, arg: bytes) -> None:
+        if arg:
+            self._reply(R.SYNTAX.format(why="DATA takes no argument"))
+            return
+        if self.phase != RCPT:
+            self._reply(R.NO_RECIPIENTS)
+            return
+        s = self.settings
+        self._reader = DataReader(s.max_message_size, s.bare_eol, s.max_line_length)
+        self._reply(R.START_DATA)
+        self.phase = DATA
+        self._emit(DataStart())
+
+    def _consume_data(self) -> bool:
+        """Feed buffered bytes to the DATA decoder; False when more input is needed."""
+        if self._pos >= len(self._buf):
+            return False
+        chunk = self._buf[self._pos:] if self._pos else self._buf
+        self._buf, self._pos = b"", 0
+        reader = self._reader
+        out = reader.feed(chunk)
+        if out:
+            self._emit(Data(out))
+        if not reader.done:
+            return False
+        self._buf = reader.rest
+        self._reader = None
+        s = self.settings
+        if reader.too_big:
+            self._fail_message(R.SIZE_EXCEEDED.format(limit=s.max_message_size))
+        elif reader.bad_eol and s.bare_eol == "reject":
+            self._fail_message(R.BARE_EOL)
+        elif reader.line_too_long:
+            self._fail_message(R.DATA_LINE_TOO_LONG.format(limit=s.max_line_length))
+        else:
+            self._end_message()
+        return True
+
+    def _fail_message(self, reply: Reply) -> None:
+        self._emit(DataAbort())
+        self.envelope = None
+        self.phase = READY
+        self._reply(reply)
+
+    def _end_message(self) -> None:
+        assert self.envelope is not None
+        self.phase = WAIT
+        self._emit(DataEnd(self.envelope))
+
+    def _cmd_bdat(self, arg: bytes) -> None:
+        parts = arg.split()
+        if not parts or len(parts) > 2 or not parts[0].isdigit() or len(parts[0]) > 18 or (
+                len(parts) == 2 and parts[1].upper() != b"LAST"):
+            self._reply(R.SYNTAX.format(why="BDAT chunk-size [LAST]"))
+            return
+        self._chunk_left = int(parts[0])
+        self._chunk_last = len(parts) == 2
+        self._chunk_failed = None
+        if self.phase == READY:
+            self._chunk_failed = R.BAD_SEQUENCE.format(why="need MAIL before BDAT")
+        elif self.phase == MAIL:
+            self._chunk_failed = R.NO_RECIPIENTS
+        elif self.phase == RCPT:
+            self._chunk_size = 0
+            self._emit(DataStart())
+        self.phase = CHUNK
+        self._consume_chunk()
+
+    def _consume_chunk(self) -> bool:
+        """Take this BDAT chunk's octets (binary, no dot-unstuffing: RFC 3030 §2)."""
+        if self._chunk_left:
+            available = len(self._buf) - self._pos
+            if not available:
+                return False
+            take = min(available, self._chunk_left)
+            piece = self._buf[self._pos:self._pos + take]
+            self._pos += take
+            self._chunk_left -= take
+            if self._chunk_failed is None:
+                self._chunk_size += take
+                if self._chunk_size > self.settings.max_message_size:
+                    self._chunk_failed = R.SIZE_EXCEEDED.format(
+                        limit=self.settings.max_message_size)
+                    self._emit(DataAbort())
+                    self.envelope = None
+                else:
+                    self._emit(Data(piece))
+            if self._chunk_left:
+                return False
+        if self._chunk_failed is not None:
+            # The chunk is consumed whatever happened: the client may have pipelined more.
+            self.phase = READY if self.helo else GREET
+            self._reply(self._chunk_failed)
+        elif self._chunk_last:
+            self._end_message()
+        else:
+            self.phase = CHUNKED
+            self._out.append(R.BDAT_OK.format(size=self._chunk_size).line)
+        return True
+
+    def _cmd_rset(self, arg: bytes) -> None:
+        if self.phase == CHUNKED:
+            self._emit(DataAbort())
+        self.envelope = None
+        if self.phase != GREET:
+            self.phase = READY
+        self._reply(R.RESET)
+
+    def _cmd_noop(self, arg: bytes) -> None:
+        self._reply(R.NOOP)
+
+    def _cmd_quit(self, arg: bytes) -> None:
+        if self.phase == CHUNKED:
+            self._emit(DataAbort())
+        self._reply(R.BYE.format(hostname=self.settings.hostname))
+
+    def _cmd_vrfy(self, arg: bytes) -> None:
+        self._reply(R.VRFY if arg.strip() else R.SYNTAX.format(why="VRFY address"))
+
+    def _cmd_help(self, arg: bytes) -> None:
+        self._reply(R.HELP)
+
+    def _cmd_starttls(self, arg: bytes) -> None:
+        if arg:
+            self._reply(R.SYNTAX.format(why="STARTTLS takes no argument"))
+        elif self.tls_active:
+            self._reply(R.TLS_ALREADY)
+        elif not self.settings.tls_available:
+            self._out.append(R.TLS_UNAVAILABLE.line)
+        else:
+            self._reply(R.READY_TLS)
+            # RFC 3207 §4.2: forget everything, including pipelined plaintext already read.
+            self._buf, self._pos = b"", 0
+            self.phase = GREET
+            self.helo, self.esmtp, self.envelope = None, False, None
+            self._emit(StartTLS())
+
+    # -- pausing for module checks ---------------------------------------------------------
+    _check_stage = ""
+    _check_phase = READY
+
+    def _pause(self, stage: str, value: Any) -> None:
+        self._check_stage = stage
+        self._check_phase = self.phase
+        self.phase = WAIT
+        self._emit(Check(stage, value))
+
+
+def _xtext(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        return _speedups.decode_xtext(value)
+    except CommandSyntaxError:
+        return None
+
+
+_HANDLERS = {
+    "EHLO": ServerSession._cmd_ehlo, "HELO": ServerSession._cmd_helo,
+    "MAIL": ServerSession._cmd_mail, "RCPT": ServerSession._cmd_rcpt,
+    "DATA": ServerSession._cmd_data, "BDAT": ServerSession._cmd_bdat,
+    "RSET": ServerSession._cmd_rset, "NOOP": ServerSession._cmd_noop,
+    "QUIT": ServerSession._cmd_quit, "VRFY": ServerSession._cmd_vrfy,
+    "HELP": ServerSession._cmd_help, "STARTTLS": ServerSession._cmd_starttls,
+}
+
+
+def client_is_trusted(ip: str, networks: tuple[Any, ...]) -> bool:
+    """Whether ``ip`` is inside one of ``networks`` (mynetworks)."""
+    try:
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return any(addr.version == net.version and addr in net for net in networks)

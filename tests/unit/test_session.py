@@ -1,0 +1,175 @@
+"""The sans-IO SMTP session, driven by transcript files (tests/transcripts/*.smtp).
+
+Transcript syntax, one directive per line:
+
+    @ key=value        session settings (max_recipients=2, trusted=false, tls=true, ...)
+    > text             client line; CRLF appended; backslash escapes (\\r, \\n, \\x00) decoded
+    >| text            client bytes exactly as written (escapes decoded, nothing appended)
+    < text             one expected server reply line; a trailing * matches any rest
+    = data text        the message stored last has exactly this content (escapes decoded)
+    = stored N         N messages were stored in all
+    = closed           the session closed the connection
+    = tls              the session asked for STARTTLS (the driver completes the handshake)
+    # comment
+
+Consecutive client directives form one pipelined batch, fed in a single call; every batch is
+also fed one byte at a time, and both feeds must produce identical replies and messages.
+Stored messages get queue ids Q1, Q2, ...; a DataAbort discards the data.
+Every transcript runs against both the Cython speedups and their pure-Python twins.
+"""
+
+from __future__ import annotations
+
+import codecs
+import pathlib
+import re
+
+import pytest
+
+from empath.smtp import session as S
+
+TRANSCRIPTS = sorted((pathlib.Path(__file__).parent.parent / "transcripts").glob("*.smtp"))
+REPLY_LINE = re.compile(rb"^[2-5][0-9][0-9][ -][^\r\n]*\r\n$")
+
+
+def decode(text: str) -> bytes:
+    return codecs.escape_decode(text.encode("utf-8"))[0]
+
+
+class Driver:
+    def __init__(self, settings: S.Settings, trusted: bool) -> None:
+        self.session = S.ServerSession(settings, trusted=trusted)
+        self.replies: list[bytes] = []
+        self.stored: list[bytes] = []
+        self.closed = False
+        self.tls = False
+        self.current: list[bytes] | None = None
+        self.envelopes: list[S.Envelope] = []
+        self.handle(self.session.start())
+
+    def handle(self, events: list[S.Event]) -> None:
+        for ev in events:
+            if isinstance(ev, S.Send):
+                self.replies.extend(ev.data.splitlines(keepends=True))
+            elif isinstance(ev, S.DataStart):
+                assert self.current is None
+                self.current = []
+            elif isinstance(ev, S.Data):
+                assert self.current is not None
+                self.current.append(ev.chunk)
+            elif isinstance(ev, S.DataAbort):
+                self.current = None
+            elif isinstance(ev, S.DataEnd):
+                assert self.current is not None
+                self.stored.append(b"".join(self.current))
+                self.envelopes.append(ev.envelope)
+                self.current = None
+                self.handle(self.session.message_stored(f"Q{len(self.stored)}"))
+            elif isinstance(ev, S.Check):
+                self.handle(self.session.check_done(None))
+            elif isinstance(ev, S.StartTLS):
+                self.tls = True
+            elif isinstance(ev, S.Close):
+                self.closed = True
+
+    def feed(self, data: bytes, bytewise: bool) -> None:
+        if bytewise:
+            for i in range(len(data)):
+                self.handle(self.session.feed(data[i:i + 1]))
+                if self.tls and not self.session.tls_active:
+                    break  # the rest of the batch would go to the TLS handshake
+        else:
+            self.handle(self.session.feed(data))
+
+
+def parse_settings(lines: list[str]) -> tuple[S.Settings, bool]:
+    kwargs: dict[str, object] = {"hostname": "mx.test", "local_domains": frozenset({"local.test"}),
+                                 "relay_domains": frozenset({"relay.test"})}
+    trusted = False
+    for line in lines:
+        if not line.startswith("@ "):
+            continue
+        for item in line[2:].split():
+            key, _, value = item.partition("=")
+            if key == "trusted":
+                trusted = value == "true"
+            elif key == "tls":
+                kwargs["tls_available"] = value == "true"
+            elif key == "users":
+                kwargs["local_users"] = frozenset(value.split(","))
+            elif key in ("bare_eol", "hostname"):
+                kwargs[key] = value
+            elif key == "require_helo":
+                kwargs[key] = value == "true"
+            else:
+                kwargs[key] = int(value)
+    return S.Settings(**kwargs), trusted  # type: ignore[arg-type]
+
+
+def run_transcript(path: pathlib.Path, bytewise: bool) -> None:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    settings, trusted = parse_settings(lines)
+    d = Driver(settings, trusted)
+    seen = 0
+    batch = b""
+    for number, line in enumerate(lines, 1):
+        where = f"{path.name}:{number}"
+        if line.startswith(">| "):
+            batch += decode(line[3:])
+            continue
+        if line.startswith("> ") or line == ">":
+            batch += decode(line[2:]) + b"\r\n"
+            continue
+        if batch:
+            d.feed(batch, bytewise)
+            batch = b""
+        if line.startswith("< "):
+            expected = line[2:]
+            assert seen < len(d.replies), f"{where}: no reply, expected {expected!r}"
+            got = d.replies[seen].decode("utf-8", "replace").rstrip("\r\n")
+            seen += 1
+            if expected.endswith("*"):
+                assert got.startswith(expected[:-1]), f"{where}: got {got!r}"
+            else:
+                assert got == expected, f"{where}: got {got!r}"
+        elif line.startswith("= data "):
+            assert d.stored, f"{where}: nothing stored"
+            assert d.stored[-1] == decode(line[7:]), f"{where}: stored {d.stored[-1]!r}"
+        elif line.startswith("= stored "):
+            assert len(d.stored) == int(line[9:]), f"{where}: stored {len(d.stored)}"
+        elif line == "= closed":
+            assert d.closed, f"{where}: session still open"
+        elif line == "= tls":
+            assert d.tls, f"{where}: no STARTTLS event"
+            d.session.tls_established()
+    if batch:
+        d.feed(batch, bytewise)
+    assert seen == len(d.replies), f"{path.name}: unexpected extra replies {d.replies[seen:]!r}"
+    for reply in d.replies:
+        assert REPLY_LINE.match(reply), f"{path.name}: malformed reply line {reply!r}"
+
+
+@pytest.fixture(params=["python", "cython"])
+def speedups_impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the session against one implementation of the parsers."""
+    from empath import _speedups
+
+    impl = _speedups.implementations()[request.param]
+    for name in ("split_command", "parse_path", "DataReader", "CommandSyntaxError"):
+        monkeypatch.setattr(S, name, getattr(impl, name))
+    monkeypatch.setattr(S, "_speedups", impl)
+    return str(request.param)
+
+
+@pytest.mark.parametrize("path", TRANSCRIPTS, ids=[p.stem for p in TRANSCRIPTS])
+def test_transcript(path: pathlib.Path, speedups_impl: str) -> None:
+    run_transcript(path, bytewise=False)
+
+
+@pytest.mark.parametrize("path", TRANSCRIPTS, ids=[p.stem for p in TRANSCRIPTS])
+def test_transcript_fed_bytewise(path: pathlib.Path, speedups_impl: str) -> None:
+    run_transcript(path, bytewise=True)
+
+
+def test_transcripts_exist() -> None:
+    assert len(TRANSCRIPTS) >= 10
