@@ -316,7 +316,7 @@ class SMTPProtocol(asyncio.Protocol):
             transport = await loop.start_tls(
                 self.transport, self, self.tls_context, server_side=True,
                 ssl_handshake_timeout=self.receiver.cfg.smtp.timeouts.command)
-        except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as exc:
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
             log.info("TLS handshake with [%s] failed: %s", self.peer[0], exc)
             self._close()
             return

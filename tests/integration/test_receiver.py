@@ -1,0 +1,357 @@
+"""The receiver through real sockets against the real master: smtplib, swaks and raw bytes.
+
+Delivery is frozen (the spool's freeze flag is set before start), so every accepted message
+stays in incoming/ where the test reads it back with the spool's own reader.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from empath.spool import Spool, read_data, read_queue_file
+from tests.support.daemon import EmpathDaemon, wait_for
+
+MESSAGE = b"From: a@example.org\r\nTo: b@localhost\r\nSubject: hello\r\n\r\nbody line\r\n"
+
+
+def frozen_daemon(daemon_factory: Any, overrides: dict[str, Any] | None = None) -> EmpathDaemon:
+    d: EmpathDaemon = daemon_factory(overrides, start=False)
+    spool = Spool(str(d.spool_path))
+    spool.create_tree()
+    spool.set_frozen(True)
+    return d.start()
+
+
+def incoming(d: EmpathDaemon) -> list[tuple[dict[str, Any], bytes]]:
+    spool = Spool(str(d.spool_path))
+    out = []
+    for mid in spool.list_ids("incoming"):
+        env, src = read_queue_file(spool.path("incoming", mid))
+        out.append((env, read_data(src)))
+    return out
+
+
+class Raw:
+    """A line-oriented raw SMTP client, for what smtplib will not send."""
+
+    def __init__(self, d: EmpathDaemon, timeout: float = 10.0) -> None:
+        self.sock = socket.create_connection(d.address, timeout=timeout)
+        self.buf = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def reply(self) -> bytes:
+        """One whole (possibly multi-line) reply."""
+        lines = []
+        while True:
+            while b"\r\n" not in self.buf:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    raise ConnectionError(f"closed; got {lines!r} {self.buf!r}")
+                self.buf += chunk
+            line, self.buf = self.buf.split(b"\r\n", 1)
+            lines.append(line)
+            if line[3:4] != b"-":
+                return b"\r\n".join(lines)
+
+    def replies(self, n: int) -> list[bytes]:
+        return [self.reply() for _ in range(n)]
+
+    def closed(self) -> bool:
+        try:
+            return self.sock.recv(1) == b""
+        except OSError:
+            return True
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_smtplib_message_is_durable_in_incoming_with_envelope(daemon_factory: Any) -> None:
+    d = frozen_daemon(daemon_factory)
+    with d.smtp() as s:
+        s.ehlo("client.example")
+        assert s.has_extn("pipelining") and s.has_extn("chunking") and s.has_extn("dsn")
+        code, text = s.mail("a@example.org", [f"SIZE={len(MESSAGE)}", "RET=HDRS",
+                                             "ENVID=env+2B1"])
+        assert code == 250
+        assert s.rcpt("b@localhost", ["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;b@localhost"])[0] \
+            == 250
+        code, text = s.data(MESSAGE)
+    assert code == 250
+    queue_id = text.decode().rsplit(" ", 1)[1]
+    [(env, data)] = incoming(d)
+    assert env["id"] == queue_id
+    assert env["sender"] == "a@example.org"
+    assert env["recipients"] == [{"address": "b@localhost", "orcpt": "rfc822;b@localhost",
+                                  "notify": ["SUCCESS", "FAILURE"]}]
+    assert env["params"]["ret"] == "HDRS" and env["params"]["envid"] == "env+1"
+    assert env["client"]["ip"] == "127.0.0.1" and env["client"]["helo"] == "client.example"
+    assert env["client"]["esmtp"] is True and env["client"]["tls"] is None
+    assert data.startswith(b"Received: from client.example ([127.0.0.1])\r\n\tby test.empath "
+                           b"(Empath) with ESMTP id " + queue_id.encode())
+    assert data.endswith(b"\r\n\r\n" + MESSAGE)
+    assert not os.listdir(d.spool_path / "tmp")
+
+
+def test_swaks_delivers_into_the_spool(daemon_factory: Any) -> None:
+    swaks = shutil.which("swaks")
+    assert swaks, "swaks is installed by tools/install-test-deps"
+    d = frozen_daemon(daemon_factory)
+    host, port = d.address
+    out = subprocess.run([swaks, "--server", f"{host}:{port}", "--from", "me@example.org",
+                          "--to", "alice@localhost", "--body", "swaks body", "--pipeline"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "250 2.0.0 OK queued as" in out.stdout
+    [(env, data)] = incoming(d)
+    assert env["recipients"][0]["address"] == "alice@localhost"
+    assert b"swaks body" in data
+
+
+def test_pipelined_batch_is_answered_in_order(daemon_factory: Any) -> None:
+    d = frozen_daemon(daemon_factory, {"mynetworks": []})
+    c = Raw(d)
+    assert c.reply().startswith(b"220 ")
+    c.send(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<x@localhost>\r\n"
+           b"RCPT TO:<y@elsewhere.example>\r\nRCPT TO:<z@localhost>\r\nDATA\r\n")
+    replies = c.replies(6)
+    assert [r[:3] for r in replies] == [b"250", b"250", b"250", b"554", b"250", b"354"]
+    c.send(b"one\r\n.\r\nMAIL FROM:<>\r\nRCPT TO:<x@localhost>\r\nDATA\r\ntwo\r\n.\r\nQUIT\r\n")
+    replies = c.replies(6)
+    assert [r[:3] for r in replies] == [b"250", b"250", b"250", b"354", b"250", b"221"]
+    c.close()
+    envs = sorted(incoming(d), key=lambda item: item[0]["id"])
+    assert [e["sender"] for e, _ in envs] == ["a@example.org", ""]
+    assert [r["address"] for r in envs[0][0]["recipients"]] == ["x@localhost", "z@localhost"]
+
+
+def test_8bit_and_smtputf8(daemon_factory: Any) -> None:
+    d = frozen_daemon(daemon_factory)
+    body = "Subject: grüße\r\n\r\n8-bit body €\r\n".encode()
+    with d.smtp() as s:
+        s.ehlo("c")
+        assert s.has_extn("smtputf8") and s.has_extn("8bitmime")
+        s.sendmail("jörg@example.org", ["bücher@localhost"], body,
+                   mail_options=["SMTPUTF8", "BODY=8BITMIME"])
+    [(env, data)] = incoming(d)
+    assert env["sender"] == "jörg@example.org"
+    assert env["recipients"][0]["address"] == "bücher@localhost"
+    assert env["params"]["smtputf8"] is True and env["params"]["body"] == "8BITMIME"
+    assert data.endswith(body)
+    assert b"with UTF8SMTP id" in data
+
+
+def test_bdat_chunks(daemon_factory: Any) -> None:
+    d = frozen_daemon(daemon_factory)
+    c = Raw(d)
+    c.reply()
+    part1, part2 = b"Subject: chunked\r\n\r\n.not stuffed\r\n", b"last\r\n.\r\n"
+    c.send(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@localhost>\r\n"
+           + b"BDAT %d\r\n" % len(part1) + part1 + b"BDAT %d LAST\r\n" % len(part2) + part2)
+    replies = c.replies(5)
+    assert replies[3] == b"250 2.0.0 %d octets received" % len(part1)
+    assert replies[4].startswith(b"250 2.0.0 OK queued as")
+    c.close()
+    [(_, data)] = incoming(d)
+    assert data.endswith(b"\r\n\r\n" + part1 + part2)
+
+
+SMUGGLING = [
+    b"\n.\n", b"\r.\r", b"\r\n.\n", b"\n.\r\n", b"\r.\r\n",
+]
+
+
+@pytest.mark.parametrize("terminator", SMUGGLING, ids=lambda t: t.hex())
+def test_smuggled_message_is_never_accepted(daemon_factory: Any, terminator: bytes) -> None:
+    d = frozen_daemon(daemon_factory)
+    c = Raw(d)
+    c.reply()
+    c.send(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@localhost>\r\nDATA\r\n")
+    c.replies(4)
+    c.send(b"Subject: real\r\n\r\nreal body" + terminator
+           + b"MAIL FROM:<smuggled@example.org>\r\nRCPT TO:<victim@localhost>\r\nDATA\r\n"
+           + b"Subject: smuggled\r\n\r\nsmuggled\r\n.\r\n")
+    reply = c.reply()
+    assert reply.startswith(b"550 5.6.0"), reply
+    c.send(b"QUIT\r\n")
+    assert c.reply().startswith(b"221")
+    c.close()
+    assert incoming(d) == []
+
+
+def test_open_relay_is_refused(daemon_factory: Any) -> None:
+    d = frozen_daemon(daemon_factory, {"mynetworks": [], "relay_domains": ["partner.example"]})
+    with d.smtp() as s:
+        s.ehlo("c")
+        s.mail("spammer@example.org")
+        code, text = s.rcpt("victim@gmail.example")
+        assert code == 554 and b"5.7.1" in text
+        assert s.rcpt("ok@partner.example")[0] == 250
+        assert s.rcpt("local@localhost")[0] == 250
+
+
+def test_limits(daemon_factory: Any) -> None:
+    d = frozen_daemon(daemon_factory, {"smtp": {"max_recipients": 3,
+                                                "max_message_size": 2048}})
+    with d.smtp() as s:
+        s.ehlo("c")
+        assert s.esmtp_features["size"] == "2048"
+        code, _ = s.mail("a@example.org", ["SIZE=4096"])
+        assert code == 552
+        s.mail("a@example.org")
+        assert [s.rcpt(f"u{i}@localhost")[0] for i in range(4)] == [250, 250, 250, 452]
+        code, _ = s.data(b"x" * 900 + b"\r\n" + b"y" * 900 + b"\r\n" + b"z" * 900 + b"\r\n")
+        assert code == 552
+        s.rset()
+        code, _ = s.docmd("NOOP " + "x" * 600)
+        assert code == 500
+        s.mail("a@example.org")
+        s.rcpt("b@localhost")
+        code, text = s.data(b"a" * 1200 + b"\r\n")
+        assert code == 550 and b"longer than 1000" in text
+    assert incoming(d) == []
+
+
+def test_command_timeout_gives_421(daemon_factory: Any) -> None:
+    d = frozen_daemon(daemon_factory, {"smtp": {"timeouts": {"command": "1s"}}})
+    c = Raw(d)
+    c.reply()
+    started = time.monotonic()
+    reply = c.reply()
+    assert reply.startswith(b"421 4.4.2")
+    assert 0.9 <= time.monotonic() - started < 5
+    assert c.closed()
+
+
+def test_early_talker_is_rejected(daemon_factory: Any) -> None:
+    d = frozen_daemon(daemon_factory, {"smtp": {"greeting_delay": "1s"}})
+    c = Raw(d)
+    c.send(b"EHLO impatient\r\n")
+    assert c.reply().startswith(b"554 5.5.0")
+    assert c.closed()
+    polite = Raw(d)
+    assert polite.reply().startswith(b"220 ")
+
+
+def test_connection_limit_per_ip(daemon_factory: Any) -> None:
+    d = frozen_daemon(daemon_factory, {"processes": {"receivers": 1},
+                                       "smtp": {"max_connections_per_ip": 2}})
+    first, second = Raw(d), Raw(d)
+    assert first.reply().startswith(b"220") and second.reply().startswith(b"220")
+    third = Raw(d)
+    assert third.reply().startswith(b"421 4.7.0")
+    first.close()
+    wait_for(lambda: Raw(d).reply().startswith(b"220"), 5, message="a free slot")
+
+
+def test_acknowledged_message_survives_sigkill_of_its_receiver(daemon_factory: Any) -> None:
+    d = frozen_daemon(daemon_factory, {"processes": {"receivers": 1}})
+    [receiver] = d.child_pids("receiver")
+    with d.smtp() as s:
+        s.sendmail("a@example.org", ["b@localhost"], MESSAGE)
+        os.kill(receiver, signal.SIGKILL)
+    [(env, data)] = incoming(d)
+    assert data.endswith(MESSAGE)
+    # The master replaces the receiver, and the new one accepts mail.
+    d.wait_for(lambda: d.child_pids("receiver") and d.child_pids("receiver") != [receiver],
+               message="a new receiver")
+    with d.smtp() as s:
+        s.sendmail("a@example.org", ["b@localhost"], MESSAGE)
+    assert len(incoming(d)) == 2
+
+
+def test_large_message_is_streamed_with_bounded_memory(daemon_factory: Any) -> None:
+    d = frozen_daemon(daemon_factory, {"processes": {"receivers": 1},
+                                       "smtp": {"max_message_size": "300MiB"}})
+    [receiver] = d.child_pids("receiver")
+    proc = psutil.Process(receiver)
+    line = b"x" * 998 + b"\r\n"
+    size = 200 * 1024 * 1024
+    peak = 0
+    with d.smtp(timeout=120) as s:
+        s.ehlo("c")
+        s.mail("a@example.org", [f"SIZE={size}"])
+        s.rcpt("b@localhost")
+        code, _ = s.docmd("DATA")
+        assert code == 354
+        sent = 0
+        block = line * 1024
+        while sent < size:
+            s.sock.sendall(block)
+            sent += len(block)
+            if sent % (16 * len(block)) == 0:
+                peak = max(peak, proc.memory_info().rss)
+        s.sock.sendall(b".\r\n")
+        code, _ = s.getreply()
+        assert code == 250
+    assert peak < 120 * 1024 * 1024, f"receiver RSS peaked at {peak / 2**20:.0f} MiB"
+    spool = Spool(str(d.spool_path))
+    [mid] = spool.list_ids("incoming")
+    _, src = read_queue_file(spool.path("incoming", mid))
+    assert src.length > sent
+
+
+def test_disk_full_answers_452_and_leaves_no_partial_file(daemon_factory: Any,
+                                                          tmp_path: Path) -> None:
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
+                          capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"this machine cannot mount a small tmpfs: {made.stderr!r}")
+    try:
+        d = daemon_factory({"spool": {"path": str(mnt / "spool")}}, start=False)
+        Spool(str(mnt / "spool")).create_tree()
+        Spool(str(mnt / "spool")).set_frozen(True)
+        d.start()
+        with d.smtp() as s:
+            s.ehlo("c")
+            s.mail("a@example.org")
+            s.rcpt("b@localhost")
+            code, text = s.data(b"x" * 998 + b"\r\n" * 1 + (b"y" * 998 + b"\r\n") * 3000)
+            assert code == 452, text
+            # The session stays usable, and a small message still fits.
+            assert s.sendmail("a@example.org", ["b@localhost"], MESSAGE) == {}
+        spool = Spool(str(mnt / "spool"))
+        assert os.listdir(spool.tmp) == []
+        assert len(spool.list_ids("incoming")) == 1
+        for _, data in incoming(d):
+            assert data.endswith(MESSAGE)
+    finally:
+        d.kill()
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_module_hooks_reject_and_record_metadata(daemon_factory: Any, tmp_path: Path) -> None:
+    blocked = tmp_path / "blocked.txt"
+    blocked.write_text("# blocked senders\nspam@bad.example\n@worse.example\n")
+    d = frozen_daemon(daemon_factory, {"smtp": {"modules": [
+        {"name": "empath.modules.blocklist", "options": {"senders": str(blocked)}}]}})
+    with d.smtp() as s:
+        s.ehlo("c")
+        assert s.mail("spam@bad.example")[0] == 550
+        assert s.mail("x@worse.example")[0] == 550
+        s.sendmail("ok@good.example", ["b@localhost"], MESSAGE)
+    [(env, _)] = incoming(d)
+    assert env["metadata"] == {"empath.modules.blocklist": {"sender_checked": True,
+                                                            "recipients_checked": 1}}
+
+
+def test_many_messages_on_one_connection(daemon_factory: Any) -> None:
+    d = frozen_daemon(daemon_factory)
+    with d.smtp() as s:
+        for i in range(50):
+            s.sendmail("a@example.org", [f"u{i}@localhost"], MESSAGE)
+    assert len(incoming(d)) == 50
