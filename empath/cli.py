@@ -1,0 +1,334 @@
+"""The ``empath`` command: run, start, stop, reload and inspect the daemon; check and print the
+configuration.
+
+Exit statuses follow the LSB where they apply (``status``: 0 running, 1 dead with a pidfile,
+3 not running; ``reload`` of a stopped daemon: 7). Configuration errors are printed on standard
+error, naming file, line and key, with status 1, and nothing is started.
+
+This module parses arguments and reports; the master's work lives in ``empath.master``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import platform
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import empath
+from empath import logsetup
+from empath.config import ConfigError, load_config
+
+log = logging.getLogger("empath.master")
+
+SYSTEM_CONFIG = "/etc/empath/empath.yaml"
+START_TIMEOUT = 60.0  # most `empath start` waits for the daemon's report
+
+
+def default_config_path() -> str:
+    """``$EMPATH_CONFIG``, else /etc/empath/empath.yaml if it exists, else the checkout's."""
+    env = os.environ.get("EMPATH_CONFIG")
+    if env:
+        return env
+    if os.path.exists(SYSTEM_CONFIG):
+        return SYSTEM_CONFIG
+    return str(Path(empath.__file__).resolve().parent.parent / "conf" / "empath.yaml")
+
+
+def speedups_implementation() -> str:
+    try:
+        from empath._speedups import IMPLEMENTATION
+    except Exception:  # not built or not written yet: report, never fail
+        return "unavailable"
+    return str(IMPLEMENTATION)
+
+
+def version_line() -> str:
+    return (f"empath {empath.__version__} (Python {platform.python_version()}, "
+            f"speedups: {speedups_implementation()})")
+
+
+def _err(message: str) -> None:
+    print(f"empath: {message}", file=sys.stderr)
+
+
+def _load(args: argparse.Namespace) -> Any | None:
+    try:
+        return load_config(args.config or default_config_path())
+    except ConfigError as exc:
+        _err(str(exc))
+        return None
+
+
+def _pidfile_path(args: argparse.Namespace) -> str | None:
+    if getattr(args, "pidfile", None):
+        return str(args.pidfile)
+    cfg = _load(args)
+    return None if cfg is None else str(cfg.pidfile)
+
+
+# -- commands ---------------------------------------------------------------------------------
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run the master in the foreground (systemd, containers)."""
+    from empath.master.arbiter import Arbiter
+    from empath.master.daemon import Pidfile, PidfileError
+
+    cfg = _load(args)
+    if cfg is None:
+        return 1
+    logsetup.setup_logging(cfg.log.file, cfg.log.level)
+    pidfile = Pidfile(cfg.pidfile)
+    try:
+        pidfile.create()
+    except PidfileError as exc:
+        _err(str(exc))
+        return 1
+    try:
+        arbiter = Arbiter(cfg, pidfile=pidfile)
+        code = arbiter.run()
+    finally:
+        pidfile.remove()
+    if code and arbiter.error and cfg.log.file is not None:
+        _err(arbiter.error)  # the log has it too; a foreground user should see it here
+    return code
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    """Start a detached daemon; return once it listens (0) or has failed (1)."""
+    from empath.master.daemon import detach, pidfile_state, wait_for_report
+
+    cfg = _load(args)
+    if cfg is None:
+        return 1
+    state, pid = pidfile_state(cfg.pidfile)
+    if state == "running":
+        _err(f"already running (pid {pid}, pidfile {cfg.pidfile})")
+        return 1
+    if cfg.log.file is None:
+        _err("warning: log.file is not set, so the detached daemon logs nowhere")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    detached = detach()
+    if detached.is_daemon:
+        return _daemon_main(cfg, detached.fd)
+    line = wait_for_report(detached.fd, args.timeout)
+    where = f"; see {cfg.log.file}" if cfg.log.file else ""
+    if line is None:
+        _err(f"no start-up report within {args.timeout:g}s{where}")
+        return 1
+    if not line:
+        _err(f"the daemon exited during start-up{where}")
+        return 1
+    word, _, rest = line.partition(" ")
+    if word != "ready":
+        _err(rest or line)
+        return 1
+    pid_text, _, listening = rest.partition(" ")
+    print(f"empath started (pid {pid_text}), listening on {', '.join(listening.split())}")
+    return 0
+
+
+def _daemon_main(cfg: Any, report_fd: int) -> int:
+    from empath.master.arbiter import Arbiter
+    from empath.master.daemon import Pidfile, PidfileError, report
+
+    code = 1
+    try:
+        logsetup.redirect_stdio(cfg.log.file)
+        logsetup.setup_logging(cfg.log.file, cfg.log.level)
+        pidfile = Pidfile(cfg.pidfile)
+        try:
+            pidfile.create()
+        except PidfileError as exc:
+            log.error("%s", exc)
+            report(report_fd, f"error {exc}")
+            return 1
+        try:
+            code = Arbiter(cfg, pidfile=pidfile, report_fd=report_fd).run()
+        finally:
+            pidfile.remove()
+    except BaseException as exc:
+        log.exception("master failed")
+        report(report_fd, f"error {exc}")
+    finally:
+        logging.shutdown()
+    return code
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    """SIGTERM the master named by the pidfile and wait until it is gone."""
+    from empath.master.daemon import pidfile_state, process_running
+
+    path = _pidfile_path(args)
+    if path is None:
+        return 1
+    state, pid = pidfile_state(path)
+    if state != "running" or pid is None:
+        if state == "stale":
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        print("empath is not running")
+        return 0
+    timeout = args.timeout
+    if timeout is None:
+        cfg = None if args.pidfile else _load(args)
+        timeout = (cfg.shutdown_timeout if cfg is not None else 30.0) + 10.0
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while process_running(pid):
+        if time.monotonic() >= deadline:
+            _err(f"pid {pid} did not stop within {timeout:g}s")
+            return 1
+        time.sleep(0.05)
+    print(f"empath stopped (pid {pid})")
+    return 0
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Validate the configuration, then SIGHUP the master (an invalid file is not sent)."""
+    from empath.master.daemon import pidfile_state
+
+    cfg = _load(args)
+    if cfg is None:
+        return 1
+    path = args.pidfile or cfg.pidfile
+    state, pid = pidfile_state(path)
+    if state != "running" or pid is None:
+        print("empath is not running")
+        return 7
+    os.kill(pid, signal.SIGHUP)
+    print(f"empath (pid {pid}): reload requested")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """LSB status: 0 running (with a report), 1 dead but the pidfile exists, 3 not running."""
+    from empath.master.daemon import StatusFile, pidfile_state, status_path
+
+    path = _pidfile_path(args)
+    if path is None:
+        return 4  # LSB: status unknown
+    state, pid = pidfile_state(path)
+    if state == "absent":
+        print("empath is not running")
+        return 3
+    if state == "stale":
+        print(f"empath is not running, but the pidfile {path} remains"
+              + (f" (pid {pid})" if pid else ""))
+        return 1
+    status = StatusFile.read(status_path(path))
+    if status is None or status.get("pid") != pid:
+        print(f"empath is running (pid {pid})")
+        return 0
+    up = _duration(time.time() - float(status.get("started_at", time.time())))
+    print(f"empath is running (pid {pid}, up {up}, generation {status['generation']}, "
+          f"{status.get('state', 'running')})")
+    print(f"config: {status.get('config_file')}")
+    print(f"listening on: {', '.join(status.get('listeners', [])) or '-'}")
+    print("children:")
+    for c in status.get("children", []):
+        extra = " stopping" if c.get("retiring") else ""
+        print(f"  {c['kind']:<8} {c['index']}/{c.get('count', '?')}  pid {c['pid']:<8} "
+              f"generation {c['generation']}{extra}")
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    if cfg is None:
+        return 1
+    print("ok")
+    return 0
+
+
+def cmd_config_template(args: argparse.Namespace) -> int:
+    from empath.config.template import render_template
+
+    sys.stdout.write(render_template())
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    print(f"empath {empath.__version__}")
+    print(f"python: {platform.python_version()} ({platform.python_implementation()}) "
+          f"{sys.executable}")
+    print(f"speedups: {speedups_implementation()}")
+    try:
+        import uvloop
+
+        print(f"uvloop: {uvloop.__version__}")
+    except ImportError:
+        print("uvloop: unavailable")
+    print(f"config: {args.config or default_config_path()}")
+    return 0
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            parts.append(f"{seconds // size}{unit}")
+            seconds %= size
+    parts.append(f"{seconds}s")
+    return " ".join(parts[:2])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="empath", description="Empath mail transfer agent.")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    with_config = argparse.ArgumentParser(add_help=False)
+    with_config.add_argument("-c", "--config", metavar="FILE",
+                             help="configuration file (default: $EMPATH_CONFIG, "
+                                  f"{SYSTEM_CONFIG} if it exists, else the checkout's)")
+    with_pidfile = argparse.ArgumentParser(add_help=False)
+    with_pidfile.add_argument("--pidfile", metavar="FILE",
+                              help="use this pidfile instead of the configuration's")
+
+    def add(name: str, func: Any, help_text: str,
+            parents: tuple[argparse.ArgumentParser, ...] = (with_config,)
+            ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=list(parents), help=help_text)
+        p.set_defaults(func=func)
+        return p
+
+    add("run", cmd_run, "run in the foreground (for systemd and containers)")
+    p = add("start", cmd_start, "start a detached daemon; returns once it listens")
+    p.add_argument("--timeout", type=float, default=START_TIMEOUT, metavar="SECONDS",
+                   help="most seconds to wait for the daemon to report")
+    p = add("stop", cmd_stop, "stop gracefully and wait", (with_config, with_pidfile))
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="most seconds to wait (default: shutdown_timeout + 10)")
+    add("reload", cmd_reload, "validate the configuration and apply it (SIGHUP)",
+        (with_config, with_pidfile))
+    add("status", cmd_status, "report whether the daemon runs (LSB exit codes)",
+        (with_config, with_pidfile))
+    add("check-config", cmd_check_config, "validate the configuration file")
+    add("config-template", cmd_config_template, "print the documented default configuration",
+        ())
+    add("info", cmd_info, "print version, Python and speedups information")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        print(version_line())
+        return 0
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,597 @@
+"""The master: binds the listeners, pre-forks the children, keeps them running, obeys signals.
+
+One loop does everything. Signal handlers only put the signal number on a queue (and Python's
+wake-up fd interrupts the loop's sleep); reaping, logging, respawning and reloading all happen
+in the loop, never inside a handler (gunicorn once reaped and logged in its SIGCHLD handler,
+which could deadlock on the logging lock).
+
+Each pass of the loop: handle queued signals, reap exited children, kill silent or overdue
+ones, retire the previous generation once the new one runs, start what is missing (with
+backoff), write the status file if anything changed.
+
+The master does no mail work and never imports the children's roles: a child imports its
+``serve`` after the fork, so a broken role fails in the child (exit status 3) and the master
+halts instead of respawning it forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import queue
+import select
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from empath import logsetup
+from empath.config import Address, ConfigError, load_config
+from empath.master import child as child_mod
+from empath.master import privileges
+from empath.master.child import ChildContext, Heartbeat, run_child
+from empath.master.daemon import Pidfile, StatusFile, report, sd_notify, status_path
+from empath.spool import Spool, pid_alive
+
+log = logging.getLogger("empath.master")
+
+ROLES = {"receiver": "empath.smtp.server:serve", "delivery": "empath.delivery.worker:serve"}
+KINDS = ("receiver", "delivery")
+HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
+                   signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD)
+BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
+MAX_RECEIVERS = 256
+BOOT_FAILURES_TO_HALT = 3  # consecutive exit-3 children of one kind before the master halts
+STABLE_AFTER = 10.0  # a child that ran this long resets its slot's backoff
+MAX_BACKOFF = 30.0
+KILL_GRACE = 1.0  # past shutdown_timeout before SIGKILL: children enforce it themselves first
+FAST_STOP_WAIT = 2.0  # after SIGQUIT, before SIGKILL
+NEW_GENERATION_WAIT = 10.0  # most the old generation waits for the new one to boot
+READY_WAIT = 10.0  # most start-up waits for the first children to boot before reporting ready
+ORPHAN_SWEEP_INTERVAL = 10.0
+
+
+class HaltError(Exception):
+    """Respawning cannot help (children fail to boot); the master stops."""
+
+
+class SetupError(Exception):
+    """The master cannot start (a listener cannot be bound, the spool is unusable...)."""
+
+
+@dataclass
+class Listener:
+    configured: Address  # as written in the configuration (port 0: any free port)
+    sock: socket.socket
+    bound: Address  # what the kernel gave us
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@dataclass
+class Child:
+    pid: int
+    kind: str
+    index: int
+    count: int
+    generation: int
+    heartbeat: Heartbeat
+    started: float = field(default_factory=time.monotonic)
+    last_change_ns: int = 0
+    last_change: float = field(default_factory=time.monotonic)
+    booted: bool = False
+    retiring: bool = False
+    kill_at: float | None = None
+    killed: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind} {self.index}/{self.count} (pid {self.pid})"
+
+
+def bind_listener(address: Address) -> Listener:
+    """A non-blocking listening socket on ``address`` (IPv4 or IPv6 as the host says)."""
+    infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM,
+                               flags=socket.AI_PASSIVE)
+    family, _, proto, _, sockaddr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM, proto)
+    try:
+        # Restart without waiting for TIME_WAIT connections of the previous run to expire.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            # [::]:25 must not also claim 0.0.0.0:25, which may be a listener of its own.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(sockaddr)
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return Listener(address, sock, Address(address.host, sock.getsockname()[1]))
+
+
+class Arbiter:
+    """The master process of one empath instance."""
+
+    def __init__(self, cfg: Any, *, pidfile: Pidfile | None = None,
+                 report_fd: int | None = None) -> None:
+        self.cfg = cfg
+        self.pidfile = pidfile
+        self.report_fd = report_fd  # where ``empath start`` waits for "ready" or "error ..."
+        self.pid = os.getpid()
+        self.generation = 1
+        self.children: dict[int, Child] = {}
+        self.listeners: list[Listener] = []
+        self.removed_listeners: list[Listener] = []
+        self.wanted = {"receiver": cfg.processes.receivers, "delivery": cfg.processes.delivery}
+        self.next_spawn: dict[tuple[str, int], float] = {}
+        self.failures: dict[tuple[str, int], int] = {}
+        self.boot_failures = dict.fromkeys(KINDS, 0)
+        self.signals: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self.wakeup: tuple[int, int] | None = None
+        self.stopping: str | None = None  # None, "graceful" or "fast"
+        self.stop_deadline = 0.0
+        self.stop_killed = False
+        self.exit_code = 0
+        self.error: str | None = None  # why the master failed or halted, for the CLI
+        self.reloaded_at = 0.0
+        self.started = time.monotonic()
+        self.ready_reported = False
+        self.next_orphan_sweep = 0.0
+        self.spool = Spool(cfg.spool.path)
+        self.status = StatusFile(status_path(cfg.pidfile))
+        self.status_changed = True
+        self.started_at = time.time()
+        self.heartbeat_dir: str | None = None
+
+    # -- start-up ----------------------------------------------------------------------------
+    def run(self) -> int:
+        """Run until stopped; the process exit status."""
+        try:
+            self.setup()
+        except (SetupError, privileges.PrivilegeError) as exc:
+            self.error = f"cannot start: {exc}"
+            log.error("%s", self.error)
+            self._report(f"error {exc}")
+            self._cleanup()
+            return 1
+        try:
+            return self.main_loop()
+        finally:
+            self._cleanup()
+
+    def setup(self) -> None:
+        child_mod._set_title(daemon_title())
+        ident = privileges.lookup(self.cfg.user, self.cfg.group)
+        privileges.check_can_switch(ident)
+        self._install_signals()
+        try:
+            for lc in self.cfg.listeners:
+                self.listeners.append(bind_listener(lc.address))
+        except OSError as exc:
+            raise SetupError(f"cannot listen on {lc.address}: {exc.strerror or exc}") from None
+        for lst in self.listeners:
+            log.info("listening on %s", lst.bound)
+        try:
+            self.spool.create_tree()
+        except OSError as exc:
+            raise SetupError(f"spool {self.spool.root}: {exc.strerror or exc}") from None
+        moved = self.spool.recover_all(pid_alive)
+        if moved:
+            log.info("start-up recovery requeued %d message(s)", moved)
+        if ident is not None and privileges.needs_switch(ident):
+            files = [p for p in (logsetup.current_log_file(),
+                                 self.pidfile.path if self.pidfile else None,
+                                 self.status.path) if p]
+            privileges.hand_over(ident, self.spool.root, files)
+            privileges.drop(ident)
+        if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+            self.heartbeat_dir = "/dev/shm"  # tmpfs: a heartbeat never touches a disk
+        log.info("master %d started (config %s)", self.pid, self.cfg.config_file)
+
+    def _install_signals(self) -> None:
+        read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.wakeup = (read_fd, write_fd)
+        signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        for sig in HANDLED_SIGNALS:
+            signal.signal(sig, self._enqueue)
+
+    def _enqueue(self, signum: int, frame: Any) -> None:
+        # Only this: everything else happens in the loop.
+        self.signals.put_nowait(signum)
+
+    # -- the loop ------------------------------------------------------------------------------
+    def main_loop(self) -> int:
+        while True:
+            try:
+                while not self.signals.empty():
+                    self._dispatch(self.signals.get_nowait())
+                self._reap()
+                if self.stopping is None:
+                    self._check_heartbeats()
+                    self._retire_old_generation()
+                    self._close_removed_listeners()
+                    self._sweep_orphan_claims()
+                    self._spawn_missing()
+                    self._report_ready()
+                elif self._stop_progress():
+                    log.info("master %d exiting (status %d)", self.pid, self.exit_code)
+                    return self.exit_code
+            except HaltError as exc:
+                self.error = f"{exc}; halting"
+                log.critical("%s", self.error)
+                self._report(f"error {exc}")
+                self.exit_code = child_mod.EXIT_BOOT_FAILURE
+                self.begin_stop(graceful=True)
+            self._write_status()
+            self._sleep()
+
+    def _sleep(self) -> None:
+        timeout = 1.0
+        now = time.monotonic()
+        for when in self.next_spawn.values():
+            timeout = min(timeout, when - now)
+        if self.stopping:
+            timeout = min(timeout, self.stop_deadline - now)
+        if not self.signals.empty():
+            timeout = 0
+        assert self.wakeup is not None
+        ready, _, _ = select.select([self.wakeup[0]], [], [], max(timeout, 0.01))
+        if ready:
+            with contextlib.suppress(BlockingIOError):
+                while os.read(self.wakeup[0], 512):
+                    pass
+
+    def _dispatch(self, sig: int) -> None:
+        if sig == signal.SIGCHLD:
+            return  # reaping happens on every pass
+        log.info("received %s", signal.Signals(sig).name)
+        if sig == signal.SIGHUP:
+            self.reload()
+        elif sig in (signal.SIGTERM, signal.SIGINT):
+            self.begin_stop(graceful=True)
+        elif sig == signal.SIGQUIT:
+            self.begin_stop(graceful=False)
+        elif sig == signal.SIGUSR1:
+            logsetup.reopen_logs()
+            self._signal_all(signal.SIGUSR1)
+            log.info("reopened log files")
+        elif sig in (signal.SIGTTIN, signal.SIGTTOU) and self.stopping is None:
+            step = 1 if sig == signal.SIGTTIN else -1
+            self.wanted["receiver"] = max(1, min(MAX_RECEIVERS, self.wanted["receiver"] + step))
+            log.info("receivers: %d", self.wanted["receiver"])
+            self.status_changed = True
+
+    # -- children ------------------------------------------------------------------------------
+    def _spawn_missing(self) -> None:
+        """Start every missing child of the current generation whose backoff has passed, and
+        retire those beyond the wanted count (SIGTTOU)."""
+        now = time.monotonic()
+        for kind in KINDS:
+            want = self.wanted[kind]
+            current = [c for c in self.children.values()
+                       if c.kind == kind and c.generation == self.generation and not c.retiring]
+            have = {c.index for c in current}
+            for index in range(1, want + 1):
+                if index not in have and now >= self.next_spawn.get((kind, index), 0.0):
+                    self.next_spawn.pop((kind, index), None)
+                    self._spawn(kind, index, want)
+            for c in current:
+                if c.index > want:
+                    self._retire(c)
+
+    def _spawn(self, kind: str, index: int, count: int) -> None:
+        ctx = ChildContext(
+            config=self.cfg, kind=kind, index=index, count=count,
+            listeners=[lst.sock for lst in self.listeners] if kind == "receiver" else [],
+            stopping=asyncio.Event(), shutdown_timeout=self.cfg.shutdown_timeout)
+        heartbeat = Heartbeat(self.heartbeat_dir)
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            heartbeat.close()
+            log.error("cannot fork a %s: %s", kind, exc.strerror)
+            self.next_spawn[(kind, index)] = time.monotonic() + 1.0
+            return
+        if pid == 0:  # the child: never return into the master's loop
+            try:
+                self._forget_master_state(keep=ctx.listeners, heartbeat=heartbeat)
+                run_child(ctx, ROLES[kind], heartbeat=heartbeat, master_pid=self.pid)
+            finally:
+                os._exit(child_mod.EXIT_ERROR)
+        rec = Child(pid, kind, index, count, self.generation, heartbeat)
+        rec.last_change_ns = heartbeat.change_ns()
+        self.children[pid] = rec
+        log.info("started %s, generation %d", rec.name, self.generation)
+        self.status_changed = True
+
+    def _forget_master_state(self, keep: list[socket.socket], heartbeat: Heartbeat) -> None:
+        """In a new child: close what belongs to the master or to other children."""
+        child_mod.reset_signals()
+        if self.wakeup is not None:
+            for fd in self.wakeup:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        for other in self.children.values():
+            other.heartbeat.close()
+        for lst in self.listeners + self.removed_listeners:
+            if lst.sock not in keep:
+                lst.close()
+        if self.report_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.report_fd)
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            rec = self.children.pop(pid, None)
+            if rec is not None:
+                self._child_exited(rec, status)
+
+    def _child_exited(self, rec: Child, status: int) -> None:
+        rec.heartbeat.close()
+        self.status_changed = True
+        expected = rec.retiring or self.stopping is not None
+        code = os.waitstatus_to_exitcode(status)
+        clean = code == 0 or (expected and code in (-signal.SIGTERM, -signal.SIGQUIT))
+        level = logging.INFO if expected and clean else logging.WARNING
+        log.log(level, "%s, generation %d, %s", rec.name, rec.generation, describe_exit(code))
+        if rec.kind == "delivery":
+            # Its claims in active/<pid>/ go back to incoming/ (a clean exit leaves none).
+            self.spool.recover_active(rec.pid)
+        if expected or rec.generation != self.generation:
+            return
+        slot = (rec.kind, rec.index)
+        if code == child_mod.EXIT_BOOT_FAILURE and not rec.booted:
+            self.boot_failures[rec.kind] += 1
+            if self.boot_failures[rec.kind] >= BOOT_FAILURES_TO_HALT:
+                raise HaltError(f"{rec.kind} processes fail to start (exit status 3, "
+                                f"{self.boot_failures[rec.kind]} times in a row; see above)")
+        lived = time.monotonic() - rec.started
+        failures = 1 if lived >= STABLE_AFTER else self.failures.get(slot, 0) + 1
+        self.failures[slot] = failures
+        # First death after a stable run: replace at once; a crash loop backs off
+        # exponentially so it cannot spin the CPU.
+        delay = 0.0 if failures == 1 else min(0.25 * 2 ** (failures - 2), MAX_BACKOFF)
+        if delay:
+            log.warning("restarting %s %d in %.2fs (%d quick failures)", rec.kind, rec.index,
+                        delay, failures)
+        self.next_spawn[slot] = time.monotonic() + delay
+
+    def _check_heartbeats(self) -> None:
+        now = time.monotonic()
+        timeout = self.cfg.processes.heartbeat_timeout
+        for rec in list(self.children.values()):
+            with contextlib.suppress(OSError):
+                change = rec.heartbeat.change_ns()
+                if change != rec.last_change_ns:
+                    rec.last_change_ns, rec.last_change = change, now
+                    if not rec.booted:
+                        rec.booted = True
+                        self.boot_failures[rec.kind] = 0
+                        self.status_changed = True
+            if rec.killed:
+                continue
+            if now - rec.last_change > timeout:
+                log.error("%s silent for %.0fs; killing it", rec.name, now - rec.last_change)
+                self._kill(rec)
+            elif rec.kill_at is not None and now >= rec.kill_at:
+                log.warning("%s still running %gs after SIGTERM; killing it", rec.name,
+                            self.cfg.shutdown_timeout + KILL_GRACE)
+                self._kill(rec)
+
+    def _kill(self, rec: Child) -> None:
+        rec.killed = True
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(rec.pid, signal.SIGKILL)
+
+    def _retire(self, rec: Child) -> None:
+        """Ask a child to finish its work and exit; SIGKILL it if it takes too long."""
+        rec.retiring = True
+        rec.kill_at = time.monotonic() + self.cfg.shutdown_timeout + KILL_GRACE
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(rec.pid, signal.SIGTERM)
+        log.info("stopping %s, generation %d", rec.name, rec.generation)
+        self.status_changed = True
+
+    def _signal_all(self, sig: int) -> None:
+        for rec in self.children.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(rec.pid, sig)
+
+    def _sweep_orphan_claims(self) -> None:
+        """Requeue claims of delivery workers that died outside our watch (children of a
+        previous master that were still draining when this one started)."""
+        now = time.monotonic()
+        if now < self.next_orphan_sweep:
+            return
+        self.next_orphan_sweep = now + ORPHAN_SWEEP_INTERVAL
+        for slot in self.spool.active_slots():
+            if slot not in self.children and not pid_alive(slot):
+                self.spool.recover_active(slot)
+
+    def _report_ready(self) -> None:
+        if self.ready_reported:
+            return
+        current = [c for c in self.children.values() if c.generation == self.generation]
+        all_booted = current and all(c.booted for c in current)
+        if all_booted or time.monotonic() - self.started > READY_WAIT:
+            self.ready_reported = True
+            listening = " ".join(str(lst.bound) for lst in self.listeners)
+            self._report(f"ready {self.pid} {listening}")
+            sd_notify(f"READY=1\nMAINPID={self.pid}\nSTATUS=listening on {listening}")
+
+    def _report(self, message: str) -> None:
+        if self.report_fd is not None:
+            report(self.report_fd, message)
+            with contextlib.suppress(OSError):
+                os.close(self.report_fd)
+            self.report_fd = None
+
+    def _write_status(self) -> None:
+        if not self.status_changed:
+            return
+        self.status_changed = False
+        self.status.write({
+            "pid": self.pid,
+            "config_file": self.cfg.config_file,
+            "generation": self.generation,
+            "state": "stopping" if self.stopping else "running",
+            "listeners": [str(lst.bound) for lst in self.listeners],
+            "children": [{"pid": c.pid, "kind": c.kind, "index": c.index, "count": c.count,
+                          "generation": c.generation, "booted": c.booted,
+                          "retiring": c.retiring}
+                         for c in sorted(self.children.values(),
+                                         key=lambda c: (c.generation, c.kind, c.index))],
+            "started_at": self.started_at,
+        })
+
+    # -- reload --------------------------------------------------------------------------------
+    def reload(self) -> None:
+        """Re-read the configuration; start a new generation of children with it (the old one
+        is stopped once the new one runs). An invalid file changes nothing."""
+        sd_notify("RELOADING=1")
+        try:
+            self._reload()
+        finally:
+            sd_notify("READY=1")
+
+    def _reload(self) -> None:
+        path = self.cfg.config_file
+        try:
+            new = load_config(path)
+        except ConfigError as exc:
+            log.error("reload failed, keeping the running configuration: %s", exc)
+            return
+        except Exception:
+            log.exception("reload failed, keeping the running configuration")
+            return
+        keep = {lst.configured: lst for lst in self.listeners}
+        listeners: list[Listener] = []
+        try:
+            for lc in new.listeners:
+                listeners.append(keep.get(lc.address) or bind_listener(lc.address))
+        except OSError as exc:
+            for lst in listeners:
+                if lst not in self.listeners:
+                    lst.close()
+            log.error("reload failed, keeping the running configuration: cannot listen on "
+                      "%s: %s", lc.address, exc.strerror or exc)
+            return
+        for key in ("pidfile", "user", "group"):
+            if getattr(new, key) != getattr(self.cfg, key):
+                log.warning("reload: %s changed; that takes a restart", key)
+        if (new.log.file, new.log.level) != (self.cfg.log.file, self.cfg.log.level):
+            logsetup.setup_logging(new.log.file, new.log.level)
+        if new.spool.path != self.cfg.spool.path:
+            try:
+                Spool(new.spool.path).create_tree()
+            except OSError as exc:
+                log.error("reload failed: spool %s: %s", new.spool.path, exc.strerror or exc)
+                for lst in listeners:
+                    if lst not in self.listeners:
+                        lst.close()
+                return
+            self.spool = Spool(new.spool.path)
+        for lst in listeners:
+            if lst not in self.listeners:
+                log.info("listening on %s", lst.bound)
+        self.removed_listeners += [lst for lst in self.listeners if lst not in listeners]
+        self.listeners = listeners
+        self.cfg = new
+        self.generation += 1
+        self.reloaded_at = time.monotonic()
+        self.wanted = {"receiver": new.processes.receivers, "delivery": new.processes.delivery}
+        self.next_spawn.clear()
+        self.failures.clear()
+        log.info("configuration reloaded; starting generation %d", self.generation)
+        self.status_changed = True
+
+    def _retire_old_generation(self) -> None:
+        old = [c for c in self.children.values()
+               if c.generation < self.generation and not c.retiring]
+        if not old:
+            return
+        new = [c for c in self.children.values() if c.generation == self.generation]
+        complete = len(new) >= sum(self.wanted.values()) and all(c.booted for c in new)
+        if complete or time.monotonic() - self.reloaded_at > NEW_GENERATION_WAIT:
+            for rec in old:
+                self._retire(rec)
+
+    def _close_removed_listeners(self) -> None:
+        if self.removed_listeners and not any(c.generation < self.generation
+                                              for c in self.children.values()):
+            for lst in self.removed_listeners:
+                log.info("closed listener %s", lst.bound)
+                lst.close()
+            self.removed_listeners = []
+            self.status_changed = True
+
+    # -- stopping ------------------------------------------------------------------------------
+    def begin_stop(self, graceful: bool) -> None:
+        """Graceful: children finish within shutdown_timeout. Fast: they exit at once."""
+        if self.stopping == "fast" or (self.stopping == "graceful" and graceful):
+            return
+        self.stopping = "graceful" if graceful else "fast"
+        sd_notify("STOPPING=1")
+        wait = self.cfg.shutdown_timeout + KILL_GRACE if graceful else FAST_STOP_WAIT
+        self.stop_deadline = time.monotonic() + wait
+        self.stop_killed = False
+        sig = signal.SIGTERM if graceful else signal.SIGQUIT
+        log.info("%s stop of %d children", self.stopping, len(self.children))
+        for rec in self.children.values():
+            rec.retiring = True
+        self._signal_all(sig)
+        # The children hold their own copies: the port stays open until the last one exits.
+        for lst in self.listeners + self.removed_listeners:
+            lst.close()
+        self.listeners, self.removed_listeners = [], []
+        self.status_changed = True
+
+    def _stop_progress(self) -> bool:
+        """True when every child is gone (or could not be killed)."""
+        if not self.children:
+            return True
+        if time.monotonic() < self.stop_deadline:
+            return False
+        if self.stop_killed:
+            log.error("children did not exit after SIGKILL: %s",
+                      ", ".join(str(pid) for pid in self.children))
+            return True
+        log.warning("killing %d children still running", len(self.children))
+        for rec in self.children.values():
+            self._kill(rec)
+        self.stop_killed = True
+        self.stop_deadline = time.monotonic() + 5.0
+        return False
+
+    def _cleanup(self) -> None:
+        for lst in self.listeners + self.removed_listeners:
+            lst.close()
+        self.status.remove()
+        for rec in self.children.values():
+            rec.heartbeat.close()
+
+
+def daemon_title() -> str:
+    return "empath: master"
+
+
+def describe_exit(code: int) -> str:
+    """"exited with status 1" / "killed by SIGKILL", from ``waitstatus_to_exitcode``."""
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"killed by {name}"
+    return f"exited with status {code}"

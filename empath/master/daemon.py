@@ -1,0 +1,258 @@
+"""The master as a Unix daemon: pidfile, detaching, start-up report, service-manager notices.
+
+- ``Pidfile``: created atomically and exclusively (a complete file appears at once, or not at
+  all), refused when it names a live empath master, replaced when stale, and removed on exit
+  only if it still names this process.
+- ``detach()``: double fork and ``setsid``; the original process keeps a pipe on which the
+  daemon reports "ready" or the error that stopped it, so ``empath start`` returns only once
+  the listeners are bound (or fails with the reason).
+- ``sd_notify()``: READY/RELOADING/STOPPING for systemd's ``Type=notify``.
+- ``StatusFile``: the master's JSON status beside the pidfile (read by ``empath status``).
+
+This module never reads the configuration and never forks children.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import select
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger("empath.master")
+
+MASTER_TITLE = "empath: master"
+
+
+class PidfileError(Exception):
+    """The pidfile cannot be created (another master runs, or the file system said no)."""
+
+
+def read_pid(path: str) -> int | None:
+    """The pid in ``path``; None when the file is missing, empty or not a pid."""
+    try:
+        with open(path, encoding="ascii", errors="replace") as fh:
+            text = fh.read(64).strip()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return int(text) if text.isdigit() and int(text) > 0 else None
+
+
+def process_running(pid: int) -> bool:
+    """True when ``pid`` exists and is not a zombie waiting to be reaped."""
+    try:
+        import psutil
+
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    except ImportError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    except Exception:  # psutil.NoSuchProcess, AccessDenied on a process we cannot inspect
+        return _exists(pid)
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def is_empath_master(pid: int) -> bool:
+    """True when ``pid`` runs and looks like an empath master (title or command line); a
+    recycled pid now used by another program does not count."""
+    if not process_running(pid):
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            cmdline = fh.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return True  # no /proc, or not ours to read: trust the pid
+    return MASTER_TITLE in cmdline or "empath" in cmdline
+
+
+def pidfile_state(path: str) -> tuple[str, int | None]:
+    """("running", pid), ("stale", pid) or ("absent", None)."""
+    pid = read_pid(path)
+    if pid is None:
+        return ("absent", None) if not os.path.exists(path) else ("stale", None)
+    return ("running", pid) if is_empath_master(pid) else ("stale", pid)
+
+
+class Pidfile:
+    """The master's pidfile."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.pid: int | None = None
+
+    def create(self, pid: int | None = None) -> None:
+        """Write ``pid`` (default: this process) atomically and exclusively.
+
+        The content is written to a private temporary name and hard-linked into place:
+        link(2) fails when the name exists, so two masters starting at once cannot both win,
+        and a reader never sees a half-written file. A stale file (dead pid) is replaced.
+        """
+        pid = os.getpid() if pid is None else pid
+        directory = os.path.dirname(self.path) or "."
+        os.makedirs(directory, exist_ok=True)
+        tmp = f"{self.path}.{pid}.tmp"
+        try:
+            with open(tmp, "w", encoding="ascii") as fh:
+                fh.write(f"{pid}\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(tmp, 0o644)
+            for _ in range(2):
+                try:
+                    os.link(tmp, self.path)
+                    break
+                except FileExistsError:
+                    state, other = pidfile_state(self.path)
+                    if state == "running":
+                        raise PidfileError(
+                            f"empath is already running (pid {other}, pidfile {self.path})"
+                        ) from None
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.path)
+            else:
+                raise PidfileError(f"cannot create {self.path}: it keeps reappearing")
+        except OSError as exc:
+            raise PidfileError(f"cannot create {self.path}: {exc.strerror}") from None
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        self.pid = pid
+
+    def remove(self) -> None:
+        """Remove the file if it still names the pid this object wrote."""
+        if self.pid is not None and read_pid(self.path) == self.pid:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+        self.pid = None
+
+
+@dataclass
+class Detached:
+    """The result of ``detach()``: which side of the fork we are on, and our end of the
+    start-up report pipe (read end in the original process, write end in the daemon)."""
+
+    is_daemon: bool
+    fd: int
+
+
+def detach() -> Detached:
+    """Fork twice so the daemon has no controlling terminal and is not a session leader (it
+    can never acquire a terminal again); the intermediate process exits at once."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid > 0:
+        os.close(write_fd)
+        os.waitpid(pid, 0)
+        return Detached(False, read_fd)
+    try:
+        os.close(read_fd)
+        os.setsid()
+        if os.fork() > 0:
+            os._exit(0)
+        os.chdir("/")
+        os.umask(0o022)
+    except BaseException:
+        os._exit(1)
+    return Detached(True, write_fd)
+
+
+def report(fd: int, message: str) -> None:
+    """Daemon side: send one line of start-up report ("ready ..." or "error ...")."""
+    data = (message.replace("\n", " ") + "\n").encode()
+    with contextlib.suppress(OSError):
+        os.write(fd, data)
+
+
+def wait_for_report(fd: int, timeout: float) -> str | None:
+    """Original side: the daemon's first report line; None on timeout, "" when the daemon
+    closed the pipe (exited) without a word."""
+    deadline = time.monotonic() + timeout
+    buf = b""
+    try:
+        while b"\n" not in buf:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            ready, _, _ = select.select([fd], [], [], remaining)
+            if not ready:
+                return None
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                return ""
+            buf += chunk
+    finally:
+        os.close(fd)
+    return buf.split(b"\n", 1)[0].decode(errors="replace")
+
+
+def sd_notify(state: str) -> None:
+    """Tell systemd (``Type=notify``) about a state change; a no-op elsewhere."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):  # abstract namespace
+        address = "\0" + address[1:]
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.sendto(state.encode(), address)
+
+
+def status_path(pidfile: str) -> str:
+    """The master's status file sits beside its pidfile."""
+    return os.path.join(os.path.dirname(pidfile) or ".", "empath.status.json")
+
+
+class StatusFile:
+    """The master's JSON status document, replaced atomically (write, rename) on every change,
+    so ``empath status`` never reads half of it."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._failed = False
+
+    def write(self, data: dict[str, Any]) -> None:
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                json.dump(data, fh, indent=1)
+                fh.write("\n")
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, self.path)
+            self._failed = False
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            if not self._failed:  # once per streak: a full disk must not flood the log
+                log.error("cannot write %s: %s", self.path, exc.strerror or exc)
+            self._failed = True
+
+    def remove(self) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+
+    @staticmethod
+    def read(path: str) -> dict[str, Any] | None:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data: dict[str, Any] = json.load(fh)
+        except (OSError, ValueError):
+            return None
+        return data
