@@ -1,0 +1,363 @@
+"""The SMTP client's protocol core, sans I/O: replies in, commands and verdicts out.
+
+Owns the client side of the SMTP grammar: parsing replies (multi-line, RFC 2034 enhanced status
+codes), reading EHLO keywords, building MAIL/RCPT commands with their ESMTP parameters (SIZE,
+BODY, SMTPUTF8, DSN), sequencing one transaction's envelope in lock-step or pipelined (RFC 2920)
+order, dot-stuffing message data across block boundaries, and classifying the outcome per
+recipient. ``empath/delivery/connection.py`` feeds it bytes from a socket.
+
+Never touches a socket, a file or a clock, so every rule here is unit-testable with bytes.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from empath._speedups import dot_stuff, encode_xtext
+from empath.delivery.errors import error_for_reply
+from empath.delivery.state import DELIVERED, RecipientOutcome
+
+# RFC 5321 §4.5.3.1.5 caps a reply line at 512 octets; real servers exceed it, so we allow
+# more, but a peer that never ends a line or a reply must not eat our memory.
+MAX_REPLY_LINE = 4096
+MAX_REPLY_BYTES = 64 * 1024
+_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
+
+
+class ProtocolError(ValueError):
+    """The server sent something that is not an SMTP reply."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One complete (possibly multi-line) server reply."""
+
+    code: int
+    enhanced: str | None
+    lines: tuple[str, ...]  # text of each line, enhanced code removed
+
+    @property
+    def text(self) -> str:
+        return " ".join(line for line in self.lines if line)
+
+    @property
+    def is_positive(self) -> bool:
+        return 200 <= self.code < 400
+
+    @property
+    def is_permanent(self) -> bool:
+        return 500 <= self.code < 600
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.enhanced + ' ' if self.enhanced else ''}{self.text}".strip()
+
+
+def _strip_enhanced(code: int, text: str) -> tuple[str | None, str]:
+    """RFC 2034 §4: an enhanced code starts the text; its class must match the reply's."""
+    match = _ENHANCED.match(text)
+    if match is None or int(match.group(1)) != code // 100:
+        return None, text
+    return f"{match.group(1)}.{int(match.group(2))}.{int(match.group(3))}", text[match.end():]
+
+
+class ReplyParser:
+    """Turns the byte stream from a server into Replies (RFC 5321 §4.2.1)."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._lines: list[tuple[int, str]] = []
+        self._size = 0
+
+    @property
+    def pending(self) -> bool:
+        """Bytes or lines of a reply not yet complete (STARTTLS must start with nothing)."""
+        return bool(self._buffer or self._lines)
+
+    def feed(self, data: bytes) -> list[Reply]:
+        self._buffer += data
+        replies: list[Reply] = []
+        while True:
+            end = self._buffer.find(b"\n")
+            if end < 0:
+                if len(self._buffer) > MAX_REPLY_LINE:
+                    raise ProtocolError("reply line too long")
+                return replies
+            raw, self._buffer = self._buffer[:end], self._buffer[end + 1:]
+            reply = self._line(raw.rstrip(b"\r"))
+            if reply is not None:
+                replies.append(reply)
+
+    def _line(self, raw: bytes) -> Reply | None:
+        if len(raw) > MAX_REPLY_LINE:
+            raise ProtocolError("reply line too long")
+        self._size += len(raw)
+        if self._size > MAX_REPLY_BYTES:
+            raise ProtocolError("reply too long")
+        line = raw.decode("utf-8", "replace")
+        # "250", "250 text" or "250-text"; the code is three digits 2-5 (RFC 5321 §4.2).
+        if len(line) < 3 or not line[:3].isdigit() or line[0] not in "2345" or (
+                len(line) > 3 and line[3] not in " -"):
+            raise ProtocolError(f"malformed reply line {line[:80]!r}")
+        code = int(line[:3])
+        if self._lines and self._lines[0][0] != code:
+            raise ProtocolError("reply code changed within a multi-line reply")
+        self._lines.append((code, line[4:]))
+        if len(line) > 3 and line[3] == "-":
+            return None
+        lines, self._lines, self._size = self._lines, [], 0
+        enhanced = None
+        texts = []
+        for index, (_, text) in enumerate(lines):
+            found, rest = _strip_enhanced(code, text)
+            if index == 0:
+                enhanced = found
+            texts.append(rest if found else text)
+        return Reply(code, enhanced, tuple(texts))
+
+
+@dataclass(frozen=True, slots=True)
+class Extensions:
+    """The ESMTP keywords of an EHLO reply (upper-case keyword → parameter text)."""
+
+    keywords: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_reply(cls, reply: Reply) -> Extensions:
+        # The first line is the server's greeting, each further line one keyword.
+        keywords: dict[str, str] = {}
+        for line in reply.lines[1:]:
+            word, _, params = line.strip().partition(" ")
+            if word:
+                keywords[word.upper()] = params.strip()
+        return cls(keywords)
+
+    def has(self, keyword: str) -> bool:
+        return keyword in self.keywords
+
+    @property
+    def size_limit(self) -> int | None:
+        """RFC 1870 §4: ``SIZE n`` is the server's fixed limit; no number or 0 means none."""
+        value = self.keywords.get("SIZE")
+        if value is None or not value.isdigit() or int(value) == 0:
+            return None
+        return int(value)
+
+
+def _is_ascii(text: str) -> bool:
+    return text.isascii()
+
+
+def needs_smtputf8(envelope: dict[str, Any]) -> bool:
+    """Whether the message itself needs SMTPUTF8: declared at submission, or a UTF-8 sender.
+
+    The declaration is trusted rather than scanning the headers: a client asks for SMTPUTF8
+    because its headers carry UTF-8 (RFC 6531 §3.4), and a downgrade is not ours to make.
+    """
+    params = envelope.get("params") or {}
+    return bool(params.get("smtputf8")) or not _is_ascii(envelope.get("sender") or "")
+
+
+def mail_command(envelope: dict[str, Any], size: int, ext: Extensions) -> bytes:
+    """``MAIL FROM:<sender>`` with the parameters this server understands."""
+    params = envelope.get("params") or {}
+    args = []
+    if ext.has("SIZE"):
+        args.append(f"SIZE={size}")  # RFC 1870 §3: the declared size of the message
+    body = params.get("body")
+    if body == "BINARYMIME" and ext.has("BINARYMIME"):
+        args.append("BODY=BINARYMIME")
+    elif body in ("8BITMIME", "7BIT") and ext.has("8BITMIME"):
+        # Without 8BITMIME at the server an 8-bit body is sent anyway, without BODY=: what
+        # Postfix and Exim do, since nearly every server takes 8-bit data (RFC 6152 §3
+        # would have us convert or bounce, which loses mail that would have arrived).
+        args.append(f"BODY={body}")
+    if needs_smtputf8(envelope) and ext.has("SMTPUTF8"):
+        args.append("SMTPUTF8")
+    if ext.has("DSN"):
+        # RFC 3461 §4.3, §4.4: RET and ENVID only to a server that offers DSN.
+        if params.get("ret") in ("FULL", "HDRS"):
+            args.append(f"RET={params['ret']}")
+        envid = params.get("envid")
+        if envid and _is_ascii(envid):
+            args.append(f"ENVID={encode_xtext(envid)}")
+    sender = envelope.get("sender") or ""
+    return _command(f"MAIL FROM:<{sender}>", args)
+
+
+def rcpt_command(rcpt: dict[str, Any], ext: Extensions) -> bytes:
+    """``RCPT TO:<address>`` with NOTIFY and ORCPT when the server offers DSN (RFC 3461 §4)."""
+    args = []
+    if ext.has("DSN"):
+        notify = rcpt.get("notify")
+        if notify:
+            args.append("NOTIFY=" + ",".join(notify))
+        orcpt = rcpt.get("orcpt")
+        if orcpt and ";" in orcpt:
+            kind, _, original = orcpt.partition(";")
+            # An internationalized ORCPT would need RFC 6533's utf-8 form; it is dropped
+            # rather than sent mangled (the DSN then names the final recipient only).
+            if _is_ascii(original) and kind.strip():
+                args.append(f"ORCPT={kind.strip()};{encode_xtext(original)}")
+    return _command(f"RCPT TO:<{rcpt['address']}>", args)
+
+
+def _command(head: str, args: list[str]) -> bytes:
+    return (" ".join([head, *args]) + "\r\n").encode("utf-8")
+
+
+class Transaction:
+    """The envelope phase of one message: MAIL, each RCPT, then DATA.
+
+    With pipelining (RFC 2920 §3.1) ``start()`` returns MAIL, every RCPT and DATA as one
+    write, and the replies are matched to them in order; without, each command waits for the
+    reply to the one before. ``receive()`` takes the next reply and returns what to write next
+    (often nothing). ``use_data=False`` leaves DATA out, for a BDAT transfer.
+    """
+
+    def __init__(self, mail: bytes, rcpts: list[tuple[str, bytes]], *, pipelining: bool,
+                 use_data: bool = True) -> None:
+        if not rcpts:
+            raise ValueError("a transaction needs at least one recipient")
+        self.mail = mail
+        self.rcpts = rcpts
+        self.pipelining = pipelining
+        self.use_data = use_data
+        self.mail_reply: Reply | None = None
+        self.rcpt_replies: list[Reply] = []
+        self.data_reply: Reply | None = None
+        self.finished = False
+
+    @property
+    def expecting(self) -> str:
+        """Which reply comes next (``mail``, ``rcpt`` or ``data_init``), for its timeout."""
+        if self.mail_reply is None:
+            return "mail"
+        if len(self.rcpt_replies) < len(self.rcpts):
+            return "rcpt"
+        return "data_init"
+
+    def start(self) -> bytes:
+        if not self.pipelining:
+            return self.mail
+        batch = [self.mail, *(cmd for _, cmd in self.rcpts)]
+        if self.use_data:
+            batch.append(b"DATA\r\n")
+        return b"".join(batch)
+
+    def receive(self, reply: Reply) -> bytes:
+        if self.finished:
+            raise ProtocolError("reply after the envelope was complete")
+        if self.mail_reply is None:
+            self.mail_reply = reply
+            if self.pipelining:
+                return b""
+            if not reply.is_positive:
+                self.finished = True
+                return b""
+            return self.rcpts[0][1]
+        if len(self.rcpt_replies) < len(self.rcpts):
+            self.rcpt_replies.append(reply)
+            if len(self.rcpt_replies) < len(self.rcpts):
+                return b"" if self.pipelining else self.rcpts[len(self.rcpt_replies)][1]
+            if not self.use_data:
+                self.finished = True
+                return b""
+            if self.pipelining:
+                return b""
+            if not self.accepted:
+                self.finished = True  # nobody to send to: no DATA at all
+                return b""
+            return b"DATA\r\n"
+        self.data_reply = reply
+        self.finished = True
+        return b""
+
+    @property
+    def accepted(self) -> list[str]:
+        """Recipients the server took (MAIL and their RCPT positive)."""
+        if self.mail_reply is None or not self.mail_reply.is_positive:
+            return []
+        return [addr for (addr, _), reply in zip(self.rcpts, self.rcpt_replies, strict=False)
+                if reply.is_positive]
+
+    @property
+    def data_accepted(self) -> bool:
+        """DATA got 354: the data (or, with nobody accepted, an empty one) must follow."""
+        return self.data_reply is not None and self.data_reply.code == 354
+
+    @property
+    def send_message(self) -> bool:
+        if not self.accepted:
+            return False
+        return self.data_accepted if self.use_data else True
+
+    def outcomes(self, final: Reply | None, server: str | None) -> dict[str, RecipientOutcome]:
+        """Per-recipient verdicts once the transaction is over.
+
+        ``final`` is the reply after the end of data (None when no data was sent). A failed
+        MAIL decides for everyone; a failed RCPT for its recipient; a failed DATA or end of
+        data for every recipient the server had accepted (RFC 5321 §3.3).
+        """
+        out: dict[str, RecipientOutcome] = {}
+        decisive = self.mail_reply if self.mail_reply and not self.mail_reply.is_positive \
+            else None
+        for index, (addr, _) in enumerate(self.rcpts):
+            reply = decisive
+            if reply is None and index < len(self.rcpt_replies) and \
+                    not self.rcpt_replies[index].is_positive:
+                reply = self.rcpt_replies[index]
+            if reply is None and self.use_data and not self.data_accepted:
+                reply = self.data_reply
+            if reply is None:
+                reply = final
+            if reply is None:
+                raise ProtocolError(f"no reply decides recipient {addr}")
+            out[addr] = reply_outcome(reply, server)
+        return out
+
+
+def reply_outcome(reply: Reply, server: str | None) -> RecipientOutcome:
+    """2xx delivered, 4xx deferred, 5xx failed."""
+    if 200 <= reply.code < 300:
+        return RecipientOutcome(DELIVERED, reply.code, reply.enhanced, reply.text, server)
+    return error_for_reply(reply.code, reply.enhanced, reply.text, server).outcome()
+
+
+class DotStuffer:
+    """Dot-stuffs message data fed in arbitrary blocks (RFC 5321 §4.5.2).
+
+    A block is passed on only up to its last line feed (or a trailing CR is held back), so a
+    CRLF never straddles two outputs and the line-start state carried between blocks is exact:
+    a "." that begins a line in the next block is doubled even when that line started in this
+    one. ``finish()`` ends the data with CRLF "." CRLF, adding the CRLF a message lacks.
+    """
+
+    def __init__(self) -> None:
+        self._carry = b""
+        self._at_line_start = True
+        self.ends_with_crlf = True
+
+    def feed(self, block: bytes) -> bytes:
+        data = self._carry + block
+        cut = data.rfind(b"\n") + 1
+        if cut == 0:
+            cut = len(data) - 1 if data.endswith(b"\r") else len(data)
+        self._carry = data[cut:]
+        return self._emit(data[:cut])
+
+    def _emit(self, chunk: bytes) -> bytes:
+        if not chunk:
+            return b""
+        out: bytes = dot_stuff(chunk, self._at_line_start)
+        self._at_line_start = chunk.endswith(b"\r\n")
+        self.ends_with_crlf = self._at_line_start
+        return out
+
+    def finish(self) -> bytes:
+        tail = self._emit(self._carry)
+        self._carry = b""
+        if not self.ends_with_crlf:
+            tail += b"\r\n"
+        return tail + b".\r\n"

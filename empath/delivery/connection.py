@@ -1,0 +1,366 @@
+"""One SMTP client connection: the asyncio layer around the protocol core in ``client.py``.
+
+Owns the socket side of a session with one server address: connect, greeting, EHLO (HELO when
+EHLO is refused), STARTTLS as the TLS policy says, then any number of transactions (RSET
+between them) and QUIT. Every wait has its own timeout from ``delivery.timeouts`` (RFC 5321
+§4.5.3.2). Message data is streamed from the queue file in blocks, dot-stuffed on the way, so a
+large message is never held in memory.
+
+``open_connection`` raises a DeliveryError when the session cannot be set up (the caller tries
+the next host); ``SMTPConnection.deliver`` never raises for a server's verdict or a broken
+connection: it returns one outcome per recipient and marks the connection ``broken``.
+
+Reads the queue file only through the MessageSource it is given; never builds a spool path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import time
+from collections import deque
+from typing import Any
+
+from empath.delivery.client import (
+    DotStuffer,
+    Extensions,
+    ProtocolError,
+    Reply,
+    ReplyParser,
+    Transaction,
+    mail_command,
+    needs_smtputf8,
+    rcpt_command,
+    reply_outcome,
+)
+from empath.delivery.errors import (
+    DeliveryError,
+    LocalSystemError,
+    PermanentError,
+    TemporaryError,
+    error_for_reply,
+)
+from empath.delivery.state import RecipientOutcome
+from empath.delivery.tls import TLSContexts, TLSPolicy, describe, warn_unverified
+from empath.spool import MessageSource
+
+log = logging.getLogger("empath.delivery.smtp")
+
+BLOCK_SIZE = 64 * 1024  # bytes read from the queue file and written per step
+READ_SIZE = 64 * 1024
+
+
+class TLSHandshakeError(TemporaryError):
+    """STARTTLS was accepted but the handshake failed; the connection is unusable.
+
+    Under an opportunistic policy the caller reconnects to the same host without TLS."""
+
+
+async def open_connection(*, server: str, ip: str, port: int, helo: str, domain: str,
+                          policy: TLSPolicy, contexts: TLSContexts, timeouts: Any,
+                          try_tls: bool = True) -> SMTPConnection:
+    """Connect to ``ip``:``port`` (the MX ``server``) and bring the session to MAIL-ready."""
+    try:
+        async with asyncio.timeout(timeouts.connect):
+            reader, writer = await asyncio.open_connection(ip, port, limit=READ_SIZE * 4)
+    except TimeoutError:
+        raise TemporaryError.make("connect", server=f"{server}[{ip}]:{port}",
+                                  reason="timed out") from None
+    except OSError as exc:
+        raise TemporaryError.make("connect", server=f"{server}[{ip}]:{port}",
+                                  reason=exc.strerror or str(exc)) from None
+    conn = SMTPConnection(reader, writer, server=server, ip=ip, port=port, timeouts=timeouts)
+    try:
+        await conn.handshake(helo, domain, policy, contexts, try_tls)
+    except BaseException:
+        conn.abort()
+        raise
+    return conn
+
+
+class SMTPConnection:
+    """A live session with one server, ready for transactions after ``handshake``."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
+                 server: str, ip: str, port: int, timeouts: Any) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.server = server
+        self.ip = ip
+        self.port = port
+        self.timeouts = timeouts
+        self.parser = ReplyParser()
+        self._replies: deque[Reply] = deque()
+        self.extensions = Extensions()
+        self.tls: dict[str, str] | None = None
+        self.broken = False
+        self.messages = 0
+        self.idle_since = time.monotonic()
+
+    @property
+    def label(self) -> str:
+        return f"{self.server}[{self.ip}]:{self.port}"
+
+    # -- reading and writing --------------------------------------------------------------
+    async def _read(self, stage: str) -> Reply:
+        """The next reply, within the timeout of ``stage``; failures mark the connection."""
+        try:
+            async with asyncio.timeout(getattr(self.timeouts, stage)):
+                while not self._replies:
+                    data = await self.reader.read(READ_SIZE)
+                    if not data:
+                        raise TemporaryError.make("lost", server=self.label, stage=stage,
+                                                  reason="closed by the server")
+                    self._replies.extend(self.parser.feed(data))
+        except TimeoutError:
+            self.broken = True
+            raise TemporaryError.make("timeout", server=self.label, stage=stage) from None
+        except ProtocolError as exc:
+            self.broken = True
+            raise TemporaryError.make("protocol", server=self.label, reason=str(exc)) from None
+        except OSError as exc:
+            self.broken = True
+            raise TemporaryError.make("lost", server=self.label, stage=stage,
+                                      reason=exc.strerror or str(exc)) from None
+        except DeliveryError:
+            self.broken = True
+            raise
+        reply = self._replies.popleft()
+        if reply.code == 421:
+            self.broken = True  # RFC 5321 §3.8: the server is closing the channel
+        return reply
+
+    async def _write(self, data: bytes, stage: str) -> None:
+        try:
+            self.writer.write(data)
+            async with asyncio.timeout(getattr(self.timeouts, stage)):
+                await self.writer.drain()
+        except TimeoutError:
+            self.broken = True
+            raise TemporaryError.make("timeout", server=self.label, stage=stage) from None
+        except OSError as exc:
+            self.broken = True
+            raise TemporaryError.make("lost", server=self.label, stage=stage,
+                                      reason=exc.strerror or str(exc)) from None
+
+    async def _command(self, line: bytes, stage: str) -> Reply:
+        await self._write(line, stage)
+        return await self._read(stage)
+
+    def _fail(self, reply: Reply) -> DeliveryError:
+        return error_for_reply(reply.code, reply.enhanced, reply.text, self.server)
+
+    # -- session set-up -------------------------------------------------------------------
+    async def handshake(self, helo: str, domain: str, policy: TLSPolicy,
+                        contexts: TLSContexts, try_tls: bool) -> None:
+        banner = await self._read("banner")
+        if banner.code != 220:
+            # 421/554 greetings: this host will not talk to us; the caller tries the next.
+            raise self._fail(banner)
+        self.extensions = await self._ehlo(helo)
+        if not (policy.wants_tls and try_tls):
+            return
+        if not self.extensions.has("STARTTLS"):
+            if policy.requires_tls:
+                raise TemporaryError.make("tls_not_offered", server=self.server, domain=domain)
+            return
+        reply = await self._command(b"STARTTLS\r\n", "starttls")
+        if reply.code != 220:
+            if policy.requires_tls:
+                raise TemporaryError.make("tls_failed", server=self.server, domain=domain,
+                                          reason=str(reply))
+            return  # opportunistic: the session goes on in plain (RFC 3207 §4)
+        await self._start_tls(domain, policy, contexts)
+        # RFC 3207 §4.2: all knowledge from before TLS is discarded; EHLO again.
+        self.extensions = await self._ehlo(helo)
+
+    async def _ehlo(self, helo: str) -> Extensions:
+        reply = await self._command(f"EHLO {helo}\r\n".encode(), "ehlo")
+        if reply.code == 250:
+            return Extensions.from_reply(reply)
+        if not reply.is_permanent or reply.code == 421:
+            raise self._fail(reply)
+        # RFC 5321 §3.2: a server that refuses EHLO may still speak HELO.
+        reply = await self._command(f"HELO {helo}\r\n".encode(), "ehlo")
+        if reply.code != 250:
+            raise self._fail(reply)
+        return Extensions()
+
+    async def _start_tls(self, domain: str, policy: TLSPolicy, contexts: TLSContexts) -> None:
+        # Anything the server sent after its 220 arrived in plain text and could be an
+        # injected reply (the STARTTLS command-injection class of bugs): refuse the session.
+        buffered = getattr(self.reader, "_buffer", b"")
+        if self.parser.pending or self._replies or buffered:
+            self.broken = True
+            raise TLSHandshakeError.make("tls_failed", server=self.server, domain=domain,
+                                         reason="data sent before the TLS handshake")
+        try:
+            context = contexts.context(policy)
+        except (OSError, ssl.SSLError) as exc:
+            raise LocalSystemError.make("local", reason=f"TLS context: {exc}") from None
+        if not policy.verify:
+            warn_unverified(domain, self.server, self.ip)
+        try:
+            async with asyncio.timeout(self.timeouts.starttls):
+                await self.writer.start_tls(context, server_hostname=self.server,
+                                            ssl_handshake_timeout=self.timeouts.starttls)
+        except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
+            self.broken = True
+            reason = "timed out" if isinstance(exc, TimeoutError) else str(exc) or repr(exc)
+            raise TLSHandshakeError.make("tls_failed", server=self.server, domain=domain,
+                                         reason=reason) from None
+        self.tls = describe(self.writer.get_extra_info("ssl_object"))
+
+    # -- transactions ---------------------------------------------------------------------
+    async def reset(self) -> bool:
+        """RSET before reusing the connection (RFC 5321 §4.1.1.5); False if it is unusable."""
+        try:
+            reply = await self._command(b"RSET\r\n", "mail")
+        except DeliveryError:
+            return False
+        return reply.code == 250
+
+    def _precheck(self, envelope: dict[str, Any], rcpts: list[dict[str, Any]],
+                  size: int) -> tuple[DeliveryError | None, dict[str, RecipientOutcome]]:
+        """Verdicts reached from the EHLO keywords alone, before any command is sent."""
+        ext = self.extensions
+        limit = ext.size_limit
+        if limit is not None and size > limit:
+            return PermanentError.make("too_big", server=self.server, size=size,
+                                       limit=limit), {}
+        if needs_smtputf8(envelope) and not ext.has("SMTPUTF8"):
+            return PermanentError.make("needs_smtputf8", server=self.server), {}
+        params = envelope.get("params") or {}
+        if params.get("body") == "BINARYMIME" and not (
+                ext.has("BINARYMIME") and ext.has("CHUNKING")):
+            return PermanentError.make("needs_binarymime", server=self.server), {}
+        # A UTF-8 recipient address alone, in an otherwise ASCII message, fails only itself.
+        refused = {}
+        if not ext.has("SMTPUTF8"):
+            for rcpt in rcpts:
+                if not rcpt["address"].isascii():
+                    refused[rcpt["address"]] = PermanentError.make(
+                        "needs_smtputf8", server=self.server).outcome()
+        return None, refused
+
+    async def deliver(self, envelope: dict[str, Any], rcpts: list[dict[str, Any]],
+                      source: MessageSource) -> dict[str, RecipientOutcome]:
+        """One transaction for ``rcpts``; one outcome per recipient, never an exception."""
+        size = source.length
+        everyone, outcomes = self._precheck(envelope, rcpts, size)
+        if everyone is not None:
+            return {r["address"]: everyone.outcome() for r in rcpts}
+        todo = [r for r in rcpts if r["address"] not in outcomes]
+        if not todo:
+            return outcomes
+        self.messages += 1
+        ext = self.extensions
+        binary = (envelope.get("params") or {}).get("body") == "BINARYMIME"
+        txn = Transaction(mail_command(envelope, size, ext),
+                          [(r["address"], rcpt_command(r, ext)) for r in todo],
+                          pipelining=ext.has("PIPELINING"), use_data=not binary)
+        try:
+            outcomes.update(await self._transaction(txn, source))
+        except DeliveryError as err:
+            self.broken = True
+            outcomes.update(_outcomes_after_error(txn, err, self.server))
+        finally:
+            self.idle_since = time.monotonic()
+        return outcomes
+
+    async def _transaction(self, txn: Transaction,
+                           source: MessageSource) -> dict[str, RecipientOutcome]:
+        await self._write(txn.start(), "mail")
+        while not txn.finished:
+            reply = await self._read(txn.expecting)
+            if reply.code == 421:
+                raise self._fail(reply)
+            follow = txn.receive(reply)
+            if follow:
+                await self._write(follow, txn.expecting)
+        final: Reply | None = None
+        if txn.use_data and txn.data_accepted:
+            if txn.accepted:
+                await self._send_data(source)
+                final = await self._read("data_termination")
+            else:
+                # RFC 2920 §3.1: 354 although every RCPT failed; end the empty data at once.
+                await self._write(b".\r\n", "data_block")
+                await self._read("data_termination")
+        elif not txn.use_data and txn.accepted:
+            final = await self._send_bdat(source)
+        return txn.outcomes(final, self.server)
+
+    def _blocks(self, source: MessageSource) -> Any:
+        """The message in BLOCK_SIZE pieces. Plain reads: the file was just written and is in
+        the page cache, cheaper to read here than through a thread."""
+        try:
+            with open(source.path, "rb", buffering=0) as f:
+                f.seek(source.offset)
+                remaining = source.length
+                while remaining > 0:
+                    block = f.read(min(BLOCK_SIZE, remaining))
+                    if not block:
+                        raise OSError("queue file shorter than its recorded length")
+                    remaining -= len(block)
+                    yield block, remaining == 0
+        except OSError as exc:
+            self.broken = True
+            raise LocalSystemError.make("local", reason=f"reading the message: {exc}") from None
+
+    async def _send_data(self, source: MessageSource) -> None:
+        stuffer = DotStuffer()
+        for block, _ in self._blocks(source):
+            out = stuffer.feed(block)
+            if out:
+                await self._write(out, "data_block")
+        await self._write(stuffer.finish(), "data_block")
+
+    async def _send_bdat(self, source: MessageSource) -> Reply:
+        """RFC 3030 §2: BINARYMIME data as BDAT chunks, each answered before the next."""
+        if source.length == 0:
+            return await self._command(b"BDAT 0 LAST\r\n", "data_termination")
+        reply: Reply | None = None
+        for block, last in self._blocks(source):
+            head = b"BDAT %d%s\r\n" % (len(block), b" LAST" if last else b"")
+            await self._write(head + block, "data_block")
+            reply = await self._read("data_termination" if last else "data_block")
+            if reply.code != 250:
+                return reply
+        assert reply is not None
+        return reply
+
+    # -- ending ---------------------------------------------------------------------------
+    async def quit(self) -> None:
+        """QUIT politely (RFC 5321 §4.1.1.10), then close; never raises."""
+        if not self.broken:
+            with contextlib.suppress(DeliveryError):
+                await self._write(b"QUIT\r\n", "quit")
+                await self._read("quit")
+        self.abort()
+
+    def abort(self) -> None:
+        self.broken = True
+        with contextlib.suppress(Exception):
+            self.writer.transport.abort()
+
+
+def _outcomes_after_error(txn: Transaction, err: DeliveryError,
+                          server: str) -> dict[str, RecipientOutcome]:
+    """The connection failed mid-transaction: replies already final stand, the rest get ``err``.
+
+    A 5xx to MAIL or to a recipient's RCPT is the server's last word for them; everyone else
+    is retried (the message may or may not have arrived: RFC 1047's duplicate window).
+    """
+    out: dict[str, RecipientOutcome] = {}
+    mail = txn.mail_reply
+    for index, (addr, _) in enumerate(txn.rcpts):
+        if mail is not None and mail.is_permanent:
+            out[addr] = reply_outcome(mail, server)
+        elif index < len(txn.rcpt_replies) and txn.rcpt_replies[index].is_permanent:
+            out[addr] = reply_outcome(txn.rcpt_replies[index], server)
+        else:
+            out[addr] = err.outcome()
+    return out

@@ -1,0 +1,253 @@
+"""MX and address resolution for remote delivery, with a TTL-respecting cache.
+
+Owns: asking DNS (dnspython's ``dns.asyncresolver``, at the configured server and port, or the
+system's) which hosts receive mail for a domain and at which addresses, and turning DNS
+outcomes into delivery verdicts:
+
+- MX records sorted by preference, equal preferences shuffled on every call (RFC 5321 §5.1:
+  spread the load over equally preferred hosts);
+- no MX records: the domain itself is the implicit MX (RFC 5321 §5.1);
+- a null MX (RFC 7505: one MX of preference 0 pointing at ".") is a permanent 5.1.10 verdict
+  reached without any connection;
+- NXDOMAIN is permanent (5.1.2); SERVFAIL and timeouts are temporary (4.4.3).
+
+Answers are cached for min(record TTL, ``dns.cache_ttl``), absent names and records for a short
+negative TTL (RFC 2308: the zone's SOA says how long, capped at ``NEGATIVE_TTL_CAP``); failures
+are not cached. The cache is bounded (least recently used out). Lookups are never serialized
+behind a lock: concurrent lookups of one name share the single query already in flight.
+
+Never connects to a mail server, never touches the spool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import random
+import socket
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import dns.asyncresolver
+import dns.exception
+import dns.name
+import dns.rdatatype
+import dns.resolver
+
+from empath.delivery.errors import DeliveryError, PermanentError, TemporaryError
+
+NEGATIVE_TTL_CAP = 60.0  # seconds an absent name/record is remembered at most
+NEGATIVE_TTL_DEFAULT = 30.0  # when the response carries no SOA to say how long
+
+
+@dataclass(frozen=True, slots=True)
+class MXAnswer:
+    """The mail hosts of a domain, most preferred first; ``implicit`` when the domain has no
+    MX records and is its own mail host."""
+
+    hosts: list[tuple[int, str]]
+    implicit: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Records:
+    """One cached DNS answer: the records (MX: (preference, host); A/AAAA: address text)."""
+
+    items: tuple[Any, ...]
+    nxdomain: bool = False
+
+
+class _TTLCache:
+    """A bounded mapping whose entries expire; least recently used entries go first."""
+
+    def __init__(self, max_size: int, clock: Callable[[], float]) -> None:
+        self.max_size = max_size
+        self.clock = clock
+        self._data: OrderedDict[tuple[str, str], tuple[float, _Records]] = OrderedDict()
+
+    def get(self, key: tuple[str, str]) -> _Records | None:
+        entry = self._data.get(key)
+        if entry is None:
+            return None
+        expires, value = entry
+        if self.clock() >= expires:
+            del self._data[key]
+            return None
+        self._data.move_to_end(key)
+        return value
+
+    def put(self, key: tuple[str, str], value: _Records, ttl: float) -> None:
+        if self.max_size <= 0 or ttl <= 0:
+            return
+        self._data[key] = (self.clock() + ttl, value)
+        self._data.move_to_end(key)
+        while len(self._data) > self.max_size:
+            self._data.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+def _normalize(name: str) -> str:
+    return name.rstrip(".").lower()
+
+
+def _negative_ttl(response: Any) -> float:
+    """RFC 2308 §5: a negative answer lives min(SOA TTL, SOA MINIMUM) seconds."""
+    for rrset in getattr(response, "authority", None) or ():
+        if rrset.rdtype == dns.rdatatype.SOA and len(rrset):
+            return float(min(rrset.ttl, rrset[0].minimum))
+    return NEGATIVE_TTL_DEFAULT
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def build_resolver(dns_cfg: Any) -> dns.asyncresolver.Resolver:
+    """dnspython's async resolver for ``delivery.dns``: the configured server or the system's."""
+    if dns_cfg.resolver is None:
+        resolver = dns.asyncresolver.Resolver(configure=True)
+    else:
+        host, port = dns_cfg.resolver.host, dns_cfg.resolver.port
+        if not _is_ip(host):
+            # Once, at start-up: dnspython wants an address for its nameserver.
+            host = socket.getaddrinfo(host, port, proto=socket.IPPROTO_UDP)[0][4][0]
+        resolver = dns.asyncresolver.Resolver(configure=False)
+        resolver.nameservers = [host]
+        resolver.port = port
+    resolver.timeout = dns_cfg.timeout
+    resolver.lifetime = dns_cfg.timeout
+    resolver.cache = None  # ours respects cache_ttl and is bounded
+    return resolver
+
+
+class MXResolver:
+    """Resolves MX hosts and their addresses; one per delivery worker."""
+
+    def __init__(self, dns_cfg: Any, *, rng: random.Random | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 resolver: dns.asyncresolver.Resolver | None = None) -> None:
+        self.timeout = float(dns_cfg.timeout)
+        self.cache_ttl = float(dns_cfg.cache_ttl)
+        self._resolver = resolver or build_resolver(dns_cfg)
+        self._cache = _TTLCache(int(dns_cfg.cache_size), clock)
+        self._inflight: dict[tuple[str, str], asyncio.Future[_Records]] = {}
+        self._rng = rng or random.Random()
+
+    # -- public ---------------------------------------------------------------------------
+    async def lookup_mx(self, domain: str) -> MXAnswer:
+        """The mail hosts of ``domain``; raises PermanentError or TemporaryError."""
+        domain = _normalize(domain)
+        records = await self._lookup(domain, "MX")
+        if records.nxdomain:
+            raise PermanentError.make("nxdomain", domain=domain)
+        if not records.items:
+            return MXAnswer([(0, domain)], implicit=True)  # RFC 5321 §5.1 implicit MX
+        real = [(pref, host) for pref, host in records.items if host != ""]
+        if not real:
+            # RFC 7505 §3: "." as the only exchange: no mail for this domain, do not try.
+            raise PermanentError.make("null_mx", domain=domain)
+        # RFC 5321 §5.1: lowest preference first; equal preferences in random order.
+        keyed = sorted((pref, self._rng.random(), host) for pref, host in real)
+        return MXAnswer([(pref, host) for pref, _, host in keyed])
+
+    async def resolve_mx(self, domain: str) -> list[tuple[int, str]]:
+        """``(preference, host)`` pairs of ``domain``, implicit MX included."""
+        return (await self.lookup_mx(domain)).hosts
+
+    async def resolve_addresses(self, host: str) -> list[str]:
+        """IPv4 then IPv6 addresses of ``host`` (an address literal is its own answer).
+
+        Raises PermanentError when the name has no address at all (NXDOMAIN, or neither A nor
+        AAAA records), TemporaryError when a lookup failed and the other gave nothing.
+        """
+        if _is_ip(host):
+            return [host]
+        host = _normalize(host)
+        results = await asyncio.gather(self._lookup(host, "A"), self._lookup(host, "AAAA"),
+                                       return_exceptions=True)
+        addresses: list[str] = []
+        failure: BaseException | None = None
+        for result in results:
+            if isinstance(result, _Records):
+                addresses.extend(result.items)
+            elif isinstance(result, DeliveryError):
+                failure = result
+            elif isinstance(result, BaseException):
+                raise result
+        if addresses:
+            return addresses
+        if failure is not None:
+            raise failure
+        if any(isinstance(r, _Records) and r.nxdomain for r in results):
+            raise PermanentError.make("nxdomain", domain=host)
+        raise PermanentError.make("no_address", domain=host)
+
+    def cached_entries(self) -> int:
+        return len(self._cache)
+
+    # -- internals ------------------------------------------------------------------------
+    async def _lookup(self, name: str, rdtype: str) -> _Records:
+        key = (name, rdtype)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        future = self._inflight.get(key)
+        if future is None:
+            future = asyncio.ensure_future(self._query(name, rdtype))
+            self._inflight[key] = future
+            future.add_done_callback(lambda f: self._query_done(key, f))
+        # shield: one caller giving up (its delivery was cancelled) must not cancel the query
+        # the other callers wait for.
+        return await asyncio.shield(future)
+
+    def _query_done(self, key: tuple[str, str], future: asyncio.Future[_Records]) -> None:
+        if self._inflight.get(key) is future:
+            del self._inflight[key]
+        if not future.cancelled():
+            future.exception()  # retrieved here, so an unawaited failure is not reported
+
+    async def _query(self, name: str, rdtype: str) -> _Records:
+        key = (name, rdtype)
+        try:
+            answer = await self._resolver.resolve(name, rdtype, search=False,
+                                                  lifetime=self.timeout,
+                                                  raise_on_no_answer=False)
+        except dns.resolver.NXDOMAIN as exc:
+            records = _Records((), nxdomain=True)
+            responses = list(exc.kwargs.get("responses", {}).values())
+            ttl = _negative_ttl(responses[0]) if responses else NEGATIVE_TTL_DEFAULT
+            self._cache.put(key, records, min(ttl, NEGATIVE_TTL_CAP, self.cache_ttl))
+            return records
+        except dns.exception.Timeout:
+            raise TemporaryError.make("dns_temp", name=f"{name}/{rdtype}",
+                                      reason="timed out") from None
+        except dns.resolver.NoNameservers:
+            raise TemporaryError.make("dns_temp", name=f"{name}/{rdtype}",
+                                      reason="server failure") from None
+        except (dns.exception.DNSException, OSError) as exc:
+            raise TemporaryError.make("dns_temp", name=f"{name}/{rdtype}",
+                                      reason=str(exc) or type(exc).__name__) from None
+        if answer.rrset is None:
+            records = _Records(())
+            ttl = min(_negative_ttl(answer.response), NEGATIVE_TTL_CAP)
+        else:
+            records = _Records(tuple(self._items(answer.rrset, rdtype)))
+            ttl = float(answer.rrset.ttl)
+        self._cache.put(key, records, min(ttl, self.cache_ttl))
+        return records
+
+    @staticmethod
+    def _items(rrset: Any, rdtype: str) -> list[Any]:
+        if rdtype == "MX":
+            # The null MX exchange "." becomes "" so lookup_mx can recognise it.
+            return [(int(rd.preference), _normalize(rd.exchange.to_text())) for rd in rrset]
+        return [rd.address for rd in rrset]
