@@ -222,16 +222,24 @@ class EmpathDaemon:
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self, timeout: float = START_TIMEOUT, wait: bool = True,
-              args: list[str] | None = None) -> EmpathDaemon:
-        """Spawn ``empath run -c <config>`` in a new session; wait until it is serving."""
+              args: list[str] | None = None, env: dict[str, str] | None = None
+              ) -> EmpathDaemon:
+        """Spawn ``empath run -c <config>`` in a new session; wait until it is serving.
+
+        ``env`` adds to (or, with a value of "", removes from) the inherited environment."""
         assert self.proc is None, "already started"
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        env.pop("EMPATH_CONFIG", None)
+        env_vars = dict(os.environ, PYTHONUNBUFFERED="1")
+        env_vars.pop("EMPATH_CONFIG", None)
+        for key, value in (env or {}).items():
+            if value:
+                env_vars[key] = value
+            else:
+                env_vars.pop(key, None)
         with open(self.output_path, "ab") as out:
             self.proc = subprocess.Popen(
                 [*empath_command(), "run", "-c", str(self.config_path), *(args or [])],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                cwd=self.dir, env=env, start_new_session=True)
+                cwd=self.dir, env=env_vars, start_new_session=True)
         if wait:
             self.wait_settled(timeout)
         return self
