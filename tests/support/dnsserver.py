@@ -14,6 +14,7 @@ The zone is Python data; names are written without the trailing dot::
         dns_server.port                         # -> delivery.dns.resolver 127.0.0.1:<port>
         dns_server.servfail.add("broken.test")  # answer SERVFAIL for this name
         dns_server.silent.add("slow.test")      # never answer this name
+        dns_server.servfail.add("mx2.example.test/AAAA")  # only this type of the name
         dns_server.count("example.test", "MX")  # queries seen (also count(name) for any type)
         dns_server.set("mx1.example.test", "A", ["127.0.0.9"], ttl=1)  # change the zone live
 
@@ -150,9 +151,9 @@ class DNSServer:
         rdtype = dns.rdatatype.to_text(question.rdtype)
         with self._lock:
             self.queries[(qname, rdtype)] += 1
-        if qname in self.silent:
+        if qname in self.silent or f"{qname}/{rdtype}" in self.silent:
             return None
-        if qname in self.servfail:
+        if qname in self.servfail or f"{qname}/{rdtype}" in self.servfail:
             response.set_rcode(dns.rcode.SERVFAIL)
             return response.to_wire()
         if not self._in_zone(qname):
