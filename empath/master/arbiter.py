@@ -290,9 +290,11 @@ class Arbiter:
             listeners=[lst.sock for lst in self.listeners] if kind == "receiver" else [],
             stopping=asyncio.Event(), shutdown_timeout=self.cfg.shutdown_timeout)
         heartbeat = Heartbeat(self.heartbeat_dir)
+        mask = child_mod.block_signals()
         try:
             pid = os.fork()
         except OSError as exc:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             heartbeat.close()
             log.error("cannot fork a %s: %s", kind, exc.strerror)
             self.next_spawn[(kind, index)] = time.monotonic() + 1.0
@@ -303,6 +305,7 @@ class Arbiter:
                 run_child(ctx, ROLES[kind], heartbeat=heartbeat, master_pid=self.pid)
             finally:
                 os._exit(child_mod.EXIT_ERROR)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         rec = Child(pid, kind, index, count, self.generation, heartbeat)
         rec.last_change_ns = heartbeat.change_ns()
         self.children[pid] = rec

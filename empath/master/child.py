@@ -45,6 +45,9 @@ Serve = Callable[["ChildContext"], Awaitable[None]]
 _DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1,
                     signal.SIGUSR2, signal.SIGCHLD, signal.SIGALRM)
 _IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
+# Held back from fork until the event loop's handlers are installed: a SIGTERM that arrives
+# while a child is still importing its role is then handled (a clean stop), not fatal.
+HANDLED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1}
 
 
 @dataclass
@@ -93,14 +96,20 @@ class Heartbeat:
             self.fd = -1
 
 
+def block_signals() -> set[signal.Signals]:
+    """Block the signals a child handles; returns the previous mask. The master calls it
+    around fork(); the child unblocks them once its handlers exist."""
+    return signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+
+
 def reset_signals() -> None:
-    """Forget the master's signal handling (handlers, wake-up fd, blocked mask)."""
+    """Forget the master's signal handling (handlers, wake-up fd). Blocked signals stay
+    blocked until the child's event loop handles them."""
     signal.set_wakeup_fd(-1)
     for sig in _DEFAULT_SIGNALS:
         signal.signal(sig, signal.SIG_DFL)
     for sig in _IGNORED_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_SETMASK, set())
 
 
 def run_child(ctx: ChildContext, serve: Serve | str, *, heartbeat: Heartbeat | None = None,
@@ -123,6 +132,7 @@ def run_child(ctx: ChildContext, serve: Serve | str, *, heartbeat: Heartbeat | N
 
 def _run(ctx: ChildContext, serve: Serve | str, heartbeat: Heartbeat | None,
          master_pid: int) -> int:
+    block_signals()
     reset_signals()
     _set_title(f"empath: {ctx.kind} {ctx.index}/{ctx.count}")
     # The forked RNG state is the master's: every child would draw the same "random" jitter.
@@ -154,6 +164,7 @@ async def _main(ctx: ChildContext, serve: Serve, heartbeat: Heartbeat | None,
     # Fast stop: acknowledged messages are already durable, claims go back to incoming/.
     loop.add_signal_handler(signal.SIGQUIT, os._exit, EXIT_OK)
     loop.add_signal_handler(signal.SIGUSR1, logsetup.reopen_logs)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
     watcher = asyncio.create_task(_watch(ctx, heartbeat, master_pid))
     deadline = asyncio.create_task(_enforce_shutdown_timeout(ctx))
     try:
