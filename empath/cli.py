@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.metadata
 import logging
 import os
 import platform
@@ -260,10 +261,8 @@ def cmd_info(args: argparse.Namespace) -> int:
           f"{sys.executable}")
     print(f"speedups: {speedups_implementation()}")
     try:
-        import uvloop
-
-        print(f"uvloop: {uvloop.__version__}")
-    except ImportError:
+        print(f"uvloop: {importlib.metadata.version('uvloop')}")
+    except importlib.metadata.PackageNotFoundError:
         print("uvloop: unavailable")
     print(f"config: {args.config or default_config_path()}")
     return 0

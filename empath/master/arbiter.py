@@ -29,11 +29,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from empath import logsetup
-from empath.config import Address, ConfigError, load_config
+from empath.config import ConfigError, load_config
 from empath.master import child as child_mod
 from empath.master import privileges
 from empath.master.child import ChildContext, Heartbeat, run_child
 from empath.master.daemon import Pidfile, StatusFile, report, sd_notify, status_path
+from empath.master.listeners import Listener, ListenError, bind_all
 from empath.spool import Spool, pid_alive
 
 log = logging.getLogger("empath.master")
@@ -42,7 +43,6 @@ ROLES = {"receiver": "empath.smtp.server:serve", "delivery": "empath.delivery.wo
 KINDS = ("receiver", "delivery")
 HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
                    signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD)
-BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
 MAX_RECEIVERS = 256
 BOOT_FAILURES_TO_HALT = 3  # consecutive exit-3 children of one kind before the master halts
 STABLE_AFTER = 10.0  # a child that ran this long resets its slot's backoff
@@ -60,16 +60,6 @@ class HaltError(Exception):
 
 class SetupError(Exception):
     """The master cannot start (a listener cannot be bound, the spool is unusable...)."""
-
-
-@dataclass
-class Listener:
-    configured: Address  # as written in the configuration (port 0: any free port)
-    sock: socket.socket
-    bound: Address  # what the kernel gave us
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @dataclass
@@ -91,27 +81,6 @@ class Child:
     @property
     def name(self) -> str:
         return f"{self.kind} {self.index}/{self.count} (pid {self.pid})"
-
-
-def bind_listener(address: Address) -> Listener:
-    """A non-blocking listening socket on ``address`` (IPv4 or IPv6 as the host says)."""
-    infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM,
-                               flags=socket.AI_PASSIVE)
-    family, _, proto, _, sockaddr = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM, proto)
-    try:
-        # Restart without waiting for TIME_WAIT connections of the previous run to expire.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            # [::]:25 must not also claim 0.0.0.0:25, which may be a listener of its own.
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind(sockaddr)
-        sock.listen(BACKLOG)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return Listener(address, sock, Address(address.host, sock.getsockname()[1]))
 
 
 class Arbiter:
@@ -165,15 +134,14 @@ class Arbiter:
             self._cleanup()
 
     def setup(self) -> None:
-        child_mod._set_title(daemon_title())
+        child_mod.set_title("empath: master")
         ident = privileges.lookup(self.cfg.user, self.cfg.group)
         privileges.check_can_switch(ident)
         self._install_signals()
         try:
-            for lc in self.cfg.listeners:
-                self.listeners.append(bind_listener(lc.address))
-        except OSError as exc:
-            raise SetupError(f"cannot listen on {lc.address}: {exc.strerror or exc}") from None
+            self.listeners = bind_all([lc.address for lc in self.cfg.listeners], [])
+        except ListenError as exc:
+            raise SetupError(str(exc)) from None
         for lst in self.listeners:
             log.info("listening on %s", lst.bound)
         try:
@@ -301,7 +269,7 @@ class Arbiter:
             return
         if pid == 0:  # the child: never return into the master's loop
             try:
-                self._forget_master_state(keep=ctx.listeners, heartbeat=heartbeat)
+                self._forget_master_state(keep=ctx.listeners)
                 run_child(ctx, ROLES[kind], heartbeat=heartbeat, master_pid=self.pid)
             finally:
                 os._exit(child_mod.EXIT_ERROR)
@@ -312,7 +280,7 @@ class Arbiter:
         log.info("started %s, generation %d", rec.name, self.generation)
         self.status_changed = True
 
-    def _forget_master_state(self, keep: list[socket.socket], heartbeat: Heartbeat) -> None:
+    def _forget_master_state(self, keep: list[socket.socket]) -> None:
         """In a new child: close what belongs to the master or to other children."""
         child_mod.reset_signals()
         if self.wakeup is not None:
@@ -347,7 +315,8 @@ class Arbiter:
         code = os.waitstatus_to_exitcode(status)
         clean = code == 0 or (expected and code in (-signal.SIGTERM, -signal.SIGQUIT))
         level = logging.INFO if expected and clean else logging.WARNING
-        log.log(level, "%s, generation %d, %s", rec.name, rec.generation, describe_exit(code))
+        log.log(level, "%s, generation %d, %s", rec.name, rec.generation,
+                child_mod.describe_exit(code))
         if rec.kind == "delivery":
             # Its claims in active/<pid>/ go back to incoming/ (a clean exit leaves none).
             self.spool.recover_active(rec.pid)
@@ -469,42 +438,29 @@ class Arbiter:
             sd_notify("READY=1")
 
     def _reload(self) -> None:
-        path = self.cfg.config_file
         try:
-            new = load_config(path)
+            new = load_config(self.cfg.config_file)
         except ConfigError as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
             return
         except Exception:
             log.exception("reload failed, keeping the running configuration")
             return
-        keep = {lst.configured: lst for lst in self.listeners}
-        listeners: list[Listener] = []
+        if new.spool.path != self.cfg.spool.path:
+            # The old generation's claims live in the old spool: moving takes a restart.
+            log.error("reload failed, keeping the running configuration: spool.path changed; "
+                      "that takes a restart")
+            return
         try:
-            for lc in new.listeners:
-                listeners.append(keep.get(lc.address) or bind_listener(lc.address))
-        except OSError as exc:
-            for lst in listeners:
-                if lst not in self.listeners:
-                    lst.close()
-            log.error("reload failed, keeping the running configuration: cannot listen on "
-                      "%s: %s", lc.address, exc.strerror or exc)
+            listeners = bind_all([lc.address for lc in new.listeners], self.listeners)
+        except ListenError as exc:
+            log.error("reload failed, keeping the running configuration: %s", exc)
             return
         for key in ("pidfile", "user", "group"):
             if getattr(new, key) != getattr(self.cfg, key):
                 log.warning("reload: %s changed; that takes a restart", key)
         if (new.log.file, new.log.level) != (self.cfg.log.file, self.cfg.log.level):
             logsetup.setup_logging(new.log.file, new.log.level)
-        if new.spool.path != self.cfg.spool.path:
-            try:
-                Spool(new.spool.path).create_tree()
-            except OSError as exc:
-                log.error("reload failed: spool %s: %s", new.spool.path, exc.strerror or exc)
-                for lst in listeners:
-                    if lst not in self.listeners:
-                        lst.close()
-                return
-            self.spool = Spool(new.spool.path)
         for lst in listeners:
             if lst not in self.listeners:
                 log.info("listening on %s", lst.bound)
@@ -584,17 +540,3 @@ class Arbiter:
         for rec in self.children.values():
             rec.heartbeat.close()
 
-
-def daemon_title() -> str:
-    return "empath: master"
-
-
-def describe_exit(code: int) -> str:
-    """"exited with status 1" / "killed by SIGKILL", from ``waitstatus_to_exitcode``."""
-    if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        return f"killed by {name}"
-    return f"exited with status {code}"

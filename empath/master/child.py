@@ -35,6 +35,18 @@ EXIT_ERROR = 1  # serve() raised, or returned without being asked to stop
 EXIT_BOOT_FAILURE = 3  # the role could not even start (import error): respawning will not help
 EXIT_SHUTDOWN_TIMEOUT = 4  # stopping took longer than shutdown_timeout; work left in the spool
 
+
+def describe_exit(code: int) -> str:
+    """"exited with status 1" / "killed by SIGKILL", from ``waitstatus_to_exitcode``."""
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"killed by {name}"
+    return f"exited with status {code}"
+
+
 WATCH_INTERVAL = 1.0  # seconds between heartbeats and checks that the master is still there
 
 Serve = Callable[["ChildContext"], Awaitable[None]]
@@ -96,7 +108,7 @@ class Heartbeat:
             self.fd = -1
 
 
-def block_signals() -> set[signal.Signals]:
+def block_signals() -> set[Any]:
     """Block the signals a child handles; returns the previous mask. The master calls it
     around fork(); the child unblocks them once its handlers exist."""
     return signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
@@ -134,7 +146,7 @@ def _run(ctx: ChildContext, serve: Serve | str, heartbeat: Heartbeat | None,
          master_pid: int) -> int:
     block_signals()
     reset_signals()
-    _set_title(f"empath: {ctx.kind} {ctx.index}/{ctx.count}")
+    set_title(f"empath: {ctx.kind} {ctx.index}/{ctx.count}")
     # The forked RNG state is the master's: every child would draw the same "random" jitter.
     random.seed()
     _close_on_exec_all()
@@ -216,7 +228,8 @@ def _load(spec: str) -> Serve:
     return fn
 
 
-def _set_title(title: str) -> None:
+def set_title(title: str) -> None:
+    """The process title shown by ps and top."""
     try:
         import setproctitle
     except ImportError:  # cosmetic only: ps shows the command line instead

@@ -46,7 +46,7 @@ def read_pid(path: str) -> int | None:
 def process_running(pid: int) -> bool:
     """True when ``pid`` exists and is not a zombie waiting to be reaped."""
     try:
-        import psutil
+        import psutil  # type: ignore[import-untyped,unused-ignore]
 
         return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
     except ImportError:
