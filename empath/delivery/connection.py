@@ -220,6 +220,9 @@ class SMTPConnection:
             reply = await self._command(b"RSET\r\n", "mail")
         except DeliveryError:
             return False
+        except BaseException:
+            self.abort()  # cancelled while waiting: the reply may still come, unread
+            raise
         return reply.code == 250
 
     def _precheck(self, envelope: dict[str, Any], rcpts: list[dict[str, Any]],
@@ -266,6 +269,9 @@ class SMTPConnection:
         except DeliveryError as err:
             self.broken = True
             outcomes.update(_outcomes_after_error(txn, err, self.server))
+        except BaseException:
+            self.abort()  # cancelled mid-transaction: the session is in no reusable state
+            raise
         finally:
             self.idle_since = time.monotonic()
         return outcomes

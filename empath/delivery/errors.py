@@ -33,6 +33,8 @@ REPLIES: dict[str, tuple[int, str, str]] = {
     "dns_temp": (451, "4.4.3", "DNS lookup of {name} failed: {reason}"),
     # X.4.4: unable to route (MX hosts without addresses).
     "no_route": (451, "4.4.4", "no usable address for the MX hosts of {domain}"),
+    # X.4.6: routing loop detected (we are the best MX of the domain).
+    "loops": (554, "5.4.6", "mail for {domain} loops back to myself"),
     # X.4.1: no answer from host; X.4.2: bad connection.
     "connect": (451, "4.4.1", "cannot connect to {server}: {reason}"),
     "timeout": (451, "4.4.2", "timeout waiting for {stage} reply from {server}"),

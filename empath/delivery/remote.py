@@ -42,6 +42,9 @@ log = logging.getLogger("empath.delivery.smtp")
 _PoolKey = tuple[str, str, int, TLSPolicy]
 
 
+RATE_LIMITERS_KEPT = 1000  # beyond this many, limiters with a full bucket are dropped
+
+
 class _RateLimiter:
     """A token bucket: ``per_minute`` messages a minute, bursts up to that many."""
 
@@ -51,11 +54,18 @@ class _RateLimiter:
         self.tokens = float(per_minute)
         self.updated = time.monotonic()
 
+    def _refill(self) -> None:
+        now = time.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+
+    def is_full(self) -> bool:
+        self._refill()
+        return self.tokens >= self.capacity
+
     async def acquire(self) -> None:
         while True:
-            now = time.monotonic()
-            self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
-            self.updated = now
+            self._refill()
             if self.tokens >= 1.0:
                 self.tokens -= 1.0
                 return
@@ -72,6 +82,7 @@ class RemoteTransport:
         self.resolver = resolver or MXResolver(self.delivery.dns)
         self.contexts = TLSContexts(self.delivery.tls.ca_file)
         self._limits: dict[str, asyncio.Semaphore] = {}
+        self._users: dict[str, int] = {}  # deliveries in progress per domain
         self._rates: dict[str, _RateLimiter] = {}
         self._idle: dict[_PoolKey, list[SMTPConnection]] = {}
         self._closing: set[asyncio.Task[None]] = set()
@@ -102,6 +113,20 @@ class RemoteTransport:
             self._rates[domain] = limiter
         return limiter
 
+    def _forget(self, domain: str) -> None:
+        """Drop a domain's semaphore once nobody uses it, and rate limiters back at full
+        capacity, so a worker that mails a million domains does not keep a million of each."""
+        users = self._users.get(domain, 1) - 1
+        if users > 0:
+            self._users[domain] = users
+            return
+        self._users.pop(domain, None)
+        self._limits.pop(domain, None)
+        if len(self._rates) > RATE_LIMITERS_KEPT:
+            for name in [n for n, r in self._rates.items() if r.is_full() and
+                         n not in self._users]:
+                del self._rates[name]
+
     # -- the public contract --------------------------------------------------------------
     async def deliver(self, domain: str, envelope: dict[str, Any], rcpts: list[dict[str, Any]],
                       source: MessageSource
@@ -112,6 +137,7 @@ class RemoteTransport:
         info: dict[str, Any] = {"domain": domain, "transport": "smtp", "server": None,
                                 "ip": None, "port": None, "tls": None, "mx_index": None,
                                 "duration": 0.0}
+        self._users[domain] = self._users.get(domain, 0) + 1
         try:
             async with self._semaphore(domain):
                 limiter = self._rate_limiter(domain)
@@ -125,8 +151,10 @@ class RemoteTransport:
         except Exception as exc:  # a bug must defer, never fail, the recipients
             log.exception("%s: remote delivery to %s failed unexpectedly", envelope.get("id"),
                           domain)
-            err = LocalSystemError.make("local", reason=type(exc).__name__)
-            outcomes = {r["address"]: err.outcome() for r in rcpts}
+            local = LocalSystemError.make("local", reason=type(exc).__name__)
+            outcomes = {r["address"]: local.outcome() for r in rcpts}
+        finally:
+            self._forget(domain)
         info["duration"] = round(time.monotonic() - started, 6)
         return outcomes, info
 
@@ -149,8 +177,17 @@ class RemoteTransport:
         if self.delivery.smarthost is not None:
             return [(0, self.delivery.smarthost.host, self.delivery.smarthost.port)], False
         answer = await self.resolver.lookup_mx(domain)
+        hosts = answer.hosts
+        me = (self.cfg.hostname or "").lower().rstrip(".")
+        mine = [pref for pref, host in hosts if host == me]
+        if mine:
+            # RFC 5321 §5.1: this host is an MX of the domain: only hosts preferred over
+            # us may take the message; none means it would loop back here.
+            hosts = [(pref, host) for pref, host in hosts if pref < min(mine)]
+            if not hosts:
+                raise PermanentError.make("loops", domain=domain)
         port = self.delivery.port
-        return [(i, host, port) for i, (_, host) in enumerate(answer.hosts)], answer.implicit
+        return [(i, host, port) for i, (_, host) in enumerate(hosts)], answer.implicit
 
     async def _deliver_routed(self, domain: str, envelope: dict[str, Any],
                               rcpts: list[dict[str, Any]], source: MessageSource,

@@ -34,6 +34,10 @@ ZONE: dict[str, dict[str, Any]] = {
     "nullmx.test": {"MX": [(0, ".")]},
     "broken.test": {"MX": [(10, "mx1.example.test")]},
     "ttl.test": {"MX": [(10, "mx1.example.test")], "ttl": 1},
+    # client.test is the configured hostname: an MX pointing at ourselves.
+    "loop.test": {"MX": [(10, "client.test"), (20, "mx1.example.test")]},
+    "backup.test": {"MX": [(5, "mx2.example.test"), (10, "client.test"),
+                           (20, "mx1.example.test")]},
 }
 
 
@@ -194,6 +198,23 @@ def test_mx_answers_expire_with_their_ttl(world: MailWorld) -> None:
         return counts
 
     assert uvloop.run(go()) == [1, 1, 2]  # cached within the 1 s TTL, asked again after
+
+
+def test_mx_pointing_at_ourselves_is_a_loop(world: MailWorld) -> None:
+    out, _ = deliver(world.config(), "loop.test", [rcpt("u@loop.test")], world.source(MESSAGE))
+    assert (out["u@loop.test"].status, out["u@loop.test"].enhanced) == (FAILED, "5.4.6")
+    assert world.sessions() == 0
+
+
+def test_as_backup_mx_only_better_hosts_are_tried(world: MailWorld) -> None:
+    out, info = deliver(world.config(), "backup.test", [rcpt("u@backup.test")],
+                        world.source(MESSAGE))
+    assert out["u@backup.test"].status == DELIVERED and info["ip"] == "127.0.0.3"
+    world.sink("127.0.0.3").behaviour = PRESETS["greet-421"]
+    out, _ = deliver(world.config(), "backup.test", [rcpt("u@backup.test")],
+                     world.source(MESSAGE))
+    assert out["u@backup.test"].status == DEFERRED
+    assert world.sink("127.0.0.2").sessions == []  # preference 20 is behind us: not tried
 
 
 def test_mx_override_wins_over_dns(world: MailWorld) -> None:
