@@ -1,0 +1,111 @@
+"""Empath's hot paths: the SMTP command parser and the DATA decoder.
+
+Each exists twice, with identical behaviour: a Cython module (``cmdparse``, ``datareader``)
+and a pure-Python twin (``cmdparse_py``, ``datareader_py``). The choice is made once, here, at
+import: the twins are used when ``EMPATH_NO_EXTENSIONS`` is set (to anything but ``""`` or
+``"0"``), off CPython, or when a compiled module fails to import. ``IMPLEMENTATION`` says which
+is active (``"cython"`` or ``"python"``) and ``FALLBACK_REASON`` why the twins were chosen
+(``None`` when they were not), for the start-up log and ``empathctl version``.
+
+Both twins raise the same :class:`CommandSyntaxError` (from ``errors.py``).
+:func:`implementations` gives tests and benchmarks each implementation by name.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+from collections.abc import Iterator, Mapping
+from types import SimpleNamespace
+
+from empath._speedups import cmdparse_py, datareader_py
+from empath._speedups.errors import CommandSyntaxError
+
+__all__ = [
+    "FALLBACK_REASON",
+    "IMPLEMENTATION",
+    "CommandSyntaxError",
+    "DataReader",
+    "decode_xtext",
+    "dot_stuff",
+    "encode_xtext",
+    "implementations",
+    "parse_path",
+    "split_command",
+]
+
+_CMDPARSE_NAMES = ("split_command", "parse_path", "decode_xtext", "encode_xtext")
+_DATAREADER_NAMES = ("DataReader", "dot_stuff")
+
+
+def _namespace(name: str, cmdparse: object, datareader: object) -> SimpleNamespace:
+    ns = SimpleNamespace(
+        name=name,
+        CommandSyntaxError=CommandSyntaxError,
+        modules=(cmdparse, datareader),
+    )
+    for attr in _CMDPARSE_NAMES:
+        setattr(ns, attr, getattr(cmdparse, attr))
+    for attr in _DATAREADER_NAMES:
+        setattr(ns, attr, getattr(datareader, attr))
+    return ns
+
+
+def _load_compiled() -> SimpleNamespace:
+    """The Cython implementation; ImportError when it is not built."""
+    cmdparse = importlib.import_module("empath._speedups.cmdparse")
+    datareader = importlib.import_module("empath._speedups.datareader")
+    return _namespace("cython", cmdparse, datareader)
+
+
+_PYTHON = _namespace("python", cmdparse_py, datareader_py)
+
+
+def _choose() -> tuple[SimpleNamespace, str | None]:
+    flag = os.environ.get("EMPATH_NO_EXTENSIONS", "")
+    if flag and flag != "0":
+        return _PYTHON, "EMPATH_NO_EXTENSIONS is set"
+    if platform.python_implementation() != "CPython":
+        return _PYTHON, f"not CPython ({platform.python_implementation()})"
+    try:
+        return _load_compiled(), None
+    except ImportError as exc:
+        return _PYTHON, f"compiled speedups not importable: {exc}"
+
+
+_ACTIVE, FALLBACK_REASON = _choose()
+IMPLEMENTATION: str = _ACTIVE.name
+
+split_command = _ACTIVE.split_command
+parse_path = _ACTIVE.parse_path
+decode_xtext = _ACTIVE.decode_xtext
+encode_xtext = _ACTIVE.encode_xtext
+DataReader = _ACTIVE.DataReader
+dot_stuff = _ACTIVE.dot_stuff
+
+
+class _Implementations(Mapping[str, SimpleNamespace]):
+    """``{"python": ..., "cython": ...}``, loaded on access: looking up ``"cython"`` raises
+    ImportError when the extension is not built (whatever ``EMPATH_NO_EXTENSIONS`` says)."""
+
+    _NAMES = ("python", "cython")
+
+    def __getitem__(self, name: str) -> SimpleNamespace:
+        if name == "python":
+            return _PYTHON
+        if name == "cython":
+            return _load_compiled()
+        raise KeyError(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._NAMES)
+
+    def __len__(self) -> int:
+        return len(self._NAMES)
+
+
+def implementations() -> Mapping[str, SimpleNamespace]:
+    """Both implementations by name, each a namespace holding the public names above (plus
+    ``name`` and ``modules``), for tests and benchmarks that compare the twins."""
+    return _Implementations()
