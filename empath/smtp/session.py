@@ -436,9 +436,10 @@ class ServerSession:
                     return
                 rcpt["notify"] = notify
             elif name == "ORCPT":
-                kind, _, text = (value or "").partition(";")
+                # RFC 3461 §4.2: ORCPT=addr-type ";" xtext, both parts non-empty.
+                kind, sep, text = (value or "").partition(";")
                 decoded = _xtext(text)
-                if not kind or decoded is None or not kind.replace("-", "").isalnum():
+                if not sep or not kind or not decoded or not kind.replace("-", "").isalnum():
                     self._reply(R.PARAM_BAD.format(name=name))
                     return
                 rcpt["orcpt"] = f"{kind.lower()};{decoded}"
