@@ -4,6 +4,12 @@ SMTPUTF8, DSN, CHUNKING/BINARYMIME and the HELO fallback, against a recording si
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import signal
+import smtplib
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -221,3 +227,28 @@ def test_dispatcher_routes_remote_domains_to_smtp(world: MailWorld, tmp_path: Pa
     assert [i["transport"] for i in infos] == ["smtp"]
     assert sink.wait_for_messages(1)[0].recipients == ["u@example.test", "v@example.test"]
     assert sink.sessions[0].verbs()[-1] == "QUIT"
+
+
+def test_sink_runs_as_a_process_and_speaks_to_smtplib(tmp_path: Path) -> None:
+    """The sink's command-line mode, as other end-to-end tests use it (checked with the
+    standard library's client, so the sink is not only tested against our own)."""
+    out_dir = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.support.sink", "--listen", "127.0.0.1:0",
+         "--out", str(out_dir), "--no-dsn", "--reject-rcpt", "bad@x.test=550"],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+            client.ehlo()
+            assert not client.has_extn("dsn") and client.has_extn("pipelining")
+            refused = client.sendmail("s@a.test", ["u@x.test", "bad@x.test"],
+                                      b"Subject: hi\r\n\r\n.leading dot\r\n")
+        assert refused == {"bad@x.test": (550, b"5.1.1 no such user")}
+        meta = json.loads((out_dir / "1.json").read_text())
+        assert meta["mail_from"] == "s@a.test" and meta["rcpts"] == [["u@x.test", ""]]
+        assert (out_dir / "1.eml").read_bytes() == b"Subject: hi\r\n\r\n.leading dot\r\n"
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
