@@ -152,6 +152,18 @@ def test_required_refused_starttls_reply_defers(world: MailWorld, certs: Certs) 
     assert sink.sessions[-1].verbs()[:3] == ["EHLO", "STARTTLS", "MAIL"]  # same session
 
 
+def test_replies_injected_before_the_handshake_are_refused(world: MailWorld,
+                                                            certs: Certs) -> None:
+    # A man in the middle appends a plain-text reply after 220 (the STARTTLS injection
+    # class of bugs): a client must not read it as if it came over TLS.
+    sink = serve(world, certs.good, starttls_inject=b"250 2.0.0 injected\r\n")
+    out, _ = deliver(tls_config(world, certs, "required"), "example.test",
+                     [rcpt("u@example.test")], world.source(MESSAGE))
+    assert (out["u@example.test"].status, out["u@example.test"].enhanced) == (DEFERRED,
+                                                                              "4.7.5")
+    assert sink.messages == [] and sink.sessions[0].tls is None
+
+
 @pytest.mark.parametrize(("global_accept", "domain_accept", "status"), [
     (True, None, DELIVERED),
     (False, None, DEFERRED),

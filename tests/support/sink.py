@@ -140,6 +140,9 @@ class _Session:
             await self.reply((502, "5.5.1 STARTTLS not available"))
             return True
         await self.reply(self.b.starttls_reply)
+        if self.b.starttls_inject:
+            self.writer.write(self.b.starttls_inject)
+            await self.writer.drain()
         if self.b.starttls_reply[0] != 220:
             return True
         if self.b.tls_cert is None:

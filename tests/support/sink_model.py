@@ -29,6 +29,7 @@ class Behaviour:
     tls_key: str | None = None
     advertise_starttls: bool | None = None  # None: when a certificate is set
     starttls_reply: ReplySpec = (220, "2.0.0 ready to start TLS")
+    starttls_inject: bytes = b""  # sent in plain right after the 220 (an injection attack)
     mail_reply: ReplySpec = (250, "2.1.0 sender OK")
     rcpt_default: ReplySpec = (250, "2.1.5 recipient OK")
     rcpt_replies: dict[str, ReplySpec] = field(default_factory=dict)  # lower-case address
