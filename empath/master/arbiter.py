@@ -63,6 +63,17 @@ class SetupError(Exception):
 
 
 @dataclass
+class Generation:
+    """What a reload replaced, kept until the new generation runs: if it cannot even start,
+    the master goes back to this instead of halting."""
+
+    number: int
+    cfg: Any
+    listeners: list[Listener]
+    wanted: dict[str, int]
+
+
+@dataclass
 class Child:
     pid: int
     kind: str
@@ -108,6 +119,7 @@ class Arbiter:
         self.exit_code = 0
         self.error: str | None = None  # why the master failed or halted, for the CLI
         self.reloaded_at = 0.0
+        self.previous: Generation | None = None
         self.started = time.monotonic()
         self.ready_reported = False
         self.next_orphan_sweep = 0.0
@@ -205,6 +217,8 @@ class Arbiter:
             timeout = min(timeout, when - now)
         if self.stopping:
             timeout = min(timeout, self.stop_deadline - now)
+        elif any(not c.booted for c in self.children.values()):
+            timeout = min(timeout, 0.05)  # notice boots soon: readiness, reload hand-over
         if not self.signals.empty():
             timeout = 0
         assert self.wakeup is not None
@@ -218,7 +232,9 @@ class Arbiter:
         if sig == signal.SIGCHLD:
             return  # reaping happens on every pass
         log.info("received %s", signal.Signals(sig).name)
-        if sig == signal.SIGHUP:
+        if self.stopping and sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
+            log.info("stopping: %s ignored", signal.Signals(sig).name)
+        elif sig == signal.SIGHUP:
             self.reload()
         elif sig in (signal.SIGTERM, signal.SIGINT):
             self.begin_stop(graceful=True)
@@ -228,7 +244,7 @@ class Arbiter:
             logsetup.reopen_logs()
             self._signal_all(signal.SIGUSR1)
             log.info("reopened log files")
-        elif sig in (signal.SIGTTIN, signal.SIGTTOU) and self.stopping is None:
+        elif sig in (signal.SIGTTIN, signal.SIGTTOU):
             step = 1 if sig == signal.SIGTTIN else -1
             self.wanted["receiver"] = max(1, min(MAX_RECEIVERS, self.wanted["receiver"] + step))
             log.info("receivers: %d", self.wanted["receiver"])
@@ -326,6 +342,8 @@ class Arbiter:
         if code == child_mod.EXIT_BOOT_FAILURE and not rec.booted:
             self.boot_failures[rec.kind] += 1
             if self.boot_failures[rec.kind] >= BOOT_FAILURES_TO_HALT:
+                if self._roll_back(rec.kind):
+                    return
                 raise HaltError(f"{rec.kind} processes fail to start (exit status 3, "
                                 f"{self.boot_failures[rec.kind]} times in a row; see above)")
         lived = time.monotonic() - rec.started
@@ -464,6 +482,7 @@ class Arbiter:
         for lst in listeners:
             if lst not in self.listeners:
                 log.info("listening on %s", lst.bound)
+        self.previous = Generation(self.generation, self.cfg, self.listeners, dict(self.wanted))
         self.removed_listeners += [lst for lst in self.listeners if lst not in listeners]
         self.listeners = listeners
         self.cfg = new
@@ -485,6 +504,38 @@ class Arbiter:
         if complete or time.monotonic() - self.reloaded_at > NEW_GENERATION_WAIT:
             for rec in old:
                 self._retire(rec)
+
+    def _roll_back(self, kind: str) -> bool:
+        """The new generation's ``kind`` cannot start: go back to the previous configuration,
+        whose children still run, instead of halting. False when there is nothing to go back
+        to (start-up, or the old generation is already stopping)."""
+        prev = self.previous
+        old = [c for c in self.children.values()
+               if prev is not None and c.generation == prev.number and not c.retiring]
+        if prev is None or not old:
+            return False
+        log.critical("generation %d: %s processes fail to start; going back to the "
+                     "configuration of generation %d", self.generation, kind, prev.number)
+        for rec in list(self.children.values()):
+            if rec.generation == self.generation:
+                self._retire(rec)
+        keep = prev.listeners
+        self.removed_listeners = ([lst for lst in self.removed_listeners if lst not in keep]
+                                  + [lst for lst in self.listeners if lst not in keep])
+        self.listeners = keep
+        if (prev.cfg.log.file, prev.cfg.log.level) != (self.cfg.log.file, self.cfg.log.level):
+            logsetup.setup_logging(prev.cfg.log.file, prev.cfg.log.level)
+        self.cfg, self.wanted = prev.cfg, prev.wanted
+        # A fresh number: children of the failed generation must not count as current.
+        self.generation += 1
+        for rec in old:
+            rec.generation = self.generation
+        self.previous = None
+        self.boot_failures = dict.fromkeys(KINDS, 0)
+        self.failures.clear()
+        self.next_spawn.clear()
+        self.status_changed = True
+        return True
 
     def _close_removed_listeners(self) -> None:
         if self.removed_listeners and not any(c.generation < self.generation

@@ -271,6 +271,38 @@ def test_children_that_cannot_boot_halt_the_master(daemon_factory: Factory,
     assert not d.pidfile.exists()
 
 
+def test_reload_whose_children_cannot_start_goes_back(daemon_factory: Factory,
+                                                      tmp_path: Path) -> None:
+    marker = tmp_path / "broken"
+    directory = tmp_path / "finder"
+    directory.mkdir()
+    # Children import their role after the fork: this finder breaks the receiver's import
+    # only while the marker file exists, so only a later generation is affected.
+    (directory / "sitecustomize.py").write_text(
+        "import os, sys\n"
+        "class BreakReceiver:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name == 'empath.smtp.server' and os.path.exists({str(marker)!r}):\n"
+        "            raise ImportError('broken on purpose')\n"
+        "        return None\n"
+        "sys.meta_path.insert(0, BreakReceiver())\n")
+    d: EmpathDaemon = daemon_factory(start=False)
+    d.start(env={"PYTHONPATH": str(directory)})
+    pids = d.child_pids()
+    marker.touch()
+    d.reload({"processes": {"receivers": 3}}, wait=False)
+    d.wait_for(lambda: "going back to the configuration of generation 1" in d.log_text(), 15,
+               "the roll-back")
+    d.wait_settled(15, receivers=2)
+    assert d.child_pids() == pids
+    status = d.status()
+    assert status is not None and status["generation"] == 3
+    assert d.proc is not None and d.proc.poll() is None
+    marker.unlink()
+    d.reload()
+    assert len(d.children("receiver")) == 3 and not set(pids) & set(d.child_pids())
+
+
 def test_crash_loop_backs_off(daemon_factory: Factory, tmp_path: Path) -> None:
     env = fake_role(tmp_path, "empath.smtp.server", (
         "async def serve(ctx):\n"

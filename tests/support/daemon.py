@@ -185,7 +185,8 @@ class EmpathDaemon:
     def settled(self, receivers: int | None = None, delivery: int | None = None,
                 generation: int | None = None) -> bool:
         """True when the status file shows exactly the expected children, all of the current
-        generation (or of ``generation`` and later), and at least one listener."""
+        generation (or of ``generation`` and later) and running their event loop, and at least
+        one listener."""
         status = self.status()
         if not status or not status.get("listeners") or status.get("pid") != self.master_pid:
             return False
@@ -196,7 +197,7 @@ class EmpathDaemon:
         if generation is not None and gen < generation:
             return False
         kids = status["children"]
-        if any(c["generation"] != gen for c in kids):
+        if any(c["generation"] != gen or not c.get("booted", True) for c in kids):
             return False
         return (sum(c["kind"] == "receiver" for c in kids) == want_r
                 and sum(c["kind"] == "delivery" for c in kids) == want_d)
