@@ -202,11 +202,17 @@ class SMTPConnection:
             raise LocalSystemError.make("local", reason=f"TLS context: {exc}") from None
         if not policy.verify:
             warn_unverified(domain, self.server, self.ip)
+        plain = self.writer.transport
         try:
             async with asyncio.timeout(self.timeouts.starttls):
                 await self.writer.start_tls(context, server_hostname=self.server,
                                             ssl_handshake_timeout=self.timeouts.starttls)
-        except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
+        except (TimeoutError, OSError, ssl.SSLError, ConnectionError, AttributeError) as exc:
+            # AttributeError: the stock asyncio loop's start_tls returns None when the peer
+            # hangs up mid-handshake and StreamWriter.start_tls trips over it (uvloop does
+            # not); either way the plain transport must still be closed.
+            if self.writer.transport is None:
+                plain.abort()
             self.broken = True
             reason = "timed out" if isinstance(exc, TimeoutError) else str(exc) or repr(exc)
             raise TLSHandshakeError.make("tls_failed", server=self.server, domain=domain,

@@ -148,9 +148,15 @@ class _Session:
         if self.b.tls_cert is None:
             return False  # advertised without a certificate: the handshake cannot happen
         ctx = self.sink.ssl_context()
+        plain = self.writer.transport
         try:
             await self.writer.start_tls(ctx)
-        except (ssl.SSLError, OSError, ConnectionError):
+        except (ssl.SSLError, OSError, ConnectionError, AttributeError):
+            # AttributeError: asyncio's loop.start_tls returns None when the client hangs up
+            # during the handshake, and StreamWriter.start_tls trips over it; put the plain
+            # transport back so the writer can still be closed and collected.
+            if self.writer.transport is None:
+                self.writer._transport = plain  # type: ignore[attr-defined]
             return False
         ssl_object = self.writer.get_extra_info("ssl_object")
         self.tls = True
