@@ -325,7 +325,9 @@ class ServerSession:
         if self.phase == CHUNKED:
             self._emit(DataAbort())
         self.envelope = None
-        self._new_helo = (name.decode("utf-8", "replace"), esmtp)
+        # The name is echoed in replies and Received headers: no control characters.
+        text = "".join(c if c.isprintable() else "?" for c in name.decode("utf-8", "replace"))
+        self._new_helo = (text, esmtp)
         if "helo" in self.settings.hooks:
             self._pause("helo", self._new_helo[0])
         else:
