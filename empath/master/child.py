@@ -7,8 +7,9 @@ close-on-exec), starts a uvloop event loop and awaits the role's ``serve(ctx)`` 
 SIGTERM/SIGINT and when the master disappears. ``run_child`` never returns: it ends the process
 with an exit status the master understands (``EXIT_*`` below).
 
-Nothing here runs in the master except the ``ChildContext`` and ``Heartbeat`` constructors; this
-module never touches the spool or the master's bookkeeping.
+The master uses only the small pieces meant for both sides (``ChildContext``, ``Heartbeat``,
+``block_signals``, the exit codes and ``describe_exit``); this module never touches the spool or
+the master's bookkeeping.
 """
 
 from __future__ import annotations
@@ -87,7 +88,6 @@ class Heartbeat:
         os.unlink(path)
         self.fd = fd
         self._mode = 0
-        self._created_ns = os.fstat(fd).st_ctime_ns
 
     def beat(self) -> None:
         self._mode ^= 1
@@ -96,10 +96,6 @@ class Heartbeat:
     def change_ns(self) -> int:
         """The file's change time in ns (compare it with an earlier value: it moved or not)."""
         return os.fstat(self.fd).st_ctime_ns
-
-    def has_beaten(self) -> bool:
-        """True once the child has reported at least once (its event loop runs)."""
-        return self.change_ns() != self._created_ns
 
     def close(self) -> None:
         if self.fd >= 0:
