@@ -252,3 +252,5 @@ def test_sink_runs_as_a_process_and_speaks_to_smtplib(tmp_path: Path) -> None:
     finally:
         os.kill(proc.pid, signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
+        if proc.stdout is not None:
+            proc.stdout.close()
