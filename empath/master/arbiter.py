@@ -142,6 +142,13 @@ class Arbiter:
             return 1
         try:
             return self.main_loop()
+        except Exception:
+            # A bug in the master: the children drain on SIGTERM (and would notice the
+            # master's death anyway); the pidfile goes with the master.
+            log.exception("master failed; stopping the children")
+            self._signal_all(signal.SIGTERM)
+            self.error = "master failed (see the log)"
+            return 1
         finally:
             self._cleanup()
 

@@ -5,8 +5,11 @@ heartbeats, boot failures and crash loops, orphaned children."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
+import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -345,6 +348,36 @@ def test_privileges_drop_in_a_forked_process(tmp_path: Path) -> None:
     for path in (spool, spool / "incoming", run, run / "empath.pid"):
         assert (path.stat().st_uid, path.stat().st_gid) == (ident.uid, ident.gid)
     assert tmp_path.stat().st_uid == 0
+
+
+def _readable_as_nobody(paths: list[str]) -> bool:
+    probe = subprocess.run(
+        ["su", "nobody", "-s", "/bin/sh", "-c",
+         " && ".join(f"test -r '{p}'" for p in paths)], capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch users")
+def test_runs_as_the_configured_user(daemon_factory: Factory) -> None:
+    # Children import their role after the switch, so the checkout must be readable by the
+    # user.
+    if not _readable_as_nobody([str(Path(__file__).resolve())]):
+        pytest.skip("the checkout is not readable by nobody")
+    base = Path(tempfile.mkdtemp(prefix="empath-user-"))
+    try:
+        base.chmod(0o755)
+        d: EmpathDaemon = daemon_factory({"user": "nobody", "pidfile": str(base / "run/e.pid"),
+                                          "spool": {"path": str(base / "spool")},
+                                          "log": {"file": str(base / "log/empath.log")}})
+        for pid in [d.master_pid, *d.child_pids()]:
+            assert psutil.Process(pid).uids().effective == 65534
+        assert (base / "spool" / "incoming").stat().st_uid == 65534
+        with socket.create_connection(d.address, timeout=5) as conn:
+            assert conn.recv(100).startswith(b"220")
+        assert d.stop() == 0
+        assert not (base / "run" / "e.pid").exists()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_unknown_user_is_a_start_up_error(daemon_factory: Factory) -> None:
