@@ -25,7 +25,7 @@ import select
 import signal
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from empath import logsetup
@@ -35,18 +35,15 @@ from empath.master import privileges
 from empath.master.child import ChildContext, Heartbeat, run_child
 from empath.master.daemon import Pidfile, StatusFile, report, sd_notify, status_path
 from empath.master.listeners import Listener, ListenError, bind_all
+from empath.master.respawn import KINDS, Child, RespawnPolicy
 from empath.spool import Spool, pid_alive
 
 log = logging.getLogger("empath.master")
 
 ROLES = {"receiver": "empath.smtp.server:serve", "delivery": "empath.delivery.worker:serve"}
-KINDS = ("receiver", "delivery")
 HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
                    signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD)
 MAX_RECEIVERS = 256
-BOOT_FAILURES_TO_HALT = 3  # consecutive exit-3 children of one kind before the master halts
-STABLE_AFTER = 10.0  # a child that ran this long resets its slot's backoff
-MAX_BACKOFF = 30.0
 KILL_GRACE = 1.0  # past shutdown_timeout before SIGKILL: children enforce it themselves first
 FAST_STOP_WAIT = 2.0  # after SIGQUIT, before SIGKILL
 NEW_GENERATION_WAIT = 10.0  # most the old generation waits for the new one to boot
@@ -73,27 +70,6 @@ class Generation:
     wanted: dict[str, int]
 
 
-@dataclass
-class Child:
-    pid: int
-    kind: str
-    index: int
-    count: int
-    generation: int
-    heartbeat: Heartbeat
-    started: float = field(default_factory=time.monotonic)
-    last_change_ns: int = 0
-    last_change: float = field(default_factory=time.monotonic)
-    booted: bool = False
-    retiring: bool = False
-    kill_at: float | None = None
-    killed: bool = False
-
-    @property
-    def name(self) -> str:
-        return f"{self.kind} {self.index}/{self.count} (pid {self.pid})"
-
-
 class Arbiter:
     """The master process of one empath instance."""
 
@@ -108,9 +84,7 @@ class Arbiter:
         self.listeners: list[Listener] = []
         self.removed_listeners: list[Listener] = []
         self.wanted = {"receiver": cfg.processes.receivers, "delivery": cfg.processes.delivery}
-        self.next_spawn: dict[tuple[str, int], float] = {}
-        self.failures: dict[tuple[str, int], int] = {}
-        self.boot_failures = dict.fromkeys(KINDS, 0)
+        self.respawn = RespawnPolicy()
         self.signals: queue.SimpleQueue[int] = queue.SimpleQueue()
         self.wakeup: tuple[int, int] | None = None
         self.stopping: str | None = None  # None, "graceful" or "fast"
@@ -220,8 +194,9 @@ class Arbiter:
     def _sleep(self) -> None:
         timeout = 1.0
         now = time.monotonic()
-        for when in self.next_spawn.values():
-            timeout = min(timeout, when - now)
+        next_start = self.respawn.next_start()
+        if next_start is not None:
+            timeout = min(timeout, next_start - now)
         if self.stopping:
             timeout = min(timeout, self.stop_deadline - now)
         elif any(not c.booted for c in self.children.values()):
@@ -268,8 +243,7 @@ class Arbiter:
                        if c.kind == kind and c.generation == self.generation and not c.retiring]
             have = {c.index for c in current}
             for index in range(1, want + 1):
-                if index not in have and now >= self.next_spawn.get((kind, index), 0.0):
-                    self.next_spawn.pop((kind, index), None)
+                if index not in have and self.respawn.may_start((kind, index), now):
                     self._spawn(kind, index, want)
             for c in current:
                 if c.index > want:
@@ -288,7 +262,7 @@ class Arbiter:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             heartbeat.close()
             log.error("cannot fork a %s: %s", kind, exc.strerror)
-            self.next_spawn[(kind, index)] = time.monotonic() + 1.0
+            self.respawn.delay((kind, index), 1.0)
             return
         if pid == 0:  # the child: never return into the master's loop
             try:
@@ -345,24 +319,17 @@ class Arbiter:
             self.spool.recover_active(rec.pid)
         if expected or rec.generation != self.generation:
             return
-        slot = (rec.kind, rec.index)
         if code == child_mod.EXIT_BOOT_FAILURE and not rec.booted:
-            self.boot_failures[rec.kind] += 1
-            if self.boot_failures[rec.kind] >= BOOT_FAILURES_TO_HALT:
+            if self.respawn.boot_failed(rec.kind):
                 if self._roll_back(rec.kind):
                     return
                 raise HaltError(f"{rec.kind} processes fail to start (exit status 3, "
-                                f"{self.boot_failures[rec.kind]} times in a row; see above)")
-        lived = time.monotonic() - rec.started
-        failures = 1 if lived >= STABLE_AFTER else self.failures.get(slot, 0) + 1
-        self.failures[slot] = failures
-        # First death after a stable run: replace at once; a crash loop backs off
-        # exponentially so it cannot spin the CPU.
-        delay = 0.0 if failures == 1 else min(0.25 * 2 ** (failures - 2), MAX_BACKOFF)
+                                f"{self.respawn.boot_failures[rec.kind]} times in a row; "
+                                "see above)")
+        delay, failures = self.respawn.died(rec, time.monotonic())
         if delay:
             log.warning("restarting %s %d in %.2fs (%d quick failures)", rec.kind, rec.index,
                         delay, failures)
-        self.next_spawn[slot] = time.monotonic() + delay
 
     def _check_heartbeats(self) -> None:
         now = time.monotonic()
@@ -374,7 +341,7 @@ class Arbiter:
                     rec.last_change_ns, rec.last_change = change, now
                     if not rec.booted:
                         rec.booted = True
-                        self.boot_failures[rec.kind] = 0
+                        self.respawn.booted(rec.kind)
                         self.status_changed = True
             if rec.killed:
                 continue
@@ -496,8 +463,7 @@ class Arbiter:
         self.generation += 1
         self.reloaded_at = time.monotonic()
         self.wanted = {"receiver": new.processes.receivers, "delivery": new.processes.delivery}
-        self.next_spawn.clear()
-        self.failures.clear()
+        self.respawn.reset()
         log.info("configuration reloaded; starting generation %d", self.generation)
         self.status_changed = True
 
@@ -538,9 +504,7 @@ class Arbiter:
         for rec in old:
             rec.generation = self.generation
         self.previous = None
-        self.boot_failures = dict.fromkeys(KINDS, 0)
-        self.failures.clear()
-        self.next_spawn.clear()
+        self.respawn.reset()
         self.status_changed = True
         return True
 
