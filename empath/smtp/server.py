@@ -312,6 +312,7 @@ class SMTPProtocol(asyncio.Protocol):
 
     async def _start_tls(self) -> None:
         loop = asyncio.get_running_loop()
+        assert self.tls_context is not None  # STARTTLS is only offered with a certificate
         try:
             transport = await loop.start_tls(
                 self.transport, self, self.tls_context, server_side=True,

@@ -635,7 +635,8 @@ def _xtext(value: str | None) -> str | None:
     if value is None:
         return None
     try:
-        return _speedups.decode_xtext(value)
+        decoded: str = _speedups.decode_xtext(value)
+        return decoded
     except CommandSyntaxError:
         return None
 

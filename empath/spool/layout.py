@@ -106,7 +106,7 @@ class Spool:
     def list_active(self, slot: int | None = None) -> list[tuple[int, str]]:
         """(slot, id) of claimed messages, for one slot or all."""
         slots = [slot] if slot is not None else self.active_slots()
-        out = []
+        out: list[tuple[int, str]] = []
         for s in slots:
             try:
                 out.extend((s, n) for n in os.listdir(self.active_dir(s)) if is_valid_id(n))

@@ -20,7 +20,7 @@ from empath.spool.wake import Waker
 def store_message(spool: Spool, data: bytes, envelope: dict[str, Any],
                   wake: bool = True) -> str:
     """Make ``data`` with ``envelope`` durable in incoming/; returns the queue id."""
-    message_id = envelope["id"]
+    message_id = str(envelope["id"])
     envelope["data_size"] = len(data)
     tail = fileformat.encode_tail(envelope, len(data))
     tmp = spool.tmp_path(message_id)
