@@ -132,7 +132,9 @@ class _Loader:
     def subsection(self, sec: Section, node: yaml.Node | None, dotted: str) -> Any:
         if sec.many:
             if node is None:
+                # The default list goes through the same validation as a written one.
                 items = yaml.SafeLoader(yaml.safe_dump(sec.default)).get_single_node()
+                assert isinstance(items, yaml.SequenceNode)
                 return tuple(self.section(sec, item, f"{dotted}[{i}]")
                              for i, item in enumerate(items.value))
             if not isinstance(node, yaml.SequenceNode):
