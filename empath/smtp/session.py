@@ -19,14 +19,30 @@ All state changes are in this module; which command is allowed in which phase is
 
 from __future__ import annotations
 
-import ipaddress
-from dataclasses import dataclass, field
 from typing import Any
 
-from empath import _speedups
 from empath._speedups import CommandSyntaxError, DataReader, parse_path, split_command
+from empath.smtp import params
 from empath.smtp import replies as R
+from empath.smtp.events import (
+    Check,
+    Close,
+    Data,
+    DataAbort,
+    DataEnd,
+    DataStart,
+    Envelope,
+    Event,
+    Send,
+    Settings,
+    StartTLS,
+)
+from empath.smtp.params import client_is_trusted
 from empath.smtp.replies import Reply
+
+__all__ = ["ALLOWED", "Check", "Close", "Data", "DataAbort", "DataEnd", "DataStart",
+           "Envelope", "Event", "Send", "ServerSession", "Settings", "StartTLS",
+           "client_is_trusted"]
 
 # -- phases --------------------------------------------------------------------------------
 GREET = "greet"  # connected, no HELO/EHLO yet
@@ -57,90 +73,6 @@ SEQUENCE_HINTS = {
     "STARTTLS": "STARTTLS needs EHLO first and no transaction in progress",
     "BDAT": "need MAIL before BDAT",
 }
-NOTIFY_VALUES = frozenset({"SUCCESS", "FAILURE", "DELAY"})
-MAX_ENVID = 100  # RFC 3461 §4.4
-
-
-@dataclass(frozen=True)
-class Settings:
-    """What a session needs from the configuration (plain values, no config objects)."""
-
-    hostname: str = "localhost"
-    banner: str = "ESMTP Empath"
-    max_message_size: int = 35_000_000
-    max_recipients: int = 100
-    max_line_length: int = 1000
-    max_command_line: int = 512
-    max_errors: int = 10
-    bare_eol: str = "reject"
-    require_helo: bool = True
-    tls_available: bool = False
-    local_domains: frozenset[str] = frozenset({"localhost"})
-    relay_domains: frozenset[str] = frozenset()
-    local_users: frozenset[str] | None = None
-    hooks: frozenset[str] = frozenset()  # stages some module implements
-
-
-# -- events --------------------------------------------------------------------------------
-@dataclass(slots=True)
-class Send:
-    data: bytes
-
-
-@dataclass(slots=True)
-class StartTLS:
-    pass
-
-
-@dataclass(slots=True)
-class DataStart:
-    pass
-
-
-@dataclass(slots=True)
-class Data:
-    chunk: bytes
-
-
-@dataclass(slots=True)
-class DataEnd:
-    envelope: Envelope
-
-
-@dataclass(slots=True)
-class DataAbort:
-    pass
-
-
-@dataclass(slots=True)
-class Check:
-    stage: str  # "helo" | "mail_from" | "rcpt_to"
-    value: Any
-
-
-@dataclass(slots=True)
-class Close:
-    pass
-
-
-Event = Send | StartTLS | DataStart | Data | DataEnd | DataAbort | Check | Close
-
-
-@dataclass
-class Envelope:
-    """One transaction: sender, recipients and their ESMTP parameters."""
-
-    sender: str = ""
-    recipients: list[dict[str, Any]] = field(default_factory=list)
-    body: str | None = None
-    smtputf8: bool = False
-    size: int | None = None
-    ret: str | None = None
-    envid: str | None = None
-
-    def params(self) -> dict[str, Any]:
-        return {"body": self.body, "smtputf8": self.smtputf8, "size": self.size,
-                "ret": self.ret, "envid": self.envid}
 
 
 class ServerSession:
@@ -359,7 +291,7 @@ class ServerSession:
 
     def _cmd_mail(self, arg: bytes) -> None:
         try:
-            address, params = parse_path(arg, b"FROM", False)
+            address, esmtp = parse_path(arg, b"FROM", False)
         except CommandSyntaxError as exc:
             if "SMTPUTF8" in exc.text:
                 self._reply(R.NEEDS_SMTPUTF8)
@@ -367,8 +299,8 @@ class ServerSession:
                 self._reply(R.SENDER_SYNTAX.format(why=exc.text))
             return
         env = Envelope(sender=address)
-        for name, value in params.items():
-            problem = self._mail_param(env, name, value)
+        for name, value in esmtp.items():
+            problem = params.mail_param(env, name, value, self.settings.max_message_size)
             if problem is not None:
                 self._reply(problem)
                 return
@@ -377,34 +309,6 @@ class ServerSession:
             self._pause("mail_from", env)
         else:
             self._finish_mail(None)
-
-    def _mail_param(self, env: Envelope, name: str, value: str | None) -> Reply | None:
-        if name == "SIZE":
-            if value is None or not value.isdigit() or len(value) > 20:
-                return R.PARAM_BAD.format(name=name)
-            env.size = int(value)
-            if env.size > self.settings.max_message_size:
-                return R.SIZE_EXCEEDED.format(limit=self.settings.max_message_size)
-        elif name == "BODY":
-            if value is None or value.upper() not in ("7BIT", "8BITMIME"):
-                return R.PARAM_BAD.format(name=name)
-            env.body = value.upper()
-        elif name == "SMTPUTF8":
-            if value is not None:
-                return R.PARAM_BAD.format(name=name)
-            env.smtputf8 = True
-        elif name == "RET":
-            if value is None or value.upper() not in ("FULL", "HDRS"):
-                return R.PARAM_BAD.format(name=name)
-            env.ret = value.upper()
-        elif name == "ENVID":
-            decoded = _xtext(value)
-            if decoded is None or len(value or "") > MAX_ENVID:
-                return R.PARAM_BAD.format(name=name)
-            env.envid = decoded
-        else:
-            return R.PARAM_UNKNOWN.format(name=name)
-        return None
 
     def _finish_mail(self, reply: Reply | None) -> None:
         if reply is not None and reply.is_error:
@@ -421,33 +325,17 @@ class ServerSession:
             self._out.append(R.TOO_MANY_RECIPIENTS.line)
             return
         try:
-            address, params = parse_path(arg, b"TO", env.smtputf8)
+            address, esmtp = parse_path(arg, b"TO", env.smtputf8)
         except CommandSyntaxError as exc:
             if "SMTPUTF8" in exc.text:
                 self._reply(R.NEEDS_SMTPUTF8)
             else:
                 self._reply(R.RCPT_SYNTAX.format(why=exc.text))
             return
-        rcpt: dict[str, Any] = {"address": address, "orcpt": None, "notify": None}
-        for name, value in params.items():
-            if name == "NOTIFY":
-                notify = (value or "").upper().split(",")
-                if not (notify == ["NEVER"] or (notify and set(notify) <= NOTIFY_VALUES
-                                                and len(set(notify)) == len(notify))):
-                    self._reply(R.PARAM_BAD.format(name=name))
-                    return
-                rcpt["notify"] = notify
-            elif name == "ORCPT":
-                # RFC 3461 §4.2: ORCPT=addr-type ";" xtext, both parts non-empty.
-                kind, sep, text = (value or "").partition(";")
-                decoded = _xtext(text)
-                if not sep or not kind or not decoded or not kind.replace("-", "").isalnum():
-                    self._reply(R.PARAM_BAD.format(name=name))
-                    return
-                rcpt["orcpt"] = f"{kind.lower()};{decoded}"
-            else:
-                self._reply(R.PARAM_UNKNOWN.format(name=name))
-                return
+        rcpt = params.recipient(address, esmtp)
+        if isinstance(rcpt, Reply):
+            self._reply(rcpt)
+            return
         denied = self._relay_check(address)
         if denied is not None:
             self._reply(denied)
@@ -631,16 +519,6 @@ class ServerSession:
         self._emit(Check(stage, value))
 
 
-def _xtext(value: str | None) -> str | None:
-    if value is None:
-        return None
-    try:
-        decoded: str = _speedups.decode_xtext(value)
-        return decoded
-    except CommandSyntaxError:
-        return None
-
-
 _HANDLERS = {
     "EHLO": ServerSession._cmd_ehlo, "HELO": ServerSession._cmd_helo,
     "MAIL": ServerSession._cmd_mail, "RCPT": ServerSession._cmd_rcpt,
@@ -649,14 +527,3 @@ _HANDLERS = {
     "QUIT": ServerSession._cmd_quit, "VRFY": ServerSession._cmd_vrfy,
     "HELP": ServerSession._cmd_help, "STARTTLS": ServerSession._cmd_starttls,
 }
-
-
-def client_is_trusted(ip: str, networks: tuple[Any, ...]) -> bool:
-    """Whether ``ip`` is inside one of ``networks`` (mynetworks)."""
-    try:
-        addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return any(addr.version == net.version and addr in net for net in networks)

@@ -157,7 +157,8 @@ def speedups_impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatc
     impl = _speedups.implementations()[request.param]
     for name in ("split_command", "parse_path", "DataReader", "CommandSyntaxError"):
         monkeypatch.setattr(S, name, getattr(impl, name))
-    monkeypatch.setattr(S, "_speedups", impl)
+    monkeypatch.setattr(S.params, "_speedups", impl)
+    monkeypatch.setattr(S.params, "CommandSyntaxError", impl.CommandSyntaxError)
     return str(request.param)
 
 

@@ -1,0 +1,91 @@
+"""What the sans-IO session exchanges with the protocol layer: its settings, the events it
+returns, and the envelope of a transaction. Plain data; no behaviour beyond formatting."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a session needs from the configuration (plain values, no config objects)."""
+
+    hostname: str = "localhost"
+    banner: str = "ESMTP Empath"
+    max_message_size: int = 35_000_000
+    max_recipients: int = 100
+    max_line_length: int = 1000
+    max_command_line: int = 512
+    max_errors: int = 10
+    bare_eol: str = "reject"
+    require_helo: bool = True
+    tls_available: bool = False
+    local_domains: frozenset[str] = frozenset({"localhost"})
+    relay_domains: frozenset[str] = frozenset()
+    local_users: frozenset[str] | None = None
+    hooks: frozenset[str] = frozenset()  # stages some module implements
+
+
+# -- events --------------------------------------------------------------------------------
+@dataclass(slots=True)
+class Send:
+    data: bytes
+
+
+@dataclass(slots=True)
+class StartTLS:
+    pass
+
+
+@dataclass(slots=True)
+class DataStart:
+    pass
+
+
+@dataclass(slots=True)
+class Data:
+    chunk: bytes
+
+
+@dataclass(slots=True)
+class DataEnd:
+    envelope: Envelope
+
+
+@dataclass(slots=True)
+class DataAbort:
+    pass
+
+
+@dataclass(slots=True)
+class Check:
+    stage: str  # "helo" | "mail_from" | "rcpt_to"
+    value: Any
+
+
+@dataclass(slots=True)
+class Close:
+    pass
+
+
+Event = Send | StartTLS | DataStart | Data | DataEnd | DataAbort | Check | Close
+
+
+@dataclass
+class Envelope:
+    """One transaction: sender, recipients and their ESMTP parameters."""
+
+    sender: str = ""
+    recipients: list[dict[str, Any]] = field(default_factory=list)
+    body: str | None = None
+    smtputf8: bool = False
+    size: int | None = None
+    ret: str | None = None
+    envid: str | None = None
+
+    def params(self) -> dict[str, Any]:
+        return {"body": self.body, "smtputf8": self.smtputf8, "size": self.size,
+                "ret": self.ret, "envid": self.envid}
+
+
