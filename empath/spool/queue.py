@@ -235,6 +235,18 @@ class Queue:
                 entry = again
         return _not_deferred(entry)
 
+    def deferred_ids(self) -> list[str]:
+        """Ids in deferred/, oldest first, without reading their envelopes (``flush``)."""
+        return self.spool.list_ids("deferred")
+
+    def touch_deferred(self, message_id: str, now: float) -> bool:
+        """Set one deferred file's due time to ``now``; False when a worker took it first."""
+        try:
+            os.utime(self.spool.path("deferred", message_id), (now, now))
+        except FileNotFoundError:
+            return False
+        return True
+
     def hold(self, message_id: str, force: bool = False, wait: float = FORCE_WAIT) -> Outcome:
         """Move a pending or deferred message to hold/, where no worker looks.
 

@@ -1,0 +1,245 @@
+"""``empathctl queue`` commands that list, show and change messages: list, view, retry, flush,
+delete, hold, release, freeze, unfreeze.
+
+Each ``cmd_*`` takes the parsed arguments and returns the exit status; the spool work is done
+by ``empath.spool.queue``. Results of changes go to standard output, refusals and unknown ids
+to standard error (or all of them in one JSON document with ``--json``); the status is 1 when
+any message could not be handled as asked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+from empath.ctl.common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    CtlError,
+    emit_json,
+    open_queue,
+)
+from empath.ctl.records import (
+    LIST_HEADER,
+    entry_record,
+    list_lines,
+    message_parts,
+    view_lines,
+    view_record,
+)
+from empath.spool.queue import Outcome, Queue, QueueEntry, matches
+
+PROG = "empathctl"
+PROGRESS_MIN = 1000  # flush shows a progress line from this many deferred messages
+PROGRESS_EVERY = 0.25  # seconds between progress updates
+
+
+def _filtered(queue: Queue, args: argparse.Namespace, statuses: list[str] | None,
+              now: float) -> list[QueueEntry]:
+    return [e for e in queue.scan(statuses)
+            if matches(e, getattr(args, "domain", None), getattr(args, "sender", None),
+                       getattr(args, "older_than", None), now)]
+
+
+def _report(args: argparse.Namespace, outcomes: list[Outcome], extra: dict[str, Any] | None = None
+            ) -> int:
+    """Print outcomes (text or JSON); 0 when every one is ok, else 1."""
+    if args.json:
+        emit_json({**(extra or {}), "results": [
+            {"id": o.id, "ok": o.ok, "result": o.result, "status": o.status,
+             "message": o.message} for o in outcomes]})
+    else:
+        for o in outcomes:
+            if o.ok:
+                print(f"{o.id}: {o.message}")
+            else:
+                print(f"{PROG}: {o.id}: {o.message}", file=sys.stderr)
+    return EXIT_OK if all(o.ok for o in outcomes) else EXIT_FAILED
+
+
+# -- reading ---------------------------------------------------------------------------------
+def cmd_list(args: argparse.Namespace) -> int:
+    queue = open_queue(args)
+    now = time.time()
+    entries = _filtered(queue, args, [args.status] if args.status else None, now)
+    records = [entry_record(e, now) for e in entries]
+    if args.json:
+        emit_json({"generated_at": now, "frozen": queue.is_frozen(), "count": len(records),
+                   "messages": records})
+        return EXIT_OK
+    filtered = any(getattr(args, k, None) is not None
+                   for k in ("status", "domain", "sender", "older_than"))
+    if not records:
+        print("no matching messages" if filtered else "the queue is empty")
+        return EXIT_OK
+    print(LIST_HEADER)
+    for record in records:
+        print("\n".join(list_lines(record, now)))
+    size = sum(r["size"] for r in records)
+    print(f"-- {len(records)} message(s), {size} bytes"
+          + ("; delivery is FROZEN" if queue.is_frozen() else ""))
+    return EXIT_OK
+
+
+def cmd_view(args: argparse.Namespace) -> int:
+    queue = open_queue(args)
+    for _ in range(5):  # a worker may move the file while we read it: read it where it went
+        entry = queue.locate(args.id)
+        if entry is None:
+            raise CtlError(f"{args.id}: no such message in the queue"
+                           + ("" if len(args.id) == 26 else " (a queue id has 26 characters)"))
+        try:
+            headers, body = message_parts(entry) if entry.envelope else ([], b"")
+            break
+        except FileNotFoundError:
+            continue
+    else:
+        raise CtlError(f"{args.id}: kept moving while being read; try again")
+    now = time.time()
+    record = view_record(entry, now, headers, body if args.body else None)
+    if args.json:
+        emit_json(record)
+        return EXIT_OK
+    print("\n".join(view_lines(record, now)))
+    if args.body:
+        print("body:")
+        sys.stdout.flush()
+        sys.stdout.buffer.write(body)
+        if body and not body.endswith(b"\n"):
+            sys.stdout.buffer.write(b"\n")
+        sys.stdout.flush()
+    return EXIT_OK
+
+
+# -- changes ---------------------------------------------------------------------------------
+def cmd_retry(args: argparse.Namespace) -> int:
+    if args.all == bool(args.ids):
+        raise CtlError("give message ids or --all (not both)", 2)
+    if args.domain and not args.all:
+        raise CtlError("--domain goes with --all", 2)
+    queue = open_queue(args)
+    now = time.time()
+    if args.all:
+        outcomes = [queue.make_entry_due(e, now)
+                    for e in _filtered(queue, args, ["deferred"], now)]
+    else:
+        outcomes = [queue.make_due(i, now) for i in args.ids]
+    done = sum(o.result == "done" for o in outcomes)
+    if done:
+        queue.wake()
+    if args.all and not args.json:
+        print(f"{done} deferred message(s) made due now")
+        return _report(args, [o for o in outcomes if not o.ok])
+    return _report(args, outcomes, {"due_now": done})
+
+
+def cmd_flush(args: argparse.Namespace) -> int:
+    queue = open_queue(args)
+    ids = queue.deferred_ids()
+    total, done = len(ids), 0
+    show = total >= PROGRESS_MIN and not args.json
+    tty = sys.stderr.isatty()
+    last = 0.0
+    now = time.time()
+    for n, message_id in enumerate(ids, 1):
+        done += queue.touch_deferred(message_id, now)
+        if show and (time.monotonic() - last >= PROGRESS_EVERY or n == total):
+            last = time.monotonic()
+            line = f"flush: {n}/{total} deferred messages made due"
+            print(("\r" + line) if tty else line, end="" if tty else "\n",
+                  file=sys.stderr, flush=True)
+    if show and tty:
+        print(file=sys.stderr)
+    if done:
+        queue.wake()
+    if args.json:
+        emit_json({"deferred": total, "due_now": done})
+    else:
+        print(f"{done} deferred message(s) made due now"
+              + (f" ({total - done} taken by workers meanwhile)" if total > done else ""))
+    return EXIT_OK
+
+
+def _confirm(question: str) -> bool:
+    print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
+    answer = sys.stdin.readline()
+    return answer.strip().lower() in ("y", "yes")
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    if args.all == bool(args.ids):
+        raise CtlError("give message ids or --all --status STATUS (not both)", 2)
+    if args.all and not args.status:
+        raise CtlError("--all needs --status (pending, deferred, held, failed, corrupt or "
+                       "active), so that a whole queue is never deleted by accident", 2)
+    if not args.all and (args.status or args.domain or args.sender or args.older_than):
+        raise CtlError("--status, --domain, --sender and --older-than go with --all", 2)
+    queue = open_queue(args)
+    now = time.time()
+    early: list[Outcome] = []
+    found: list[QueueEntry] = []
+    if args.all:
+        found = _filtered(queue, args, [args.status], now)
+    else:
+        for message_id in dict.fromkeys(args.ids):
+            entry = queue.locate(message_id)
+            if entry is None:
+                early.append(queue.delete(message_id))  # reports "unknown", changes nothing
+            else:
+                found.append(entry)
+    targets = []
+    for entry in found:
+        if entry.claimed_by_live_worker and not args.force:
+            early.append(queue.delete(entry.id))  # reports the refusal, changes nothing
+        else:
+            targets.append(entry)
+    if targets and not args.yes:
+        what = f"{len(targets)} message(s)"
+        if args.all:
+            what = f"all {len(targets)} {args.status} message(s)"
+        if not _confirm(f"Delete {what}? This cannot be undone."):
+            print(f"{PROG}: nothing deleted", file=sys.stderr)
+            if early:
+                _report(args, early)
+            return EXIT_FAILED
+    outcomes = early + [queue.delete(e.id, force=args.force) for e in targets]
+    queue.sync()
+    if args.all and not targets and not args.json:
+        print(f"no {args.status} messages to delete")
+    return _report(args, outcomes, {"deleted": sum(o.result == "done" for o in outcomes)})
+
+
+def cmd_hold(args: argparse.Namespace) -> int:
+    queue = open_queue(args)
+    outcomes = [queue.hold(i, force=args.force, wait=args.wait) for i in dict.fromkeys(args.ids)]
+    queue.sync()
+    return _report(args, outcomes)
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    queue = open_queue(args)
+    outcomes = [queue.release(i) for i in dict.fromkeys(args.ids)]
+    queue.sync()
+    if any(o.result == "done" for o in outcomes):
+        queue.wake()
+    return _report(args, outcomes)
+
+
+def cmd_freeze(args: argparse.Namespace) -> int:
+    queue = open_queue(args)
+    try:
+        queue.freeze(args.frozen)
+    except PermissionError as exc:
+        raise CtlError(f"permission denied: {exc.filename}") from None
+    if not args.frozen:
+        queue.wake()
+    if args.json:
+        emit_json({"frozen": args.frozen})
+    elif args.frozen:
+        print("delivery frozen: workers start no new attempts (attempts in progress finish; "
+              "new mail is still accepted)")
+    else:
+        print("delivery resumed")
+    return EXIT_OK

@@ -1,0 +1,118 @@
+"""What every operator command shares: finding the spool (``--spool`` or ``-c``), errors and
+exit statuses, JSON output, and the formatting of ages and sizes.
+
+Exit statuses of ``empathctl``, ``empath mailq``: 0 success, 1 the operation failed or was
+refused (unknown id, claimed message, unreadable spool, configuration error), 2 usage error.
+This module never changes the spool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import orjson
+
+from empath.spool import Spool
+from empath.spool.queue import Queue, QueueError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class CtlError(Exception):
+    """A failure to report on standard error; ``code`` is the exit status."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def add_spool_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("spool")
+    where = group.add_mutually_exclusive_group()
+    where.add_argument("--spool", metavar="PATH",
+                       help="spool directory (instead of the configuration's spool.path)")
+    where.add_argument("-c", "--config", metavar="FILE",
+                       help="configuration file (default: $EMPATH_CONFIG, "
+                            "/etc/empath/empath.yaml if it exists, else the checkout's)")
+
+
+def load_settings(config: str | None) -> Any:
+    """The validated configuration (``-c``, else the same default as ``empath``)."""
+    from empath.cli import default_config_path
+    from empath.config import ConfigError, load_config
+
+    try:
+        return load_config(config or default_config_path())
+    except ConfigError as exc:
+        raise CtlError(str(exc)) from None
+    except OSError as exc:
+        raise CtlError(f"cannot read the configuration: {exc}") from None
+
+
+def spool_path(args: argparse.Namespace) -> str:
+    if getattr(args, "spool", None):
+        return str(args.spool)
+    return str(load_settings(getattr(args, "config", None)).spool.path)
+
+
+def open_queue(args: argparse.Namespace) -> Queue:
+    """The Queue of ``--spool`` or of the configuration's spool, checked to be readable."""
+    queue = Queue(Spool(spool_path(args)))
+    try:
+        queue.check()
+    except QueueError as exc:
+        raise CtlError(str(exc)) from None
+    return queue
+
+
+def emit_json(value: Any) -> None:
+    """Write one JSON document (2-space indent, newline-terminated) on standard output."""
+    sys.stdout.buffer.write(orjson.dumps(value, option=orjson.OPT_INDENT_2
+                                         | orjson.OPT_NON_STR_KEYS) + b"\n")
+    sys.stdout.flush()
+
+
+def emit_json_line(value: Any) -> None:
+    """Write one compact JSON document on one line (``stats --watch --json``)."""
+    sys.stdout.buffer.write(orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS) + b"\n")
+    sys.stdout.flush()
+
+
+def error(prog: str, message: str) -> None:
+    print(f"{prog}: {message}", file=sys.stderr)
+
+
+def format_age(seconds: float) -> str:
+    """``45s``, ``12m``, ``3h05m``, ``2d04h``: two units at most."""
+    s = int(max(seconds, 0))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def format_size(size: int) -> str:
+    """Bytes as ``512``, ``1.5K``, ``34M``, ``2.0G``."""
+    value = float(size)
+    for unit in ("", "K", "M", "G"):
+        if value < 1024 or unit == "G":
+            if unit == "":
+                return str(size)
+            return f"{value:.1f}{unit}" if value < 10 else f"{value:.0f}{unit}"
+        value /= 1024
+    return str(size)
+
+
+def parse_age(text: str) -> float:
+    """``--older-than`` values: ``90s``, ``15m``, ``2h``, ``3d`` or seconds."""
+    from empath.config import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
