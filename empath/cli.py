@@ -255,6 +255,13 @@ def cmd_config_template(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config_reference(args: argparse.Namespace) -> int:
+    from empath.config.template import render_reference
+
+    sys.stdout.write(render_reference())
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     print(f"empath {empath.__version__}")
     print(f"python: {platform.python_version()} ({platform.python_implementation()}) "
@@ -312,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("check-config", cmd_check_config, "validate the configuration file")
     add("config-template", cmd_config_template, "print the documented default configuration",
         ())
+    add("config-reference", cmd_config_reference,
+        "print the configuration reference (docs/CONFIGURATION.md)", ())
     add("info", cmd_info, "print version, Python and speedups information")
     return parser
 

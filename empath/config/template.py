@@ -82,3 +82,56 @@ def render_template() -> str:
             spaced.append("")
         spaced.append(line)
     return "\n".join(spaced) + "\n"
+
+
+def _type_text(key: Key) -> str:
+    text = key.type.describe
+    return text + (", or null" if key.nullable else "")
+
+
+def _default_text(key: Key) -> str:
+    if key.default is None:
+        return "null" if key.nullable else "(required)"
+    return "`" + _value_text(key, key.default) + "`"
+
+
+def _rows(sec: Section, prefix: str, out: list[str]) -> None:
+    for child in sec.children:
+        dotted = f"{prefix}{child.name}"
+        if isinstance(child, Key):
+            doc = child.doc.replace("|", "\\|")
+            out.append(f"| `{dotted}` | {_type_text(child)} | {_default_text(child)} | {doc} |")
+        elif child.many:
+            out.append(f"| `{dotted}` | list of mappings | see below | {child.doc} |")
+            _rows(child, f"{dotted}[].", out)
+        elif child.keyed_by is not None:
+            out.append(f"| `{dotted}` | mapping of {child.keyed_by.describe} to settings | `{{}}` "
+                       f"| {child.doc} |")
+            _rows(child, f"{dotted}.<domain>.", out)
+        else:
+            _rows(child, f"{dotted}.", out)
+
+
+def render_reference() -> str:
+    """docs/CONFIGURATION.md: every key with its type, default and meaning."""
+    out = [
+        "# Configuration reference",
+        "",
+        "Generated from `empath/config/schema.py` (`empath config-reference`); the shipped",
+        "`conf/empath.yaml` carries the same text as comments. Every key is optional unless",
+        "marked required. Durations take `ms`, `s`, `m`, `h`, `d`, `w` suffixes or a number of",
+        "seconds; sizes take `KB`/`MB`/`GB` (decimal) or `K`/`KiB`/`M`/`MiB`/`G`/`GiB` (binary) or",
+        "a number of bytes. Relative paths are taken against `base_dir`, which is itself",
+        "relative to the configuration file's directory.",
+        "",
+        "Validation happens at start and on every reload (SIGHUP): unknown keys, wrong types,",
+        "out-of-range values and missing files are errors that name the file, the line and the",
+        "key (`conf/empath.yaml:12: smtp.max_recipients: must be an integer from 1 to 100000`);",
+        "the daemon refuses to start, and a reload keeps the running configuration.",
+        "`empath check-config -c FILE` runs the same validation.",
+        "",
+        "| key | type | default | meaning |",
+        "|---|---|---|---|",
+    ]
+    _rows(SCHEMA, "", out)
+    return "\n".join(out) + "\n"

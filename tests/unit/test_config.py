@@ -11,7 +11,7 @@ import pytest
 
 from empath import cli
 from empath.config import ConfigError, load_config
-from empath.config.template import render_template
+from empath.config.template import render_reference, render_template
 from tests.support.daemon import REPO, empath_command
 
 GOOD = """\
@@ -136,3 +136,11 @@ def test_check_config_command_exit_codes(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=30)
     assert res.returncode == 1
     assert f"{bad}:2: log.level: must be one of" in res.stderr
+
+
+def test_configuration_reference_is_generated_from_the_schema() -> None:
+    text = (REPO / "docs" / "CONFIGURATION.md").read_text()
+    assert text == render_reference()
+    # Every leaf key of the schema has a row.
+    assert "| `smtp.timeouts.data_termination` |" in text
+    assert "| `delivery.domains.<domain>.mx_override` |" in text
