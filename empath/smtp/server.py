@@ -47,6 +47,7 @@ class Receiver:
         self.per_ip: collections.Counter[str] = collections.Counter()
         self.stopping = False
         self.writer: Any = None
+        self.data_block = cfg.smtp.timeouts.data_block
         self._free_checked = 0.0
         self._free_ok = True
         users = None
@@ -103,6 +104,7 @@ class SMTPProtocol(asyncio.Protocol):
         self.message: Any = None
         self.queue_id = ""
         self.deadline = float("inf")
+        self.commands_seen = 0
         self.end_of_life = float("inf")
         self.greeted = False
         self.paused = False
@@ -158,10 +160,14 @@ class SMTPProtocol(asyncio.Protocol):
             return
         session = self.session
         assert session is not None
-        t = self.receiver.cfg.smtp.timeouts
-        self.deadline = time.monotonic() + (t.data_block if session.phase == S.DATA
-                                            else t.command)
         self._handle(session.feed(data))
+        # The command timeout runs from the last complete command, so a client trickling a
+        # line a byte at a time (slowloris) is still cut. In DATA each block of message data
+        # restarts the data_block timeout instead (RFC 5321 §4.5.3.2.5; see _handle).
+        if session.commands != self.commands_seen:
+            self.commands_seen = session.commands
+            if session.phase in (S.GREET, S.READY, S.MAIL, S.RCPT, S.CHUNKED):
+                self.deadline = time.monotonic() + self.receiver.cfg.smtp.timeouts.command
 
     def eof_received(self) -> bool | None:
         if self.session is not None:
@@ -196,6 +202,7 @@ class SMTPProtocol(asyncio.Protocol):
                 transport.write(ev.data)  # type: ignore[union-attr]
             elif kind is S.Data:
                 self.message.write(ev.chunk)  # type: ignore[union-attr]
+                self.deadline = time.monotonic() + self.receiver.data_block
             elif kind is S.DataStart:
                 self._start_message()
             elif kind is S.DataEnd:

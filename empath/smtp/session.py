@@ -87,6 +87,7 @@ class ServerSession:
         self.tls_active = False
         self.envelope: Envelope | None = None
         self.errors = 0
+        self.commands = 0  # complete command lines seen (the server's command timeout)
         self._buf = b""
         self._pos = 0
         self._out: list[bytes] = []
@@ -226,6 +227,7 @@ class ServerSession:
             return buf[pos:end]
 
     def _command(self, line: bytes) -> None:
+        self.commands += 1
         try:
             verb, arg = split_command(line)
         except CommandSyntaxError:
