@@ -322,10 +322,19 @@ def build_parser() -> argparse.ArgumentParser:
     add("config-reference", cmd_config_reference,
         "print the configuration reference (docs/CONFIGURATION.md)", ())
     add("info", cmd_info, "print version, Python and speedups information")
+    sub.add_parser("sendmail", help="submit a message from standard input (sendmail options)")
+    sub.add_parser("mailq", help="print the mail queue")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    words = sys.argv[1:] if argv is None else argv
+    if words[:1] == ["sendmail"]:  # sendmail's own option syntax: not argparse's
+        from empath.ctl import sendmail
+        return sendmail.main(words[1:])
+    if words[:1] == ["mailq"]:
+        from empath.ctl import mailq
+        return mailq.main(words[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:
