@@ -137,6 +137,7 @@ class Arbiter:
             raise SetupError(str(exc)) from None
         for lst in self.listeners:
             log.info("listening on %s", lst.bound)
+        _warn_loose_keys(self.cfg)
         try:
             self.spool.create_tree()
         except OSError as exc:
@@ -562,3 +563,15 @@ class Arbiter:
         for rec in self.children.values():
             rec.heartbeat.close()
 
+
+def _warn_loose_keys(cfg: Any) -> None:
+    """A TLS private key readable by other users is worth a warning (it still works)."""
+    for lc in cfg.listeners:
+        key = lc.tls.key
+        if key is None:
+            continue
+        with contextlib.suppress(OSError):
+            mode = os.stat(key).st_mode & 0o777
+            if mode & 0o077:
+                log.warning("TLS key %s is readable by others (mode %03o); chmod 600 it",
+                            key, mode)
