@@ -34,7 +34,8 @@ def reason(rcpt: dict[str, Any]) -> str | None:
         return None
     words = " ".join(str(w) for w in (last.get("code"), last.get("enhanced"), last.get("text"))
                      if w not in (None, ""))
-    return f"{words} ({last['server']})" if last.get("server") else words
+    server = last.get("server")
+    return f"host {server} said: {words}" if server and server != "maildir" else words
 
 
 def entry_lines(entry: QueueEntry) -> list[str]:

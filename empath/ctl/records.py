@@ -127,7 +127,7 @@ def list_lines(record: dict[str, Any], now: float) -> list[str]:
         last = r.get("last")
         if r["status"] != "delivered" and isinstance(last, dict) and last.get("text"):
             code = " ".join(str(x) for x in (last.get("code"), last.get("enhanced")) if x)
-            line += f"  ({r['attempts']}x) {code} {last['text']}".rstrip()
+            line += f"  tries={r['attempts']}: {code} {last['text']}".rstrip()
         lines.append(line)
     return lines
 
@@ -187,7 +187,7 @@ def view_lines(record: dict[str, Any], now: float) -> list[str]:
     for key, value in extra.items():
         out.append(f"{key + ':':<12} {_short(value)}")
     out.append("headers:")
-    out += [f"  {name}: {value}" for name, value in record["headers"]]
+    out += [f"  {name}: {value.replace(chr(9), ' ')}" for name, value in record["headers"]]
     return out
 
 
