@@ -1,18 +1,34 @@
 """Delivery status notifications (RFC 3464 reports, RFC 3461 rules, RFC 3462 container).
 
-Pure: builds the bytes of a multipart/report message from an envelope, the recipients to report
-on and the original message; deciding *when* to send one is the worker's job. Header values that
-come from the network (addresses, diagnostic text) are stripped of CR/LF so a hostile reply
-cannot inject headers into a bounce.
+Pure: decides which recipients a notice is owed for (``due_notices``) and builds the bytes of
+a multipart/report message from an envelope, the recipients to report on and the original
+message; *sending* a notice (spooling it as a new message from the null sender) is the
+worker's job. Header values that come from the network (addresses, diagnostic text) are
+stripped of CR/LF so a hostile reply cannot inject headers into a notice.
+
+Which notices exist:
+
+- failure ("failed"): recipients that failed or expired, unless their NOTIFY excludes FAILURE;
+- delay ("delayed"): sent once per message by the worker after ``delivery.delay_warning``,
+  for open recipients whose NOTIFY asks for DELAY (or has no NOTIFY);
+- success: recipients delivered with NOTIFY=SUCCESS. ``Action: delivered`` when the message
+  reached its final destination here (Maildir, LMTP), ``relayed`` when an SMTP next hop that
+  does not offer DSN took it (RFC 3461 §6.2.2). A next hop that offers DSN was given NOTIFY
+  and ORCPT and owns the notice from then on (RFC 3461 §5.2.2), so none is sent here.
+
+No notice ever goes to the null sender: that is how bounce loops end.
 """
 
 from __future__ import annotations
 
 import email.utils
 import os
+import re
 import time
 from typing import Any
 
+from empath.delivery.errors import REPLIES
+from empath.delivery.state import BY_TIME, DELIVERED, EXPIRED, FAILED
 from empath.spool import MessageSource
 
 # RFC 3461 §4.1: absent NOTIFY means the MTA's default; like most MTAs, failures are reported
@@ -20,10 +36,35 @@ from empath.spool import MessageSource
 DEFAULT_NOTIFY = ("FAILURE", "DELAY")
 HEADERS_LIMIT = 64 * 1024  # RET=HDRS, or a huge message: return at most this much header text
 FULL_LIMIT = 10 * 1024 * 1024  # RET=FULL is honoured up to this size, then headers only
+FAILURE_NOTICE, SUCCESS_NOTICE = "failed", "success"  # the notices due_notices() returns
+
+_SUBJECTS = {
+    "failed": "Undelivered Mail Returned to Sender",
+    "delayed": "Delayed Mail (still being retried)",
+    "success": "Successful Mail Delivery Report",
+}
+_INTRO = {
+    "failed": "Your message could not be delivered to one or more recipients.",
+    "delayed": "Your message has not been delivered yet to one or more recipients. Delivery "
+               "will be retried; you do not need to resend it.",
+    "success": "Your message was delivered to the recipients listed below (\"relayed\": "
+               "handed to a system that does not send delivery notifications).",
+}
 
 
-def _clean(text: str) -> str:
+def _clean(text: Any) -> str:
     return " ".join(str(text).replace("\r", " ").replace("\n", " ").split())
+
+
+def _template(text: str) -> re.Pattern[str]:
+    parts = re.split(r"\{[a-z_]+\}", text)
+    return re.compile(".*".join(re.escape(p) for p in parts) + r"\Z", re.S)
+
+
+# Verdicts the delivery side reaches itself (errors.REPLIES): their code is not a server's
+# reply, so the report gives them a local diagnostic type and no Remote-MTA.
+_OWN_VERDICTS = [(code, enhanced, _template(text)) for code, enhanced, text in REPLIES.values()]
+_LOCAL_SERVERS = (None, "", "maildir")
 
 
 def wants(recipient: dict[str, Any], kind: str) -> bool:
@@ -39,16 +80,91 @@ def should_report(envelope: dict[str, Any]) -> bool:
     return bool(envelope.get("sender"))
 
 
+def success_action(recipient: dict[str, Any]) -> str | None:
+    """The Action of a success notice for a delivered recipient; None when none is ours.
+
+    SMTP: ``relayed`` to a next hop without DSN; nothing when it offered DSN (it received
+    NOTIFY and ORCPT and reports from now on). Any other transport is final delivery.
+    """
+    last = recipient.get("last") or {}
+    if last.get("transport") == "smtp":
+        return None if last.get("next_hop_dsn") else "relayed"
+    return "delivered"
+
+
+def due_notices(envelope: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Recipients owed a failure or success notice that has not been sent yet.
+
+    A recipient whose final status needs no notice (NOTIFY, the null sender, a DSN-capable
+    next hop) is marked ``dsn: "none"`` here at once; the others are returned by kind and
+    marked with ``mark_notified`` once their notice is durable in the spool.
+    """
+    due: dict[str, list[dict[str, Any]]] = {FAILURE_NOTICE: [], SUCCESS_NOTICE: []}
+    reporting = should_report(envelope)
+    for rcpt in envelope["recipients"]:
+        if "dsn" in rcpt:
+            continue
+        status = rcpt.get("status")
+        if status in (FAILED, EXPIRED):
+            if reporting and wants(rcpt, "FAILURE"):
+                due[FAILURE_NOTICE].append(rcpt)
+            else:
+                rcpt["dsn"] = "none"
+        elif status == DELIVERED:
+            if reporting and wants(rcpt, "SUCCESS") and success_action(rcpt):
+                due[SUCCESS_NOTICE].append(rcpt)
+            else:
+                rcpt["dsn"] = "none"
+    return {kind: rcpts for kind, rcpts in due.items() if rcpts}
+
+
+def mark_notified(recipients: list[dict[str, Any]], kind: str) -> None:
+    for rcpt in recipients:
+        rcpt["dsn"] = "failed" if kind == FAILURE_NOTICE else success_action(rcpt) or "none"
+
+
+def is_own_verdict(last: dict[str, Any]) -> bool:
+    """True when a recipient's last result is this MTA's own verdict, not a server reply."""
+    if last.get("server") in _LOCAL_SERVERS:
+        return True
+    code, enhanced, text = last.get("code"), last.get("enhanced"), str(last.get("text", ""))
+    return any(code == c and enhanced == e and rx.match(text) for c, e, rx in _OWN_VERDICTS)
+
+
 def _status_of(rcpt: dict[str, Any], action: str) -> str:
     last = rcpt.get("last") or {}
     enhanced = last.get("enhanced")
+    if rcpt.get("status") == EXPIRED and (rcpt.get("expired_by") == BY_TIME
+                                           or not str(enhanced or "").startswith("4.")):
+        return "4.4.7"  # RFC 3463 X.4.7: delivery time expired
     if enhanced:
         return str(enhanced)
-    if action == "delayed":
-        return "4.0.0"
-    if rcpt.get("status") == "expired":
-        return "4.4.7"  # RFC 3463: delivery time expired
-    return "5.0.0" if action == "failed" else "2.0.0"
+    code = last.get("code")
+    if isinstance(code, int) and 200 <= code < 600:
+        return f"{code // 100}.0.0"
+    return {"failed": "5.0.0", "delayed": "4.0.0"}.get(action, "2.0.0")
+
+
+def _remote_mta(last: dict[str, Any]) -> str | None:
+    server = last.get("server")
+    if not server or is_own_verdict(last):
+        return None
+    return _clean(str(server).split("[", 1)[0]) or None
+
+
+def _diagnostic(last: dict[str, Any]) -> str | None:
+    text = _clean(last.get("text", ""))
+    if last.get("code") and not is_own_verdict(last):
+        # RFC 3464 §2.3.6: the server's reply, code first (RFC 3463 code included).
+        enhanced = f"{last['enhanced']} " if last.get("enhanced") else ""
+        return f"smtp;{last['code']} {enhanced}{text}".rstrip()
+    return f"x-empath;{text}" if text else None
+
+
+def _action_of(rcpt: dict[str, Any], kind: str) -> str:
+    if kind == SUCCESS_NOTICE:
+        return success_action(rcpt) or "delivered"
+    return kind
 
 
 def _recipient_block(rcpt: dict[str, Any], action: str) -> str:
@@ -61,18 +177,29 @@ def _recipient_block(rcpt: dict[str, Any], action: str) -> str:
     lines.append(f"Action: {action}")
     lines.append(f"Status: {_status_of(rcpt, action)}")
     last = rcpt.get("last") or {}
-    server = last.get("server")
-    if server and server != "maildir":
-        lines.append(f"Remote-MTA: dns;{_clean(server)}")
-    if last.get("code"):
-        lines.append(f"Diagnostic-Code: smtp;{last['code']} {_clean(last.get('text', ''))}")
-    elif last.get("text"):
-        lines.append(f"Diagnostic-Code: x-empath;{_clean(last['text'])}")
+    remote = _remote_mta(last)
+    if remote:
+        lines.append(f"Remote-MTA: dns;{remote}")
+    diagnostic = _diagnostic(last)
+    if diagnostic:
+        lines.append(f"Diagnostic-Code: {diagnostic}")
     if last.get("at"):
         lines.append(f"Last-Attempt-Date: {email.utils.formatdate(last['at'])}")
     if action == "delayed" and rcpt.get("will_retry_until"):
         lines.append(f"Will-Retry-Until: {email.utils.formatdate(rcpt['will_retry_until'])}")
     return "\r\n".join(lines) + "\r\n"
+
+
+def _human_line(rcpt: dict[str, Any], action: str) -> str:
+    last = rcpt.get("last") or {}
+    reason = _clean(last.get("text", "")) or action
+    if rcpt.get("status") == EXPIRED:
+        limit = ("it was too long in the queue" if rcpt.get("expired_by") == BY_TIME
+                 else f"{rcpt.get('attempts', 0)} attempts")
+        reason = f"gave up after {limit}; last error: {reason}"
+    elif action == "relayed":
+        reason = f"relayed to {_remote_mta(last) or 'the next hop'}"
+    return f"<{_clean(rcpt['address'])}>: {action}: {reason}"
 
 
 def _original_part(source: MessageSource, full: bool) -> tuple[str, bytes]:
@@ -86,53 +213,51 @@ def _original_part(source: MessageSource, full: bool) -> tuple[str, bytes]:
     return "text/rfc822-headers", headers
 
 
-def build_report(envelope: dict[str, Any], recipients: list[dict[str, Any]], action: str,
+def build_report(envelope: dict[str, Any], recipients: list[dict[str, Any]], kind: str,
                  source: MessageSource, *, hostname: str, now: float | None = None) -> bytes:
-    """The whole notice (headers and body, CRLF) for ``recipients`` with the given Action.
+    """The whole notice (headers and body, CRLF) about ``recipients``.
 
-    ``action`` is "failed", "delayed", "delivered" or "relayed" (RFC 3464 §2.3.3).
+    ``kind`` is "failed", "delayed" or "success"; in a success notice each recipient's
+    Action is ``delivered`` or ``relayed`` (``success_action``). The original message is
+    returned whole only in a failure notice with RET=FULL (RFC 3461 §4.3); otherwise, and
+    above FULL_LIMIT, its headers.
     """
+    if kind not in _SUBJECTS:
+        raise ValueError(f"unknown notice kind {kind!r}")
     now = time.time() if now is None else now
     boundary = f"{int(now)}.{os.urandom(6).hex()}/{hostname}"
-    subject = {
-        "failed": "Undelivered Mail Returned to Sender",
-        "delayed": "Delayed Mail (still being retried)",
-        "delivered": "Successful Mail Delivery Report",
-        "relayed": "Mail Relayed Report",
-    }[action]
     sender = _clean(envelope["sender"])
-    human = {
-        "failed": "This is the mail system at host {h}.\r\n\r\nYour message could not be "
-                  "delivered to one or more recipients. It is attached below.\r\n",
-        "delayed": "This is the mail system at host {h}.\r\n\r\nYour message has not been "
-                   "delivered yet to one or more recipients. Delivery will be retried; you "
-                   "do not need to resend it.\r\n",
-        "delivered": "This is the mail system at host {h}.\r\n\r\nYour message was "
-                     "delivered to the recipients listed below.\r\n",
-        "relayed": "This is the mail system at host {h}.\r\n\r\nYour message was relayed "
-                   "to a system that does not send delivery notifications.\r\n",
-    }[action].format(h=hostname)
-    for rcpt in recipients:
-        last = rcpt.get("last") or {}
-        human += f"\r\n<{_clean(rcpt['address'])}>: {_clean(last.get('text', action))}"
+    actions = [(rcpt, _action_of(rcpt, kind)) for rcpt in recipients]
+    human = f"This is the mail system at host {hostname}.\r\n\r\n{_INTRO[kind]}\r\n"
+    for rcpt, action in actions:
+        human += f"\r\n{_human_line(rcpt, action)}"
     human += "\r\n"
+    params = envelope.get("params") or {}
     per_message = [f"Reporting-MTA: dns;{hostname}"]
-    if envelope.get("params", {}).get("envid"):
-        per_message.append(f"Original-Envelope-Id: {_clean(envelope['params']['envid'])}")
-    per_message.append(f"X-Empath-Queue-ID: {envelope['id']}")
+    if params.get("envid"):
+        per_message.append(f"Original-Envelope-Id: {_clean(params['envid'])}")
+    per_message.append(f"X-Empath-Queue-ID: {_clean(envelope['id'])}")
     if envelope.get("received_at"):
         per_message.append(f"Arrival-Date: {email.utils.formatdate(envelope['received_at'])}")
     status = "\r\n".join(per_message) + "\r\n"
-    for rcpt in recipients:
+    for rcpt, action in actions:
         status += "\r\n" + _recipient_block(rcpt, action)
-    full = (envelope.get("params", {}).get("ret") or "").upper() == "FULL" and action == "failed"
+    full = (params.get("ret") or "").upper() == "FULL" and kind == "failed"
     ctype, original = _original_part(source, full)
+    if kind != "failed":
+        description = "Message headers"
+    elif ctype == "message/rfc822":
+        description = "Undelivered message"
+    else:
+        description = "Undelivered message headers"
+    human += ("\r\nYour message is attached below.\r\n" if ctype == "message/rfc822"
+              else "\r\nThe headers of your message are attached below.\r\n")
     head = (
         f"From: Mail Delivery System <MAILER-DAEMON@{hostname}>\r\n"
         f"To: <{sender}>\r\n"
-        f"Subject: {subject}\r\n"
+        f"Subject: {_SUBJECTS[kind]}\r\n"
         f"Date: {email.utils.formatdate(now)}\r\n"
-        f"Message-ID: <{envelope['id']}.{action}.{int(now)}@{hostname}>\r\n"
+        f"Message-ID: <{_clean(envelope['id'])}.{kind}.{int(now)}@{hostname}>\r\n"
         f"Auto-Submitted: auto-replied\r\n"
         f"MIME-Version: 1.0\r\n"
         f'Content-Type: multipart/report; report-type=delivery-status;\r\n'
@@ -149,7 +274,7 @@ def build_report(envelope: dict[str, Any], recipients: list[dict[str, Any]], act
         f"{status}"
         f"\r\n--{boundary}\r\n"
         f"Content-Type: {ctype}\r\n"
-        f"Content-Description: Undelivered message\r\n\r\n"
+        f"Content-Description: {description}\r\n\r\n"
     ).encode("utf-8", "replace")
     tail = f"\r\n--{boundary}--\r\n".encode()
     if not original.endswith(b"\r\n"):

@@ -135,8 +135,8 @@ class RemoteTransport:
         domain = domain.lower()
         started = time.monotonic()
         info: dict[str, Any] = {"domain": domain, "transport": "smtp", "server": None,
-                                "ip": None, "port": None, "tls": None, "mx_index": None,
-                                "duration": 0.0}
+                                "ip": None, "port": None, "tls": None, "dsn": None,
+                                "mx_index": None, "duration": 0.0}
         self._users[domain] = self._users.get(domain, 0) + 1
         try:
             async with self._semaphore(domain):
@@ -217,6 +217,8 @@ class RemoteTransport:
                     errors.append(err)
                     continue
                 info["tls"] = conn.tls
+                # Whether NOTIFY/ORCPT went on: the next hop then owns success notices.
+                info["dsn"] = conn.extensions.has("DSN")
                 try:
                     outcomes = await conn.deliver(envelope, rcpts, source)
                 finally:

@@ -15,7 +15,10 @@ from empath.delivery.retry import retry_delay
 PENDING, DELIVERED, DEFERRED, FAILED, EXPIRED = (
     "pending", "delivered", "deferred", "failed", "expired")
 OPEN_STATUSES = (PENDING, DEFERRED)
-HISTORY_LIMIT = 100  # attempt records kept per message; older ones are summarised by a count
+CLOSED_STATUSES = (DELIVERED, FAILED, EXPIRED)
+HISTORY_LIMIT = 100  # attempt records kept per message; the oldest are dropped first
+# Why a deferred recipient expired (``recipients[].expired_by``).
+BY_TIME, BY_ATTEMPTS = "message_expiration", "max_attempts"
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,21 +40,74 @@ class Decision:
     next_retry_at: float | None = None
 
 
+def envelope_problem(envelope: dict[str, Any]) -> str | None:
+    """Why ``envelope`` cannot be delivered as it is (a damaged or foreign file), or None.
+
+    read_queue_file only proves the file is complete and its envelope a JSON object with an
+    id; delivery also needs a sender and recipients, and without this check a file missing
+    them would fail every attempt forever instead of going to corrupt/.
+    """
+    if not isinstance(envelope.get("sender"), str):
+        return "envelope has no sender"
+    recipients = envelope.get("recipients")
+    if not isinstance(recipients, list) or not recipients:
+        return "envelope has no recipients"
+    for rcpt in recipients:
+        if not isinstance(rcpt, dict) or not isinstance(rcpt.get("address"), str):
+            return "envelope has a recipient without an address"
+        if rcpt.get("notify") is not None and not isinstance(rcpt["notify"], list):
+            return "envelope has a malformed NOTIFY"
+    for key in ("received_at", "attempt_count"):
+        if key in envelope and not isinstance(envelope[key], (int, float)):
+            return f"envelope has a malformed {key}"
+    if not isinstance(envelope.get("params", {}), dict):
+        return "envelope has malformed params"
+    if not isinstance(envelope.get("attempts", []), list):
+        return "envelope has a malformed attempt history"
+    return None
+
+
 def open_recipients(envelope: dict[str, Any]) -> list[dict[str, Any]]:
     return [r for r in envelope["recipients"] if r.get("status", PENDING) in OPEN_STATUSES]
 
 
+def recipient_domain(address: str) -> str:
+    """The lower-cased domain of an address ("" for a bare local part)."""
+    return address.rpartition("@")[2].lower() if "@" in address else ""
+
+
+def route_for(address: str, routes: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The route record of this attempt that carried ``address`` (routes are per domain)."""
+    domain = recipient_domain(address) or "(local)"
+    for route in routes:
+        if str(route.get("domain", "")).lower() == domain:
+            return route
+    return None
+
+
 def record_attempt(envelope: dict[str, Any], outcomes: dict[str, RecipientOutcome],
                    info: dict[str, Any], now: float) -> None:
-    """Apply one attempt's outcomes to the recipients and append it to the history."""
+    """Apply one attempt's outcomes to the recipients and append it to the history.
+
+    Besides the reply, ``last`` keeps how the recipient was carried (``transport``, and
+    ``next_hop_dsn`` when the SMTP server offered DSN): a success notice depends on it
+    (RFC 3461 §5.2.2, §6.2), and it must survive a crash between delivery and notice.
+    """
+    routes = info.get("routes") or []
     for rcpt in envelope["recipients"]:
         outcome = outcomes.get(rcpt["address"])
         if outcome is None or rcpt.get("status", PENDING) not in OPEN_STATUSES:
             continue
         rcpt["status"] = outcome.status
         rcpt["attempts"] = rcpt.get("attempts", 0) + 1
-        rcpt["last"] = {"at": now, "code": outcome.code, "enhanced": outcome.enhanced,
-                        "text": outcome.text, "server": outcome.server}
+        last: dict[str, Any] = {"at": now, "code": outcome.code, "enhanced": outcome.enhanced,
+                                "text": outcome.text, "server": outcome.server}
+        route = route_for(rcpt["address"], routes)
+        if route is not None:
+            last["transport"] = route.get("transport")
+            if route.get("dsn") is not None:
+                last["next_hop_dsn"] = bool(route["dsn"])
+        rcpt["last"] = last
     envelope["attempt_count"] = envelope.get("attempt_count", 0) + 1
     history = envelope.setdefault("attempts", [])
     history.append({
@@ -70,15 +126,21 @@ def decide(envelope: dict[str, Any], now: float, *, max_attempts: int, base: flo
            rng: random.Random | None = None) -> Decision:
     """What to do with the message now that an attempt is recorded.
 
-    Deferred recipients of a message past ``expiration`` or ``max_attempts`` become expired.
+    Deferred recipients of a message past ``expiration`` or ``max_attempts`` become expired
+    (``expired_by`` says which limit). The next retry never falls after the expiration time,
+    so a message gets one last attempt when it expires rather than waiting past it.
     """
     queued_at = float(envelope.get("received_at", now))
     attempts = int(envelope.get("attempt_count", 0))
     still_open = open_recipients(envelope)
-    if still_open and (now - queued_at >= expiration or attempts >= max_attempts):
-        for rcpt in still_open:
-            rcpt["status"] = EXPIRED
-        still_open = []
+    if still_open:
+        expired_by = (BY_TIME if now - queued_at >= expiration
+                      else BY_ATTEMPTS if attempts >= max_attempts else None)
+        if expired_by is not None:
+            for rcpt in still_open:
+                rcpt["status"] = EXPIRED
+                rcpt["expired_by"] = expired_by
+            still_open = []
     if still_open:
         delay = retry_delay(max(attempts, 1), base, maximum, jitter, rng or random.Random())
         due = min(now + delay, queued_at + expiration)

@@ -40,9 +40,9 @@ class DeliveryWorker:
         self.cfg = ctx.config
         self.spool = Spool(self.cfg.spool.path)
         self.slot = os.getpid()
-        self.shard = ctx.index - 1
-        self.shards = max(ctx.count, 1)
-        self.capacity = self.cfg.delivery.max_parallel_deliveries
+        self.shard: int = ctx.index - 1
+        self.shards: int = max(ctx.count, 1)
+        self.capacity: int = self.cfg.delivery.max_parallel_deliveries
         self.inflight: dict[str, asyncio.Task[None]] = {}
         self.wake = asyncio.Event()
         self.rng = random.Random()
@@ -164,41 +164,111 @@ class DeliveryWorker:
             return
         except FileNotFoundError:
             return
+        problem = state.envelope_problem(envelope)
+        if problem is None and envelope.get("id") != message_id:
+            problem = f"envelope id {envelope.get('id')!r} does not match the file name"
+        if problem is not None:
+            self.spool.mark_corrupt(path, message_id, problem)
+            return
         try:
             await self._attempt(message_id, path, envelope, source)
         except Exception:
-            # A bug or a system error must not lose the message: it goes back for a retry.
-            log.exception("%s: delivery attempt failed unexpectedly; requeued", message_id)
-            with contextlib.suppress(OSError):
-                self.spool.move(path, "incoming", message_id)
+            # A bug or a system error must not lose the message, nor spin on it: it waits
+            # retry_base_delay in deferred/ (its file as it was before this attempt).
+            self._set_aside(message_id, path)
+
+    def _set_aside(self, message_id: str, path: str) -> None:
+        due = time.time() + self.cfg.delivery.retry_base_delay
+        log.exception("%s: delivery attempt failed unexpectedly; retried after %s", message_id,
+                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(due)))
+        try:
+            os.utime(path, (due, due))
+            self.spool.move(path, "deferred", message_id)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.error("%s: cannot set the message aside (%s); the master requeues it when "
+                      "this worker exits", message_id, exc)
 
     async def _attempt(self, message_id: str, path: str, envelope: dict[str, Any],
                        source: Any) -> None:
-        started = time.time()
+        """One delivery attempt for the open recipients, then notices, then the next state.
+
+        Order matters for "nothing vanishes": notices are durable in incoming/ before the
+        envelope that records them is rewritten, and before the message is removed. A crash
+        in between repeats a notice, never loses one.
+        """
         recipients = state.open_recipients(envelope)
-        outcomes, infos = await self.dispatcher.deliver(envelope, recipients, source)
+        outcomes: dict[str, state.RecipientOutcome] = {}
         now = time.time()
-        info = {"duration": round(now - started, 6), "routes": infos}
-        state.record_attempt(envelope, outcomes, info, now)
+        if recipients:  # none: a restart after every recipient closed (notices left to send)
+            started = now
+            outcomes, routes = await self.dispatcher.deliver(envelope, recipients, source)
+            now = time.time()
+            info = {"duration": round(now - started, 6), "routes": routes}
+            state.record_attempt(envelope, outcomes, info, now)
         d = self.cfg.delivery
         decision = state.decide(
             envelope, now, max_attempts=d.max_attempts, base=d.retry_base_delay,
             maximum=d.retry_max_delay, jitter=d.retry_jitter_factor,
             expiration=d.message_expiration, rng=self.rng)
-        for addr, outcome in outcomes.items():
-            log.info("%s: to=<%s> status=%s %s %s", message_id, addr, outcome.status,
-                     outcome.code or "", outcome.text)
-        if decision.action == "remove":
-            await self._remove(message_id, path, envelope)
-        elif decision.action == "defer":
+        self._log_outcomes(message_id, envelope, outcomes)
+        if not await self._send_notices(envelope, source) and decision.action != "defer":
+            # A notice could not be spooled (disk full?): keep the message, with its state
+            # recorded, and try the notice again later instead of losing it.
+            decision = state.Decision("defer", now + d.retry_base_delay)
+        if decision.action == "defer":
             due = decision.next_retry_at or now
             await self._maybe_warn_delay(envelope, source, now)
             await asyncio.to_thread(self.spool.rewrite, path, envelope, due)
             self.spool.move(path, "deferred", message_id)
             log.info("%s: deferred until %s", message_id,
                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(due)))
+        elif decision.action == "remove":
+            await self._remove(message_id, path, envelope, "all recipients delivered")
+        elif not bounce.should_report(envelope):
+            # From the null sender: no notice (no loops), and not silently gone either.
+            await asyncio.to_thread(self.spool.rewrite, path, envelope, None)
+            self.spool.move(path, "failed", message_id)
+            log.warning("%s: undeliverable message from the null sender; kept in failed/",
+                        message_id)
         else:
-            await self._finish_failed(message_id, path, envelope, source)
+            await self._remove(message_id, path, envelope, "every recipient done")
+
+    def _log_outcomes(self, message_id: str, envelope: dict[str, Any],
+                      outcomes: dict[str, state.RecipientOutcome]) -> None:
+        attempt = envelope.get("attempt_count", 0)
+        for rcpt in envelope["recipients"]:
+            outcome = outcomes.get(rcpt["address"])
+            if outcome is None and rcpt.get("status") != state.EXPIRED:
+                continue
+            last = rcpt.get("last") or {}
+            reply = " ".join(str(part) for part in (last.get("code"), last.get("enhanced"),
+                                                     last.get("text")) if part)
+            extra = f" ({rcpt['expired_by']})" if rcpt.get("expired_by") else ""
+            log.info("%s: to=<%s>, attempt=%d, server=%s, status=%s%s (%s)", message_id,
+                     rcpt["address"], attempt, last.get("server") or "none",
+                     rcpt.get("status"), extra, reply)
+
+    async def _send_notices(self, envelope: dict[str, Any], source: Any) -> bool:
+        """Spool the failure and success notices this attempt made due; False if one failed.
+
+        One notice of each kind per attempt, covering every recipient it concerns (so a
+        message whose recipients all fail at once gets one bounce listing them all).
+        """
+        ok = True
+        for kind, recipients in bounce.due_notices(envelope).items():
+            try:
+                notice_id = await asyncio.to_thread(self._spool_notice, envelope, recipients,
+                                                    kind, source)
+            except OSError as exc:
+                log.error("%s: cannot spool the %s notice: %s", envelope["id"], kind, exc)
+                ok = False
+                continue
+            bounce.mark_notified(recipients, kind)
+            label = "non-delivery" if kind == bounce.FAILURE_NOTICE else "delivery"
+            log.info("%s: sender %s notification: %s", envelope["id"], label, notice_id)
+        return ok
 
     async def _maybe_warn_delay(self, envelope: dict[str, Any], source: Any, now: float) -> None:
         """Send one delay notice once a message has waited delay_warning (RFC 3461 DELAY).
@@ -207,78 +277,63 @@ class DeliveryWorker:
         between can repeat a warning, never lose a message.
         """
         after = self.cfg.delivery.delay_warning
+        received = float(envelope.get("received_at", now))
         if (not after or envelope.get("delay_notified") or not bounce.should_report(envelope)
-                or now - float(envelope.get("received_at", now)) < after):
+                or now - received < after):
             return
-        waiting = [r for r in state.open_recipients(envelope) if bounce.wants(r, "DELAY")]
+        expires = received + self.cfg.delivery.message_expiration
+        waiting = [dict(r, will_retry_until=expires) for r in state.open_recipients(envelope)
+                   if bounce.wants(r, "DELAY")]
         if waiting:
-            expires = float(envelope.get("received_at", now)) + self.cfg.delivery.message_expiration
-            for r in waiting:
-                r["will_retry_until"] = expires
-            notice_id = await asyncio.to_thread(self._spool_notice, envelope, waiting,
-                                                "delayed", source)
+            try:
+                notice_id = await asyncio.to_thread(self._spool_notice, envelope, waiting,
+                                                    "delayed", source)
+            except OSError as exc:
+                log.error("%s: cannot spool the delay notice: %s", envelope["id"], exc)
+                return
             log.info("%s: sender delay notification: %s", envelope["id"], notice_id)
         envelope["delay_notified"] = True
 
-    async def _finish_failed(self, message_id: str, path: str, envelope: dict[str, Any],
-                             source: Any) -> None:
-        """Every recipient is closed and some failed or expired: bounce, then remove.
-
-        The bounce is made durable in incoming/ before the original is removed (nothing
-        vanishes). A message from the null sender is not bounced (no loops); it is kept in
-        failed/ for the operator instead of disappearing silently.
-        """
-        closed = [r for r in envelope["recipients"]
-                  if r.get("status") in (state.FAILED, state.EXPIRED)]
-        report = [r for r in closed if bounce.wants(r, "FAILURE")]
-        if not bounce.should_report(envelope):
-            await asyncio.to_thread(self.spool.rewrite, path, envelope, None)
-            self.spool.move(path, "failed", message_id)
-            log.warning("%s: undeliverable message from the null sender; kept in failed/",
-                        message_id)
-            return
-        if report:
-            bounce_id = await asyncio.to_thread(self._spool_notice, envelope, report,
-                                                "failed", source)
-            log.info("%s: sender non-delivery notification: %s", message_id, bounce_id)
-        await self._remove(message_id, path, envelope)
-
     def _spool_notice(self, envelope: dict[str, Any], recipients: list[dict[str, Any]],
-                      action: str, source: Any) -> str:
-        """Build a DSN for ``recipients`` and store it durably as a new message."""
+                      kind: str, source: Any) -> str:
+        """Build a DSN about ``recipients`` and store it durably as a new message from the
+        null sender (RFC 3461 §6.2: notices are sent with MAIL FROM:<>)."""
         hostname = self.cfg.hostname
-        data = bounce.build_report(envelope, recipients, action, source, hostname=hostname)
+        data = bounce.build_report(envelope, recipients, kind, source, hostname=hostname)
         notice_id = new_message_id()
+        to = envelope["sender"]
         notice = {
             "id": notice_id, "sender": "",
-            "recipients": [{"address": envelope["sender"], "orcpt": None, "notify": None}],
-            "params": {"body": "8BITMIME", "smtputf8": False, "size": len(data), "ret": None,
-                       "envid": None},
+            "recipients": [{"address": to, "orcpt": None, "notify": None}],
+            "params": {"body": "8BITMIME", "smtputf8": not to.isascii(), "size": len(data),
+                       "ret": None, "envid": None},
             "client": {"ip": None, "port": None, "helo": hostname, "esmtp": False, "tls": None,
-                       "listener": "bounce", "auth": None},
+                       "listener": "notice", "auth": None},
             "received_at": time.time(), "metadata": {}, "notice_of": envelope["id"],
+            "notice_kind": kind,
         }
         store_message(self.spool, data, notice)
         return notice_id
 
-    async def _remove(self, message_id: str, path: str, envelope: dict[str, Any]) -> None:
-        """Unlink a delivered message, retrying; never let it be delivered twice."""
+    async def _remove(self, message_id: str, path: str, envelope: dict[str, Any],
+                      why: str) -> None:
+        """Unlink a finished message, retrying; never let it be delivered twice."""
         for attempt in range(REMOVE_RETRIES):
             try:
                 self.spool.remove(path)
-                log.info("%s: removed (all recipients delivered)", message_id)
+                log.info("%s: removed (%s)", message_id, why)
                 return
             except FileNotFoundError:
                 return
             except OSError as exc:
-                log.error("%s: cannot remove delivered message (try %d): %s",
+                log.error("%s: cannot remove finished message (try %d): %s",
                           message_id, attempt + 1, exc)
                 await asyncio.sleep(0.2 * (attempt + 1))
-        # Still there: record the delivered state so a restart finds nothing left to send.
+        # Still there: record the final state so a restart finds nothing left to send.
         try:
             await asyncio.to_thread(self.spool.rewrite, path, envelope, None)
         except OSError as exc:
-            log.critical("%s: delivered but neither removable nor rewritable: %s",
+            log.critical("%s: finished but neither removable nor rewritable: %s",
                          message_id, exc)
 
 

@@ -60,9 +60,11 @@ def test_failure_report_fields(source):
     assert r1["Original-Recipient"] == "rfc822;U1@b.example"
     assert r1["Action"] == "failed" and r1["Status"] == "5.1.1"
     assert r1["Remote-MTA"] == "dns;mx.b.example"
-    assert r1["Diagnostic-Code"] == "smtp;550 no such user Injected: yes"
+    assert r1["Diagnostic-Code"] == "smtp;550 5.1.1 no such user Injected: yes"
     assert r2["Status"] == "4.4.7" and r2["Original-Recipient"] is None
+    assert r2["Diagnostic-Code"] == "smtp;421 busy" and r2["Remote-MTA"] == "dns;mx.c.example"
     assert original.get_content_type() == "text/rfc822-headers"
+    assert original["Content-Description"] == "Undelivered message headers"
     assert b"body line" not in original.as_bytes()
     assert b"Subject: hello" in original.as_bytes()
 
@@ -98,3 +100,131 @@ def test_notify_rules(notify, kind, expected):
 def test_no_report_to_null_sender():
     assert not bounce.should_report({"sender": ""})
     assert bounce.should_report({"sender": "a@b"})
+
+
+def test_unknown_kind_is_refused(source):
+    e = env()
+    with pytest.raises(ValueError):
+        bounce.build_report(e, e["recipients"], "delivered", source, hostname="mta.test")
+
+
+def test_own_verdicts_have_a_local_diagnostic_and_no_remote_mta(source):
+    e = env()
+    e["recipients"] = [
+        {"address": "a@nullmx.example", "status": "failed",
+         "last": {"at": 1.7e9, "code": 556, "enhanced": "5.1.10",
+                  "text": "domain nullmx.example does not accept mail (null MX)",
+                  "server": None}},
+        {"address": "b@dead.example", "status": "expired", "expired_by": "max_attempts",
+         "attempts": 3,
+         "last": {"at": 1.7e9, "code": 451, "enhanced": "4.4.1",
+                  "text": "cannot connect to mx.dead.example[192.0.2.1]:25: Connection refused",
+                  "server": "mx.dead.example[192.0.2.1]:25"}},
+        {"address": "c@local", "status": "failed",
+         "last": {"at": 1.7e9, "code": 550, "enhanced": "5.1.1",
+                  "text": "invalid local mailbox name", "server": "maildir"}},
+    ]
+    msg = parse(bounce.build_report(e, e["recipients"], "failed", source, hostname="mta.test"))
+    _, a, b, c = msg.get_payload()[1].get_payload()
+    assert a["Status"] == "5.1.10" and a["Remote-MTA"] is None
+    assert a["Diagnostic-Code"] == "x-empath;domain nullmx.example does not accept mail (null MX)"
+    # Expired after max_attempts: the last transient status is kept (what it kept failing on).
+    assert b["Status"] == "4.4.1" and b["Remote-MTA"] is None
+    assert b["Diagnostic-Code"].startswith("x-empath;cannot connect to mx.dead.example")
+    assert c["Remote-MTA"] is None and c["Diagnostic-Code"] == "x-empath;invalid local mailbox name"
+    assert "gave up after 3 attempts" in msg.get_payload()[0].get_content()
+
+
+def test_expired_by_time_is_4_4_7(source):
+    e = env()
+    rcpt = dict(e["recipients"][0], status="expired", expired_by="message_expiration",
+                last={"at": 1.7e9, "code": 451, "enhanced": "4.2.1", "text": "busy",
+                      "server": "mx.b.example"})
+    msg = parse(bounce.build_report(e, [rcpt], "failed", source, hostname="mta.test"))
+    block = msg.get_payload()[1].get_payload()[1]
+    assert block["Status"] == "4.4.7" and block["Diagnostic-Code"] == "smtp;451 4.2.1 busy"
+    assert block["Remote-MTA"] == "dns;mx.b.example"
+
+
+def test_success_report_actions(source):
+    e = env()
+    local = {"address": "l@here", "notify": ["SUCCESS"], "status": "delivered",
+             "last": {"at": 1.7e9, "code": 250, "enhanced": "2.0.0",
+                      "text": "delivered to maildir l", "server": "maildir",
+                      "transport": "maildir"}}
+    relayed = {"address": "r@far", "notify": ["SUCCESS"], "status": "delivered",
+               "orcpt": "rfc822;R@far",
+               "last": {"at": 1.7e9, "code": 250, "enhanced": "2.0.0", "text": "queued as 7",
+                        "server": "mx.far", "transport": "smtp", "next_hop_dsn": False}}
+    msg = parse(bounce.build_report(e, [local, relayed], "success", source,
+                                    hostname="mta.test"))
+    assert msg["Subject"] == "Successful Mail Delivery Report"
+    _, lb, rb = msg.get_payload()[1].get_payload()
+    assert (lb["Action"], lb["Status"], lb["Remote-MTA"]) == ("delivered", "2.0.0", None)
+    assert (rb["Action"], rb["Status"], rb["Remote-MTA"]) == ("relayed", "2.0.0", "dns;mx.far")
+    assert rb["Original-Recipient"] == "rfc822;R@far"
+    assert rb["Diagnostic-Code"] == "smtp;250 2.0.0 queued as 7"
+    original = msg.get_payload()[2]
+    assert original.get_content_type() == "text/rfc822-headers"
+    assert original["Content-Description"] == "Message headers"
+
+
+def test_ret_full_applies_to_failures_only(source):
+    e = env(ret="FULL")
+    rcpt = dict(e["recipients"][1], status="deferred")
+    msg = parse(bounce.build_report(e, [rcpt], "delayed", source, hostname="mta.test"))
+    assert msg.get_payload()[2].get_content_type() == "text/rfc822-headers"
+
+
+@pytest.mark.parametrize("last,expected", [
+    ({"transport": "maildir"}, "delivered"),
+    ({"transport": "lmtp"}, "delivered"),
+    ({"transport": "smtp", "next_hop_dsn": False}, "relayed"),
+    ({"transport": "smtp"}, "relayed"),
+    ({"transport": "smtp", "next_hop_dsn": True}, None),
+])
+def test_success_action(last, expected):
+    assert bounce.success_action({"last": last}) == expected
+
+
+def test_due_notices_and_marking():
+    smtp_ok = {"transport": "smtp", "next_hop_dsn": False}
+    e = {"sender": "s@a", "recipients": [
+        {"address": "f1", "status": "failed", "notify": None},
+        {"address": "f2", "status": "expired", "notify": ["FAILURE", "DELAY"]},
+        {"address": "f3", "status": "failed", "notify": ["NEVER"]},
+        {"address": "d1", "status": "delivered", "notify": ["SUCCESS"], "last": smtp_ok},
+        {"address": "d2", "status": "delivered", "notify": None, "last": smtp_ok},
+        {"address": "d3", "status": "delivered", "notify": ["SUCCESS"],
+         "last": {"transport": "smtp", "next_hop_dsn": True}},
+        {"address": "o1", "status": "deferred", "notify": None},
+        {"address": "x1", "status": "failed", "notify": None, "dsn": "failed"},
+    ]}
+    due = bounce.due_notices(e)
+    assert {k: [r["address"] for r in v] for k, v in due.items()} == {
+        "failed": ["f1", "f2"], "success": ["d1"]}
+    marks = {r["address"]: r.get("dsn") for r in e["recipients"]}
+    assert marks == {"f1": None, "f2": None, "f3": "none", "d1": None, "d2": "none",
+                     "d3": "none", "o1": None, "x1": "failed"}
+    for kind, rcpts in due.items():
+        bounce.mark_notified(rcpts, kind)
+    assert bounce.due_notices(e) == {}
+    assert {r["address"]: r.get("dsn") for r in e["recipients"]}["d1"] == "relayed"
+
+
+def test_null_sender_is_owed_nothing():
+    e = {"sender": "", "recipients": [{"address": "f", "status": "failed", "notify": None},
+                                      {"address": "d", "status": "delivered",
+                                       "notify": ["SUCCESS"], "last": {}}]}
+    assert bounce.due_notices(e) == {}
+    assert [r["dsn"] for r in e["recipients"]] == ["none", "none"]
+
+
+def test_header_injection_through_addresses_is_flattened(source):
+    e = env()
+    e["sender"] = "s@a.example\r\nBcc: victim@x"
+    rcpt = dict(e["recipients"][0], address="u@b\r\nX-Evil: 1")
+    msg = parse(bounce.build_report(e, [rcpt], "failed", source, hostname="mta.test"))
+    assert msg["Bcc"] is None and msg["X-Evil"] is None
+    block = msg.get_payload()[1].get_payload()[1]
+    assert block["X-Evil"] is None and block["Final-Recipient"] == "rfc822;u@b X-Evil: 1"

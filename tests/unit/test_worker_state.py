@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from empath.delivery import state
+from empath.delivery.retry import retry_delay
 from empath.delivery.state import RecipientOutcome
 
 KW = dict(max_attempts=5, base=60.0, maximum=3600.0, jitter=0.0, expiration=86400.0)
@@ -43,7 +46,7 @@ def test_partial_failure_defers_only_open_recipients():
 def test_backoff_grows_and_is_capped():
     env = envelope("a@x")
     dues = []
-    for n in range(1, 5):
+    for _ in range(1, 5):
         state.record_attempt(env, {"a@x": RecipientOutcome("deferred", 421, None, "busy")},
                              {}, 1000.0)
         dues.append(state.decide(env, 1000.0, **{**KW, "max_attempts": 99,
@@ -77,3 +80,79 @@ def test_jitter_stays_in_bounds():
     dues = {state.decide(dict(env, recipients=[dict(r) for r in env["recipients"]]), 1000.0,
                          **{**KW, "jitter": 0.2}, rng=rng).next_retry_at for _ in range(50)}
     assert len(dues) > 1 and all(1048.0 <= d <= 1072.0 for d in dues)
+
+
+def test_expiry_says_which_limit():
+    by_attempts = envelope("a@x")
+    for _ in range(5):
+        state.record_attempt(by_attempts, {"a@x": RecipientOutcome("deferred", 421, None, "x")},
+                             {}, 1000.0)
+    state.decide(by_attempts, 1000.0, **KW)
+    assert by_attempts["recipients"][0]["expired_by"] == state.BY_ATTEMPTS
+    by_time = envelope("a@x")
+    state.record_attempt(by_time, {"a@x": RecipientOutcome("deferred", 421, None, "x")}, {},
+                         1000.0 + 86400.0)
+    state.decide(by_time, 1000.0 + 86400.0, **KW)
+    assert by_time["recipients"][0]["expired_by"] == state.BY_TIME
+    assert by_time["next_retry_at"] is None
+
+
+def test_route_of_each_recipient_is_recorded():
+    env = envelope("a@x.example", "b@Y.example", "c@localhost")
+    routes = [{"domain": "x.example", "transport": "smtp", "dsn": True},
+              {"domain": "y.example", "transport": "smtp", "dsn": False},
+              {"domain": "localhost", "transport": "maildir"}]
+    ok = RecipientOutcome("delivered", 250, "2.0.0", "ok", "mx")
+    state.record_attempt(env, {"a@x.example": ok, "b@Y.example": ok, "c@localhost": ok},
+                         {"routes": routes}, 1001.0)
+    lasts = [r["last"] for r in env["recipients"]]
+    assert [(last["transport"], last.get("next_hop_dsn")) for last in lasts] == [
+        ("smtp", True), ("smtp", False), ("maildir", None)]
+    assert env["attempts"][0]["routes"] == routes
+
+
+def test_closed_recipients_are_not_touched_again():
+    env = envelope("a@x", "b@y")
+    state.record_attempt(env, {"a@x": RecipientOutcome("failed", 550, "5.1.1", "no"),
+                               "b@y": RecipientOutcome("deferred", 451, None, "later")},
+                         {}, 1001.0)
+    state.record_attempt(env, {"a@x": RecipientOutcome("delivered", 250, None, "ok"),
+                               "b@y": RecipientOutcome("delivered", 250, None, "ok")},
+                         {}, 1100.0)
+    assert [r["status"] for r in env["recipients"]] == ["failed", "delivered"]
+    assert [r["attempts"] for r in env["recipients"]] == [1, 2]
+
+
+def test_history_is_bounded():
+    env = envelope("a@x")
+    for n in range(state.HISTORY_LIMIT + 5):
+        state.record_attempt(env, {"a@x": RecipientOutcome("deferred", 421, None, "x")}, {},
+                             1000.0 + n)
+    assert len(env["attempts"]) == state.HISTORY_LIMIT
+    assert env["attempts"][0]["number"] == 6 and env["attempt_count"] == state.HISTORY_LIMIT + 5
+
+
+@pytest.mark.parametrize("env,problem", [
+    ({"id": "X", "sender": "s", "recipients": [{"address": "a"}]}, None),
+    ({"id": "X", "recipients": [{"address": "a"}]}, "no sender"),
+    ({"id": "X", "sender": "s"}, "no recipients"),
+    ({"id": "X", "sender": "s", "recipients": []}, "no recipients"),
+    ({"id": "X", "sender": "s", "recipients": ["a"]}, "without an address"),
+    ({"id": "X", "sender": "s", "recipients": [{"address": "a", "notify": "NEVER"}]},
+     "NOTIFY"),
+    ({"id": "X", "sender": "s", "recipients": [{"address": "a"}], "received_at": "x"},
+     "received_at"),
+    ({"id": "X", "sender": "s", "recipients": [{"address": "a"}], "attempts": {}},
+     "history"),
+])
+def test_envelope_problem(env, problem):
+    found = state.envelope_problem(env)
+    assert (found is None) if problem is None else (problem in (found or ""))
+
+
+def test_retry_delay_is_pure_and_capped():
+    rng = random.Random(1)
+    assert [retry_delay(n, 60.0, 600.0, 0.0, rng) for n in (0, 1, 2, 3, 4, 5, 99)] == [
+        60.0, 60.0, 120.0, 240.0, 480.0, 600.0, 600.0]
+    spread = [retry_delay(1, 100.0, 1000.0, 0.5, rng) for _ in range(100)]
+    assert all(50.0 <= d <= 150.0 for d in spread) and len(set(spread)) > 1
