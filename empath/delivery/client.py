@@ -4,7 +4,9 @@ Owns the client side of the SMTP grammar: parsing replies (multi-line, RFC 2034 
 codes), reading EHLO keywords, building MAIL/RCPT commands with their ESMTP parameters (SIZE,
 BODY, SMTPUTF8, DSN), sequencing one transaction's envelope in lock-step or pipelined (RFC 2920)
 order, dot-stuffing message data across block boundaries, and classifying the outcome per
-recipient. ``empath/delivery/connection.py`` feeds it bytes from a socket.
+recipient: from one reply after the data (SMTP) or from one reply per accepted recipient
+(LMTP, RFC 2033 §4.2). ``empath/delivery/connection.py`` and ``lmtp.py`` feed it bytes from
+a socket.
 
 Never touches a socket, a file or a clock, so every rule here is unit-testable with bytes.
 """
@@ -301,20 +303,49 @@ class Transaction:
         data for every recipient the server had accepted (RFC 5321 §3.3).
         """
         out: dict[str, RecipientOutcome] = {}
-        decisive = self.mail_reply if self.mail_reply and not self.mail_reply.is_positive \
-            else None
         for index, (addr, _) in enumerate(self.rcpts):
-            reply = decisive
-            if reply is None and index < len(self.rcpt_replies) and \
-                    not self.rcpt_replies[index].is_positive:
-                reply = self.rcpt_replies[index]
-            if reply is None and self.use_data and not self.data_accepted:
-                reply = self.data_reply
+            reply = self._refusal(index)
             if reply is None:
                 reply = final
             if reply is None:
                 raise ProtocolError(f"no reply decides recipient {addr}")
             out[addr] = reply_outcome(reply, server)
+        return out
+
+    def _refusal(self, index: int) -> Reply | None:
+        """The reply that refused recipient ``index`` before any data was sent, if one did."""
+        if self.mail_reply is not None and not self.mail_reply.is_positive:
+            return self.mail_reply
+        if index < len(self.rcpt_replies) and not self.rcpt_replies[index].is_positive:
+            return self.rcpt_replies[index]
+        if self.use_data and not self.data_accepted:
+            return self.data_reply
+        return None
+
+    def per_recipient_outcomes(self, finals: list[Reply], server: str | None,
+                               missing: RecipientOutcome | None = None
+                               ) -> dict[str, RecipientOutcome]:
+        """Verdicts when the end of data is answered once per accepted recipient (LMTP).
+
+        RFC 2033 §4.2: after the final dot an LMTP server sends one reply for each RCPT it
+        accepted, in RCPT order; each decides its own recipient only. Refusals before the
+        data decide as in ``outcomes``. ``missing`` stands in for replies that never came
+        (the connection failed part-way); without it, a missing reply is a ProtocolError.
+        """
+        out: dict[str, RecipientOutcome] = {}
+        waiting = iter(finals)
+        for index, (addr, _) in enumerate(self.rcpts):
+            reply = self._refusal(index)
+            if reply is not None:
+                out[addr] = reply_outcome(reply, server)
+                continue
+            final = next(waiting, None)
+            if final is not None:
+                out[addr] = reply_outcome(final, server)
+            elif missing is not None:
+                out[addr] = missing
+            else:
+                raise ProtocolError(f"no reply decides recipient {addr}")
         return out
 
 

@@ -1,8 +1,10 @@
 """Route one message's open recipients to their transports and collect the outcomes.
 
-Recipients are grouped by domain: local domains go to Maildir (in a thread: it fsyncs), every
-other domain to the SMTP transport, all groups concurrently. The result is one
-RecipientOutcome per recipient plus one route record per group for the attempt history.
+Recipients are grouped by domain: local domains go to the LMTP server when
+``local_delivery.lmtp`` is set (``lmtp.py``), else to Maildir (``local.py``, in a thread: it
+fsyncs); every other domain goes to the SMTP transport; all groups concurrently. The result
+is one RecipientOutcome per recipient plus one route record per group for the attempt history.
+A transport that fails unexpectedly defers its recipients; it never fails them.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from collections import defaultdict
 from typing import Any
 
 from empath.delivery import local
-from empath.delivery.state import DELIVERED, DEFERRED, FAILED, RecipientOutcome
+from empath.delivery.errors import LocalSystemError
+from empath.delivery.state import RecipientOutcome
 from empath.spool import MessageSource
 
 log = logging.getLogger("empath.delivery")
@@ -29,6 +32,7 @@ class Dispatcher:
         self.cfg = cfg
         self.local_domains = {d.lower() for d in cfg.local_domains}
         self._remote: Any = None
+        self._lmtp: Any = None
 
     def _remote_transport(self) -> Any:
         if self._remote is None:
@@ -36,6 +40,13 @@ class Dispatcher:
 
             self._remote = RemoteTransport(self.cfg)
         return self._remote
+
+    def _lmtp_transport(self) -> Any:
+        if self._lmtp is None:
+            from empath.delivery.lmtp import LMTPTransport
+
+            self._lmtp = LMTPTransport(self.cfg)
+        return self._lmtp
 
     async def close(self) -> None:
         if self._remote is not None:
@@ -50,7 +61,10 @@ class Dispatcher:
         jobs = []
         for domain, rcpts in groups.items():
             if domain in self.local_domains or domain == "":
-                jobs.append(self._deliver_local(domain, envelope, rcpts, source))
+                if self.cfg.local_delivery.lmtp is not None:
+                    jobs.append(self._lmtp_transport().deliver(domain, envelope, rcpts, source))
+                else:
+                    jobs.append(self._deliver_maildir(domain, envelope, rcpts, source))
             else:
                 jobs.append(self._remote_transport().deliver(domain, envelope, rcpts, source))
         outcomes: dict[str, RecipientOutcome] = {}
@@ -60,29 +74,29 @@ class Dispatcher:
             infos.append(info)
         return outcomes, infos
 
-    async def _deliver_local(self, domain: str, envelope: dict[str, Any],
-                             rcpts: list[dict[str, Any]], source: MessageSource
-                             ) -> tuple[dict[str, RecipientOutcome], dict[str, Any]]:
+    async def _deliver_maildir(self, domain: str, envelope: dict[str, Any],
+                               rcpts: list[dict[str, Any]], source: MessageSource
+                               ) -> tuple[dict[str, RecipientOutcome], dict[str, Any]]:
+        """Each recipient's copy in its own thread: the fsyncs of one message's copies
+        overlap (local.py makes concurrent deliveries, even to one mailbox, safe)."""
         started = time.monotonic()
-        root = self.cfg.local_delivery.maildir_root
-        hostname = self.cfg.hostname
-        out: dict[str, RecipientOutcome] = {}
-        for rcpt in rcpts:
-            addr = rcpt["address"]
-            try:
-                res = await asyncio.to_thread(
-                    local.deliver_maildir, root, addr, envelope.get("sender", ""), source,
-                    hostname)
-            except OSError as exc:
-                log.error("%s: maildir delivery to <%s> failed: %s", envelope["id"], addr, exc)
-                out[addr] = RecipientOutcome(DEFERRED, 451, "4.2.0", f"maildir: {exc}", "maildir")
-                continue
-            if res.ok:
-                out[addr] = RecipientOutcome(DELIVERED, 250, "2.0.0", res.text, "maildir")
-            elif res.permanent:
-                out[addr] = RecipientOutcome(FAILED, 550, "5.1.1", res.text, "maildir")
-            else:
-                out[addr] = RecipientOutcome(DEFERRED, 451, "4.2.0", res.text, "maildir")
+        results = await asyncio.gather(*(self._maildir_copy(envelope, rcpt["address"], source)
+                                         for rcpt in rcpts))
+        out = {rcpt["address"]: outcome for rcpt, outcome in zip(rcpts, results, strict=True)}
         info = {"domain": domain or "(local)", "transport": "maildir",
                 "duration": round(time.monotonic() - started, 6)}
         return out, info
+
+    async def _maildir_copy(self, envelope: dict[str, Any], addr: str,
+                            source: MessageSource) -> RecipientOutcome:
+        try:
+            res = await asyncio.to_thread(
+                local.deliver_maildir, self.cfg.local_delivery.maildir_root, addr,
+                envelope.get("sender", ""), source, self.cfg.hostname)
+        except Exception as exc:  # a bug must defer, never fail, the recipient
+            log.exception("%s: maildir delivery to <%s> failed", envelope.get("id"), addr)
+            return LocalSystemError.make("local", server="maildir",
+                                         reason=f"maildir: {exc}").outcome()
+        if not res.ok:
+            log.warning("%s: maildir delivery to <%s>: %s", envelope.get("id"), addr, res.text)
+        return res.outcome()

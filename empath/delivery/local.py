@@ -1,13 +1,27 @@
 """Local delivery into Maildir (<maildir_root>/<user>/{tmp,new,cur}).
 
-The Maildir protocol: write the message under a unique name in ``tmp/``, fsync it, rename it
-into ``new/``, fsync ``new/``. A reader never sees a partial file and a crash leaves at worst a
-stale file in ``tmp/``. This module never builds a spool path; it reads the message through the
-MessageSource the worker hands it.
+The Maildir protocol (as qmail defined it): write the message under a unique name in
+``tmp/``, fsync it, link it into ``new/``, fsync ``new/``, then drop the name in ``tmp/``. A
+reader never sees a partial file, and a crash leaves at worst a stale file in ``tmp/``.
+
+- Names are unique per delivery: seconds, microseconds, pid, a per-process counter and random
+  bits, then the host. ``tmp/`` files are created with O_EXCL and ``new/`` names are taken
+  with link(), which fails rather than replaces, so two deliveries (threads, workers, or
+  another agent writing the same mailbox) can never overwrite each other; a taken name is
+  simply drawn again.
+- Directories this delivery creates are fsynced into their parents, so a new mailbox
+  survives a crash along with the message in it.
+- A user name that cannot be a directory name fails the recipient permanently; anything the
+  file system says (no space, quota, permissions) defers it.
+
+Blocking: the dispatcher runs it in a thread. This module never builds a spool path; it reads
+the message through the MessageSource the worker hands it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import itertools
 import os
 import re
@@ -15,18 +29,59 @@ import socket
 import time
 from dataclasses import dataclass
 
+from empath.delivery.state import DEFERRED, DELIVERED, FAILED, RecipientOutcome
 from empath.spool import MessageSource
 
 _counter = itertools.count()
 # A mailbox name becomes a directory name: nothing that could walk out of maildir_root.
 _SAFE_USER = re.compile(r"^[A-Za-z0-9._+-]{1,64}$")
+NAME_TRIES = 10  # fresh names drawn when one is taken (each has 64 random bits: never, really)
+COPY_BLOCK = 1 << 20
+# copy_file_range cannot serve these (another file system, an old kernel, a special file):
+# the bytes are copied by hand instead.
+_NO_COPY_RANGE = frozenset({errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP,
+                            errno.EPERM, errno.EBADF})
+# link() is not available on this file system: rename, after checking the name is free.
+_NO_LINK = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK})
+
+# What Maildir delivery says about a recipient (RFC 3463 subjects in the comments).
+MAILDIR_REPLIES: dict[str, tuple[str, int, str, str]] = {
+    "delivered": (DELIVERED, 250, "2.0.0", "delivered to maildir {user}"),
+    # X.1.1: bad destination mailbox address.
+    "bad_mailbox": (FAILED, 550, "5.1.1", "invalid local mailbox name in {address!r}"),
+    # X.2.2: mailbox full (a disk quota).
+    "quota": (DEFERRED, 452, "4.2.2", "mailbox {user} is over quota: {reason}"),
+    # X.3.1: mail system full.
+    "no_space": (DEFERRED, 452, "4.3.1", "no space left for mailbox {user}: {reason}"),
+    # X.2.0: other mailbox status (permissions, I/O errors, a file where a directory goes).
+    "error": (DEFERRED, 451, "4.2.0", "maildir delivery to {user} failed: {reason}"),
+}
 
 
 @dataclass(frozen=True, slots=True)
 class LocalResult:
-    ok: bool
-    permanent: bool
+    """The verdict of one Maildir delivery."""
+
+    status: str  # delivered | deferred | failed
+    code: int
+    enhanced: str
     text: str
+
+    @classmethod
+    def make(cls, kind: str, **fields: str) -> LocalResult:
+        status, code, enhanced, template = MAILDIR_REPLIES[kind]
+        return cls(status, code, enhanced, template.format(**fields))
+
+    @property
+    def ok(self) -> bool:
+        return self.status == DELIVERED
+
+    @property
+    def permanent(self) -> bool:
+        return self.status == FAILED
+
+    def outcome(self) -> RecipientOutcome:
+        return RecipientOutcome(self.status, self.code, self.enhanced, self.text, "maildir")
 
 
 def mailbox_name(address: str) -> str | None:
@@ -39,10 +94,16 @@ def mailbox_name(address: str) -> str | None:
 
 
 def unique_name(hostname: str) -> str:
-    """A Maildir file name unique per delivery (time, microseconds, pid, counter, host)."""
-    now = time.time()
+    """A Maildir file name unique per delivery (time, microseconds, pid, counter, random, host).
+
+    ``/`` and ``:`` cannot appear in the host part (a path separator, and the separator of
+    the flags a reader appends), so they are written as octal escapes, as Dovecot does.
+    """
+    now = time.time_ns()
+    seconds, micro = divmod(now // 1000, 1_000_000)
     host = hostname.replace("/", "\\057").replace(":", "\\072")
-    return f"{int(now)}.M{int(now % 1 * 1e6)}P{os.getpid()}Q{next(_counter)}.{host}"
+    return (f"{seconds}.M{micro}P{os.getpid()}Q{next(_counter)}R{os.urandom(8).hex()}"
+            f".{host}")
 
 
 def deliver_maildir(root: str, address: str, sender: str, source: MessageSource,
@@ -50,38 +111,137 @@ def deliver_maildir(root: str, address: str, sender: str, source: MessageSource,
     """Deliver one copy to the mailbox of ``address``. Blocking: run it in a thread."""
     user = mailbox_name(address)
     if user is None:
-        return LocalResult(False, True, f"invalid local mailbox name in {address!r}")
-    base = os.path.join(root, user)
-    for sub in ("tmp", "new", "cur"):
-        os.makedirs(os.path.join(base, sub), mode=0o700, exist_ok=True)
-    name = unique_name(hostname or socket.gethostname())
-    tmp = os.path.join(base, "tmp", name)
+        return LocalResult.make("bad_mailbox", address=address)
     # Return-Path and Delivered-To are what a local delivery agent adds (RFC 5321 §4.4).
     header = f"Return-Path: <{sender}>\r\nDelivered-To: {address}\r\n".encode()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        os.write(fd, header)
-        src = os.open(source.path, os.O_RDONLY | os.O_CLOEXEC)
+        base = ensure_maildir(root, user)
+        store(base, header, source, hostname or socket.gethostname())
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        if exc.errno == errno.EDQUOT:
+            return LocalResult.make("quota", user=user, reason=reason)
+        if exc.errno == errno.ENOSPC:
+            return LocalResult.make("no_space", user=user, reason=reason)
+        return LocalResult.make("error", user=user, reason=reason)
+    return LocalResult.make("delivered", user=user)
+
+
+def ensure_maildir(root: str, user: str) -> str:
+    """``<root>/<user>`` with its tmp, new and cur, created (and made durable) when missing."""
+    base = os.path.join(root, user)
+    if all(os.path.isdir(os.path.join(base, sub)) for sub in ("tmp", "new", "cur")):
+        return base
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    created: list[str] = []
+    for path in (base, *(os.path.join(base, sub) for sub in ("tmp", "new", "cur"))):
         try:
-            offset, remaining = source.offset, source.length
-            while remaining > 0:
-                n = os.copy_file_range(src, fd, remaining, offset)
-                if n == 0:
-                    raise OSError("queue file shorter than its recorded length")
-                offset += n
-                remaining -= n
-        finally:
-            os.close(src)
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        os.unlink(tmp)
-        raise
-    os.close(fd)
-    os.rename(tmp, os.path.join(base, "new", name))
-    dfd = os.open(os.path.join(base, "new"), os.O_RDONLY | os.O_DIRECTORY)
+            os.mkdir(path, 0o700)
+            created.append(path)
+        except FileExistsError:
+            if not os.path.isdir(path):
+                raise
+    # A directory entry is only durable once its parent is fsynced; otherwise a crash could
+    # take the mailbox, and the message about to be written into it, away.
+    for parent in dict.fromkeys(os.path.dirname(path) for path in created):
+        fsync_directory(parent)
+    return base
+
+
+def store(base: str, header: bytes, source: MessageSource, hostname: str) -> str:
+    """Write ``header`` and the message into ``base``/tmp, then publish it in new/.
+
+    Returns the file name in ``new/``."""
+    fd, name = _create_unique(os.path.join(base, "tmp"), hostname)
+    tmp = os.path.join(base, "tmp", name)
     try:
-        os.fsync(dfd)
+        try:
+            _write_all(fd, header)
+            src = os.open(source.path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                copy_range(src, fd, source.offset, source.length)
+            finally:
+                os.close(src)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        final = _publish(tmp, os.path.join(base, "new"), name, hostname)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return final
+
+
+def _create_unique(directory: str, hostname: str) -> tuple[int, str]:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+    for _ in range(NAME_TRIES):
+        name = unique_name(hostname)
+        try:
+            return os.open(os.path.join(directory, name), flags, 0o600), name
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free file name in", directory)
+
+
+def _publish(tmp: str, new_dir: str, name: str, hostname: str) -> str:
+    """Give the finished file a name in ``new/`` that nobody else has, durably."""
+    for _ in range(NAME_TRIES):
+        target = os.path.join(new_dir, name)
+        try:
+            os.link(tmp, target)
+        except FileExistsError:
+            name = unique_name(hostname)
+            continue
+        except OSError as exc:
+            if exc.errno not in _NO_LINK:
+                raise
+            if os.path.lexists(target):
+                name = unique_name(hostname)
+                continue
+            os.rename(tmp, target)
+        fsync_directory(new_dir)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)  # a stale tmp/ name is harmless; readers look in new/ only
+        return name
+    raise FileExistsError(errno.EEXIST, "no free file name in", new_dir)
+
+
+def copy_range(src: int, dst: int, offset: int, length: int) -> None:
+    """Copy ``length`` bytes of ``src`` from ``offset`` to ``dst``'s current position.
+
+    In the kernel when it can (copy_file_range), by hand when the two files are on file
+    systems it cannot copy between."""
+    remaining = length
+    in_kernel = hasattr(os, "copy_file_range")
+    while remaining > 0:
+        if in_kernel:
+            try:
+                n = os.copy_file_range(src, dst, min(remaining, 1 << 30), offset)
+            except OSError as exc:
+                if exc.errno not in _NO_COPY_RANGE:
+                    raise
+                in_kernel = False
+                continue
+        else:
+            block = os.pread(src, min(remaining, COPY_BLOCK), offset)
+            n = len(block)
+            _write_all(dst, block)
+        if n == 0:
+            raise OSError(errno.EIO, "queue file shorter than its recorded length")
+        offset += n
+        remaining -= n
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def fsync_directory(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
     finally:
-        os.close(dfd)
-    return LocalResult(True, False, f"delivered to maildir {user}")
+        os.close(fd)
