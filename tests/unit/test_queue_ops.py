@@ -265,7 +265,7 @@ def test_freeze_flag(spool: Spool, queue: Queue) -> None:
 
 
 def test_touch_deferred_for_flush(spool: Spool, queue: Queue) -> None:
-    ids = [put(spool, "deferred") for _ in range(3)]
+    ids = [put(spool, "deferred", at=NOW - 10 + i) for i in range(3)]
     assert queue.deferred_ids() == ids
     assert all(queue.touch_deferred(i, NOW - 5) for i in ids)
     assert not queue.touch_deferred(new_message_id(), NOW)
@@ -311,10 +311,10 @@ def test_view_record_unfolds_headers_and_keeps_the_body(spool: Spool, queue: Que
 def test_mailq_layout(spool: Spool, queue: Queue) -> None:
     assert mailq.render([]) == "Mail queue is empty\n"
     last = {"at": NOW, "code": 451, "enhanced": "4.3.0", "text": "busy", "server": "mx.y.org"}
-    d = put(spool, "deferred", extra={"recipients": [
+    d = put(spool, "deferred", at=NOW - 10, extra={"recipients": [
         {"address": "a@y.org", "status": "deferred", "last": last},
         {"address": "done@y.org", "status": "delivered"}]})
-    h = put(spool, "hold", sender="")
+    h = put(spool, "hold", sender="", at=NOW - 5)
     text = mailq.render(queue.scan())
     lines = text.splitlines()
     assert lines[0].startswith("-Queue ID-") and lines[0].endswith("-Sender/Recipient-------")
