@@ -45,10 +45,10 @@ _SUBJECTS = {
 }
 _INTRO = {
     "failed": "Your message could not be delivered to one or more recipients.",
-    "delayed": "Your message has not been delivered yet to one or more recipients. Delivery "
-               "will be retried; you do not need to resend it.",
-    "success": "Your message was delivered to the recipients listed below (\"relayed\": "
-               "handed to a system that does not send delivery notifications).",
+    "delayed": "Your message has not been delivered yet to one or more recipients.\r\n"
+               "Delivery will be retried; you do not need to resend it.",
+    "success": "Your message was delivered to the recipients listed below, or relayed to\r\n"
+               "a system that does not send delivery notifications.",
 }
 
 
@@ -198,7 +198,7 @@ def _human_line(rcpt: dict[str, Any], action: str) -> str:
                  else f"{rcpt.get('attempts', 0)} attempts")
         reason = f"gave up after {limit}; last error: {reason}"
     elif action == "relayed":
-        reason = f"relayed to {_remote_mta(last) or 'the next hop'}"
+        return f"<{_clean(rcpt['address'])}>: relayed to {_remote_mta(last) or 'the next hop'}"
     return f"<{_clean(rcpt['address'])}>: {action}: {reason}"
 
 

@@ -1,14 +1,25 @@
-"""Delivery state in the envelope: recording attempts and deciding what comes next."""
+"""Delivery state in the envelope: recording attempts and deciding what comes next; and the
+worker's handling of one message when something goes wrong."""
 
 from __future__ import annotations
 
+import asyncio
+import errno
+import os
 import random
+import time
+from pathlib import Path
 
 import pytest
+import yaml
 
+from empath.config import load_config
 from empath.delivery import state
 from empath.delivery.retry import retry_delay
 from empath.delivery.state import RecipientOutcome
+from empath.delivery.worker import DeliveryWorker
+from empath.spool import Spool, new_message_id, read_envelope
+from empath.spool.submit import store_message
 
 KW = dict(max_attempts=5, base=60.0, maximum=3600.0, jitter=0.0, expiration=86400.0)
 
@@ -156,3 +167,90 @@ def test_retry_delay_is_pure_and_capped():
         60.0, 60.0, 120.0, 240.0, 480.0, 600.0, 600.0]
     spread = [retry_delay(1, 100.0, 1000.0, 0.5, rng) for _ in range(100)]
     assert all(50.0 <= d <= 150.0 for d in spread) and len(set(spread)) > 1
+
+
+# -- the worker's handling of one message, with a scripted dispatcher ------------------------
+class _Ctx:
+    def __init__(self, cfg: object) -> None:
+        self.config = cfg
+        self.index = 1
+        self.count = 1
+        self.stopping = asyncio.Event()
+
+
+def _worker(tmp_path: Path) -> DeliveryWorker:
+    conf = tmp_path / "empath.yaml"
+    conf.write_text(yaml.safe_dump({
+        "base_dir": str(tmp_path), "hostname": "mta.test",
+        "spool": {"path": "spool"}, "local_delivery": {"maildir_root": "mail"},
+        "delivery": {"retry_base_delay": "30s", "retry_jitter_factor": 0}}))
+    cfg = load_config(str(conf))
+    Spool(cfg.spool.path).create_tree()
+    return DeliveryWorker(_Ctx(cfg))
+
+
+def _queue(worker: DeliveryWorker, **envelope: object) -> tuple[str, str]:
+    """A message in incoming/, claimed by the worker: (id, active path)."""
+    qid = new_message_id()
+    env = {"id": qid, "sender": "s@a.example", "received_at": time.time(),
+           "recipients": [{"address": "u@b.example", "orcpt": None, "notify": None}],
+           "params": {}, **envelope}
+    store_message(worker.spool, b"Subject: t\r\n\r\nbody\r\n", env, wake=False)
+    os.makedirs(worker.spool.active_dir(worker.slot), exist_ok=True)
+    path = worker.spool.claim(qid, "incoming", worker.slot)
+    assert path is not None
+    return qid, path
+
+
+def test_an_unexpected_error_sets_the_message_aside_for_retry_base_delay(tmp_path: Path) -> None:
+    worker = _worker(tmp_path)
+    qid, path = _queue(worker)
+
+    async def broken(*args: object) -> None:
+        raise RuntimeError("a bug")
+
+    worker.dispatcher.deliver = broken  # type: ignore[method-assign]
+    asyncio.run(worker._process(qid, path))
+    deferred = worker.spool.path("deferred", qid)
+    assert os.stat(deferred).st_mtime == pytest.approx(time.time() + 30, abs=5)
+    assert "attempt_count" not in read_envelope(deferred)  # the file as it was
+
+
+def test_a_notice_that_cannot_be_spooled_keeps_the_message(tmp_path: Path) -> None:
+    worker = _worker(tmp_path)
+    qid, path = _queue(worker)
+    calls = []
+
+    async def fails(envelope: dict, rcpts: list, source: object) -> tuple[dict, list]:
+        calls.append(1)
+        return ({"u@b.example": RecipientOutcome("failed", 550, "5.1.1", "no", "mx.b")},
+                [{"domain": "b.example", "transport": "smtp"}])
+
+    def no_space(*args: object) -> str:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    worker.dispatcher.deliver = fails  # type: ignore[method-assign]
+    worker._spool_notice = no_space  # type: ignore[method-assign]
+    asyncio.run(worker._process(qid, path))
+    deferred = worker.spool.path("deferred", qid)
+    env = read_envelope(deferred)
+    assert env["recipients"][0]["status"] == "failed" and "dsn" not in env["recipients"][0]
+    assert env["attempt_count"] == 1 and worker.spool.list_ids("incoming") == []
+    # Later, with space again: the bounce goes out without a new delivery attempt.
+    del worker._spool_notice
+    path = worker.spool.claim(qid, "deferred", worker.slot)
+    assert path is not None
+    asyncio.run(worker._process(qid, path))
+    assert calls == [1] and worker.spool.find(qid) is None
+    [notice_id] = worker.spool.list_ids("incoming")
+    notice = read_envelope(worker.spool.path("incoming", notice_id))
+    assert notice["sender"] == "" and notice["notice_of"] == qid
+    assert [r["address"] for r in notice["recipients"]] == ["s@a.example"]
+
+
+def test_a_foreign_envelope_goes_to_corrupt(tmp_path: Path) -> None:
+    worker = _worker(tmp_path)
+    qid, path = _queue(worker)
+    worker.spool.rewrite(path, dict(read_envelope(path), id="01ARZ3NDEKTSV4RRFFQ69G5FAV"))
+    asyncio.run(worker._process(qid, path))
+    assert worker.spool.list_ids("corrupt") == [qid]
