@@ -254,6 +254,13 @@ def _check(cfg: Namespace, loader: _Loader, root: yaml.Node | None) -> None:
         for name, file in (("cert", cert), ("key", key)):
             if file is not None and not os.path.isfile(file):
                 raise fail(f"listeners[{i}].tls.{name}", f"no such file: {file}")
+    for i, lst in enumerate(cfg.listeners):
+        if lst.mode in ("submission", "smtps") and cfg.smtp.auth.password_file is None:
+            raise fail(f"listeners[{i}].mode",
+                       f"mode {lst.mode} requires AUTH: set smtp.auth.password_file")
+    pwfile = cfg.smtp.auth.password_file
+    if pwfile is not None and not os.path.isfile(pwfile):
+        raise fail("smtp.auth.password_file", f"no such file: {pwfile}")
     users = cfg.local_delivery.users
     if users is not None and not os.path.isfile(users):
         raise fail("local_delivery.users", f"no such file: {users}")

@@ -176,6 +176,20 @@ SCHEMA = Section("", "Empath configuration.", (
                 "Storing the message after the final dot (spool write and fsync)."),
             Key("connection", Duration(1), 1800.0, "Whole connection lifetime."),
         )),
+        Section("auth", "SMTP AUTH (RFC 4954) on submission and smtps listeners.", (
+            Key("password_file", Path(), None,
+                "File of user:argon2-hash lines (empathctl passwd adds users); needed by "
+                "submission and smtps listeners.", nullable=True),
+            Key("allow_plaintext", Bool(), False,
+                "Offer AUTH without TLS (only for trusted networks; never on the Internet)."),
+            Key("max_failures", Int(1, 1000), 5,
+                "Failed AUTH attempts per client address within failure_window before its "
+                "connections are dropped with 421."),
+            Key("failure_window", Duration(1), 600.0, "Window for max_failures."),
+            Key("require_sender_match", Bool(), False,
+                "Refuse MAIL FROM whose domain is not the authenticated user's (its domain, or "
+                "a local domain for a bare user name) with 553 5.7.1."),
+        )),
         Section("modules", "Modules called on SMTP events (docs/MODULES.md), in order.", (
             Key("name", Str(), None, "Importable module path, e.g. empath.modules.blocklist."),
             Key("options", Mapping(), {}, "Options passed to the module's setup()."),

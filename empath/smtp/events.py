@@ -25,6 +25,10 @@ class Settings:
     relay_domains: frozenset[str] = frozenset()
     local_users: frozenset[str] | None = None
     hooks: frozenset[str] = frozenset()  # stages some module implements
+    auth_offered: bool = False  # AUTH (RFC 4954) on this listener
+    auth_required: bool = False  # MAIL needs a successful AUTH first (submission)
+    auth_plaintext_ok: bool = False  # AUTH allowed without TLS
+    require_sender_match: bool = False  # MAIL FROM must belong to the authenticated user
 
 
 # -- events --------------------------------------------------------------------------------
@@ -69,7 +73,16 @@ class Close:
     pass
 
 
-Event = Send | StartTLS | DataStart | Data | DataEnd | DataAbort | Check | Close
+@dataclass(slots=True)
+class Authenticate:
+    """Credentials to check; the session waits for ``auth_done``."""
+
+    user: str
+    password: str = field(repr=False)
+
+
+Event = (Send | StartTLS | DataStart | Data | DataEnd | DataAbort | Check | Close
+         | Authenticate)
 
 
 @dataclass

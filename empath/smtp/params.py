@@ -84,6 +84,17 @@ def recipient(address: str, params: dict[str, str | None]) -> dict[str, Any] | R
     return rcpt
 
 
+def sender_owned(sender: str, user: str, local_domains: frozenset[str]) -> bool:
+    """Whether an authenticated ``user`` may use ``sender``: the same domain as a user named
+    by address, or a local domain for a bare user name; the null sender always."""
+    if not sender:
+        return True
+    domain = sender.rpartition("@")[2].lower()
+    if "@" in user:
+        return domain == user.rpartition("@")[2].lower()
+    return domain in local_domains
+
+
 def client_is_trusted(ip: str, networks: tuple[Any, ...]) -> bool:
     """Whether ``ip`` is inside one of ``networks`` (mynetworks)."""
     try:

@@ -27,12 +27,15 @@ def _date() -> str:
     return _date_cache[1]
 
 
-def protocol(esmtp: bool, tls: bool, utf8: bool) -> str:
+def protocol(esmtp: bool, tls: bool, utf8: bool, auth: bool = False) -> str:
+    """RFC 3848 (ESMTPS, ESMTPA, ESMTPSA) and RFC 6531 (UTF8SMTP...) keywords."""
     if utf8:
-        return "UTF8SMTPS" if tls else "UTF8SMTP"
-    if not esmtp:
+        base = "UTF8SMTP"
+    elif not esmtp:
         return "SMTPS" if tls else "SMTP"
-    return "ESMTPS" if tls else "ESMTP"
+    else:
+        base = "ESMTP"
+    return base + ("S" if tls else "") + ("A" if auth else "")
 
 
 def _clean(text: str) -> str:
@@ -44,12 +47,15 @@ def received_header(session: Any, ip: str, hostname: str, queue_id: str,
                     tls: dict[str, str] | None) -> bytes:
     env = session.envelope
     helo = _clean(session.helo or "unknown")
-    proto = protocol(session.esmtp, tls is not None, bool(env and env.smtputf8))
+    user = getattr(session, "auth_user", None)
+    proto = protocol(session.esmtp, tls is not None, bool(env and env.smtputf8), user is not None)
     parts = [f"Received: from {helo} ([{ip}])\r\n\tby {hostname} (Empath) with {proto} "
              f"id {queue_id}"]
     if tls is not None:
         parts.append(f"\r\n\t(using {tls.get('version', '')} with cipher "
                      f"{tls.get('cipher', '')})")
+    if user is not None:
+        parts.append(f"\r\n\t(authenticated as {_clean(user)})")
     if env is not None and len(env.recipients) == 1:
         parts.append(f"\r\n\tfor <{_clean(env.recipients[0]['address'])}>")
     parts.append(f"; {_date()}\r\n")

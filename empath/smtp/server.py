@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -22,6 +23,7 @@ import time
 from typing import Any
 
 from empath import modules as hooks
+from empath import passwords
 from empath.smtp import replies as R
 from empath.smtp import session as S
 from empath.smtp.received import received_header
@@ -48,6 +50,11 @@ class Receiver:
         self.stopping = False
         self.writer: Any = None
         self.data_block = cfg.smtp.timeouts.data_block
+        auth = cfg.smtp.auth
+        self.passwords = (passwords.read_password_file(auth.password_file)
+                          if auth.password_file else {})
+        # argon2 takes ~64 MiB and tens of ms per check: two at a time per receiver.
+        self.auth_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="auth")
         self._free_checked = 0.0
         self._free_ok = True
         users = None
@@ -71,14 +78,46 @@ class Receiver:
         if listener.tls.cert:
             ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ctx.load_cert_chain(listener.tls.cert, listener.tls.key)
-        return S.Settings(tls_available=ctx is not None, **self.base_settings), ctx
+        auth = self.cfg.smtp.auth
+        submission = listener.mode in ("submission", "smtps")
+        return S.Settings(tls_available=ctx is not None, auth_offered=submission,
+                          auth_required=submission, auth_plaintext_ok=auth.allow_plaintext,
+                          require_sender_match=auth.require_sender_match,
+                          **self.base_settings), ctx
+
+    def auth_blocked(self, ip: str) -> bool:
+        """Whether ``ip`` had max_failures failed AUTHs within failure_window, counted across
+        all receivers through a small file per address in the spool's control directory."""
+        path = self.spool.auth_failures_path(ip)
+        try:
+            with open(path, "rb") as fh:
+                times = [float(t) for t in fh.read().split()]
+        except (FileNotFoundError, ValueError):
+            return False
+        cutoff: float = time.time() - self.cfg.smtp.auth.failure_window
+        recent = sum(t >= cutoff for t in times)
+        if not recent:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        limit: int = self.cfg.smtp.auth.max_failures
+        return recent >= limit
+
+    def auth_failed(self, ip: str) -> None:
+        # One O_APPEND write per failure: concurrent receivers never interleave inside one.
+        fd = os.open(self.spool.auth_failures_path(ip),
+                     os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, b"%.3f\n" % time.time())
+        finally:
+            os.close(fd)
 
     def space_ok(self) -> bool:
         """Whether the spool's filesystem has more free space than spool.min_free_space."""
         now = time.monotonic()
         if now - self._free_checked > FREE_SPACE_CHECK:
             st = os.statvfs(self.spool.root)
-            self._free_ok = st.f_bavail * st.f_frsize >= self.cfg.spool.min_free_space
+            floor: int = self.cfg.spool.min_free_space
+            self._free_ok = st.f_bavail * st.f_frsize >= floor
             self._free_checked = now
         return self._free_ok
 
@@ -218,6 +257,9 @@ class SMTPProtocol(asyncio.Protocol):
             elif kind is S.StartTLS:
                 self._pause_reading()
                 asyncio.ensure_future(self._start_tls())
+            elif kind is S.Authenticate:
+                self._pause_reading()
+                asyncio.ensure_future(self._authenticate(ev))  # type: ignore[arg-type]
             elif kind is S.Close:
                 self._close()
         if self.receiver.stopping and self.session is not None and not self.closed:
@@ -277,7 +319,7 @@ class SMTPProtocol(asyncio.Protocol):
             "params": env.params(),
             "client": {"ip": self.peer[0], "port": self.peer[1], "helo": session.helo,
                        "esmtp": session.esmtp, "tls": self.tls_info,
-                       "listener": str(self.listener.address), "auth": None},
+                       "listener": str(self.listener.address), "auth": session.auth_user},
             "received_at": time.time(),
             "metadata": self.hook_ctx.metadata,
         }
@@ -302,6 +344,35 @@ class SMTPProtocol(asyncio.Protocol):
             return
         self._resume_reading()
         self._handle(session.check_done(reply))
+
+    async def _authenticate(self, ev: S.Authenticate) -> None:
+        session, r = self.session, self.receiver
+        assert session is not None
+        ip = self.peer[0]
+        reply: R.Reply | None
+        if r.auth_blocked(ip):
+            reply = R.AUTH_TOO_MANY.format(hostname=r.cfg.hostname)
+        else:
+            loop = asyncio.get_running_loop()
+            try:
+                ok = await loop.run_in_executor(r.auth_pool, passwords.verify, r.passwords,
+                                                ev.user, ev.password)
+            except Exception:
+                log.exception("AUTH check for [%s] failed", ip)
+                ok, reply = False, R.AUTH_TEMPORARY
+            else:
+                reply = None if ok else R.AUTH_FAILED
+            if not ok and reply is R.AUTH_FAILED:
+                r.auth_failed(ip)
+                log.warning("AUTH failed for user %r from [%s]", ev.user[:64], ip)
+                if r.auth_blocked(ip):
+                    reply = R.AUTH_TOO_MANY.format(hostname=r.cfg.hostname)
+        if self.closed:
+            return
+        if reply is None:
+            log.info("AUTH as %s from [%s]", ev.user, ip)
+        self._resume_reading()
+        self._handle(session.auth_done(ev.user, reply))
 
     async def _connect_hooks(self) -> None:
         assert self.hook_ctx is not None
@@ -432,6 +503,7 @@ async def serve(ctx: Any) -> None:
             proto.timed_out()
         sweeper.cancel()
         receiver.writer.close()
+        receiver.auth_pool.shutdown(wait=False)
 
 
 async def _sweep(receiver: Receiver) -> None:

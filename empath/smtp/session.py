@@ -25,6 +25,7 @@ from empath._speedups import CommandSyntaxError, DataReader, parse_path, split_c
 from empath.smtp import params
 from empath.smtp import replies as R
 from empath.smtp.events import (
+    Authenticate,
     Check,
     Close,
     Data,
@@ -39,8 +40,9 @@ from empath.smtp.events import (
 )
 from empath.smtp.params import client_is_trusted
 from empath.smtp.replies import Reply
+from empath.smtp.sasl import MAX_RESPONSE, SaslError, SaslExchange
 
-__all__ = ["ALLOWED", "Check", "Close", "Data", "DataAbort", "DataEnd", "DataStart",
+__all__ = ["ALLOWED", "Authenticate", "Check", "Close", "Data", "DataAbort", "DataEnd", "DataStart",
            "Envelope", "Event", "Send", "ServerSession", "Settings", "StartTLS",
            "client_is_trusted"]
 
@@ -52,7 +54,8 @@ RCPT = "rcpt"  # at least one recipient accepted
 DATA = "data"  # receiving DATA content
 CHUNK = "chunk"  # receiving the octets of one BDAT chunk
 CHUNKED = "chunked"  # between BDAT chunks of one transaction
-WAIT = "wait"  # paused: storing a message, or a module check
+AUTH = "auth"  # in an AUTH dialogue, waiting for the client's next SASL response
+WAIT = "wait"  # paused: storing a message, checking credentials, or a module check
 CLOSED = "closed"
 
 ANY = frozenset({GREET, READY, MAIL, RCPT, CHUNKED})
@@ -61,6 +64,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "EHLO": ANY, "HELO": ANY, "RSET": ANY, "NOOP": ANY, "QUIT": ANY, "VRFY": ANY,
     "HELP": ANY,
     "STARTTLS": frozenset({READY}),
+    "AUTH": frozenset({READY}),
     "MAIL": frozenset({READY}),
     "RCPT": frozenset({MAIL, RCPT}),
     "DATA": frozenset({MAIL, RCPT}),
@@ -72,6 +76,7 @@ SEQUENCE_HINTS = {
     "DATA": "need MAIL before DATA",
     "STARTTLS": "STARTTLS needs EHLO first and no transaction in progress",
     "BDAT": "need MAIL before BDAT",
+    "AUTH": "AUTH needs EHLO first and no transaction in progress",
 }
 
 
@@ -88,6 +93,8 @@ class ServerSession:
         self.envelope: Envelope | None = None
         self.errors = 0
         self.commands = 0  # complete command lines seen (the server's command timeout)
+        self.auth_user: str | None = None
+        self._sasl: SaslExchange | None = None
         self._buf = b""
         self._pos = 0
         self._out: list[bytes] = []
@@ -147,6 +154,18 @@ class ServerSession:
         self._run()
         return self._flush()
 
+    def auth_done(self, user: str, reply: Reply | None) -> list[Event]:
+        """Answer to Authenticate: None accepts ``user``; otherwise the refusal to send."""
+        self.phase = READY
+        if reply is None:
+            self.auth_user = user
+            self.trusted = True  # RFC 4954 §1: authenticated clients may relay
+            self._reply(R.AUTH_OK)
+        else:
+            self._reply(reply)
+        self._run()
+        return self._flush()
+
     def tls_established(self) -> None:
         """The TLS handshake after StartTLS completed."""
         self.tls_active = True
@@ -194,6 +213,11 @@ class ServerSession:
                     return
             elif phase in (WAIT, CLOSED):
                 return
+            elif phase == AUTH:
+                line = self._next_line(MAX_RESPONSE)
+                if line is None:
+                    return
+                self._auth_step(line)
             else:
                 line = self._next_line()
                 if line is None:
@@ -202,13 +226,13 @@ class ServerSession:
                 if self.errors >= self.settings.max_errors and self.phase != CLOSED:
                     self._reply(R.TOO_MANY_ERRORS.format(hostname=self.settings.hostname))
 
-    def _next_line(self) -> bytes | None:
+    def _next_line(self, limit: int = 0) -> bytes | None:
         """The next complete command line without its line ending, or None for more input.
 
         Lines over max_command_line are answered 500 here and skipped; their bytes are never
         buffered beyond the limit, whatever the client sends.
         """
-        limit = self.settings.max_command_line
+        limit = limit or self.settings.max_command_line
         while True:
             buf, pos = self._buf, self._pos
             end = buf.find(b"\n", pos)
@@ -282,6 +306,8 @@ class ServerSession:
                  "ENHANCEDSTATUSCODES"]
         if self.settings.tls_available and not self.tls_active:
             lines.append("STARTTLS")
+        if self.settings.auth_offered and (self.tls_active or self.settings.auth_plaintext_ok):
+            lines.append("AUTH PLAIN LOGIN")
         lines += ["DSN", "CHUNKING", "HELP"]
         self._out.append(R.multiline(250, lines))
 
@@ -300,8 +326,18 @@ class ServerSession:
             else:
                 self._reply(R.SENDER_SYNTAX.format(why=exc.text))
             return
+        s = self.settings
+        if s.auth_required and self.auth_user is None:
+            self._reply(R.AUTH_REQUIRED)
+            return
+        if s.require_sender_match and self.auth_user is not None \
+                and not params.sender_owned(address, self.auth_user, s.local_domains):
+            self._reply(R.SENDER_NOT_OWNED.format(address=address, user=self.auth_user))
+            return
         env = Envelope(sender=address)
         for name, value in esmtp.items():
+            if name == "AUTH" and s.auth_offered:
+                continue  # RFC 4954 §5: the original submitter; we record our own identity
             problem = params.mail_param(env, name, value, self.settings.max_message_size)
             if problem is not None:
                 self._reply(problem)
@@ -495,6 +531,45 @@ class ServerSession:
     def _cmd_help(self, arg: bytes) -> None:
         self._reply(R.HELP)
 
+    def _cmd_auth(self, arg: bytes) -> None:
+        s = self.settings
+        if not s.auth_offered:
+            self._reply(R.AUTH_NOT_OFFERED)
+            return
+        if self.auth_user is not None:
+            self._reply(R.AUTH_ALREADY)
+            return
+        if not (self.tls_active or s.auth_plaintext_ok):
+            self._reply(R.AUTH_NEEDS_TLS)
+            return
+        mechanism, _, initial = arg.strip().partition(b" ")
+        try:
+            self._sasl = SaslExchange(mechanism.decode("ascii", "replace"))
+            result = self._sasl.step(initial.strip() or None)
+        except SaslError as exc:
+            self._reply(exc.reply)
+            return
+        self._auth_result(result)
+
+    def _auth_step(self, line: bytes) -> None:
+        assert self._sasl is not None
+        self.phase = READY
+        try:
+            result = self._sasl.step(line)
+        except SaslError as exc:
+            self._reply(exc.reply)
+            return
+        self._auth_result(result)
+
+    def _auth_result(self, result: Reply | tuple[str, str]) -> None:
+        if isinstance(result, Reply):
+            self._out.append(result.line)
+            self.phase = AUTH
+            return
+        self._sasl = None
+        self.phase = WAIT
+        self._emit(Authenticate(*result))
+
     def _cmd_starttls(self, arg: bytes) -> None:
         if arg:
             self._reply(R.SYNTAX.format(why="STARTTLS takes no argument"))
@@ -508,6 +583,7 @@ class ServerSession:
             self._buf, self._pos = b"", 0
             self.phase = GREET
             self.helo, self.esmtp, self.envelope = None, False, None
+            self.auth_user = None
             self._emit(StartTLS())
 
     # -- pausing for module checks ---------------------------------------------------------
@@ -528,4 +604,5 @@ _HANDLERS = {
     "RSET": ServerSession._cmd_rset, "NOOP": ServerSession._cmd_noop,
     "QUIT": ServerSession._cmd_quit, "VRFY": ServerSession._cmd_vrfy,
     "HELP": ServerSession._cmd_help, "STARTTLS": ServerSession._cmd_starttls,
+    "AUTH": ServerSession._cmd_auth,
 }

@@ -15,7 +15,7 @@ from empath.spool.fileformat import (
 )
 from empath.spool.ids import id_time, is_valid_id, new_message_id
 from empath.spool.layout import QUEUE_STATES, Spool, SpoolError, pid_alive
-from empath.spool.wake import Waker, WakeListener
+from empath.spool.wake import WakeListener, Waker
 from empath.spool.writer import IncomingMessage, ReceiverWriter
 
 __all__ = [

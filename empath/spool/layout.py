@@ -10,7 +10,8 @@ rename(2) within the one filesystem (see docs/SPOOL.md for the table of transiti
     hold/           parked by an operator
     failed/         every recipient finished, some failed, bounce not (yet) generated
     corrupt/        unreadable files moved aside for an operator
-    control/        ``freeze`` flag and ``wake/<pid>`` datagram sockets of delivery workers
+    control/        ``freeze`` flag, ``wake/<pid>`` datagram sockets of delivery workers, and
+                    ``auth-failures/<ip>`` (times of failed AUTHs, for throttling)
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ log = logging.getLogger("empath.spool")
 
 QUEUE_STATES = ("incoming", "deferred", "hold", "failed", "corrupt")
 ALL_DIRS = ("tmp", "incoming", "active", "deferred", "hold", "failed", "corrupt", "control",
-            "control/wake")
+            "control/wake", "control/auth-failures")
 
 
 class SpoolError(OSError):
@@ -238,6 +239,12 @@ class Spool:
         else:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.freeze_flag)
+
+    def auth_failures_path(self, ip: str) -> str:
+        """The file of one client address's failed AUTH times, shared by all receivers."""
+        if not ip or any(c not in "0123456789abcdefABCDEF.:" for c in ip):
+            raise ValueError(f"not an IP address: {ip!r}")
+        return os.path.join(self.control, "auth-failures", ip)
 
     def wake_socket_path(self, pid: int) -> str:
         return os.path.join(self.wake_dir, str(pid))

@@ -85,18 +85,6 @@ def test_plaintext_pipelined_after_starttls_is_discarded(daemon_factory: Any,
     tls.close()
 
 
-def test_implicit_tls_listener(daemon_factory: Any, tmp_path: Path) -> None:
-    d, client = tls_daemon(daemon_factory, tmp_path, mode="smtps")
-    host, port = d.address
-    with smtplib.SMTP_SSL(host, port, context=client, timeout=10) as s:
-        s.ehlo("c")
-        assert not s.has_extn("starttls")
-        s.sendmail("a@example.org", ["b@localhost"], MESSAGE)
-    env, data = stored(d)
-    assert env["client"]["tls"] is not None
-    assert b"with ESMTPS id" in data
-
-
 def test_failed_handshake_leaves_receiver_serving(daemon_factory: Any, tmp_path: Path) -> None:
     d, client = tls_daemon(daemon_factory, tmp_path)
     raw = socket.create_connection(d.address, timeout=10)

@@ -2,7 +2,7 @@
 
 Transcript syntax, one directive per line:
 
-    @ key=value        session settings (max_recipients=2, trusted=false, tls=true, ...)
+    @ key=value        session settings (max_recipients=2, trusted=false, tls=true, auth=true...)
     > text             client line; CRLF appended; backslash escapes (\\r, \\n, \\x00) decoded
     >| text            client bytes exactly as written (escapes decoded, nothing appended)
     < text             one expected server reply line; a trailing * matches any rest
@@ -14,7 +14,8 @@ Transcript syntax, one directive per line:
 
 Consecutive client directives form one pipelined batch, fed in a single call; every batch is
 also fed one byte at a time, and both feeds must produce identical replies and messages.
-Stored messages get queue ids Q1, Q2, ...; a DataAbort discards the data.
+Stored messages get queue ids Q1, Q2, ...; a DataAbort discards the data. AUTH accepts
+alice/secret and nothing else.
 Every transcript runs against both the Cython speedups and their pure-Python twins.
 """
 
@@ -26,6 +27,7 @@ import re
 
 import pytest
 
+from empath.smtp import replies as R
 from empath.smtp import session as S
 
 TRANSCRIPTS = sorted((pathlib.Path(__file__).parent.parent / "transcripts").glob("*.smtp"))
@@ -67,6 +69,9 @@ class Driver:
                 self.handle(self.session.message_stored(f"Q{len(self.stored)}"))
             elif isinstance(ev, S.Check):
                 self.handle(self.session.check_done(None))
+            elif isinstance(ev, S.Authenticate):
+                ok = (ev.user, ev.password) == ("alice", "secret")
+                self.handle(self.session.auth_done(ev.user, None if ok else R.AUTH_FAILED))
             elif isinstance(ev, S.StartTLS):
                 self.tls = True
             elif isinstance(ev, S.Close):
@@ -95,6 +100,10 @@ def parse_settings(lines: list[str]) -> tuple[S.Settings, bool]:
                 trusted = value == "true"
             elif key == "tls":
                 kwargs["tls_available"] = value == "true"
+            elif key == "auth":
+                kwargs["auth_offered"] = kwargs["auth_required"] = value == "true"
+            elif key in ("auth_plaintext_ok", "require_sender_match"):
+                kwargs[key] = value == "true"
             elif key == "users":
                 kwargs["local_users"] = frozenset(value.split(","))
             elif key in ("bare_eol", "hostname"):
