@@ -143,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         error(PROG, str(exc))
         return EXIT_FAILED
     except PermissionError as exc:
-        error(PROG, f"permission denied: {exc.filename or exc} (run as the spool's owner "
-                    "or root)")
+        error(PROG, f"permission denied: {exc.filename or ''}: {exc.strerror or exc} (run "
+                    "as the spool's owner or root)")
         return EXIT_FAILED
     except BrokenPipeError:
         # The reader went away (``| head``): not an error worth a traceback.
