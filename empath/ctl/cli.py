@@ -153,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     except KeyboardInterrupt:
         return EXIT_FAILED
+    except OSError as exc:
+        error(PROG, f"{exc.filename + ': ' if exc.filename else ''}{exc.strerror or exc}")
+        return EXIT_FAILED
     return code
 
 

@@ -283,9 +283,7 @@ class Queue:
                 waited = True
                 time.sleep(_POLL * 2.5)
                 continue
-            try:
-                self.spool.move(entry.path, "hold", message_id)
-            except FileNotFoundError:
+            if not self._move(entry, "hold"):
                 continue  # a worker moved it first: look again
             self._dirty.add("hold")
             return Outcome(message_id, "done", "held",
@@ -301,12 +299,21 @@ class Queue:
         if entry.status != "held":
             return Outcome(message_id, "refused", entry.status,
                            f"not held (it is {entry.status})")
-        try:
-            self.spool.move(entry.path, "incoming", message_id)
-        except FileNotFoundError:
+        if not self._move(entry, "incoming"):
             return Outcome(message_id, "gone", None, "removed from hold/ meanwhile")
         self._dirty.add("incoming")
         return Outcome(message_id, "done", "pending", "released for delivery")
+
+    def _move(self, entry: QueueEntry, state: str) -> bool:
+        """Rename a message into ``state``; False when the file was gone (a worker's move)."""
+        try:
+            self.spool.move(entry.path, state, entry.id)
+        except FileNotFoundError:
+            if os.path.exists(entry.path):  # the source is there: the destination is not
+                raise QueueError(f"{self.spool.state_dir(state)} is missing: the spool is "
+                                 "damaged") from None
+            return False
+        return True
 
     def delete(self, message_id: str, force: bool = False) -> Outcome:
         """Remove a message from the queue (no bounce is sent).

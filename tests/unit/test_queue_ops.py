@@ -424,3 +424,46 @@ def test_sendmail_stores_a_durable_message(spool: Spool, monkeypatch: pytest.Mon
     assert read_data(src).startswith(b"Received: by host.example (Empath, from userid ")
     assert read_data(src).endswith(b"\r\n\r\nhi\r\n")
     assert os.listdir(spool.tmp) == []
+
+
+# -- empathctl in-process: progress, damaged and unreadable spools ---------------------------
+def test_flush_shows_progress_for_a_large_queue(spool: Spool,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from empath.ctl import cli
+
+    template = Path(spool.path("deferred", put(spool, "deferred", at=NOW - 100)))
+    for i in range(1200):  # copies under fresh ids: flush only needs the names
+        os.link(template, spool.path("deferred", new_message_id(NOW - 50 + i / 1000)))
+    assert cli.main(["queue", "flush", "--spool", spool.root]) == 0
+    out, err = capsys.readouterr()
+    assert out == "1201 deferred message(s) made due now\n"
+    assert err.splitlines()[-1] == "flush: 1201/1201 deferred messages made due"
+
+
+def test_unreadable_state_directory_is_a_clear_error(spool: Spool, queue: Queue,
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]
+                                                     ) -> None:
+    """Tests run as root, which reads anything: an EACCES from listdir is simulated."""
+    from empath.ctl import cli
+
+    real = os.listdir
+
+    def listdir(path: Any = ".") -> list[str]:
+        if str(path).endswith("deferred"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "listdir", listdir)
+    with pytest.raises(QueueError, match="permission denied reading .*deferred"):
+        queue.scan()
+    assert cli.main(["queue", "list", "--spool", spool.root]) == 1
+    assert "permission denied reading" in capsys.readouterr().err
+
+
+def test_missing_state_directory_is_reported_not_retried(spool: Spool, queue: Queue) -> None:
+    mid = put(spool, "deferred")
+    os.rmdir(spool.state_dir("hold"))
+    with pytest.raises(QueueError, match="hold is missing"):
+        queue.hold(mid)
+    assert os.path.exists(spool.path("deferred", mid))
