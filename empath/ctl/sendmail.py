@@ -35,7 +35,7 @@ EX_TEMPFAIL, EX_NOPERM, EX_CONFIG = 75, 77, 78
 PROG = "sendmail"
 
 WITH_VALUE = set("fFrNRVBChLXOob")  # options that take a value (attached or the next word)
-IGNORED_FLAGS = set("nmGUx")  # accepted for compatibility, no effect here
+IGNORED_FLAGS = set("nmGU")  # accepted for compatibility, no effect here
 NOTIFY_WORDS = {"SUCCESS", "FAILURE", "DELAY"}
 
 
