@@ -3,7 +3,9 @@
 Each session opens one connection, says EHLO, and sends its share of messages back to back
 (optionally pipelining MAIL/RCPT/DATA as one write, RFC 2920), then QUIT. Every message carries
 a unique token (``X-Loadgen-Token``) so a sink can match what arrived with what was accepted.
-Reports messages/second and the accept latency (final dot sent → 250 received) percentiles.
+Reports messages/second and the accept latency (final dot sent → 250 received) percentiles;
+``accepted_at`` keeps the wall-clock time of each 250 (same order as ``accepted_tokens``) so the
+delivery latency (250 → arrival at a sink) can be computed from the sink's arrival times.
 
     .venv/bin/python benchmarks/loadgen.py --port 2525 --messages 5000 --sessions 20 --size 1024
 
@@ -31,6 +33,7 @@ class LoadResult:
     seconds: float = 0.0
     latencies: list[float] = field(default_factory=list)
     accepted_tokens: list[str] = field(default_factory=list)
+    accepted_at: list[float] = field(default_factory=list)  # wall clock (time.time()) of each 250
     first_error: str = ""
 
     @property
@@ -111,6 +114,7 @@ async def _session(host: str, port: int, count: int, size: int, rcpt: str, pipel
                 result.latencies.append(time.perf_counter() - started)
                 result.accepted += 1
                 result.accepted_tokens.append(token)
+                result.accepted_at.append(time.time())
             else:
                 result.rejected += 1
         writer.write(b"QUIT\r\n")
