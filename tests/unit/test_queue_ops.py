@@ -467,3 +467,16 @@ def test_missing_state_directory_is_reported_not_retried(spool: Spool, queue: Qu
     with pytest.raises(QueueError, match="hold is missing"):
         queue.hold(mid)
     assert os.path.exists(spool.path("deferred", mid))
+
+
+@pytest.mark.parametrize("args", [["queue", "delete"], ["queue", "retry"],
+                                  ["queue", "stats", "--interval", "soon"],
+                                  ["queue", "list", "--older-than", "ages"], ["queue"]])
+def test_usage_errors_exit_2(spool: Spool, args: list[str]) -> None:
+    from empath.ctl import cli
+
+    try:
+        code = cli.main([*args, "--spool", spool.root] if len(args) > 1 else args)
+    except SystemExit as exc:  # argparse's own usage errors
+        code = int(exc.code or 0)
+    assert code == 2
