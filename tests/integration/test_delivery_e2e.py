@@ -484,6 +484,7 @@ def test_restart_resumes_deferred_messages_with_their_history(world: World) -> N
     daemon.start()
     env, _ = deferred_envelope(daemon, qid, min_attempts=count + 1)
     assert env["attempts"][:count] == before["attempts"]
+    assert env["attempts"][count]["at"] >= before["next_retry_at"] - 0.01  # not before it was due
     assert env["recipients"][0]["attempts"] == count + 1
     sink.behaviour = Behaviour()
     [got] = sink.wait_for_messages(1, WAIT)
