@@ -110,9 +110,9 @@ def test_remote_recipient_is_queued_with_the_sendmail_envelope(daemon: EmpathDae
     assert ["From", "Cron Daemon <root@test.empath>"] in doc["headers"]
     assert doc["headers"][0][0] == "Received" and "with local id" in doc["headers"][0][1]
     # sendmail -bp lists it like mailq
-    r = subprocess.run([EMPATH, "sendmail", "-bp", "-C", str(daemon.config_path)],
-                       capture_output=True, text=True, timeout=30)
-    assert r.returncode == 0 and mid in r.stdout and "-- 1 Kbytes in 1 Request." in r.stdout
+    bp = subprocess.run([EMPATH, "sendmail", "-bp", "-C", str(daemon.config_path)],
+                        capture_output=True, text=True, timeout=30)
+    assert bp.returncode == 0 and mid in bp.stdout and "-- 1 Kbytes in 1 Request." in bp.stdout
 
 
 def test_a_lone_dot_ends_the_message_unless_i(daemon: EmpathDaemon) -> None:
