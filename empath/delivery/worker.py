@@ -7,8 +7,12 @@ file of another shard is taken too once it has waited a while, so a busy or dead
 nothing for long. A lost race is an ENOENT and is normal.
 
 All state lives in the queue file: after an attempt the envelope is rewritten (tmp, fsync,
-rename over itself) and the file renamed on to ``deferred/`` or ``failed/``, or unlinked when
-every recipient is delivered. This module never builds a spool path itself.
+rename over itself) and the file renamed on to ``deferred/`` while recipients are still open,
+unlinked once every recipient is closed, or kept in ``failed/`` when some failed and the
+sender is the null sender (nobody to tell). Delivery status notifications (``bounce.py``) are
+spooled as new messages before the envelope that records them is written or the message
+removed. A file that cannot be read, or whose envelope cannot be delivered, goes to
+``corrupt/``. This module never builds a spool path itself.
 """
 
 from __future__ import annotations
@@ -217,6 +221,7 @@ class DeliveryWorker:
             # A notice could not be spooled (disk full?): keep the message, with its state
             # recorded, and try the notice again later instead of losing it.
             decision = state.Decision("defer", now + d.retry_base_delay)
+            envelope["next_retry_at"] = decision.next_retry_at
         if decision.action == "defer":
             due = decision.next_retry_at or now
             await self._maybe_warn_delay(envelope, source, now)

@@ -236,6 +236,7 @@ def test_a_notice_that_cannot_be_spooled_keeps_the_message(tmp_path: Path) -> No
     env = read_envelope(deferred)
     assert env["recipients"][0]["status"] == "failed" and "dsn" not in env["recipients"][0]
     assert env["attempt_count"] == 1 and worker.spool.list_ids("incoming") == []
+    assert env["next_retry_at"] == pytest.approx(os.stat(deferred).st_mtime, abs=0.01)
     # Later, with space again: the bounce goes out without a new delivery attempt.
     del worker._spool_notice
     path = worker.spool.claim(qid, "deferred", worker.slot)
