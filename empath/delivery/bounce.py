@@ -146,10 +146,19 @@ def _status_of(rcpt: dict[str, Any], action: str) -> str:
 
 
 def _remote_mta(last: dict[str, Any]) -> str | None:
+    """The name of the server that replied: ``mx.example.com`` from ``mx.example.com``,
+    ``mx.example.com[192.0.2.1]:25``, ``192.0.2.1:24`` or ``[2001:db8::1]:24``."""
     server = last.get("server")
     if not server or is_own_verdict(last):
         return None
-    return _clean(str(server).split("[", 1)[0]) or None
+    text = str(server)
+    if text.startswith("["):
+        return _clean(text[1:].partition("]")[0]) or None
+    name = text.partition("[")[0]
+    host, colon, port = name.rpartition(":")
+    if colon and host and port.isdigit():
+        name = host
+    return _clean(name) or None
 
 
 def _diagnostic(last: dict[str, Any]) -> str | None:

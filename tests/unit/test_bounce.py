@@ -228,3 +228,17 @@ def test_header_injection_through_addresses_is_flattened(source):
     assert msg["Bcc"] is None and msg["X-Evil"] is None
     block = msg.get_payload()[1].get_payload()[1]
     assert block["X-Evil"] is None and block["Final-Recipient"] == "rfc822;u@b X-Evil: 1"
+
+
+@pytest.mark.parametrize("server,expected", [
+    ("mx.b.example", "dns;mx.b.example"),
+    ("mx.b.example[192.0.2.1]:25", "dns;mx.b.example"),
+    ("192.0.2.7:24", "dns;192.0.2.7"),
+    ("[2001:db8::1]:24", "dns;2001:db8::1"),
+])
+def test_remote_mta_is_the_server_name(source, server, expected):
+    e = env()
+    rcpt = dict(e["recipients"][0], last={"at": 1.7e9, "code": 550, "enhanced": "5.1.1",
+                                          "text": "unknown user", "server": server})
+    msg = parse(bounce.build_report(e, [rcpt], "failed", source, hostname="mta.test"))
+    assert msg.get_payload()[1].get_payload()[1]["Remote-MTA"] == expected
