@@ -361,11 +361,12 @@ class Queue:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(again.path)
                     removed += 1
-                continue
             elapsed = time.monotonic() - start
-            if elapsed >= longest or (elapsed >= grace and not os.path.exists(tmp)):
+            if elapsed >= longest or (elapsed >= grace and again is None
+                                      and not os.path.exists(tmp)):
                 return removed
-            time.sleep(_POLL)
+            if again is None:
+                time.sleep(_POLL)
 
     def freeze(self, frozen: bool = True) -> None:
         """Set or clear control/freeze; workers check it before each claim."""
