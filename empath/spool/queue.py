@@ -34,6 +34,7 @@ from empath.spool.wake import Waker
 # operator name -> directory of Spool.state_dir ("active" is per worker, handled apart)
 STATE_DIRS = {"pending": "incoming", "deferred": "deferred", "held": "hold",
               "failed": "failed", "corrupt": "corrupt"}
+STATUS_OF_DIR = {d: status for status, d in STATE_DIRS.items()}
 STATUSES = ("pending", "active", "deferred", "held", "failed", "corrupt")
 OPEN = ("pending", "deferred")  # recipient statuses still waiting for delivery
 
@@ -158,7 +159,7 @@ class Queue:
                 return None
             state, path = found
             worker = int(os.path.basename(os.path.dirname(path))) if state == "active" else None
-            status = "active" if state == "active" else _status_of_dir(state)
+            status = "active" if state == "active" else STATUS_OF_DIR[state]
             entry = self._read(status, path, worker, message_id, None, None)
             if entry is not None:
                 return entry
@@ -463,13 +464,6 @@ def queue_stats(entries: list[QueueEntry], now: float, frozen: bool) -> dict[str
         "oldest": None if oldest is None else {
             "id": oldest.id, "status": oldest.status, "age": max(0.0, now - oldest.arrival)},
     }
-
-
-def _status_of_dir(state: str) -> str:
-    for status, d in STATE_DIRS.items():
-        if d == state:
-            return status
-    raise ValueError(state)
 
 
 def _unknown(message_id: str) -> Outcome:
