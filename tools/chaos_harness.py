@@ -392,6 +392,7 @@ class RunRecord:
     load_stopped_cleanly: bool = True
     leftover_processes: list[int] = field(default_factory=list)
     abort: str = ""
+    skipped: int = 0  # planned kills that found no process of any child kind to kill
 
 
 class Harness:
@@ -461,23 +462,35 @@ class Harness:
         self.reaper.reap()
 
     # -- the chaos -----------------------------------------------------------------------
-    def choose_target(self) -> tuple[str, int, int] | None:
+    def plan(self) -> list[tuple[float, str]]:
+        """(instant, kind) of every kill: instants uniformly random over the duration; exactly
+        round(kills * master_share) of them aimed at the master, the others at a receiver or a
+        delivery worker with even odds, in random order."""
+        n = self.opts.kills
+        masters = round(n * self.opts.master_share)
+        kinds = ["master"] * masters + [self.rng.choice(("receiver", "delivery"))
+                                        for _ in range(n - masters)]
+        self.rng.shuffle(kinds)
+        instants = sorted(self.rng.uniform(0, self.opts.duration) for _ in range(n))
+        return list(zip(instants, kinds, strict=True))
+
+    async def choose_target(self, kind: str) -> tuple[str, int, int] | None:
+        """A live process of ``kind`` (the other child kind when none is up, waiting a little
+        for a respawn when no child is up at all)."""
         assert self.daemon is not None
-        # A pid already killed may still show in the status file until the master reaps it.
-        children = [c for c in self.daemon.children() if int(c["pid"]) not in self.killed]
-        by_kind: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        for child in children:
-            by_kind[child["kind"]].append(child)
-        share = self.opts.master_share
-        kind = self.rng.choices(KINDS, weights=[share, (1 - share) / 2, (1 - share) / 2])[0]
-        if kind != "master" and not by_kind[kind]:
-            kind = next((k for k in ("receiver", "delivery") if by_kind[k]), "master")
         if kind == "master":
-            if not self.daemon.master_running():
-                return None
-            return ("master", self.daemon.master_pid, 0)
-        child = self.rng.choice(by_kind[kind])
-        return (kind, int(child["pid"]), int(child.get("index", 0)))
+            return ("master", self.daemon.master_pid, 0) if self.daemon.master_running() else None
+        other = "delivery" if kind == "receiver" else "receiver"
+        for _ in range(30):
+            # A pid already killed may still show in the status file until the master reaps it.
+            children = [c for c in self.daemon.children() if int(c["pid"]) not in self.killed]
+            for k in (kind, other):
+                mine = [c for c in children if c["kind"] == k]
+                if mine:
+                    child = self.rng.choice(mine)
+                    return (k, int(child["pid"]), int(child.get("index", 0)))
+            await self.watch(0.1)
+        return None
 
     async def restart(self, why: str) -> None:
         assert self.daemon is not None
@@ -515,17 +528,17 @@ class Harness:
         a killed master is restarted, so the kills stay spread instead of bunching up after."""
         assert self.daemon is not None
         began = time.monotonic()
-        schedule = sorted(self.rng.uniform(0, self.opts.duration)
-                          for _ in range(self.opts.kills))
-        for n, at in enumerate(schedule, 1):
+        for n, (at, planned) in enumerate(self.plan(), 1):
             await self.watch(max(0.0, began + at - time.monotonic()))
-            target = self.choose_target()
+            target = await self.choose_target(planned)
             if target is None:
+                self.record.skipped += 1
                 continue
             kind, pid, index = target
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
+                self.record.skipped += 1
                 continue
             self.killed.add(pid)
             self.record.kills.append(Kill(time.time(), kind, pid, index))
@@ -781,7 +794,8 @@ def check(h: Harness) -> dict[str, Any]:
         "failures": failures,
         "options": {k: v for k, v in vars(h.opts).items() if k not in ("json",)},
         "run_dir": str(h.run_dir),
-        "kills": {"total": len(rec.kills), **{k: kills.get(k, 0) for k in KINDS}},
+        "kills": {"total": len(rec.kills), **{k: kills.get(k, 0) for k in KINDS},
+                  "skipped": rec.skipped},
         "restarts": {"count": len(rec.restarts),
                      "mean_s": round(sum(rec.restarts) / len(rec.restarts), 3)
                      if rec.restarts else 0.0,
@@ -824,7 +838,7 @@ def print_summary(r: dict[str, Any]) -> None:
     k, m, d = r["kills"], r["messages"], r["duplicates"]
     rows = [
         ("kills", f"{k['total']} (master {k['master']}, receiver {k['receiver']}, "
-                  f"delivery {k['delivery']})"),
+                  f"delivery {k['delivery']}; {k['skipped']} planned found no target)"),
         ("restarts", f"{r['restarts']['count']} (mean {r['restarts']['mean_s']}s, "
                      f"max {r['restarts']['max_s']}s, {r['restarts']['start_retries']} "
                      "start attempts refused while the port was still held)"),
