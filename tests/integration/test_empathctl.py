@@ -30,7 +30,7 @@ from tests.support.fixtures import DaemonFactory
 from tests.support.sink import PRESETS, Behaviour, SinkServer
 
 EMPATHCTL = str(REPO / ".venv" / "bin" / "empathctl")
-SLOW = 0.4  # seconds the slow sink waits before each reply: ~1.6 s per attempt
+SLOW = 0.8  # seconds the slow sink waits before each reply: ~3 s per attempt
 
 
 class World:
@@ -380,7 +380,8 @@ def test_claimed_message_is_refused_then_held_after_its_attempt(world: World) ->
         assert "--force" in r.stderr
     assert world.statuses() == {mid: "active"}
     r = world.ctl("queue", "hold", "--force", mid)
-    assert r.returncode == 0 and "held (was deferred) after its attempt ended" in r.stdout
+    # "... after its attempt ended", unless a loaded machine was slower than the attempt
+    assert r.returncode == 0 and r.stdout.startswith(f"{mid}: held (was deferred)")
     [copy] = world.copies(mid)
     assert copy.parent.name == "hold"
     env = read_queue_file(str(copy))[0]
@@ -390,7 +391,9 @@ def test_claimed_message_is_refused_then_held_after_its_attempt(world: World) ->
 def test_forced_delete_of_a_message_being_delivered(world: World) -> None:
     mid = _claimed(world)
     r = world.ctl("queue", "delete", "--yes", "--force", mid)
-    assert r.returncode == 0 and "deleted while worker" in r.stdout
+    assert r.returncode == 0
+    # "(was deferred)" only if a loaded machine was slower than the attempt
+    assert "deleted while worker" in r.stdout or "deleted (was deferred)" in r.stdout
     assert world.copies(mid) == []
     # The attempt ends (logged), then the worker's record of it meets the missing file.
     world.daemon.wait_for(lambda: f"{mid}: to=<carol@slow.example>" in world.daemon.log_text(),
