@@ -407,7 +407,9 @@ class Bench:
                 f"{r['sessions']:>4} sess  {r['msg_per_s']:>8.1f} msg/s")
         if "p50_ms" in r:
             text += f"  accept p50 {r['p50_ms']:6.2f} p95 {r['p95_ms']:6.2f} p99 {r['p99_ms']:7.2f}"
-        if "delivered" in r:
+        if "delivered" in r and not r["matched"]:
+            text += f"  delivered {r['delivered_per_s']:8.1f}/s"
+        elif "delivered" in r:
             d = r["delivery"]
             t = r["dot_to_sink"]
             text += (f"  delivered {r['delivered_per_s']:8.1f}/s  250->sink p50 {d['p50_ms']:6.1f}"
@@ -418,7 +420,16 @@ class Bench:
             text += f"  !! {r.get('error', '')}"
         return text
 
+    def wait_quiet(self, limit: float, minutes: float) -> None:
+        """Wait (at most ``minutes``) until the 1-minute load average is under ``limit``."""
+        deadline = time.monotonic() + minutes * 60
+        while os.getloadavg()[0] >= limit and time.monotonic() < deadline:
+            self.log(f"load average {os.getloadavg()[0]:.2f} >= {limit}: waiting")
+            time.sleep(20)
+
     def run(self) -> int:
+        if self.args.wait_quiet:
+            self.wait_quiet(self.args.wait_quiet, self.args.wait_minutes)
         os.makedirs(self.work, exist_ok=True)
         only = set((self.args.only or "ceiling,receive,e2e,memory").split(","))
         self.results["machine"] = machine(self.with_postfix)
@@ -555,6 +566,10 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="fewer messages; memory at 10k only")
     ap.add_argument("--only", help="comma-separated: ceiling,receive,e2e,memory")
     ap.add_argument("--no-postfix", action="store_true", help="Empath only")
+    ap.add_argument("--wait-quiet", type=float, metavar="LOAD",
+                    help="first wait until the 1-minute load average is below LOAD")
+    ap.add_argument("--wait-minutes", type=float, default=30,
+                    help="longest wait for --wait-quiet (default 30)")
     args = ap.parse_args()
     try:
         import uvloop
