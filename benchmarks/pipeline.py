@@ -267,7 +267,8 @@ class Bench:
                         else:
                             row = run_smtp_source(mta.port, n, sessions, size)
                         row["cpu_ms_per_msg"] = cpu_per_message(before, mta.cpu(), n)
-                        row.update(mta=mta.name, size=size, sessions=sessions, messages=n)
+                        row.update(mta=mta.name, size=size, sessions=sessions, messages=n,
+                                   loadavg_1m=round(os.getloadavg()[0], 2))
                         rows.append(row)
                         self.log(self.format_run(row))
         self.results["receive"] = rows
@@ -354,7 +355,8 @@ class Bench:
                         clients.append("smtp-source")
                     for client in clients:
                         row = self.e2e_run(mta, sink, client, n, sessions, size)
-                        row.update(mta=mta.name, size=size, sessions=sessions, messages=n)
+                        row.update(mta=mta.name, size=size, sessions=sessions, messages=n,
+                                   loadavg_1m=round(os.getloadavg()[0], 2))
                         rows.append(row)
                         self.log(self.format_run(row))
         self.results["e2e"] = rows
