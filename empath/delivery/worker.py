@@ -25,6 +25,7 @@ import os
 import random
 import time
 import zlib
+from collections.abc import Coroutine
 from typing import Any
 
 from empath.delivery import bounce, state
@@ -52,6 +53,14 @@ class DeliveryWorker:
         self.rng = random.Random()
         self._foreign_seen: dict[str, float] = {}
         self._due: list[tuple[float, str]] = []  # heap of (due time, id) from the last scan
+        # Claims whose state update failed (a rename or unlink the file system refused):
+        # id -> (retry at, path in active/<pid>/, what to retry). See _strand.
+        self._stranded: dict[str, tuple[float, str, str]] = {}
+        d = self.cfg.delivery
+        # No due time this worker sets lies further ahead than this (state.decide caps the
+        # delay at retry_max_delay, jitter included); one that does was set by a clock that
+        # has since moved back, and counts as due now.
+        self.horizon: float = d.retry_max_delay * (1 + d.retry_jitter_factor) + 1.0
         self._next_deferred_scan = 0.0
         self.dispatcher = Dispatcher(self.cfg)
 
@@ -69,8 +78,11 @@ class DeliveryWorker:
                 if not self.spool.is_frozen():
                     self._fill()
                 timeout = interval
+                nexts = [due for due, _, _ in self._stranded.values()]
                 if self._due:
-                    timeout = max(0.05, min(interval, self._due[0][0] - time.time()))
+                    nexts.append(self._due[0][0])
+                if nexts:
+                    timeout = max(0.05, min(interval, min(nexts) - time.time()))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake_or_stop(), timeout)
         finally:
@@ -112,6 +124,7 @@ class DeliveryWorker:
             self._claim(message_id, "incoming")
         self._foreign_seen = seen
         self._fill_deferred()
+        self._fill_stranded()
 
     def _fill_deferred(self) -> None:
         now = time.time()
@@ -135,6 +148,11 @@ class DeliveryWorker:
                         mtime = entry.stat().st_mtime
                     except FileNotFoundError:
                         continue
+                    if mtime - now > self.horizon:
+                        log.warning("%s: due %s, further ahead than any retry delay (the "
+                                    "clock moved back?); due now", entry.name,
+                                    time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(mtime)))
+                        mtime = now
                     if not self._own(entry.name):
                         mtime += FOREIGN_GRACE * 5
                     due.append((mtime, entry.name))
@@ -151,9 +169,61 @@ class DeliveryWorker:
             return  # not a queue id: never touched
         if path is None:
             return
-        task = asyncio.ensure_future(self._process(message_id, path))
+        self._start(message_id, self._process(message_id, path))
+
+    def _start(self, message_id: str, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
         self.inflight[message_id] = task
         task.add_done_callback(lambda _t: self._finished(message_id))
+
+    # -- claims whose state update failed ---------------------------------------------------
+    def _strand(self, message_id: str, path: str, what: str) -> None:
+        """Retry a failed state update of a claimed message later, in this worker.
+
+        ``what`` is "resume" (the message could not be moved on: finish its move to
+        deferred/ if it is not due yet, else process it again) or "remove" (only the unlink
+        of a finished message is retried: never a delivery again). Without this the file
+        would sit in active/<pid>/ until the worker exits.
+        """
+        retry_at = time.time() + self.cfg.delivery.retry_base_delay
+        self._stranded[message_id] = (retry_at, path, what)
+
+    def _fill_stranded(self) -> None:
+        now = time.time()
+        for message_id, (retry_at, path, what) in list(self._stranded.items()):
+            if retry_at > now or message_id in self.inflight:
+                continue
+            if self._free() <= 0:
+                return
+            del self._stranded[message_id]
+            work = (self._remove(message_id, path, None, "finished earlier")
+                    if what == "remove" else self._resume(message_id, path))
+            self._start(message_id, work)
+
+    async def _resume(self, message_id: str, path: str) -> None:
+        try:
+            envelope, _ = read_queue_file(path)
+        except FileNotFoundError:
+            return
+        except CorruptFile as exc:
+            self.spool.mark_corrupt(path, message_id, str(exc))
+            return
+        due = envelope.get("next_retry_at")
+        if (not state.open_recipients(envelope) or not isinstance(due, (int, float))
+                or due <= time.time()):
+            await self._process(message_id, path)  # due (or finished): an ordinary pass
+            return
+        try:
+            os.utime(path, (due, due))
+            self.spool.move(path, "deferred", message_id)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.error("%s: still cannot move to deferred/: %s", message_id, exc)
+            self._strand(message_id, path, "resume")
+            return
+        log.info("%s: deferred until %s", message_id,
+                 time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(due)))
 
     def _finished(self, message_id: str) -> None:
         self.inflight.pop(message_id, None)
@@ -191,8 +261,9 @@ class DeliveryWorker:
         except FileNotFoundError:
             return
         except OSError as exc:
-            log.error("%s: cannot set the message aside (%s); the master requeues it when "
-                      "this worker exits", message_id, exc)
+            log.error("%s: cannot set the message aside (%s); tried again in %gs",
+                      message_id, exc, self.cfg.delivery.retry_base_delay)
+            self._strand(message_id, path, "resume")
 
     async def _attempt(self, message_id: str, path: str, envelope: dict[str, Any],
                        source: Any) -> None:
@@ -320,7 +391,7 @@ class DeliveryWorker:
         store_message(self.spool, data, notice)
         return notice_id
 
-    async def _remove(self, message_id: str, path: str, envelope: dict[str, Any],
+    async def _remove(self, message_id: str, path: str, envelope: dict[str, Any] | None,
                       why: str) -> None:
         """Unlink a finished message, retrying; never let it be delivered twice."""
         for attempt in range(REMOVE_RETRIES):
@@ -334,12 +405,15 @@ class DeliveryWorker:
                 log.error("%s: cannot remove finished message (try %d): %s",
                           message_id, attempt + 1, exc)
                 await asyncio.sleep(0.2 * (attempt + 1))
-        # Still there: record the final state so a restart finds nothing left to send.
-        try:
-            await asyncio.to_thread(self.spool.rewrite, path, envelope, None)
-        except OSError as exc:
-            log.critical("%s: finished but neither removable nor rewritable: %s",
-                         message_id, exc)
+        # Still there: record the final state so a restart finds nothing left to send, and
+        # try the unlink (only the unlink) again later.
+        if envelope is not None:
+            try:
+                await asyncio.to_thread(self.spool.rewrite, path, envelope, None)
+            except OSError as exc:
+                log.critical("%s: finished but neither removable nor rewritable: %s",
+                             message_id, exc)
+        self._strand(message_id, path, "remove")
 
 
 async def serve(ctx: Any) -> None:

@@ -15,6 +15,7 @@ import yaml
 
 from empath.config import load_config
 from empath.delivery import state
+from empath.delivery import worker as worker_module
 from empath.delivery.retry import retry_delay
 from empath.delivery.state import RecipientOutcome
 from empath.delivery.worker import DeliveryWorker
@@ -255,3 +256,49 @@ def test_a_foreign_envelope_goes_to_corrupt(tmp_path: Path) -> None:
     worker.spool.rewrite(path, dict(read_envelope(path), id="01ARZ3NDEKTSV4RRFFQ69G5FAV"))
     asyncio.run(worker._process(qid, path))
     assert worker.spool.list_ids("corrupt") == [qid]
+
+
+def test_a_finished_message_that_cannot_be_removed_is_retried_without_redelivery(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(worker_module, "REMOVE_RETRIES", 1)
+    worker = _worker(tmp_path)
+    qid, path = _queue(worker)
+    calls = []
+
+    async def delivers(envelope: dict, rcpts: list, source: object) -> tuple[dict, list]:
+        calls.append(1)
+        return ({"u@b.example": RecipientOutcome("delivered", 250, "2.0.0", "ok", "mx.b")},
+                [{"domain": "b.example", "transport": "smtp", "dsn": True}])
+
+    def refused(path: str) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    async def go() -> None:
+        worker.dispatcher.deliver = delivers  # type: ignore[method-assign]
+        worker.spool.remove = refused  # type: ignore[method-assign]
+        await worker._process(qid, path)
+        assert list(worker._stranded) == [qid] and worker._stranded[qid][2] == "remove"
+        # The final state was recorded: a restart would find nothing left to deliver.
+        assert read_envelope(path)["recipients"][0]["status"] == "delivered"
+        del worker.spool.remove
+        worker._stranded[qid] = (0.0, *worker._stranded[qid][1:])
+        worker._fill_stranded()
+        await asyncio.gather(*worker.inflight.values())
+
+    asyncio.run(go())
+    assert calls == [1] and worker.spool.find(qid) is None and not worker._stranded
+
+
+def test_a_due_time_beyond_any_retry_delay_counts_as_due_now(tmp_path: Path) -> None:
+    worker = _worker(tmp_path)  # retry_max_delay 24h, jitter 0: horizon a day ahead
+    now = time.time()
+    ids = {}
+    for name, due in (("far", now + 10 * 365 * 86400), ("near", now + 3600)):
+        qid, path = _queue(worker)
+        os.utime(path, (due, due))
+        worker.spool.move(path, "deferred", qid)
+        ids[name] = qid
+    worker._scan_deferred(now)
+    due = {mid: at for at, mid in worker._due}
+    assert due[ids["far"]] == now
+    assert due[ids["near"]] == pytest.approx(now + 3600, abs=1)
