@@ -17,6 +17,7 @@ rename(2) within the one filesystem (see docs/SPOOL.md for the table of transiti
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import logging
 import os
@@ -147,7 +148,11 @@ class Spool:
 
         The data is copied by the kernel into a new file beside the tmp files, the new envelope
         appended, the file fsynced (and its mtime set first, so a deferred file's due time is
-        durable too), then renamed over ``path``: a crash leaves either the old or the new file.
+        durable too), then swapped with ``path``: a crash leaves either the old or the new file.
+
+        The swap is ``renameat2(RENAME_EXCHANGE)``, which fails when ``path`` is gone: an
+        operator who deleted the message meanwhile (``empathctl queue delete --force``) is never
+        undone by a rename that would bring the file back. FileNotFoundError then.
         """
         _, source = fileformat.read_queue_file(path)
         tmp = self.tmp_path(envelope["id"])
@@ -166,7 +171,9 @@ class Spool:
                     os.utime(dst.fileno(), (mtime, mtime))
                 # fsync, not fdatasync, when the mtime (the due time) must be durable too.
                 (os.fdatasync if mtime is None else os.fsync)(dst.fileno())
-            os.rename(tmp, path)
+                if os.fstat(src.fileno()).st_nlink == 0:
+                    raise FileNotFoundError(errno.ENOENT, "deleted while being rewritten", path)
+            _replace_existing(tmp, path)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
@@ -253,6 +260,28 @@ class Spool:
         for name in _listdir(self.wake_dir):
             if name.isdigit():
                 yield os.path.join(self.wake_dir, name)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_renameat2 = getattr(_libc, "renameat2", None)
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _replace_existing(new: str, path: str) -> None:
+    """Put ``new`` in the place of ``path`` only if ``path`` still exists; ``new`` is gone
+    afterwards either way (on success it holds the old file, which is unlinked)."""
+    if _renameat2 is not None:
+        rc = _renameat2(_AT_FDCWD, os.fsencode(new), _AT_FDCWD, os.fsencode(path),
+                        _RENAME_EXCHANGE)
+        if rc == 0:
+            os.unlink(new)
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS):  # EINVAL/ENOSYS: not supported here
+            raise OSError(err, os.strerror(err), path)
+    # Without RENAME_EXCHANGE the fstat check in rewrite() already narrowed the window.
+    os.rename(new, path)
 
 
 def pid_alive(pid: int) -> bool:
