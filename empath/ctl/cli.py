@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     top = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = top.add_parser("version", help="print the version and the speedups in use")
     p.set_defaults(func=cmd_version)
+    p = top.add_parser("passwd", help="set a user's SMTP AUTH password (argon2id)")
+    from empath.ctl import passwd
+
+    passwd.add_arguments(p)
+    p.set_defaults(func=passwd.cmd_passwd)
     q = top.add_parser("queue", help="list, inspect and change queued messages",
                        description="Queue management. Statuses: pending (incoming/), active "
                        "(claimed by a delivery worker), deferred, held, failed, corrupt.")

@@ -135,3 +135,28 @@ def test_submission_listener_without_password_file_is_a_config_error(daemon_fact
     d.start(wait=False)
     assert d.wait_exit(10) != 0
     assert "listeners[0].mode: mode submission requires AUTH" in d.log_text()
+
+
+def test_empathctl_passwd_adds_and_changes_users(tmp_path: Path) -> None:
+    import subprocess
+
+    from empath.passwords import read_password_file, verify
+    from tests.support.daemon import REPO
+
+    pwfile = tmp_path / "passwd"
+    ctl = str(REPO / ".venv" / "bin" / "empathctl")
+    for user, password in (("carol@example.org", "first"), ("dave", "x"),
+                           ("carol@example.org", "second")):
+        out = subprocess.run([ctl, "passwd", user, "--file", str(pwfile), "--stdin"],
+                             input=password + "\n", capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+    users = read_password_file(str(pwfile))
+    assert sorted(users) == ["carol@example.org", "dave"]
+    assert all(h.startswith("$argon2id$") for h in users.values())
+    assert verify(users, "carol@example.org", "second")
+    assert not verify(users, "carol@example.org", "first")
+    assert not verify(users, "nobody", "x")
+    assert oct(pwfile.stat().st_mode & 0o777) == "0o600"
+    bad = subprocess.run([ctl, "passwd", "bad:name", "--file", str(pwfile), "--stdin"],
+                         input="pw\n", capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "invalid user name" in bad.stderr
