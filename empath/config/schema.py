@@ -210,7 +210,7 @@ SCHEMA = Section("", "Empath configuration.", (
             "Retry delay: min(base * 2^(n-1), max) * (1 +/- jitter)."),
         Key("retry_max_delay", Duration(1), 86400.0, "Upper bound of the retry delay."),
         Key("retry_jitter_factor", Float(0, 1), 0.2, "Random spread of retry delays."),
-        Key("message_expiration", Duration(60), 5 * 86400.0,
+        Key("message_expiration", Duration(1), 5 * 86400.0,
             "A message still undelivered after this long expires (bounced)."),
         Key("delay_warning", Duration(0), 4 * 3600.0,
             "Send the sender one delay notice after this long (RFC 3461 NOTIFY=DELAY); "

@@ -70,7 +70,7 @@ class DeliveryWorker:
     # -- the loop -------------------------------------------------------------------------
     async def run(self) -> None:
         os.makedirs(self.spool.active_dir(self.slot), mode=0o700, exist_ok=True)
-        listener = WakeListener(self.spool, self.wake.set)
+        listener = WakeListener(self.spool, self.wake.set, on_rescan=self._rescan_deferred)
         interval = self.cfg.delivery.queue_scan_interval
         try:
             while not self.ctx.stopping.is_set():
@@ -89,6 +89,10 @@ class DeliveryWorker:
             listener.close()
             await self._drain()
             await self.dispatcher.close()
+
+    def _rescan_deferred(self) -> None:
+        """An operator made deferred messages due (empathctl queue retry/flush)."""
+        self._next_deferred_scan = 0.0
 
     async def _wake_or_stop(self) -> None:
         stop = asyncio.ensure_future(self.ctx.stopping.wait())
@@ -246,6 +250,14 @@ class DeliveryWorker:
             return
         try:
             await self._attempt(message_id, path, envelope, source)
+        except FileNotFoundError as exc:
+            if os.path.exists(path):
+                self._set_aside(message_id, path)
+            else:
+                # An operator deleted the claimed file (empathctl queue delete --force); the
+                # spool's rewrite refuses to bring it back.
+                log.info("%s: removed by an operator during the attempt (%s)", message_id,
+                         exc.strerror or exc)
         except Exception:
             # A bug or a system error must not lose the message, nor spin on it: it waits
             # retry_base_delay in deferred/ (its file as it was before this attempt).

@@ -8,7 +8,8 @@ rename(2) within the one filesystem (see docs/SPOOL.md for the table of transiti
     active/<pid>/   claimed by the delivery worker with that pid
     deferred/       waiting for a retry; the file's mtime is the time of the next attempt
     hold/           parked by an operator
-    failed/         every recipient finished, some failed, bounce not (yet) generated
+    failed/         every recipient closed, some failed or expired, and no notice possible
+                    (null sender): kept for an operator
     corrupt/        unreadable files moved aside for an operator
     control/        ``freeze`` flag, ``wake/<pid>`` datagram sockets of delivery workers, and
                     ``auth-failures/<ip>`` (times of failed AUTHs, for throttling)

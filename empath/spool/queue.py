@@ -29,7 +29,7 @@ from typing import Any
 from empath.spool.fileformat import CorruptFile, read_queue_file
 from empath.spool.ids import id_time, is_valid_id
 from empath.spool.layout import Spool, pid_alive
-from empath.spool.wake import Waker
+from empath.spool.wake import RESCAN, Waker
 
 # operator name -> directory of Spool.state_dir ("active" is per worker, handled apart)
 STATE_DIRS = {"pending": "incoming", "deferred": "deferred", "held": "hold",
@@ -377,10 +377,10 @@ class Queue:
         return self.spool.is_frozen()
 
     def wake(self) -> None:
-        """One datagram to every delivery worker: look at the spool now."""
+        """One datagram to every delivery worker: look at the spool now, deferred/ included."""
         waker = Waker(self.spool)
         try:
-            waker.wake()
+            waker.wake(RESCAN)
         finally:
             waker.close()
 

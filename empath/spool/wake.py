@@ -17,6 +17,8 @@ from collections.abc import Callable
 from empath.spool.layout import Spool
 
 _REFRESH = 2.0  # seconds between re-reads of the list of worker sockets
+NEW_MAIL = b"!"  # a receiver committed messages to incoming/
+RESCAN = b"D"  # an operator changed due times in deferred/ (retry, flush): rescan it now
 
 
 class Waker:
@@ -29,14 +31,14 @@ class Waker:
         self._targets: list[str] = []
         self._read_at = 0.0
 
-    def wake(self) -> None:
+    def wake(self, payload: bytes = NEW_MAIL) -> None:
         now = time.monotonic()
         if now - self._read_at > _REFRESH:
             self._targets = list(self._spool.wake_socket_paths())
             self._read_at = now
         for path in self._targets:
             with contextlib.suppress(OSError):
-                self._sock.sendto(b"!", path)
+                self._sock.sendto(payload, path)
 
     def close(self) -> None:
         self._sock.close()
@@ -45,7 +47,8 @@ class Waker:
 class WakeListener:
     """Receiver side (one per delivery worker): calls ``callback`` when woken."""
 
-    def __init__(self, spool: Spool, callback: Callable[[], None]) -> None:
+    def __init__(self, spool: Spool, callback: Callable[[], None],
+                 on_rescan: Callable[[], None] | None = None) -> None:
         self._path = spool.wake_socket_path(os.getpid())
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._path)
@@ -53,13 +56,17 @@ class WakeListener:
         self._sock.bind(self._path)
         self._sock.setblocking(False)
         self._callback = callback
+        self._on_rescan = on_rescan
         asyncio.get_running_loop().add_reader(self._sock.fileno(), self._on_readable)
 
     def _on_readable(self) -> None:
         # Drain everything queued: many wake-ups mean one scan.
+        rescan = False
         with contextlib.suppress(BlockingIOError, InterruptedError):
             while True:
-                self._sock.recv(64)
+                rescan |= self._sock.recv(64) == RESCAN
+        if rescan and self._on_rescan is not None:
+            self._on_rescan()
         self._callback()
 
     def close(self) -> None:
