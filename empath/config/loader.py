@@ -258,6 +258,9 @@ def _check(cfg: Namespace, loader: _Loader, root: yaml.Node | None) -> None:
         if lst.mode in ("submission", "smtps") and cfg.smtp.auth.password_file is None:
             raise fail(f"listeners[{i}].mode",
                        f"mode {lst.mode} requires AUTH: set smtp.auth.password_file")
+    for domain, entry in cfg.dkim.domains.items():
+        if not os.path.isfile(entry.key):
+            raise fail(f"dkim.domains.{domain}.key", f"no such file: {entry.key}")
     pwfile = cfg.smtp.auth.password_file
     if pwfile is not None and not os.path.isfile(pwfile):
         raise fail("smtp.auth.password_file", f"no such file: {pwfile}")

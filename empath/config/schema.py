@@ -266,6 +266,26 @@ SCHEMA = Section("", "Empath configuration.", (
                 keyed_by=Domain(), default={},
                 sample={}),
     )),
+    Section("dkim", "DKIM signing (RFC 6376, 8463) of mail from trusted clients, at receipt.", (
+        Key("canonicalization", Str(("relaxed/relaxed", "relaxed/simple", "simple/relaxed",
+                                     "simple/simple")), "relaxed/relaxed",
+            "Header/body canonicalization."),
+        Key("headers", ListOf(Str(lower=True)), [],
+            "Header fields to sign; empty: the RFC 6376 §5.4.1 set (From, To, Subject, Date, "
+            "Message-ID, ...)."),
+        Section("domains", "Signing keys by From: domain; mail from mynetworks or "
+                "authenticated clients whose From: domain is listed is signed.", (
+                    Key("selector", Str(pattern=r"^[A-Za-z0-9._-]{1,63}$"), None,
+                        "Selector (the DNS name is <selector>._domainkey.<domain>)."),
+                    Key("key", Path(), None,
+                        "Private key file (empathctl dkim keygen writes one)."),
+                    Key("algorithm", Str(("rsa-sha256", "ed25519-sha256")), "rsa-sha256",
+                        "Signature algorithm of the key."),
+                ), keyed_by=Domain(), default={},
+                sample="# example.com:\n#   selector: s2026\n"
+                       "#   key: /etc/empath/dkim/example.com.s2026.key\n"
+                       "#   algorithm: rsa-sha256\n"),
+    )),
     Section("metrics", "Prometheus metrics.", (
         Key("listen_addr", HostPort(), None, "host:port for /metrics; null: off.",
             nullable=True),

@@ -62,7 +62,8 @@ def _render(sec: Section, values: dict[str, Any] | None, indent: str, out: list[
                 out.extend(sub)
         elif child.keyed_by is not None:
             out.append(f"{indent}{child.name}: {{}}")
-            out.extend(indent + line for line in DOMAIN_EXAMPLE.splitlines())
+            example = child.sample if isinstance(child.sample, str) else DOMAIN_EXAMPLE
+            out.extend(indent + line for line in example.splitlines())
         else:
             out.append(f"{indent}{child.name}:")
             sub_values = values.get(child.name) if values else None

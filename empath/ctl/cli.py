@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     passwd.add_arguments(p)
     p.set_defaults(func=passwd.cmd_passwd)
+    p = top.add_parser("dkim", help="DKIM keys")
+    from empath.ctl import dkimkeys
+
+    dkimkeys.add_arguments(p)
     q = top.add_parser("queue", help="list, inspect and change queued messages",
                        description="Queue management. Statuses: pending (incoming/), active "
                        "(claimed by a delivery worker), deferred, held, failed, corrupt.")

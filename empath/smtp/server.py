@@ -22,6 +22,7 @@ import ssl
 import time
 from typing import Any
 
+from empath import dkim as dkim_signing
 from empath import modules as hooks
 from empath import passwords
 from empath.smtp import replies as R
@@ -50,6 +51,7 @@ class Receiver:
         self.stopping = False
         self.writer: Any = None
         self.data_block = cfg.smtp.timeouts.data_block
+        self.signer = dkim_signing.Signer(cfg.dkim) if cfg.dkim.domains else None
         auth = cfg.smtp.auth
         self.passwords = (passwords.read_password_file(auth.password_file)
                           if auth.password_file else {})
@@ -288,6 +290,8 @@ class SMTPProtocol(asyncio.Protocol):
                 reply = _module_reply(rej)
         except hooks.ModuleError:
             reply = R.MODULE_ERROR
+        if reply is None and r.signer is not None and session.trusted:
+            await message.add_header(self._dkim_header)
         if reply is None:
             try:
                 await message.commit(self._envelope_record(envelope))
@@ -308,6 +312,19 @@ class SMTPProtocol(asyncio.Protocol):
         self.hook_ctx.metadata = {}
         self._resume_reading()
         self._handle(events)
+
+    def _dkim_header(self, message: bytes) -> bytes | None:
+        """Thread side: the DKIM-Signature for mail whose From: domain has a key."""
+        signer = self.receiver.signer
+        assert signer is not None
+        key = signer.key_for(message)
+        if key is None:
+            return None
+        try:
+            return signer.sign(message, key)
+        except Exception as exc:  # a message dkimpy cannot parse still goes out unsigned
+            log.warning("%s: not DKIM-signed: %s", self.queue_id, exc)
+            return None
 
     def _envelope_record(self, env: S.Envelope) -> dict[str, Any]:
         session = self.session

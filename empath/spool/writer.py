@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -132,6 +133,37 @@ class IncomingMessage:
             self._fd = os.open(self._tmp, _OPEN_FLAGS, 0o600)
         chunks, self._chunks, self._buffered = self._chunks, [], 0
         _write_all(self._fd, chunks)
+
+    async def add_header(self, make: Callable[[bytes], bytes | None]) -> None:
+        """Put ``make(whole message)`` (a header, or None for nothing) at the top of the
+        message. Runs in the writer's threads: it reads a spilled message back from disk."""
+        if self._error is not None:
+            return
+        try:
+            await self._writer._run(self._add_header, make)
+        except OSError as exc:
+            self._error = exc
+            self._discard()
+
+    def _add_header(self, make: Callable[[bytes], bytes | None]) -> None:
+        spilled = b""
+        if self._fd >= 0:
+            spilled = os.pread(self._fd, self._size - self._buffered, 0)
+        header = make(spilled + b"".join(self._chunks))
+        if not header:
+            return
+        if self._fd >= 0:
+            # A spilled message: the header goes first in a new file, then the old contents.
+            old_fd, old_tmp = self._fd, self._tmp
+            self._tmp = old_tmp + "+"
+            self._fd = os.open(self._tmp, _OPEN_FLAGS, 0o600)
+            _write_all(self._fd, [header, spilled])
+            os.close(old_fd)
+            os.unlink(old_tmp)
+        else:
+            self._chunks.insert(0, header)
+            self._buffered += len(header)
+        self._size += len(header)
 
     async def commit(self, envelope: dict[str, Any]) -> None:
         """Return once the message is durable in incoming/; SpoolError otherwise."""

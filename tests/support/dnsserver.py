@@ -110,7 +110,12 @@ class DNSServer:
         if rdtype in ("CNAME", "NS", "PTR"):
             return _absolute(str(record))
         if rdtype == "TXT":
-            return '"' + str(record).replace("\\", "\\\\").replace('"', '\\"') + '"'
+            # One character-string holds at most 255 octets: longer values (DKIM keys) are
+            # split into several strings of one record, as zone files write them.
+            text = str(record)
+            parts = [text[i:i + 255] for i in range(0, len(text), 255)] or [""]
+            return " ".join('"' + p.replace("\\", "\\\\").replace('"', '\\"') + '"'
+                            for p in parts)
         return str(record)
 
     def count(self, name: str, rdtype: str | None = None) -> int:
