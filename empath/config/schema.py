@@ -168,6 +168,10 @@ SCHEMA = Section("", "Empath configuration.", (
             "Wait this long before the 220 greeting; a client that talks first is "
             "rejected with 554 (early talker). 0 still rejects bytes sent before the greeting."),
         Key("require_helo", Bool(), True, "Require HELO/EHLO before MAIL."),
+        Key("dedup_window", Duration(0), 0.0,
+            "Duplicate suppression: a message whose Message-ID, sender, recipients and data "
+            "match one accepted within this window gets 250 but is not stored again "
+            "(remembered in the spool, so across restarts); 0: off."),
         Section("timeouts", "Server timeouts (RFC 5321 §4.5.3.2); 421 when one expires.", (
             Key("command", Duration(1), 300.0, "Waiting for the next command."),
             Key("data_init", Duration(1), 120.0, "After 354, waiting for the first data."),

@@ -88,6 +88,7 @@ NO_STORAGE = Reply(452, "4.3.1", "Insufficient system storage, try again later")
 START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
 NO_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
 QUEUED = Reply(250, "2.0.0", "OK queued as {queue_id}")
+DUPLICATE = Reply(250, "2.0.0", "OK already queued as {queue_id}")
 BDAT_OK = Reply(250, "2.0.0", "{size} octets received")
 BARE_EOL = Reply(550, "5.6.0",
                  "Message contains bare CR or LF line endings (not accepted: SMTP smuggling)")

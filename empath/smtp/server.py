@@ -15,6 +15,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import hashlib
 import logging
 import os
 import socket
@@ -29,11 +30,14 @@ from empath.smtp import replies as R
 from empath.smtp import session as S
 from empath.smtp.received import received_header
 from empath.spool import Spool, SpoolError, new_message_id
+from empath.spool.dedup import DedupStore
 from empath.spool.layout import is_disk_full
 
 log = logging.getLogger("empath.smtp")
 
 SWEEP_INTERVAL = 1.0  # seconds between timeout sweeps over all connections
+DEDUP_HEAD = 64 * 1024  # where the Message-ID header is looked for
+DEDUP_SWEEP = 60.0  # seconds between removals of expired duplicate-suppression entries
 FREE_SPACE_CHECK = 1.0  # seconds a free-space reading is trusted
 
 
@@ -52,6 +56,8 @@ class Receiver:
         self.writer: Any = None
         self.data_block = cfg.smtp.timeouts.data_block
         self.signer = dkim_signing.Signer(cfg.dkim) if cfg.dkim.domains else None
+        window = cfg.smtp.dedup_window
+        self.dedup = DedupStore(self.spool, window) if window else None
         auth = cfg.smtp.auth
         self.passwords = (passwords.read_password_file(auth.password_file)
                           if auth.password_file else {})
@@ -151,6 +157,8 @@ class SMTPProtocol(asyncio.Protocol):
         self.paused = False
         self.closed = False
         self.hook_ctx: hooks.HookContext | None = None
+        self.digest: Any = None  # with dedup: hash of the client's data, and its head
+        self.head = b""
         self.peer = ("", 0)
         self.tls_info: dict[str, str] | None = None
 
@@ -243,6 +251,10 @@ class SMTPProtocol(asyncio.Protocol):
                 transport.write(ev.data)  # type: ignore[union-attr]
             elif kind is S.Data:
                 self.message.write(ev.chunk)  # type: ignore[union-attr]
+                if self.digest is not None:
+                    self.digest.update(ev.chunk)  # type: ignore[union-attr]
+                    if len(self.head) < DEDUP_HEAD:
+                        self.head += ev.chunk[:DEDUP_HEAD]  # type: ignore[union-attr]
                 self.deadline = time.monotonic() + self.receiver.data_block
             elif kind is S.DataStart:
                 self._start_message()
@@ -273,6 +285,8 @@ class SMTPProtocol(asyncio.Protocol):
         r = self.receiver
         self.queue_id = new_message_id()
         self.message = r.writer.begin(self.queue_id)
+        if r.dedup is not None:
+            self.digest, self.head = hashlib.sha256(), b""
         self.message.write(received_header(
             session, self.peer[0], r.cfg.hostname, self.queue_id, self.tls_info))
         self.deadline = time.monotonic() + r.cfg.smtp.timeouts.data_init
@@ -290,6 +304,14 @@ class SMTPProtocol(asyncio.Protocol):
                 reply = _module_reply(rej)
         except hooks.ModuleError:
             reply = R.MODULE_ERROR
+        dedup_key = self._dedup_key(envelope) if r.dedup is not None else None
+        if reply is None and dedup_key is not None:
+            assert r.dedup is not None
+            original = r.dedup.claim(dedup_key, self.queue_id)
+            if original is not None:
+                log.info("%s: duplicate of %s suppressed (from=<%s>)", self.queue_id, original,
+                         envelope.sender)
+                reply, dedup_key = R.DUPLICATE.format(queue_id=original), None
         if reply is None and r.signer is not None and session.trusted:
             await message.add_header(self._dkim_header)
         if reply is None:
@@ -298,6 +320,8 @@ class SMTPProtocol(asyncio.Protocol):
             except SpoolError as exc:
                 log.error("%s: not stored: %s", self.queue_id, exc)
                 reply = R.NO_STORAGE if is_disk_full(exc) else R.SPOOL_ERROR
+                if dedup_key is not None and r.dedup is not None:
+                    r.dedup.release(dedup_key)
         else:
             message.abort()
         self.message = None
@@ -312,6 +336,16 @@ class SMTPProtocol(asyncio.Protocol):
         self.hook_ctx.metadata = {}
         self._resume_reading()
         self._handle(events)
+
+    def _dedup_key(self, envelope: S.Envelope) -> str | None:
+        """Message-ID + sender + recipients + data hash; None without a Message-ID."""
+        message_id = _message_id(self.head)
+        if message_id is None:
+            return None
+        rcpts = ",".join(sorted(r["address"].lower() for r in envelope.recipients))
+        material = b"\0".join([message_id, envelope.sender.lower().encode(), rcpts.encode(),
+                                self.digest.hexdigest().encode()])
+        return hashlib.sha256(material).hexdigest()[:40]
 
     def _dkim_header(self, message: bytes) -> bytes | None:
         """Thread side: the DKIM-Signature for mail whose From: domain has a key."""
@@ -483,6 +517,15 @@ class SMTPProtocol(asyncio.Protocol):
             self._refuse(R.SHUTTING_DOWN.format(hostname=self.receiver.cfg.hostname))
 
 
+def _message_id(head: bytes) -> bytes | None:
+    """The Message-ID header's value in the header block at the start of ``head``."""
+    end = head.find(b"\r\n\r\n")
+    for line in (head[:end] if end >= 0 else head).split(b"\r\n"):
+        if line[:11].lower() == b"message-id:":
+            return line[11:].strip() or None
+    return None
+
+
 def _module_reply(rej: hooks.Reject | None) -> R.Reply | None:
     return None if rej is None else R.Reply(rej.code, rej.enhanced, rej.text)
 
@@ -524,7 +567,11 @@ async def serve(ctx: Any) -> None:
 
 
 async def _sweep(receiver: Receiver) -> None:
+    last_dedup = time.monotonic()
     while True:
         await asyncio.sleep(SWEEP_INTERVAL)
         receiver.sweep()
+        if receiver.dedup is not None and time.monotonic() - last_dedup > DEDUP_SWEEP:
+            last_dedup = time.monotonic()
+            await asyncio.to_thread(receiver.dedup.sweep)
 

@@ -355,3 +355,38 @@ def test_many_messages_on_one_connection(daemon_factory: Any) -> None:
         for i in range(50):
             s.sendmail("a@example.org", [f"u{i}@localhost"], MESSAGE)
     assert len(incoming(d)) == 50
+
+
+def test_duplicate_suppression_survives_a_restart(daemon_factory: Any) -> None:
+    d = frozen_daemon(daemon_factory, {"smtp": {"dedup_window": "1h"}})
+    msg = b"Message-ID: <dup-1@example.org>\r\nSubject: once\r\n\r\nbody\r\n"
+    replies = []
+    for _ in range(2):
+        with d.smtp() as s:
+            s.ehlo("c")
+            s.mail("a@example.org")
+            s.rcpt("b@localhost")
+            replies.append(s.data(msg))
+    assert [code for code, _ in replies] == [250, 250]
+    first_id = replies[0][1].decode().rsplit(" ", 1)[1]
+    assert replies[1][1].decode() == f"2.0.0 OK already queued as {first_id}"
+    assert len(incoming(d)) == 1
+    # Different recipients, data or no Message-ID: not duplicates.
+    with d.smtp() as s:
+        s.sendmail("a@example.org", ["c@localhost"], msg)
+        s.sendmail("a@example.org", ["b@localhost"], msg.replace(b"body", b"other"))
+        s.sendmail("a@example.org", ["b@localhost"], b"Subject: no id\r\n\r\nx\r\n")
+        s.sendmail("a@example.org", ["b@localhost"], b"Subject: no id\r\n\r\nx\r\n")
+    assert len(incoming(d)) == 5
+    assert "duplicate of " + first_id + " suppressed" in d.log_text()
+    # The window is kept in the spool: after a restart the copy is still recognised.
+    assert d.stop() == 0
+    d.proc = None
+    d.start()
+    with d.smtp() as s:
+        s.ehlo("c")
+        s.mail("a@example.org")
+        s.rcpt("b@localhost")
+        code, text = s.data(msg)
+    assert code == 250 and text.decode().endswith(first_id)
+    assert len(incoming(d)) == 5
