@@ -67,6 +67,8 @@ def sample(name: str, type_: ValueType, default: Any, doc: str, value: Any,
     return Key(name, type_, default, doc, nullable, value, True)
 
 
+SYSLOG_FACILITIES = ("mail", "daemon", "user", "local0", "local1", "local2", "local3",
+                     "local4", "local5", "local6", "local7")
 TLS_POLICIES = ("opportunistic", "required", "disabled")
 _POLICY_CHOICES = TLS_POLICIES
 
@@ -118,6 +120,13 @@ SCHEMA = Section("", "Empath configuration.", (
             nullable=True),
         Key("level", Str(("debug", "info", "warning", "error"), lower=True), "info",
             "Least severe level written."),
+        Key("format", Str(("text", "json"), lower=True), "text",
+            "text: one human-readable line per record; json: one JSON object per line "
+            "(time, level, logger, pid, message, queue_id when the line is about a message)."),
+        Key("syslog", Str(SYSLOG_FACILITIES, lower=True), None,
+            "Send records to syslog with this facility (mail, daemon, local0..local7) instead "
+            "of log.file or standard error; null: off.", nullable=True),
+        Key("syslog_socket", Path(), "/dev/log", "The syslog daemon's Unix socket."),
     )),
     Section("listeners", "SMTP listeners; the master binds them all before forking.",
             LISTENER, many=True,
@@ -290,16 +299,37 @@ SCHEMA = Section("", "Empath configuration.", (
                        "#   key: /etc/empath/dkim/example.com.s2026.key\n"
                        "#   algorithm: rsa-sha256\n"),
     )),
-    Section("metrics", "Prometheus metrics.", (
-        Key("listen_addr", HostPort(), None, "host:port for /metrics; null: off.",
+    Section("metrics", "Prometheus metrics (docs/OPERATIONS.md, \"Metrics\"), served by the "
+            "admin process.", (
+        Key("listen_addr", HostPort(), None,
+            "host:port for /metrics (loopback unless a scraper elsewhere needs it); null: off, "
+            "and instrumentation costs nothing.", nullable=True),
+        Key("top_domains", Int(1, 1000), 20,
+            "Destination domains with a label of their own in the per-domain delivery "
+            "metrics (the busiest ones); the rest are counted as \"other\"."),
+        Key("multiproc_dir", Path(), None,
+            "Directory of the per-process metric files (emptied at start); null: one in "
+            "/dev/shm named after spool.path (else control/metrics in the spool).",
             nullable=True),
     )),
-    Section("health", "Health checks.", (
-        Key("listen_addr", HostPort(), None, "host:port for /health/*; null: off.",
-            nullable=True),
+    Section("health", "Health checks for load balancers, served by the admin process.", (
+        Key("listen_addr", HostPort(), None,
+            "host:port for /health/live, /health/ready and /health/detailed (may be the "
+            "same as metrics.listen_addr); null: off.", nullable=True),
+        Key("min_free_space", Size(), None,
+            "/health/ready fails while the spool's filesystem has less free space; null: "
+            "spool.min_free_space.", nullable=True),
+        Key("max_queue", Int(1), None,
+            "/health/ready fails while more messages than this wait for delivery (pending, "
+            "active and deferred); null: no limit.", nullable=True),
+        Key("master_timeout", Duration(1, 3600), 10.0,
+            "/health/live fails when the master's loop has not turned for this long."),
     )),
-    Section("audit", "Audit log.", (
-        Key("log_path", Path(), None, "JSON lines, one per message event; null: off.",
+    Section("audit", "Audit log: one JSON line per message event (docs/OPERATIONS.md).", (
+        Key("log_path", Path(), None,
+            "JSON Lines file, appended by every process; SIGUSR1 reopens it; null: off.",
             nullable=True),
+        Key("redact_local_parts", Bool(), False,
+            "Write addresses as ***@domain (the domain is kept for routing questions)."),
     )),
 ))
