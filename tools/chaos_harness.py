@@ -666,20 +666,31 @@ def read_journal(path: Path) -> tuple[dict[str, list[Copy]], list[str]]:
 
 
 def scan_log(path: Path, queue_ids: set[str]) -> dict[str, Any]:
-    """What the daemon's log says: child deaths by cause, errors, and every line about the
-    queue ids of duplicated messages."""
+    """What the daemon's log says: child deaths by cause, errors (with the tracebacks that
+    follow them, one of each kind), and every line about the queue ids of duplicated
+    messages."""
     deaths: Counter[str] = Counter()
     errors: Counter[str] = Counter()
     about: dict[str, list[str]] = defaultdict(list)
     removed: Counter[str] = Counter()
+    tracebacks: dict[str, list[str]] = {}  # last line of the traceback -> the whole entry
+    entry: list[str] = []
     death_re = re.compile(r"^(receiver|delivery) \d+/\d+ \(pid \d+\), generation \d+, (.*)$")
+
+    def keep(block: list[str]) -> None:
+        if len(block) > 1 and len(tracebacks) < 10:
+            tracebacks.setdefault(block[-1], block)
+
     with contextlib.suppress(FileNotFoundError), open(path, errors="replace") as fh:
         for line in fh:
-            m = LOG_RE.match(line.rstrip("\n"))
+            line = line.rstrip("\n")
+            m = LOG_RE.match(line)
             if not m:
-                if line.startswith("Traceback"):
-                    errors["Traceback"] += 1
+                if entry:
+                    entry.append(line)
                 continue
+            keep(entry)
+            entry = []
             _, level, _, _, text = m.groups()
             dm = death_re.match(text)
             if dm:
@@ -687,13 +698,15 @@ def scan_log(path: Path, queue_ids: set[str]) -> dict[str, Any]:
             if level in ("ERROR", "CRITICAL"):
                 # Strip ids and numbers so that one kind of error is one line.
                 errors[re.sub(r"[0-9A-Z]{26}|\d+", "N", text)[:160]] += 1
+                entry = [line]
             qid = text[:26]
             if qid in queue_ids:
-                about[qid].append(line.rstrip("\n"))
+                about[qid].append(line)
                 if text[26:].startswith(": removed"):
                     removed[qid] += 1
+    keep(entry)
     return {"deaths": dict(deaths), "errors": dict(errors), "about": dict(about),
-            "removed": dict(removed)}
+            "removed": dict(removed), "tracebacks": list(tracebacks.values())}
 
 
 def leftover_owners(leftovers: dict[str, list[str]], kills: list[Kill]) -> list[str]:
@@ -789,6 +802,9 @@ def check(h: Harness) -> dict[str, Any]:
         failures.append(f"{len(rec.leftover_processes)} daemon process(es) survived the stop")
     if not rec.load_stopped_cleanly:
         failures.append("load sessions had to be cancelled (their 250s are unknown)")
+    # Not losses, but bugs all the same: children that died of something else than our kills.
+    warnings = [f"{count} x {what}" for what, count in sorted(log.get("deaths", {}).items())
+                if "SIGKILL" not in what and "exited with status 0" not in what]
     return {
         "verdict": "FAIL" if failures else "PASS",
         "failures": failures,
@@ -827,7 +843,9 @@ def check(h: Harness) -> dict[str, Any]:
         "drain": {"drained": rec.drained, "seconds": round(rec.drain_seconds, 1)},
         "sink": h.sink_report,
         "load_errors": dict(load.error_kinds) if load else {},
-        "log": {"child_deaths": log.get("deaths", {}), "errors": log.get("errors", {})},
+        "log": {"child_deaths": log.get("deaths", {}), "errors": log.get("errors", {}),
+                "tracebacks": log.get("tracebacks", [])},
+        "warnings": warnings,
         "unexpected_master_exits": rec.unexpected_master_exits,
         "leftover_processes": rec.leftover_processes,
         "kill_log": [asdict(k) for k in rec.kills],
@@ -880,6 +898,10 @@ def print_summary(r: dict[str, Any]) -> None:
         print(f"leftover {line}")
     for text, count in sorted(r["log"]["errors"].items(), key=lambda x: -x[1])[:8]:
         print(f"log error x{count}: {text}")
+    for block in r["log"]["tracebacks"][:3]:
+        print("log traceback:\n  " + "\n  ".join(block[-12:]))
+    for text in r["warnings"]:
+        print(f"warning: child deaths not caused by the harness: {text}")
     print(f"verdict: {r['verdict']}" + (": " + "; ".join(r["failures"]) if r["failures"]
                                         else ""))
     print(f"run directory: {r['run_dir']}")
@@ -906,7 +928,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--drain-timeout", type=float, default=180.0,
                     help="most seconds to wait for the spool to empty at the end")
     ap.add_argument("--keep", action="store_true",
-                    help="keep the run directory (it is always kept when the run fails)")
+                    help="keep the run directory (it is always kept when the run fails or "
+                    "the log holds a traceback)")
     ap.add_argument("--json", metavar="FILE", help="write the results as JSON ('-': stdout)")
     ap.add_argument("--quiet", action="store_true", help="no progress lines")
     opts = ap.parse_args(argv)
@@ -936,7 +959,8 @@ def main(argv: list[str] | None = None) -> int:
         print_summary(results)
         if opts.json:
             Path(opts.json).write_text(json.dumps(results, indent=1) + "\n")
-    if results["verdict"] == "PASS" and not opts.keep:
+    if (results["verdict"] == "PASS" and not results["warnings"]
+            and not results["log"]["tracebacks"] and not opts.keep):
         shutil.rmtree(harness.run_dir, ignore_errors=True)
     if harness.record.abort:
         return 2
