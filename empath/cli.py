@@ -83,7 +83,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args)
     if cfg is None:
         return 1
-    logsetup.setup_logging(cfg.log.file, cfg.log.level)
+    logsetup.configure(cfg.log)
     pidfile = Pidfile(cfg.pidfile)
     try:
         pidfile.create()
@@ -142,7 +142,7 @@ def _daemon_main(cfg: Any, report_fd: int) -> int:
     code = 1
     try:
         logsetup.redirect_stdio(cfg.log.file)
-        logsetup.setup_logging(cfg.log.file, cfg.log.level)
+        logsetup.configure(cfg.log)
         pidfile = Pidfile(cfg.pidfile)
         try:
             pidfile.create()
@@ -232,6 +232,9 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"{status.get('state', 'running')})")
     print(f"config: {status.get('config_file')}")
     print(f"listening on: {', '.join(status.get('listeners', [])) or '-'}")
+    admin = {k: v for k, v in (status.get("admin_listeners") or {}).items() if v}
+    if admin:
+        print("admin: " + ", ".join(f"{k} on {v}" for k, v in admin.items()))
     print("children:")
     for c in status.get("children", []):
         extra = " stopping" if c.get("retiring") else ""

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from empath import logsetup
+from empath import logsetup, observe
 from empath.config import ConfigError, load_config
 from empath.master import child as child_mod
 from empath.master import privileges
@@ -36,11 +36,13 @@ from empath.master.child import ChildContext, Heartbeat, run_child
 from empath.master.daemon import Pidfile, StatusFile, report, sd_notify, status_path
 from empath.master.listeners import Listener, ListenError, bind_all
 from empath.master.respawn import KINDS, Child, RespawnPolicy
+from empath.observe import multiproc
 from empath.spool import Spool, pid_alive
 
 log = logging.getLogger("empath.master")
 
-ROLES = {"receiver": "empath.smtp.server:serve", "delivery": "empath.delivery.worker:serve"}
+ROLES = {"receiver": "empath.smtp.server:serve", "delivery": "empath.delivery.worker:serve",
+         "admin": "empath.observe.admin:serve"}
 HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
                    signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD)
 MAX_RECEIVERS = 256
@@ -68,6 +70,7 @@ class Generation:
     cfg: Any
     listeners: list[Listener]
     wanted: dict[str, int]
+    admin_listeners: list[Listener]
 
 
 class Arbiter:
@@ -83,7 +86,9 @@ class Arbiter:
         self.children: dict[int, Child] = {}
         self.listeners: list[Listener] = []
         self.removed_listeners: list[Listener] = []
-        self.wanted = {"receiver": cfg.processes.receivers, "delivery": cfg.processes.delivery}
+        # The admin process's /metrics and /health sockets (observe.admin_endpoints order).
+        self.admin_listeners: list[Listener] = []
+        self.wanted = _wanted(cfg)
         self.respawn = RespawnPolicy()
         self.signals: queue.SimpleQueue[int] = queue.SimpleQueue()
         self.wakeup: tuple[int, int] | None = None
@@ -102,6 +107,10 @@ class Arbiter:
         self.status_changed = True
         self.started_at = time.time()
         self.heartbeat_dir: str | None = None
+        # The master's own heartbeat, bumped on every pass of the loop: the admin process
+        # answers /health/live from it ("the master's loop turns").
+        self.beacon: Heartbeat | None = None
+        self.metrics_dir: str | None = None
 
     # -- start-up ----------------------------------------------------------------------------
     def run(self) -> int:
@@ -133,10 +142,12 @@ class Arbiter:
         self._install_signals()
         try:
             self.listeners = bind_all([lc.address for lc in self.cfg.listeners], [])
+            self.admin_listeners = bind_all(_admin_addresses(self.cfg), [])
         except ListenError as exc:
             raise SetupError(str(exc)) from None
         for lst in self.listeners:
             log.info("listening on %s", lst.bound)
+        self._log_admin_listeners([])
         _warn_loose_keys(self.cfg)
         try:
             self.spool.create_tree()
@@ -145,15 +156,52 @@ class Arbiter:
         moved = self.spool.recover_all(pid_alive)
         if moved:
             log.info("start-up recovery requeued %d message(s)", moved)
+        self._prepare_metrics_dir()
+        audit_log = self._prepare_audit_log()
         if ident is not None and privileges.needs_switch(ident):
             files = [p for p in (logsetup.current_log_file(),
                                  self.pidfile.path if self.pidfile else None,
-                                 self.status.path) if p]
-            privileges.hand_over(ident, self.spool.root, files)
+                                 self.status.path, audit_log) if p]
+            privileges.hand_over(ident, self.spool.root, files,
+                                 dirs=[self.metrics_dir] if self.metrics_dir else [])
             privileges.drop(ident)
         if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
             self.heartbeat_dir = "/dev/shm"  # tmpfs: a heartbeat never touches a disk
+        self.beacon = Heartbeat(self.heartbeat_dir)
         log.info("master %d started (config %s)", self.pid, self.cfg.config_file)
+
+    def _prepare_metrics_dir(self) -> None:
+        """With metrics on: the multiprocess directory, emptied and exported before any fork
+        (observe/multiproc.py). A failure leaves metrics off rather than the master down."""
+        if self.metrics_dir is not None or not observe.metrics_enabled(self.cfg):
+            return
+        try:
+            self.metrics_dir = multiproc.prepare(self.cfg, self.spool.root, self.spool.control)
+        except OSError as exc:
+            log.error("metrics: cannot prepare the multiprocess directory: %s; metrics are "
+                      "off", exc.strerror or exc)
+            return
+        log.info("metrics: per-process files in %s", self.metrics_dir)
+
+    def _prepare_audit_log(self) -> str | None:
+        """Create the audit log (so it can be handed over to ``user``); its path or None."""
+        path: str | None = self.cfg.audit.log_path
+        if path is None:
+            return None
+        try:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                             0o640))
+        except OSError as exc:
+            raise SetupError(f"audit log {path}: {exc.strerror or exc}") from None
+        return path
+
+    def _log_admin_listeners(self, known: list[Listener]) -> None:
+        """Log where /metrics and /health are served (those not in ``known`` only)."""
+        for (_, roles), lst in zip(observe.admin_endpoints(self.cfg), self.admin_listeners,
+                                   strict=False):
+            if lst not in known:
+                log.info("%s on http://%s/", " and ".join(sorted(roles)), lst.bound)
 
     def _install_signals(self) -> None:
         read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -170,6 +218,9 @@ class Arbiter:
     def main_loop(self) -> int:
         while True:
             try:
+                if self.beacon is not None:
+                    with contextlib.suppress(OSError):
+                        self.beacon.beat()
                 while not self.signals.empty():
                     self._dispatch(self.signals.get_nowait())
                 self._reap()
@@ -251,10 +302,13 @@ class Arbiter:
                     self._retire(c)
 
     def _spawn(self, kind: str, index: int, count: int) -> None:
+        socks = {"receiver": self.listeners, "admin": self.admin_listeners}.get(kind, [])
         ctx = ChildContext(
             config=self.cfg, kind=kind, index=index, count=count,
-            listeners=[lst.sock for lst in self.listeners] if kind == "receiver" else [],
-            stopping=asyncio.Event(), shutdown_timeout=self.cfg.shutdown_timeout)
+            listeners=[lst.sock for lst in socks],
+            stopping=asyncio.Event(), shutdown_timeout=self.cfg.shutdown_timeout,
+            master_heartbeat=self.beacon if kind == "admin" else None,
+            status_file=self.status.path)
         heartbeat = Heartbeat(self.heartbeat_dir)
         mask = child_mod.block_signals()
         try:
@@ -287,7 +341,7 @@ class Arbiter:
                     os.close(fd)
         for other in self.children.values():
             other.heartbeat.close()
-        for lst in self.listeners + self.removed_listeners:
+        for lst in self.listeners + self.admin_listeners + self.removed_listeners:
             if lst.sock not in keep:
                 lst.close()
         if self.report_fd is not None:
@@ -318,6 +372,9 @@ class Arbiter:
         if rec.kind == "delivery":
             # Its claims in active/<pid>/ go back to incoming/ (a clean exit leaves none).
             self.spool.recover_active(rec.pid)
+        if self.metrics_dir is not None:
+            # Its live gauges go; its counters stay in the sum (they never go backwards).
+            multiproc.mark_dead(rec.pid, self.metrics_dir)
         if expected or rec.generation != self.generation:
             return
         if code == child_mod.EXIT_BOOT_FAILURE and not rec.booted:
@@ -412,6 +469,7 @@ class Arbiter:
             "generation": self.generation,
             "state": "stopping" if self.stopping else "running",
             "listeners": [str(lst.bound) for lst in self.listeners],
+            "admin_listeners": self._admin_status(),
             "children": [{"pid": c.pid, "kind": c.kind, "index": c.index, "count": c.count,
                           "generation": c.generation, "booted": c.booted,
                           "retiring": c.retiring}
@@ -419,6 +477,15 @@ class Arbiter:
                                          key=lambda c: (c.generation, c.kind, c.index))],
             "started_at": self.started_at,
         })
+
+    def _admin_status(self) -> dict[str, str | None]:
+        """Where /metrics and /health are served (bound addresses), None when off."""
+        out: dict[str, str | None] = {observe.METRICS: None, observe.HEALTH: None}
+        for (_, roles), lst in zip(observe.admin_endpoints(self.cfg), self.admin_listeners,
+                                   strict=False):
+            for role in roles:
+                out[role] = str(lst.bound)
+        return out
 
     # -- reload --------------------------------------------------------------------------------
     def reload(self) -> None:
@@ -449,21 +516,35 @@ class Arbiter:
         except ListenError as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
             return
+        try:
+            admin_listeners = bind_all(_admin_addresses(new), self.admin_listeners)
+        except ListenError as exc:
+            for lst in listeners:
+                if lst not in self.listeners:
+                    lst.close()
+            log.error("reload failed, keeping the running configuration: %s", exc)
+            return
         for key in ("pidfile", "user", "group"):
             if getattr(new, key) != getattr(self.cfg, key):
                 log.warning("reload: %s changed; that takes a restart", key)
-        if (new.log.file, new.log.level) != (self.cfg.log.file, self.cfg.log.level):
-            logsetup.setup_logging(new.log.file, new.log.level)
+        if new.log != self.cfg.log:
+            logsetup.configure(new.log)
         for lst in listeners:
             if lst not in self.listeners:
                 log.info("listening on %s", lst.bound)
-        self.previous = Generation(self.generation, self.cfg, self.listeners, dict(self.wanted))
+        self.previous = Generation(self.generation, self.cfg, self.listeners, dict(self.wanted),
+                                   self.admin_listeners)
         self.removed_listeners += [lst for lst in self.listeners if lst not in listeners]
+        self.removed_listeners += [lst for lst in self.admin_listeners
+                                   if lst not in admin_listeners]
         self.listeners = listeners
+        self.admin_listeners = admin_listeners
         self.cfg = new
+        self._log_admin_listeners(self.previous.admin_listeners)
+        self._prepare_metrics_dir()
         self.generation += 1
         self.reloaded_at = time.monotonic()
-        self.wanted = {"receiver": new.processes.receivers, "delivery": new.processes.delivery}
+        self.wanted = _wanted(new)
         self.respawn.reset()
         log.info("configuration reloaded; starting generation %d", self.generation)
         self.status_changed = True
@@ -493,12 +574,14 @@ class Arbiter:
         for rec in list(self.children.values()):
             if rec.generation == self.generation:
                 self._retire(rec)
-        keep = prev.listeners
+        keep = prev.listeners + prev.admin_listeners
         self.removed_listeners = ([lst for lst in self.removed_listeners if lst not in keep]
-                                  + [lst for lst in self.listeners if lst not in keep])
-        self.listeners = keep
-        if (prev.cfg.log.file, prev.cfg.log.level) != (self.cfg.log.file, self.cfg.log.level):
-            logsetup.setup_logging(prev.cfg.log.file, prev.cfg.log.level)
+                                  + [lst for lst in self.listeners + self.admin_listeners
+                                     if lst not in keep])
+        self.listeners = prev.listeners
+        self.admin_listeners = prev.admin_listeners
+        if prev.cfg.log != self.cfg.log:
+            logsetup.configure(prev.cfg.log)
         self.cfg, self.wanted = prev.cfg, prev.wanted
         # A fresh number: children of the failed generation must not count as current.
         self.generation += 1
@@ -534,9 +617,9 @@ class Arbiter:
             rec.retiring = True
         self._signal_all(sig)
         # The children hold their own copies: the port stays open until the last one exits.
-        for lst in self.listeners + self.removed_listeners:
+        for lst in self.listeners + self.admin_listeners + self.removed_listeners:
             lst.close()
-        self.listeners, self.removed_listeners = [], []
+        self.listeners, self.admin_listeners, self.removed_listeners = [], [], []
         self.status_changed = True
 
     def _stop_progress(self) -> bool:
@@ -557,11 +640,26 @@ class Arbiter:
         return False
 
     def _cleanup(self) -> None:
-        for lst in self.listeners + self.removed_listeners:
+        for lst in self.listeners + self.admin_listeners + self.removed_listeners:
             lst.close()
         self.status.remove()
         for rec in self.children.values():
             rec.heartbeat.close()
+        if self.beacon is not None:
+            self.beacon.close()
+        if self.metrics_dir is not None and not self.children:
+            multiproc.remove(self.metrics_dir)
+
+
+def _wanted(cfg: Any) -> dict[str, int]:
+    """How many children of each kind the configuration asks for (one admin process when
+    metrics or health checks are configured)."""
+    return {"receiver": cfg.processes.receivers, "delivery": cfg.processes.delivery,
+            "admin": 1 if observe.admin_enabled(cfg) else 0}
+
+
+def _admin_addresses(cfg: Any) -> list[Any]:
+    return [address for address, _ in observe.admin_endpoints(cfg)]
 
 
 def _warn_loose_keys(cfg: Any) -> None:

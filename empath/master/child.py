@@ -68,12 +68,17 @@ class ChildContext:
     """What a child's ``serve(ctx)`` gets from the master."""
 
     config: Any  # the validated configuration (empath.config.Namespace)
-    kind: str  # "receiver" or "delivery"
+    kind: str  # "receiver", "delivery" or "admin"
     index: int  # 1-based position among its kind
     count: int  # how many of its kind there were when it was started
-    listeners: list[socket.socket]  # bound, listening sockets (receivers); [] for delivery
+    # bound, listening sockets: SMTP (receivers), /metrics and /health (admin); [] for delivery
+    listeners: list[socket.socket]
     stopping: asyncio.Event  # set on SIGTERM/SIGINT or when the master is gone
     shutdown_timeout: float  # seconds to finish after ``stopping`` before exiting anyway
+    # admin only: the master's own heartbeat (bumped on every pass of its loop), and the
+    # master's status file (children, listeners) that /health reads
+    master_heartbeat: Heartbeat | None = None
+    status_file: str | None = None
 
 
 class Heartbeat:

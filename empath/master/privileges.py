@@ -66,13 +66,16 @@ def check_can_switch(ident: Identity | None) -> None:
                              f"root can switch to {ident.user!r}")
 
 
-def hand_over(ident: Identity, spool_root: str, files: list[str]) -> None:
-    """chown the spool tree and ``files`` (with their directories, unless shared) to
-    ``ident``, so the unprivileged master and children can keep writing them."""
-    for dirpath, dirnames, filenames in os.walk(spool_root):
-        _chown(dirpath, ident)
-        for name in dirnames + filenames:
-            _chown(os.path.join(dirpath, name), ident)
+def hand_over(ident: Identity, spool_root: str, files: list[str],
+              dirs: list[str] | None = None) -> None:
+    """chown the spool tree, the private directories ``dirs`` (the metrics directory) and
+    ``files`` (with their directories, unless shared) to ``ident``, so the unprivileged
+    master and children can keep writing them."""
+    for root in [spool_root, *(dirs or [])]:
+        for dirpath, dirnames, filenames in os.walk(root):
+            _chown(dirpath, ident)
+            for name in dirnames + filenames:
+                _chown(os.path.join(dirpath, name), ident)
     for path in files:
         directory = os.path.dirname(os.path.abspath(path))
         if _is_private_dir(directory):

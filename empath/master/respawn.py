@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from empath.master.child import Heartbeat
 
-KINDS = ("receiver", "delivery")
+KINDS = ("receiver", "delivery", "admin")
 BOOT_FAILURES_TO_HALT = 3  # consecutive exit-3 children of one kind before the master halts
 STABLE_AFTER = 10.0  # a child that ran this long resets its slot's backoff
 FIRST_DELAY = 0.25  # after the second quick death; doubles with each further one

@@ -90,6 +90,23 @@ class Spool:
         os.close(fd)
         os.unlink(probe)
 
+    def probe_writable(self) -> None:
+        """Create, write and remove a small file in tmp/ (health checks); OSError when the
+        spool cannot take a new message."""
+        probe = os.path.join(self.tmp, f".health-{os.getpid()}")
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, b"probe\n")
+        finally:
+            os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(probe)
+
+    def free_bytes(self) -> int:
+        """Free space of the spool's filesystem, as an unprivileged process may use it."""
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize
+
     def list_ids(self, state: str) -> list[str]:
         """Ids in ``state``, oldest first (ids sort by arrival)."""
         try:

@@ -393,6 +393,32 @@ class Queue:
 
 
 # -- pure helpers ----------------------------------------------------------------------------
+def state_counts(spool: Spool) -> tuple[dict[str, int], str | None]:
+    """Messages per operator state (all six keys) from the directory listings alone, without
+    reading a file, and the oldest id waiting for delivery (pending, active, deferred).
+    Cheap enough for every metrics scrape and health check."""
+    counts = dict.fromkeys(STATUSES, 0)
+    waiting: list[str] = []
+    for status, directory in STATE_DIRS.items():
+        ids = [n for n in _names(spool.state_dir(directory)) if is_valid_id(n)]
+        counts[status] = len(ids)
+        if status in ("pending", "deferred") and ids:
+            waiting.append(min(ids))
+    for slot in spool.active_slots():
+        ids = [n for n in _names(spool.active_dir(slot)) if is_valid_id(n)]
+        counts["active"] += len(ids)
+        if ids:
+            waiting.append(min(ids))
+    return counts, min(waiting) if waiting else None
+
+
+def _names(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
 def recipient_domain(address: str) -> str:
     return address.rpartition("@")[2].lower() if "@" in address else ""
 

@@ -1,0 +1,205 @@
+"""The instruments the receivers and delivery workers update, and their names.
+
+``init(cfg)`` is called once by a child's ``serve``: with ``metrics.listen_addr`` set (and the
+master's ``PROMETHEUS_MULTIPROC_DIR`` exported) it builds prometheus_client metrics whose values
+live in this process's memory-mapped files; otherwise every instrument is the shared ``NOOP``,
+whose methods do nothing, so the hot path pays one method call per update and nothing else.
+``current()`` returns what ``init`` built (the no-op set before it).
+
+Hot-path updates are pre-bound: labelled children are resolved once here, never per message.
+Gauges are ``livesum`` (a dead process's share disappears when the master marks it dead);
+counters and histograms of dead processes stay in the sum, so they never go backwards.
+
+The queue sizes, process counts and the folding of per-domain labels are not here: the admin
+process computes them at scrape time (``collect.py``). This module never serves HTTP and never
+reads the spool.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from empath.observe import metrics_enabled
+from empath.observe.multiproc import ENV
+
+SIZE_BUCKETS = (1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0, 16777216.0,
+                67108864.0)
+SPOOL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+DELIVERY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+DNS_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0)
+
+REJECT_REASONS = ("too_many_connections", "too_many_from_ip", "shutting_down", "early_talker",
+                  "module")
+REFUSE_REASONS = ("no_storage", "spool_error", "module")
+REPLY_CLASSES = ("2xx", "3xx", "4xx", "5xx")
+RESULTS = ("delivered", "deferred", "failed", "expired")
+NOTICE_KINDS = ("failed", "delayed", "success")
+TRANSPORTS = ("smtp", "maildir", "lmtp")
+OTHER = "other"  # the label of domains beyond the per-process cap (and of the folded rest)
+DOMAIN_CAP_FACTOR = 10  # a process labels at most this many times metrics.top_domains domains
+
+
+class _Noop:
+    """Stands for any metric, child or label set: every update does nothing."""
+
+    __slots__ = ()
+
+    def inc(self, amount: float = 1.0) -> None:
+        pass
+
+    def dec(self, amount: float = 1.0) -> None:
+        pass
+
+    def observe(self, amount: float) -> None:
+        pass
+
+    def labels(self, *values: str) -> _Noop:
+        return self
+
+
+NOOP = _Noop()
+
+
+class Instruments:
+    """Every metric a child updates. ``enabled`` False: all of them are ``NOOP``."""
+
+    def __init__(self, enabled: bool = False, top_domains: int = 20) -> None:
+        self.enabled = enabled
+        self.domain_cap = max(1, top_domains) * DOMAIN_CAP_FACTOR
+        self._domains: set[str] = set()
+        n: Any = NOOP
+        self.connections_accepted = n
+        self.connections_active = n
+        self.rejected = dict.fromkeys(REJECT_REASONS, n)
+        self._replies: dict[int, Any] = dict.fromkeys(b"2345", n)
+        self.messages_received = n
+        self.received_bytes = n
+        self.message_size = n
+        self.refused = dict.fromkeys(REFUSE_REASONS, n)
+        self.tls_in = n
+        self.tls_in_failures = n
+        self.spool_write = n
+        self.spool_commit = n
+        self.attempts = dict.fromkeys(RESULTS, n)
+        self.domain_attempts = n
+        self.delivery_duration = n
+        self.notices = dict.fromkeys(NOTICE_KINDS, n)
+        self.tls_out = n
+        self.dns_duration = n
+        self.dns_cache_hits = n
+        self.rate_limit_waits = n
+        if enabled:
+            self._build()
+
+    def _build(self) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
+        def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Any:
+            return Counter(name, doc, labels, registry=None)
+
+        self.connections_accepted = counter(
+            "empath_smtp_connections_accepted", "SMTP connections accepted (TCP), including "
+            "those then rejected")
+        self.connections_active = Gauge(
+            "empath_smtp_connections_active", "SMTP connections open now",
+            multiprocess_mode="livesum", registry=None)
+        rejected = counter("empath_smtp_connections_rejected",
+                           "SMTP connections refused at connect, by reason", ("reason",))
+        self.rejected = {r: rejected.labels(r) for r in REJECT_REASONS}
+        replies = counter("empath_smtp_replies", "SMTP replies sent, by code class", ("class",))
+        self._replies = {ord(c[0]): replies.labels(c) for c in REPLY_CLASSES}
+        self.messages_received = counter("empath_messages_received",
+                                         "Messages stored durably and acknowledged (250)")
+        self.received_bytes = counter("empath_messages_received_bytes",
+                                      "Bytes of the messages received, as stored")
+        self.message_size = Histogram("empath_message_size_bytes", "Size of received messages",
+                                      buckets=SIZE_BUCKETS, registry=None)
+        refused = counter("empath_messages_refused",
+                          "Messages refused after their data, by reason", ("reason",))
+        self.refused = {r: refused.labels(r) for r in REFUSE_REASONS}
+        self.tls_in = counter("empath_tls_sessions_in",
+                              "TLS sessions established by SMTP clients (STARTTLS or smtps)",
+                              ("version",))
+        self.tls_in_failures = counter("empath_tls_handshake_failures_in",
+                                       "Inbound TLS handshakes that failed")
+        self.spool_write = Histogram(
+            "empath_spool_write_seconds", "Writing a received message to the spool: data, "
+            "envelope, fdatasync and rename into incoming/", buckets=SPOOL_BUCKETS,
+            registry=None)
+        self.spool_commit = Histogram(
+            "empath_spool_commit_seconds", "From the final dot until the message is durable "
+            "(spool write plus the group-committed fsync of incoming/)",
+            buckets=SPOOL_BUCKETS, registry=None)
+        attempts = counter("empath_delivery_attempts",
+                           "Delivery attempts per recipient, by result", ("result",))
+        self.attempts = {r: attempts.labels(r) for r in RESULTS}
+        self.domain_attempts = counter(
+            "empath_delivery_domain_attempts",
+            "Delivery attempts per recipient, by destination domain (the busiest "
+            "metrics.top_domains, the rest as \"other\") and result", ("domain", "result"))
+        self.delivery_duration = Histogram(
+            "empath_delivery_duration_seconds", "Duration of one delivery to one destination "
+            "domain (a route of an attempt), by transport", ("transport",),
+            buckets=DELIVERY_BUCKETS, registry=None)
+        notices = counter("empath_notices_generated",
+                          "Delivery status notifications spooled, by kind (failed: bounces)",
+                          ("kind",))
+        self.notices = {k: notices.labels(k) for k in NOTICE_KINDS}
+        self.tls_out = counter("empath_tls_deliveries_out",
+                               "Deliveries to a destination carried over TLS, by version",
+                               ("version",))
+        self.dns_duration = Histogram(
+            "empath_dns_lookup_seconds", "DNS lookups for delivery (not measured yet: see "
+            "docs/OPERATIONS.md)", buckets=DNS_BUCKETS, registry=None)
+        self.dns_cache_hits = counter("empath_dns_cache_hits",
+                                      "DNS answers served from the cache (not measured yet)")
+        self.rate_limit_waits = counter(
+            "empath_rate_limit_waits", "Deliveries that waited for a per-domain rate limit "
+            "(not measured yet)")
+        for transport in TRANSPORTS:  # so every series exists (at 0) from the start
+            self.delivery_duration.labels(transport)
+
+    # -- hot-path helpers ---------------------------------------------------------------------
+    def count_replies(self, data: bytes) -> None:
+        """Count the SMTP replies in ``data`` (one Send: a reply, or a pipelined batch) by the
+        first digit of each reply's last line ("250 ..." after any "250-..." lines)."""
+        if not self.enabled or not data:
+            return
+        replies = self._replies
+        if data.find(b"\r\n") == len(data) - 2:  # the usual case: one single-line reply
+            counter = replies.get(data[0])
+            if counter is not None:
+                counter.inc()
+            return
+        for line in data.split(b"\r\n"):
+            if len(line) >= 3 and (len(line) == 3 or line[3] == 32):  # b" "
+                counter = replies.get(line[0])
+                if counter is not None:
+                    counter.inc()
+
+    def domain_label(self, domain: str) -> str:
+        """``domain`` as a label value, or "other" once this process has labelled its cap of
+        distinct domains (the admin folds them to the busiest top_domains at scrape time)."""
+        domain = domain or "(local)"
+        if domain in self._domains:
+            return domain
+        if len(self._domains) < self.domain_cap and domain != OTHER:
+            self._domains.add(domain)
+            return domain
+        return OTHER
+
+
+_current = Instruments(False)
+
+
+def init(cfg: Any) -> Instruments:
+    """Build this process's instruments (call once, in the child, after the fork)."""
+    global _current
+    enabled = metrics_enabled(cfg) and os.path.isdir(os.environ.get(ENV, "") or "/nonexistent")
+    _current = Instruments(enabled, cfg.metrics.top_domains)
+    return _current
+
+
+def current() -> Instruments:
+    return _current

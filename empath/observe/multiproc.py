@@ -1,0 +1,76 @@
+"""The master's side of prometheus_client's multiprocess mode.
+
+Every child writes its metric values into memory-mapped files of its own
+(``counter_<pid>.db``, ``histogram_<pid>.db``, ``gauge_livesum_<pid>.db``) in the directory
+named by ``PROMETHEUS_MULTIPROC_DIR``; the admin process sums them at scrape time. The master:
+
+- chooses the directory (``metrics.multiproc_dir``, else a tmpfs directory in /dev/shm named
+  after the spool, else ``control/metrics`` in the spool), empties it at start (a new master
+  starts counting from zero, which Prometheus reads as a counter reset) and exports the
+  variable before it forks, so every child imports prometheus_client in multiprocess mode;
+- calls ``mark_process_dead(pid)`` when it reaps a child: the dead child's live gauges
+  (connections in progress) are removed, while its counter and histogram files stay, so a
+  killed and respawned worker never makes a counter go backwards, nor count twice.
+
+tmpfs is preferred: the files are written through mmap on every update, and a page of a
+sparse file on a full disk would kill its writer with SIGBUS.
+
+Never imports prometheus_client until a child is reaped with metrics on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+from typing import Any
+
+log = logging.getLogger("empath.master")
+
+ENV = "PROMETHEUS_MULTIPROC_DIR"
+SHM = "/dev/shm"
+DOMAIN_STATE = "domains.json"  # the admin's per-domain label state (domains.py), kept here
+
+
+def default_dir(spool_root: str, control_dir: str) -> str:
+    """/dev/shm/empath-metrics-<hash of the spool path> when /dev/shm is writable, else
+    ``control_dir``/metrics: one directory per spool, so two instances never share one."""
+    if os.path.isdir(SHM) and os.access(SHM, os.W_OK):
+        tag = hashlib.sha256(os.path.abspath(spool_root).encode()).hexdigest()[:12]
+        return os.path.join(SHM, f"empath-metrics-{tag}")
+    return os.path.join(control_dir, "metrics")
+
+
+def prepare(cfg: Any, spool_root: str, control_dir: str) -> str:
+    """Create and empty the directory, export it to the environment (children inherit it);
+    returns its path. OSError when it cannot be made."""
+    path = cfg.metrics.multiproc_dir or default_dir(spool_root, control_dir)
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    for name in os.listdir(path):
+        if name.endswith(".db") or name.startswith(DOMAIN_STATE):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(path, name))
+    os.environ[ENV] = path
+    return path
+
+
+def remove(path: str) -> None:
+    """At the master's exit: the files are of no use to the next run (which empties the
+    directory anyway); the directory goes too when it is empty (tmpfs is memory)."""
+    with contextlib.suppress(OSError):
+        for name in os.listdir(path):
+            if name.endswith(".db") or name.startswith(DOMAIN_STATE):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(path, name))
+        os.rmdir(path)
+
+
+def mark_dead(pid: int, path: str) -> None:
+    """Forget a dead child's live gauges (its counters and histograms are kept)."""
+    try:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid, path)  # type: ignore[no-untyped-call]
+    except Exception:  # metrics must never disturb the master
+        log.exception("cannot mark process %d dead in %s", pid, path)
