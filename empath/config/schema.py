@@ -69,8 +69,20 @@ def sample(name: str, type_: ValueType, default: Any, doc: str, value: Any,
 
 SYSLOG_FACILITIES = ("mail", "daemon", "user", "local0", "local1", "local2", "local3",
                      "local4", "local5", "local6", "local7")
-TLS_POLICIES = ("opportunistic", "required", "disabled")
+TLS_POLICIES = ("opportunistic", "required", "disabled", "dane")
 _POLICY_CHOICES = TLS_POLICIES
+DNSSEC_MODES = ("off", "log", "enforce")
+
+
+class _DNSSECMode(Str):
+    """off | log | enforce; YAML 1.1 reads a bare ``off`` as false, so false is off too."""
+
+    def __init__(self) -> None:
+        super().__init__(DNSSEC_MODES)
+
+    def convert(self, value: Any, ctx: Any) -> Any:
+        return super().convert("off" if value is False else value, ctx)
+
 
 LISTENER = (
     Key("address", HostPort(), None, "host:port to listen on ([::1]:25 for IPv6)."),
@@ -87,8 +99,13 @@ DOMAIN_POLICY = (
     Key("mx_override", HostPort(default_port=25), None,
         "Send this domain's mail to host:port instead of its MX hosts.", nullable=True),
     Key("tls", Str(_POLICY_CHOICES), None,
-        "TLS policy for this domain (opportunistic | required | disabled); null: the default.",
-        nullable=True),
+        "TLS policy for this domain (opportunistic | required | disabled | dane); dane: "
+        "DANE is mandatory (RFC 7672): only MX hosts whose DNSSEC-validated TLSA records "
+        "authenticate their certificate get the mail, anything less is a temporary failure. "
+        "null: the default.", nullable=True),
+    Key("dnssec", _DNSSECMode(), None,
+        "DNSSEC mode for this domain's lookups (off | log | enforce, as delivery.dns.dnssec); "
+        "null: the default.", nullable=True),
     Key("accept_invalid_certs", Bool(), None,
         "Accept certificates that do not verify, for this domain (wins over the global "
         "setting); null: the global setting.", nullable=True),
@@ -262,11 +279,25 @@ SCHEMA = Section("", "Empath configuration.", (
             Key("cache_ttl", Duration(0), 300.0, "Longest time an answer is cached "
                 "(the record's TTL wins when shorter)."),
             Key("cache_size", Int(0, 10000000), 10000, "Most cached answers."),
+            Key("dnssec", _DNSSECMode(), "off",
+                "DNSSEC: the resolver must then be a validating resolver reached over a path "
+                "you trust (a local unbound); its AD bit says whether an answer was validated. "
+                "off: not consulted, no DANE. log: every MX, A/AAAA and TLSA lookup is judged "
+                "secure, insecure (AD=0 and the resolver proves the zone unsigned: a validated "
+                "denial of DS up the tree), unvalidated (AD=0 without that proof) or bogus "
+                "(SERVFAIL, answered with checking disabled), recorded in the attempt "
+                "history; DANE is used where TLSA records are secure. enforce: as log, and an "
+                "unvalidated answer is a temporary failure. A bogus answer is a temporary "
+                "failure in every mode."),
         )),
         Section("tls", "Outbound TLS.", (
             Key("default_policy", Str(_POLICY_CHOICES), "opportunistic",
                 "opportunistic: STARTTLS when offered, else plain; required: never plain "
-                "(temporary failure instead); disabled: never STARTTLS."),
+                "(temporary failure instead); disabled: never STARTTLS (and no DANE); dane: "
+                "DANE mandatory for every domain. Except under disabled, an MX host with "
+                "DNSSEC-validated TLSA records (dns.dnssec log or enforce) gets DANE: "
+                "STARTTLS is mandatory and its certificate must match the TLSA records "
+                "(ca_file and accept_invalid_certs do not apply), else a temporary failure."),
             Key("accept_invalid_certs", Bool(), False,
                 "Deliver even when the server certificate does not verify (logged)."),
             Key("ca_file", Path(), None, "CA bundle; null: the system store.", nullable=True),

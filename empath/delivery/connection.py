@@ -6,6 +6,11 @@ between them) and QUIT. Every wait has its own timeout from ``delivery.timeouts`
 §4.5.3.2). Message data is streamed from the queue file in blocks, dot-stuffed on the way, so a
 large message is never held in memory.
 
+With a DANE requirement (``dane.py``) STARTTLS is mandatory and the server's certificate chain
+is matched against the TLSA records right after the handshake, before any transaction; a
+DANE-TA match makes ``open_connection`` connect once more, with the matched certificates as
+the only trust anchors, so that OpenSSL verifies the chain up to them (RFC 7672 §3.1.2).
+
 ``open_connection`` raises a DeliveryError when the session cannot be set up (the caller tries
 the next host); ``SMTPConnection.deliver`` never raises for a server's verdict or a broken
 connection: it returns one outcome per recipient and marks the connection ``broken``.
@@ -35,6 +40,14 @@ from empath.delivery.client import (
     rcpt_command,
     reply_outcome,
 )
+from empath.delivery.dane import (
+    ENCRYPTED,
+    NEEDS_ANCHOR,
+    VERIFIED,
+    DaneRequirement,
+    Verdict,
+    check_chain,
+)
 from empath.delivery.errors import (
     DeliveryError,
     LocalSystemError,
@@ -43,7 +56,7 @@ from empath.delivery.errors import (
     error_for_reply,
 )
 from empath.delivery.state import RecipientOutcome
-from empath.delivery.tls import TLSContexts, TLSPolicy, describe, warn_unverified
+from empath.delivery.tls import TLSContexts, TLSPolicy, describe, peer_chain, warn_unverified
 from empath.spool import MessageSource
 
 log = logging.getLogger("empath.delivery.smtp")
@@ -58,10 +71,42 @@ class TLSHandshakeError(TemporaryError):
     Under an opportunistic policy the caller reconnects to the same host without TLS."""
 
 
+class DANEFailure(TemporaryError):
+    """DANE applies to the host and was not satisfied (no STARTTLS, a failed handshake, a
+    certificate matching no TLSA record). Never retried in plain: the next host is tried."""
+
+
+class _HandshakeFailed(Exception):
+    """The TLS handshake failed; the argument says why."""
+
+
+class _NeedsAnchor(Exception):
+    """The chain holds certificates matching DANE-TA records: connect again trusting them."""
+
+    def __init__(self, anchors: tuple[bytes, ...]) -> None:
+        super().__init__("DANE-TA")
+        self.anchors = anchors
+
+
 async def open_connection(*, server: str, ip: str, port: int, helo: str, domain: str,
                           policy: TLSPolicy, contexts: TLSContexts, timeouts: Any,
-                          try_tls: bool = True) -> SMTPConnection:
+                          try_tls: bool = True,
+                          dane: DaneRequirement | None = None) -> SMTPConnection:
     """Connect to ``ip``:``port`` (the MX ``server``) and bring the session to MAIL-ready."""
+    try:
+        return await _open(server=server, ip=ip, port=port, helo=helo, domain=domain,
+                           policy=policy, contexts=contexts, timeouts=timeouts,
+                           try_tls=try_tls, dane=dane, anchors=())
+    except _NeedsAnchor as need:
+        # DANE-TA: the same server again, the matched certificates as the only anchors.
+        return await _open(server=server, ip=ip, port=port, helo=helo, domain=domain,
+                           policy=policy, contexts=contexts, timeouts=timeouts,
+                           try_tls=try_tls, dane=dane, anchors=need.anchors)
+
+
+async def _open(*, server: str, ip: str, port: int, helo: str, domain: str,
+                policy: TLSPolicy, contexts: TLSContexts, timeouts: Any, try_tls: bool,
+                dane: DaneRequirement | None, anchors: tuple[bytes, ...]) -> SMTPConnection:
     try:
         async with asyncio.timeout(timeouts.connect):
             reader, writer = await asyncio.open_connection(ip, port, limit=READ_SIZE * 4)
@@ -73,7 +118,10 @@ async def open_connection(*, server: str, ip: str, port: int, helo: str, domain:
                                   reason=exc.strerror or str(exc)) from None
     conn = SMTPConnection(reader, writer, server=server, ip=ip, port=port, timeouts=timeouts)
     try:
-        await conn.handshake(helo, domain, policy, contexts, try_tls)
+        await conn.handshake(helo, domain, policy, contexts, try_tls, dane, anchors)
+    except _NeedsAnchor:
+        await conn.quit()  # over TLS already; nothing else was said
+        raise
     except BaseException:
         conn.abort()
         raise
@@ -95,6 +143,7 @@ class SMTPConnection:
         self._replies: deque[Reply] = deque()
         self.extensions = Extensions()
         self.tls: dict[str, str] | None = None
+        self.dane: Verdict | None = None  # the DANE verdict of this session, when DANE applied
         self.broken = False
         self.messages = 0
         self.idle_since = time.monotonic()
@@ -154,25 +203,35 @@ class SMTPConnection:
 
     # -- session set-up -------------------------------------------------------------------
     async def handshake(self, helo: str, domain: str, policy: TLSPolicy,
-                        contexts: TLSContexts, try_tls: bool) -> None:
+                        contexts: TLSContexts, try_tls: bool,
+                        dane: DaneRequirement | None = None,
+                        anchors: tuple[bytes, ...] = ()) -> None:
         banner = await self._read("banner")
         if banner.code != 220:
             # 421/554 greetings: this host will not talk to us; the caller tries the next.
             raise self._fail(banner)
         self.extensions = await self._ehlo(helo)
-        if not (policy.wants_tls and try_tls):
+        if dane is None and not (policy.wants_tls and try_tls):
             return
         if not self.extensions.has("STARTTLS"):
+            if dane is not None:  # RFC 7672 §2.2: TLSA records mean STARTTLS is a must
+                raise DANEFailure.make("dane_no_starttls", server=self.server)
             if policy.requires_tls:
                 raise TemporaryError.make("tls_not_offered", server=self.server, domain=domain)
             return
         reply = await self._command(b"STARTTLS\r\n", "starttls")
         if reply.code != 220:
+            if dane is not None:
+                raise DANEFailure.make("dane_tls_failed", server=self.server,
+                                       reason=f"STARTTLS refused: {reply}")
             if policy.requires_tls:
                 raise TemporaryError.make("tls_failed", server=self.server, domain=domain,
                                           reason=str(reply))
             return  # opportunistic: the session goes on in plain (RFC 3207 §4)
-        await self._start_tls(domain, policy, contexts)
+        if dane is not None:
+            await self._start_dane(dane, contexts, anchors)
+        else:
+            await self._start_tls(domain, policy, contexts)
         # RFC 3207 §4.2: all knowledge from before TLS is discarded; EHLO again.
         self.extensions = await self._ehlo(helo)
 
@@ -188,11 +247,45 @@ class SMTPConnection:
             raise self._fail(reply)
         return Extensions()
 
-    async def _start_tls(self, domain: str, policy: TLSPolicy, contexts: TLSContexts) -> None:
-        # Anything the server sent after its 220 arrived in plain text and could be an
-        # injected reply (the STARTTLS command-injection class of bugs): refuse the session.
+    def _injected(self) -> bool:
+        """Anything the server sent after its 220 arrived in plain text and could be an
+        injected reply (the STARTTLS command-injection class of bugs)."""
         buffered = getattr(self.reader, "_buffer", b"")
-        if self.parser.pending or self._replies or buffered:
+        return bool(self.parser.pending or self._replies or buffered)
+
+    async def _start_dane(self, dane: DaneRequirement, contexts: TLSContexts,
+                          anchors: tuple[bytes, ...]) -> None:
+        """The handshake under DANE, then the TLSA match, before anything else is said."""
+        if self._injected():
+            self.broken = True
+            raise DANEFailure.make("dane_tls_failed", server=self.server,
+                                   reason="data sent before the TLS handshake")
+        try:
+            context = contexts.dane_context(anchors)
+        except (OSError, ssl.SSLError) as exc:
+            raise LocalSystemError.make("local", reason=f"TLS context: {exc}") from None
+        try:
+            await self._handshake_tls(context)
+        except _HandshakeFailed as exc:
+            reason = str(exc)
+            if anchors:
+                reason = f"chain does not verify to its DANE-TA trust anchor: {reason}"
+            raise DANEFailure.make("dane_tls_failed", server=self.server,
+                                   reason=reason) from None
+        ssl_object = self.writer.get_extra_info("ssl_object")
+        chain = peer_chain(ssl_object, verified=bool(anchors))
+        verdict = check_chain(dane, chain, anchored=bool(anchors))
+        if verdict.status == NEEDS_ANCHOR:
+            raise _NeedsAnchor(verdict.anchors)
+        if verdict.status not in (VERIFIED, ENCRYPTED):
+            self.broken = True
+            raise DANEFailure.make("dane_mismatch", server=self.server, reason=verdict.reason)
+        self.dane = verdict
+        log.debug("%s: DANE %s", self.label, verdict.description)
+
+    async def _start_tls(self, domain: str, policy: TLSPolicy, contexts: TLSContexts) -> None:
+        # The STARTTLS command-injection class of bugs: refuse the session.
+        if self._injected():
             self.broken = True
             raise TLSHandshakeError.make("tls_failed", server=self.server, domain=domain,
                                          reason="data sent before the TLS handshake")
@@ -202,6 +295,16 @@ class SMTPConnection:
             raise LocalSystemError.make("local", reason=f"TLS context: {exc}") from None
         if not policy.verify:
             warn_unverified(domain, self.server, self.ip)
+        try:
+            await self._handshake_tls(context)
+        except _HandshakeFailed as exc:
+            raise TLSHandshakeError.make("tls_failed", server=self.server, domain=domain,
+                                         reason=str(exc)) from None
+
+    async def _handshake_tls(self, context: ssl.SSLContext) -> None:
+        """The TLS handshake on this connection (_HandshakeFailed when it fails; the connection
+        is then unusable). SNI, and the name checked when the context checks one, is the MX
+        host (RFC 7672 §8.1 for DANE)."""
         plain = self.writer.transport
         try:
             async with asyncio.timeout(self.timeouts.starttls):
@@ -215,8 +318,7 @@ class SMTPConnection:
                 plain.abort()
             self.broken = True
             reason = "timed out" if isinstance(exc, TimeoutError) else str(exc) or repr(exc)
-            raise TLSHandshakeError.make("tls_failed", server=self.server, domain=domain,
-                                         reason=reason) from None
+            raise _HandshakeFailed(reason) from None
         self.tls = describe(self.writer.get_extra_info("ssl_object"))
 
     # -- transactions ---------------------------------------------------------------------

@@ -45,6 +45,16 @@ REPLIES: dict[str, tuple[int, str, str]] = {
                         "offer STARTTLS"),
     "tls_failed": (451, "4.7.5", "TLS is required for {domain} but the handshake with "
                    "{server} failed: {reason}"),
+    # DNSSEC (dnssec.py): a validation failure, or an unvalidated answer under "enforce".
+    "dnssec_bogus": (451, "4.4.3", "DNSSEC validation of {name} failed (bogus answer)"),
+    "dnssec_unvalidated": (451, "4.4.3", "DNS answer for {name} is not DNSSEC-validated "
+                           "and not proven unsigned (dnssec: enforce)"),
+    # DANE (RFC 7672): X.7.4 STARTTLS missing, X.7.5 the certificate or the TLS failed.
+    "dane_no_starttls": (451, "4.7.4", "{server} has DNSSEC-validated TLSA records but does "
+                         "not offer STARTTLS (DANE)"),
+    "dane_tls_failed": (451, "4.7.5", "DANE TLS with {server} failed: {reason}"),
+    "dane_mismatch": (451, "4.7.5", "DANE: certificate of {server} rejected: {reason}"),
+    "dane_required": (451, "4.7.5", "DANE is required for {domain} but {reason}"),
     # RFC 1870 §6.2: the message exceeds the server's fixed size limit; 552 5.3.4.
     "too_big": (552, "5.3.4", "message of {size} bytes exceeds the {limit}-byte limit of "
                 "{server}"),

@@ -8,6 +8,12 @@ Owns the choice of *where* a message goes and *which connection* carries it:
   or a 4xx/5xx greeting or EHLO, moves on to the next address and host (RFC 5321 §5.1); once a
   transaction has started, the server's replies are final for this attempt;
 - an opportunistic STARTTLS whose handshake fails is retried on a new connection in plain;
+- DNSSEC and DANE (``dnssec.py``, ``dane.py``): under the domain's DNSSEC mode every lookup
+  of the route (MX, A/AAAA, TLSA) is judged, and under ``enforce`` an unvalidated one is a
+  temporary failure for the domain (MX) or the host (addresses, TLSA). When the MX RRset
+  (or the configured next hop) and the host's addresses are secure, the host's TLSA records
+  (``_<port>._tcp.<host>``) are looked up; secure ones make the connection a DANE one. A
+  failed TLSA lookup, or a DANE failure, skips the host (RFC 7672 §2.2), never to plain;
 - connection reuse: an idle connection per server waits ``connection_reuse.max_idle`` seconds
   for the next message and carries at most ``max_messages``, with RSET before each reuse;
 - limits per destination domain and per worker: ``max_connections`` simultaneous deliveries
@@ -25,8 +31,16 @@ import logging
 import time
 from typing import Any
 
-from empath.delivery.connection import SMTPConnection, TLSHandshakeError, open_connection
+from empath.delivery import dnssec
+from empath.delivery.connection import (
+    DANEFailure,
+    SMTPConnection,
+    TLSHandshakeError,
+    open_connection,
+)
+from empath.delivery.dane import DaneRequirement, requirement
 from empath.delivery.dns import MXResolver
+from empath.delivery.dnssec import RouteSecurity
 from empath.delivery.errors import (
     DeliveryError,
     LocalSystemError,
@@ -34,12 +48,12 @@ from empath.delivery.errors import (
     TemporaryError,
 )
 from empath.delivery.state import RecipientOutcome
-from empath.delivery.tls import OPPORTUNISTIC, TLSContexts, TLSPolicy, policy_for
+from empath.delivery.tls import DISABLED, OPPORTUNISTIC, TLSContexts, TLSPolicy, policy_for
 from empath.spool import MessageSource
 
 log = logging.getLogger("empath.delivery.smtp")
 
-_PoolKey = tuple[str, str, int, TLSPolicy]
+_PoolKey = tuple[str, str, int, TLSPolicy, DaneRequirement | None]
 
 
 RATE_LIMITERS_KEPT = 1000  # beyond this many, limiters with a full bucket are dropped
@@ -79,7 +93,8 @@ class RemoteTransport:
         self.cfg = cfg
         self.delivery = cfg.delivery
         self.helo = self.delivery.helo_name or cfg.hostname
-        self.resolver = resolver or MXResolver(self.delivery.dns)
+        self.resolver = resolver or MXResolver(self.delivery.dns,
+                                               detect_bogus=_dnssec_anywhere(self.delivery))
         self.contexts = TLSContexts(self.delivery.tls.ca_file)
         self._limits: dict[str, asyncio.Semaphore] = {}
         self._users: dict[str, int] = {}  # deliveries in progress per domain
@@ -136,7 +151,8 @@ class RemoteTransport:
         started = time.monotonic()
         info: dict[str, Any] = {"domain": domain, "transport": "smtp", "server": None,
                                 "ip": None, "port": None, "tls": None, "dsn": None,
-                                "mx_index": None, "duration": 0.0}
+                                "mx_index": None, "dnssec": None, "dane": None,
+                                "duration": 0.0}
         self._users[domain] = self._users.get(domain, 0) + 1
         try:
             async with self._semaphore(domain):
@@ -169,14 +185,17 @@ class RemoteTransport:
             await asyncio.gather(*self._closing, return_exceptions=True)
 
     # -- routing --------------------------------------------------------------------------
-    async def _routes(self, domain: str) -> tuple[list[tuple[int, str, int]], bool]:
-        """``(mx_index, host, port)`` in the order to try, and whether the MX is implicit."""
+    async def _routes(self, domain: str, security: RouteSecurity
+                      ) -> tuple[list[tuple[int, str, int]], bool, str | None]:
+        """``(mx_index, host, port)`` in the order to try, whether the MX is implicit, and the
+        DNSSEC state of the MX lookup (None: the next hop is configured, not looked up)."""
         own = self._domain_cfg(domain)
         if own is not None and own.mx_override is not None:
-            return [(0, own.mx_override.host, own.mx_override.port)], False
+            return [(0, own.mx_override.host, own.mx_override.port)], False, None
         if self.delivery.smarthost is not None:
-            return [(0, self.delivery.smarthost.host, self.delivery.smarthost.port)], False
-        answer = await self.resolver.lookup_mx(domain)
+            smarthost = self.delivery.smarthost
+            return [(0, smarthost.host, smarthost.port)], False, None
+        answer, state = await security.observe(domain, "MX", self.resolver.lookup_mx(domain))
         hosts = answer.hosts
         me = (self.cfg.hostname or "").lower().rstrip(".")
         mine = [pref for pref, host in hosts if host == me]
@@ -187,17 +206,26 @@ class RemoteTransport:
             if not hosts:
                 raise PermanentError.make("loops", domain=domain)
         port = self.delivery.port
-        return [(i, host, port) for i, (_, host) in enumerate(hosts)], answer.implicit
+        return [(i, host, port) for i, (_, host) in enumerate(hosts)], answer.implicit, state
 
     async def _deliver_routed(self, domain: str, envelope: dict[str, Any],
                               rcpts: list[dict[str, Any]], source: MessageSource,
                               info: dict[str, Any]) -> dict[str, RecipientOutcome]:
-        routes, implicit = await self._routes(domain)
+        security = RouteSecurity(self.resolver, dnssec.mode_for(self.delivery, domain))
+        if security.active:
+            info["dnssec_lookups"] = security.lookups  # filled in as lookups are made
+        try:
+            routes, implicit, mx_state = await self._routes(domain, security)
+        finally:
+            info["dnssec"] = security.route_state(list(security.lookups.values()))
         policy = policy_for(self.delivery, domain)
         errors: list[DeliveryError] = []
         for mx_index, host, port in routes:
+            states = [mx_state] if mx_state else []
+            info.update(server=host, ip=None, port=port, mx_index=mx_index, dane=None)
             try:
-                addresses = await self.resolver.resolve_addresses(host)
+                addresses, dane = await self._prepare_host(domain, policy, host, port, mx_state,
+                                                           security, states)
             except PermanentError as err:
                 if implicit:
                     raise PermanentError.make("no_address", domain=domain) from None
@@ -205,32 +233,82 @@ class RemoteTransport:
                 errors.append(TemporaryError.make("no_route", domain=domain))
                 continue
             except TemporaryError as err:
+                log.info("%s: MX host %s of %s: %s", envelope.get("id"), host, domain, err)
                 errors.append(err)
                 continue
+            finally:
+                info["dnssec"] = security.route_state(states)
+            info["dane"] = _dane_label(dane, security, policy)
             for ip in addresses:
                 info.update(server=host, ip=ip, port=port, mx_index=mx_index)
                 try:
-                    conn = await self._connection(domain, policy, host, ip, port)
+                    conn = await self._connection(domain, policy, host, ip, port, dane)
                 except DeliveryError as err:
                     log.info("%s: %s[%s]:%d for %s: %s", envelope.get("id"), host, ip, port,
                              domain, err)
+                    if isinstance(err, DANEFailure):
+                        info["dane"] = "failed"
                     errors.append(err)
                     continue
                 info["tls"] = conn.tls
+                if conn.dane is not None:
+                    info["dane"] = conn.dane.status
+                    if conn.dane.record is not None:
+                        info["dane_match"] = conn.dane.description
                 # Whether NOTIFY/ORCPT went on: the next hop then owns success notices.
                 info["dsn"] = conn.extensions.has("DSN")
                 try:
                     outcomes = await conn.deliver(envelope, rcpts, source)
                 finally:
-                    self._release(conn, policy)
+                    self._release(conn, policy, dane)
                 return outcomes
         raise _final_error(errors, domain)
 
+    async def _prepare_host(self, domain: str, policy: TLSPolicy, host: str, port: int,
+                            mx_state: str | None, security: RouteSecurity, states: list[str]
+                            ) -> tuple[list[str], DaneRequirement | None]:
+        """The addresses of ``host`` and what DANE demands of it; the DNSSEC state of each
+        lookup is added to ``states``. Raises a DeliveryError when the host is unusable."""
+        answer, state = await security.observe(host, "A/AAAA",
+                                               self.resolver.lookup_addresses(host))
+        if answer.literal:
+            return answer.addresses, None  # nothing looked up, no name to bind TLSA to
+        states.append(state)
+        # RFC 7672 §2.2.1/§2.2.2: TLSA records count only for a host whose name came from a
+        # secure MX RRset (or the configuration) and whose addresses are secure.
+        trusted = mx_state in (None, dnssec.SECURE) and state == dnssec.SECURE
+        return answer.addresses, await self._dane(domain, policy, host, port, trusted,
+                                                  security, states)
+
+    async def _dane(self, domain: str, policy: TLSPolicy, host: str, port: int, trusted: bool,
+                    security: RouteSecurity, states: list[str]) -> DaneRequirement | None:
+        """What DANE demands of ``host`` (None: DANE does not apply, the TLS policy does)."""
+        if policy.mode == DISABLED or not security.active:
+            return None
+        if not trusted:
+            if policy.requires_dane:
+                raise DANEFailure.make("dane_required", domain=domain, reason=(
+                    f"the MX or address records of {host} are not DNSSEC-validated"))
+            return None
+        name = f"_{port}._tcp.{host.rstrip('.').lower()}"
+        answer, state = await security.observe(name, "TLSA", self.resolver.lookup_tlsa(name))
+        states.append(state)
+        if state != dnssec.SECURE or not answer.records:
+            if policy.requires_dane:
+                raise DANEFailure.make("dane_required", domain=domain, reason=(
+                    f"{host} has no DNSSEC-validated TLSA records"))
+            return None
+        req = requirement(host, answer.records)
+        if policy.requires_dane and not req.authenticates:
+            raise DANEFailure.make("dane_required", domain=domain, reason=(
+                f"no TLSA record of {host} is usable"))
+        return req
+
     # -- connections ----------------------------------------------------------------------
     async def _connection(self, domain: str, policy: TLSPolicy, host: str, ip: str,
-                          port: int) -> SMTPConnection:
+                          port: int, dane: DaneRequirement | None) -> SMTPConnection:
         """An idle connection to this server that answers RSET, or a new one."""
-        key: _PoolKey = (host, ip, port, policy)
+        key: _PoolKey = (host, ip, port, policy, dane)
         reuse = self.delivery.connection_reuse
         pool = self._idle.get(key, [])
         while pool:
@@ -245,25 +323,27 @@ class RemoteTransport:
         async def connect(try_tls: bool) -> SMTPConnection:
             return await open_connection(
                 server=host, ip=ip, port=port, helo=self.helo, domain=domain, policy=policy,
-                contexts=self.contexts, timeouts=self.delivery.timeouts, try_tls=try_tls)
+                contexts=self.contexts, timeouts=self.delivery.timeouts, try_tls=try_tls,
+                dane=dane)
 
         try:
             return await connect(True)
         except TLSHandshakeError as err:
-            if policy.mode != OPPORTUNISTIC:
+            if policy.mode != OPPORTUNISTIC or dane is not None:
                 raise
             # RFC 7435: a failed opportunistic handshake must not stop delivery; plain it is.
             log.warning("%s[%s]:%d: %s; retrying without TLS", host, ip, port, err.text)
             return await connect(False)
 
-    def _release(self, conn: SMTPConnection, policy: TLSPolicy) -> None:
+    def _release(self, conn: SMTPConnection, policy: TLSPolicy,
+                 dane: DaneRequirement | None) -> None:
         """Keep a healthy connection for the next message, or close it."""
         reuse = self.delivery.connection_reuse
         if (self._closed or conn.broken or conn.messages >= reuse.max_messages
                 or reuse.max_idle <= 0):
             self._quit_later(conn)
             return
-        key: _PoolKey = (conn.server, conn.ip, conn.port, policy)
+        key: _PoolKey = (conn.server, conn.ip, conn.port, policy, dane)
         self._idle.setdefault(key, []).append(conn)
         asyncio.get_running_loop().call_later(reuse.max_idle, self._expire, key, conn)
 
@@ -285,6 +365,25 @@ class RemoteTransport:
 
     def idle_connections(self) -> int:
         return sum(len(pool) for pool in self._idle.values())
+
+
+def _dnssec_anywhere(delivery_cfg: Any) -> bool:
+    """Whether any domain (or the default) consults DNSSEC: then SERVFAILs are checked for
+    bogus answers."""
+    if dnssec.mode_for(delivery_cfg, "") != dnssec.OFF:
+        return True
+    return any(dnssec.mode_for(delivery_cfg, d) != dnssec.OFF
+               for d in (delivery_cfg.domains or {}))
+
+
+def _dane_label(dane: DaneRequirement | None, security: RouteSecurity,
+                policy: TLSPolicy) -> str:
+    """The ``dane`` field of the route before connecting: off, none, or what is required."""
+    if not security.active or policy.mode == DISABLED:
+        return "off"
+    if dane is None:
+        return "none"
+    return "required" if dane.authenticates else "unusable"
 
 
 def _final_error(errors: list[DeliveryError], domain: str) -> DeliveryError:

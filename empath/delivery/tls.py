@@ -7,7 +7,15 @@ Owns the decision *whether* and *how strictly* to use STARTTLS toward a domain:
   mail less deliverable than plain SMTP would);
 - ``required``: never send in plain; no STARTTLS offered, or a failed handshake, is a temporary
   failure (RFC 3207 §4.1 lets a client decide it will not proceed without TLS);
-- ``disabled``: never STARTTLS.
+- ``disabled``: never STARTTLS;
+- ``dane``: DANE is mandatory (RFC 7672): mail goes only to MX hosts whose DNSSEC-validated TLSA
+  records authenticate the certificate; anything less is a temporary failure.
+
+Under any policy but ``disabled``, an MX host with DNSSEC-validated TLSA records is reached
+with DANE (``dane.py``): STARTTLS is mandatory and the certificate is checked against the TLSA
+records instead of the Web PKI (no ``ca_file``, no ``accept_invalid_certs``). The ssl layer
+then verifies nothing (``dane_context``) and the chain is matched after the handshake; for
+DANE-TA a second handshake trusts only the matched certificates (``dane_context(anchors)``).
 
 A domain's own ``tls`` and ``accept_invalid_certs`` settings win over the global ones, both
 ways. Certificates are verified against ``ca_file`` or the system store, with the host name
@@ -26,14 +34,15 @@ from typing import Any
 
 log = logging.getLogger("empath.delivery.tls")
 
-OPPORTUNISTIC, REQUIRED, DISABLED = "opportunistic", "required", "disabled"
+OPPORTUNISTIC, REQUIRED, DISABLED, DANE = "opportunistic", "required", "disabled", "dane"
+ANCHOR_CONTEXTS_KEPT = 64  # DANE-TA contexts cached per worker, oldest out
 
 
 @dataclass(frozen=True, slots=True)
 class TLSPolicy:
     """How to treat TLS toward one destination domain."""
 
-    mode: str  # opportunistic | required | disabled
+    mode: str  # opportunistic | required | disabled | dane
     verify: bool  # False: accept certificates that do not verify (logged per connection)
 
     @property
@@ -42,7 +51,11 @@ class TLSPolicy:
 
     @property
     def requires_tls(self) -> bool:
-        return self.mode == REQUIRED
+        return self.mode in (REQUIRED, DANE)
+
+    @property
+    def requires_dane(self) -> bool:
+        return self.mode == DANE
 
 
 def policy_for(delivery_cfg: Any, domain: str) -> TLSPolicy:
@@ -60,12 +73,13 @@ def policy_for(delivery_cfg: Any, domain: str) -> TLSPolicy:
 
 
 class TLSContexts:
-    """The two client ssl contexts (verifying and not), built once and shared."""
+    """The client ssl contexts (verifying, not verifying, DANE), built once and shared."""
 
     def __init__(self, ca_file: str | None) -> None:
         self.ca_file = ca_file
         self._verifying: ssl.SSLContext | None = None
         self._lenient: ssl.SSLContext | None = None
+        self._anchored: dict[tuple[bytes, ...], ssl.SSLContext] = {}
 
     def context(self, policy: TLSPolicy) -> ssl.SSLContext:
         if policy.verify:
@@ -75,6 +89,28 @@ class TLSContexts:
         if self._lenient is None:
             self._lenient = self._build(verify=False)
         return self._lenient
+
+    def dane_context(self, anchors: tuple[bytes, ...] = ()) -> ssl.SSLContext:
+        """For DANE: without ``anchors`` a context that verifies nothing (the TLSA match is
+        done after the handshake, RFC 7672 §3); with them, one that trusts exactly those DER
+        certificates (DANE-TA), as chain ends even when not self-signed, and checks the
+        server's name (the caller passes the MX host as ``server_hostname``)."""
+        if not anchors:
+            if self._lenient is None:
+                self._lenient = self._build(verify=False)
+            return self._lenient
+        ctx = self._anchored.get(anchors)
+        if ctx is None:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED, check_hostname
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            ctx.load_verify_locations(cadata="".join(ssl.DER_cert_to_PEM_cert(a)
+                                                     for a in anchors))
+            # A DANE-TA anchor may be an intermediate: the chain ends there (RFC 7671 §5.2.2).
+            ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+            if len(self._anchored) >= ANCHOR_CONTEXTS_KEPT:
+                del self._anchored[next(iter(self._anchored))]
+            self._anchored[anchors] = ctx
+        return ctx
 
     def _build(self, verify: bool) -> ssl.SSLContext:
         ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.ca_file)
@@ -91,6 +127,26 @@ def warn_unverified(domain: str, server: str, ip: str) -> None:
     """Every connection that skips certificate checks says so."""
     log.warning("TLS to %s [%s] for %s: certificate not verified (accept_invalid_certs)",
                 server, ip, domain)
+
+
+def peer_chain(ssl_object: Any, *, verified: bool = False) -> list[bytes]:
+    """The certificates the server sent (leaf first, DER), or the chain OpenSSL verified.
+
+    Python 3.13 has ``SSLObject.get_unverified_chain``/``get_verified_chain``; 3.10 to 3.12
+    have the same methods, undocumented, on the ``_ssl`` object inside (``_sslobj``). Where
+    neither exists only the leaf is known, which is enough for DANE-EE and for DANE-TA
+    records that hold the whole trust-anchor certificate (2 0 0), not for other DANE-TA ones.
+    """
+    name = "get_verified_chain" if verified else "get_unverified_chain"
+    getter = getattr(ssl_object, name, None) or getattr(
+        getattr(ssl_object, "_sslobj", None), name, None)
+    if getter is None:
+        leaf = ssl_object.getpeercert(binary_form=True)
+        return [leaf] if leaf else []
+    chain = getter() or []
+    # 3.13's public method returns DER bytes; the private one _ssl.Certificate objects.
+    der = ssl._ssl.ENCODING_DER  # type: ignore[attr-defined]
+    return [c if isinstance(c, bytes) else c.public_bytes(der) for c in chain]
 
 
 def describe(ssl_object: Any) -> dict[str, str] | None:
