@@ -31,7 +31,7 @@ DNS_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0)
 
 REJECT_REASONS = ("too_many_connections", "too_many_from_ip", "shutting_down", "early_talker",
                   "module")
-REFUSE_REASONS = ("no_storage", "spool_error", "module")
+REFUSE_REASONS = ("no_storage", "spool_error", "module", "duplicate")
 REPLY_CLASSES = ("2xx", "3xx", "4xx", "5xx")
 RESULTS = ("delivered", "deferred", "failed", "expired")
 NOTICE_KINDS = ("failed", "delayed", "success")

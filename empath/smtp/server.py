@@ -22,6 +22,7 @@ from typing import Any
 
 from empath import modules as hooks
 from empath import passwords
+from empath.observe import audit, metrics
 from empath.smtp import replies as R
 from empath.smtp import session as S
 from empath.smtp.received import received_header
@@ -34,6 +35,10 @@ log = logging.getLogger("empath.smtp")
 SWEEP_INTERVAL = 1.0  # seconds between timeout sweeps over all connections
 DEDUP_HEAD = 64 * 1024  # where the Message-ID header is looked for
 DEDUP_SWEEP = 60.0  # seconds between removals of expired duplicate-suppression entries
+
+# This process's instruments and audit log (serve() sets them; no-ops until then).
+_metrics = metrics.current()
+_audit = audit.current()
 
 
 class SMTPProtocol(asyncio.Protocol):
@@ -70,17 +75,20 @@ class SMTPProtocol(asyncio.Protocol):
         ip = self.peer[0]
         r.connections.add(self)
         r.per_ip[ip] += 1
+        _metrics.connections_accepted.inc()
+        _metrics.connections_active.inc()
         cfg = r.cfg
         hostname = cfg.hostname
         now = time.monotonic()
         self.end_of_life = now + cfg.smtp.timeouts.connection
         self.deadline = now + cfg.smtp.timeouts.command
         if r.stopping:
-            return self._refuse(R.SHUTTING_DOWN.format(hostname=hostname))
+            return self._reject("shutting_down", R.SHUTTING_DOWN.format(hostname=hostname))
         if len(r.connections) > cfg.smtp.max_connections:
-            return self._refuse(R.TOO_MANY_CONNECTIONS.format(hostname=hostname))
+            return self._reject("too_many_connections",
+                                R.TOO_MANY_CONNECTIONS.format(hostname=hostname))
         if r.per_ip[ip] > cfg.smtp.max_connections_per_ip:
-            return self._refuse(R.TOO_MANY_FROM_IP.format(hostname=hostname))
+            return self._reject("too_many_from_ip", R.TOO_MANY_FROM_IP.format(hostname=hostname))
         sock = transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
@@ -104,7 +112,8 @@ class SMTPProtocol(asyncio.Protocol):
             # RFC 5321 §4.3.1: the client waits for the greeting; talking first is a protocol
             # violation typical of spam engines (early talker).
             if not self.closed:
-                self._refuse(R.EARLY_TALKER.format(hostname=self.receiver.cfg.hostname))
+                self._reject("early_talker",
+                             R.EARLY_TALKER.format(hostname=self.receiver.cfg.hostname))
             return
         session = self.session
         assert session is not None
@@ -124,6 +133,7 @@ class SMTPProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        _metrics.connections_active.dec()
         r = self.receiver
         r.connections.discard(self)
         ip = self.peer[0]
@@ -148,6 +158,7 @@ class SMTPProtocol(asyncio.Protocol):
             kind = type(ev)
             if kind is S.Send:
                 transport.write(ev.data)  # type: ignore[union-attr]
+                _metrics.count_replies(ev.data)  # type: ignore[union-attr]
             elif kind is S.Data:
                 self.message.write(ev.chunk)  # type: ignore[union-attr]
                 if self.digest is not None:
@@ -227,6 +238,9 @@ class SMTPProtocol(asyncio.Protocol):
         if reply is None:
             log.info("%s: from=<%s> size=%d nrcpt=%d client=[%s]", self.queue_id,
                      envelope.sender, message.size, len(envelope.recipients), self.peer[0])
+            self._received(envelope, message.size)
+        else:
+            self._refused(reply)
         if self.closed:
             return
         self.deadline = time.monotonic() + r.cfg.smtp.timeouts.command
@@ -235,6 +249,34 @@ class SMTPProtocol(asyncio.Protocol):
         self.hook_ctx.metadata = {}
         self._resume_reading()
         self._handle(events)
+
+    def _received(self, envelope: S.Envelope, size: int) -> None:
+        """Count a stored message, and record it in the audit log."""
+        _metrics.messages_received.inc()
+        _metrics.received_bytes.inc(size)
+        _metrics.message_size.observe(size)
+        if _audit.enabled:
+            session = self.session
+            assert session is not None
+            _audit.write("received", self.queue_id, sender=envelope.sender,
+                         recipients=[r["address"] for r in envelope.recipients], size=size,
+                         client_ip=self.peer[0], client_port=self.peer[1], helo=session.helo,
+                         tls=self.tls_info, listener=str(self.listener.address),
+                         auth=session.auth_user)
+
+    def _refused(self, reply: R.Reply) -> None:
+        """A message not stored after its data: counted, and logged with its queue id."""
+        if reply.code < 400:
+            reason = "duplicate"
+        elif reply is R.NO_STORAGE:
+            reason = "no_storage"
+        elif reply is R.SPOOL_ERROR:
+            reason = "spool_error"
+        else:
+            reason = "module"
+        _metrics.refused[reason].inc()
+        if reason != "duplicate":  # already logged, with the id of the original
+            log.info("%s: refused after data: %s", self.queue_id, reply.line.decode().strip())
 
     def _dedup_key(self, envelope: S.Envelope) -> str | None:
         """Message-ID + sender + recipients + data hash; None without a Message-ID."""
@@ -334,7 +376,7 @@ class SMTPProtocol(asyncio.Protocol):
         if self.closed:
             return
         if reply is not None and reply.is_error:
-            self._refuse(reply)
+            self._reject("module", reply)
         else:
             self._greet()
 
@@ -346,6 +388,7 @@ class SMTPProtocol(asyncio.Protocol):
                 self.transport, self, self.tls_context, server_side=True,
                 ssl_handshake_timeout=self.receiver.cfg.smtp.timeouts.command)
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            _metrics.tls_in_failures.inc()
             log.info("TLS handshake with [%s] failed: %s", self.peer[0], exc)
             self._close()
             return
@@ -373,9 +416,17 @@ class SMTPProtocol(asyncio.Protocol):
             cipher = obj.cipher()
             self.tls_info = {"version": obj.version() or "", "cipher": cipher[0] if cipher
                              else ""}
+            _metrics.tls_in.labels(self.tls_info["version"]).inc()
+
+    def _reject(self, reason: str, reply: R.Reply) -> None:
+        """Refuse a connection at its start (counted by reason)."""
+        _metrics.rejected[reason].inc()
+        self._refuse(reply)
 
     def _refuse(self, reply: R.Reply) -> None:
-        self.transport.write(reply.line)
+        line = reply.line
+        self.transport.write(line)
+        _metrics.count_replies(line)
         self._close()
 
     def _close(self) -> None:
@@ -422,6 +473,9 @@ def _module_reply(rej: hooks.Reject | None) -> R.Reply | None:
 
 async def serve(ctx: Any) -> None:
     """Run one receiver process until ctx.stopping is set, then drain its sessions."""
+    global _metrics, _audit
+    _metrics = metrics.init(ctx.config)
+    _audit = audit.init(ctx.config)
     receiver = Receiver(ctx)
     loop = asyncio.get_running_loop()
     receiver.writer = receiver.spool.open_receiver_writer()

@@ -16,10 +16,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from empath.observe import metrics
 from empath.spool import fileformat
 from empath.spool.layout import Spool, SpoolError
 from empath.spool.wake import Waker
@@ -51,6 +53,8 @@ class ReceiverWriter:
         self._waiting: list[asyncio.Future[None]] = []
         self._syncing = False
         self._waker = Waker(spool)
+        # Write and commit latency histograms (no-ops when metrics are off).
+        self.metrics = metrics.current()
 
     def begin(self, message_id: str) -> IncomingMessage:
         return IncomingMessage(self, message_id)
@@ -171,6 +175,7 @@ class IncomingMessage:
             raise SpoolError(self._error.errno or 0, f"spool write failed: {self._error}")
         envelope["data_size"] = self._size
         tail = fileformat.encode_tail(envelope, self._size)
+        started = time.monotonic()
         try:
             await self._writer._run(self._store, tail)
         except OSError as exc:
@@ -183,10 +188,12 @@ class IncomingMessage:
             with contextlib.suppress(OSError):
                 os.unlink(self._writer.spool.path("incoming", self.id))
             raise
+        self._writer.metrics.spool_commit.observe(time.monotonic() - started)
 
     def _store(self, tail: bytes) -> None:
         """Thread side: finish the tmp file, fdatasync, rename into incoming/."""
         spool = self._writer.spool
+        started = time.monotonic()
         if self._fd < 0:
             self._tmp = spool.tmp_path(self.id)
             self._fd = os.open(self._tmp, _OPEN_FLAGS, 0o600)
@@ -200,6 +207,7 @@ class IncomingMessage:
         os.close(fd)
         os.rename(self._tmp, spool.path("incoming", self.id))
         self._tmp = ""
+        self._writer.metrics.spool_write.observe(time.monotonic() - started)
 
     def abort(self) -> None:
         """Discard the message (nothing durable was promised)."""
