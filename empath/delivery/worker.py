@@ -30,6 +30,7 @@ from typing import Any
 
 from empath.delivery import bounce, state
 from empath.delivery.dispatch import Dispatcher
+from empath.observe import audit, deliveries, metrics
 from empath.spool import CorruptFile, Spool, WakeListener, new_message_id, read_queue_file
 from empath.spool.submit import store_message
 
@@ -63,6 +64,8 @@ class DeliveryWorker:
         self.horizon: float = d.retry_max_delay * (1 + d.retry_jitter_factor) + 1.0
         self._next_deferred_scan = 0.0
         self.dispatcher = Dispatcher(self.cfg)
+        self.metrics = metrics.current()  # no-ops unless serve() enabled them
+        self.audit = audit.current()
 
     def _own(self, message_id: str) -> bool:
         return zlib.crc32(message_id.encode()) % self.shards == self.shard
@@ -287,6 +290,7 @@ class DeliveryWorker:
         """
         recipients = state.open_recipients(envelope)
         outcomes: dict[str, state.RecipientOutcome] = {}
+        routes: list[dict[str, Any]] = []
         now = time.time()
         if recipients:  # none: a restart after every recipient closed (notices left to send)
             started = now
@@ -300,6 +304,8 @@ class DeliveryWorker:
             maximum=d.retry_max_delay, jitter=d.retry_jitter_factor,
             expiration=d.message_expiration, rng=self.rng)
         self._log_outcomes(message_id, envelope, outcomes)
+        deliveries.attempt_done(self.metrics, self.audit, envelope,
+                                {r["address"] for r in recipients}, routes)
         if not await self._send_notices(envelope, source) and decision.action != "defer":
             # A notice could not be spooled (disk full?): keep the message, with its state
             # recorded, and try the notice again later instead of losing it.
@@ -354,6 +360,8 @@ class DeliveryWorker:
                 ok = False
                 continue
             bounce.mark_notified(recipients, kind)
+            deliveries.notice_spooled(self.metrics, self.audit, envelope, kind, notice_id,
+                                      recipients)
             label = "non-delivery" if kind == bounce.FAILURE_NOTICE else "delivery"
             log.info("%s: sender %s notification: %s", envelope["id"], label, notice_id)
         return ok
@@ -379,6 +387,8 @@ class DeliveryWorker:
             except OSError as exc:
                 log.error("%s: cannot spool the delay notice: %s", envelope["id"], exc)
                 return
+            deliveries.notice_spooled(self.metrics, self.audit, envelope, "delayed", notice_id,
+                                      waiting)
             log.info("%s: sender delay notification: %s", envelope["id"], notice_id)
         envelope["delay_notified"] = True
 
@@ -430,4 +440,6 @@ class DeliveryWorker:
 
 async def serve(ctx: Any) -> None:
     """Run one delivery worker until ctx.stopping is set."""
+    metrics.init(ctx.config)
+    audit.init(ctx.config)
     await DeliveryWorker(ctx).run()

@@ -133,7 +133,7 @@ def read_records(path: str, message_id: str) -> list[dict[str, Any]]:
             except orjson.JSONDecodeError:
                 continue
             if isinstance(record, dict) and (record.get("id") == message_id
-                                             or record.get("notice_of") == message_id):
+                                             or record.get("notice_id") == message_id):
                 out.append(record)
     return out
 
