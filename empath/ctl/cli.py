@@ -93,9 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("list", "commands", "cmd_list", "list queued messages, oldest first")
     filters(sp)
+    def audited(sp: argparse.ArgumentParser, what: str) -> None:
+        sp.add_argument("--audit-log", metavar="PATH",
+                        help=f"{what} (default: the configuration's audit.log_path; none "
+                             "with --spool)")
+
     sp = add("view", "commands", "cmd_view",
-             "show one message: envelope, recipients, attempt history, metadata, headers")
+             "show one message: envelope, recipients, attempt history, metadata, headers, "
+             "and its audit records (also once it has left the queue)")
     sp.add_argument("id", metavar="ID")
+    audited(sp, "the audit log whose records to show")
     sp.add_argument("--body", action="store_true", help="print the message body too")
     sp = add("retry", "commands", "cmd_retry",
              "make deferred messages due now and wake the delivery workers")
@@ -112,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
     sp.add_argument("--force", action="store_true",
                     help="delete even a message a delivery worker is delivering right now")
+    audited(sp, "the audit log to record deletions in")
     sp = add("hold", "commands", "cmd_hold", "move messages to hold/, where no worker looks")
     sp.add_argument("ids", nargs="+", metavar="ID")
     sp.add_argument("--force", action="store_true",
@@ -119,8 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "hold it")
     sp.add_argument("--wait", type=float, default=FORCE_WAIT, metavar="SECONDS",
                     help=f"with --force, wait at most this long (default {FORCE_WAIT:g})")
+    audited(sp, "the audit log to record holds in")
     sp = add("release", "commands", "cmd_release", "deliver held messages now")
     sp.add_argument("ids", nargs="+", metavar="ID")
+    audited(sp, "the audit log to record releases in")
     sp = add("freeze", "commands", "cmd_freeze",
              "stop new delivery attempts (new mail is still accepted)")
     sp.set_defaults(frozen=True)

@@ -10,6 +10,7 @@ any message could not be handled as asked.
 from __future__ import annotations
 
 import argparse
+import getpass
 import sys
 import time
 from typing import Any
@@ -18,17 +19,20 @@ from empath.ctl.common import (
     EXIT_FAILED,
     EXIT_OK,
     CtlError,
+    audit_settings,
     emit_json,
     open_queue,
 )
 from empath.ctl.records import (
     LIST_HEADER,
+    audit_lines,
     entry_record,
     list_lines,
     message_parts,
     view_lines,
     view_record,
 )
+from empath.observe.audit import AuditLog, read_records
 from empath.spool.queue import Outcome, Queue, QueueEntry, matches
 
 PROG = "empathctl"
@@ -85,8 +89,12 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_view(args: argparse.Namespace) -> int:
     queue = open_queue(args)
+    audit_path, _ = audit_settings(args)
+    events = read_records(audit_path, args.id) if audit_path else []
     for _ in range(5):  # a worker may move the file while we read it: read it where it went
         entry = queue.locate(args.id)
+        if entry is None and events:
+            return _view_departed(args, events)
         if entry is None:
             raise CtlError(f"{args.id}: no such message in the queue"
                            + ("" if len(args.id) == 26 else " (a queue id has 26 characters)"))
@@ -99,10 +107,14 @@ def cmd_view(args: argparse.Namespace) -> int:
         raise CtlError(f"{args.id}: kept moving while being read; try again")
     now = time.time()
     record = view_record(entry, now, headers, body if args.body else None)
+    if audit_path:
+        record["audit"] = events
     if args.json:
         emit_json(record)
         return EXIT_OK
     print("\n".join(view_lines(record, now)))
+    if audit_path:
+        print("\n".join(audit_lines(events)))
     if args.body:
         print("body:")
         sys.stdout.flush()
@@ -111,6 +123,50 @@ def cmd_view(args: argparse.Namespace) -> int:
             sys.stdout.buffer.write(b"\n")
         sys.stdout.flush()
     return EXIT_OK
+
+
+def _view_departed(args: argparse.Namespace, events: list[dict[str, Any]]) -> int:
+    """A message no longer queued (delivered, bounced, deleted) but in the audit log."""
+    if args.json:
+        emit_json({"id": args.id, "status": None, "audit": events})
+        return EXIT_OK
+    print(f"id:          {args.id}")
+    print("status:      not in the queue (its audit records follow)")
+    print("\n".join(audit_lines(events)))
+    return EXIT_OK
+
+
+def _audit_changes(args: argparse.Namespace, event: str, outcomes: list[Outcome],
+                   before: dict[str, QueueEntry]) -> None:
+    """One audit record per message an operator changed (``done`` outcomes)."""
+    path, redact = audit_settings(args)
+    if path is None:
+        return
+    log = AuditLog(path, redact)
+    try:
+        operator = getpass.getuser()
+    except (KeyError, OSError):
+        operator = None
+    for o in outcomes:
+        if o.result != "done":
+            continue
+        entry = before.get(o.id)
+        env = entry.envelope if entry is not None else None
+        log.write(event, o.id, operator=operator,
+                  previous=entry.status if entry is not None else None, status=o.status,
+                  sender=env.get("sender") if env else None,
+                  recipients=[str(r.get("address")) for r in env.get("recipients", [])]
+                  if env else None, force=True if getattr(args, "force", False) else None)
+    log.close()
+
+
+def _located(queue: Queue, ids: list[str]) -> dict[str, QueueEntry]:
+    found = {}
+    for message_id in ids:
+        entry = queue.locate(message_id)
+        if entry is not None:
+            found[message_id] = entry
+    return found
 
 
 # -- changes ---------------------------------------------------------------------------------
@@ -206,6 +262,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
             return EXIT_FAILED
     outcomes = early + [queue.delete(e.id, force=args.force) for e in targets]
     queue.sync()
+    _audit_changes(args, "deleted", outcomes, {e.id: e for e in targets})
     if args.all and not targets and not args.json:
         print(f"no {args.status} messages to delete")
     return _report(args, outcomes, {"deleted": sum(o.result == "done" for o in outcomes)})
@@ -213,15 +270,21 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 def cmd_hold(args: argparse.Namespace) -> int:
     queue = open_queue(args)
-    outcomes = [queue.hold(i, force=args.force, wait=args.wait) for i in dict.fromkeys(args.ids)]
+    ids = list(dict.fromkeys(args.ids))
+    before = _located(queue, ids)
+    outcomes = [queue.hold(i, force=args.force, wait=args.wait) for i in ids]
     queue.sync()
+    _audit_changes(args, "held", outcomes, before)
     return _report(args, outcomes)
 
 
 def cmd_release(args: argparse.Namespace) -> int:
     queue = open_queue(args)
-    outcomes = [queue.release(i) for i in dict.fromkeys(args.ids)]
+    ids = list(dict.fromkeys(args.ids))
+    before = _located(queue, ids)
+    outcomes = [queue.release(i) for i in ids]
     queue.sync()
+    _audit_changes(args, "released", outcomes, before)
     if any(o.result == "done" for o in outcomes):
         queue.wake()
     return _report(args, outcomes)

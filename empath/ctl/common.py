@@ -57,6 +57,17 @@ def spool_path(args: argparse.Namespace) -> str:
     return str(load_settings(getattr(args, "config", None)).spool.path)
 
 
+def audit_settings(args: argparse.Namespace) -> tuple[str | None, bool]:
+    """The audit log (path, redact local parts?): ``--audit-log``, else the configuration's
+    ``audit.log_path`` (not with ``--spool``, which reads no configuration)."""
+    if getattr(args, "audit_log", None):
+        return str(args.audit_log), False
+    if getattr(args, "spool", None):
+        return None, False
+    audit = load_settings(getattr(args, "config", None)).audit
+    return audit.log_path, bool(audit.redact_local_parts)
+
+
 def open_queue(args: argparse.Namespace) -> Queue:
     """The Queue of ``--spool`` or of the configuration's spool, checked to be readable."""
     queue = Queue(Spool(spool_path(args)))

@@ -191,6 +191,16 @@ def view_lines(record: dict[str, Any], now: float) -> list[str]:
     return out
 
 
+def audit_lines(events: list[dict[str, Any]]) -> list[str]:
+    """The audit records of one message (``queue view``), one line each, oldest first."""
+    out = [f"audit:       {len(events)} record(s)"]
+    for ev in events:
+        rest = ", ".join(f"{k}={_short(v)}" for k, v in ev.items()
+                         if k not in ("time", "event", "id"))
+        out.append(f"  {ev.get('time', '-')} {ev.get('event', '?'):<9} {rest}")
+    return out
+
+
 _SHOWN = {"id", "sender", "recipients", "params", "client", "received_at", "metadata",
           "data_size", "attempt_count", "attempts", "next_retry_at"}
 

@@ -1,0 +1,323 @@
+"""Metrics, health checks, the audit log and operational logs, through the real daemon.
+
+The daemon serves /metrics and /health/* from its admin process on 127.0.0.1 (port 0, read
+back from the status file), writes the audit log under its directory and delivers to an SMTP
+sink (``delivery.smarthost``) or to Maildir. Scrapes are parsed with prometheus_client's own
+parser; the numbers are checked against what the test sent and what the sink received.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from empath.observe.multiproc import default_dir
+from empath.spool import Spool
+from tests.support.daemon import REPO, EmpathDaemon
+from tests.support.fixtures import DaemonFactory, daemon_factory  # noqa: F401
+from tests.support.sink import Behaviour, SinkServer
+
+ID_RE = re.compile(r"queued as ([0-9A-Z]{26})")
+WAIT = 20.0  # generous: a slow, shared machine
+EMPATHCTL = [str(REPO / ".venv" / "bin" / "empathctl")]
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def observed(factory: DaemonFactory, **overrides: Any) -> EmpathDaemon:
+    base: dict[str, Any] = {"metrics": {"listen_addr": "127.0.0.1:0"},
+                            "health": {"listen_addr": "127.0.0.1:0"},
+                            "audit": {"log_path": "log/audit.jsonl"}}
+    for key, value in overrides.items():
+        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
+    daemon = factory(base, start=False)
+    daemon.start()
+    return daemon
+
+
+@pytest.fixture(autouse=True)
+def _forget_metrics_dirs(tmp_path: Path) -> Any:
+    """Killed daemons cannot remove their tmpfs metrics directory: do it for them."""
+    yield
+    for sub in tmp_path.glob("empath*/spool"):
+        path = default_dir(str(sub), str(sub / "control"))
+        for name in (os.listdir(path) if os.path.isdir(path) else []):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(path, name))
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def admin_url(d: EmpathDaemon, role: str, path: str) -> str:
+    status = d.status() or {}
+    return f"http://{status['admin_listeners'][role]}{path}"
+
+
+def http_get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def scrape(d: EmpathDaemon) -> Samples:
+    code, body = http_get(admin_url(d, "metrics", "/metrics"))
+    assert code == 200
+    out: Samples = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for s in family.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def send(d: EmpathDaemon, sender: str, rcpts: list[str], body: bytes) -> str:
+    """One message on its own connection; its queue id from the 250 reply."""
+    with d.smtp() as client:
+        client.ehlo("client.test")
+        client.mail(sender)
+        for r in rcpts:
+            client.rcpt(r)
+        code, reply = client.data(body)
+        assert code == 250, reply
+    match = ID_RE.search(reply.decode())
+    assert match, reply
+    return match.group(1)
+
+
+def message(n: int, size: int) -> bytes:
+    line = b"x" * 70 + b"\r\n"
+    return (b"Subject: test %d\r\n\r\n" % n) + line * max(1, size // len(line))
+
+
+def audit_records(d: EmpathDaemon, name: str = "audit.jsonl") -> list[dict[str, Any]]:
+    path = d.dir / "log" / name
+    if not path.exists():
+        return []
+    # Every line must be one complete JSON object.
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def ctl(d: EmpathDaemon, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*EMPATHCTL, *args[:2], "-c", str(d.config_path), *args[2:]],
+                          capture_output=True, text=True, timeout=60)
+
+
+def monotonic_counters(before: Samples, after: Samples) -> list[str]:
+    """Counter-like samples (totals, histogram buckets, counts, sums) that went backwards."""
+    worse = []
+    for key, old in before.items():
+        name = key[0]
+        if name.endswith(("_total", "_bucket", "_count", "_sum")) and after.get(key, 0) < old:
+            worse.append(f"{name}{dict(key[1])}: {old} -> {after.get(key)}")
+    return worse
+
+
+# -- tests -----------------------------------------------------------------------------------
+def test_metrics_audit_and_logs_tell_what_was_sent(daemon_factory: DaemonFactory) -> None:
+    sink = SinkServer(Behaviour()).start()
+    try:
+        d = observed(daemon_factory, delivery={"smarthost": f"127.0.0.1:{sink.port}"},
+                     relay_domains=["example.net"])
+        sizes = [100, 1000, 5000, 20000, 70000]
+        rcpts = ["ann@example.net", "bob@example.net"]
+        ids = [send(d, "alice@example.org", rcpts, message(i, size))
+               for i, size in enumerate(sizes)]
+        sink.wait_for_messages(len(sizes), timeout=WAIT)
+        d.wait_for(lambda: value(scrape(d), "empath_delivery_attempts_total",
+                                 result="delivered") == 10, WAIT, "delivery metrics")
+        m = scrape(d)
+        stored = sum(len(msg.data) for msg in sink.messages)
+        assert value(m, "empath_messages_received_total") == 5
+        assert value(m, "empath_messages_received_bytes_total") == stored
+        assert value(m, "empath_message_size_bytes_count") == 5
+        assert value(m, "empath_message_size_bytes_sum") == stored
+        assert value(m, "empath_message_size_bytes_bucket", le="4096.0") == 2
+        # Per connection: 220, EHLO, MAIL, 2 x RCPT, final 250, QUIT 221; and one 354.
+        assert value(m, "empath_smtp_replies_total", **{"class": "2xx"}) == 5 * 7
+        assert value(m, "empath_smtp_replies_total", **{"class": "3xx"}) == 5
+        assert value(m, "empath_smtp_replies_total", **{"class": "4xx"}) == 0
+        assert value(m, "empath_smtp_replies_total", **{"class": "5xx"}) == 0
+        assert value(m, "empath_smtp_connections_accepted_total") == 5
+        assert value(m, "empath_smtp_connections_active") == 0
+        assert value(m, "empath_smtp_connections_rejected_total",
+                     reason="too_many_connections") == 0
+        assert value(m, "empath_spool_commit_seconds_count") == 5
+        assert value(m, "empath_spool_write_seconds_count") == 5
+        assert value(m, "empath_delivery_attempts_total", result="deferred") == 0
+        assert value(m, "empath_delivery_domain_attempts_total", domain="example.net",
+                     result="delivered") == 10
+        assert value(m, "empath_delivery_domain_attempts_total", domain="other",
+                     result="delivered") == 0
+        assert value(m, "empath_delivery_duration_seconds_count", transport="smtp") == 5
+        assert value(m, "empath_processes", kind="receiver") == 2
+        assert value(m, "empath_processes", kind="delivery") == 1
+        assert value(m, "empath_queue_messages", state="pending") == 0
+
+        # Queue gauges come from the spool: frozen, three messages wait; one is held.
+        assert ctl(d, "queue", "freeze").returncode == 0
+        waiting = [send(d, "alice@example.org", ["cid@example.net"], message(9, 200))
+                   for _ in range(3)]
+        held = ctl(d, "queue", "hold", waiting[0])
+        assert held.returncode == 0, held.stderr
+        m = scrape(d)
+        assert value(m, "empath_delivery_frozen") == 1
+        assert value(m, "empath_queue_messages", state="pending") == 2
+        assert value(m, "empath_queue_messages", state="held") == 1
+        assert value(m, "empath_queue_messages", state="deferred") == 0
+        assert value(m, "empath_messages_received_total") == 8
+        assert value(m, "empath_queue_oldest_age_seconds") >= 0
+
+        # The audit log: every line parses; every message sent has its records.
+        records = audit_records(d)
+        received = {r["id"]: r for r in records if r["event"] == "received"}
+        assert set(received) == set(ids + waiting)
+        for msg_id, size in zip(ids, sizes, strict=True):
+            rec = received[msg_id]
+            assert rec["sender"] == "alice@example.org" and rec["recipients"] == rcpts
+            assert rec["client_ip"] == "127.0.0.1" and rec["size"] >= size
+            delivered = [r for r in records if r["event"] == "delivered" and r["id"] == msg_id]
+            assert sorted(r["recipient"] for r in delivered) == rcpts
+            for r in delivered:
+                assert (r["mx"], r["ip"], r["code"], r["attempt"]) == ("127.0.0.1",
+                                                                      "127.0.0.1", 250, 1)
+                assert r["destination"] == "example.net" and r["duration"] >= 0
+        assert sum(r["size"] for r in received.values() if r["id"] in ids) == stored
+        holds = [r for r in records if r["event"] == "held"]
+        assert [h["id"] for h in holds] == [waiting[0]] and holds[0]["operator"]
+
+        # empathctl queue view shows the audit records, also of a message already delivered.
+        view = ctl(d, "queue", "view", waiting[0])
+        assert view.returncode == 0 and "received" in view.stdout and "held" in view.stdout
+        gone = ctl(d, "queue", "view", ids[0], "--json")
+        assert gone.returncode == 0, gone.stderr
+        doc = json.loads(gone.stdout)
+        assert doc["status"] is None
+        assert [r["event"] for r in doc["audit"]] == ["received", "delivered", "delivered"]
+
+        # Operational log: grep ID tells the message's story.
+        story = [line for line in d.log_path.read_text().splitlines() if ids[0] in line]
+        assert any("from=<alice@example.org>" in line for line in story)
+        assert sum("status=delivered" in line for line in story) == 2
+        assert any("removed" in line for line in story)
+    finally:
+        sink.stop()
+
+
+def test_no_counter_goes_backwards_when_a_receiver_is_killed(
+        daemon_factory: DaemonFactory) -> None:
+    d = observed(daemon_factory)
+    for i in range(3):
+        send(d, "a@example.org", ["u1@localhost"], message(i, 500))
+    d.wait_for(lambda: value(scrape(d), "empath_delivery_attempts_total",
+                             result="delivered") == 3, WAIT, "3 deliveries")
+    first = scrape(d)
+    victim = d.child_pids("receiver")[0]
+    os.kill(victim, signal.SIGKILL)
+    d.wait_for(lambda: d.settled() and victim not in d.child_pids(), WAIT,
+               "a new receiver")
+    for i in range(3):
+        send(d, "a@example.org", ["u1@localhost"], message(i, 500))
+    d.wait_for(lambda: value(scrape(d), "empath_delivery_attempts_total",
+                             result="delivered") == 6, WAIT, "6 deliveries")
+    second = scrape(d)
+    assert monotonic_counters(first, second) == []
+    # Neither lost nor counted twice: the dead receiver's files stay in the sum, once.
+    assert value(second, "empath_messages_received_total") == 6
+    assert value(second, "empath_smtp_connections_accepted_total") == 6
+    assert value(second, "empath_smtp_connections_active") == 0
+    assert value(second, "empath_processes", kind="receiver") == 2
+
+
+def test_ready_turns_503_with_the_reason_then_200_again(daemon_factory: DaemonFactory,
+                                                        tmp_path: Path) -> None:
+    st = os.statvfs(tmp_path)
+    free = st.f_bavail * st.f_frsize
+    slack = 512 * 1024 * 1024
+    d = observed(daemon_factory, health={"min_free_space": free - slack, "max_queue": 2})
+
+    def ready() -> tuple[int, dict[str, Any]]:
+        code, body = http_get(admin_url(d, "health", "/health/ready"))
+        return code, json.loads(body)
+
+    d.wait_for(lambda: ready()[0] == 200, WAIT, "ready")
+    assert http_get(admin_url(d, "health", "/health/live"))[0] == 200
+    code, detailed = http_get(admin_url(d, "health", "/health/detailed"))
+    doc = json.loads(detailed)
+    assert code == 200 and doc["version"] and doc["speedups"] in ("cython", "python")
+    assert sorted(p["kind"] for p in doc["processes"]) == ["admin", "delivery", "receiver",
+                                                          "receiver"]
+    assert all(p["alive"] for p in doc["processes"]) and doc["uptime"] >= 0
+
+    # Unwritable: tmp/ is not a directory any more.
+    spool = Spool(str(d.spool_path))
+    os.rename(spool.tmp, spool.tmp + ".away")
+    Path(spool.tmp).write_text("not a directory")
+    try:
+        code, body = d.wait_for(lambda: (r := ready())[0] == 503 and r, WAIT, "503")
+        assert body["failed"] == ["spool"]
+        assert "not writable" in body["checks"]["spool"]["detail"]
+    finally:
+        os.unlink(spool.tmp)
+        os.rename(spool.tmp + ".away", spool.tmp)
+    d.wait_for(lambda: ready()[0] == 200, WAIT, "ready again")
+
+    # Full: free space falls under the floor while a large file takes it.
+    ballast = tmp_path / "ballast"
+    fd = os.open(ballast, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, 4 * slack)
+        code, body = d.wait_for(lambda: (r := ready())[0] == 503 and r, WAIT, "503 (full)")
+        assert body["failed"] == ["spool"] and "free space" in body["checks"]["spool"]["detail"]
+    finally:
+        os.close(fd)
+        ballast.unlink()
+    d.wait_for(lambda: ready()[0] == 200, WAIT, "ready after the disk emptied")
+
+    # Too many messages waiting (health.max_queue: 2).
+    assert ctl(d, "queue", "freeze").returncode == 0
+    for i in range(3):
+        send(d, "a@example.org", ["u2@localhost"], message(i, 300))
+    code, body = ready()
+    assert code == 503 and body["failed"] == ["queue"]
+    assert ctl(d, "queue", "unfreeze").returncode == 0
+    d.wait_for(lambda: ready()[0] == 200, WAIT, "ready once the queue drained")
+
+
+def test_usr1_reopens_the_audit_log(daemon_factory: DaemonFactory) -> None:
+    d = observed(daemon_factory, metrics={"listen_addr": None})
+    first = send(d, "a@example.org", ["u3@localhost"], message(1, 300))
+    d.wait_for(lambda: any(r["event"] == "delivered" for r in audit_records(d)), WAIT,
+               "first delivery recorded")
+    log_dir = d.dir / "log"
+    os.rename(log_dir / "audit.jsonl", log_dir / "audit.jsonl.1")
+    d.signal(signal.SIGUSR1)
+    d.wait_for(lambda: (log_dir / "audit.jsonl").exists(), WAIT, "a new audit log")
+    time.sleep(1.0)  # every child handles its SIGUSR1 (the first one created the file)
+    later = [send(d, "a@example.org", ["u3@localhost"], message(i, 300)) for i in range(4)]
+    d.wait_for(lambda: sum(r["event"] == "delivered" for r in audit_records(d)) == 4, WAIT,
+               "later deliveries recorded in the new file")
+    new = audit_records(d)
+    old = audit_records(d, "audit.jsonl.1")
+    assert {r["id"] for r in new} == set(later)
+    assert {r["id"] for r in old} == {first}
+    # queue view reads the rotated copy too.
+    view = ctl(d, "queue", "view", first, "--json")
+    assert [r["event"] for r in json.loads(view.stdout)["audit"]] == ["received", "delivered"]
