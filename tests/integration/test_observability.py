@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from empath.observe.multiproc import default_dir
 from empath.spool import Spool
 from tests.support.daemon import REPO, EmpathDaemon
-from tests.support.fixtures import DaemonFactory, daemon_factory  # noqa: F401
+from tests.support.fixtures import DaemonFactory
 from tests.support.sink import Behaviour, SinkServer
 
 ID_RE = re.compile(r"queued as ([0-9A-Z]{26})")
