@@ -132,6 +132,16 @@ def test_tools_sendmail_wrapper(daemon: EmpathDaemon) -> None:
     assert b"Subject: wrapper" in mailbox(daemon, "henry")[0]
 
 
+def test_empath_sendmail_console_script(daemon: EmpathDaemon) -> None:
+    r = sendmail(daemon, "-i", "iris", message=b"Subject: script\n\nx\n",
+                 command=[str(REPO / ".venv" / "bin" / "empath-sendmail")])
+    assert r.returncode == 0, r.stderr
+    assert b"Subject: script" in mailbox(daemon, "iris")[0]
+    q = subprocess.run([str(REPO / ".venv" / "bin" / "empath-mailq"), "-c",
+                        str(daemon.config_path)], capture_output=True, timeout=30)
+    assert q.returncode == 0 and b"Mail queue is empty" in q.stdout, q.stdout + q.stderr
+
+
 def test_exit_statuses(daemon: EmpathDaemon, tmp_path: Path) -> None:
     r = sendmail(daemon, "-t", message=b"Subject: nobody\n\nx\n")
     assert r.returncode == 64 and b"no recipients" in r.stderr
