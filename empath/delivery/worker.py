@@ -440,6 +440,9 @@ class DeliveryWorker:
 
 async def serve(ctx: Any) -> None:
     """Run one delivery worker until ctx.stopping is set."""
-    metrics.init(ctx.config)
+    instruments = metrics.init(ctx.config)
     audit.init(ctx.config)
-    await DeliveryWorker(ctx).run()
+    try:
+        await DeliveryWorker(ctx).run()
+    finally:
+        instruments.stop_flushing()

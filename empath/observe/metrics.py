@@ -6,6 +6,14 @@ live in this process's memory-mapped files; otherwise every instrument is the sh
 whose methods do nothing, so the hot path pays one method call per update and nothing else.
 ``current()`` returns what ``init`` built (the no-op set before it).
 
+Updates are batched: an instrument adds to a plain float (a histogram to its own bucket
+counts), and ``flush()`` hands the deltas to prometheus_client every ``FLUSH_INTERVAL`` from
+the child's event loop, and when the child stops. One prometheus_client update takes a lock,
+a ``getpid`` and an mmap write (2-10 us; a histogram observation several of them); a
+message's dozen updates would cost a receiver tens of microseconds, a batched one about a
+tenth of a microsecond each. The price: a process killed outright loses its last
+``FLUSH_INTERVAL`` of increments (counters still never go backwards, nor count twice).
+
 Hot-path updates are pre-bound: labelled children are resolved once here, never per message.
 Gauges are ``livesum`` (a dead process's share disappears when the master marks it dead);
 counters and histograms of dead processes stay in the sum, so they never go backwards.
@@ -17,6 +25,9 @@ reads the spool.
 
 from __future__ import annotations
 
+import asyncio
+import bisect
+import contextlib
 import os
 from typing import Any
 
@@ -38,6 +49,7 @@ NOTICE_KINDS = ("failed", "delayed", "success")
 TRANSPORTS = ("smtp", "maildir", "lmtp")
 OTHER = "other"  # the label of domains beyond the per-process cap (and of the folded rest)
 DOMAIN_CAP_FACTOR = 10  # a process labels at most this many times metrics.top_domains domains
+FLUSH_INTERVAL = 0.25  # seconds between hand-overs of batched updates to prometheus_client
 
 
 class _Noop:
@@ -61,6 +73,74 @@ class _Noop:
 NOOP = _Noop()
 
 
+class _Sum:
+    """A counter or gauge child whose updates add up here until ``flush``."""
+
+    __slots__ = ("target", "pending")
+
+    def __init__(self, target: Any) -> None:
+        self.target = target
+        self.pending = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.pending += amount
+
+    def dec(self, amount: float = 1.0) -> None:
+        self.pending -= amount
+
+    def flush(self) -> None:
+        if self.pending:
+            amount, self.pending = self.pending, 0.0
+            self.target.inc(amount)
+
+
+class _Histogram:
+    """A histogram child counting observations per bucket here until ``flush``, which adds
+    them to prometheus_client's per-bucket values (``_buckets``, not cumulative) and sum."""
+
+    __slots__ = ("target", "bounds", "counts", "total", "dirty")
+
+    def __init__(self, target: Any) -> None:
+        self.target = target
+        self.bounds = list(target._upper_bounds)  # ends with +Inf
+        self.counts = [0] * len(self.bounds)
+        self.total = 0.0
+        self.dirty = False
+
+    def observe(self, amount: float) -> None:
+        # The first bucket whose upper bound is >= amount (Prometheus' "le").
+        self.counts[bisect.bisect_left(self.bounds, amount)] += 1
+        self.total += amount
+        self.dirty = True
+
+    def flush(self) -> None:
+        if not self.dirty:
+            return
+        counts, self.counts = self.counts, [0] * len(self.bounds)
+        total, self.total, self.dirty = self.total, 0.0, False
+        for value, n in zip(self.target._buckets, counts, strict=True):
+            if n:
+                value.inc(n)
+        self.target._sum.inc(total)
+
+
+class _Family:
+    """A labelled metric: ``labels(...)`` gives a batched child, made once per label set."""
+
+    __slots__ = ("target", "owner", "children")
+
+    def __init__(self, target: Any, owner: Instruments) -> None:
+        self.target = target
+        self.owner = owner
+        self.children: dict[tuple[str, ...], Any] = {}
+
+    def labels(self, *values: str) -> Any:
+        child = self.children.get(values)
+        if child is None:
+            child = self.children[values] = self.owner._batched(self.target.labels(*values))
+        return child
+
+
 class Instruments:
     """Every metric a child updates. ``enabled`` False: all of them are ``NOOP``."""
 
@@ -68,6 +148,8 @@ class Instruments:
         self.enabled = enabled
         self.domain_cap = max(1, top_domains) * DOMAIN_CAP_FACTOR
         self._domains: set[str] = set()
+        self._flushable: list[Any] = []
+        self._flusher: asyncio.TimerHandle | None = None
         n: Any = NOOP
         self.connections_accepted = n
         self.connections_active = n
@@ -91,6 +173,17 @@ class Instruments:
         self.rate_limit_waits = n
         if enabled:
             self._build()
+
+    def _batched(self, target: Any) -> Any:
+        """``target`` (an unlabelled metric or a child) behind a batching wrapper."""
+        wrapper: Any = _Histogram(target) if hasattr(target, "_upper_bounds") else _Sum(target)
+        self._flushable.append(wrapper)
+        return wrapper
+
+    def flush(self) -> None:
+        """Hand every batched update to prometheus_client (its memory-mapped files)."""
+        for wrapper in self._flushable:
+            wrapper.flush()
 
     def _build(self) -> None:
         from prometheus_client import Counter, Gauge, Histogram
@@ -157,8 +250,21 @@ class Instruments:
         self.rate_limit_waits = counter(
             "empath_rate_limit_waits", "Deliveries that waited for a per-domain rate limit "
             "(not measured yet)")
+        self._wrap_all()
         for transport in TRANSPORTS:  # so every series exists (at 0) from the start
             self.delivery_duration.labels(transport)
+
+    def _wrap_all(self) -> None:
+        """Put every instrument built by ``_build`` behind its batching wrapper."""
+        for name, value in list(vars(self).items()):
+            if name.startswith("_") and name != "_replies":
+                continue
+            if isinstance(value, dict):
+                setattr(self, name, {k: self._batched(v) for k, v in value.items()})
+            elif hasattr(value, "_labelnames") and value._labelnames:
+                setattr(self, name, _Family(value, self))
+            elif hasattr(value, "_labelnames"):
+                setattr(self, name, self._batched(value))
 
     # -- hot-path helpers ---------------------------------------------------------------------
     def count_replies(self, data: bytes) -> None:
@@ -190,14 +296,37 @@ class Instruments:
         return OTHER
 
 
+    def start_flushing(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Flush every FLUSH_INTERVAL from ``loop`` (a no-op when metrics are off)."""
+        if not self.enabled:
+            return
+
+        def tick() -> None:
+            self.flush()
+            self._flusher = loop.call_later(FLUSH_INTERVAL, tick)
+
+        self._flusher = loop.call_later(FLUSH_INTERVAL, tick)
+
+    def stop_flushing(self) -> None:
+        """The last flush, as the child stops."""
+        if self._flusher is not None:
+            self._flusher.cancel()
+            self._flusher = None
+        if self.enabled:
+            self.flush()
+
+
 _current = Instruments(False)
 
 
 def init(cfg: Any) -> Instruments:
-    """Build this process's instruments (call once, in the child, after the fork)."""
+    """Build this process's instruments (call once, in the child, after the fork, from its
+    running event loop: the batched updates are flushed from it)."""
     global _current
     enabled = metrics_enabled(cfg) and os.path.isdir(os.environ.get(ENV, "") or "/nonexistent")
     _current = Instruments(enabled, cfg.metrics.top_domains)
+    with contextlib.suppress(RuntimeError):  # no running loop (tests, benchmarks)
+        _current.start_flushing(asyncio.get_running_loop())
     return _current
 
 

@@ -508,6 +508,7 @@ async def serve(ctx: Any) -> None:
         sweeper.cancel()
         receiver.writer.close()
         receiver.auth_pool.shutdown(wait=False)
+        _metrics.stop_flushing()
 
 
 async def _sweep(receiver: Receiver) -> None:

@@ -177,7 +177,7 @@ class IncomingMessage:
         tail = fileformat.encode_tail(envelope, self._size)
         started = time.monotonic()
         try:
-            await self._writer._run(self._store, tail)
+            write_seconds = await self._writer._run(self._store, tail)
         except OSError as exc:
             self._discard()
             raise SpoolError(exc.errno or 0, f"spool write failed: {exc}") from exc
@@ -188,10 +188,13 @@ class IncomingMessage:
             with contextlib.suppress(OSError):
                 os.unlink(self._writer.spool.path("incoming", self.id))
             raise
+        # Observed here, in the event loop: the instruments are not thread-safe.
+        self._writer.metrics.spool_write.observe(write_seconds)
         self._writer.metrics.spool_commit.observe(time.monotonic() - started)
 
-    def _store(self, tail: bytes) -> None:
-        """Thread side: finish the tmp file, fdatasync, rename into incoming/."""
+    def _store(self, tail: bytes) -> float:
+        """Thread side: finish the tmp file, fdatasync, rename into incoming/; the seconds
+        it took."""
         spool = self._writer.spool
         started = time.monotonic()
         if self._fd < 0:
@@ -207,7 +210,7 @@ class IncomingMessage:
         os.close(fd)
         os.rename(self._tmp, spool.path("incoming", self.id))
         self._tmp = ""
-        self._writer.metrics.spool_write.observe(time.monotonic() - started)
+        return time.monotonic() - started
 
     def abort(self) -> None:
         """Discard the message (nothing durable was promised)."""

@@ -88,6 +88,25 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
+def scrape_when(d: EmpathDaemon, what: str, **want: float) -> Samples:
+    """The first scrape in which every ``name=value`` of ``want`` holds (children hand their
+    counts over every quarter of a second). ``name__label_is_value`` stands for the sample
+    with that one label."""
+    def check() -> Samples | None:
+        m = scrape(d)
+        return m if all(got(m, key) == v for key, v in want.items()) else None
+
+    return d.wait_for(check, WAIT, what)
+
+
+def got(m: Samples, key: str) -> float:
+    name, _, label = key.partition("__")
+    if not label:
+        return value(m, name)
+    lname, _, lvalue = label.partition("_is_")
+    return value(m, name, **{lname: lvalue})
+
+
 def send(d: EmpathDaemon, sender: str, rcpts: list[str], body: bytes) -> str:
     """One message on its own connection; its queue id from the 250 reply."""
     with d.smtp() as client:
@@ -141,9 +160,10 @@ def test_metrics_audit_and_logs_tell_what_was_sent(daemon_factory: DaemonFactory
         ids = [send(d, "alice@example.org", rcpts, message(i, size))
                for i, size in enumerate(sizes)]
         sink.wait_for_messages(len(sizes), timeout=WAIT)
-        d.wait_for(lambda: value(scrape(d), "empath_delivery_attempts_total",
-                                 result="delivered") == 10, WAIT, "delivery metrics")
-        m = scrape(d)
+        m = scrape_when(d, "the metrics of 5 messages", empath_messages_received_total=5,
+                        empath_smtp_connections_accepted_total=5,
+                        empath_delivery_attempts_total__result_is_delivered=10,
+                        empath_smtp_replies_total__class_is_2xx=35)
         stored = sum(len(msg.data) for msg in sink.messages)
         assert value(m, "empath_messages_received_total") == 5
         assert value(m, "empath_messages_received_bytes_total") == stored
@@ -177,7 +197,7 @@ def test_metrics_audit_and_logs_tell_what_was_sent(daemon_factory: DaemonFactory
                    for _ in range(3)]
         held = ctl(d, "queue", "hold", waiting[0])
         assert held.returncode == 0, held.stderr
-        m = scrape(d)
+        m = scrape_when(d, "8 messages received", empath_messages_received_total=8)
         assert value(m, "empath_delivery_frozen") == 1
         assert value(m, "empath_queue_messages", state="pending") == 2
         assert value(m, "empath_queue_messages", state="held") == 1
@@ -226,18 +246,17 @@ def test_no_counter_goes_backwards_when_a_receiver_is_killed(
     d = observed(daemon_factory)
     for i in range(3):
         send(d, "a@example.org", ["u1@localhost"], message(i, 500))
-    d.wait_for(lambda: value(scrape(d), "empath_delivery_attempts_total",
-                             result="delivered") == 3, WAIT, "3 deliveries")
-    first = scrape(d)
+    first = scrape_when(d, "3 messages counted", empath_messages_received_total=3,
+                        empath_smtp_connections_accepted_total=3,
+                        empath_delivery_attempts_total__result_is_delivered=3)
     victim = d.child_pids("receiver")[0]
     os.kill(victim, signal.SIGKILL)
     d.wait_for(lambda: d.settled() and victim not in d.child_pids(), WAIT,
                "a new receiver")
     for i in range(3):
         send(d, "a@example.org", ["u1@localhost"], message(i, 500))
-    d.wait_for(lambda: value(scrape(d), "empath_delivery_attempts_total",
-                             result="delivered") == 6, WAIT, "6 deliveries")
-    second = scrape(d)
+    second = scrape_when(d, "6 deliveries", empath_delivery_attempts_total__result_is_delivered=6,
+                         empath_messages_received_total=6)
     assert monotonic_counters(first, second) == []
     # Neither lost nor counted twice: the dead receiver's files stay in the sum, once.
     assert value(second, "empath_messages_received_total") == 6

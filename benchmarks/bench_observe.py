@@ -1,0 +1,143 @@
+"""What metrics and the audit log cost the receiver, per message.
+
+Two measurements:
+
+1. In-process: the instrument updates one message causes on the receiver's hot path
+   (connection accepted/active, replies counted from each Send, message counted, size
+   observed, spool write and commit latencies), timed with the instruments off (``NOOP``)
+   and on (prometheus_client in multiprocess mode, files in a temporary directory), plus one
+   audit record.
+2. End to end: a receive-only daemon (delivery frozen) takes ``--messages`` messages from
+   ``loadgen.py`` with metrics off, with metrics on, and with metrics and the audit log on;
+   reported are messages per second and the receivers' CPU time per message (psutil), the
+   modes alternated ``--rounds`` times.
+
+    .venv/bin/python benchmarks/bench_observe.py [--messages 4000] [--sessions 20] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import timeit
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks")]
+
+from empathd import bench_overrides, cpu_seconds  # noqa: E402
+from loadgen import run_load  # noqa: E402
+
+from empath.observe.multiproc import ENV  # noqa: E402
+from empath.spool import Spool  # noqa: E402
+from tests.support.daemon import EmpathDaemon  # noqa: E402
+
+REPLIES = [b"220 host ESMTP\r\n", b"250-host\r\n250-PIPELINING\r\n250 SIZE 1000\r\n",
+           b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n354 go ahead\r\n", b"250 2.0.0 OK queued\r\n",
+           b"221 2.0.0 bye\r\n"]
+
+
+def hot_path_cost(enabled: bool, n: int = 20000) -> float:
+    """Microseconds of instrument updates per message."""
+    from empath.observe.metrics import Instruments
+
+    m = Instruments(enabled)
+
+    def one_message() -> None:
+        m.connections_accepted.inc()
+        m.connections_active.inc()
+        for data in REPLIES:
+            m.count_replies(data)
+        m.messages_received.inc()
+        m.received_bytes.inc(1024)
+        m.message_size.observe(1024)
+        m.spool_write.observe(0.002)
+        m.spool_commit.observe(0.004)
+        m.connections_active.dec()
+
+    return timeit.timeit(one_message, number=n) / n * 1e6
+
+
+def audit_cost(n: int = 20000) -> float:
+    from empath.observe.audit import AuditLog
+
+    with tempfile.TemporaryDirectory() as tmp:
+        log = AuditLog(os.path.join(tmp, "audit.jsonl"))
+        seconds = timeit.timeit(lambda: log.write(
+            "received", "01KB3X6Y5Q7ZPR0E2CQ8W4H2N9", sender="alice@example.org",
+            recipients=["bob@example.net"], size=1024, client_ip="127.0.0.1", client_port=40000,
+            helo="client.example.org", tls=None, listener="127.0.0.1:2525"), number=n)
+        log.close()
+    return seconds / n * 1e6
+
+
+def end_to_end(base: str, mode: str, messages: int, sessions: int) -> dict[str, Any]:
+    work = os.path.join(base, f"{mode}-{time.monotonic_ns()}")
+    spool = os.path.join(work, "spool")
+    tree = Spool(spool)
+    tree.create_tree()
+    tree.set_frozen(True)
+    overrides = bench_overrides(spool, None)
+    if mode != "off":
+        overrides["metrics"] = {"listen_addr": "127.0.0.1:0"}
+    if mode == "metrics+audit":
+        overrides["audit"] = {"log_path": os.path.join(work, "audit.jsonl")}
+    daemon = EmpathDaemon(work, overrides)
+    try:
+        daemon.start(timeout=60)
+        host, port = daemon.address
+        asyncio.run(run_load(host, port, messages=500, sessions=sessions))  # warm-up
+        receivers = daemon.child_pids("receiver")
+        before = cpu_seconds(receivers)
+        result = asyncio.run(run_load(host, port, messages=messages, sessions=sessions))
+        cpu = cpu_seconds(receivers) - before
+    finally:
+        daemon.kill()
+        shutil.rmtree(work, ignore_errors=True)
+    return {"mode": mode, "accepted": result.accepted, "msg_per_s": round(result.rate, 1),
+            "receiver_cpu_us_per_msg": round(cpu / max(result.accepted, 1) * 1e6, 1)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--messages", type=int, default=4000)
+    ap.add_argument("--sessions", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args()
+    out: dict[str, Any] = {}
+    out["hot_path_us_off"] = round(hot_path_cost(False), 3)
+    tmp = tempfile.mkdtemp(prefix="empath-bench-metrics-")
+    os.environ[ENV] = tmp
+    try:
+        out["hot_path_us_on"] = round(hot_path_cost(True), 3)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    out["audit_record_us"] = round(audit_cost(), 3)
+    print(json.dumps(out))
+    base = os.path.join(ROOT, "var", f"bench-observe-{os.getpid()}")
+    os.makedirs(base, exist_ok=True)
+    runs = []
+    try:
+        for _ in range(args.rounds):
+            for mode in ("off", "metrics", "metrics+audit"):
+                row = end_to_end(base, mode, args.messages, args.sessions)
+                print(json.dumps(row), flush=True)
+                runs.append(row)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    for mode in ("off", "metrics", "metrics+audit"):
+        rows = [r for r in runs if r["mode"] == mode]
+        print(f"{mode:>14}: {sum(r['msg_per_s'] for r in rows) / len(rows):8.1f} msg/s, "
+              f"receiver CPU {sum(r['receiver_cpu_us_per_msg'] for r in rows) / len(rows):7.1f}"
+              " us/msg")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
