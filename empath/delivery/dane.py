@@ -147,8 +147,7 @@ def check_chain(req: DaneRequirement, chain: list[bytes], *, anchored: bool) -> 
     if anchors:
         return Verdict(NEEDS_ANCHOR, anchors=tuple(dict.fromkeys(anchors)))
     shown = ", ".join(str(r) for r in req.records)
-    return Verdict(MISMATCH, reason=f"certificate chain matches none of the TLSA records of "
-                                    f"{req.host} ({shown})")
+    return Verdict(MISMATCH, reason=f"it matches none of the TLSA records ({shown})")
 
 
 # -- a minimal DER reader: enough to find the SubjectPublicKeyInfo of a certificate ----------

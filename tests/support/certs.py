@@ -6,6 +6,8 @@ Usage::
     server = make_server_cert(tmp_path, ca, "mx1.example.test", ips=["127.0.0.2"])
     server.cert_path, server.key_path                         # for an ssl server context
     self_signed = make_self_signed(tmp_path, "mx1.example.test")
+    chained = write_chain(tmp_path, server, ca)              # leaf then CA, in one PEM file
+    der(ca), spki(server)                                     # bytes for TLSA records
 
 Keys are EC P-256 (fast to generate). Certificates are valid from one day ago for 30 days.
 Nothing here is fit for anything but tests.
@@ -106,3 +108,22 @@ def make_self_signed(directory: str | Path, hostname: str,
             .add_extension(_alt_names(hostname, ips or []), critical=False)
             .sign(key, hashes.SHA256()))
     return _write(Path(directory), f"{hostname}.self", cert, key)
+
+
+def write_chain(directory: str | Path, leaf: CertPair, *issuers: CertPair) -> CertPair:
+    """``leaf`` with its issuers' certificates after it in one PEM file (what a server sends)."""
+    path = Path(directory) / f"{Path(leaf.cert_path).stem}.chain.crt"
+    path.write_bytes(b"".join(c.cert.public_bytes(serialization.Encoding.PEM)
+                              for c in (leaf, *issuers)))
+    return CertPair(str(path), leaf.key_path, leaf.cert, leaf.key)
+
+
+def der(pair: CertPair) -> bytes:
+    """The DER encoding of a certificate (TLSA selector 0)."""
+    return pair.cert.public_bytes(serialization.Encoding.DER)
+
+
+def spki(pair: CertPair) -> bytes:
+    """The DER SubjectPublicKeyInfo of a certificate (TLSA selector 1)."""
+    return pair.cert.public_key().public_bytes(serialization.Encoding.DER,
+                                               serialization.PublicFormat.SubjectPublicKeyInfo)

@@ -34,6 +34,7 @@ ZONE: dict[str, dict[str, Any]] = {
     "alias.test": {"CNAME": ["mx2.example.test"]},
     "v6only.test": {"AAAA": ["::5"], "A": []},
     "long.test": {"MX": [(10, "mx1.example.test")], "ttl": 3600},
+    "_25._tcp.mx1.example.test": {"TLSA": ["3 1 1 " + "ab" * 32, "2 0 1 " + "cd" * 32]},
 }
 
 
@@ -252,3 +253,46 @@ def test_trailing_dot_and_case_share_the_cache(make: Any, dns_server: DNSServer)
 
     run(go())
     assert dns_server.count("example.test", "MX") == 1
+
+
+# -- DNSSEC: this server never validates (AD=0); tests/integration/test_remote_dane.py has the
+# validating resolver.
+def test_answers_from_a_non_validating_server_are_not_secure(make: Any) -> None:
+    resolver = make(dnssec="log")
+
+    async def go() -> tuple[Any, Any, Any]:
+        return (await resolver.lookup_mx("example.test"),
+                await resolver.lookup_addresses("mx1.example.test"),
+                await resolver.lookup_addresses("127.0.0.7"))
+
+    mx, addresses, literal = run(go())
+    assert not mx.secure and not addresses.secure and not addresses.literal
+    assert literal.literal and literal.addresses == ["127.0.0.7"]
+
+
+def test_tlsa_records_and_their_absence(make: Any) -> None:
+    resolver = make(dnssec="log")
+    found = run(resolver.lookup_tlsa("_25._tcp.mx1.example.test"))
+    assert sorted((r.usage, r.selector, r.mtype, r.data) for r in found.records) == [
+        (2, 0, 1, b"\xcd" * 32), (3, 1, 1, b"\xab" * 32)]
+    assert not found.secure
+    assert run(resolver.lookup_tlsa("_25._tcp.mx2.example.test")).records == ()
+
+
+def test_nothing_is_proven_insecure_without_a_validated_answer(make: Any,
+                                                               dns_server: DNSServer) -> None:
+    assert run(make(dnssec="log").proven_insecure("mx1.example.test")) is None
+    # DS asked from the name up, not past the top label.
+    assert [dns_server.count(n, "DS") for n in ("mx1.example.test", "example.test",
+                                                "test")] == [1, 1, 1]
+
+
+@pytest.mark.parametrize(("mode", "queries"), [("off", 1), ("log", 2)])
+def test_servfail_asked_again_with_checking_disabled_only_with_dnssec(
+        make: Any, dns_server: DNSServer, mode: str, queries: int) -> None:
+    # Answered SERVFAIL with CD too: a server failure, not a bogus answer.
+    dns_server.servfail.add("example.test")
+    with pytest.raises(TemporaryError) as info:
+        run(make(dnssec=mode).resolve_mx("example.test"))
+    assert info.value.text == "DNS lookup of example.test/MX failed: server failure"
+    assert dns_server.count("example.test", "MX") == queries
