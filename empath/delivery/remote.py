@@ -271,8 +271,11 @@ class RemoteTransport:
         lookup is added to ``states``. Raises a DeliveryError when the host is unusable."""
         answer, state = await security.observe(host, "A/AAAA",
                                                self.resolver.lookup_addresses(host))
-        if answer.literal:
-            return answer.addresses, None  # nothing looked up, no name to bind TLSA to
+        if answer.literal:  # nothing looked up, no name to bind TLSA records to
+            if policy.requires_dane:
+                raise DANEFailure.make("dane_required", domain=domain,
+                                       reason=f"{host} is an address, without TLSA records")
+            return answer.addresses, None
         states.append(state)
         # RFC 7672 §2.2.1/§2.2.2: TLSA records count only for a host whose name came from a
         # secure MX RRset (or the configuration) and whose addresses are secure.

@@ -195,3 +195,20 @@ def test_disabled_policy_skips_dane(world: DaneWorld) -> None:
                          tls={"default_policy": "disabled"})
     assert outcome.status == DELIVERED and info["tls"] is None and info["dane"] == "off"
     assert tlsa(world, "mx-bad.dane.test") not in info["dnssec_lookups"]
+
+
+def test_configured_next_hop_name_gets_dane_and_an_address_cannot(world: DaneWorld) -> None:
+    # mx_override names a host: its name comes from the configuration, so its secure TLSA
+    # records count although no MX lookup vouched for it.
+    override = {"mx_override": f"mx-ee.dane.test:{world.port}"}
+    outcome, info = send(world, "elsewhere.test", dns={"dnssec": "log"},
+                         domains={"elsewhere.test": override})
+    assert outcome.status == DELIVERED and info["dane"] == "verified"
+    assert info["dnssec_lookups"] == {"mx-ee.dane.test/A/AAAA": "secure",
+                                      tlsa(world, "mx-ee.dane.test"): "secure"}
+    # An address has no TLSA records: mandatory DANE cannot be met.
+    literal = {"mx_override": f"127.0.0.2:{world.port}", "tls": "dane"}
+    outcome, info = send(world, "elsewhere.test", dns={"dnssec": "log"},
+                         domains={"elsewhere.test": literal})
+    assert outcome.status == DEFERRED and "127.0.0.2 is an address" in outcome.text
+    assert world.sinks["mx-ee"].sessions[1:] == []
