@@ -377,7 +377,9 @@ class Arbiter:
             multiproc.mark_dead(rec.pid, self.metrics_dir)
         if expected or rec.generation != self.generation:
             return
-        if code == child_mod.EXIT_BOOT_FAILURE and not rec.booted:
+        # An admin process that cannot start costs metrics and health checks, not mail: it
+        # is retried with backoff, never a reason to halt.
+        if code == child_mod.EXIT_BOOT_FAILURE and not rec.booted and rec.kind != "admin":
             if self.respawn.boot_failed(rec.kind):
                 if self._roll_back(rec.kind):
                     return

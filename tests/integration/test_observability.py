@@ -263,6 +263,13 @@ def test_no_counter_goes_backwards_when_a_receiver_is_killed(
     assert value(second, "empath_smtp_connections_accepted_total") == 6
     assert value(second, "empath_smtp_connections_active") == 0
     assert value(second, "empath_processes", kind="receiver") == 2
+    # A reload replaces every child, the admin process too, on the same port.
+    port = (d.status() or {})["admin_listeners"]["metrics"]
+    d.reload()
+    assert (d.status() or {})["admin_listeners"]["metrics"] == port
+    send(d, "a@example.org", ["u1@localhost"], message(7, 500))
+    third = scrape_when(d, "7 messages", empath_messages_received_total=7)
+    assert monotonic_counters(second, third) == []
 
 
 def test_ready_turns_503_with_the_reason_then_200_again(daemon_factory: DaemonFactory,
