@@ -168,6 +168,7 @@ class Instruments:
         self.delivery_duration = n
         self.notices = dict.fromkeys(NOTICE_KINDS, n)
         self.tls_out = n
+        self.tls_sessions_out = n
         self.dns_duration = n
         self.dns_cache_hits = n
         self.rate_limit_waits = n
@@ -242,6 +243,9 @@ class Instruments:
         self.tls_out = counter("empath_tls_deliveries_out",
                                "Deliveries to a destination carried over TLS, by version",
                                ("version",))
+        self.tls_sessions_out = counter(
+            "empath_tls_sessions_out", "TLS handshakes completed with destination servers, by "
+            "version (not measured yet)", ("version",))
         self.dns_duration = Histogram(
             "empath_dns_lookup_seconds", "DNS lookups for delivery (not measured yet: see "
             "docs/OPERATIONS.md)", buckets=DNS_BUCKETS, registry=None)
