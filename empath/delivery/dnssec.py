@@ -82,24 +82,31 @@ class RouteSecurity:
     def active(self) -> bool:
         return self.mode != OFF
 
-    async def observe(self, name: str, rdtype: str, lookup: Awaitable[T]) -> tuple[T, str]:
-        """Run ``lookup``; its answer and state. Under ``enforce`` an unvalidated answer
-        raises TemporaryError; a bogus one is recorded and re-raised in every mode."""
+    async def observe(self, name: str, rdtype: str, lookup: Awaitable[T],
+                      states: list[str] | None = None) -> tuple[T, str]:
+        """Run ``lookup``; its answer and state (also appended to ``states``, the lookups a
+        route rests on). Under ``enforce`` an unvalidated answer raises TemporaryError; a
+        bogus one is recorded and re-raised in every mode."""
         key = f"{name}/{rdtype}"
         try:
             answer = await lookup
         except DeliveryError as err:
             if getattr(err, "dnssec", None) == BOGUS and self.active:
-                self.lookups[key] = BOGUS
+                self._note(key, BOGUS, states)
             raise
         if getattr(answer, "literal", False):
             return answer, NO_DNS  # an address literal: nothing was looked up
         state = await self.judge(name, bool(getattr(answer, "secure", False)))
         if self.active:
-            self.lookups[key] = state
+            self._note(key, state, states)
         if self.mode == ENFORCE and state == UNVALIDATED:
             raise TemporaryError.make("dnssec_unvalidated", name=key)
         return answer, state
+
+    def _note(self, key: str, state: str, states: list[str] | None) -> None:
+        self.lookups[key] = state
+        if states is not None:
+            states.append(state)
 
     async def judge(self, name: str, secure: bool) -> str:
         if not self.active:

@@ -234,6 +234,8 @@ class RemoteTransport:
                 continue
             except TemporaryError as err:
                 log.info("%s: MX host %s of %s: %s", envelope.get("id"), host, domain, err)
+                if isinstance(err, DANEFailure):
+                    info["dane"] = "failed"
                 errors.append(err)
                 continue
             finally:
@@ -270,13 +272,12 @@ class RemoteTransport:
         """The addresses of ``host`` and what DANE demands of it; the DNSSEC state of each
         lookup is added to ``states``. Raises a DeliveryError when the host is unusable."""
         answer, state = await security.observe(host, "A/AAAA",
-                                               self.resolver.lookup_addresses(host))
+                                               self.resolver.lookup_addresses(host), states)
         if answer.literal:  # nothing looked up, no name to bind TLSA records to
             if policy.requires_dane:
                 raise DANEFailure.make("dane_required", domain=domain,
                                        reason=f"{host} is an address, without TLSA records")
             return answer.addresses, None
-        states.append(state)
         # RFC 7672 §2.2.1/§2.2.2: TLSA records count only for a host whose name came from a
         # secure MX RRset (or the configuration) and whose addresses are secure.
         trusted = mx_state in (None, dnssec.SECURE) and state == dnssec.SECURE
@@ -294,8 +295,8 @@ class RemoteTransport:
                     f"the MX or address records of {host} are not DNSSEC-validated"))
             return None
         name = f"_{port}._tcp.{host.rstrip('.').lower()}"
-        answer, state = await security.observe(name, "TLSA", self.resolver.lookup_tlsa(name))
-        states.append(state)
+        answer, state = await security.observe(name, "TLSA", self.resolver.lookup_tlsa(name),
+                                               states)
         if state != dnssec.SECURE or not answer.records:
             if policy.requires_dane:
                 raise DANEFailure.make("dane_required", domain=domain, reason=(

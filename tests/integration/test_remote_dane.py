@@ -166,6 +166,19 @@ def test_bogus_signature_is_a_temporary_failure(world: DaneWorld, mode: str,
     assert all(sink.sessions == [] for sink in world.sinks.values())
 
 
+def test_bogus_mx_host_address_skips_the_host(world: DaneWorld) -> None:
+    outcome, info = send(world, "boguship.dane.test", dns={"dnssec": "log"})
+    assert (outcome.status, outcome.enhanced) == (DEFERRED, "4.4.3")
+    assert outcome.text == "DNSSEC validation of mx-bogus.dane.test/A failed (bogus answer)"
+    assert (info["server"], info["dnssec"]) == ("mx-bogus.dane.test", "bogus")
+    assert info["dnssec_lookups"]["mx-bogus.dane.test/A/AAAA"] == "bogus"
+    outcome, info = send(world, "bogusfallback.dane.test", dns={"dnssec": "log"})
+    assert outcome.status == DELIVERED
+    assert (info["server"], info["dnssec"], info["dane"]) == ("mx-ee.dane.test", "secure",
+                                                              "verified")
+    assert len(world.sinks["mx-ee"].sessions) == 1  # the bogus host was never tried
+
+
 def test_unvalidating_resolver_under_enforce_defers(world: DaneWorld) -> None:
     # The authoritative server as resolver: answers, but never validated (AD=0) and with no
     # validated denial of DS anywhere above them.

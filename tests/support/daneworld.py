@@ -24,6 +24,8 @@ Destination domains (``<name>.dane.test`` unless said otherwise) and what they e
 | notlsa | mx-notlsa (.6) | self-signed | none (proven absent) |
 | unusable | mx-unusable (.2) | self-signed | ``1 1 1`` only (PKIX-EE: unusable for SMTP) |
 | bogus | mx-ee | | its MX RRSIG is corrupted: bogus |
+| boguship | mx-bogus (.2) | | the RRSIG of mx-bogus's A record is corrupted |
+| bogusfallback | mx-bogus, then mx-ee | | |
 | plain.dane.test | mx.plain.dane.test (.6) | self-signed | ``3 1 1`` of nothing, unsigned zone |
 
 ``config(resolver="unbound"|"auth", **delivery)`` loads a configuration (the real loader) that
@@ -110,6 +112,9 @@ class DaneWorld:
             "notlsa": {"MX": ["10 mx-notlsa.dane.test."]},
             "unusable": {"MX": ["10 mx-unusable.dane.test."]},
             "bogus": {"MX": ["10 mx-ee.dane.test."]},
+            "boguship": {"MX": ["10 mx-bogus.dane.test."]},
+            "bogusfallback": {"MX": ["10 mx-bogus.dane.test.", "20 mx-ee.dane.test."]},
+            "mx-bogus": {"A": [SINKS["mx-ee"]]},
             "mx-unusable": {"A": [SINKS["mx-ee"]]},
             f"{p}{tcp}mx-ee": {"TLSA": [ee_key, f"3 0 1 {sha256(b'unrelated')}"]},
             f"{p}{tcp}mx-ta": {"TLSA": [f"2 0 1 {sha256(der(c['ca']))}"]},
@@ -123,6 +128,7 @@ class DaneWorld:
             records.setdefault(host, {})["A"] = [address]
         top = make_zone("dane.test", records, delegate={"plain.dane.test": "127.0.0.1"})
         break_signature(top, "bogus.dane.test", "MX")
+        break_signature(top, "mx-bogus.dane.test", "A")
         child = make_zone("plain.dane.test", {
             "@": {"MX": ["10 mx.plain.dane.test."]},
             "mx": {"A": [SINKS["mx-notlsa"]]},
