@@ -246,8 +246,9 @@ class Daemon:
     """One Empath configuration, started and restarted with ``empath start``."""
 
     def __init__(self, run_dir: Path, listen_port: int, sink_port: int,
-                 reaper: Reaper) -> None:
+                 reaper: Reaper, env: dict[str, str] | None = None) -> None:
         self.dir = run_dir
+        self.env = env or {}
         self.port = listen_port
         self.reaper = reaper
         self.config_path = run_dir / "empath.yaml"
@@ -277,7 +278,7 @@ class Daemon:
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
 
     def cli(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-        env = dict(os.environ)
+        env = dict(os.environ, **self.env)
         env.pop("EMPATH_CONFIG", None)
         return subprocess.run([str(EMPATH), *args, "-c", str(self.config_path)], cwd=self.dir,
                               capture_output=True, text=True, timeout=timeout, env=env,
@@ -408,6 +409,7 @@ class Harness:
         self.daemon: Daemon | None = None
         self.load: Load | None = None
         self.killed: set[int] = set()
+        self.code = ""
 
     @staticmethod
     def _var() -> Path:
@@ -563,9 +565,46 @@ class Harness:
                 break
         self.record.drain_seconds = time.monotonic() - began
 
+    def code_under_test(self) -> dict[str, str]:
+        """Environment that makes the daemon run a snapshot of ``--snapshot REV`` (a tree
+        other people edit meanwhile would change under a long run at every restart), and a
+        description of the code for the results."""
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"],
+                              capture_output=True, text=True).stdout.strip()
+        if not self.opts.snapshot:
+            dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "empath"],
+                                   capture_output=True, text=True).stdout.split("\n")
+            changed = [line[3:] for line in dirty if line.strip()]
+            self.code = f"working tree at {head[:12]}" + (
+                f" with uncommitted changes in {len(changed)} file(s) of empath/"
+                if changed else "")
+            return {}
+        code = self.run_dir / "code"
+        code.mkdir()
+        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", self.opts.snapshot],
+                             capture_output=True, text=True, check=True).stdout.strip()
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "empath"],
+                                 capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(code)], input=archive, check=True)
+        env = {"PYTHONPATH": str(code)}
+        speedups = REPO / "empath" / "_speedups"
+        built = sorted(speedups.glob("*.so"))
+        same = all((speedups / f"{so.name.split('.')[0]}.pyx").read_bytes()
+                   == (code / "empath" / "_speedups" / f"{so.name.split('.')[0]}.pyx")
+                   .read_bytes() for so in built) if built else False
+        if same:
+            for so in built:
+                shutil.copy2(so, code / "empath" / "_speedups" / so.name)
+        else:
+            env["EMPATH_NO_EXTENSIONS"] = "1"
+        self.code = (f"snapshot of commit {rev[:12]}"
+                     + ("" if same else " (pure-Python speedups: the .pyx differ)"))
+        return env
+
     async def run_async(self) -> None:
+        env = self.code_under_test()
         sink_port = self.start_sink()
-        self.daemon = Daemon(self.run_dir, free_port(), sink_port, self.reaper)
+        self.daemon = Daemon(self.run_dir, free_port(), sink_port, self.reaper, env)
         self.daemon.start()
         self.say(f"daemon {self.daemon.master_pid} on 127.0.0.1:{self.daemon.port}, sink on "
                  f"{sink_port}{' (flaky)' if self.opts.flaky_sink else ''}, run dir "
@@ -810,6 +849,7 @@ def check(h: Harness) -> dict[str, Any]:
         "failures": failures,
         "options": {k: v for k, v in vars(h.opts).items() if k not in ("json",)},
         "run_dir": str(h.run_dir),
+        "code": h.code,
         "kills": {"total": len(rec.kills), **{k: kills.get(k, 0) for k in KINDS},
                   "skipped": rec.skipped},
         "restarts": {"count": len(rec.restarts),
@@ -884,7 +924,8 @@ def print_summary(r: dict[str, Any]) -> None:
             f"{n} {c}" for n, c in sorted(r["sink"]["faults"].items()))))
     width = max(len(str(a)) for a, _ in rows)
     print()
-    print("Empath chaos run" + (" (flaky sink)" if r["options"].get("flaky_sink") else ""))
+    print("Empath chaos run" + (" (flaky sink)" if r["options"].get("flaky_sink") else "")
+          + f": {r['code']}, seed {r['options']['seed']}")
     print("-" * (width + 50))
     for a, b in rows:
         print(f"{a:<{width}}  {b}")
@@ -927,6 +968,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
     ap.add_argument("--drain-timeout", type=float, default=180.0,
                     help="most seconds to wait for the spool to empty at the end")
+    ap.add_argument("--snapshot", metavar="REV", nargs="?", const="HEAD", default=None,
+                    help="run the daemon from a snapshot of commit REV (default HEAD) instead "
+                    "of the working tree, which may change under a long run")
     ap.add_argument("--keep", action="store_true",
                     help="keep the run directory (it is always kept when the run fails or "
                     "the log holds a traceback)")
