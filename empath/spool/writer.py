@@ -18,12 +18,12 @@ import contextlib
 import os
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from empath.observe import metrics
 from empath.spool import fileformat
 from empath.spool.layout import Spool, SpoolError
+from empath.spool.threads import SpoolThreads
 from empath.spool.wake import Waker
 
 SPILL_THRESHOLD = 256 * 1024
@@ -48,7 +48,7 @@ class ReceiverWriter:
     def __init__(self, spool: Spool, threads: int = 16) -> None:
         self.spool = spool
         self._loop = asyncio.get_running_loop()
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="spool")
+        self._pool = SpoolThreads(self._loop, threads)
         self._dir_fd = os.open(spool.state_dir("incoming"), os.O_RDONLY | os.O_DIRECTORY)
         self._waiting: list[asyncio.Future[None]] = []
         self._syncing = False
@@ -60,13 +60,13 @@ class ReceiverWriter:
         return IncomingMessage(self, message_id)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        self._pool.shutdown()
         with contextlib.suppress(OSError):
             os.close(self._dir_fd)
         self._waker.close()
 
     async def _run(self, fn: Any, *args: Any) -> Any:
-        return await self._loop.run_in_executor(self._pool, fn, *args)
+        return await self._pool.submit(fn, *args)
 
     async def _await_dir_sync(self) -> None:
         """Wait until an fsync of incoming/ that started after our rename has finished."""
@@ -79,7 +79,7 @@ class ReceiverWriter:
     def _start_dir_sync(self) -> None:
         batch, self._waiting = self._waiting, []
         self._syncing = True
-        task = self._loop.run_in_executor(self._pool, os.fsync, self._dir_fd)
+        task = self._pool.submit(os.fsync, self._dir_fd)
         task.add_done_callback(lambda done: self._dir_synced(batch, done))
 
     def _dir_synced(self, batch: list[asyncio.Future[None]], done: asyncio.Future[None]) -> None:
