@@ -34,6 +34,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks")]
 from empathd import bench_overrides, cpu_seconds  # noqa: E402
 from loadgen import run_load  # noqa: E402
 
+from empath.observe import multiproc  # noqa: E402
 from empath.observe.multiproc import ENV  # noqa: E402
 from empath.spool import Spool  # noqa: E402
 from tests.support.daemon import EmpathDaemon  # noqa: E402
@@ -98,7 +99,8 @@ def end_to_end(base: str, mode: str, messages: int, sessions: int) -> dict[str, 
         result = asyncio.run(run_load(host, port, messages=messages, sessions=sessions))
         cpu = cpu_seconds(receivers) - before
     finally:
-        daemon.kill()
+        daemon.kill()  # killed: its tmpfs metrics directory is left for us to remove
+        multiproc.remove(multiproc.default_dir(spool, tree.control))
         shutil.rmtree(work, ignore_errors=True)
     return {"mode": mode, "accepted": result.accepted, "msg_per_s": round(result.rate, 1),
             "receiver_cpu_us_per_msg": round(cpu / max(result.accepted, 1) * 1e6, 1)}
