@@ -164,6 +164,7 @@ class Arbiter:
                                  self.status.path, audit_log) if p]
             privileges.hand_over(ident, self.spool.root, files,
                                  dirs=[self.metrics_dir] if self.metrics_dir else [])
+            _preload_roles()
             privileges.drop(ident)
         if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
             self.heartbeat_dir = "/dev/shm"  # tmpfs: a heartbeat never touches a disk
@@ -675,3 +676,28 @@ def _warn_loose_keys(cfg: Any) -> None:
             if mode & 0o077:
                 log.warning("TLS key %s is readable by others (mode %03o); chmod 600 it",
                             key, mode)
+
+
+# Modules the roles import on first use (not at the top of their own modules).
+PRELOAD = ("uvloop", "concurrent.futures.thread", "empath.delivery.remote", "empath.delivery.lmtp",
+           "encodings.idna")
+
+
+def _preload_roles() -> None:
+    """Import the children's code while still privileged.
+
+    After the switch to ``user`` the children can only import what that user may read; the
+    Python installation (or a virtualenv's base) may not be readable by it, as with an
+    interpreter under a private home directory. Modules already imported here are inherited by
+    every forked child. A role that fails to import is left to fail in the child, where the
+    boot-failure rule reports it.
+    """
+    import importlib
+
+    for target in [*ROLES.values(), *PRELOAD]:
+        module = target.partition(":")[0]
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # reported by the child that needs it
+            log.warning("preloading %s failed: %s", module, exc)
+
