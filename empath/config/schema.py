@@ -110,10 +110,19 @@ DOMAIN_POLICY = (
         "Accept certificates that do not verify, for this domain (wins over the global "
         "setting); null: the global setting.", nullable=True),
     Key("max_connections", Int(1, 10000), None,
-        "Most simultaneous connections to this domain per delivery worker; null: the default.",
-        nullable=True),
+        "Most simultaneous connections to this domain, all delivery workers together; "
+        "null: the default.", nullable=True),
     Key("rate_limit", Int(1), None,
-        "Most messages per minute to this domain; null: the default.", nullable=True),
+        "Most messages per minute to this domain, all delivery workers together; null: the "
+        "default.", nullable=True),
+    Section("circuit_breaker", "This domain's circuit breaker; null keys: the defaults "
+            "(delivery.circuit_breaker).", (
+                Key("failures", Int(0, 100000), None,
+                    "Deliveries in a row that reach no server before the breaker opens; 0: "
+                    "off.", nullable=True),
+                Key("cooldown", Duration(1), None,
+                    "How long an open breaker defers without trying.", nullable=True),
+            )),
 )
 
 SCHEMA = Section("", "Empath configuration.", (
@@ -254,7 +263,20 @@ SCHEMA = Section("", "Empath configuration.", (
         Key("port", Int(1, 65535), 25, "TCP port of MX hosts; tests use another."),
         Key("helo_name", Str(), None, "Name sent in EHLO; null: hostname.", nullable=True),
         Key("max_connections", Int(1, 10000), 20,
-            "Default most simultaneous connections per destination per worker."),
+            "Default most simultaneous connections per destination domain, all delivery "
+            "workers together: each worker gets its share (20 over 3 workers: 7, 7, 6; a "
+            "limit below processes.delivery still gives each worker 1)."),
+        Section("circuit_breaker", "Per destination domain (per delivery worker): after "
+                "failures deliveries in a row that reach no server (connections refused, timed "
+                "out or closed; 4xx/5xx greeting or EHLO), deliveries are deferred at once, "
+                "without connecting, for cooldown; then one probe delivery is let through, and "
+                "the breaker closes when it reaches a server.", (
+                    Key("failures", Int(0, 100000), 5,
+                        "Deliveries in a row that reach no server before the breaker opens; "
+                        "0: off."),
+                    Key("cooldown", Duration(1), 300.0,
+                        "How long an open breaker defers without trying."),
+                )),
         Section("connection_reuse", "Keep connections open for the next message.", (
             Key("max_idle", Duration(0), 30.0, "Close an unused connection after this long."),
             Key("max_messages", Int(1, 100000), 100, "Messages per connection."),
@@ -304,11 +326,49 @@ SCHEMA = Section("", "Empath configuration.", (
         )),
         Section("rate_limits", "Rate limits.", (
             Key("default", Int(1), None,
-                "Messages per minute per destination domain; null: unlimited.", nullable=True),
+                "Messages per minute per destination domain, all delivery workers together "
+                "(each worker sends its share: a token bucket refilled at the rate divided by "
+                "processes.delivery); null: unlimited.", nullable=True),
         )),
+        Section("mta_sts", "MTA-STS (RFC 8461): domains that publish an _mta-sts TXT record "
+                "and a policy at https://mta-sts.<domain>/.well-known/mta-sts.txt. Policy "
+                "mode enforce: only MX hosts the policy names, with STARTTLS and a "
+                "certificate valid for the MX name (tls.ca_file or the system store), else a "
+                "temporary failure; testing: failures are logged and recorded, delivery "
+                "goes on. Not for mx_override, smarthost, or a domain whose tls is disabled "
+                "or dane; DANE wins where a host has DNSSEC-validated TLSA records.", (
+                    Key("enabled", Bool(), False, "Look up and apply MTA-STS policies."),
+                    Key("port", Int(1, 65535), 443,
+                        "HTTPS port of the policy hosts; tests use another."),
+                    Key("ca_file", Path(), None,
+                        "CA bundle for the policy hosts' certificates; null: tls.ca_file, else "
+                        "the system store.", nullable=True),
+                    Key("timeout", Duration(0.1), 20.0,
+                        "Fetching one policy (connection, TLS and the response)."),
+                    Key("cache_size", Int(0, 10000000), 10000,
+                        "Most policies cached per worker (each for its max_age)."),
+                )),
         Section("domains", "Per-destination-domain settings.", DOMAIN_POLICY,
                 keyed_by=Domain(), default={},
                 sample={}),
+    )),
+    Section("priority", "Delivery order. Workers take waiting messages oldest first; a "
+            "message's priority moves its place by priority x step, so high priority goes "
+            "first and low priority still goes out at most (highest - lowest) x step after "
+            "it would have without priorities (aging: never starved).", (
+        Key("step", Duration(0), 60.0, "How far one priority point moves a message."),
+        Section("rules", "First matching rule sets a message's priority (else 0; a module "
+                "may set ctx.priority in on_data).", (
+            Key("sender", Str(lower=True), None,
+                "Envelope sender address, or @domain.", nullable=True),
+            Key("recipient_domain", Domain(), None,
+                "Matches when any recipient is at this domain.", nullable=True),
+            Key("listener", HostPort(), None, "Received on this listener.", nullable=True),
+            Key("auth_user", Str(), None, "Submitted by this authenticated user.",
+                nullable=True),
+            Key("priority", Int(-100, 100), None,
+                "The priority: a number; high = 5, normal = 0, low = -5 by convention."),
+        ), many=True, default=[]),
     )),
     Section("dkim", "DKIM signing (RFC 6376, 8463) of mail from trusted clients, at receipt.", (
         Key("canonicalization", Str(("relaxed/relaxed", "relaxed/simple", "simple/relaxed",

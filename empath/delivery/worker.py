@@ -49,6 +49,9 @@ class DeliveryWorker:
         self.shard: int = ctx.index - 1
         self.shards: int = max(ctx.count, 1)
         self.capacity: int = self.cfg.delivery.max_parallel_deliveries
+        # With priorities (config rules, or modules that may set them), incoming/ is taken in
+        # the order of the files' mtimes, which the receiver moved by priority x step.
+        self.prioritized = bool(self.cfg.priority.rules or self.cfg.smtp.modules)
         self.inflight: dict[str, asyncio.Task[None]] = {}
         self.wake = asyncio.Event()
         self.rng = random.Random()
@@ -120,7 +123,8 @@ class DeliveryWorker:
             return
         now_mono = time.monotonic()
         seen: dict[str, float] = {}
-        for message_id in self.spool.list_ids("incoming"):
+        ordered = self.spool.list_ids_by_mtime if self.prioritized else self.spool.list_ids
+        for message_id in ordered("incoming"):
             if self._free() <= 0:
                 break
             if not self._own(message_id):

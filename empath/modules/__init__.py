@@ -55,6 +55,7 @@ class HookContext:
     helo: str | None = None
     tls: dict[str, str] | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    priority: int | None = None  # set by on_data to place the message in the delivery order
 
 
 class ModuleError(Exception):
@@ -99,7 +100,8 @@ async def run_hook(modules: list[LoadedModule], hook: str, ctx: HookContext,
         if fn is None:
             continue
         mine = shared.setdefault(module.name, {})
-        view = HookContext(ctx.client_ip, ctx.client_port, ctx.listener, ctx.helo, ctx.tls, mine)
+        view = HookContext(ctx.client_ip, ctx.client_port, ctx.listener, ctx.helo, ctx.tls, mine,
+                           ctx.priority)
         try:
             result = fn(view, *args)
             if inspect.isawaitable(result):
@@ -109,6 +111,7 @@ async def run_hook(modules: list[LoadedModule], hook: str, ctx: HookContext,
             raise ModuleError(module.name) from exc
         if not mine:
             shared.pop(module.name, None)
+        ctx.priority = view.priority
         if result is not None:
             if not isinstance(result, Reject):
                 log.error("module %s: %s returned %r, not None or Reject", module.name, hook,

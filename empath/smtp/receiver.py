@@ -130,3 +130,25 @@ def message_id(head: bytes) -> bytes | None:
         if line[:11].lower() == b"message-id:":
             return line[11:].strip() or None
     return None
+
+
+def message_priority(rules: Any, envelope: S.Envelope, listener: str,
+                     auth_user: str | None) -> int:
+    """The priority of the first rule that matches (every key it sets must match), else 0."""
+    sender = envelope.sender.lower()
+    domains = {r["address"].rpartition("@")[2].lower() for r in envelope.recipients}
+    for rule in rules:
+        if rule.sender is not None and not (
+                sender == rule.sender or (rule.sender.startswith("@")
+                                          and sender.endswith(rule.sender))):
+            continue
+        if rule.recipient_domain is not None and rule.recipient_domain not in domains:
+            continue
+        if rule.listener is not None and str(rule.listener) != listener:
+            continue
+        if rule.auth_user is not None and rule.auth_user != auth_user:
+            continue
+        prio: int = rule.priority
+        return prio
+    return 0
+

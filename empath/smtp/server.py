@@ -26,7 +26,7 @@ from empath.observe import audit, metrics
 from empath.smtp import replies as R
 from empath.smtp import session as S
 from empath.smtp.received import received_header
-from empath.smtp.receiver import Receiver, message_id
+from empath.smtp.receiver import Receiver, message_id, message_priority
 from empath.spool import SpoolError, new_message_id
 from empath.spool.layout import is_disk_full
 
@@ -61,6 +61,7 @@ class SMTPProtocol(asyncio.Protocol):
         self.paused = False
         self.closed = False
         self.hook_ctx: hooks.HookContext | None = None
+        self.priority = 0
         self.digest: Any = None  # with dedup: hash of the client's data, and its head
         self.head = b""
         self.peer = ("", 0)
@@ -222,6 +223,8 @@ class SMTPProtocol(asyncio.Protocol):
                 log.info("%s: duplicate of %s suppressed (from=<%s>)", self.queue_id, original,
                          envelope.sender)
                 reply, dedup_key = R.DUPLICATE.format(queue_id=original), None
+        if reply is None:
+            self._set_priority(envelope)
         if reply is None and r.signer is not None and session.trusted:
             await message.add_header(self._dkim_header)
         if reply is None:
@@ -288,6 +291,19 @@ class SMTPProtocol(asyncio.Protocol):
                                 self.digest.hexdigest().encode()])
         return hashlib.sha256(material).hexdigest()[:40]
 
+    def _set_priority(self, envelope: S.Envelope) -> None:
+        """The first matching ``priority.rules`` entry, or a module's ctx.priority, moves the
+        message's place in incoming/ (its file's mtime) by priority x step."""
+        assert self.session is not None and self.hook_ctx is not None and self.message
+        cfg = self.receiver.cfg
+        prio = self.hook_ctx.priority
+        if prio is None:
+            prio = message_priority(cfg.priority.rules, envelope, str(self.listener.address),
+                                    self.session.auth_user)
+        self.priority = prio
+        if prio:
+            self.message.mtime = time.time() - prio * cfg.priority.step
+
     def _dkim_header(self, message: bytes) -> bytes | None:
         """Thread side: the DKIM-Signature for mail whose From: domain has a key."""
         signer = self.receiver.signer
@@ -314,6 +330,7 @@ class SMTPProtocol(asyncio.Protocol):
                        "listener": str(self.listener.address), "auth": session.auth_user},
             "received_at": time.time(),
             "metadata": self.hook_ctx.metadata,
+            "priority": self.priority,
         }
 
     async def _check(self, ev: S.Check) -> None:

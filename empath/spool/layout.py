@@ -117,6 +117,22 @@ class Spool:
 
     list_state = list_ids
 
+    def list_ids_by_mtime(self, state: str) -> list[str]:
+        """Ids in ``state`` in the order of their files' mtimes (then ids): the delivery order
+        of incoming/ when priorities move messages (see the receiver)."""
+        entries: list[tuple[float, str]] = []
+        try:
+            with os.scandir(self.state_dir(state)) as it:
+                for entry in it:
+                    if not is_valid_id(entry.name):
+                        continue
+                    with contextlib.suppress(FileNotFoundError):
+                        entries.append((entry.stat().st_mtime, entry.name))
+        except FileNotFoundError:
+            return []
+        entries.sort()
+        return [name for _, name in entries]
+
     def active_slots(self) -> list[int]:
         try:
             return sorted(int(n) for n in os.listdir(self.active) if n.isdigit())

@@ -101,7 +101,8 @@ class ReceiverWriter:
 class IncomingMessage:
     """A message being received: buffered in memory, spilled to tmp/ when large."""
 
-    __slots__ = ("_writer", "id", "_chunks", "_buffered", "_size", "_fd", "_tmp", "_error")
+    __slots__ = ("_writer", "id", "_chunks", "_buffered", "_size", "_fd", "_tmp", "_error",
+                 "mtime")
 
     def __init__(self, writer: ReceiverWriter, message_id: str) -> None:
         self._writer = writer
@@ -112,6 +113,8 @@ class IncomingMessage:
         self._fd = -1
         self._tmp = ""
         self._error: OSError | None = None
+        # When set, the file's mtime: its place in the delivery order of incoming/ (priority).
+        self.mtime: float | None = None
 
     @property
     def size(self) -> int:
@@ -205,6 +208,10 @@ class IncomingMessage:
         _write_all(self._fd, chunks)
         # fdatasync covers the data and the size; the name is made durable by the directory
         # fsync of the group commit.
+        if self.mtime is not None:
+            # A scheduling hint, not state: fdatasync may not persist it, and a message that
+            # loses its place after a crash is merely delivered in arrival order.
+            os.utime(self._fd, (self.mtime, self.mtime))
         os.fdatasync(self._fd)
         fd, self._fd = self._fd, -1
         os.close(fd)
