@@ -3,7 +3,6 @@ still goes out within the aging bound under a steady flow of high-priority mail.
 
 from __future__ import annotations
 
-import smtplib
 import threading
 import time
 from typing import Any
