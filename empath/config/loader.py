@@ -279,3 +279,22 @@ def _check(cfg: Namespace, loader: _Loader, root: yaml.Node | None) -> None:
             raise fail(f"smtp.modules[{i}].name", f"cannot import module {mod.name!r}")
     if cfg.delivery.retry_max_delay < cfg.delivery.retry_base_delay:
         raise fail("delivery.retry_max_delay", "must not be less than retry_base_delay")
+    _check_webhooks(cfg, fail)
+
+
+def _check_webhooks(cfg: Namespace, fail: Any) -> None:
+    """``strategy: webhook`` needs a URL, a secret file that exists, and a domain that is not
+    delivered locally (local_domains go to Maildir or LMTP whatever their strategy)."""
+    local = set(cfg.local_domains)
+    for domain, policy in cfg.delivery.domains.items():
+        key = f"delivery.domains.{domain}"
+        if policy.strategy != "webhook":
+            continue
+        if policy.webhook.url is None:
+            raise fail(f"{key}.webhook.url", "strategy webhook needs webhook.url")
+        if domain in local:
+            raise fail(f"{key}.strategy", f"{domain} is in local_domains and is delivered "
+                       "locally; list it in relay_domains to deliver it by webhook")
+        secret = policy.webhook.secret_file
+        if secret is not None and not os.path.isfile(secret):
+            raise fail(f"{key}.webhook.secret_file", f"no such file: {secret}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from empath.config.types import (
     Bool,
@@ -72,6 +73,33 @@ SYSLOG_FACILITIES = ("mail", "daemon", "user", "local0", "local1", "local2", "lo
 TLS_POLICIES = ("opportunistic", "required", "disabled", "dane")
 _POLICY_CHOICES = TLS_POLICIES
 DNSSEC_MODES = ("off", "log", "enforce")
+DELIVERY_STRATEGIES = ("smtp", "webhook")
+WEBHOOK_FORMATS = ("json", "multipart")
+
+
+class _WebhookURL(Str):
+    """An http:// or https:// URL with a host and no credentials in it (webhook.url)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.describe = "an http:// or https:// URL"
+
+    def convert(self, value: Any, ctx: Any) -> Any:
+        text = super().convert(value, ctx)
+        try:
+            parts = urlsplit(text)
+            port = parts.port  # ValueError when it is not a number from 0 to 65535
+        except ValueError as exc:
+            raise ValueError(f"{text!r} is not {self.describe}: {exc}") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{text!r} is not {self.describe} with a host")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("no credentials in the URL: they would sit in the configuration "
+                             "and the logs; the receiver checks webhook.secret_file's "
+                             "signature instead")
+        if port == 0:
+            raise ValueError(f"{text!r}: port 0")
+        return text
 
 
 class _DNSSECMode(Str):
@@ -115,6 +143,30 @@ DOMAIN_POLICY = (
     Key("rate_limit", Int(1), None,
         "Most messages per minute to this domain, all delivery workers together; null: the "
         "default.", nullable=True),
+    Key("strategy", Str(DELIVERY_STRATEGIES), "smtp",
+        "How this domain's mail is delivered: smtp (its MX hosts, or mx_override), or "
+        "webhook: one HTTP POST per message to webhook.url (docs/WEBHOOKS.md; the SMTP keys "
+        "here do not apply, max_connections does). Not for local_domains."),
+    Section("webhook", "The HTTP endpoint of strategy webhook (docs/WEBHOOKS.md). 2xx: "
+            "delivered; 408, 429, 5xx, 3xx, timeouts and connection errors: retried on the "
+            "normal schedule; any other 4xx: failed (bounced).", (
+                Key("url", _WebhookURL(), None,
+                    "http:// or https:// URL the messages are POSTed to (https: verified "
+                    "against delivery.tls.ca_file, else the system store; no redirects "
+                    "followed); required with strategy webhook.", nullable=True),
+                Key("secret_file", Path(), None,
+                    "File holding the HMAC-SHA256 key (its first line) the requests are "
+                    "signed with (X-Empath-Signature, X-Empath-Timestamp); readable by user; "
+                    "kept out of this file so the secret is not copied with it. null: "
+                    "unsigned.", nullable=True),
+                Key("timeout", Duration(0.1, 3600), 30.0,
+                    "The whole request: connecting, sending the message and the response's "
+                    "status; then the recipients are deferred."),
+                Key("format", Str(WEBHOOK_FORMATS), "json",
+                    "json: one JSON object, the message base64-encoded in it; multipart: "
+                    "multipart/form-data with an envelope part (JSON) and a message part "
+                    "(message/rfc822, raw). Both are streamed from the spool."),
+            )),
     Section("circuit_breaker", "This domain's circuit breaker; null keys: the defaults "
             "(delivery.circuit_breaker).", (
                 Key("failures", Int(0, 100000), None,
@@ -124,6 +176,20 @@ DOMAIN_POLICY = (
                     "How long an open breaker defers without trying.", nullable=True),
             )),
 )
+
+DOMAINS_SAMPLE = """\
+# example.com:
+#   mx_override: 127.0.0.1:1025
+#   tls: required
+#   max_connections: 10
+#   rate_limit: 200
+# hooks.example.net:
+#   strategy: webhook
+#   webhook:
+#     url: https://app.example.net/incoming-mail
+#     secret_file: /etc/empath/webhook.secret
+#     format: json
+"""
 
 SCHEMA = Section("", "Empath configuration.", (
     sample("base_dir", Path(), ".",
@@ -350,7 +416,7 @@ SCHEMA = Section("", "Empath configuration.", (
                 )),
         Section("domains", "Per-destination-domain settings.", DOMAIN_POLICY,
                 keyed_by=Domain(), default={},
-                sample={}),
+                sample=DOMAINS_SAMPLE),
     )),
     Section("priority", "Delivery order. Workers take waiting messages oldest first; a "
             "message's priority moves its place by priority x step, so high priority goes "
