@@ -145,8 +145,8 @@ DOMAIN_POLICY = (
         "default.", nullable=True),
     Key("strategy", Str(DELIVERY_STRATEGIES), "smtp",
         "How this domain's mail is delivered: smtp (its MX hosts, or mx_override), or "
-        "webhook: one HTTP POST per message to webhook.url (docs/WEBHOOKS.md; the SMTP keys "
-        "here do not apply, max_connections does). Not for local_domains."),
+        "webhook: one HTTP POST per message to webhook.url (docs/WEBHOOKS.md; the other "
+        "keys here are for SMTP and do not apply). Not for local_domains."),
     Section("webhook", "The HTTP endpoint of strategy webhook (docs/WEBHOOKS.md). 2xx: "
             "delivered; 408, 429, 5xx, 3xx, timeouts and connection errors: retried on the "
             "normal schedule; any other 4xx: failed (bounced).", (
