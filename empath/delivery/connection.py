@@ -57,6 +57,7 @@ from empath.delivery.errors import (
 )
 from empath.delivery.state import RecipientOutcome
 from empath.delivery.tls import TLSContexts, TLSPolicy, describe, peer_chain, warn_unverified
+from empath.observe import metrics
 from empath.spool import MessageSource
 
 log = logging.getLogger("empath.delivery.smtp")
@@ -65,7 +66,12 @@ BLOCK_SIZE = 64 * 1024  # bytes read from the queue file and written per step
 READ_SIZE = 64 * 1024
 
 
-class TLSHandshakeError(TemporaryError):
+class TLSPolicyFailure(TemporaryError):
+    """The TLS policy (required, MTA-STS enforce) was not met by a server that answered: no
+    STARTTLS offered, STARTTLS refused, or (the subclass) a failed handshake."""
+
+
+class TLSHandshakeError(TLSPolicyFailure):
     """STARTTLS was accepted but the handshake failed; the connection is unusable.
 
     Under an opportunistic policy the caller reconnects to the same host without TLS."""
@@ -144,6 +150,7 @@ class SMTPConnection:
         self.extensions = Extensions()
         self.tls: dict[str, str] | None = None
         self.dane: Verdict | None = None  # the DANE verdict of this session, when DANE applied
+        self.tls_failure: str | None = None  # why a session that wanted TLS is in plain
         self.broken = False
         self.messages = 0
         self.idle_since = time.monotonic()
@@ -217,7 +224,9 @@ class SMTPConnection:
             if dane is not None:  # RFC 7672 §2.2: TLSA records mean STARTTLS is a must
                 raise DANEFailure.make("dane_no_starttls", server=self.server)
             if policy.requires_tls:
-                raise TemporaryError.make("tls_not_offered", server=self.server, domain=domain)
+                kind = "mta_sts_no_starttls" if policy.is_mta_sts else "tls_not_offered"
+                raise TLSPolicyFailure.make(kind, server=self.server, domain=domain)
+            self.tls_failure = "STARTTLS not offered"
             return
         reply = await self._command(b"STARTTLS\r\n", "starttls")
         if reply.code != 220:
@@ -225,8 +234,10 @@ class SMTPConnection:
                 raise DANEFailure.make("dane_tls_failed", server=self.server,
                                        reason=f"STARTTLS refused: {reply}")
             if policy.requires_tls:
-                raise TemporaryError.make("tls_failed", server=self.server, domain=domain,
-                                          reason=str(reply))
+                kind = "mta_sts_tls_failed" if policy.is_mta_sts else "tls_failed"
+                raise TLSPolicyFailure.make(kind, server=self.server, domain=domain,
+                                            reason=f"STARTTLS refused: {reply}")
+            self.tls_failure = f"STARTTLS refused: {reply}"
             return  # opportunistic: the session goes on in plain (RFC 3207 §4)
         if dane is not None:
             await self._start_dane(dane, contexts, anchors)
@@ -285,9 +296,10 @@ class SMTPConnection:
 
     async def _start_tls(self, domain: str, policy: TLSPolicy, contexts: TLSContexts) -> None:
         # The STARTTLS command-injection class of bugs: refuse the session.
+        kind = "mta_sts_tls_failed" if policy.is_mta_sts else "tls_failed"
         if self._injected():
             self.broken = True
-            raise TLSHandshakeError.make("tls_failed", server=self.server, domain=domain,
+            raise TLSHandshakeError.make(kind, server=self.server, domain=domain,
                                          reason="data sent before the TLS handshake")
         try:
             context = contexts.context(policy)
@@ -298,7 +310,7 @@ class SMTPConnection:
         try:
             await self._handshake_tls(context)
         except _HandshakeFailed as exc:
-            raise TLSHandshakeError.make("tls_failed", server=self.server, domain=domain,
+            raise TLSHandshakeError.make(kind, server=self.server, domain=domain,
                                          reason=str(exc)) from None
 
     async def _handshake_tls(self, context: ssl.SSLContext) -> None:
@@ -320,6 +332,8 @@ class SMTPConnection:
             reason = "timed out" if isinstance(exc, TimeoutError) else str(exc) or repr(exc)
             raise _HandshakeFailed(reason) from None
         self.tls = describe(self.writer.get_extra_info("ssl_object"))
+        if self.tls is not None:
+            metrics.current().tls_sessions_out.labels(self.tls["version"]).inc()
 
     # -- transactions ---------------------------------------------------------------------
     async def reset(self) -> bool:

@@ -18,7 +18,7 @@ more with checking disabled (CD, RFC 4035 §3.2.2): an answer then means the res
 validation failed, and the lookup raises ``DNSSECBogus`` (its data is never used).
 ``proven_insecure`` walks DS queries up from a name to tell an unsigned delegation the
 resolver proved from an answer it merely did not validate. TLSA lookups (``lookup_tlsa``) are
-for DANE (``dane.py``).
+for DANE (``dane.py``), TXT lookups (``lookup_txt``) for MTA-STS (``mtasts.py``).
 
 Answers are cached for min(record TTL, ``dns.cache_ttl``), absent names and records for a short
 negative TTL (RFC 2308: the zone's SOA says how long, capped at ``NEGATIVE_TTL_CAP``); failures
@@ -92,7 +92,7 @@ class DNSSECBogus(TemporaryError):
 @dataclass(frozen=True, slots=True)
 class _Records:
     """One cached DNS answer: the records (MX: (preference, host); A/AAAA: address text;
-    TLSA: TLSARecord; DS: key tags), and whether the resolver validated it (AD)."""
+    TLSA: TLSARecord; DS: key tags; TXT: text), and whether the resolver validated it (AD)."""
 
     items: tuple[Any, ...]
     nxdomain: bool = False
@@ -261,6 +261,12 @@ class MXResolver:
         records = await self._lookup(_normalize(name), "TLSA")
         return TLSAAnswer(tuple(records.items), secure=records.secure)
 
+    async def lookup_txt(self, name: str) -> list[str]:
+        """The TXT records at ``name``, each one's strings joined (RFC 7208 §3.3 style); none
+        when the name or the records do not exist. For MTA-STS (``mtasts.py``)."""
+        records = await self._lookup(_normalize(name), "TXT")
+        return list(records.items)
+
     async def proven_insecure(self, name: str) -> bool | None:
         """Whether the resolver proves ``name`` unsigned: walking DS queries up from it (not
         to the root), the first validated answer decides: a denial (no DS: an unsigned
@@ -358,4 +364,6 @@ class MXResolver:
                     for rd in rrset]
         if rdtype == "DS":
             return [int(rd.key_tag) for rd in rrset]
+        if rdtype == "TXT":
+            return [b"".join(rd.strings).decode("utf-8", "replace") for rd in rrset]
         return [rd.address for rd in rrset]

@@ -55,6 +55,21 @@ REPLIES: dict[str, tuple[int, str, str]] = {
     "dane_tls_failed": (451, "4.7.5", "DANE TLS with {server} failed: {reason}"),
     "dane_mismatch": (451, "4.7.5", "DANE: certificate of {server} rejected: {reason}"),
     "dane_required": (451, "4.7.5", "DANE is required for {domain} but {reason}"),
+    # MTA-STS (RFC 8461 §5) under mode enforce: never plain, never a host outside the policy
+    # (X.7.0, other security status: no code fits better).
+    "mta_sts_mx": (451, "4.7.0", "MX host {server} of {domain} is not in its MTA-STS policy "
+                   "(mode enforce, mx {patterns})"),
+    "mta_sts_no_starttls": (451, "4.7.4", "the MTA-STS policy of {domain} (mode enforce) "
+                            "requires TLS but {server} does not offer STARTTLS"),
+    "mta_sts_tls_failed": (451, "4.7.5", "the MTA-STS policy of {domain} (mode enforce) "
+                           "requires a valid certificate but TLS with {server} failed: "
+                           "{reason}"),
+    # The destination's circuit breaker (breaker.py) is open: X.4.1, no answer from host.
+    "circuit_open": (451, "4.4.1", "not tried: {failures} deliveries in a row to {domain} "
+                     "reached no server; next try after {until} (circuit breaker)"),
+    "circuit_probing": (451, "4.4.1", "not tried: {failures} deliveries in a row to {domain} "
+                        "reached no server and a probe delivery is under way (circuit "
+                        "breaker)"),
     # RFC 1870 §6.2: the message exceeds the server's fixed size limit; 552 5.3.4.
     "too_big": (552, "5.3.4", "message of {size} bytes exceeds the {limit}-byte limit of "
                 "{server}"),

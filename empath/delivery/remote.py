@@ -14,10 +14,16 @@ Owns the choice of *where* a message goes and *which connection* carries it:
   (or the configured next hop) and the host's addresses are secure, the host's TLSA records
   (``_<port>._tcp.<host>``) are looked up; secure ones make the connection a DANE one. A
   failed TLSA lookup, or a DANE failure, skips the host (RFC 7672 §2.2), never to plain;
-- connection reuse: an idle connection per server waits ``connection_reuse.max_idle`` seconds
-  for the next message and carries at most ``max_messages``, with RSET before each reuse;
-- limits per destination domain and per worker: ``max_connections`` simultaneous deliveries
-  (a semaphore) and ``rate_limit`` messages per minute (a token bucket that waits).
+- MTA-STS (``mtasts.py``, RFC 8461), with ``delivery.mta_sts.enabled``, for MX routes under
+  an opportunistic or required TLS policy: in mode ``enforce`` only MX hosts the policy names
+  are used, each with mandatory STARTTLS and a certificate valid for its name; in ``testing``
+  what would have failed is logged and recorded, and delivery goes on as without a policy. A
+  host with DANE is reached with DANE only (RFC 8461 §2: DANE takes precedence);
+- connection reuse (``pool.py``);
+- limits per destination domain (``limits.py``): this worker's share of ``max_connections``
+  and of ``rate_limit``, so the configured numbers hold for all workers together; and the
+  destination's circuit breaker (``breaker.py``), which defers at once, without connecting,
+  while a domain that reached no server several times in a row cools down.
 
 The result of ``deliver`` is one RecipientOutcome per recipient plus a JSON-ready route record
 for the attempt history. Never builds a spool path: the message is read through the
@@ -29,13 +35,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from empath.delivery import dnssec
+from empath.delivery.breaker import REACHED, UNKNOWN, UNREACHABLE, CircuitBreakers, CircuitOpen
 from empath.delivery.connection import (
     DANEFailure,
     SMTPConnection,
     TLSHandshakeError,
+    TLSPolicyFailure,
     open_connection,
 )
 from empath.delivery.dane import DaneRequirement, requirement
@@ -47,100 +56,77 @@ from empath.delivery.errors import (
     PermanentError,
     TemporaryError,
 )
+from empath.delivery.limits import DestinationLimits
+from empath.delivery.mtasts import PolicyCache, StsCheck
+from empath.delivery.mtasts_fetch import PolicyFetcher
+from empath.delivery.pool import ConnectionPool, PoolKey
 from empath.delivery.state import RecipientOutcome
 from empath.delivery.tls import DISABLED, OPPORTUNISTIC, TLSContexts, TLSPolicy, policy_for
 from empath.spool import MessageSource
 
 log = logging.getLogger("empath.delivery.smtp")
 
-_PoolKey = tuple[str, str, int, TLSPolicy, DaneRequirement | None]
+
+@dataclass(slots=True)
+class _Route:
+    """Where a domain's mail goes: ``(mx_index, host, port)`` in the order to try."""
+
+    hosts: list[tuple[int, str, int]]
+    implicit: bool = False  # no MX records: the domain is its own mail host
+    mx_state: str | None = None  # DNSSEC state of the MX lookup (None: configured next hop)
+    configured: bool = False  # mx_override or smarthost, not looked up
 
 
-RATE_LIMITERS_KEPT = 1000  # beyond this many, limiters with a full bucket are dropped
+@dataclass(slots=True)
+class _Reach:
+    """What one delivery learned about its destination, for the circuit breaker."""
+
+    failed: int = 0  # connections that reached no usable server
+    reached: bool = False  # a server answered (even if TLS or the transaction then failed)
+
+    @property
+    def outcome(self) -> str:
+        return REACHED if self.reached else UNREACHABLE if self.failed else UNKNOWN
 
 
-class _RateLimiter:
-    """A token bucket: ``per_minute`` messages a minute, bursts up to that many."""
-
-    def __init__(self, per_minute: int) -> None:
-        self.rate = per_minute / 60.0
-        self.capacity = float(per_minute)
-        self.tokens = float(per_minute)
-        self.updated = time.monotonic()
-
-    def _refill(self) -> None:
-        now = time.monotonic()
-        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
-        self.updated = now
-
-    def is_full(self) -> bool:
-        self._refill()
-        return self.tokens >= self.capacity
-
-    async def acquire(self) -> None:
-        while True:
-            self._refill()
-            if self.tokens >= 1.0:
-                self.tokens -= 1.0
-                return
-            await asyncio.sleep((1.0 - self.tokens) / self.rate)
+def _unreachable(err: DeliveryError) -> bool:
+    """Whether a failed connection says the server is not there: refused, timed out, closed,
+    a 4xx/5xx greeting or EHLO; not a TLS or DANE policy failure, nor a local problem."""
+    return not isinstance(err, (TLSPolicyFailure, DANEFailure, LocalSystemError))
 
 
 class RemoteTransport:
-    """SMTP delivery to remote domains for one delivery worker."""
+    """SMTP delivery to remote domains for one delivery worker.
 
-    def __init__(self, cfg: Any, *, resolver: MXResolver | None = None) -> None:
+    ``share`` is ``(index, count)``: this worker's 1-based position among the ``count``
+    delivery workers; per-destination limits are divided accordingly (``limits.py``)."""
+
+    def __init__(self, cfg: Any, *, resolver: MXResolver | None = None,
+                 share: tuple[int, int] = (1, 1)) -> None:
         self.cfg = cfg
         self.delivery = cfg.delivery
         self.helo = self.delivery.helo_name or cfg.hostname
         self.resolver = resolver or MXResolver(self.delivery.dns,
                                                detect_bogus=_dnssec_anywhere(self.delivery))
         self.contexts = TLSContexts(self.delivery.tls.ca_file)
-        self._limits: dict[str, asyncio.Semaphore] = {}
-        self._users: dict[str, int] = {}  # deliveries in progress per domain
-        self._rates: dict[str, _RateLimiter] = {}
-        self._idle: dict[_PoolKey, list[SMTPConnection]] = {}
-        self._closing: set[asyncio.Task[None]] = set()
-        self._closed = False
-
-    # -- per-destination settings ---------------------------------------------------------
-    def _domain_cfg(self, domain: str) -> Any:
-        domains = self.delivery.domains or {}
-        return domains.get(domain)
-
-    def _semaphore(self, domain: str) -> asyncio.Semaphore:
-        sem = self._limits.get(domain)
-        if sem is None:
-            own = self._domain_cfg(domain)
-            limit = (own.max_connections if own is not None and own.max_connections
-                     else self.delivery.max_connections)
-            sem = self._limits[domain] = asyncio.Semaphore(limit)
-        return sem
-
-    def _rate_limiter(self, domain: str) -> _RateLimiter | None:
-        if domain in self._rates:
-            return self._rates[domain]
-        own = self._domain_cfg(domain)
-        rate = own.rate_limit if own is not None and own.rate_limit else None
-        rate = rate or self.delivery.rate_limits.default
-        limiter = _RateLimiter(rate) if rate else None
-        if limiter is not None:
-            self._rates[domain] = limiter
-        return limiter
-
-    def _forget(self, domain: str) -> None:
-        """Drop a domain's semaphore once nobody uses it, and rate limiters back at full
-        capacity, so a worker that mails a million domains does not keep a million of each."""
-        users = self._users.get(domain, 1) - 1
-        if users > 0:
-            self._users[domain] = users
-            return
-        self._users.pop(domain, None)
-        self._limits.pop(domain, None)
-        if len(self._rates) > RATE_LIMITERS_KEPT:
-            for name in [n for n, r in self._rates.items() if r.is_full() and
-                         n not in self._users]:
-                del self._rates[name]
+        self.limits = DestinationLimits(self.delivery, share)
+        self.breakers = CircuitBreakers(self.delivery)
+        self.pool = ConnectionPool(self.delivery.connection_reuse)
+        self.fetcher: PolicyFetcher | None = None
+        self.policies: PolicyCache | None = None
+        sts = self.delivery.mta_sts
+        if sts.enabled:
+            self.fetcher = PolicyFetcher(sts, self.delivery.tls.ca_file, self.resolver)
+            self.policies = PolicyCache(self.resolver.lookup_txt, self.fetcher.fetch,
+                                        int(sts.cache_size))
+        index, count = share
+        if count > 1:
+            log.info("delivery worker %d of %d: per-destination limits divided among %d "
+                     "workers", index, count, count)
+            if index == 1 and self.limits.undivided():
+                log.warning("max_connections below the number of delivery workers (%d) for "
+                            "%s: each worker keeps 1, so up to %d connections", count,
+                            ", ".join(self.limits.undivided()), count)
 
     # -- the public contract --------------------------------------------------------------
     async def deliver(self, domain: str, envelope: dict[str, Any], rcpts: list[dict[str, Any]],
@@ -153,13 +139,14 @@ class RemoteTransport:
                                 "ip": None, "port": None, "tls": None, "dsn": None,
                                 "mx_index": None, "dnssec": None, "dane": None,
                                 "duration": 0.0}
-        self._users[domain] = self._users.get(domain, 0) + 1
         try:
-            async with self._semaphore(domain):
-                limiter = self._rate_limiter(domain)
-                if limiter is not None:
-                    await limiter.acquire()
-                outcomes = await self._deliver_routed(domain, envelope, rcpts, source, info)
+            self.breakers.check(domain)  # open: no need to wait for a slot
+            async with self.limits.slot(domain):
+                outcomes = await self._deliver_admitted(domain, envelope, rcpts, source, info)
+        except CircuitOpen as err:
+            info["breaker"] = "open"
+            log.info("%s: %s", envelope.get("id"), err.text)
+            outcomes = {r["address"]: err.outcome() for r in rcpts}
         except DeliveryError as err:
             outcomes = {r["address"]: err.outcome() for r in rcpts}
         except asyncio.CancelledError:
@@ -169,32 +156,42 @@ class RemoteTransport:
                           domain)
             local = LocalSystemError.make("local", reason=type(exc).__name__)
             outcomes = {r["address"]: local.outcome() for r in rcpts}
-        finally:
-            self._forget(domain)
         info["duration"] = round(time.monotonic() - started, 6)
         return outcomes, info
 
+    async def _deliver_admitted(self, domain: str, envelope: dict[str, Any],
+                                rcpts: list[dict[str, Any]], source: MessageSource,
+                                info: dict[str, Any]) -> dict[str, RecipientOutcome]:
+        """With a connection slot held: the breaker's word, the rate limit, the delivery."""
+        probe = self.breakers.admit(domain)
+        if probe:
+            info["breaker"] = "probe"
+        reach = _Reach()
+        try:
+            await self.limits.pace(domain)
+            return await self._deliver_routed(domain, envelope, rcpts, source, info, reach)
+        finally:
+            self.breakers.record(domain, reach.outcome, probe)
+
     async def close(self) -> None:
-        """QUIT every idle connection (at worker shutdown)."""
-        self._closed = True
-        idle = [conn for conns in self._idle.values() for conn in conns]
-        self._idle.clear()
-        for conn in idle:
-            self._quit_later(conn)
-        if self._closing:
-            await asyncio.gather(*self._closing, return_exceptions=True)
+        """QUIT every idle connection (at worker shutdown), close the HTTPS client."""
+        await self.pool.close()
+        if self.fetcher is not None:
+            await self.fetcher.close()
+
+    def idle_connections(self) -> int:
+        return self.pool.idle_connections()
 
     # -- routing --------------------------------------------------------------------------
-    async def _routes(self, domain: str, security: RouteSecurity
-                      ) -> tuple[list[tuple[int, str, int]], bool, str | None]:
-        """``(mx_index, host, port)`` in the order to try, whether the MX is implicit, and the
-        DNSSEC state of the MX lookup (None: the next hop is configured, not looked up)."""
-        own = self._domain_cfg(domain)
+    async def _route(self, domain: str, security: RouteSecurity) -> _Route:
+        """Where ``domain``'s mail goes, in the order to try."""
+        own = (self.delivery.domains or {}).get(domain)
         if own is not None and own.mx_override is not None:
-            return [(0, own.mx_override.host, own.mx_override.port)], False, None
+            hop = own.mx_override
+            return _Route([(0, hop.host, hop.port)], configured=True)
         if self.delivery.smarthost is not None:
-            smarthost = self.delivery.smarthost
-            return [(0, smarthost.host, smarthost.port)], False, None
+            hop = self.delivery.smarthost
+            return _Route([(0, hop.host, hop.port)], configured=True)
         answer, state = await security.observe(domain, "MX", self.resolver.lookup_mx(domain))
         hosts = answer.hosts
         me = (self.cfg.hostname or "").lower().rstrip(".")
@@ -206,28 +203,52 @@ class RemoteTransport:
             if not hosts:
                 raise PermanentError.make("loops", domain=domain)
         port = self.delivery.port
-        return [(i, host, port) for i, (_, host) in enumerate(hosts)], answer.implicit, state
+        return _Route([(i, host, port) for i, (_, host) in enumerate(hosts)], answer.implicit,
+                      state)
+
+    async def _mta_sts(self, domain: str, route: _Route, policy: TLSPolicy,
+                       info: dict[str, Any]) -> StsCheck | None:
+        """The MTA-STS check of this delivery, or None (disabled, not applicable, no policy);
+        ``info`` gets ``mta_sts`` when the feature is on."""
+        if self.policies is None:
+            return None
+        if route.configured or not policy.allows_mta_sts:
+            info["mta_sts"] = "skipped"  # a configured next hop, or tls disabled or dane
+            return None
+        try:
+            sts = await self.policies.policy(domain)
+        except Exception:  # a bug: go on as without a policy (RFC 8461 §5.1 for failures)
+            log.exception("MTA-STS: policy lookup for %s failed unexpectedly", domain)
+            sts = self.policies.cached(domain)
+        info["mta_sts"] = sts.mode if sts is not None else "no-policy"
+        check = StsCheck.of(domain, sts, verify=policy.verify)
+        if check is not None:
+            info["mta_sts_result"] = None
+        return check
 
     async def _deliver_routed(self, domain: str, envelope: dict[str, Any],
                               rcpts: list[dict[str, Any]], source: MessageSource,
-                              info: dict[str, Any]) -> dict[str, RecipientOutcome]:
+                              info: dict[str, Any], reach: _Reach
+                              ) -> dict[str, RecipientOutcome]:
         security = RouteSecurity(self.resolver, dnssec.mode_for(self.delivery, domain))
         if security.active:
             info["dnssec_lookups"] = security.lookups  # filled in as lookups are made
         try:
-            routes, implicit, mx_state = await self._routes(domain, security)
+            route = await self._route(domain, security)
         finally:
             info["dnssec"] = security.route_state(list(security.lookups.values()))
         policy = policy_for(self.delivery, domain)
+        sts = await self._mta_sts(domain, route, policy, info)
         errors: list[DeliveryError] = []
-        for mx_index, host, port in routes:
+        mx_state = route.mx_state
+        for mx_index, host, port in route.hosts:
             states = [mx_state] if mx_state else []
             info.update(server=host, ip=None, port=port, mx_index=mx_index, dane=None)
             try:
                 addresses, dane = await self._prepare_host(domain, policy, host, port, mx_state,
                                                            security, states)
             except PermanentError as err:
-                if implicit:
+                if route.implicit:
                     raise PermanentError.make("no_address", domain=domain) from None
                 log.warning("%s: MX host %s of %s: %s", envelope.get("id"), host, domain, err)
                 errors.append(TemporaryError.make("no_route", domain=domain))
@@ -241,28 +262,50 @@ class RemoteTransport:
             finally:
                 info["dnssec"] = security.route_state(states)
             info["dane"] = _dane_label(dane, security, policy)
+            host_policy = policy
+            if sts is not None and dane is None:  # RFC 8461 §2: DANE takes precedence
+                refusal = sts.refuse_host(host)
+                if refusal is not None:
+                    log.info("%s: %s", envelope.get("id"), refusal.text)
+                    sts.fill(info)
+                    errors.append(refusal)
+                    continue
+                host_policy = sts.tls_policy(policy)
             for ip in addresses:
                 info.update(server=host, ip=ip, port=port, mx_index=mx_index)
                 try:
-                    conn = await self._connection(domain, policy, host, ip, port, dane)
+                    conn = await self._connection(domain, host_policy, host, ip, port, dane)
                 except DeliveryError as err:
                     log.info("%s: %s[%s]:%d for %s: %s", envelope.get("id"), host, ip, port,
                              domain, err)
                     if isinstance(err, DANEFailure):
                         info["dane"] = "failed"
+                    if sts is not None and dane is None and isinstance(err, TLSPolicyFailure):
+                        sts.failed(err.text)
+                        sts.fill(info)
+                    if _unreachable(err):
+                        reach.failed += 1
+                    else:
+                        reach.reached = True
                     errors.append(err)
                     continue
+                reach.reached = True
                 info["tls"] = conn.tls
                 if conn.dane is not None:
                     info["dane"] = conn.dane.status
                     if conn.dane.record is not None:
                         info["dane_match"] = conn.dane.description
+                if sts is not None:
+                    sts.connected(host, conn.tls is not None, conn.tls_failure,
+                                  dane=conn.dane is not None, log_prefix=envelope.get("id"))
+                    sts.fill(info)
                 # Whether NOTIFY/ORCPT went on: the next hop then owns success notices.
                 info["dsn"] = conn.extensions.has("DSN")
                 try:
                     outcomes = await conn.deliver(envelope, rcpts, source)
                 finally:
-                    self._release(conn, policy, dane)
+                    self.pool.release(conn, (conn.server, conn.ip, conn.port, host_policy,
+                                             dane))
                 return outcomes
         raise _final_error(errors, domain)
 
@@ -312,17 +355,10 @@ class RemoteTransport:
     async def _connection(self, domain: str, policy: TLSPolicy, host: str, ip: str,
                           port: int, dane: DaneRequirement | None) -> SMTPConnection:
         """An idle connection to this server that answers RSET, or a new one."""
-        key: _PoolKey = (host, ip, port, policy, dane)
-        reuse = self.delivery.connection_reuse
-        pool = self._idle.get(key, [])
-        while pool:
-            conn = pool.pop()
-            if time.monotonic() - conn.idle_since > reuse.max_idle:
-                self._quit_later(conn)
-                continue
-            if await conn.reset():
-                return conn
-            conn.abort()
+        key: PoolKey = (host, ip, port, policy, dane)
+        conn = await self.pool.take(key)
+        if conn is not None:
+            return conn
 
         async def connect(try_tls: bool) -> SMTPConnection:
             return await open_connection(
@@ -337,38 +373,9 @@ class RemoteTransport:
                 raise
             # RFC 7435: a failed opportunistic handshake must not stop delivery; plain it is.
             log.warning("%s[%s]:%d: %s; retrying without TLS", host, ip, port, err.text)
-            return await connect(False)
-
-    def _release(self, conn: SMTPConnection, policy: TLSPolicy,
-                 dane: DaneRequirement | None) -> None:
-        """Keep a healthy connection for the next message, or close it."""
-        reuse = self.delivery.connection_reuse
-        if (self._closed or conn.broken or conn.messages >= reuse.max_messages
-                or reuse.max_idle <= 0):
-            self._quit_later(conn)
-            return
-        key: _PoolKey = (conn.server, conn.ip, conn.port, policy, dane)
-        self._idle.setdefault(key, []).append(conn)
-        asyncio.get_running_loop().call_later(reuse.max_idle, self._expire, key, conn)
-
-    def _expire(self, key: _PoolKey, conn: SMTPConnection) -> None:
-        pool = self._idle.get(key)
-        if not pool or conn not in pool:
-            return  # reused (or closed) meanwhile; its own timer will come
-        if time.monotonic() - conn.idle_since < self.delivery.connection_reuse.max_idle:
-            return
-        pool.remove(conn)
-        if not pool:
-            del self._idle[key]
-        self._quit_later(conn)
-
-    def _quit_later(self, conn: SMTPConnection) -> None:
-        task = asyncio.ensure_future(conn.quit())
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
-
-    def idle_connections(self) -> int:
-        return sum(len(pool) for pool in self._idle.values())
+            conn = await connect(False)
+            conn.tls_failure = f"TLS handshake failed: {err.text}"
+            return conn
 
 
 def _dnssec_anywhere(delivery_cfg: Any) -> bool:

@@ -11,6 +11,12 @@ Owns the decision *whether* and *how strictly* to use STARTTLS toward a domain:
 - ``dane``: DANE is mandatory (RFC 7672): mail goes only to MX hosts whose DNSSEC-validated TLSA
   records authenticate the certificate; anything less is a temporary failure.
 
+A domain whose MTA-STS policy (``mtasts.py``, RFC 8461) is in mode ``enforce`` is reached
+with ``MTA_STS_ENFORCE`` instead of its own policy (not under ``disabled`` or ``dane``, which
+the operator chose on purpose): STARTTLS is mandatory and the certificate must verify for the
+MX name against the Web PKI (``ca_file`` or the system store), whatever
+``accept_invalid_certs`` says.
+
 Under any policy but ``disabled``, an MX host with DNSSEC-validated TLSA records is reached
 with DANE (``dane.py``): STARTTLS is mandatory and the certificate is checked against the TLSA
 records instead of the Web PKI (no ``ca_file``, no ``accept_invalid_certs``). The ssl layer
@@ -35,6 +41,7 @@ from typing import Any
 log = logging.getLogger("empath.delivery.tls")
 
 OPPORTUNISTIC, REQUIRED, DISABLED, DANE = "opportunistic", "required", "disabled", "dane"
+MTA_STS = "mta-sts"  # not a configurable policy: what an enforced MTA-STS policy demands
 ANCHOR_CONTEXTS_KEPT = 64  # DANE-TA contexts cached per worker, oldest out
 
 
@@ -42,7 +49,7 @@ ANCHOR_CONTEXTS_KEPT = 64  # DANE-TA contexts cached per worker, oldest out
 class TLSPolicy:
     """How to treat TLS toward one destination domain."""
 
-    mode: str  # opportunistic | required | disabled | dane
+    mode: str  # opportunistic | required | disabled | dane | mta-sts
     verify: bool  # False: accept certificates that do not verify (logged per connection)
 
     @property
@@ -51,11 +58,24 @@ class TLSPolicy:
 
     @property
     def requires_tls(self) -> bool:
-        return self.mode in (REQUIRED, DANE)
+        return self.mode in (REQUIRED, DANE, MTA_STS)
+
+    @property
+    def is_mta_sts(self) -> bool:
+        return self.mode == MTA_STS
+
+    @property
+    def allows_mta_sts(self) -> bool:
+        """Whether an MTA-STS policy may apply: not when the operator disabled TLS or made
+        DANE mandatory for the domain."""
+        return self.mode in (OPPORTUNISTIC, REQUIRED)
 
     @property
     def requires_dane(self) -> bool:
         return self.mode == DANE
+
+
+MTA_STS_ENFORCE = TLSPolicy(MTA_STS, verify=True)
 
 
 def policy_for(delivery_cfg: Any, domain: str) -> TLSPolicy:

@@ -1,0 +1,154 @@
+"""The per-destination circuit breaker of remote delivery (one per delivery worker).
+
+Owns the decision whether to try a destination domain at all. After ``failures`` consecutive
+deliveries to a domain that could not reach any of its servers (every connection refused,
+timed out, closed before or at the greeting, or greeted with 4xx/5xx or refused EHLO) the
+breaker *opens*: for ``cooldown`` seconds every delivery to the domain is deferred at once,
+without a connection attempt (``451 4.4.1 ... (circuit breaker)``). Then exactly one delivery
+is let through as a *probe* (others arriving meanwhile are still deferred): if it reaches a
+server the breaker closes, if it fails the same way the breaker opens for another cooldown.
+
+What counts: only connection-level failures. A server that answered (any reply to MAIL, RCPT
+or DATA, a TLS or DANE failure after EHLO) is reachable, and closes the breaker; a delivery
+that made no connection attempt (DNS failures, a policy that excluded every host) neither
+counts nor closes. ``failures: 0`` turns the breaker off.
+
+The state lives in one worker's memory: with M workers a dead destination costs up to M times
+``failures`` attempts before every worker has stopped trying it, and each worker probes on its
+own. That keeps workers independent (they share nothing but the spool) at the price of a few
+extra connection attempts. Entries of domains that are fine are dropped; the table is bounded.
+
+Never opens a connection and never touches the spool; the clock is injectable for tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from empath.delivery.errors import TemporaryError
+
+log = logging.getLogger("empath.delivery.smtp")
+
+ENTRIES_KEPT = 10000  # domains with failures remembered; closed ones are dropped first
+
+# What one delivery says about its destination (``record``).
+REACHED, UNREACHABLE, UNKNOWN = "reached", "unreachable", "unknown"
+CLOSED, OPEN, PROBE = "closed", "open", "probe"
+
+
+@dataclass
+class _State:
+    failures: int = 0  # consecutive unreachable deliveries
+    open_until: float | None = None  # monotonic time; None while closed
+    probing: bool = False
+
+
+class CircuitOpen(TemporaryError):
+    """The breaker of the destination is open: deferred without a connection attempt."""
+
+
+class CircuitBreakers:
+    """The breakers of every destination domain one worker delivers to."""
+
+    def __init__(self, delivery_cfg: Any, clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time) -> None:
+        self.delivery = delivery_cfg
+        self.clock = clock
+        self.wall = wall
+        self._states: OrderedDict[str, _State] = OrderedDict()
+
+    def settings(self, domain: str) -> tuple[int, float]:
+        """``(failures, cooldown)`` for ``domain``: its own settings, else the defaults."""
+        base = self.delivery.circuit_breaker
+        failures, cooldown = base.failures, base.cooldown
+        own = (self.delivery.domains or {}).get(domain)
+        if own is not None:
+            if own.circuit_breaker.failures is not None:
+                failures = own.circuit_breaker.failures
+            if own.circuit_breaker.cooldown is not None:
+                cooldown = own.circuit_breaker.cooldown
+        return int(failures), float(cooldown)
+
+    def state(self, domain: str) -> str:
+        """closed, open (cooling down, or a probe is out) or probe (the next one probes)."""
+        entry = self._states.get(domain)
+        if entry is None or entry.open_until is None:
+            return CLOSED
+        if entry.probing or self.clock() < entry.open_until:
+            return OPEN
+        return PROBE
+
+    def check(self, domain: str) -> None:
+        """Raise CircuitOpen while the breaker of ``domain`` is open (before waiting for a
+        connection slot: such a delivery is deferred at once)."""
+        entry = self._states.get(domain)
+        if entry is not None and entry.open_until is not None:
+            now = self.clock()
+            if entry.probing or now < entry.open_until:
+                raise self._refusal(domain, entry, now)
+
+    def admit(self, domain: str) -> bool:
+        """Let a delivery to ``domain`` go ahead: True when it is the probe. Raises
+        CircuitOpen while the breaker is open (or another delivery is probing)."""
+        entry = self._states.get(domain)
+        if entry is None or entry.open_until is None:
+            return False
+        now = self.clock()
+        if entry.probing or now < entry.open_until:
+            raise self._refusal(domain, entry, now)
+        entry.probing = True
+        log.info("circuit breaker for %s: cool-down over, one probe delivery", domain)
+        return True
+
+    def record(self, domain: str, outcome: str, probe: bool = False) -> None:
+        """What a delivery admitted by ``admit`` found (REACHED, UNREACHABLE, UNKNOWN)."""
+        entry = self._states.get(domain)
+        if entry is not None and probe:
+            entry.probing = False
+        if outcome == REACHED:
+            if entry is not None:
+                del self._states[domain]
+                if entry.open_until is not None:
+                    log.warning("circuit breaker for %s closed: a server answered", domain)
+            return
+        if outcome != UNREACHABLE:
+            return
+        threshold, cooldown = self.settings(domain)
+        if threshold <= 0:
+            return
+        if entry is None:
+            entry = self._states[domain] = _State()
+            self._trim()
+        self._states.move_to_end(domain)
+        entry.failures += 1
+        if probe or (entry.open_until is None and entry.failures >= threshold):
+            entry.open_until = self.clock() + cooldown
+            log.warning("circuit breaker for %s open: %d connection failures in a row; "
+                        "deliveries deferred without trying for %gs", domain, entry.failures,
+                        cooldown)
+
+    def open_count(self) -> int:
+        return sum(1 for s in self._states.values() if s.open_until is not None)
+
+    def _refusal(self, domain: str, entry: _State, now: float) -> CircuitOpen:
+        if entry.probing:
+            return CircuitOpen.make("circuit_probing", domain=domain, failures=entry.failures)
+        until = self.wall() + max(0.0, (entry.open_until or now) - now)
+        return CircuitOpen.make("circuit_open", domain=domain, failures=entry.failures,
+                                until=time.strftime("%H:%M:%S", time.localtime(until)))
+
+    def _trim(self) -> None:
+        """Keep the table bounded: closed entries (failures below the threshold) go first,
+        oldest first; open ones only when there is nothing else to drop."""
+        if len(self._states) <= ENTRIES_KEPT:
+            return
+        closed = [d for d, s in self._states.items() if s.open_until is None]
+        for domain in closed + list(self._states):
+            if len(self._states) <= ENTRIES_KEPT:
+                return
+            self._states.pop(domain, None)
