@@ -2,9 +2,10 @@
 
 Recipients are grouped by domain: local domains go to the LMTP server when
 ``local_delivery.lmtp`` is set (``lmtp.py``), else to Maildir (``local.py``, in a thread: it
-fsyncs); every other domain goes to the SMTP transport; all groups concurrently. The result
-is one RecipientOutcome per recipient plus one route record per group for the attempt history.
-A transport that fails unexpectedly defers its recipients; it never fails them.
+fsyncs); a domain whose ``delivery.domains.<domain>.strategy`` is ``webhook`` goes to its URL
+(``webhook.py``); every other domain goes to the SMTP transport; all groups concurrently. The
+result is one RecipientOutcome per recipient plus one route record per group for the attempt
+history. A transport that fails unexpectedly defers its recipients; it never fails them.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 from collections import defaultdict
 from typing import Any
 
+from empath.config.types import normalize_domain
 from empath.delivery import local
 from empath.delivery.errors import LocalSystemError
 from empath.delivery.state import RecipientOutcome
@@ -33,6 +35,7 @@ class Dispatcher:
         self.local_domains = {d.lower() for d in cfg.local_domains}
         self._remote: Any = None
         self._lmtp: Any = None
+        self._webhook: Any = None
 
     def _remote_transport(self) -> Any:
         if self._remote is None:
@@ -48,9 +51,33 @@ class Dispatcher:
             self._lmtp = LMTPTransport(self.cfg)
         return self._lmtp
 
+    def _webhook_transport(self) -> Any:
+        if self._webhook is None:
+            from empath.delivery.webhook import WebhookTransport
+
+            self._webhook = WebhookTransport(self.cfg)
+        return self._webhook
+
+    def webhook_settings(self, domain: str) -> Any | None:
+        """The ``webhook`` settings of a domain whose strategy is webhook, else None."""
+        policies = self.cfg.delivery.domains or {}
+        policy = policies.get(domain)
+        if policy is None and domain and not domain.isascii():
+            try:  # the configuration's keys are A-labels (IDNA)
+                policy = policies.get(normalize_domain(domain))
+            except ValueError:
+                return None
+        if policy is None or policy.strategy != "webhook":
+            return None
+        return policy.webhook
+
     async def close(self) -> None:
-        if self._remote is not None:
-            await self._remote.close()
+        try:
+            if self._remote is not None:
+                await self._remote.close()
+        finally:
+            if self._webhook is not None:
+                await self._webhook.close()
 
     async def deliver(self, envelope: dict[str, Any], recipients: list[dict[str, Any]],
                       source: MessageSource
@@ -65,6 +92,9 @@ class Dispatcher:
                     jobs.append(self._lmtp_transport().deliver(domain, envelope, rcpts, source))
                 else:
                     jobs.append(self._deliver_maildir(domain, envelope, rcpts, source))
+            elif (hook := self.webhook_settings(domain)) is not None:
+                jobs.append(self._webhook_transport().deliver(domain, hook, envelope, rcpts,
+                                                              source))
             else:
                 jobs.append(self._remote_transport().deliver(domain, envelope, rcpts, source))
         outcomes: dict[str, RecipientOutcome] = {}
