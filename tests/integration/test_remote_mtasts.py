@@ -16,6 +16,7 @@ import uvloop
 
 from empath.delivery.remote import RemoteTransport
 from empath.delivery.state import DEFERRED, DELIVERED
+from empath.spool import Spool, read_envelope
 from tests.support.certs import CertPair, make_ca, make_self_signed, make_server_cert
 from tests.support.mailworld import MESSAGE, MailWorld, deliver, envelope, rcpt
 from tests.support.sink import Behaviour
@@ -280,3 +281,48 @@ def test_feature_off_leaves_no_trace(world: MailWorld, certs: Certs, sts: Policy
                         world.source(MESSAGE))
     assert out["u@example.test"].status == DELIVERED and "mta_sts" not in info
     assert world.dns.count("_mta-sts.example.test") == 0 and sts.requests("example.test") == 0
+
+
+# -- through the daemon ---------------------------------------------------------------------
+def test_mta_sts_through_the_daemon(daemon_factory: Any, certs: Certs, tmp_path: Path) -> None:
+    world_zone = zone()
+    world_zone.update({
+        "bad.test": {"MX": [(10, "mx1.example.test")]},  # its policy names another MX
+        "_mta-sts.bad.test": {"TXT": ["v=STSv1; id=1;"]},
+        "mta-sts.bad.test": {"A": [POLICY_HOST]},
+    })
+    bad_host = make_server_cert(tmp_path, certs.ca, "mta-sts.bad.test")
+    with MailWorld(tmp_path, world_zone, hosts=["127.0.0.2"]) as world:
+        serve(world, certs.good)
+        server = PolicyServer(host=POLICY_HOST)
+        server.add("example.test", policy(), certs.policy_host)
+        server.add("bad.test", policy("enforce", "mx.bad.test"), bad_host)
+        server.start()
+        try:
+            daemon = daemon_factory({
+                "processes": {"receivers": 1, "delivery": 1},
+                "delivery": {
+                    "port": world.port, "queue_scan_interval": "0.2s",
+                    "retry_base_delay": "30s", "retry_jitter_factor": 0,
+                    "dns": {"resolver": f"127.0.0.1:{world.dns.port}", "timeout": "2s"},
+                    "tls": {"ca_file": certs.ca.cert_path},
+                    "mta_sts": {"enabled": True, "port": server.port,
+                                "ca_file": certs.ca.cert_path}}})
+            with daemon.smtp() as client:
+                for to in ("a@example.test", "b@example.test", "c@bad.test"):
+                    client.sendmail("sender@localhost", [to], b"Subject: sts\r\n\r\nHi.\r\n")
+            sink = world.sink("127.0.0.2")
+            daemon.wait_for(lambda: len(sink.messages) == 2, 30, "two messages at the sink")
+            assert all(m.tls for m in sink.messages)
+            assert sorted(r for m in sink.messages for r in m.recipients) == [
+                "a@example.test", "b@example.test"]
+            spool = Spool(str(daemon.spool_path))
+            [qid] = daemon.wait_for(lambda: spool.list_ids("deferred"), 30, "c@bad.test deferred")
+            env = read_envelope(spool.path("deferred", qid))
+            assert "MTA-STS" in env["recipients"][0]["last"]["text"]
+            [route] = env["attempts"][-1]["routes"]
+            assert (route["mta_sts"], route["mta_sts_result"]) == ("enforce", "failed")
+            assert server.requests("example.test") == 1  # the second message used the cache
+            assert server.requests("bad.test") == 1
+        finally:
+            server.stop()
