@@ -326,3 +326,26 @@ def test_mta_sts_through_the_daemon(daemon_factory: Any, certs: Certs, tmp_path:
             assert server.requests("bad.test") == 1
         finally:
             server.stop()
+
+
+def test_outbound_tls_handshakes_are_counted(world: MailWorld, certs: Certs,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from empath.observe import metrics
+
+    counted: list[tuple[str, ...]] = []
+
+    class Sessions:  # stands for the counter: labels(version).inc()
+        def labels(self, *values: str) -> Any:
+            return SimpleNamespace(inc=lambda amount=1.0: counted.append(values))
+
+    monkeypatch.setattr(metrics, "_current", SimpleNamespace(tls_sessions_out=Sessions()))
+    serve(world, certs.good)
+    cfg = world.config(tls={"default_policy": "required", "ca_file": certs.ca.cert_path},
+                       connection_reuse={"max_idle": 0})
+    for _ in range(2):
+        out, info = deliver(cfg, "example.test", [rcpt("u@example.test")],
+                            world.source(MESSAGE))
+        assert out["u@example.test"].status == DELIVERED
+    assert counted == [(info["tls"]["version"],)] * 2

@@ -222,3 +222,39 @@ def test_the_table_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     for n in range(30):
         fail(b, f"d{n}.test", 1)
     assert len(b._states) == 10 and b.state("dead.test") == OPEN  # open ones stay longest
+
+
+class Recorder:
+    """Stands for a metrics instrument: counts ``inc`` per label values."""
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, ...], float] = {}
+        self._labels: tuple[str, ...] = ()
+
+    def labels(self, *values: str) -> Recorder:
+        self._labels = values
+        return self
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.counts[self._labels] = self.counts.get(self._labels, 0.0) + amount
+
+
+def test_waiting_for_the_rate_limit_is_counted(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from empath.observe import metrics
+
+    waits = Recorder()
+    monkeypatch.setattr(metrics, "_current", SimpleNamespace(rate_limit_waits=waits))
+    limits = DestinationLimits(config(tmp_path, rate_limits={"default": 600}).delivery)
+    limits._rates["example.test"] = RateLimiter(600, capacity=1)  # 10 a second, no burst
+
+    async def go() -> float:
+        started = asyncio.get_running_loop().time()
+        for _ in range(3):
+            await limits.pace("example.test")
+        return asyncio.get_running_loop().time() - started
+
+    assert 0.15 <= asyncio.run(go()) < 1.0
+    assert waits.counts == {(): 2.0}
