@@ -198,8 +198,11 @@ class WebhookTransport:
         if self._http is None:
             context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.ca_file)
             # limit=0: the worker's max_parallel_deliveries bounds the requests; a connector
-            # limit would make them queue inside aiohttp, on their timeout's clock.
-            connector = aiohttp.TCPConnector(ssl=context, limit=0)
+            # limit would make them queue inside aiohttp, on their timeout's clock. The
+            # threaded resolver is getaddrinfo (/etc/hosts too), whether or not aiodns is
+            # installed (aiohttp would pick it by default).
+            connector = aiohttp.TCPConnector(ssl=context, limit=0,
+                                             resolver=aiohttp.ThreadedResolver())
             self._http = aiohttp.ClientSession(
                 connector=connector, trust_env=False, cookie_jar=aiohttp.DummyCookieJar(),
                 headers={"User-Agent": USER_AGENT})

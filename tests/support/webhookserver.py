@@ -2,7 +2,7 @@
 
 It runs aiohttp's web server on its own asyncio loop in a background thread, so both plain
 tests and the real daemon (another process, through ``delivery.domains.<d>.webhook.url``) can
-POST to it::
+POST to it (over TLS when given an ssl context)::
 
     with WebhookServer(answers=[Answer(500), Answer(200)], secret=b"k") as server:
         ...deliver to server.url()...
@@ -22,6 +22,7 @@ import asyncio
 import dataclasses
 import hashlib
 import hmac
+import ssl
 import threading
 import time
 from typing import Any
@@ -83,8 +84,10 @@ async def parse_multipart(content_type: str, body: bytes) -> dict[str, tuple[dic
 
 class WebhookServer:
     def __init__(self, answers: list[Answer] | None = None, default: Answer | None = None,
-                 secret: bytes | None = None) -> None:
+                 secret: bytes | None = None,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.answers = list(answers or [])
+        self.ssl_context = ssl_context
         self.default = default or Answer()
         self.secret = secret
         self.requests: list[Request] = []
@@ -97,7 +100,8 @@ class WebhookServer:
         self._error: BaseException | None = None
 
     def url(self, path: str = "/mail") -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.port}{path}"
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> WebhookServer:
@@ -138,7 +142,7 @@ class WebhookServer:
         app.router.add_route("*", "/{tail:.*}", self._handle)
         runner = web.AppRunner(app, shutdown_timeout=1.0)
         await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=self.ssl_context)
         await site.start()
         self.port = runner.addresses[0][1]
         self._ready.set()

@@ -31,6 +31,7 @@ from empath.delivery.webhook import (
     verdict,
 )
 from empath.spool import MessageSource
+from tests.support.certs import make_ca, make_server_cert
 from tests.support.webhookserver import Answer, WebhookServer, parse_multipart, verify_signature
 
 MESSAGE = b"Received: from a by b\r\nSubject: test\r\n\r\nHello.\r\n.dot\r\n"
@@ -53,22 +54,26 @@ def rcpts(*addresses: str) -> list[dict[str, Any]]:
     return [{"address": a} for a in addresses]
 
 
-def config(tmp_path: Path, domains: str = "", extra: str = "") -> Any:
+def config(tmp_path: Path, domains: str = "", ca_file: str | None = None) -> Any:
     path = tmp_path / "empath.yaml"
     path.write_text(textwrap.dedent(f"""\
         listeners:
           - address: 127.0.0.1:2525
         local_delivery:
           maildir_root: {tmp_path / 'mail'}
-        """) + extra + ("delivery:\n  domains:\n" + textwrap.indent(
-        textwrap.dedent(domains), "    ") if domains else ""))
+        delivery:
+          tls:
+            ca_file: {ca_file or 'null'}
+          domains:
+        """) + textwrap.indent(textwrap.dedent(domains), "    "))
     return load_config(str(path))
 
 
-def hook_config(tmp_path: Path, url: str, **settings: Any) -> Any:
+def hook_config(tmp_path: Path, url: str, ca_file: str | None = None,
+                **settings: Any) -> Any:
     lines = [f"url: {url}"] + [f"{k}: {v}" for k, v in settings.items()]
     return config(tmp_path, "hook.example:\n  strategy: webhook\n  webhook:\n"
-                  + "".join(f"    {line}\n" for line in lines))
+                  + "".join(f"    {line}\n" for line in lines), ca_file)
 
 
 def deliver(cfg: Any, src: MessageSource, *addresses: str, domain: str = "hook.example",
@@ -314,6 +319,31 @@ def test_refused_connection_defers(tmp_path: Path) -> None:
     assert outcome.status == DEFERRED and (outcome.code, outcome.enhanced) == (451, "4.4.1")
     assert outcome.text.startswith(f"cannot connect to 127.0.0.1:{port}: ")
     assert info["status"] is None and info["server"] == f"127.0.0.1:{port}"
+
+
+def test_https_verified_against_ca_file(tmp_path: Path) -> None:
+    ca = make_ca(tmp_path)
+    cert = make_server_cert(tmp_path, ca, "hooks.example.test", ips=["127.0.0.1"])
+    with WebhookServer(ssl_context=cert.server_context()) as server:
+        assert server.url().startswith("https://")
+        out, _ = deliver(hook_config(tmp_path, server.url(), ca_file=ca.cert_path),
+                         source(tmp_path), "a@hook.example")
+        assert len(server.wait_for_requests(1)) == 1
+    assert out["a@hook.example"].status == DELIVERED
+
+
+def test_https_with_an_untrusted_certificate_defers(tmp_path: Path) -> None:
+    ca = make_ca(tmp_path)  # not given to Empath: the system store does not know it
+    cert = make_server_cert(tmp_path, ca, "hooks.example.test", ips=["127.0.0.1"])
+    with WebhookServer(ssl_context=cert.server_context()) as server:
+        out, info = deliver(hook_config(tmp_path, server.url()), source(tmp_path),
+                            "a@hook.example")
+        assert not server.requests
+    outcome = out["a@hook.example"]
+    assert outcome.status == DEFERRED and (outcome.code, outcome.enhanced) == (451, "4.4.1")
+    assert outcome.text.startswith(f"cannot connect to 127.0.0.1:{server.port}: ")
+    assert "certificate verify failed" in outcome.text
+    assert info["status"] is None
 
 
 def test_unreadable_secret_defers_without_a_request(tmp_path: Path) -> None:
