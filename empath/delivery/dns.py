@@ -24,6 +24,8 @@ Answers are cached for min(record TTL, ``dns.cache_ttl``), absent names and reco
 negative TTL (RFC 2308: the zone's SOA says how long, capped at ``NEGATIVE_TTL_CAP``); failures
 are not cached. The cache is bounded (least recently used out). Lookups are never serialized
 behind a lock: concurrent lookups of one name share the single query already in flight.
+Answers from the cache are counted (``empath_dns_cache_hits_total``) and each query is timed
+(``empath_dns_lookup_seconds``, a bogus check's second query included).
 
 Never connects to a mail server, never touches the spool.
 """
@@ -49,6 +51,7 @@ import dns.resolver
 
 from empath.delivery.dane import TLSARecord
 from empath.delivery.errors import DeliveryError, PermanentError, TemporaryError
+from empath.observe import metrics
 
 NEGATIVE_TTL_CAP = 60.0  # seconds an absent name/record is remembered at most
 NEGATIVE_TTL_DEFAULT = 30.0  # when the response carries no SOA to say how long
@@ -290,6 +293,7 @@ class MXResolver:
         key = (name, rdtype)
         hit = self._cache.get(key)
         if hit is not None:
+            metrics.current().dns_cache_hits.inc()
             return hit
         future = self._inflight.get(key)
         if future is None:
@@ -307,6 +311,13 @@ class MXResolver:
             future.exception()  # retrieved here, so an unawaited failure is not reported
 
     async def _query(self, name: str, rdtype: str) -> _Records:
+        started = time.monotonic()
+        try:
+            return await self._ask(name, rdtype)
+        finally:
+            metrics.current().dns_duration.observe(time.monotonic() - started)
+
+    async def _ask(self, name: str, rdtype: str) -> _Records:
         key = (name, rdtype)
         try:
             answer = await self._resolver.resolve(name, rdtype, search=False,

@@ -245,15 +245,14 @@ class Instruments:
                                ("version",))
         self.tls_sessions_out = counter(
             "empath_tls_sessions_out", "TLS handshakes completed with destination servers, by "
-            "version (not measured yet)", ("version",))
+            "version", ("version",))
         self.dns_duration = Histogram(
-            "empath_dns_lookup_seconds", "DNS lookups for delivery (not measured yet: see "
-            "docs/OPERATIONS.md)", buckets=DNS_BUCKETS, registry=None)
+            "empath_dns_lookup_seconds", "DNS queries for delivery (cache hits are not "
+            "queries)", buckets=DNS_BUCKETS, registry=None)
         self.dns_cache_hits = counter("empath_dns_cache_hits",
-                                      "DNS answers served from the cache (not measured yet)")
+                                      "DNS answers served from the cache")
         self.rate_limit_waits = counter(
-            "empath_rate_limit_waits", "Deliveries that waited for a per-domain rate limit "
-            "(not measured yet)")
+            "empath_rate_limit_waits", "Deliveries that waited for a per-domain rate limit")
         self._wrap_all()
         for transport in TRANSPORTS:  # so every series exists (at 0) from the start
             self.delivery_duration.labels(transport)
