@@ -11,6 +11,10 @@ is matched against the TLSA records right after the handshake, before any transa
 DANE-TA match makes ``open_connection`` connect once more, with the matched certificates as
 the only trust anchors, so that OpenSSL verifies the chain up to them (RFC 7672 §3.1.2).
 
+Under an enforced MTA-STS policy (``TLSPolicy`` mode ``mta-sts``) STARTTLS and a verified
+certificate are mandatory, with texts that name the policy. Every completed handshake is
+counted in ``empath_tls_sessions_out_total`` (a no-op call when metrics are off).
+
 ``open_connection`` raises a DeliveryError when the session cannot be set up (the caller tries
 the next host); ``SMTPConnection.deliver`` never raises for a server's verdict or a broken
 connection: it returns one outcome per recipient and marks the connection ``broken``.

@@ -143,9 +143,8 @@ class RemoteTransport:
             self.breakers.check(domain)  # open: no need to wait for a slot
             async with self.limits.slot(domain):
                 outcomes = await self._deliver_admitted(domain, envelope, rcpts, source, info)
-        except CircuitOpen as err:
+        except CircuitOpen as err:  # the worker logs the deferral of each recipient
             info["breaker"] = "open"
-            log.info("%s: %s", envelope.get("id"), err.text)
             outcomes = {r["address"]: err.outcome() for r in rcpts}
         except DeliveryError as err:
             outcomes = {r["address"]: err.outcome() for r in rcpts}
