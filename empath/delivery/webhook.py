@@ -66,6 +66,9 @@ SIGNATURE_HEADER = "X-Empath-Signature"
 TIMESTAMP_HEADER = "X-Empath-Timestamp"
 QUEUE_ID_HEADER = "X-Empath-Queue-Id"
 USER_AGENT = "Empath (webhook delivery)"
+# The class of an HTTP answer as an RFC 3463 code (X.0.0: only the class is known). Not in
+# errors.REPLIES: they stand for the server's answer, and bounce.py takes what matches REPLIES
+# for a verdict of ours (no Remote-MTA).
 ENHANCED = {DELIVERED: "2.0.0", DEFERRED: "4.0.0", FAILED: "5.0.0"}
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
