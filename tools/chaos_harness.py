@@ -477,13 +477,14 @@ class Harness:
         return list(zip(instants, kinds, strict=True))
 
     async def choose_target(self, kind: str) -> tuple[str, int, int] | None:
-        """A live process of ``kind`` (the other child kind when none is up, waiting a little
-        for a respawn when no child is up at all)."""
+        """A live process of ``kind`` (the other child kind when none is up, waiting up to
+        10 s for a respawn when no child is up at all: a slot killed young is restarted after
+        a growing delay)."""
         assert self.daemon is not None
         if kind == "master":
             return ("master", self.daemon.master_pid, 0) if self.daemon.master_running() else None
         other = "delivery" if kind == "receiver" else "receiver"
-        for _ in range(30):
+        for _ in range(100):
             # A pid already killed may still show in the status file until the master reaps it.
             children = [c for c in self.daemon.children() if int(c["pid"]) not in self.killed]
             for k in (kind, other):
@@ -532,14 +533,18 @@ class Harness:
         began = time.monotonic()
         for n, (at, planned) in enumerate(self.plan(), 1):
             await self.watch(max(0.0, began + at - time.monotonic()))
-            target = await self.choose_target(planned)
+            for _ in range(5):  # a target that vanished before the signal: pick another
+                target = await self.choose_target(planned)
+                if target is None:
+                    break
+                kind, pid, index = target
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    break
+                except ProcessLookupError:
+                    self.killed.add(pid)
+                    target = None
             if target is None:
-                self.record.skipped += 1
-                continue
-            kind, pid, index = target
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
                 self.record.skipped += 1
                 continue
             self.killed.add(pid)
