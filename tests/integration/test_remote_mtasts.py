@@ -340,7 +340,9 @@ def test_outbound_tls_handshakes_are_counted(world: MailWorld, certs: Certs,
         def labels(self, *values: str) -> Any:
             return SimpleNamespace(inc=lambda amount=1.0: counted.append(values))
 
-    monkeypatch.setattr(metrics, "_current", SimpleNamespace(tls_sessions_out=Sessions()))
+    instruments = metrics.Instruments(False)  # every other instrument a no-op
+    instruments.tls_sessions_out = Sessions()
+    monkeypatch.setattr(metrics, "_current", instruments)
     serve(world, certs.good)
     cfg = world.config(tls={"default_policy": "required", "ca_file": certs.ca.cert_path},
                        connection_reuse={"max_idle": 0})

@@ -241,12 +241,12 @@ class Recorder:
 
 def test_waiting_for_the_rate_limit_is_counted(tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    from types import SimpleNamespace
-
     from empath.observe import metrics
 
     waits = Recorder()
-    monkeypatch.setattr(metrics, "_current", SimpleNamespace(rate_limit_waits=waits))
+    instruments = metrics.Instruments(False)  # every other instrument a no-op
+    instruments.rate_limit_waits = waits
+    monkeypatch.setattr(metrics, "_current", instruments)
     limits = DestinationLimits(config(tmp_path, rate_limits={"default": 600}).delivery)
     limits._rates["example.test"] = RateLimiter(600, capacity=1)  # 10 a second, no burst
 
