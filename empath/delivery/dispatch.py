@@ -30,8 +30,9 @@ def recipient_domain(address: str) -> str:
 
 
 class Dispatcher:
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: Any, share: tuple[int, int] = (1, 1)) -> None:
         self.cfg = cfg
+        self.share = share  # (index, count) of this worker among the delivery workers
         self.local_domains = {d.lower() for d in cfg.local_domains}
         self._remote: Any = None
         self._lmtp: Any = None
@@ -41,7 +42,7 @@ class Dispatcher:
         if self._remote is None:
             from empath.delivery.remote import RemoteTransport
 
-            self._remote = RemoteTransport(self.cfg)
+            self._remote = RemoteTransport(self.cfg, share=self.share)
         return self._remote
 
     def _lmtp_transport(self) -> Any:

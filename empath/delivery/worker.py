@@ -66,7 +66,8 @@ class DeliveryWorker:
         # has since moved back, and counts as due now.
         self.horizon: float = d.retry_max_delay * (1 + d.retry_jitter_factor) + 1.0
         self._next_deferred_scan = 0.0
-        self.dispatcher = Dispatcher(self.cfg)
+        # Per-destination limits are divided among the workers (limits.py): pass our share.
+        self.dispatcher = Dispatcher(self.cfg, share=(ctx.index, ctx.count))
         self.metrics = metrics.current()  # no-ops unless serve() enabled them
         self.audit = audit.current()
 

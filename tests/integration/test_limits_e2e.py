@@ -130,11 +130,10 @@ def frozen(daemon: EmpathDaemon, value: bool) -> None:
 
 
 def require_worker_shares(daemon: EmpathDaemon) -> None:
-    """The delivery workers must pass their index and count to RemoteTransport (the worker's
-    Dispatcher does; RemoteTransport logs its share). Until then each worker applies the
-    whole limit, and these tests cannot hold."""
-    if "delivery worker 1 of 2" not in daemon.log_text():
-        pytest.xfail("the delivery workers do not pass their share to RemoteTransport yet")
+    """Each delivery worker gets its share of the limits (RemoteTransport logs it once it
+    delivers remote mail)."""
+    daemon.wait_for(lambda: "delivery worker 1 of 2" in daemon.log_text(), 30,
+                    message="the workers' shares of the limits in the log")
 
 
 def test_max_connections_holds_across_two_workers(daemon_factory: DaemonFactory,
