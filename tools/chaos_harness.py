@@ -562,12 +562,17 @@ class Harness:
         assert self.daemon is not None
         began = time.monotonic()
         deadline = began + self.opts.drain_timeout
+        next_report = began + 30
         while time.monotonic() < deadline:
             await self.watch(0.5)
             counts = spool_counts(self.daemon.spool)
             if not (counts["incoming"] or counts["deferred"] or counts["active"]):
                 self.record.drained = True
                 break
+            if time.monotonic() >= next_report:
+                next_report += 30
+                self.say(f"draining: incoming {counts['incoming']}, deferred "
+                         f"{counts['deferred']}, active {counts['active']}")
         self.record.drain_seconds = time.monotonic() - began
 
     def code_under_test(self) -> dict[str, str]:
@@ -621,6 +626,9 @@ class Harness:
             await self.chaos()
         finally:
             self.record.load_stopped_cleanly = await self.load.stop()
+        # Kept with the run directory, so a failed run can be examined token by token.
+        (self.run_dir / "acknowledged.tokens").write_text(
+            "".join(f"{t}\n" for t in sorted(self.load.accepted)))
         self.say(f"load stopped: {len(self.load.accepted)} acknowledged; draining")
         await self.drain()
         self.say(f"drained={self.record.drained} in {self.record.drain_seconds:.1f}s; stopping")
@@ -664,6 +672,18 @@ def spool_counts(spool: Path) -> dict[str, int]:
             except FileNotFoundError:
                 counts[name] = 0
     return counts
+
+
+def spool_tokens(spool: Path) -> dict[str, str]:
+    """Token -> state of every queue file still in the spool (the headers are read)."""
+    out: dict[str, str] = {}
+    for state, files in spool_leftovers(spool).items():
+        for name in files:
+            with contextlib.suppress(OSError), open(spool / state / name, "rb") as fh:
+                found = TOKEN_RE.search(fh.read(4096).split(b"\r\n\r\n", 1)[0])
+            if found:
+                out[found.group(1).decode("ascii", "replace")] = state
+    return out
 
 
 def spool_leftovers(spool: Path) -> dict[str, list[str]]:
@@ -795,7 +815,12 @@ def check(h: Harness) -> dict[str, Any]:
     acked = load.accepted if load else set()
     deliveries, notices = read_journal(h.journal)
     delivered = set(deliveries)
-    lost = sorted(acked - delivered)
+    undelivered = acked - delivered
+    # An acknowledged message not at the sink is lost only if it is nowhere in the spool
+    # either; one still queued (a spool that did not drain) is counted apart.
+    queued = spool_tokens(h.daemon.spool) if h.daemon and undelivered else {}
+    still_queued = sorted(t for t in undelivered if t in queued)
+    lost = sorted(undelivered - set(still_queued))
     dup_tokens = sorted(t for t, c in deliveries.items() if len(c) > 1)
     queue_ids = {c.queue_id for t in dup_tokens for c in deliveries[t]}
     log = scan_log(h.daemon.log_path, queue_ids) if h.daemon else {}
@@ -829,6 +854,9 @@ def check(h: Harness) -> dict[str, Any]:
         failures.append(f"run aborted: {rec.abort}")
     if lost:
         failures.append(f"{len(lost)} acknowledged message(s) lost")
+    if still_queued:
+        failures.append(f"{len(still_queued)} acknowledged message(s) still queued, "
+                        "not delivered")
     if unexplained:
         failures.append(f"{len(unexplained)} unexplained duplicate(s)")
     if leftovers:
@@ -872,6 +900,7 @@ def check(h: Harness) -> dict[str, Any]:
             "acknowledged_delivered": len(acked & delivered),
             "unacknowledged_delivered": len(delivered - acked),
             "lost": len(lost),
+            "still_queued": len(still_queued),
         },
         "duplicates": {
             "total": len(duplicates),
@@ -884,6 +913,8 @@ def check(h: Harness) -> dict[str, Any]:
         "lost_tokens": lost[:100],
         "notices": notices[:20],
         "spool_leftovers": {k: v[:20] for k, v in leftovers.items()},
+        "spool_leftover_counts": {k: len(v) for k, v in leftovers.items()},
+        "still_queued_where": dict(Counter(queued[t] for t in still_queued)),
         "leftover_owners": owners[:20],
         "drain": {"drained": rec.drained, "seconds": round(rec.drain_seconds, 1)},
         "sink": h.sink_report,
@@ -916,8 +947,9 @@ def print_summary(r: dict[str, Any]) -> None:
         ("duplicates", f"{d['total']} (acknowledged {d['acknowledged']}, unacknowledged "
                        f"{d['unacknowledged']}; explained {d['explained']}, unexplained "
                        f"{d['unexplained']})"),
-        ("spool leftovers", ", ".join(f"{n} {len(v)}" for n, v in
-                                      r["spool_leftovers"].items()) or "none"),
+        ("acknowledged, still queued", m["still_queued"]),
+        ("spool leftovers", ", ".join(f"{n} {c}" for n, c in
+                                      r["spool_leftover_counts"].items()) or "none"),
         ("drain", f"{'done' if r['drain']['drained'] else 'TIMED OUT'} in "
                   f"{r['drain']['seconds']}s"),
         ("child deaths (log)", ", ".join(f"{n}: {c}" for n, c in
