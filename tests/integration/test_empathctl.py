@@ -372,6 +372,9 @@ def _claimed(world: World, rcpt: str = "carol@slow.example") -> str:
 
 
 def test_claimed_message_is_refused_then_held_after_its_attempt(world: World) -> None:
+    # A longer attempt (~8 s) than the others: the two refused commands below must both run
+    # while it lasts, even on a loaded machine.
+    world.sinks["slow.example"].behaviour = Behaviour(delay=2.0, mail_reply=(451, "4.3.0 slow"))
     mid = _claimed(world)
     for args in (("delete", "--yes", mid), ("hold", mid)):
         r = world.ctl("queue", *args)
