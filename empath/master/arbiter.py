@@ -373,6 +373,9 @@ class Arbiter:
         if rec.kind == "delivery":
             # Its claims in active/<pid>/ go back to incoming/ (a clean exit leaves none).
             self.spool.recover_active(rec.pid)
+        # Its half-written tmp/ files: the pid is reaped, so nothing can rename them now.
+        if rec.kind != "admin":
+            self.spool.sweep_tmp(lambda pid: pid == rec.pid)
         if self.metrics_dir is not None:
             # Its live gauges go; its counters stay in the sum (they never go backwards).
             multiproc.mark_dead(rec.pid, self.metrics_dir)
@@ -443,6 +446,9 @@ class Arbiter:
         for slot in self.spool.active_slots():
             if slot not in self.children and not pid_alive(slot):
                 self.spool.recover_active(slot)
+        # tmp/ files of writers that died outside our watch (a previous master's children,
+        # a killed empath-sendmail).
+        self.spool.sweep_tmp(lambda pid: pid not in self.children and not pid_alive(pid))
 
     def _report_ready(self) -> None:
         if self.ready_reported:

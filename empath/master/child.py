@@ -147,6 +147,7 @@ def _run(ctx: ChildContext, serve: Serve | str, heartbeat: Heartbeat | None,
          master_pid: int) -> int:
     block_signals()
     reset_signals()
+    _die_with_master(master_pid)
     set_title(f"empath: {ctx.kind} {ctx.index}/{ctx.count}")
     # The forked RNG state is the master's: every child would draw the same "random" jitter.
     random.seed()
@@ -167,6 +168,25 @@ def _run(ctx: ChildContext, serve: Serve | str, heartbeat: Heartbeat | None,
         with contextlib.suppress(Exception):
             _cancel_remaining(loop)
         loop.close()
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_master(master_pid: int) -> None:
+    """Have the kernel send SIGTERM when the master dies, so that a killed master's
+    receivers close the shared listening socket at once (a restarted master can bind it)
+    instead of within a heartbeat. The signal stays pending until the loop handles it;
+    a master that died before this call is caught by the watcher's parent-pid check."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the watcher alone notices
+        return
+    if os.getppid() != master_pid:
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 async def _main(ctx: ChildContext, serve: Serve, heartbeat: Heartbeat | None,

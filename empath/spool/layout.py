@@ -254,15 +254,30 @@ class Spool:
             log.warning("requeued %d message(s) claimed by delivery worker %d", moved, slot)
         return moved
 
-    def recover_all(self, alive: Callable[[int], bool]) -> int:
-        """At start-up: requeue active/ of dead workers and sweep tmp/ files of dead writers."""
-        moved = sum(self.recover_active(s) for s in self.active_slots() if not alive(s))
+    def sweep_tmp(self, dead: Callable[[int], bool]) -> int:
+        """Unlink the tmp/ files of writers that are gone (``dead(pid)`` is true); how many.
+
+        A tmp/ file is named ``<writer pid>-<id>`` and only its writer ever renames it, so
+        once that process is gone the file is a half-written message nobody acknowledged
+        (or an envelope rewrite that never replaced its original)."""
+        removed = 0
         for name in _listdir(self.tmp):
             pid_text, _, _ = name.partition("-")
-            if pid_text.isdigit() and alive(int(pid_text)):
+            if not pid_text.isdigit() or not dead(int(pid_text)):
                 continue
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self.tmp, name))
+                removed += 1
+        return removed
+
+    def recover_all(self, alive: Callable[[int], bool]) -> int:
+        """At start-up: requeue active/ of dead workers and sweep tmp/ files of dead writers."""
+        moved = sum(self.recover_active(s) for s in self.active_slots() if not alive(s))
+        self.sweep_tmp(lambda pid: not alive(pid))
+        for name in _listdir(self.tmp):  # probes and strays of processes that are gone
+            if not name.partition("-")[0].isdigit():
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.tmp, name))
         for name in _listdir(self.wake_dir):
             if name.isdigit() and not alive(int(name)):
                 with contextlib.suppress(FileNotFoundError):

@@ -249,8 +249,28 @@ def test_ttin_and_ttou_add_and_remove_receivers(daemon_factory: Factory) -> None
 def test_children_exit_when_the_master_is_killed(daemon_factory: Factory) -> None:
     d: EmpathDaemon = daemon_factory()
     pids = d.child_pids()
-    os.kill(d.master_pid, signal.SIGKILL)
+    master = d.master_pid
+    os.kill(master, signal.SIGKILL)
     wait_for(lambda: not any(running(p) for p in pids), 6, message="orphans to exit")
+    # The kernel told them (PR_SET_PDEATHSIG), not their once-a-second parent check.
+    log = d.log_text()
+    assert log.count("stopping (SIGTERM)") == len(pids), log
+    assert f"master {master} is gone" not in log
+
+
+def test_tmp_files_of_a_killed_child_are_swept(daemon_factory: Factory) -> None:
+    d: EmpathDaemon = daemon_factory()
+    victim = d.child_pids("receiver")[0]
+    other = d.child_pids("receiver")[1]
+    spool = Spool(str(d.spool_path))
+    left = Path(spool.tmp_path(new_message_id(), victim))
+    left.write_bytes(b"half a message")
+    kept = Path(spool.tmp_path(new_message_id(), other))
+    kept.write_bytes(b"a message being written")
+    os.kill(victim, signal.SIGKILL)
+    d.wait_for(lambda: not left.exists(), 10, "the dead receiver's tmp/ file to go")
+    assert kept.exists()
+    kept.unlink()
 
 
 def test_silent_child_is_killed_and_replaced(daemon_factory: Factory) -> None:

@@ -159,6 +159,19 @@ def test_recover_all_requeues_dead_slots_and_sweeps_tmp(spool):
     assert not os.path.exists(spool.active_dir(dead))
 
 
+def test_sweep_tmp_removes_only_files_of_dead_writers(spool):
+    dead, live = 999_999_998, os.getpid()
+    for pid in (dead, live):
+        with open(spool.tmp_path(new_message_id(), pid), "wb") as fh:
+            fh.write(b"x")
+    probe = os.path.join(spool.tmp, f".health-{live}")
+    open(probe, "wb").close()
+    assert spool.sweep_tmp(lambda pid: pid == dead) == 1
+    names = sorted(os.listdir(spool.tmp))
+    assert len(names) == 2 and names[0] == f".health-{live}"
+    assert names[1].startswith(f"{live}-")
+
+
 def test_freeze_flag(spool):
     assert not spool.is_frozen()
     spool.set_frozen(True)
