@@ -11,7 +11,7 @@ import sys
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
-SPEEDUPS = ["cmdparse", "datareader"]
+SPEEDUPS = ["cmdparse", "datareader", "spoolio"]
 
 
 class OptionalBuildExt(build_ext):

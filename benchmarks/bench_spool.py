@@ -61,7 +61,7 @@ def deleter(spool: Spool, stop: threading.Event) -> None:
         names = os.listdir(d)
         for n in names:
             try:
-                os.unlink(os.path.join(d, n))
+                spool.retire(os.path.join(d, n))
             except FileNotFoundError:
                 pass
         time.sleep(0.01)
@@ -73,13 +73,15 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=16)
+    ap.add_argument("--recycle-files", type=int, default=1000,
+                    help="spool.recycle_files (0: every message gets a new inode)")
     ap.add_argument("--dir", default=None, help="where to make the spool (default: ./var)")
     args = ap.parse_args()
     base = args.dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "var")
     os.makedirs(base, exist_ok=True)
     results = []
     with tempfile.TemporaryDirectory(dir=base, prefix="bench-spool-") as root:
-        spool = Spool(root)
+        spool = Spool(root, args.recycle_files)
         spool.create_tree()
         stop = threading.Event()
         t = threading.Thread(target=deleter, args=(spool, stop), daemon=True)

@@ -12,7 +12,11 @@ cleanup creates a queue file 0600 and sets the owner-execute bit once the file i
 (fsynced), so ``--complete-mode 0o100`` never touches a file that is still being written.
 Empath renames only complete files into ``incoming/``, so its directory needs no check.
 
-    python benchmarks/deleter.py DIR [DIR ...] [--complete-mode 0o100]
+``--spool PATH`` makes it finish Empath's messages the way a delivery worker does
+(``Spool.retire``: a rename into ``recycle/`` while the worker has put fewer than
+``--recycle-files`` (default 1000, the default of ``spool.recycle_files``) there, else an unlink).
+
+    python benchmarks/deleter.py DIR [DIR ...] [--complete-mode 0o100] [--spool PATH]
 
 Runs until SIGTERM; prints how many files it removed.
 """
@@ -24,9 +28,12 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def sweep(directory: str, mode: int) -> int:
+def sweep(directory: str, mode: int, finish: Callable[[str], None] = os.unlink) -> int:
     removed = 0
     try:
         names = os.listdir(directory)
@@ -37,7 +44,7 @@ def sweep(directory: str, mode: int) -> int:
         try:
             if mode and not os.stat(path).st_mode & mode:
                 continue
-            os.unlink(path)
+            finish(path)
             removed += 1
         except (FileNotFoundError, IsADirectoryError, PermissionError):
             continue
@@ -49,7 +56,14 @@ def main() -> int:
     ap.add_argument("dirs", nargs="+")
     ap.add_argument("--complete-mode", type=lambda s: int(s, 0), default=0)
     ap.add_argument("--interval", type=float, default=0.01)
+    ap.add_argument("--spool", help="Empath's spool: finish files as a delivery worker does")
+    ap.add_argument("--recycle-files", type=int, default=1000)
     args = ap.parse_args()
+    finish: Callable[[str], None] = os.unlink
+    if args.spool:
+        from empath.spool import Spool
+
+        finish = Spool(args.spool, args.recycle_files).retire
     stopping = False
 
     def stop(*_: object) -> None:
@@ -61,7 +75,7 @@ def main() -> int:
     total = 0
     while not stopping:
         for d in args.dirs:
-            total += sweep(d, args.complete_mode)
+            total += sweep(d, args.complete_mode, finish)
         time.sleep(args.interval)
     print(total, flush=True)
     return 0

@@ -235,7 +235,7 @@ class Bench:
         self.cleanup.append(lambda: empathd.stop_empath(daemon))
         spool = str(daemon.spool_path)
         proc, _ = self.helpers.start([PY, os.path.join(HERE, "deleter.py"),
-                                      Spool(spool).state_dir("incoming")])
+                                      Spool(spool).state_dir("incoming"), "--spool", spool])
         mtas.append(MTA("empath", daemon.port, daemon.master_pid, lambda: 0))
         if self.with_postfix:
             pf = postfix.PostfixInstance(os.path.join(self.work, "postfix-receive"),

@@ -1,9 +1,9 @@
-"""Empath's hot paths: the SMTP command parser and the DATA decoder.
+"""Empath's hot paths: the SMTP command parser, the DATA decoder, the spool's file write.
 
-Each exists twice, with identical behaviour: a Cython module (``cmdparse``, ``datareader``)
-and a pure-Python twin (``cmdparse_py``, ``datareader_py``). The choice is made once, here, at
-import: the twins are used when ``EMPATH_NO_EXTENSIONS`` is set (to anything but ``""`` or
-``"0"``), off CPython, or when a compiled module fails to import. ``IMPLEMENTATION`` says which
+Each exists twice, with identical behaviour: a Cython module (``cmdparse``, ``datareader``,
+``spoolio``) and a pure-Python twin (``cmdparse_py``, ``datareader_py``, ``spoolio_py``). The
+choice is made once, here, at import: the twins are used when ``EMPATH_NO_EXTENSIONS`` is set
+(to anything but ``""`` or ``"0"``), off CPython, or when a compiled module fails to import. ``IMPLEMENTATION`` says which
 is active (``"cython"`` or ``"python"``) and ``FALLBACK_REASON`` why the twins were chosen
 (``None`` when they were not), for the start-up log and ``empathctl version``.
 
@@ -19,7 +19,7 @@ import platform
 from collections.abc import Iterator, Mapping
 from types import SimpleNamespace
 
-from empath._speedups import cmdparse_py, datareader_py
+from empath._speedups import cmdparse_py, datareader_py, spoolio_py
 from empath._speedups.errors import CommandSyntaxError
 
 __all__ = [
@@ -33,17 +33,20 @@ __all__ = [
     "implementations",
     "parse_path",
     "split_command",
+    "store_file",
 ]
 
 _CMDPARSE_NAMES = ("split_command", "parse_path", "decode_xtext", "encode_xtext")
 _DATAREADER_NAMES = ("DataReader", "dot_stuff")
 
 
-def _namespace(name: str, cmdparse: object, datareader: object) -> SimpleNamespace:
+def _namespace(name: str, cmdparse: object, datareader: object,
+               spoolio: object) -> SimpleNamespace:
     ns = SimpleNamespace(
         name=name,
         CommandSyntaxError=CommandSyntaxError,
-        modules=(cmdparse, datareader),
+        modules=(cmdparse, datareader, spoolio),
+        store_file=spoolio.store,  # type: ignore[attr-defined]
     )
     for attr in _CMDPARSE_NAMES:
         setattr(ns, attr, getattr(cmdparse, attr))
@@ -56,10 +59,11 @@ def _load_compiled() -> SimpleNamespace:
     """The Cython implementation; ImportError when it is not built."""
     cmdparse = importlib.import_module("empath._speedups.cmdparse")
     datareader = importlib.import_module("empath._speedups.datareader")
-    return _namespace("cython", cmdparse, datareader)
+    spoolio = importlib.import_module("empath._speedups.spoolio")
+    return _namespace("cython", cmdparse, datareader, spoolio)
 
 
-_PYTHON = _namespace("python", cmdparse_py, datareader_py)
+_PYTHON = _namespace("python", cmdparse_py, datareader_py, spoolio_py)
 
 
 def _choose() -> tuple[SimpleNamespace, str | None]:
@@ -83,6 +87,7 @@ decode_xtext = _ACTIVE.decode_xtext
 encode_xtext = _ACTIVE.encode_xtext
 DataReader = _ACTIVE.DataReader
 dot_stuff = _ACTIVE.dot_stuff
+store_file = _ACTIVE.store_file
 
 
 class _Implementations(Mapping[str, SimpleNamespace]):

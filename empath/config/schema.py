@@ -237,6 +237,10 @@ SCHEMA = Section("", "Empath configuration.", (
         Key("path", Path(), "var/spool", "Spool directory (created if missing)."),
         Key("min_free_space", Size(), 100 * 1024 * 1024,
             "Answer 452 to new mail while the spool's filesystem has less free space."),
+        Key("recycle_files", Int(0, 1_000_000), 1000,
+            "Files of delivered messages (up to 64 KiB each) kept in recycle/ for receivers "
+            "to overwrite with new messages, so a message costs no inode allocation; "
+            "0 unlinks them at once."),
     )),
     Key("local_domains", ListOf(Domain()), ["localhost"],
         "Domains delivered here (local_delivery)."),

@@ -44,7 +44,7 @@ class DeliveryWorker:
     def __init__(self, ctx: Any) -> None:
         self.ctx = ctx
         self.cfg = ctx.config
-        self.spool = Spool(self.cfg.spool.path)
+        self.spool = Spool(self.cfg.spool.path, self.cfg.spool.recycle_files)
         self.slot = os.getpid()
         self.shard: int = ctx.index - 1
         self.shards: int = max(ctx.count, 1)
@@ -423,7 +423,7 @@ class DeliveryWorker:
         """Unlink a finished message, retrying; never let it be delivered twice."""
         for attempt in range(REMOVE_RETRIES):
             try:
-                self.spool.remove(path)
+                self.spool.retire(path)
                 log.info("%s: removed (%s)", message_id, why)
                 return
             except FileNotFoundError:

@@ -102,7 +102,7 @@ class Arbiter:
         self.started = time.monotonic()
         self.ready_reported = False
         self.next_orphan_sweep = 0.0
-        self.spool = Spool(cfg.spool.path)
+        self.spool = Spool(cfg.spool.path, cfg.spool.recycle_files)
         self.status = StatusFile(status_path(cfg.pidfile))
         self.status_changed = True
         self.started_at = time.time()

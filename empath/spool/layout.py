@@ -11,6 +11,9 @@ rename(2) within the one filesystem (see docs/SPOOL.md for the table of transiti
     failed/         every recipient closed, some failed or expired, and no notice possible
                     (null sender): kept for an operator
     corrupt/        unreadable files moved aside for an operator
+    recycle/        files of delivered messages, kept (about ``spool.recycle_files``, each at
+                    most 64 KiB) for receivers to rename into tmp/ and overwrite: a new message then
+                    costs no inode allocation
     control/        ``freeze`` flag, ``wake/<pid>`` datagram sockets of delivery workers, and
                     ``auth-failures/<ip>`` (times of failed AUTHs, for throttling)
 """
@@ -22,6 +25,9 @@ import ctypes
 import errno
 import logging
 import os
+import random
+import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -34,8 +40,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("empath.spool")
 
 QUEUE_STATES = ("incoming", "deferred", "hold", "failed", "corrupt")
-ALL_DIRS = ("tmp", "incoming", "active", "deferred", "hold", "failed", "corrupt", "control",
-            "control/wake", "control/auth-failures")
+ALL_DIRS = ("tmp", "incoming", "active", "deferred", "hold", "failed", "corrupt", "recycle",
+            "control", "control/wake", "control/auth-failures")
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+_REUSED_FILE = os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC
+RELIST_INTERVAL = 0.05  # a receiver lists recycle/ at most this often when it found none
+RECYCLE_MAX_SIZE = 64 * 1024  # larger files are unlinked: recycle/ would hold their space
 
 
 class SpoolError(OSError):
@@ -45,9 +55,17 @@ class SpoolError(OSError):
 class Spool:
     """Paths and state changes of one spool directory."""
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, recycle_files: int = 0) -> None:
         self.root = os.path.abspath(root)
         self.tmp = os.path.join(self.root, "tmp")
+        self.recycle = os.path.join(self.root, "recycle")
+        # How many delivered messages' files this process puts in recycle/ (0: unlink them).
+        self.recycle_files = recycle_files
+        self._recycled = 0
+        # Receiver side: names listed from recycle/, taken by any writer thread.
+        self._reusable: list[str] = []
+        self._relist_lock = threading.Lock()
+        self._relist_at = 0.0
         self.active = os.path.join(self.root, "active")
         self.control = os.path.join(self.root, "control")
         self.wake_dir = os.path.join(self.control, "wake")
@@ -216,6 +234,88 @@ class Spool:
     def remove(self, path: str) -> None:
         os.unlink(path)
 
+    # -- recycled files ----------------------------------------------------------------------
+    def retire(self, path: str) -> None:
+        """Take a finished message out of the queue: one rename into recycle/ (receivers
+        reuse the file for new messages) when recycling is on and the file is at most
+        RECYCLE_MAX_SIZE, otherwise an unlink. FileNotFoundError when the file is gone.
+
+        Either way it is one atomic step: the message is in its state or out of the queue.
+        The content stays in the recycled file until a receiver truncates it (O_TRUNC) for a
+        new message: 0600, owned by the spool's user, like the queue itself. Every
+        ``recycle_files // 2`` retirements recycle/ is trimmed back to ``recycle_files``.
+        """
+        if self.recycle_files > 0 and os.stat(path).st_size <= RECYCLE_MAX_SIZE:
+            try:
+                os.rename(path, os.path.join(self.recycle, os.path.basename(path)))
+            except FileNotFoundError:
+                raise
+            except OSError:  # recycle/ missing or refused: unlinking still finishes it
+                pass
+            else:
+                self._recycled += 1
+                if self._recycled >= max(self.recycle_files // 2, 1):
+                    self._recycled = 0
+                    self.trim_recycled()
+                return
+        os.unlink(path)
+
+    def trim_recycled(self) -> int:
+        """Unlink files beyond ``recycle_files`` from recycle/ (all of them when recycling is
+        off); how many."""
+        names = _listdir(self.recycle)
+        removed = 0
+        for name in names[max(self.recycle_files, 0):]:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.recycle, name))
+                removed += 1
+        return removed
+
+    def take_recycled(self) -> bytes | None:
+        """The path of a file in recycle/ for a new message to reuse, or None. The caller
+        claims it by renaming it into tmp/: when two receivers try one name, one wins and
+        the other gets ENOENT (and creates a new file instead)."""
+        while True:
+            try:
+                return os.fsencode(os.path.join(self.recycle, self._reusable.pop()))
+            except IndexError:
+                if not self._relist():
+                    return None
+
+    def create_tmp(self, tmp: str) -> int:
+        """Open a new file at ``tmp`` (a tmp/ path of this process) for writing: a recycled
+        file renamed there and truncated when there is one, else a newly created file.
+
+        On ext4 allocating an inode is a large part of a receiver's kernel time (without a
+        journal it walks the inode table for recently freed inodes); a rename and a truncate
+        are not."""
+        reuse = self.take_recycled()
+        if reuse is not None:
+            with contextlib.suppress(OSError):
+                os.rename(reuse, tmp)
+                try:
+                    return os.open(tmp, _REUSED_FILE)
+                except OSError:
+                    os.unlink(tmp)
+        return os.open(tmp, _NEW_FILE, 0o600)
+
+    def _relist(self) -> bool:
+        """Refill the names to reuse from recycle/ (not more often than RELIST_INTERVAL);
+        whether there are any. Shuffled so that receivers do not all race for the same name."""
+        if self.recycle_files <= 0:
+            return False
+        with self._relist_lock:
+            if self._reusable:
+                return True
+            now = time.monotonic()
+            if now < self._relist_at:
+                return False
+            self._relist_at = now + RELIST_INTERVAL
+            names = [n for n in _listdir(self.recycle) if is_valid_id(n)]
+            random.shuffle(names)
+            self._reusable.extend(names)
+            return bool(names)
+
     def sync_dir(self, state: str) -> None:
         """fsync a state directory, making the renames into it durable."""
         fd = os.open(self.state_dir(state), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -274,6 +374,7 @@ class Spool:
         """At start-up: requeue active/ of dead workers and sweep tmp/ files of dead writers."""
         moved = sum(self.recover_active(s) for s in self.active_slots() if not alive(s))
         self.sweep_tmp(lambda pid: not alive(pid))
+        self.trim_recycled()  # recycle_files may have been lowered (or set to 0)
         for name in _listdir(self.tmp):  # probes and strays of processes that are gone
             if not name.partition("-")[0].isdigit():
                 with contextlib.suppress(FileNotFoundError):

@@ -1,7 +1,8 @@
 """The receiver's write path: make a message durable in incoming/ before its 250.
 
-Per message: create ``tmp/<pid>-<id>``, write data + envelope + trailer (one writev for a
-message held in memory), fdatasync, close, rename into ``incoming/`` — all in a worker thread, so
+Per message: create ``tmp/<pid>-<id>`` (or take a file from recycle/: no inode to allocate),
+write data + envelope + trailer (one writev for a message held in memory), fdatasync, close,
+rename into ``incoming/`` — in a worker thread, in one compiled call without the GIL, so
 sessions never wait behind each other's fsync and the kernel can overlap them. The rename is
 made durable by an fsync of ``incoming/`` shared by every message renamed before that fsync
 started (group commit): one directory fsync answers a whole batch of 250s. When the batch is
@@ -20,6 +21,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from empath._speedups import store_file
 from empath.observe import metrics
 from empath.spool import fileformat
 from empath.spool.layout import Spool, SpoolError
@@ -137,7 +139,7 @@ class IncomingMessage:
     def _spill(self) -> None:
         if self._fd < 0:
             self._tmp = self._writer.spool.tmp_path(self.id)
-            self._fd = os.open(self._tmp, _OPEN_FLAGS, 0o600)
+            self._fd = self._writer.spool.create_tmp(self._tmp)
         chunks, self._chunks, self._buffered = self._chunks, [], 0
         _write_all(self._fd, chunks)
 
@@ -196,26 +198,25 @@ class IncomingMessage:
         self._writer.metrics.spool_commit.observe(time.monotonic() - started)
 
     def _store(self, tail: bytes) -> float:
-        """Thread side: finish the tmp file, fdatasync, rename into incoming/; the seconds
-        it took."""
+        """Thread side: finish the tmp file (a recycled one when there is one), fdatasync,
+        rename into incoming/; the seconds it took. One call of the compiled ``store_file``,
+        which holds no GIL from the first syscall to the last."""
         spool = self._writer.spool
         started = time.monotonic()
-        if self._fd < 0:
+        fd, self._fd = self._fd, -1  # store_file closes it in every case
+        reuse = None
+        if fd < 0:
             self._tmp = spool.tmp_path(self.id)
-            self._fd = os.open(self._tmp, _OPEN_FLAGS, 0o600)
+            reuse = spool.take_recycled()
         chunks, self._chunks = self._chunks, []
         chunks.append(tail)
-        _write_all(self._fd, chunks)
         # fdatasync covers the data and the size; the name is made durable by the directory
-        # fsync of the group commit.
-        if self.mtime is not None:
-            # A scheduling hint, not state: fdatasync may not persist it, and a message that
-            # loses its place after a crash is merely delivered in arrival order.
-            os.utime(self._fd, (self.mtime, self.mtime))
-        os.fdatasync(self._fd)
-        fd, self._fd = self._fd, -1
-        os.close(fd)
-        os.rename(self._tmp, spool.path("incoming", self.id))
+        # fsync of the group commit. A priority mtime is a scheduling hint, not state:
+        # fdatasync may not persist it, and a message that loses its place after a crash is
+        # merely delivered in arrival order.
+        store_file(fd, os.fsencode(self._tmp), chunks,
+                   os.fsencode(spool.path("incoming", self.id)), reuse,
+                   -1.0 if self.mtime is None else self.mtime)
         self._tmp = ""
         return time.monotonic() - started
 

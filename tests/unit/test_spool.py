@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import multiprocessing
 import os
 
@@ -197,24 +198,81 @@ def test_commit_wakes_a_listening_worker(spool):
     assert list(spool.wake_socket_paths()) == []
 
 
-def test_failed_write_leaves_no_file(spool, monkeypatch):
+def test_failed_write_leaves_no_file(spool):
     async def go() -> None:
         writer = spool.open_receiver_writer()
         msg = writer.begin(new_message_id())
         msg.write(b"x\r\n")
-
-        def boom(fd: int) -> None:
-            raise OSError(28, "No space left on device")
-
-        monkeypatch.setattr(os, "fdatasync", boom)
+        # The rename into incoming/ fails: the file was written and synced, then nowhere to go.
+        os.rename(spool.state_dir("incoming"), spool.state_dir("incoming") + ".away")
         try:
             await msg.commit({"id": msg.id, "sender": "", "recipients": []})
         finally:
             writer.close()
+            os.rename(spool.state_dir("incoming") + ".away", spool.state_dir("incoming"))
 
     from empath.spool import SpoolError
 
     with pytest.raises(SpoolError) as info:
         asyncio.run(go())
-    assert info.value.errno == 28
+    assert info.value.errno == errno.ENOENT
     assert spool.list_ids("incoming") == [] and os.listdir(spool.tmp) == []
+
+
+def recycling(tmp_path, files: int) -> Spool:
+    sp = Spool(str(tmp_path / "spool"), files)
+    sp.create_tree()
+    return sp
+
+
+def test_retired_message_is_recycled_and_reused_by_the_next_one(tmp_path):
+    spool = recycling(tmp_path, 10)
+    first = store(spool, [b"Subject: one\r\n\r\n" + b"long body " * 500 + b"\r\n"])
+    path = spool.path("incoming", first)
+    inode = os.stat(path).st_ino
+    spool.retire(path)
+    assert not os.path.exists(path)
+    assert os.listdir(spool.recycle) == [first]
+    spool._relist_at = 0.0  # the first store found recycle/ empty: no relisting for 50 ms
+    second = store(spool, [b"Subject: two\r\n\r\nshort\r\n"])
+    assert os.listdir(spool.recycle) == [] and os.listdir(spool.tmp) == []
+    new_path = spool.path("incoming", second)
+    assert os.stat(new_path).st_ino == inode
+    env, src = read_queue_file(new_path)
+    assert env["id"] == second
+    assert read_data(src) == b"Subject: two\r\n\r\nshort\r\n"
+    assert os.stat(new_path).st_mode & 0o777 == 0o600
+
+
+def test_large_or_unrecycled_messages_are_unlinked(tmp_path):
+    spool = recycling(tmp_path, 10)
+    big = store(spool, [b"x" * 70_000 + b"\r\n"])
+    spool.retire(spool.path("incoming", big))
+    off = Spool(spool.root, 0)
+    small = store(off, [b"x\r\n"])
+    off.retire(off.path("incoming", small))
+    assert os.listdir(spool.recycle) == []
+    assert spool.list_ids("incoming") == []
+    with pytest.raises(FileNotFoundError):
+        spool.retire(spool.path("incoming", small))
+
+
+def test_recycle_is_trimmed_to_its_size(tmp_path):
+    spool = recycling(tmp_path, 4)
+    for _ in range(11):
+        spool.retire(spool.path("incoming", store(spool, [b"x\r\n"])))
+        # store() reuses what is there: keep the pool from being drained by the next store
+        spool._reusable.clear()
+        spool._relist_at = float("inf")
+    # Trimmed every 2 retirements back to 4: never more than 4 + 1 between trims.
+    assert 4 <= len(os.listdir(spool.recycle)) <= 5
+    assert Spool(spool.root, 0).trim_recycled() >= 4
+    assert os.listdir(spool.recycle) == []
+
+
+def test_start_up_recovery_empties_recycle_when_recycling_is_off(tmp_path):
+    spool = recycling(tmp_path, 10)
+    spool.retire(spool.path("incoming", store(spool, [b"x\r\n"])))
+    assert len(os.listdir(spool.recycle)) == 1
+    Spool(spool.root, 0).recover_all(lambda pid: False)
+    assert os.listdir(spool.recycle) == []

@@ -275,12 +275,12 @@ def test_a_finished_message_that_cannot_be_removed_is_retried_without_redelivery
 
     async def go() -> None:
         worker.dispatcher.deliver = delivers  # type: ignore[method-assign]
-        worker.spool.remove = refused  # type: ignore[method-assign]
+        worker.spool.retire = refused  # type: ignore[method-assign]
         await worker._process(qid, path)
         assert list(worker._stranded) == [qid] and worker._stranded[qid][2] == "remove"
         # The final state was recorded: a restart would find nothing left to deliver.
         assert read_envelope(path)["recipients"][0]["status"] == "delivered"
-        del worker.spool.remove
+        del worker.spool.retire
         worker._stranded[qid] = (0.0, *worker._stranded[qid][1:])
         worker._fill_stranded()
         await asyncio.gather(*worker.inflight.values())

@@ -1,0 +1,132 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""Compiled spool write: the twin of ``spoolio_py.py`` (whose docstring is the reference).
+
+The whole sequence (open or reuse, writev, fdatasync, close, rename) runs in one stretch
+without the GIL. A receiver's writer threads call it while the event loop thread runs Python;
+with one ``os.*`` call per step each thread would need the GIL back five or six times per
+message and wait for the busy loop thread every time.
+"""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from posix.time cimport timespec
+
+import os
+
+__all__ = ["store"]
+
+cdef extern from "<errno.h>" nogil:
+    int errno
+    enum: EINTR
+
+cdef extern from "<fcntl.h>" nogil:
+    int c_open "open"(const char *path, int flags, ...)
+    enum: O_WRONLY
+    enum: O_CREAT
+    enum: O_EXCL
+    enum: O_TRUNC
+    enum: O_CLOEXEC
+
+cdef extern from "<unistd.h>" nogil:
+    int c_close "close"(int fd)
+    int fdatasync(int fd)
+    int unlink(const char *path)
+
+cdef extern from "<stdio.h>" nogil:
+    int rename(const char *old, const char *new)
+
+cdef extern from "<sys/uio.h>" nogil:
+    cdef struct iovec:
+        void *iov_base
+        size_t iov_len
+    ssize_t writev(int fd, const iovec *iov, int iovcnt)
+
+cdef extern from "<sys/stat.h>" nogil:
+    int futimens(int fd, const timespec times[2])
+
+cdef enum:
+    IOV_BATCH = 1024
+
+
+cdef int _write_all(int fd, iovec *iov, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i = 0
+    cdef Py_ssize_t k
+    cdef ssize_t w
+    while i < n:
+        if iov[i].iov_len == 0:
+            i += 1
+            continue
+        k = n - i
+        if k > IOV_BATCH:
+            k = IOV_BATCH
+        w = writev(fd, iov + i, <int>k)
+        if w < 0:
+            if errno == EINTR:
+                continue
+            return -1
+        while i < n and <size_t>w >= iov[i].iov_len:
+            w -= iov[i].iov_len
+            i += 1
+        if i < n and w > 0:
+            iov[i].iov_base = <char *>iov[i].iov_base + w
+            iov[i].iov_len -= w
+    return 0
+
+
+def store(int fd, bytes tmp, list parts, bytes dest, reuse, double mtime):
+    cdef Py_ssize_t n = len(parts)
+    cdef Py_ssize_t i
+    cdef iovec *iov = <iovec *>PyMem_Malloc((n if n > 0 else 1) * sizeof(iovec))
+    if iov == NULL:
+        raise MemoryError()
+    cdef bytes part
+    try:
+        for i in range(n):
+            part = parts[i]
+            if part is None:
+                raise TypeError("parts must hold bytes, not None")
+            iov[i].iov_base = PyBytes_AS_STRING(part)
+            iov[i].iov_len = <size_t>PyBytes_GET_SIZE(part)
+    except BaseException:
+        PyMem_Free(iov)
+        if fd >= 0:
+            os.close(fd)
+        raise
+    cdef const char *c_tmp = PyBytes_AS_STRING(tmp)
+    cdef const char *c_dest = PyBytes_AS_STRING(dest)
+    cdef const char *c_reuse = NULL
+    if reuse is not None:
+        c_reuse = PyBytes_AS_STRING(<bytes?>reuse)
+    cdef int err = 0
+    cdef int reused = 0
+    cdef timespec times[2]
+    with nogil:
+        if fd < 0 and c_reuse != NULL:
+            if rename(c_reuse, c_tmp) == 0:
+                fd = c_open(c_tmp, O_WRONLY | O_TRUNC | O_CLOEXEC)
+                if fd >= 0:
+                    reused = 1
+                else:
+                    unlink(c_tmp)
+        if fd < 0:
+            fd = c_open(c_tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+            if fd < 0:
+                err = errno
+        if err == 0 and _write_all(fd, iov, n) < 0:
+            err = errno
+        if err == 0 and mtime >= 0:
+            times[0].tv_sec = <long>mtime
+            times[0].tv_nsec = <long>((mtime - <long>mtime) * 1e9)
+            times[1] = times[0]
+            if futimens(fd, times) < 0:
+                err = errno
+        if err == 0 and fdatasync(fd) < 0:
+            err = errno
+        if fd >= 0 and c_close(fd) < 0 and err == 0:
+            err = errno
+        if err == 0 and rename(c_tmp, c_dest) < 0:
+            err = errno
+    PyMem_Free(iov)
+    if err:
+        raise OSError(err, os.strerror(err), os.fsdecode(tmp))
+    return bool(reused)

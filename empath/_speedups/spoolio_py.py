@@ -1,0 +1,68 @@
+"""Make one message file durable in a queue directory: the reference twin of ``spoolio.pyx``.
+
+``store(fd, tmp, parts, dest, reuse, mtime)``:
+
+1. when ``fd`` is negative, open ``tmp`` for writing: first by renaming ``reuse`` (a recycled
+   file's path, or None) to ``tmp`` and opening it with O_TRUNC; if that rename or open fails
+   (another receiver took the file), by creating ``tmp`` (O_CREAT|O_EXCL, mode 0600);
+2. write every octet of ``parts`` (a list of bytes), continuing after short writes;
+3. when ``mtime`` is not negative, set the file's access and modification times to it;
+4. fdatasync, close, and rename ``tmp`` to ``dest``.
+
+It returns whether a recycled file was used. The descriptor is always closed on return, the
+caller's (a spilled message's ``fd``) included. Any failure raises OSError with the errno of
+the failing step and ``tmp`` as the file name; ``tmp`` may then exist and is the caller's to
+unlink.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+__all__ = ["store"]
+
+_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+_REUSED = os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC
+
+
+def store(fd: int, tmp: bytes, parts: list[bytes], dest: bytes, reuse: bytes | None,
+          mtime: float) -> bool:
+    reused = False
+    try:
+        if fd < 0 and reuse is not None:
+            try:
+                os.rename(reuse, tmp)
+            except OSError:
+                pass
+            else:
+                try:
+                    fd = os.open(tmp, _REUSED)
+                    reused = True
+                except OSError:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
+        if fd < 0:
+            fd = os.open(tmp, _NEW, 0o600)
+        views = [memoryview(p) for p in parts if len(p)]
+        while views:
+            n = os.writev(fd, views[:1024])
+            while views and n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            if views and n:
+                views[0] = views[0][n:]
+        if mtime >= 0:
+            os.utime(fd, (mtime, mtime))
+        os.fdatasync(fd)
+        fd, closing = -1, fd
+        os.close(closing)
+        os.rename(tmp, dest)
+    except BaseException as exc:
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if isinstance(exc, OSError):
+            raise OSError(exc.errno, os.strerror(exc.errno or 0), os.fsdecode(tmp)) from None
+        raise
+    return reused

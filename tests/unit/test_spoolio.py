@@ -1,0 +1,146 @@
+"""The spool's file write (``store_file``), both twins, against the real file system: a new
+file or a recycled one, every octet written, the mtime, and each failure closing the
+descriptor, naming the tmp file and leaving it for the caller to remove."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import empath._speedups as pkg
+
+NO_EXTENSIONS = os.environ.get("EMPATH_NO_EXTENSIONS", "") not in ("", "0")
+LEGS = ["python"] if NO_EXTENSIONS else ["python", "cython"]
+
+
+@pytest.fixture(params=LEGS)
+def store(request: pytest.FixtureRequest):
+    return pkg.implementations()[request.param].store_file
+
+
+@pytest.fixture
+def dirs(tmp_path: Path) -> tuple[Path, Path, Path]:
+    for name in ("tmp", "incoming", "recycle"):
+        (tmp_path / name).mkdir()
+    return tmp_path / "tmp", tmp_path / "incoming", tmp_path / "recycle"
+
+
+def b(p: Path) -> bytes:
+    return os.fsencode(str(p))
+
+
+def closed(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError as exc:
+        return exc.errno == errno.EBADF
+    return False
+
+
+def test_new_file_gets_every_part_and_mode_0600(store, dirs) -> None:
+    tmp, incoming, _ = dirs
+    parts = [b"Subject: x\r\n", b"", b"\r\n", b"body\r\n" * 1000, b"tail"]
+    assert store(-1, b(tmp / "1-a"), parts, b(incoming / "a"), None, -1.0) is False
+    assert (incoming / "a").read_bytes() == b"".join(parts)
+    assert stat.S_IMODE((incoming / "a").stat().st_mode) == 0o600
+    assert os.listdir(tmp) == []
+
+
+def test_more_parts_than_one_writev_takes(store, dirs) -> None:
+    tmp, incoming, _ = dirs
+    parts = [bytes([65 + i % 26]) * (i % 7 + 1) for i in range(5000)]
+    store(-1, b(tmp / "1-a"), parts, b(incoming / "a"), None, -1.0)
+    assert (incoming / "a").read_bytes() == b"".join(parts)
+
+
+def test_recycled_file_is_reused_and_truncated(store, dirs) -> None:
+    tmp, incoming, recycle = dirs
+    old = recycle / "old"
+    old.write_bytes(b"an earlier, longer message " * 100)
+    os.chmod(old, 0o600)
+    inode = old.stat().st_ino
+    assert store(-1, b(tmp / "1-a"), [b"new\r\n"], b(incoming / "a"), b(old), -1.0) is True
+    assert (incoming / "a").read_bytes() == b"new\r\n"
+    assert (incoming / "a").stat().st_ino == inode
+    assert not old.exists() and os.listdir(tmp) == []
+
+
+def test_recycled_file_taken_by_someone_else_means_a_new_file(store, dirs) -> None:
+    tmp, incoming, recycle = dirs
+    gone = recycle / "gone"
+    assert store(-1, b(tmp / "1-a"), [b"m\r\n"], b(incoming / "a"), b(gone), -1.0) is False
+    assert (incoming / "a").read_bytes() == b"m\r\n"
+
+
+def test_mtime_is_set_when_given(store, dirs) -> None:
+    tmp, incoming, _ = dirs
+    store(-1, b(tmp / "1-a"), [b"m"], b(incoming / "a"), None, 2_000_000_000.25)
+    assert (incoming / "a").stat().st_mtime == pytest.approx(2_000_000_000.25, abs=1e-6)
+
+
+def test_open_descriptor_of_a_spilled_message_is_continued_and_closed(store, dirs) -> None:
+    tmp, incoming, _ = dirs
+    fd = os.open(tmp / "1-a", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.write(fd, b"first half, ")
+    store(fd, b(tmp / "1-a"), [b"second half"], b(incoming / "a"), None, -1.0)
+    assert closed(fd)
+    assert (incoming / "a").read_bytes() == b"first half, second half"
+
+
+def test_existing_tmp_name_fails_with_eexist_naming_it(store, dirs) -> None:
+    tmp, incoming, _ = dirs
+    (tmp / "1-a").write_bytes(b"someone's")
+    with pytest.raises(OSError) as info:
+        store(-1, b(tmp / "1-a"), [b"m"], b(incoming / "a"), None, -1.0)
+    assert info.value.errno == errno.EEXIST and info.value.filename == str(tmp / "1-a")
+    assert (tmp / "1-a").read_bytes() == b"someone's" and os.listdir(incoming) == []
+
+
+def test_failed_rename_leaves_the_tmp_file_and_closes_the_descriptor(store, dirs) -> None:
+    tmp, incoming, _ = dirs
+    fd = os.open(tmp / "1-a", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with pytest.raises(OSError) as info:
+        store(fd, b(tmp / "1-a"), [b"m"], b(incoming / "missing" / "a"), None, -1.0)
+    assert info.value.errno == errno.ENOENT
+    assert closed(fd)
+    assert (tmp / "1-a").read_bytes() == b"m"
+
+
+def test_parts_must_be_bytes(store, dirs) -> None:
+    tmp, incoming, _ = dirs
+    fd = os.open(tmp / "1-a", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with pytest.raises(TypeError):
+        store(fd, b(tmp / "1-a"), [b"m", None], b(incoming / "a"), None, -1.0)
+    assert closed(fd)
+    assert os.listdir(incoming) == []
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                          capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.fail(f"cannot mount a tmpfs (the suite runs as root): {made.stderr}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_full_disk_fails_with_enospc(store, small_fs: Path) -> None:
+    (small_fs / "tmp").mkdir()
+    (small_fs / "incoming").mkdir()
+    with pytest.raises(OSError) as info:
+        store(-1, b(small_fs / "tmp" / "1-a"), [b"x" * 65536] * 32,
+              b(small_fs / "incoming" / "a"), None, -1.0)
+    assert info.value.errno == errno.ENOSPC
+    assert info.value.filename == str(small_fs / "tmp" / "1-a")
+    assert os.listdir(small_fs / "incoming") == []
