@@ -3,9 +3,10 @@
 Each exists twice, with identical behaviour: a Cython module (``cmdparse``, ``datareader``,
 ``spoolio``) and a pure-Python twin (``cmdparse_py``, ``datareader_py``, ``spoolio_py``). The
 choice is made once, here, at import: the twins are used when ``EMPATH_NO_EXTENSIONS`` is set
-(to anything but ``""`` or ``"0"``), off CPython, or when a compiled module fails to import. ``IMPLEMENTATION`` says which
-is active (``"cython"`` or ``"python"``) and ``FALLBACK_REASON`` why the twins were chosen
-(``None`` when they were not), for the start-up log and ``empathctl version``.
+(to anything but ``""`` or ``"0"``), off CPython, or when a compiled module fails to import.
+``IMPLEMENTATION`` says which is active (``"cython"`` or ``"python"``) and ``FALLBACK_REASON``
+why the twins were chosen (``None`` when they were not), for the start-up log and
+``empathctl version``.
 
 Both twins raise the same :class:`CommandSyntaxError` (from ``errors.py``).
 :func:`implementations` gives tests and benchmarks each implementation by name.
