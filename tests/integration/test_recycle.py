@@ -1,0 +1,68 @@
+"""Recycled queue files through the real daemon: a delivered message's file goes to
+recycle/, the next message received is written into that same inode (nothing of the old
+content left), and is delivered intact; with ``spool.recycle_files: 0`` nothing is kept."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from empath.spool import Spool, read_data, read_queue_file
+from empath.spool.wake import Waker
+from tests.support.daemon import EmpathDaemon
+
+SENDER = "a@example.org"
+
+
+def maildir_files(d: EmpathDaemon, user: str) -> list[Path]:
+    new = d.dir / "mail" / user / "new"
+    return sorted(new.iterdir()) if new.is_dir() else []
+
+
+def send(d: EmpathDaemon, rcpt: str, body: bytes) -> None:
+    with d.smtp() as s:
+        assert s.sendmail(SENDER, [rcpt], body) == {}
+
+
+def test_delivered_file_is_recycled_and_overwritten_by_the_next_message(
+        daemon_factory: Any) -> None:
+    d: EmpathDaemon = daemon_factory()
+    spool = Spool(str(d.spool_path))
+    first = b"Subject: first\r\n\r\n" + b"the first message, longer than the next.\r\n" * 200
+    send(d, "alice@localhost", first)
+    d.wait_for(lambda: len(maildir_files(d, "alice")) == 1, 20, "the first delivery")
+    d.wait_for(lambda: len(os.listdir(spool.recycle)) == 1, 10, "the file in recycle/")
+    [recycled] = os.listdir(spool.recycle)
+    inode = os.stat(os.path.join(spool.recycle, recycled)).st_ino
+
+    spool.set_frozen(True)  # keep the next message in incoming/ to look at it
+    second = b"Subject: second\r\n\r\nshort\r\n"
+    send(d, "bob@localhost", second)
+    [mid] = spool.list_ids("incoming")
+    path = spool.path("incoming", mid)
+    assert os.stat(path).st_ino == inode
+    assert os.listdir(spool.recycle) == []
+    env, src = read_queue_file(path)
+    assert env["recipients"][0]["address"] == "bob@localhost"
+    assert read_data(src).endswith(second)
+    assert b"the first message" not in open(path, "rb").read()
+
+    spool.set_frozen(False)
+    waker = Waker(spool)  # what `empathctl queue unfreeze` does after removing the flag
+    waker.wake()
+    waker.close()
+    d.wait_for(lambda: len(maildir_files(d, "bob")) == 1, 20, "the second delivery")
+    delivered = maildir_files(d, "bob")[0].read_bytes()
+    assert delivered.endswith(second) and b"the first message" not in delivered
+
+
+def test_recycling_off_keeps_nothing(daemon_factory: Any) -> None:
+    d: EmpathDaemon = daemon_factory({"spool": {"recycle_files": 0}})
+    spool = Spool(str(d.spool_path))
+    for i in range(3):
+        send(d, "carol@localhost", f"Subject: {i}\r\n\r\nbody\r\n".encode())
+    d.wait_for(lambda: len(maildir_files(d, "carol")) == 3, 20, "three deliveries")
+    d.wait_for(lambda: spool.list_ids("incoming") == [] and not spool.list_active(), 10,
+               "an empty queue")
+    assert os.listdir(spool.recycle) == []
