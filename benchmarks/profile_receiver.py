@@ -109,7 +109,8 @@ def main() -> int:
         os.unlink(out)
     daemon = empathd.start_empath(work, frozen=True)
     deleter = subprocess.Popen([sys.executable, os.path.join(HERE, "deleter.py"),
-                                Spool(str(daemon.spool_path)).state_dir("incoming")],
+                                Spool(str(daemon.spool_path)).state_dir("incoming"),
+                                "--spool", str(daemon.spool_path)],
                                stdout=subprocess.DEVNULL)
     spy = client = None
     spy_err = ""

@@ -10,6 +10,7 @@ message and wait for the busy loop thread every time.
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from posix.time cimport timespec
+from posix.types cimport off_t
 
 import os
 
@@ -24,11 +25,13 @@ cdef extern from "<fcntl.h>" nogil:
     enum: O_WRONLY
     enum: O_CREAT
     enum: O_EXCL
-    enum: O_TRUNC
     enum: O_CLOEXEC
 
 cdef extern from "<unistd.h>" nogil:
     int c_close "close"(int fd)
+    int ftruncate(int fd, off_t length)
+    off_t lseek(int fd, off_t offset, int whence)
+    enum: SEEK_CUR
     int fdatasync(int fd)
     int unlink(const char *path)
 
@@ -100,10 +103,11 @@ def store(int fd, bytes tmp, list parts, bytes dest, reuse, double mtime):
     cdef int err = 0
     cdef int reused = 0
     cdef timespec times[2]
+    cdef off_t end
     with nogil:
         if fd < 0 and c_reuse != NULL:
             if rename(c_reuse, c_tmp) == 0:
-                fd = c_open(c_tmp, O_WRONLY | O_TRUNC | O_CLOEXEC)
+                fd = c_open(c_tmp, O_WRONLY | O_CLOEXEC)
                 if fd >= 0:
                     reused = 1
                 else:
@@ -114,6 +118,10 @@ def store(int fd, bytes tmp, list parts, bytes dest, reuse, double mtime):
                 err = errno
         if err == 0 and _write_all(fd, iov, n) < 0:
             err = errno
+        if err == 0 and reused:
+            end = lseek(fd, 0, SEEK_CUR)
+            if end < 0 or ftruncate(fd, end) < 0:
+                err = errno
         if err == 0 and mtime >= 0:
             times[0].tv_sec = <long>mtime
             times[0].tv_nsec = <long>((mtime - <long>mtime) * 1e9)

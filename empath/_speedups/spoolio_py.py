@@ -3,9 +3,11 @@
 ``store(fd, tmp, parts, dest, reuse, mtime)``:
 
 1. when ``fd`` is negative, open ``tmp`` for writing: first by renaming ``reuse`` (a recycled
-   file's path, or None) to ``tmp`` and opening it with O_TRUNC; if that rename or open fails
-   (another receiver took the file), by creating ``tmp`` (O_CREAT|O_EXCL, mode 0600);
-2. write every octet of ``parts`` (a list of bytes), continuing after short writes;
+   file's path, or None) to ``tmp`` and opening it; if that rename or open fails (another
+   receiver took the file), by creating ``tmp`` (O_CREAT|O_EXCL, mode 0600);
+2. write every octet of ``parts`` (a list of bytes), continuing after short writes; a recycled
+   file is overwritten from its start and then cut (ftruncate) to what was written: its
+   blocks are reused, so ``fdatasync`` has less metadata to write than after O_TRUNC;
 3. when ``mtime`` is not negative, set the file's access and modification times to it;
 4. fdatasync, close, and rename ``tmp`` to ``dest``.
 
@@ -23,7 +25,7 @@ import os
 __all__ = ["store"]
 
 _NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-_REUSED = os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC
+_REUSED = os.O_WRONLY | os.O_CLOEXEC
 
 
 def store(fd: int, tmp: bytes, parts: list[bytes], dest: bytes, reuse: bytes | None,
@@ -52,6 +54,8 @@ def store(fd: int, tmp: bytes, parts: list[bytes], dest: bytes, reuse: bytes | N
                 views.pop(0)
             if views and n:
                 views[0] = views[0][n:]
+        if reused:
+            os.ftruncate(fd, os.lseek(fd, 0, os.SEEK_CUR))
         if mtime >= 0:
             os.utime(fd, (mtime, mtime))
         os.fdatasync(fd)

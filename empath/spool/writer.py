@@ -50,11 +50,12 @@ class ReceiverWriter:
     def __init__(self, spool: Spool, threads: int = 16) -> None:
         self.spool = spool
         self._loop = asyncio.get_running_loop()
-        self._pool = SpoolThreads(self._loop, threads)
         self._dir_fd = os.open(spool.state_dir("incoming"), os.O_RDONLY | os.O_DIRECTORY)
-        self._waiting: list[asyncio.Future[None]] = []
-        self._syncing = False
         self._waker = Waker(spool)
+        # Renames into incoming/ are made durable by the pool's group-commit thread; after
+        # each of its fsyncs the delivery workers are woken.
+        self._pool = SpoolThreads(self._loop, threads, sync_fd=self._dir_fd,
+                                  on_synced=self._waker.wake)
         # Write and commit latency histograms (no-ops when metrics are off).
         self.metrics = metrics.current()
 
@@ -69,35 +70,6 @@ class ReceiverWriter:
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await self._pool.submit(fn, *args)
-
-    async def _await_dir_sync(self) -> None:
-        """Wait until an fsync of incoming/ that started after our rename has finished."""
-        fut: asyncio.Future[None] = self._loop.create_future()
-        self._waiting.append(fut)
-        if not self._syncing:
-            self._start_dir_sync()
-        await fut
-
-    def _start_dir_sync(self) -> None:
-        batch, self._waiting = self._waiting, []
-        self._syncing = True
-        task = self._pool.submit(os.fsync, self._dir_fd)
-        task.add_done_callback(lambda done: self._dir_synced(batch, done))
-
-    def _dir_synced(self, batch: list[asyncio.Future[None]], done: asyncio.Future[None]) -> None:
-        self._syncing = False
-        exc = done.exception()
-        for fut in batch:
-            if fut.done():
-                continue
-            if exc is None:
-                fut.set_result(None)
-            else:
-                fut.set_exception(SpoolError(getattr(exc, "errno", 0), f"spool: {exc}"))
-        if self._waiting:
-            self._start_dir_sync()
-        if exc is None:
-            self._waker.wake()
 
 
 class IncomingMessage:
@@ -182,17 +154,15 @@ class IncomingMessage:
         tail = fileformat.encode_tail(envelope, self._size)
         started = time.monotonic()
         try:
-            write_seconds = await self._writer._run(self._store, tail)
+            # Returns once the rename into incoming/ is covered by a directory fsync.
+            write_seconds = await self._writer._pool.submit(self._store, tail, sync_dir=True)
         except OSError as exc:
-            self._discard()
+            if self._tmp:  # the file write failed: nothing reached incoming/
+                self._discard()
+            else:  # the directory fsync failed: take the message back, it was not durable
+                with contextlib.suppress(OSError):
+                    os.unlink(self._writer.spool.path("incoming", self.id))
             raise SpoolError(exc.errno or 0, f"spool write failed: {exc}") from exc
-        try:
-            await self._writer._await_dir_sync()
-        except SpoolError:
-            # Not durable: take it back so an unacknowledged message is not delivered.
-            with contextlib.suppress(OSError):
-                os.unlink(self._writer.spool.path("incoming", self.id))
-            raise
         # Observed here, in the event loop: the instruments are not thread-safe.
         self._writer.metrics.spool_write.observe(write_seconds)
         self._writer.metrics.spool_commit.observe(time.monotonic() - started)
