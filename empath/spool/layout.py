@@ -242,8 +242,9 @@ class Spool:
 
         Either way it is one atomic step: the message is in its state or out of the queue.
         The content stays in the recycled file until a receiver overwrites it with a new
-        message (and cuts it to that length): 0600, owned by the spool's user, like the queue itself. Every
-        ``recycle_files // 2`` retirements recycle/ is trimmed back to ``recycle_files``.
+        message (and cuts it to that length): 0600, owned by the spool's user, like the
+        queue itself. Every ``recycle_files // 2`` retirements recycle/ is trimmed back to
+        ``recycle_files``.
         """
         if self.recycle_files > 0 and os.stat(path).st_size <= RECYCLE_MAX_SIZE:
             try:
