@@ -458,10 +458,11 @@ def main(argv: list[str] | None = None) -> None:
         os.makedirs(args.out, exist_ok=True)
     sink = SinkServer(behaviour, host=host.strip("[]") or "127.0.0.1", port=int(port or 0),
                       out_dir=args.out).start()
-    print(sink.port, flush=True)
     stop = threading.Event()
+    # Before the port is printed: whoever reads it may send SIGTERM at once.
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    print(sink.port, flush=True)
     while not stop.wait(0.5):
         pass
     sink.stop()
