@@ -75,13 +75,15 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=16)
     ap.add_argument("--recycle-files", type=int, default=1000,
                     help="spool.recycle_files (0: every message gets a new inode)")
+    ap.add_argument("--sync", choices=("file", "filesystem"), default="file",
+                    help="spool.sync: fdatasync per file, or one syncfs per batch")
     ap.add_argument("--dir", default=None, help="where to make the spool (default: ./var)")
     args = ap.parse_args()
     base = args.dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "var")
     os.makedirs(base, exist_ok=True)
     results = []
     with tempfile.TemporaryDirectory(dir=base, prefix="bench-spool-") as root:
-        spool = Spool(root, args.recycle_files)
+        spool = Spool(root, args.recycle_files, args.sync)
         spool.create_tree()
         stop = threading.Event()
         t = threading.Thread(target=deleter, args=(spool, stop), daemon=True)

@@ -31,13 +31,14 @@ from empath.spool import Spool  # noqa: E402
 from tests.support.daemon import EmpathDaemon  # noqa: E402
 
 
-def bench_overrides(spool: str, smarthost_port: int | None) -> dict[str, Any]:
+def bench_overrides(spool: str, smarthost_port: int | None,
+                    sync: str = "file") -> dict[str, Any]:
     overrides: dict[str, Any] = {
         "hostname": "empath.bench.test",
         "shutdown_timeout": "10s",
         "log": {"level": "warning"},
         "processes": {"receivers": 2, "delivery": 2},
-        "spool": {"path": spool, "min_free_space": 0},
+        "spool": {"path": spool, "min_free_space": 0, "sync": sync},
         "smtp": {"max_connections_per_ip": 1000},
     }
     if smarthost_port is not None:
@@ -48,14 +49,14 @@ def bench_overrides(spool: str, smarthost_port: int | None) -> dict[str, Any]:
 
 def start_empath(base: str, *, smarthost_port: int | None = None,
                  frozen: bool = False, spool: str | None = None,
-                 timeout: float = 60.0) -> EmpathDaemon:
+                 timeout: float = 60.0, sync: str = "file") -> EmpathDaemon:
     """Start a daemon whose files live under ``base``; ``spool`` defaults to base/spool."""
     spool = spool or os.path.join(base, "spool")
     if frozen:
         tree = Spool(spool)
         tree.create_tree()
         tree.set_frozen(True)
-    daemon = EmpathDaemon(base, bench_overrides(spool, smarthost_port))
+    daemon = EmpathDaemon(base, bench_overrides(spool, smarthost_port, sync))
     try:
         daemon.start(timeout=timeout)
     except BaseException:

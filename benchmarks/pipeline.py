@@ -231,7 +231,7 @@ class Bench:
     def start_receivers(self) -> list[MTA]:
         mtas = []
         base = os.path.join(self.work, "empath-receive")
-        daemon = empathd.start_empath(base, frozen=True)
+        daemon = empathd.start_empath(base, frozen=True, sync=self.args.sync)
         self.cleanup.append(lambda: empathd.stop_empath(daemon))
         spool = str(daemon.spool_path)
         proc, _ = self.helpers.start([PY, os.path.join(HERE, "deleter.py"),
@@ -281,7 +281,7 @@ class Bench:
         _, sink_port = self.helpers.start([PY, os.path.join(HERE, "sink.py"), "--out",
                                            sink_path], read_port=True)
         base = os.path.join(self.work, "empath-e2e")
-        daemon = empathd.start_empath(base, smarthost_port=sink_port)
+        daemon = empathd.start_empath(base, smarthost_port=sink_port, sync=self.args.sync)
         self.cleanup.append(lambda: empathd.stop_empath(daemon))
         out.append((MTA("empath", daemon.port, daemon.master_pid,
                         empath_queued(str(daemon.spool_path))), SinkLog(sink_path)))
@@ -435,6 +435,7 @@ class Bench:
         os.makedirs(self.work, exist_ok=True)
         only = set((self.args.only or "ceiling,receive,e2e,memory").split(","))
         self.results["machine"] = machine(self.with_postfix)
+        self.results["empath_spool_sync"] = self.args.sync
         self.results["quick"] = self.quick
         started = time.monotonic()
         try:
@@ -502,7 +503,8 @@ def print_summary(res: dict[str, Any]) -> None:
     print("\n================ summary ================")
     m = res["machine"]
     print(f"{m['nproc']} x {m['cpu']}, {m['ram_gib']} GiB, {m['filesystem']}, "
-          f"Postfix {m['postfix'] or 'absent'}, load {m['loadavg_before'][0]:.2f}")
+          f"Postfix {m['postfix'] or 'absent'}, load {m['loadavg_before'][0]:.2f}, "
+          f"Empath spool.sync: {res.get('empath_spool_sync', 'file')}")
     for c in res.get("ceiling", []):
         print(f"disk ceiling {c['size'] // 1024:>3} KiB, {c['writers']:>2} writers: "
               f"{c['per_s']:8.0f} /s")
@@ -568,6 +570,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="fewer messages; memory at 10k only")
     ap.add_argument("--only", help="comma-separated: ceiling,receive,e2e,memory")
     ap.add_argument("--no-postfix", action="store_true", help="Empath only")
+    ap.add_argument("--sync", choices=("file", "filesystem"), default="file",
+                    help="Empath's spool.sync (default: file, the configuration default)")
     ap.add_argument("--wait-quiet", type=float, metavar="LOAD",
                     help="first wait until the 1-minute load average is below LOAD")
     ap.add_argument("--wait-minutes", type=float, default=30,

@@ -76,7 +76,7 @@ cdef int _write_all(int fd, iovec *iov, Py_ssize_t n) noexcept nogil:
     return 0
 
 
-def store(int fd, bytes tmp, list parts, bytes dest, reuse, double mtime):
+def store(int fd, bytes tmp, list parts, bytes dest, reuse, double mtime, bint datasync=True):
     cdef Py_ssize_t n = len(parts)
     cdef Py_ssize_t i
     cdef iovec *iov = <iovec *>PyMem_Malloc((n if n > 0 else 1) * sizeof(iovec))
@@ -128,7 +128,7 @@ def store(int fd, bytes tmp, list parts, bytes dest, reuse, double mtime):
             times[1] = times[0]
             if futimens(fd, times) < 0:
                 err = errno
-        if err == 0 and fdatasync(fd) < 0:
+        if err == 0 and datasync and fdatasync(fd) < 0:
             err = errno
         if fd >= 0 and c_close(fd) < 0 and err == 0:
             err = errno

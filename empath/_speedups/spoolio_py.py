@@ -1,6 +1,6 @@
 """Make one message file durable in a queue directory: the reference twin of ``spoolio.pyx``.
 
-``store(fd, tmp, parts, dest, reuse, mtime)``:
+``store(fd, tmp, parts, dest, reuse, mtime, datasync=True)``:
 
 1. when ``fd`` is negative, open ``tmp`` for writing: first by renaming ``reuse`` (a recycled
    file's path, or None) to ``tmp`` and opening it; if that rename or open fails (another
@@ -9,7 +9,8 @@
    file is overwritten from its start and then cut (ftruncate) to what was written: its
    blocks are reused, so ``fdatasync`` has less metadata to write than after O_TRUNC;
 3. when ``mtime`` is not negative, set the file's access and modification times to it;
-4. fdatasync, close, and rename ``tmp`` to ``dest``.
+4. fdatasync (unless ``datasync`` is false: the caller makes the file durable some other
+   way, e.g. one syncfs for a batch), close, and rename ``tmp`` to ``dest``.
 
 It returns whether a recycled file was used. The descriptor is always closed on return, the
 caller's (a spilled message's ``fd``) included. Any failure raises OSError with the errno of
@@ -29,7 +30,7 @@ _REUSED = os.O_WRONLY | os.O_CLOEXEC
 
 
 def store(fd: int, tmp: bytes, parts: list[bytes], dest: bytes, reuse: bytes | None,
-          mtime: float) -> bool:
+          mtime: float, datasync: bool = True) -> bool:
     reused = False
     try:
         if fd < 0 and reuse is not None:
@@ -58,7 +59,8 @@ def store(fd: int, tmp: bytes, parts: list[bytes], dest: bytes, reuse: bytes | N
             os.ftruncate(fd, os.lseek(fd, 0, os.SEEK_CUR))
         if mtime >= 0:
             os.utime(fd, (mtime, mtime))
-        os.fdatasync(fd)
+        if datasync:
+            os.fdatasync(fd)
         fd, closing = -1, fd
         os.close(closing)
         os.rename(tmp, dest)

@@ -237,6 +237,12 @@ SCHEMA = Section("", "Empath configuration.", (
         Key("path", Path(), "var/spool", "Spool directory (created if missing)."),
         Key("min_free_space", Size(), 100 * 1024 * 1024,
             "Answer 452 to new mail while the spool's filesystem has less free space."),
+        Key("sync", Str(("file", "filesystem")), "file",
+            "How a received message is made durable before its 250. file: fdatasync of "
+            "each message file, then one fsync of incoming/ per batch; safe on any "
+            "filesystem. filesystem: no per-file sync, one syncfs(2) per batch; fewer "
+            "flushes and less CPU, but it also flushes everything else written to that "
+            "filesystem, so use it only for a spool on a filesystem of its own."),
         Key("recycle_files", Int(0, 1_000_000), 1000,
             "Files of delivered messages (up to 64 KiB each) kept in recycle/ for receivers "
             "to overwrite with new messages, so a message costs no inode allocation; "

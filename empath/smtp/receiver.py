@@ -34,7 +34,7 @@ class Receiver:
         self.ctx = ctx
         cfg = ctx.config
         self.cfg = cfg
-        self.spool = Spool(cfg.spool.path, cfg.spool.recycle_files)
+        self.spool = Spool(cfg.spool.path, cfg.spool.recycle_files, cfg.spool.sync)
         self.modules = hooks.load_modules(cfg.smtp.modules)
         self.connections: set[SMTPProtocol] = set()
         self.per_ip: collections.Counter[str] = collections.Counter()

@@ -222,6 +222,7 @@ class SMTPProtocol(asyncio.Protocol):
             if original is not None:
                 log.info("%s: duplicate of %s suppressed (from=<%s>)", self.queue_id, original,
                          envelope.sender)
+                self._duplicate(envelope, original)
                 reply, dedup_key = R.DUPLICATE.format(queue_id=original), None
         if reply is None:
             self._set_priority(envelope)
@@ -266,6 +267,13 @@ class SMTPProtocol(asyncio.Protocol):
                          client_ip=self.peer[0], client_port=self.peer[1], helo=session.helo,
                          tls=self.tls_info, listener=str(self.listener.address),
                          auth=session.auth_user)
+
+    def _duplicate(self, envelope: S.Envelope, original: str) -> None:
+        """Record a suppressed copy in the audit log: acknowledged, not stored."""
+        if _audit.enabled:
+            _audit.write("duplicate", self.queue_id, original=original, sender=envelope.sender,
+                         recipients=[r["address"] for r in envelope.recipients],
+                         client_ip=self.peer[0], client_port=self.peer[1])
 
     def _refused(self, reply: R.Reply) -> None:
         """A message not stored after its data: counted, and logged with its queue id."""

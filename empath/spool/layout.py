@@ -55,12 +55,15 @@ class SpoolError(OSError):
 class Spool:
     """Paths and state changes of one spool directory."""
 
-    def __init__(self, root: str, recycle_files: int = 0) -> None:
+    def __init__(self, root: str, recycle_files: int = 0, sync: str = "file") -> None:
         self.root = os.path.abspath(root)
         self.tmp = os.path.join(self.root, "tmp")
         self.recycle = os.path.join(self.root, "recycle")
         # How many delivered messages' files this process puts in recycle/ (0: unlink them).
         self.recycle_files = recycle_files
+        # How the receivers make a message durable: "file" (fdatasync each file, fsync
+        # incoming/ per batch) or "filesystem" (one syncfs per batch).
+        self.sync = sync
         self._recycled = 0
         # Receiver side: names listed from recycle/, taken by any writer thread.
         self._reusable: list[str] = []
@@ -414,6 +417,17 @@ class Spool:
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
+_syncfs = getattr(_libc, "syncfs", None)
+
+
+def syncfs(fd: int) -> None:
+    """syncfs(2): write back and flush everything of the filesystem holding ``fd``; OSError
+    on failure (Linux 5.8+ reports writeback errors of any file of that filesystem)."""
+    if _syncfs is None:
+        raise OSError(errno.ENOSYS, "syncfs is not available here")
+    if _syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 _renameat2 = getattr(_libc, "renameat2", None)
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2

@@ -9,9 +9,10 @@ batch wakes the loop, which then settles every finished future in one callback.
 
 A call submitted with ``sync_dir=True`` (a rename into the directory ``sync_fd`` names) is not
 finished when its function returns: the thread hands it to the committer thread, which runs
-one ``fsync(sync_fd)`` for every such call handed over before that fsync began, then finishes
-them all at once (with the fsync's error, if any). The rename's durability costs the event
-loop nothing, and the directory fsync never waits behind file writes in the queue.
+one ``sync(sync_fd)`` (``fsync``, or ``syncfs`` for the whole filesystem) for every such call
+handed over before it began, then finishes them all at once (with its error, if any). The
+rename's durability costs the event loop nothing, and the sync never waits behind file
+writes in the queue.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ Done = tuple[asyncio.Future[Any] | None, Any, BaseException | None]
 
 class SpoolThreads:
     def __init__(self, loop: asyncio.AbstractEventLoop, threads: int, name: str = "spool",
-                 sync_fd: int = -1, on_synced: Callable[[], None] | None = None) -> None:
+                 sync_fd: int = -1, on_synced: Callable[[], None] | None = None,
+                 sync: Callable[[int], None] | None = None) -> None:
         self._loop = loop
         self._calls: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._done: list[Done] = []
@@ -38,6 +40,8 @@ class SpoolThreads:
                          for i in range(threads)]
         # Group commit: calls waiting for a directory fsync, and the thread that runs it.
         self._sync_fd = sync_fd
+        # os.fsync (of the directory, the default), or syncfs (its whole filesystem)
+        self._sync = sync if sync is not None else os.fsync
         self._on_synced = on_synced
         self._unsynced: list[tuple[asyncio.Future[Any], Any]] = []
         self._sync_wanted = threading.Condition(threading.Lock())
@@ -83,7 +87,7 @@ class SpoolThreads:
                 batch, self._unsynced = self._unsynced, []
             error: BaseException | None = None
             try:
-                os.fsync(self._sync_fd)
+                self._sync(self._sync_fd)
             except OSError as exc:
                 error = exc
             done: list[Done] = [(fut, result, error) for fut, result in batch]

@@ -24,7 +24,7 @@ from typing import Any
 from empath._speedups import store_file
 from empath.observe import metrics
 from empath.spool import fileformat
-from empath.spool.layout import Spool, SpoolError
+from empath.spool.layout import Spool, SpoolError, syncfs
 from empath.spool.threads import SpoolThreads
 from empath.spool.wake import Waker
 
@@ -54,8 +54,12 @@ class ReceiverWriter:
         self._waker = Waker(spool)
         # Renames into incoming/ are made durable by the pool's group-commit thread; after
         # each of its fsyncs the delivery workers are woken.
+        # With spool.sync "filesystem" one syncfs per batch replaces every file's fdatasync
+        # and the directory fsync.
+        self.datasync = spool.sync != "filesystem"
         self._pool = SpoolThreads(self._loop, threads, sync_fd=self._dir_fd,
-                                  on_synced=self._waker.wake)
+                                  on_synced=self._waker.wake,
+                                  sync=os.fsync if self.datasync else syncfs)
         # Write and commit latency histograms (no-ops when metrics are off).
         self.metrics = metrics.current()
 
@@ -186,7 +190,7 @@ class IncomingMessage:
         # merely delivered in arrival order.
         store_file(fd, os.fsencode(self._tmp), chunks,
                    os.fsencode(spool.path("incoming", self.id)), reuse,
-                   -1.0 if self.mtime is None else self.mtime)
+                   -1.0 if self.mtime is None else self.mtime, self._writer.datasync)
         self._tmp = ""
         return time.monotonic() - started
 

@@ -6,6 +6,7 @@ stays in incoming/ where the test reads it back with the spool's own reader.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -358,7 +359,8 @@ def test_many_messages_on_one_connection(daemon_factory: Any) -> None:
 
 
 def test_duplicate_suppression_survives_a_restart(daemon_factory: Any) -> None:
-    d = frozen_daemon(daemon_factory, {"smtp": {"dedup_window": "1h"}})
+    d = frozen_daemon(daemon_factory, {"smtp": {"dedup_window": "1h"},
+                                       "audit": {"log_path": "log/audit.jsonl"}})
     msg = b"Message-ID: <dup-1@example.org>\r\nSubject: once\r\n\r\nbody\r\n"
     replies = []
     for _ in range(2):
@@ -379,6 +381,11 @@ def test_duplicate_suppression_survives_a_restart(daemon_factory: Any) -> None:
         s.sendmail("a@example.org", ["b@localhost"], b"Subject: no id\r\n\r\nx\r\n")
     assert len(incoming(d)) == 5
     assert "duplicate of " + first_id + " suppressed" in d.log_text()
+    audit = [json.loads(line) for line in (d.dir / "log" / "audit.jsonl").read_text().splitlines()]
+    dups = [r for r in audit if r["event"] == "duplicate"]
+    assert len(dups) == 1 and dups[0]["original"] == first_id and dups[0]["id"] != first_id
+    assert dups[0]["recipients"] == ["b@localhost"] and dups[0]["sender"] == "a@example.org"
+    assert sum(r["event"] == "received" for r in audit) == 5
     # The window is kept in the spool: after a restart the copy is still recognised.
     assert d.stop() == 0
     d.proc = None

@@ -1,4 +1,4 @@
-"""Recycled queue files through the real daemon: a delivered message's file goes to
+"""Recycled queue files and spool.sync through the real daemon: a delivered message's file goes to
 recycle/, the next message received is written into that same inode (nothing of the old
 content left), and is delivered intact; with ``spool.recycle_files: 0`` nothing is kept."""
 
@@ -66,3 +66,14 @@ def test_recycling_off_keeps_nothing(daemon_factory: Any) -> None:
     d.wait_for(lambda: spool.list_ids("incoming") == [] and not spool.list_active(), 10,
                "an empty queue")
     assert os.listdir(spool.recycle) == []
+
+
+def test_filesystem_sync_mode_receives_and_delivers(daemon_factory: Any) -> None:
+    d: EmpathDaemon = daemon_factory({"spool": {"sync": "filesystem"}})
+    bodies = [f"Subject: {i}\r\n\r\nbody {i}\r\n".encode() for i in range(5)]
+    with d.smtp() as s:
+        for body in bodies:
+            assert s.sendmail(SENDER, ["dave@localhost"], body) == {}
+    d.wait_for(lambda: len(maildir_files(d, "dave")) == 5, 20, "five deliveries")
+    delivered = sorted(p.read_bytes() for p in maildir_files(d, "dave"))
+    assert all(any(m.endswith(b) for m in delivered) for b in bodies)

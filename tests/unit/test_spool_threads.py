@@ -113,3 +113,57 @@ def test_failed_directory_fsync_takes_the_messages_back(
     results = asyncio.run(go())
     assert all(isinstance(r, SpoolError) and r.errno == errno.EIO for r in results), results
     assert spool.list_ids("incoming") == [] and os.listdir(spool.tmp) == []
+
+
+@pytest.mark.parametrize("mode", ["file", "filesystem"])
+def test_sync_modes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    """file: every message file is fdatasynced and incoming/ fsynced per batch; filesystem:
+    no fdatasync at all, one syncfs per batch instead."""
+    from empath._speedups import spoolio_py
+    from empath.spool import layout
+    from empath.spool import writer as writer_module
+
+    calls: list[str] = []
+    real_fdatasync, real_fsync, real_syncfs = os.fdatasync, os.fsync, layout.syncfs
+    monkeypatch.setattr(writer_module, "store_file", spoolio_py.store)  # os.* calls, visible
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (calls.append("fdatasync"),
+                                                     real_fdatasync(fd))[1])
+    monkeypatch.setattr(threads_module.os, "fsync", lambda fd: (calls.append("fsync"),
+                                                                real_fsync(fd))[1])
+    monkeypatch.setattr(writer_module, "syncfs", lambda fd: (calls.append("syncfs"),
+                                                             real_syncfs(fd))[1])
+    spool = Spool(str(tmp_path / "spool"), 0, mode)
+    spool.create_tree()
+
+    async def go() -> None:
+        writer = spool.open_receiver_writer(4)
+        msgs = [writer.begin(new_message_id()) for _ in range(10)]
+        for m in msgs:
+            m.write(b"Subject: x\r\n\r\nbody\r\n")
+        try:
+            await asyncio.gather(*(m.commit({"id": m.id, "sender": "", "recipients": []})
+                                   for m in msgs))
+        finally:
+            writer.close()
+
+    asyncio.run(go())
+    assert len(spool.list_ids("incoming")) == 10
+    if mode == "file":
+        assert calls.count("fdatasync") == 10 and "syncfs" not in calls
+        assert 1 <= calls.count("fsync") <= 10
+    else:
+        assert "fdatasync" not in calls and "fsync" not in calls
+        assert 1 <= calls.count("syncfs") <= 10
+
+
+def test_syncfs_failure_is_an_oserror(tmp_path: Path) -> None:
+    from empath.spool.layout import syncfs
+
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        syncfs(fd)  # a real one succeeds
+    finally:
+        os.close(fd)
+    with pytest.raises(OSError) as info:
+        syncfs(fd)  # closed descriptor
+    assert info.value.errno == errno.EBADF
