@@ -269,7 +269,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"empath {empath.__version__}")
     print(f"python: {platform.python_version()} ({platform.python_implementation()}) "
           f"{sys.executable}")
-    print(f"speedups: {speedups_implementation()}")
+    reason: str | None = None
+    with contextlib.suppress(Exception):
+        from empath._speedups import FALLBACK_REASON as reason
+    print(f"speedups: {speedups_implementation()}" + (f" ({reason})" if reason else ""))
     try:
         print(f"uvloop: {importlib.metadata.version('uvloop')}")
     except importlib.metadata.PackageNotFoundError:
