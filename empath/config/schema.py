@@ -288,7 +288,9 @@ SCHEMA = Section("", "Empath configuration.", (
             Key("data_init", Duration(1), 120.0, "After 354, waiting for the first data."),
             Key("data_block", Duration(1), 180.0, "Between data chunks."),
             Key("data_termination", Duration(1), 600.0,
-                "Storing the message after the final dot (spool write and fsync)."),
+                "After the final dot, the longest the on_data module hooks may take (451 "
+                "when they have not answered). The spool write is never cut short: the "
+                "message is stored and acknowledged, or refused."),
             Key("connection", Duration(1), 1800.0, "Whole connection lifetime."),
         )),
         Section("auth", "SMTP AUTH (RFC 4954) on submission and smtps listeners.", (

@@ -211,9 +211,17 @@ class SMTPProtocol(asyncio.Protocol):
             if not r.space_ok():
                 reply = R.NO_STORAGE
             elif any("on_data" in m.hooks for m in r.modules):
-                rej = await hooks.run_hook(r.modules, "on_data", self.hook_ctx, envelope)
+                # data_termination bounds the modules; the spool write below is never cut
+                # short (a message is stored and acknowledged, or refused, never half-done).
+                rej = await asyncio.wait_for(
+                    hooks.run_hook(r.modules, "on_data", self.hook_ctx, envelope),
+                    r.cfg.smtp.timeouts.data_termination)
                 reply = _module_reply(rej)
         except hooks.ModuleError:
+            reply = R.MODULE_ERROR
+        except asyncio.TimeoutError:
+            log.error("%s: on_data module hooks did not answer within %gs", self.queue_id,
+                      r.cfg.smtp.timeouts.data_termination)
             reply = R.MODULE_ERROR
         dedup_key = self._dedup_key(envelope) if r.dedup is not None else None
         if reply is None and dedup_key is not None:
@@ -475,7 +483,7 @@ class SMTPProtocol(asyncio.Protocol):
         if self.closed:
             return
         if self.session is not None and self.session.phase == S.WAIT and self.message:
-            return  # the spool commit decides; data_termination only bounds waiting clients
+            return  # the commit decides: its module hooks are bounded by data_termination
         log.info("timeout: closing connection from [%s]", self.peer[0])
         self._refuse(R.LIFETIME.format(hostname=self.receiver.cfg.hostname)
                      if self.end_of_life < time.monotonic()

@@ -397,3 +397,70 @@ def test_duplicate_suppression_survives_a_restart(daemon_factory: Any) -> None:
         code, text = s.data(msg)
     assert code == 250 and text.decode().endswith(first_id)
     assert len(incoming(d)) == 5
+
+
+POLICY_MODULE = '''
+import asyncio
+from empath.modules import Reject
+
+
+class Policy:
+    def __init__(self, options):
+        self.mode = options["mode"]
+
+    async def on_data(self, ctx, envelope):
+        if self.mode == "raise" and envelope.sender == "boom@example.org":
+            raise RuntimeError("policy service exploded")
+        if self.mode == "hang" and envelope.sender == "slow@example.org":
+            await asyncio.sleep(3600)
+        return None
+
+
+def setup(options):
+    return Policy(options)
+'''
+
+
+def policy_daemon(daemon_factory: Any, tmp_path: Path, mode: str) -> EmpathDaemon:
+    (tmp_path / "policy_mod.py").write_text(POLICY_MODULE)
+    d: EmpathDaemon = daemon_factory({
+        "smtp": {"modules": [{"name": "policy_mod", "options": {"mode": mode}}],
+                 "timeouts": {"data_termination": "1s"}}}, start=False)
+    spool = Spool(str(d.spool_path))
+    spool.create_tree()
+    spool.set_frozen(True)
+    d.start(env={"PYTHONPATH": str(tmp_path)})
+    return d
+
+
+def test_module_that_raises_gets_451_and_the_session_goes_on(daemon_factory: Any,
+                                                             tmp_path: Path) -> None:
+    d = policy_daemon(daemon_factory, tmp_path, "raise")
+    with d.smtp() as s:
+        s.ehlo("c")
+        s.mail("boom@example.org")
+        s.rcpt("b@localhost")
+        code, text = s.data(MESSAGE)
+        assert (code, text) == (451, b"4.3.5 Local policy error, try again later")
+        assert s.sendmail("fine@example.org", ["b@localhost"], MESSAGE) == {}
+    [(env, _)] = incoming(d)
+    assert env["sender"] == "fine@example.org"
+    log = d.log_text()
+    assert "module policy_mod: on_data failed" in log and "policy service exploded" in log
+
+
+def test_on_data_hook_that_hangs_is_cut_by_data_termination(daemon_factory: Any,
+                                                            tmp_path: Path) -> None:
+    d = policy_daemon(daemon_factory, tmp_path, "hang")
+    with d.smtp() as s:
+        s.ehlo("c")
+        s.mail("slow@example.org")
+        s.rcpt("b@localhost")
+        started = time.monotonic()
+        code, text = s.data(MESSAGE)
+        waited = time.monotonic() - started
+        assert (code, text) == (451, b"4.3.5 Local policy error, try again later")
+        assert 0.9 <= waited < 30, waited
+        assert s.sendmail("fine@example.org", ["b@localhost"], MESSAGE) == {}
+    assert [env["sender"] for env, _ in incoming(d)] == ["fine@example.org"]
+    assert "on_data module hooks did not answer within 1s" in d.log_text()
