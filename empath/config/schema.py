@@ -22,6 +22,7 @@ from empath.config.types import (
     Mapping,
     Network,
     Path,
+    Priority,
     Size,
     Str,
     ValueType,
@@ -444,8 +445,8 @@ SCHEMA = Section("", "Empath configuration.", (
             Key("listener", HostPort(), None, "Received on this listener.", nullable=True),
             Key("auth_user", Str(), None, "Submitted by this authenticated user.",
                 nullable=True),
-            Key("priority", Int(-100, 100), None,
-                "The priority: a number; high = 5, normal = 0, low = -5 by convention."),
+            Key("priority", Priority(), None,
+                "The priority: high (5), normal (0), low (-5), or a number from -100 to 100."),
         ), many=True, default=[]),
     )),
     Section("dkim", "DKIM signing (RFC 6376, 8463) of mail from trusted clients, at receipt.", (

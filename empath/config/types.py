@@ -102,6 +102,23 @@ class Int(ValueType):
         return value
 
 
+class Priority(Int):
+    """A message priority: an integer, or ``high`` (5), ``normal`` (0) or ``low`` (-5)."""
+
+    NAMES = {"high": 5, "normal": 0, "low": -5}
+
+    def __init__(self, minimum: int = -100, maximum: int = 100) -> None:
+        super().__init__(minimum, maximum)
+        self.describe = f"high, normal, low or an integer{_range_text(minimum, maximum)}"
+
+    def convert(self, value: Any, ctx: Context) -> Any:
+        if isinstance(value, str):
+            if value.lower() not in self.NAMES:
+                raise ValueError(f"must be {self.describe}, not {value!r}")
+            return self.NAMES[value.lower()]
+        return super().convert(value, ctx)
+
+
 class Float(ValueType):
     def __init__(self, minimum: float | None = None, maximum: float | None = None) -> None:
         self.minimum, self.maximum = minimum, maximum

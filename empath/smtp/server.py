@@ -219,7 +219,7 @@ class SMTPProtocol(asyncio.Protocol):
                 reply = _module_reply(rej)
         except hooks.ModuleError:
             reply = R.MODULE_ERROR
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.error("%s: on_data module hooks did not answer within %gs", self.queue_id,
                       r.cfg.smtp.timeouts.data_termination)
             reply = R.MODULE_ERROR

@@ -32,8 +32,8 @@ def config(sink: SinkServer, step: str) -> dict[str, Any]:
                      "queue_scan_interval": "0.2s",
                      "connection_reuse": {"max_idle": "0s"}},
         "priority": {"step": step, "rules": [
-            {"sender": "@vip.example", "priority": 5},
-            {"recipient_domain": "bulk.example", "priority": -5},
+            {"sender": "@vip.example", "priority": "high"},
+            {"recipient_domain": "bulk.example", "priority": "low"},
         ]},
     }
 

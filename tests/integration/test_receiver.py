@@ -257,6 +257,18 @@ def test_connection_limit_per_ip(daemon_factory: Any) -> None:
     wait_for(lambda: Raw(d).reply().startswith(b"220"), 5, message="a free slot")
 
 
+def test_connection_limit_of_a_receiver(daemon_factory: Any) -> None:
+    d = frozen_daemon(daemon_factory, {"processes": {"receivers": 1},
+                                       "smtp": {"max_connections": 3,
+                                                "max_connections_per_ip": 100}})
+    held = [Raw(d) for _ in range(3)]
+    assert all(c.reply().startswith(b"220") for c in held)
+    extra = Raw(d)
+    assert extra.reply() == b"421 4.7.0 test.empath too many connections, try again later"
+    held[0].close()
+    wait_for(lambda: Raw(d).reply().startswith(b"220"), 5, message="a free slot")
+
+
 def test_acknowledged_message_survives_sigkill_of_its_receiver(daemon_factory: Any) -> None:
     d = frozen_daemon(daemon_factory, {"processes": {"receivers": 1}})
     [receiver] = d.child_pids("receiver")

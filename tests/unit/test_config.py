@@ -64,6 +64,10 @@ def error_of(path: Path) -> ConfigError:
     # bad items
     ("local_domains: [example.com, 'not a domain!']\n", 1, "local_domains[1]", "domain"),
     ("mynetworks: [10.0.0.0/33]\n", 1, "mynetworks[0]", "network"),
+    ("priority:\n  rules:\n    - sender: a@b.example\n      priority: urgent\n", 4,
+     "priority.rules[0].priority", "high, normal, low or an integer"),
+    ("priority:\n  rules:\n    - sender: a@b.example\n      priority: 101\n", 4,
+     "priority.rules[0].priority", "-100"),
     # unknown keys, top level and nested
     ("colour: blue\n", 1, "colour", "unknown key"),
     ("processes:\n  receivers: 2\n  workers: 4\n", 3, "processes.workers", "unknown key"),
@@ -82,6 +86,14 @@ def test_bad_value_names_file_line_and_key(tmp_path: Path, text: str, line: int,
     assert (err.file, err.line, err.key) == (str(path), line, key)
     assert reason in err.reason
     assert str(err).startswith(f"{path}:{line}: {key}: ")
+
+
+def test_priority_names_are_numbers(tmp_path: Path) -> None:
+    rules = "".join(f"    - sender: {name}@x.example\n      priority: {name}\n"
+                    for name in ("high", "Normal", "low"))
+    cfg = load_config(str(write(tmp_path, GOOD + "priority:\n  rules:\n" + rules +
+                                "    - sender: n@x.example\n      priority: -7\n")))
+    assert [r.priority for r in cfg.priority.rules] == [5, 0, -5, -7]
 
 
 def test_missing_file(tmp_path: Path) -> None:
