@@ -61,6 +61,8 @@ class CircuitBreakers:
         self.clock = clock
         self.wall = wall
         self._states: OrderedDict[str, _State] = OrderedDict()
+        self._open = 0  # entries with open_until set (open, or waiting for their probe)
+        self.openings = 0  # times a breaker went from closed to open
 
     def settings(self, domain: str) -> tuple[int, float]:
         """``(failures, cooldown)`` for ``domain``: its own settings, else the defaults."""
@@ -114,6 +116,7 @@ class CircuitBreakers:
             if entry is not None:
                 del self._states[domain]
                 if entry.open_until is not None:
+                    self._open -= 1
                     log.warning("circuit breaker for %s closed: a server answered", domain)
             return
         if outcome != UNREACHABLE:
@@ -123,17 +126,21 @@ class CircuitBreakers:
             return
         if entry is None:
             entry = self._states[domain] = _State()
-            self._trim()
+            self._trim(keep=domain)
         self._states.move_to_end(domain)
         entry.failures += 1
         if probe or (entry.open_until is None and entry.failures >= threshold):
+            if entry.open_until is None:
+                self._open += 1
+                self.openings += 1
             entry.open_until = self.clock() + cooldown
             log.warning("circuit breaker for %s open: %d connection failures in a row; "
                         "deliveries deferred without trying for %gs", domain, entry.failures,
                         cooldown)
 
     def open_count(self) -> int:
-        return sum(1 for s in self._states.values() if s.open_until is not None)
+        """Destinations whose breaker is open or waiting for its probe."""
+        return self._open
 
     def _refusal(self, domain: str, entry: _State, now: float) -> CircuitOpen:
         if entry.probing:
@@ -142,13 +149,18 @@ class CircuitBreakers:
         return CircuitOpen.make("circuit_open", domain=domain, failures=entry.failures,
                                 until=time.strftime("%H:%M:%S", time.localtime(until)))
 
-    def _trim(self) -> None:
+    def _trim(self, keep: str) -> None:
         """Keep the table bounded: closed entries (failures below the threshold) go first,
-        oldest first; open ones only when there is nothing else to drop."""
+        oldest first; open ones only when there is nothing else to drop; never ``keep``, the
+        entry being recorded."""
         if len(self._states) <= ENTRIES_KEPT:
             return
         closed = [d for d, s in self._states.items() if s.open_until is None]
         for domain in closed + list(self._states):
             if len(self._states) <= ENTRIES_KEPT:
                 return
-            self._states.pop(domain, None)
+            if domain == keep:
+                continue
+            dropped = self._states.pop(domain, None)
+            if dropped is not None and dropped.open_until is not None:
+                self._open -= 1

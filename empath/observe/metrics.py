@@ -172,6 +172,8 @@ class Instruments:
         self.dns_duration = n
         self.dns_cache_hits = n
         self.rate_limit_waits = n
+        self.breakers_open = n
+        self.breaker_openings = n
         if enabled:
             self._build()
 
@@ -253,6 +255,12 @@ class Instruments:
                                       "DNS answers served from the cache")
         self.rate_limit_waits = counter(
             "empath_rate_limit_waits", "Deliveries that waited for a per-domain rate limit")
+        self.breakers_open = Gauge(
+            "empath_circuit_breakers_open", "Destinations whose circuit breaker is open or "
+            "waiting for its probe, summed over the delivery workers (each has its own)",
+            multiprocess_mode="livesum", registry=None)
+        self.breaker_openings = counter(
+            "empath_circuit_breaker_openings", "Times a destination's circuit breaker opened")
         self._wrap_all()
         for transport in TRANSPORTS:  # so every series exists (at 0) from the start
             self.delivery_duration.labels(transport)

@@ -21,6 +21,7 @@ import pytest
 
 from empath.spool import CorruptFile, Spool, new_message_id, read_envelope
 from empath.spool.submit import store_message
+from tests.integration.test_observability import scrape_when
 from tests.support.daemon import EmpathDaemon
 from tests.support.dnsserver import DNSServer
 from tests.support.fixtures import DaemonFactory
@@ -191,14 +192,16 @@ def test_circuit_breaker_stops_trying_a_dead_destination(daemon_factory: DaemonF
     dead = AcceptAndClose("127.0.0.6", port)
     revived: SinkServer | None = None
     try:
-        daemon = daemon_factory(overrides(dns, port, 1, circuit_breaker={
-            "failures": 2, "cooldown": "3s"}))
+        daemon = daemon_factory({**overrides(dns, port, 1, circuit_breaker={
+            "failures": 2, "cooldown": "3s"}), "metrics": {"listen_addr": "127.0.0.1:0"}})
         first = ids_per_worker(1, 1)
         spool_messages(daemon, first, "dead.test")
         daemon.wait_for(lambda: dead.accepted >= 2, WAIT, "two failed attempts")
         daemon.wait_for(lambda: "circuit breaker for dead.test open" in daemon.log_text(),
                         WAIT, "the breaker to open")
         assert dead.accepted == 2
+        scrape_when(daemon, "the breaker gauge", empath_circuit_breakers_open=1,
+                    empath_circuit_breaker_openings_total=1)
         later = ids_per_worker(1, 3)
         spool_messages(daemon, later, "dead.test")
         for qid in later:  # deferred at once, without a connection attempt
@@ -215,6 +218,9 @@ def test_circuit_breaker_stops_trying_a_dead_destination(daemon_factory: DaemonF
         daemon.wait_for(lambda: revived is not None and len(revived.messages) == 4, WAIT,
                         "all four messages delivered")
         assert "circuit breaker for dead.test closed" in daemon.log_text()
+        # Closed again; it opened once (the failed probe kept it open, no new opening).
+        scrape_when(daemon, "the breaker gauge back to 0", empath_circuit_breakers_open=0,
+                    empath_circuit_breaker_openings_total=1)
         assert len(revived.sessions) >= 1
     finally:
         dead.stop()

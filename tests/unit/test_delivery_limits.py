@@ -159,6 +159,25 @@ def test_breaker_opens_after_consecutive_failures_and_defers_at_once(tmp_path: P
     assert b.state("other.test") == CLOSED  # per domain
 
 
+def test_open_count_and_openings_follow_every_transition(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = Clock()
+    b = breakers(tmp_path, clock)
+    fail(b, "a.test", 2)
+    fail(b, "b.test", 2)
+    assert (b.open_count(), b.openings) == (2, 2)
+    clock.now += 10.0
+    b.record("a.test", UNREACHABLE, b.admit("a.test"))  # failed probe: open again
+    assert (b.open_count(), b.openings) == (2, 2)
+    clock.now += 10.0
+    b.record("a.test", REACHED, b.admit("a.test"))  # probe reached: closed
+    assert (b.open_count(), b.openings) == (1, 2)
+    monkeypatch.setattr(breaker_mod, "ENTRIES_KEPT", 1)
+    fail(b, "c.test", 1)  # the table overflows: the open b.test entry is dropped
+    assert b.state("b.test") == CLOSED
+    assert b.open_count() == sum(b.state(d) != CLOSED for d in ("a.test", "b.test", "c.test"))
+
+
 def test_after_the_cooldown_exactly_one_probe_goes(tmp_path: Path) -> None:
     clock = Clock()
     b = breakers(tmp_path, clock)
