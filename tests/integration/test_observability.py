@@ -347,3 +347,58 @@ def test_usr1_reopens_the_audit_log(daemon_factory: DaemonFactory) -> None:
     # queue view reads the rotated copy too.
     view = ctl(d, "queue", "view", first, "--json")
     assert [r["event"] for r in json.loads(view.stdout)["audit"]] == ["received", "delivered"]
+
+
+def test_audit_records_of_deferral_expiry_bounce_notice_and_operators(
+        daemon_factory: DaemonFactory) -> None:
+    sink = SinkServer(Behaviour(rcpt_replies={
+        "later@example.net": (451, "4.2.1 mailbox busy"),
+        "gone@example.net": (550, "5.1.1 no such user")})).start()
+    try:
+        d = observed(daemon_factory, relay_domains=["example.net"], delivery={
+            "smarthost": f"127.0.0.1:{sink.port}", "max_attempts": 2,
+            "retry_base_delay": "1s", "retry_max_delay": "1s", "retry_jitter_factor": 0,
+            "queue_scan_interval": "0.2s"})
+        later = send(d, "alice@localhost", ["later@example.net"], message(1, 300))
+        gone = send(d, "alice@localhost", ["gone@example.net"], message(2, 300))
+
+        def events(msg_id: str) -> list[str]:
+            return [r["event"] for r in audit_records(d) if r["id"] == msg_id]
+
+        # later: deferred on the first attempt, expired (max_attempts 2) on the second.
+        d.wait_for(lambda: events(later) == ["received", "deferred", "expired", "notice"],
+                   WAIT, "later@ deferred, then expired with a notice")
+        d.wait_for(lambda: events(gone) == ["received", "bounced", "notice"], WAIT,
+                   "gone@ bounced with a notice")
+        records = audit_records(d)
+        by = {(r["id"], r["event"]): r for r in records}
+        deferred = by[(later, "deferred")]
+        assert (deferred["recipient"], deferred["code"], deferred["enhanced"],
+                deferred["attempt"]) == ("later@example.net", 451, "4.2.1", 1)
+        expired = by[(later, "expired")]
+        assert (expired["attempt"], expired["expired_by"]) == (2, "max_attempts")
+        bounced = by[(gone, "bounced")]
+        assert (bounced["recipient"], bounced["code"], bounced["text"]) == (
+            "gone@example.net", 550, "no such user")
+        for msg_id, rcpt in ((later, "later@example.net"), (gone, "gone@example.net")):
+            notice = by[(msg_id, "notice")]
+            assert notice["kind"] == "failed" and notice["recipients"] == [rcpt]
+            assert notice["notice_id"] != msg_id
+            # The bounce itself is a message of the queue, delivered to alice's Maildir.
+            assert ("received" not in events(notice["notice_id"]))
+        d.wait_for(lambda: len(list((d.dir / "mail" / "alice" / "new").glob("*"))) == 2,
+                   WAIT, "both bounces in alice's mailbox")
+
+        # Operators: hold, release, delete, each recorded with who and the states.
+        assert ctl(d, "queue", "freeze").returncode == 0
+        parked = send(d, "alice@localhost", ["ann@example.net"], message(3, 300))
+        for command in (["hold"], ["release"], ["delete", "--yes"]):
+            done = ctl(d, "queue", command[0], parked, *command[1:])
+            assert done.returncode == 0, done.stderr
+        ops = [r for r in audit_records(d) if r["id"] == parked and r["event"] != "received"]
+        assert [(r["event"], r["previous"], r.get("status")) for r in ops] == [
+            ("held", "pending", "held"), ("released", "held", "pending"),
+            ("deleted", "pending", None)], ops
+        assert all(r["operator"] for r in ops)
+    finally:
+        sink.stop()
