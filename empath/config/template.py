@@ -27,6 +27,39 @@ DOMAIN_EXAMPLE = """\
 #   rate_limit: 200
 """
 
+# Appended, commented out, to the template: settings that need files of your own. Each block
+# is valid YAML once uncommented (tests/unit/test_config.py loads them).
+EXAMPLES = """\
+# ---------------------------------------------------------------------------------------------
+# Examples (uncomment and adapt; each replaces the key of the same name above).
+#
+# Submission with SMTP AUTH on 587 (STARTTLS) and 465 (implicit TLS), next to port 25; the
+# password file is made with `empathctl passwd` (docs/OPERATIONS.md):
+#
+# listeners:
+#   - {address: "0.0.0.0:25", mode: smtp, tls: {cert: /etc/empath/tls.crt, key: /etc/empath/tls.key}}
+#   - {address: "0.0.0.0:587", mode: submission, tls: {cert: /etc/empath/tls.crt, key: /etc/empath/tls.key}}
+#   - {address: "0.0.0.0:465", mode: smtps, tls: {cert: /etc/empath/tls.crt, key: /etc/empath/tls.key}}
+# smtp:
+#   auth: {password_file: /etc/empath/passwd}
+#
+# Priorities: mail from the billing system first, newsletters last (docs/ARCHITECTURE.md):
+#
+# priority:
+#   step: 1m
+#   rules:
+#     - {sender: "@billing.example.com", priority: high}
+#     - {auth_user: newsletter, priority: low}
+#     - {recipient_domain: partner.example, priority: 2}
+#
+# DKIM signing of mail from mynetworks and authenticated clients; the key and the DNS record
+# come from `empathctl dkim keygen example.com s2026 --dir /etc/empath/dkim`:
+#
+# dkim:
+#   domains:
+#     example.com: {selector: s2026, key: /etc/empath/dkim/example.com.s2026.key, algorithm: rsa-sha256}
+"""
+
 
 def _comment(text: str, indent: str) -> list[str]:
     return [indent + "# " + line for line in textwrap.wrap(text, 96 - len(indent))]
@@ -82,7 +115,7 @@ def render_template() -> str:
         if i and line.startswith("# ") and lines[i - 1] and not lines[i - 1].startswith("#"):
             spaced.append("")
         spaced.append(line)
-    return "\n".join(spaced) + "\n"
+    return "\n".join(spaced) + "\n\n" + EXAMPLES
 
 
 def _type_text(key: Key) -> str:

@@ -3,6 +3,7 @@ shipped conf/empath.yaml is exactly the generated template; ``empath check-confi
 
 from __future__ import annotations
 
+import re
 import subprocess
 import textwrap
 from pathlib import Path
@@ -156,3 +157,39 @@ def test_configuration_reference_is_generated_from_the_schema() -> None:
     # Every leaf key of the schema has a row.
     assert "| `smtp.timeouts.data_termination` |" in text
     assert "| `delivery.domains.<domain>.mx_override` |" in text
+
+
+def test_commented_examples_of_the_template_are_valid(tmp_path: Path) -> None:
+    """Each example block at the end of conf/empath.yaml, uncommented, with its files made,
+    is a valid configuration."""
+    text = render_template()
+    tail = text[text.index("# Examples"):].splitlines()
+    paragraphs: list[list[str]] = [[]]
+    for line in tail[1:]:
+        if line.strip() == "#":
+            paragraphs.append([])
+        elif line.startswith("# "):
+            paragraphs[-1].append(line[2:])
+    yaml_blocks = ["\n".join(par) for par in paragraphs
+                   if par and re.fullmatch(r"[a-z_]+:", par[0])]
+    assert len(yaml_blocks) == 3, yaml_blocks
+    etc = tmp_path / "etc"
+    for name in ("tls.crt", "tls.key", "passwd", "dkim/example.com.s2026.key"):
+        (etc / name).parent.mkdir(parents=True, exist_ok=True)
+        (etc / name).write_text("")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=mail.example.com", "-keyout", str(etc / "tls.key"),
+                    "-out", str(etc / "tls.crt")], check=True, capture_output=True)
+    subprocess.run(["openssl", "genrsa", "-out", str(etc / "dkim/example.com.s2026.key"),
+                    "2048"], check=True, capture_output=True)
+    for block in yaml_blocks:
+        body = block.replace("/etc/empath/", f"{etc}/")
+        base = "processes:\n  receivers: 2\n" if "listeners:" in body else GOOD
+        cfg = load_config(str(write(tmp_path, base + body + "\n")))
+        assert cfg.config_file == str(tmp_path / "empath.yaml")
+        if "dkim:" in body:
+            assert cfg.dkim.domains["example.com"].selector == "s2026"
+        if "priority:" in body:
+            assert [r.priority for r in cfg.priority.rules] == [5, -5, 2]
+        if "listeners:" in body:
+            assert [lst.mode for lst in cfg.listeners] == ["smtp", "submission", "smtps"]
