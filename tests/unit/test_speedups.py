@@ -26,7 +26,8 @@ BUILD_HINT = (
     "the Cython speedups are not built ({exc}); run `python setup.py build_ext --inplace`, "
     "or set EMPATH_NO_EXTENSIONS=1 to test the pure-Python twins only"
 )
-PROPS = settings(max_examples=300, deadline=None,
+# EMPATH_FUZZ_EXAMPLES: examples per property test (tools/fuzz; docs/RELIABILITY.md).
+PROPS = settings(max_examples=int(os.environ.get("EMPATH_FUZZ_EXAMPLES") or 300), deadline=None,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
