@@ -116,10 +116,11 @@ class Receiver:
         return self._free_ok
 
     def sweep(self) -> None:
-        """Close connections whose current timeout has passed (one timer for all of them)."""
+        """Close connections whose current timeout, or whole lifetime (a busy client too),
+        has passed (one timer for all of them)."""
         now = time.monotonic()
         for proto in list(self.connections):
-            if proto.deadline < now:
+            if proto.deadline < now or proto.end_of_life < now:
                 proto.timed_out()
 
 

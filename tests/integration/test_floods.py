@@ -161,3 +161,44 @@ def test_stalled_data_is_cut_by_the_data_block_timeout(daemon_factory: Any) -> N
     assert 1.5 < time.monotonic() - started < 6
     spool_tmp = d.spool_path / "tmp"
     assert not any(spool_tmp.iterdir()), "the unfinished message left a file behind"
+
+
+def test_silence_after_354_is_cut_by_the_data_init_timeout(daemon_factory: Any) -> None:
+    d: EmpathDaemon = daemon_factory({"smtp": {"timeouts": {"data_init": "1s",
+                                                            "data_block": "60s"}}})
+    s = socket.create_connection(d.address, timeout=10)
+    f = s.makefile("rb")
+    assert f.readline().startswith(b"220")
+    s.sendall(b"HELO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@localhost>\r\nDATA\r\n")
+    for _ in range(3):
+        f.readline()
+    assert f.readline().startswith(b"354")
+    started = time.monotonic()
+    line = f.readline()  # nothing sent: data_init (1s), not data_block (60s), applies
+    assert line.startswith(b"421 4.4.2") and b"timeout exceeded" in line, line
+    assert 0.8 < time.monotonic() - started < 6
+    s.close()
+
+
+def test_busy_connection_is_cut_at_the_end_of_its_lifetime(daemon_factory: Any) -> None:
+    d: EmpathDaemon = daemon_factory({"smtp": {"timeouts": {"connection": "2s"}}})
+    s = socket.create_connection(d.address, timeout=10)
+    f = s.makefile("rb")
+    started = time.monotonic()
+    assert f.readline().startswith(b"220")
+    s.sendall(b"EHLO c\r\n")
+    while not f.readline().startswith(b"250 "):
+        pass
+    last = b""
+    for _ in range(40):  # a NOOP every 0.25 s keeps every other timeout from firing
+        try:
+            s.sendall(b"NOOP\r\n")
+        except OSError:
+            break
+        last = f.readline()
+        if not last.startswith(b"250"):
+            break
+        time.sleep(0.25)
+    assert last.startswith(b"421 4.4.2") and b"connection time limit exceeded" in last, last
+    assert 1.8 < time.monotonic() - started < 8
+    s.close()

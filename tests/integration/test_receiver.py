@@ -476,3 +476,21 @@ def test_on_data_hook_that_hangs_is_cut_by_data_termination(daemon_factory: Any,
         assert s.sendmail("fine@example.org", ["b@localhost"], MESSAGE) == {}
     assert [env["sender"] for env, _ in incoming(d)] == ["fine@example.org"]
     assert "on_data module hooks did not answer within 1s" in d.log_text()
+
+
+def test_unknown_local_users_are_refused_at_rcpt(daemon_factory: Any, tmp_path: Path) -> None:
+    users = tmp_path / "users"
+    users.write_text("# local users\nalice\nBob\n")
+    d = frozen_daemon(daemon_factory, {"local_delivery": {"users": str(users)}})
+    with d.smtp() as s:
+        s.ehlo("c")
+        s.mail("x@example.org")
+        assert s.rcpt("alice@localhost")[0] == 250
+        assert s.rcpt("bob@localhost")[0] == 250
+        code, text = s.rcpt("carol@localhost")
+        assert code == 550 and text.startswith(b"5.1.1"), text
+        assert s.rcpt("someone@example.net")[0] == 250  # not a local domain: relay rules
+        assert s.data(MESSAGE)[0] == 250
+    [(env, _)] = incoming(d)
+    assert [r["address"] for r in env["recipients"]] == [
+        "alice@localhost", "bob@localhost", "someone@example.net"]
