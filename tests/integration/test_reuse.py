@@ -1,6 +1,8 @@
-"""Recycled queue files and spool.sync through the real daemon: a delivered message's file goes to
-recycle/, the next message received is written into that same inode (nothing of the old
-content left), and is delivered intact; with ``spool.recycle_files: 0`` nothing is kept."""
+"""The spool and delivery paths that save work per message, through the real daemon: a
+delivered message's file goes to recycle/ and the next message received is written into that
+same inode (nothing of the old content left) and delivered intact (with
+``spool.recycle_files: 0`` nothing is kept); ``spool.sync: filesystem`` receives and delivers;
+a delivery connection is reused for the next message."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ def maildir_files(d: EmpathDaemon, user: str) -> list[Path]:
 
 
 def send(d: EmpathDaemon, rcpt: str, body: bytes) -> None:
+    """One message on its own SMTP connection."""
     with d.smtp() as s:
         assert s.sendmail(SENDER, [rcpt], body) == {}
 
@@ -77,3 +80,27 @@ def test_filesystem_sync_mode_receives_and_delivers(daemon_factory: Any) -> None
     d.wait_for(lambda: len(maildir_files(d, "dave")) == 5, 20, "five deliveries")
     delivered = sorted(p.read_bytes() for p in maildir_files(d, "dave"))
     assert all(any(m.endswith(b) for m in delivered) for b in bodies)
+
+
+def test_delivery_connection_is_reused_for_the_next_message(daemon_factory: Any) -> None:
+    from tests.support.sink import Behaviour, SinkServer
+
+    sink = SinkServer(Behaviour()).start()
+    try:
+        d: EmpathDaemon = daemon_factory({
+            "processes": {"delivery": 1}, "relay_domains": ["example.net"],
+            "delivery": {"smarthost": f"127.0.0.1:{sink.port}",
+                         "tls": {"default_policy": "disabled"},
+                         "connection_reuse": {"max_idle": "30s", "max_messages": 3}}})
+        for i in range(5):
+            send(d, f"ann{i}@example.net", f"Subject: {i}\r\n\r\nbody {i}\r\n".encode())
+            sink.wait_for_messages(i + 1, timeout=20)
+        # Five messages, one after the other: two connections (max_messages 3), each with one
+        # EHLO, and RSET between the transactions of a connection.
+        verbs = [s.verbs() for s in sink.sessions]
+        assert len(verbs) == 2, verbs
+        assert [v.count("MAIL") for v in verbs] == [3, 2]
+        assert [v.count("EHLO") for v in verbs] == [1, 1]
+        assert verbs[0].count("RSET") >= 2
+    finally:
+        sink.stop()
