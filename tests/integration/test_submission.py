@@ -19,6 +19,7 @@ MESSAGE = b"Subject: submitted\r\n\r\nbody\r\n"
 
 
 def submission_daemon(daemon_factory: Any, tmp_path: Path, mode: str = "submission",
+                      extra: dict[str, Any] | None = None,
                       **auth: Any) -> tuple[EmpathDaemon, ssl.SSLContext]:
     ca = make_ca(tmp_path / "pki")
     server = make_server_cert(tmp_path / "pki", ca, "mx.test.empath", ips=["127.0.0.1"])
@@ -30,6 +31,7 @@ def submission_daemon(daemon_factory: Any, tmp_path: Path, mode: str = "submissi
                        "tls": {"cert": server.cert_path, "key": server.key_path}}],
         "mynetworks": [],  # only authentication allows relaying
         "smtp": {"auth": {"password_file": str(pwfile), **auth}},
+        **(extra or {}),
     }, start=False)
     Spool(str(d.spool_path)).create_tree()
     Spool(str(d.spool_path)).set_frozen(True)
@@ -160,3 +162,34 @@ def test_empathctl_passwd_adds_and_changes_users(tmp_path: Path) -> None:
     bad = subprocess.run([ctl, "passwd", "bad:name", "--file", str(pwfile), "--stdin"],
                          input="pw\n", capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "invalid user name" in bad.stderr
+
+
+def test_authenticated_mail_is_dkim_signed_with_the_configured_headers(
+        daemon_factory: Any, tmp_path: Path) -> None:
+    import dkim
+
+    from tests.integration.test_dkim import dns_txt, keygen
+    from tests.support.dnsserver import DNSServer
+
+    key, txt = keygen(tmp_path, "rsa-sha256", "sub1")
+    d, client = submission_daemon(daemon_factory, tmp_path, extra={"dkim": {
+        "canonicalization": "simple/simple", "headers": ["from", "subject"],
+        "domains": {"example.org": {"selector": "sub1", "key": key}}}})
+    body = b"From: Alice <alice@example.org>\r\nSubject: signed\r\n\r\ncovered text\r\n"
+    with d.smtp() as s:
+        s.starttls(context=client)
+        s.login("alice@example.org", "correct horse")
+        s.sendmail("alice@example.org", ["someone@far-away.example"], body)
+    [(_, data)] = stored(d)
+    assert data.startswith(b"DKIM-Signature: ")
+    header = data.split(b"\r\n\r\n", 1)[0].replace(b"\r\n\t", b" ").replace(b"\r\n ", b" ")
+    sig = header.split(b"\r\n", 1)[0]
+    assert b"c=simple/simple" in sig and b"d=example.org" in sig and b"s=sub1" in sig
+    signed = next(t.split(b"=", 1)[1] for t in sig.replace(b" ", b"").split(b";")
+                  if t.startswith(b"h="))
+    assert signed.lower().split(b":") == [b"from", b"subject"]
+    with DNSServer({"sub1._domainkey.example.org": {"TXT": [txt]}}) as server:
+        assert dkim.verify(data, dnsfunc=dns_txt(server))
+        # simple body canonicalization: even a changed space breaks it.
+        assert not dkim.verify(data.replace(b"covered text", b"covered  text"),
+                               dnsfunc=dns_txt(server))
