@@ -6,6 +6,8 @@ stays in incoming/ where the test reads it back with the spool's own reader.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import shutil
@@ -494,3 +496,59 @@ def test_unknown_local_users_are_refused_at_rcpt(daemon_factory: Any, tmp_path: 
     [(env, _)] = incoming(d)
     assert [r["address"] for r in env["recipients"]] == [
         "alice@localhost", "bob@localhost", "someone@example.net"]
+
+
+def test_failed_flush_answers_452_and_leaves_no_file(daemon_factory: Any,
+                                                      tmp_path: Path) -> None:
+    """The write succeeds into the page cache and only the fdatasync fails: the spool sits on
+    a thin-provisioned disk (ext4 on a loop device whose sparse backing file lives on a small
+    tmpfs) whose backing store is then filled, so writeback fails (ENOSPC from the block
+    layer) after every write call has succeeded."""
+    back, fs = tmp_path / "back", tmp_path / "fs"
+    back.mkdir()
+    fs.mkdir()
+    run = functools.partial(subprocess.run, capture_output=True, text=True)
+    loop = ""
+    d: EmpathDaemon | None = None
+    try:
+        assert run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(back)]).returncode == 0
+        image = back / "disk.img"
+        with open(image, "wb") as fh:
+            fh.truncate(64 * 1024 * 1024)
+        made = run(["losetup", "-f", "--show", str(image)])
+        assert made.returncode == 0, made.stderr
+        loop = made.stdout.strip()
+        assert run(["mkfs.ext4", "-q", "-O", "^has_journal", loop]).returncode == 0
+        assert run(["mount", "-o", "errors=continue", loop, str(fs)]).returncode == 0
+        d = daemon_factory({"spool": {"path": str(fs / "spool")}}, start=False)
+        Spool(str(fs / "spool")).create_tree()
+        Spool(str(fs / "spool")).set_frozen(True)
+        d.start()
+        with d.smtp() as s:
+            assert s.sendmail("a@example.org", ["b@localhost"], MESSAGE) == {}
+            ballast = back / "ballast"
+            with open(ballast, "wb") as fh:
+                with contextlib.suppress(OSError):
+                    for _ in range(1000):  # bounded: 64 MiB, far more than the tmpfs
+                        fh.write(b"\0" * 65536)
+                        fh.flush()
+            big = b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * 200
+            s.ehlo("c")
+            s.mail("a@example.org")
+            s.rcpt("b@localhost")
+            code, text = s.data(big)
+            assert code == 452, text
+            ballast.unlink()
+            assert s.sendmail("a@example.org", ["c@localhost"], MESSAGE) == {}
+        spool = Spool(str(fs / "spool"))
+        assert os.listdir(spool.tmp) == []
+        assert sorted(env["recipients"][0]["address"] for env, _ in incoming(d)) == [
+            "b@localhost", "c@localhost"]
+        assert "not stored" in d.log_text()
+    finally:
+        if d is not None:
+            d.kill()
+        run(["umount", "-l", str(fs)])
+        if loop:
+            run(["losetup", "-d", loop])
+        run(["umount", "-l", str(back)])
