@@ -37,9 +37,15 @@ EXAMPLES = """\
 # password file is made with `empathctl passwd` (docs/OPERATIONS.md):
 #
 # listeners:
-#   - {address: "0.0.0.0:25", mode: smtp, tls: {cert: /etc/empath/tls.crt, key: /etc/empath/tls.key}}
-#   - {address: "0.0.0.0:587", mode: submission, tls: {cert: /etc/empath/tls.crt, key: /etc/empath/tls.key}}
-#   - {address: "0.0.0.0:465", mode: smtps, tls: {cert: /etc/empath/tls.crt, key: /etc/empath/tls.key}}
+#   - address: "0.0.0.0:25"
+#     mode: smtp
+#     tls: {cert: /etc/empath/tls.crt, key: /etc/empath/tls.key}
+#   - address: "0.0.0.0:587"
+#     mode: submission
+#     tls: {cert: /etc/empath/tls.crt, key: /etc/empath/tls.key}
+#   - address: "0.0.0.0:465"
+#     mode: smtps
+#     tls: {cert: /etc/empath/tls.crt, key: /etc/empath/tls.key}
 # smtp:
 #   auth: {password_file: /etc/empath/passwd}
 #
@@ -57,7 +63,10 @@ EXAMPLES = """\
 #
 # dkim:
 #   domains:
-#     example.com: {selector: s2026, key: /etc/empath/dkim/example.com.s2026.key, algorithm: rsa-sha256}
+#     example.com:
+#       selector: s2026
+#       key: /etc/empath/dkim/example.com.s2026.key
+#       algorithm: rsa-sha256
 """
 
 

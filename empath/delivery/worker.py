@@ -37,6 +37,10 @@ from empath.spool.submit import store_message
 log = logging.getLogger("empath.delivery")
 
 FOREIGN_GRACE = 2.0  # seconds a file of another shard waits before this worker takes it
+# Listing incoming/ costs time in proportion to its size: a worker works through its last
+# listing and lists again only when that is used up or has aged, and never spends more than
+# this share of its time listing (a backlog of 800,000 files takes about a second to list).
+LISTING_SHARE = 0.1
 REMOVE_RETRIES = 5
 
 
@@ -56,6 +60,10 @@ class DeliveryWorker:
         self.wake = asyncio.Event()
         self.rng = random.Random()
         self._foreign_seen: dict[str, float] = {}
+        # incoming/ as last listed (in delivery order) and how far this worker has got in it.
+        self._listing: list[str] = []
+        self._listing_pos = 0
+        self._relist_at = 0.0  # monotonic time before which incoming/ is not listed again
         self._due: list[tuple[float, str]] = []  # heap of (due time, id) from the last scan
         # Claims whose state update failed (a rename or unlink the file system refused):
         # id -> (retry at, path in active/<pid>/, what to retry). See _strand.
@@ -86,6 +94,8 @@ class DeliveryWorker:
                     self._fill()
                 timeout = interval
                 nexts = [due for due, _, _ in self._stranded.values()]
+                if self._free() > 0 and self._relist_at > time.monotonic():
+                    nexts.append(time.time() + self._relist_at - time.monotonic())
                 if self._due:
                     nexts.append(self._due[0][0])
                 if nexts:
@@ -123,20 +133,32 @@ class DeliveryWorker:
         if self._free() <= 0:
             return
         now_mono = time.monotonic()
-        seen: dict[str, float] = {}
-        ordered = self.spool.list_ids_by_mtime if self.prioritized else self.spool.list_ids
-        for message_id in ordered("incoming"):
-            if self._free() <= 0:
-                break
+        if now_mono >= self._relist_at:
+            self._list_incoming(now_mono)
+        listing = self._listing
+        while self._listing_pos < len(listing) and self._free() > 0:
+            message_id = listing[self._listing_pos]
+            self._listing_pos += 1
             if not self._own(message_id):
-                first = self._foreign_seen.get(message_id, now_mono)
-                seen[message_id] = first
+                first = self._foreign_seen.setdefault(message_id, now_mono)
                 if now_mono - first < FOREIGN_GRACE:
                     continue
             self._claim(message_id, "incoming")
-        self._foreign_seen = seen
         self._fill_deferred()
         self._fill_stranded()
+
+    def _list_incoming(self, now_mono: float) -> None:
+        """List incoming/ again; the next listing waits until this one is used up (or, with
+        free capacity, for new mail) and at least LISTING_SHARE allows."""
+        ordered = self.spool.list_ids_by_mtime if self.prioritized else self.spool.list_ids
+        listing = ordered("incoming")
+        took = time.monotonic() - now_mono
+        self._listing, self._listing_pos = listing, 0
+        self._relist_at = now_mono + took / LISTING_SHARE
+        # Forget first sightings of files of other shards that are gone from incoming/.
+        if self._foreign_seen:
+            present = set(listing)
+            self._foreign_seen = {k: v for k, v in self._foreign_seen.items() if k in present}
 
     def _fill_deferred(self) -> None:
         now = time.time()

@@ -302,3 +302,50 @@ def test_a_due_time_beyond_any_retry_delay_counts_as_due_now(tmp_path: Path) -> 
     due = {mid: at for at, mid in worker._due}
     assert due[ids["far"]] == now
     assert due[ids["near"]] == pytest.approx(now + 3600, abs=1)
+
+
+def test_a_backlog_is_listed_once_and_worked_through_in_order(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker claims from its last listing of incoming/ and lists again only when
+    LISTING_SHARE allows: with a backlog, not once per finished delivery."""
+    worker = _worker(tmp_path)
+    worker.capacity = 10
+    ids = []
+    for _ in range(300):
+        qid = new_message_id()
+        store_message(worker.spool, b"x\r\n", {
+            "id": qid, "sender": "s@a.example", "received_at": time.time(), "params": {},
+            "recipients": [{"address": "u@b.example", "orcpt": None, "notify": None}]},
+            wake=False)
+        ids.append(qid)
+    listings = []
+    real_list = worker.spool.list_ids
+    monkeypatch.setattr(worker.spool, "list_ids",
+                        lambda state: listings.append(state) or real_list(state))
+    monkeypatch.setattr(worker_module, "LISTING_SHARE", 1e-6)  # relist only when allowed
+    claimed: list[str] = []
+
+    def start(message_id: str, work: object) -> None:
+        work.close()  # type: ignore[attr-defined]
+        claimed.append(message_id)
+        worker.inflight[message_id] = None  # type: ignore[assignment]
+
+    monkeypatch.setattr(worker, "_start", start)
+    os.makedirs(worker.spool.active_dir(worker.slot), exist_ok=True)
+    for _ in range(40):  # a delivery finishes, the worker fills its free slots again
+        worker._fill()
+        worker.inflight.clear()
+    assert claimed == sorted(ids)
+    assert listings == ["incoming"]
+    assert sorted(os.listdir(worker.spool.active_dir(worker.slot))) == sorted(ids)
+    # New mail is seen at the next listing, not before.
+    late = new_message_id()
+    store_message(worker.spool, b"x\r\n", {
+        "id": late, "sender": "s@a.example", "received_at": time.time(), "params": {},
+        "recipients": [{"address": "u@b.example", "orcpt": None, "notify": None}]},
+        wake=False)
+    worker._fill()
+    assert claimed[-1] != late and listings == ["incoming"]
+    worker._relist_at = 0.0
+    worker._fill()
+    assert claimed[-1] == late and listings == ["incoming", "incoming"]
