@@ -445,7 +445,8 @@ class DeliveryWorker:
         """Unlink a finished message, retrying; never let it be delivered twice."""
         for attempt in range(REMOVE_RETRIES):
             try:
-                self.spool.retire(path)
+                self.spool.retire(path, None if envelope is None
+                                  else envelope.get("data_size"))
                 log.info("%s: removed (%s)", message_id, why)
                 return
             except FileNotFoundError:

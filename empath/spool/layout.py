@@ -42,8 +42,6 @@ log = logging.getLogger("empath.spool")
 QUEUE_STATES = ("incoming", "deferred", "hold", "failed", "corrupt")
 ALL_DIRS = ("tmp", "incoming", "active", "deferred", "hold", "failed", "corrupt", "recycle",
             "control", "control/wake", "control/auth-failures")
-_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-_REUSED_FILE = os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC
 RELIST_INTERVAL = 0.05  # a receiver lists recycle/ at most this often when it found none
 RECYCLE_MAX_SIZE = 64 * 1024  # larger files are unlinked: recycle/ would hold their space
 
@@ -238,7 +236,7 @@ class Spool:
         os.unlink(path)
 
     # -- recycled files ----------------------------------------------------------------------
-    def retire(self, path: str) -> None:
+    def retire(self, path: str, size: int | None = None) -> None:
         """Take a finished message out of the queue: one rename into recycle/ (receivers
         reuse the file for new messages) when recycling is on and the file is at most
         RECYCLE_MAX_SIZE, otherwise an unlink. FileNotFoundError when the file is gone.
@@ -247,9 +245,11 @@ class Spool:
         The content stays in the recycled file until a receiver overwrites it with a new
         message (and cuts it to that length): 0600, owned by the spool's user, like the
         queue itself. Every ``recycle_files // 2`` retirements recycle/ is trimmed back to
-        ``recycle_files``.
+        ``recycle_files``. ``size``: the message's data size when the caller knows it (the
+        envelope's ``data_size``), which spares a stat.
         """
-        if self.recycle_files > 0 and os.stat(path).st_size <= RECYCLE_MAX_SIZE:
+        if self.recycle_files > 0 and (os.stat(path).st_size if size is None
+                                       else size) <= RECYCLE_MAX_SIZE:
             try:
                 os.rename(path, os.path.join(self.recycle, os.path.basename(path)))
             except FileNotFoundError:
@@ -285,23 +285,6 @@ class Spool:
             except IndexError:
                 if not self._relist():
                     return None
-
-    def create_tmp(self, tmp: str) -> int:
-        """Open a new file at ``tmp`` (a tmp/ path of this process) for writing: a recycled
-        file renamed there and truncated when there is one, else a newly created file.
-
-        On ext4 allocating an inode is a large part of a receiver's kernel time (without a
-        journal it walks the inode table for recently freed inodes); a rename and a truncate
-        are not."""
-        reuse = self.take_recycled()
-        if reuse is not None:
-            with contextlib.suppress(OSError):
-                os.rename(reuse, tmp)
-                try:
-                    return os.open(tmp, _REUSED_FILE)
-                except OSError:
-                    os.unlink(tmp)
-        return os.open(tmp, _NEW_FILE, 0o600)
 
     def _relist(self) -> bool:
         """Refill the names to reuse from recycle/ (not more often than RELIST_INTERVAL);

@@ -50,6 +50,10 @@ class ReceiverWriter:
     def __init__(self, spool: Spool, threads: int = 16) -> None:
         self.spool = spool
         self._loop = asyncio.get_running_loop()
+        # Paths of every message, built once: tmp/<pid>-<id> and incoming/<id> (bytes, for
+        # store_file). The writer lives in one receiver process, so the pid is fixed.
+        self.tmp_prefix = spool.tmp_path("", os.getpid())
+        self.incoming_prefix = os.fsencode(spool.state_dir("incoming")) + b"/"
         self._dir_fd = os.open(spool.state_dir("incoming"), os.O_RDONLY | os.O_DIRECTORY)
         self._waker = Waker(spool)
         # Renames into incoming/ are made durable by the pool's group-commit thread; after
@@ -114,8 +118,9 @@ class IncomingMessage:
 
     def _spill(self) -> None:
         if self._fd < 0:
-            self._tmp = self._writer.spool.tmp_path(self.id)
-            self._fd = self._writer.spool.create_tmp(self._tmp)
+            # A new file: recycled ones are small (at most 64 KiB), a spilled message is not.
+            self._tmp = self._writer.tmp_prefix + self.id
+            self._fd = os.open(self._tmp, _OPEN_FLAGS, 0o600)
         chunks, self._chunks, self._buffered = self._chunks, [], 0
         _write_all(self._fd, chunks)
 
@@ -175,22 +180,21 @@ class IncomingMessage:
         """Thread side: finish the tmp file (a recycled one when there is one), fdatasync,
         rename into incoming/; the seconds it took. One call of the compiled ``store_file``,
         which holds no GIL from the first syscall to the last."""
-        spool = self._writer.spool
+        writer = self._writer
         started = time.monotonic()
         fd, self._fd = self._fd, -1  # store_file closes it in every case
         reuse = None
         if fd < 0:
-            self._tmp = spool.tmp_path(self.id)
-            reuse = spool.take_recycled()
+            self._tmp = writer.tmp_prefix + self.id
+            reuse = writer.spool.take_recycled()
         chunks, self._chunks = self._chunks, []
         chunks.append(tail)
         # fdatasync covers the data and the size; the name is made durable by the directory
         # fsync of the group commit. A priority mtime is a scheduling hint, not state:
         # fdatasync may not persist it, and a message that loses its place after a crash is
         # merely delivered in arrival order.
-        store_file(fd, os.fsencode(self._tmp), chunks,
-                   os.fsencode(spool.path("incoming", self.id)), reuse,
-                   -1.0 if self.mtime is None else self.mtime, self._writer.datasync)
+        store_file(fd, os.fsencode(self._tmp), chunks, writer.incoming_prefix + self.id.encode(),
+                   reuse, -1.0 if self.mtime is None else self.mtime, writer.datasync)
         self._tmp = ""
         return time.monotonic() - started
 

@@ -255,6 +255,13 @@ def test_large_or_unrecycled_messages_are_unlinked(tmp_path):
     assert spool.list_ids("incoming") == []
     with pytest.raises(FileNotFoundError):
         spool.retire(spool.path("incoming", small))
+    # The caller's size (the envelope's data_size) decides without a stat.
+    hinted = store(spool, [b"x\r\n"])
+    spool.retire(spool.path("incoming", hinted), size=10**6)
+    assert os.listdir(spool.recycle) == []
+    kept = store(spool, [b"x\r\n"])
+    spool.retire(spool.path("incoming", kept), size=3)
+    assert os.listdir(spool.recycle) == [kept]
 
 
 def test_recycle_is_trimmed_to_its_size(tmp_path):

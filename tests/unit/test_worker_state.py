@@ -270,7 +270,7 @@ def test_a_finished_message_that_cannot_be_removed_is_retried_without_redelivery
         return ({"u@b.example": RecipientOutcome("delivered", 250, "2.0.0", "ok", "mx.b")},
                 [{"domain": "b.example", "transport": "smtp", "dsn": True}])
 
-    def refused(path: str) -> None:
+    def refused(path: str, size: int | None = None) -> None:
         raise OSError(errno.EIO, "Input/output error")
 
     async def go() -> None:
