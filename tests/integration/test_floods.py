@@ -145,15 +145,22 @@ def test_slowloris_is_cut_by_the_command_timeout(daemon_factory: Any) -> None:
     assert cut < 6, f"cut after {cut:.1f}s, the command timeout is 2s"
 
 
-def test_stalled_data_is_cut_by_the_data_block_timeout(daemon_factory: Any) -> None:
-    d: EmpathDaemon = daemon_factory({"smtp": {"timeouts": {"data_block": "2s",
-                                                            "data_init": "2s"}}})
+def at_data(d: EmpathDaemon) -> tuple[socket.socket, Any]:
+    """A raw connection whose transaction has just been answered 354."""
     s = socket.create_connection(d.address, timeout=10)
     f = s.makefile("rb")
     assert f.readline().startswith(b"220")
     s.sendall(b"HELO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@localhost>\r\nDATA\r\n")
-    for _ in range(4):
+    for _ in range(3):
         f.readline()
+    assert f.readline().startswith(b"354")
+    return s, f
+
+
+def test_stalled_data_is_cut_by_the_data_block_timeout(daemon_factory: Any) -> None:
+    d: EmpathDaemon = daemon_factory({"smtp": {"timeouts": {"data_block": "2s",
+                                                            "data_init": "2s"}}})
+    s, f = at_data(d)
     s.sendall(b"Subject: stalled\r\n\r\npart of a body")
     started = time.monotonic()
     line = f.readline()
@@ -166,13 +173,7 @@ def test_stalled_data_is_cut_by_the_data_block_timeout(daemon_factory: Any) -> N
 def test_silence_after_354_is_cut_by_the_data_init_timeout(daemon_factory: Any) -> None:
     d: EmpathDaemon = daemon_factory({"smtp": {"timeouts": {"data_init": "1s",
                                                             "data_block": "60s"}}})
-    s = socket.create_connection(d.address, timeout=10)
-    f = s.makefile("rb")
-    assert f.readline().startswith(b"220")
-    s.sendall(b"HELO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@localhost>\r\nDATA\r\n")
-    for _ in range(3):
-        f.readline()
-    assert f.readline().startswith(b"354")
+    s, f = at_data(d)
     started = time.monotonic()
     line = f.readline()  # nothing sent: data_init (1s), not data_block (60s), applies
     assert line.startswith(b"421 4.4.2") and b"timeout exceeded" in line, line

@@ -18,7 +18,8 @@ from tests.support.unbound import UNBOUND
 @pytest.fixture(scope="module")
 def dane_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaneWorld]:
     if UNBOUND is None:
-        pytest.skip("unbound is not installed (Debian: unbound; tools/install-test-deps)")
+        pytest.fail("unbound is not installed: tools/test installs it (tools/install-test-deps, "
+                    "Debian package unbound); the DANE tests need a validating resolver")
     with DaneWorld(tmp_path_factory.mktemp("dane")) as world:
         yield world
 
