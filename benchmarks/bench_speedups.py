@@ -2,8 +2,11 @@
 
 Command parsing (EHLO, MAIL and RCPT lines, a pipelined batch) and the DATA path (DataReader
 on 1 KiB, 100 KiB and 10 MiB messages fed in 64 KiB chunks, and the client's dot_stuff of the
-same messages). Prints a table with the Cython/Python speed ratio and writes the numbers to
-benchmarks/results/speedups.json. Exits non-zero when the compiled module is not built, or is
+same messages), and the spool's file write (store_file of a 1 KiB message into a recycled file on
+tmpfs, without fdatasync: the call's own cost; what it is for, one GIL release for the whole
+sequence while the event loop thread runs Python, only shows with many writer threads, see
+benchmarks/bench_spool.py). Prints a table with the Cython/Python speed ratio and writes the
+numbers to benchmarks/results/speedups.json. Exits non-zero when the compiled module is not built, or is
 not what would be used (EMPATH_NO_EXTENSIONS set), so a silent fallback never passes for a
 measurement.
 
@@ -18,7 +21,9 @@ import json
 import os
 import platform
 import random
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -119,6 +124,21 @@ def stuff_case(impl, message: bytes) -> Callable[[], None]:
     return lambda: dot_stuff(message)
 
 
+def store_case(impl, directory: str) -> Callable[[], None]:
+    """One 1 KiB message in three parts into a recycled file, renamed back after each call."""
+    store_file = impl.store_file
+    tmp, dest, spare = (os.fsencode(os.path.join(directory, n)) for n in ("tmp", "dest", "spare"))
+    with open(spare, "wb") as fh:
+        fh.write(b"x" * 2048)
+    parts = [b"Received: from a by b\r\n", b"y" * 960 + b"\r\n", b"EMPATH1 trailer\n"]
+
+    def run() -> None:
+        store_file(-1, tmp, parts, dest, spare, -1.0, False)
+        os.rename(dest, spare)
+
+    return run
+
+
 def measure(fn: Callable[[], None], budget: float, repeats: int) -> float:
     """Best seconds per call over ``repeats`` runs of about ``budget`` seconds each."""
     loops = 1
@@ -182,6 +202,13 @@ def main() -> int:
         cases.append((f"dot_stuff {label}", "data", len(message), 1,
                       lambda i, m=message: stuff_case(i, m)))
 
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    scratch = tempfile.mkdtemp(prefix="empath-bench-", dir=shm)
+    cases.append(("store_file 1 KiB (tmpfs, no sync)", "spool", 0, 1,
+                  lambda i: store_case(i, os.path.join(scratch, i.name))))
+    for name in impls:
+        os.makedirs(os.path.join(scratch, name))
+
     rows = []
     print(f"{'case':<30} {'python':>12} {'cython':>12} {'ratio':>7}")
     for name, kind, nbytes, calls, make in cases:
@@ -198,6 +225,7 @@ def main() -> int:
         print(f"{name:<30} {fmt(times['python']):>12} {fmt(times['cython']):>12} "
               f"{ratio:6.1f}x", flush=True)
 
+    shutil.rmtree(scratch, ignore_errors=True)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({
         "python": platform.python_version(),
