@@ -6,9 +6,9 @@ same messages), and the spool's file write (store_file of a 1 KiB message into a
 tmpfs, without fdatasync: the call's own cost; what it is for, one GIL release for the whole
 sequence while the event loop thread runs Python, only shows with many writer threads, see
 benchmarks/bench_spool.py). Prints a table with the Cython/Python speed ratio and writes the
-numbers to benchmarks/results/speedups.json. Exits non-zero when the compiled module is not built, or is
-not what would be used (EMPATH_NO_EXTENSIONS set), so a silent fallback never passes for a
-measurement.
+numbers to benchmarks/results/speedups.json. Exits non-zero when the compiled module is not
+built, or is not what would be used (EMPATH_NO_EXTENSIONS set), so a silent fallback never
+passes for a measurement.
 
     .venv/bin/python benchmarks/bench_speedups.py [--quick]
 """
