@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from empath.delivery.errors import TemporaryError
+from empath.observe import metrics
 
 log = logging.getLogger("empath.delivery.smtp")
 
@@ -63,6 +64,7 @@ class CircuitBreakers:
         self._states: OrderedDict[str, _State] = OrderedDict()
         self._open = 0  # entries with open_until set (open, or waiting for their probe)
         self.openings = 0  # times a breaker went from closed to open
+        self.metrics = metrics.current()  # the two breaker instruments follow every change
 
     def settings(self, domain: str) -> tuple[int, float]:
         """``(failures, cooldown)`` for ``domain``: its own settings, else the defaults."""
@@ -116,7 +118,7 @@ class CircuitBreakers:
             if entry is not None:
                 del self._states[domain]
                 if entry.open_until is not None:
-                    self._open -= 1
+                    self._opened(-1)
                     log.warning("circuit breaker for %s closed: a server answered", domain)
             return
         if outcome != UNREACHABLE:
@@ -131,12 +133,19 @@ class CircuitBreakers:
         entry.failures += 1
         if probe or (entry.open_until is None and entry.failures >= threshold):
             if entry.open_until is None:
-                self._open += 1
-                self.openings += 1
+                self._opened(1)
             entry.open_until = self.clock() + cooldown
             log.warning("circuit breaker for %s open: %d connection failures in a row; "
                         "deliveries deferred without trying for %gs", domain, entry.failures,
                         cooldown)
+
+    def _opened(self, change: int) -> None:
+        """One breaker opened (+1) or closed or was dropped while open (-1)."""
+        self._open += change
+        self.metrics.breakers_open.inc(change)
+        if change > 0:
+            self.openings += 1
+            self.metrics.breaker_openings.inc()
 
     def open_count(self) -> int:
         """Destinations whose breaker is open or waiting for its probe."""
@@ -163,4 +172,4 @@ class CircuitBreakers:
                 continue
             dropped = self._states.pop(domain, None)
             if dropped is not None and dropped.open_until is not None:
-                self._open -= 1
+                self._opened(-1)

@@ -62,7 +62,6 @@ from empath.delivery.mtasts_fetch import PolicyFetcher
 from empath.delivery.pool import ConnectionPool, PoolKey
 from empath.delivery.state import RecipientOutcome
 from empath.delivery.tls import DISABLED, OPPORTUNISTIC, TLSContexts, TLSPolicy, policy_for
-from empath.observe import metrics
 from empath.spool import MessageSource
 
 log = logging.getLogger("empath.delivery.smtp")
@@ -171,12 +170,7 @@ class RemoteTransport:
             await self.limits.pace(domain)
             return await self._deliver_routed(domain, envelope, rcpts, source, info, reach)
         finally:
-            was_open, openings = self.breakers.open_count(), self.breakers.openings
             self.breakers.record(domain, reach.outcome, probe)
-            if self.breakers.open_count() != was_open or self.breakers.openings != openings:
-                m = metrics.current()
-                m.breakers_open.inc(self.breakers.open_count() - was_open)
-                m.breaker_openings.inc(self.breakers.openings - openings)
 
     async def close(self) -> None:
         """QUIT every idle connection (at worker shutdown), close the HTTPS client."""

@@ -374,8 +374,7 @@ class Arbiter:
             # Its claims in active/<pid>/ go back to incoming/ (a clean exit leaves none).
             self.spool.recover_active(rec.pid)
         # Its half-written tmp/ files: the pid is reaped, so nothing can rename them now.
-        if rec.kind != "admin":
-            self.spool.sweep_tmp(lambda pid: pid == rec.pid)
+        self.spool.sweep_tmp(lambda pid: pid == rec.pid)
         if self.metrics_dir is not None:
             # Its live gauges go; its counters stay in the sum (they never go backwards).
             multiproc.mark_dead(rec.pid, self.metrics_dir)
