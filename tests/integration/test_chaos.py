@@ -24,6 +24,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 HARNESS = REPO / "tools" / "chaos_harness.py"
 
+pytestmark = pytest.mark.slow
+
 
 def run_profile(tmp_path: Path, *args: str, timeout: float = 110.0) -> dict[str, Any]:
     out = tmp_path / "results.json"
