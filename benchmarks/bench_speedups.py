@@ -10,7 +10,14 @@ numbers to benchmarks/results/speedups.json. Exits non-zero when the compiled mo
 built, or is not what would be used (EMPATH_NO_EXTENSIONS set), so a silent fallback never
 passes for a measurement.
 
-    .venv/bin/python benchmarks/bench_speedups.py [--quick]
+    .venv/bin/python benchmarks/bench_speedups.py [--quick] [--guard]
+
+``--guard`` is the hot-path check CI runs (``.ci/run``): every case must keep its Cython/Python
+ratio at or above its floor in ``FLOORS``. Ratios are measured in one run, both twins on the same
+machine at the same moment, so a loaded or slow machine moves both sides; a case under its floor
+is measured twice more and judged by its best ratio before the run fails. The floors sit well
+under the ratios recorded in benchmarks/README.md: they catch a speedup that stopped being
+compiled or lost its fast path, not a few percent.
 """
 
 from __future__ import annotations
@@ -35,6 +42,21 @@ import empath._speedups as speedups  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "speedups.json"
 CHUNK = 64 * 1024
+
+# Lowest acceptable Cython/Python ratio per case (by name prefix), for --guard. store_file is
+# syscall-bound (about 1x by design: its point is releasing the GIL), so it has no floor.
+FLOORS: dict[str, float] = {
+    "EHLO line": 2.0,
+    "MAIL FROM": 1.5,
+    "RCPT TO": 2.0,
+    "pipelined": 2.0,
+    "DataReader": 5.0,
+    "dot_stuff": 1.5,
+}
+
+
+def floor_of(case: str) -> float | None:
+    return next((v for k, v in FLOORS.items() if case.startswith(k)), None)
 
 EHLO = b"EHLO mail.example.com"
 MAIL = b"MAIL FROM:<a@b> SIZE=1234 BODY=8BITMIME"
@@ -180,6 +202,8 @@ def compiled_or_exit():
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short runs, for a smoke test")
+    parser.add_argument("--guard", action="store_true",
+                        help="fail (exit 1) when a case's ratio is under its floor (FLOORS)")
     args = parser.parse_args()
     budget, repeats = (0.05, 3) if args.quick else (0.4, 5)
     impls = {"python": speedups.implementations()["python"], "cython": compiled_or_exit()}
@@ -211,9 +235,17 @@ def main() -> int:
 
     rows = []
     print(f"{'case':<30} {'python':>12} {'cython':>12} {'ratio':>7}")
+    failures = []
     for name, kind, nbytes, calls, make in cases:
-        times = {impl: measure(make(ns), budget, repeats) / calls for impl, ns in impls.items()}
-        ratio = times["python"] / times["cython"]
+        floor = floor_of(name) if args.guard else None
+        for _ in range(3):
+            times = {impl: measure(make(ns), budget, repeats) / calls
+                     for impl, ns in impls.items()}
+            ratio = times["python"] / times["cython"]
+            if floor is None or ratio >= floor:
+                break
+        if floor is not None and ratio < floor:
+            failures.append(f"{name}: {ratio:.1f}x, floor {floor:.1f}x")
         rows.append({"case": name, "kind": kind, "bytes": nbytes, "python_s": times["python"],
                      "cython_s": times["cython"], "ratio": round(ratio, 2)})
 
@@ -236,6 +268,11 @@ def main() -> int:
         "cases": rows,
     }, indent=2) + "\n")
     print(f"written to {RESULTS.relative_to(ROOT)}")
+    if failures:
+        print("hot-path guard: under the floor: " + "; ".join(failures), file=sys.stderr)
+        return 1
+    if args.guard:
+        print("hot-path guard: every case at or above its floor")
     return 0
 
 
