@@ -266,11 +266,14 @@ SCHEMA = Section("", "Empath configuration.", (
         Key("max_command_line", Int(512, 65536), 512,
             "Longest command line including CRLF (RFC 5321 §4.5.3.1.4: 512; longer "
             "lines get 500)."),
-        Key("max_connections", Int(1, 1000000), 1000,
-            "Simultaneous connections per receiver process; beyond it, 421."),
+        Key("max_connections", Int(1, 1000000), 2000,
+            "Simultaneous connections of the whole daemon, every receiver process together "
+            "(each takes new ones only up to its share, so waiting clients go to one with "
+            "room); beyond it, 421. The receivers raise their open-file limit to about twice "
+            "this, and warn when they cannot."),
         Key("max_connections_per_ip", Int(1, 1000000), 50,
-            "Simultaneous connections from one client address per receiver process; beyond "
-            "it, 421."),
+            "Simultaneous connections from one client address, every receiver process "
+            "together; beyond it, 421."),
         Key("max_errors", Int(1, 1000), 10,
             "Errors (bad commands, rejected recipients) before the client is dropped with 421."),
         Key("bare_eol", Str(("reject", "normalize")), "reject",

@@ -6,7 +6,6 @@ sweep. ``server.py`` holds the per-connection protocol; this module holds no soc
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import contextlib
 import os
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from empath import dkim as dkim_signing
 from empath import modules as hooks
 from empath import passwords
+from empath.smtp import capacity
 from empath.smtp import session as S
 from empath.spool import Spool
 from empath.spool.dedup import DedupStore
@@ -37,7 +37,10 @@ class Receiver:
         self.spool = Spool(cfg.spool.path, cfg.spool.recycle_files, cfg.spool.sync)
         self.modules = hooks.load_modules(cfg.smtp.modules)
         self.connections: set[SMTPProtocol] = set()
-        self.per_ip: collections.Counter[str] = collections.Counter()
+        # Connection counts of the whole daemon, and this receiver's share of the accepts.
+        self.table = capacity.ConnectionTable(self.spool.connection_table)
+        self.gate = capacity.AcceptGate(capacity.share_of(cfg.smtp.max_connections,
+                                                          getattr(ctx, "count", 1)))
         self.stopping = False
         self.writer: Any = None
         self.data_block = cfg.smtp.timeouts.data_block
@@ -122,6 +125,12 @@ class Receiver:
         for proto in list(self.connections):
             if proto.deadline < now or proto.end_of_life < now:
                 proto.timed_out()
+        self.table.refresh()
+        if not self.stopping:
+            self.update_gate()
+
+    def update_gate(self) -> None:
+        self.gate.update(len(self.connections), self.table.total(), self.cfg.smtp.max_connections)
 
 
 def message_id(head: bytes) -> bytes | None:

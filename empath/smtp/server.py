@@ -23,6 +23,7 @@ from typing import Any
 from empath import modules as hooks
 from empath import passwords
 from empath.observe import audit, metrics
+from empath.smtp import capacity
 from empath.smtp import replies as R
 from empath.smtp import session as S
 from empath.smtp.received import received_header
@@ -75,20 +76,22 @@ class SMTPProtocol(asyncio.Protocol):
         self.peer = (str(peer[0]), int(peer[1])) if len(peer) >= 2 else (str(peer), 0)
         ip = self.peer[0]
         r.connections.add(self)
-        r.per_ip[ip] += 1
+        total, from_ip, own = r.table.opened(ip)
+        cfg = r.cfg
+        r.gate.update(own, total, cfg.smtp.max_connections)
         _metrics.connections_accepted.inc()
         _metrics.connections_active.inc()
-        cfg = r.cfg
         hostname = cfg.hostname
         now = time.monotonic()
         self.end_of_life = now + cfg.smtp.timeouts.connection
         self.deadline = now + cfg.smtp.timeouts.command
         if r.stopping:
             return self._reject("shutting_down", R.SHUTTING_DOWN.format(hostname=hostname))
-        if len(r.connections) > cfg.smtp.max_connections:
+        # Daemon-wide counts (capacity.py): every receiver's connections together.
+        if total > cfg.smtp.max_connections:
             return self._reject("too_many_connections",
                                 R.TOO_MANY_CONNECTIONS.format(hostname=hostname))
-        if r.per_ip[ip] > cfg.smtp.max_connections_per_ip:
+        if from_ip > cfg.smtp.max_connections_per_ip:
             return self._reject("too_many_from_ip", R.TOO_MANY_FROM_IP.format(hostname=hostname))
         sock = transport.get_extra_info("socket")
         if sock is not None:
@@ -136,11 +139,11 @@ class SMTPProtocol(asyncio.Protocol):
         self.closed = True
         _metrics.connections_active.dec()
         r = self.receiver
-        r.connections.discard(self)
-        ip = self.peer[0]
-        r.per_ip[ip] -= 1
-        if r.per_ip[ip] <= 0:
-            del r.per_ip[ip]
+        if self in r.connections:
+            r.connections.discard(self)
+            r.table.closed(self.peer[0])
+            if not r.stopping:
+                r.update_gate()
         if self.message is not None and self.session is not None \
                 and self.session.phase != S.WAIT:
             self.message.abort()
@@ -512,7 +515,13 @@ async def serve(ctx: Any) -> None:
     receiver = Receiver(ctx)
     loop = asyncio.get_running_loop()
     receiver.writer = receiver.spool.open_receiver_writer()
-    servers = []
+    needed = capacity.files_needed(ctx.config.smtp.max_connections)
+    soft, _hard = capacity.raise_file_limit(needed)
+    if soft < needed:
+        log.warning("the open-file limit is %d, under the %d that smtp.max_connections (%d) "
+                    "needs; raise it (ulimit -n, LimitNOFILE=) or lower smtp.max_connections",
+                    soft, needed, ctx.config.smtp.max_connections)
+    gate = receiver.gate
     for sock, listener in zip(ctx.listeners, ctx.config.listeners, strict=False):
         settings, tls = receiver.listener_settings(listener)
         ssl_ctx = tls if listener.mode == "smtps" else None
@@ -521,15 +530,13 @@ async def serve(ctx: Any) -> None:
                     tls: ssl.SSLContext | None = tls) -> SMTPProtocol:
             return SMTPProtocol(receiver, listener, settings, tls)
 
-        servers.append(await loop.create_server(factory, sock=sock, ssl=ssl_ctx,
-                                                backlog=1024))
+        await gate.serve(sock, factory, ssl_ctx)
     sweeper = loop.create_task(_sweep(receiver))
     try:
         await ctx.stopping.wait()
     finally:
         receiver.stopping = True
-        for server in servers:
-            server.close()
+        gate.close()
         for proto in list(receiver.connections):
             if proto.session is not None and not proto.closed:
                 proto._maybe_close_for_shutdown()
@@ -539,6 +546,7 @@ async def serve(ctx: Any) -> None:
         for proto in list(receiver.connections):
             proto.timed_out()
         sweeper.cancel()
+        receiver.table.close()
         receiver.writer.close()
         receiver.auth_pool.shutdown(wait=False)
         _metrics.stop_flushing()

@@ -71,6 +71,8 @@ class Spool:
         self.control = os.path.join(self.root, "control")
         self.wake_dir = os.path.join(self.control, "wake")
         self.freeze_flag = os.path.join(self.control, "freeze")
+        # The receivers' shared connection counts (empath/smtp/capacity.py).
+        self.connection_table = os.path.join(self.control, "connections")
 
     # -- paths ------------------------------------------------------------------------------
     def state_dir(self, state: str) -> str:

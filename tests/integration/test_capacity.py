@@ -1,0 +1,153 @@
+"""Connection limits are the daemon's, not one receiver's (empath/smtp/capacity.py).
+
+Which receiver the kernel hands a connection to is not up to the test, so the tests stop one
+receiver with SIGSTOP: a stopped process accepts nothing, and every connection goes to the other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import psutil
+
+from empath.spool import Spool
+from tests.support.daemon import EmpathDaemon, wait_for
+
+
+def frozen(daemon_factory: Any, smtp: dict[str, Any], receivers: int = 2) -> EmpathDaemon:
+    d: EmpathDaemon = daemon_factory({"processes": {"receivers": receivers}, "smtp": smtp},
+                                     start=False)
+    spool = Spool(str(d.spool_path))
+    spool.create_tree()
+    spool.set_frozen(True)
+    return d.start()
+
+
+class Client:
+    def __init__(self, d: EmpathDaemon, source: str = "127.0.0.1") -> None:
+        self.sock = socket.create_connection(d.address, timeout=10, source_address=(source, 0))
+        self.port = self.sock.getsockname()[1]
+
+    def greeting(self, timeout: float = 10.0) -> bytes:
+        self.sock.settimeout(timeout)
+        data = b""
+        while not data.endswith(b"\r\n"):
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+@contextlib.contextmanager
+def stopped(pid: int) -> Iterator[None]:
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def holder(d: EmpathDaemon, client: Client) -> int:
+    """The pid of the receiver that holds the client's connection."""
+    for pid in d.child_pids("receiver"):
+        for conn in psutil.Process(pid).net_connections(kind="tcp"):
+            if conn.raddr and conn.raddr.port == client.port and conn.status == "ESTABLISHED":
+                return pid
+    raise AssertionError(f"no receiver holds the connection from port {client.port}")
+
+
+def test_a_full_receiver_leaves_new_clients_to_one_with_room(daemon_factory: Any) -> None:
+    """max_connections 4 over two receivers: one at its share (2) stops accepting, so the next
+    clients wait for the other instead of getting 421; only a full daemon answers 421."""
+    d = frozen(daemon_factory, {"max_connections": 4, "max_connections_per_ip": 100})
+    first, second = d.child_pids("receiver")
+    clients = []
+    try:
+        with stopped(second):
+            clients = [Client(d) for _ in range(2)]
+            assert all(c.greeting().startswith(b"220 ") for c in clients)
+            assert {holder(d, c) for c in clients} == {first}
+            # The first receiver is at its share: these two wait in the accept queue.
+            clients += [Client(d) for _ in range(2)]
+        # The second receiver runs again and takes them.
+        assert all(c.greeting().startswith(b"220 ") for c in clients[2:])
+        assert [holder(d, c) for c in clients[2:]] == [second, second]
+        # The whole daemon is at max_connections now: the next client is refused at once.
+        extra = Client(d)
+        assert extra.greeting().startswith(b"421 4.7.0")
+        extra.close()
+        clients.pop().close()
+        wait_for(lambda: Client(d).greeting().startswith(b"220 "), 10, message="a free slot")
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_the_per_address_limit_counts_every_receiver(daemon_factory: Any) -> None:
+    d = frozen(daemon_factory, {"max_connections": 100, "max_connections_per_ip": 2})
+    first, second = d.child_pids("receiver")
+    clients = []
+    try:
+        with stopped(second):
+            clients = [Client(d, "127.0.0.7") for _ in range(2)]
+            assert all(c.greeting().startswith(b"220 ") for c in clients)
+        with stopped(first):
+            # The second receiver has no connection from 127.0.0.7 of its own: the limit is
+            # the daemon's, so it refuses the third all the same.
+            third = Client(d, "127.0.0.7")
+            assert third.greeting().startswith(b"421 4.7.0")
+            assert holder_or_closed(d, third) in (second, None)
+            other = Client(d, "127.0.0.8")
+            assert other.greeting().startswith(b"220 ")
+            clients.append(other)
+        clients[0].close()
+        wait_for(lambda: Client(d, "127.0.0.7").greeting().startswith(b"220 "), 10,
+                 message="a free slot for 127.0.0.7")
+    finally:
+        for c in clients:
+            c.close()
+
+
+def holder_or_closed(d: EmpathDaemon, client: Client) -> int | None:
+    try:
+        return holder(d, client)
+    except AssertionError:
+        return None
+
+
+def test_a_killed_receiver_stops_counting(daemon_factory: Any) -> None:
+    """A receiver killed outright leaves its row in the shared table; the survivors clear it,
+    so its connections do not hold the per-address limit forever."""
+    d = frozen(daemon_factory, {"max_connections": 100, "max_connections_per_ip": 2})
+    first, second = d.child_pids("receiver")
+    clients = []
+    try:
+        with stopped(second):
+            clients = [Client(d, "127.0.0.9") for _ in range(2)]
+            assert all(c.greeting().startswith(b"220 ") for c in clients)
+        os.kill(first, signal.SIGKILL)
+        d.wait_for(lambda: first not in d.child_pids("receiver")
+                   and len(d.child_pids("receiver")) == 2, message="a new receiver")
+        wait_for(lambda: Client(d, "127.0.0.9").greeting().startswith(b"220 "), 10,
+                 message="the dead receiver's connections to stop counting")
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_the_open_file_limit_is_raised_to_what_the_connections_need(
+        daemon_factory: Any) -> None:
+    d = frozen(daemon_factory, {"max_connections": 3000}, receivers=1)
+    [pid] = d.child_pids("receiver")
+    soft, _hard = psutil.Process(pid).rlimit(psutil.RLIMIT_NOFILE)
+    assert soft >= 2 * 3000
