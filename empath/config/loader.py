@@ -195,15 +195,26 @@ def _is_null(node: yaml.Node) -> bool:
 
 
 def _find_node(root: yaml.Node | None, dotted: str) -> yaml.Node | None:
-    """The YAML node of a dotted key (``listeners[0].tls``), for cross-field errors."""
+    """The YAML node of a dotted key (``listeners[0].tls``), for cross-field errors. A mapping
+    key may hold dots itself (``delivery.domains.example.com.strategy``): the longest key
+    that matches is taken."""
     node = root
-    for part in dotted.replace("]", "").replace("[", ".").split("."):
-        if node is None:
-            return None
+    parts = dotted.replace("]", "").replace("[", ".").split(".")
+    i = 0
+    while i < len(parts):
         if isinstance(node, yaml.MappingNode):
-            node = next((v for k, v in node.value if str(k.value) == part), None)
-        elif isinstance(node, yaml.SequenceNode) and part.isdigit():
-            node = node.value[int(part)] if int(part) < len(node.value) else None
+            keys = {str(k.value): v for k, v in node.value}
+            for j in range(len(parts), i, -1):
+                found = keys.get(".".join(parts[i:j]))
+                if found is not None:
+                    node, i = found, j
+                    break
+            else:
+                return None
+        elif isinstance(node, yaml.SequenceNode) and parts[i].isdigit():
+            index = int(parts[i])
+            node = node.value[index] if index < len(node.value) else None
+            i += 1
         else:
             return None
     return node
@@ -280,6 +291,7 @@ def _check(cfg: Namespace, loader: _Loader, root: yaml.Node | None) -> None:
     if cfg.delivery.retry_max_delay < cfg.delivery.retry_base_delay:
         raise fail("delivery.retry_max_delay", "must not be less than retry_base_delay")
     _check_webhooks(cfg, fail)
+    _check_strategies(cfg, fail)
 
 
 def _check_webhooks(cfg: Namespace, fail: Any) -> None:
@@ -298,3 +310,16 @@ def _check_webhooks(cfg: Namespace, fail: Any) -> None:
         secret = policy.webhook.secret_file
         if secret is not None and not os.path.isfile(secret):
             raise fail(f"{key}.webhook.secret_file", f"no such file: {secret}")
+
+
+def _check_strategies(cfg: Namespace, fail: Any) -> None:
+    """A ``package.module:Class`` strategy must import and be a DeliveryStrategy."""
+    from empath.delivery.strategy import BUILTIN, StrategyError, load_class
+
+    for domain, policy in cfg.delivery.domains.items():
+        if policy.strategy in BUILTIN:
+            continue
+        try:
+            load_class(policy.strategy)
+        except StrategyError as exc:
+            raise fail(f"delivery.domains.{domain}.strategy", str(exc)) from None

@@ -74,7 +74,6 @@ SYSLOG_FACILITIES = ("mail", "daemon", "user", "local0", "local1", "local2", "lo
 TLS_POLICIES = ("opportunistic", "required", "disabled", "dane")
 _POLICY_CHOICES = TLS_POLICIES
 DNSSEC_MODES = ("off", "log", "enforce")
-DELIVERY_STRATEGIES = ("smtp", "webhook")
 WEBHOOK_FORMATS = ("json", "multipart")
 
 
@@ -101,6 +100,14 @@ class _WebhookURL(Str):
         if port == 0:
             raise ValueError(f"{text!r}: port 0")
         return text
+
+
+class _Strategy(Str):
+    """smtp | webhook | package.module:Class (a DeliveryStrategy subclass, checked at load)."""
+
+    def __init__(self) -> None:
+        super().__init__(pattern=r"^(smtp|webhook|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$")
+        self.describe = "smtp, webhook or package.module:Class"
 
 
 class _DNSSECMode(Str):
@@ -144,10 +151,16 @@ DOMAIN_POLICY = (
     Key("rate_limit", Int(1), None,
         "Most messages per minute to this domain, all delivery workers together; null: the "
         "default.", nullable=True),
-    Key("strategy", Str(DELIVERY_STRATEGIES), "smtp",
-        "How this domain's mail is delivered: smtp (its MX hosts, or mx_override), or "
+    Key("strategy", _Strategy(), "smtp",
+        "How this domain's mail is delivered: smtp (its MX hosts, or mx_override), "
         "webhook: one HTTP POST per message to webhook.url (docs/WEBHOOKS.md; the other "
-        "keys here are for SMTP and do not apply). Not for local_domains."),
+        "keys here are for SMTP and do not apply), or package.module:Class, a "
+        "DeliveryStrategy subclass (docs/MODULES.md). Not for local_domains."),
+    Key("strategy_options", Mapping(), {},
+        "Settings passed to a package.module:Class strategy's constructor."),
+    Key("strategy_timeout", Duration(1), 600.0,
+        "Longest one delivery of this domain's recipients may take, whatever the strategy; "
+        "then they are deferred."),
     Section("webhook", "The HTTP endpoint of strategy webhook (docs/WEBHOOKS.md). 2xx: "
             "delivered; 408, 429, 5xx, 3xx, timeouts and connection errors: retried on the "
             "normal schedule; any other 4xx: failed (bounced).", (
@@ -374,6 +387,9 @@ SCHEMA = Section("", "Empath configuration.", (
             Key("data_block", Duration(0.1), 180.0, "Sending each block of data."),
             Key("data_termination", Duration(0.1), 600.0, "Reply after the final dot."),
             Key("quit", Duration(0.1), 30.0, "QUIT reply."),
+            Key("hooks", Duration(0.1), 30.0,
+                "Each delivery-side module hook (docs/MODULES.md); a before_delivery hook "
+                "that does not answer defers the attempt."),
         )),
         Section("dns", "MX resolution.", (
             Key("resolver", HostPort(default_port=53), None,

@@ -1,11 +1,12 @@
-"""Route one message's open recipients to their transports and collect the outcomes.
+"""Route one message's open recipients to their delivery strategies and collect the outcomes.
 
-Recipients are grouped by domain: local domains go to the LMTP server when
-``local_delivery.lmtp`` is set (``lmtp.py``), else to Maildir (``local.py``, in a thread: it
-fsyncs); a domain whose ``delivery.domains.<domain>.strategy`` is ``webhook`` goes to its URL
-(``webhook.py``); every other domain goes to the SMTP transport; all groups concurrently. The
-result is one RecipientOutcome per recipient plus one route record per group for the attempt
-history. A transport that fails unexpectedly defers its recipients; it never fails them.
+Recipients are grouped by domain; each group goes to its strategy (strategy.py): local domains
+to LMTP when ``local_delivery.lmtp`` is set, else Maildir; a domain whose
+``delivery.domains.<domain>.strategy`` is ``webhook`` to its URL, or a class named by import
+path to that class; every other domain to SMTP; all groups concurrently. The result is one
+RecipientOutcome per recipient plus one route record per group for the attempt history.
+Whatever a strategy does (raises, hangs past its ``strategy_timeout``, leaves a recipient
+out) defers its recipients: it never fails them and never loses them.
 """
 
 from __future__ import annotations
@@ -17,12 +18,20 @@ from collections import defaultdict
 from typing import Any
 
 from empath.config.types import normalize_domain
-from empath.delivery import local
 from empath.delivery.errors import LocalSystemError
 from empath.delivery.state import RecipientOutcome
+from empath.delivery.strategies import (
+    LMTPStrategy,
+    MaildirStrategy,
+    SMTPStrategy,
+    WebhookStrategy,
+)
+from empath.delivery.strategy import DeliveryRequest, DeliveryResult, DeliveryStrategy, load_class
 from empath.spool import MessageSource
 
 log = logging.getLogger("empath.delivery")
+
+DEFAULT_STRATEGY_TIMEOUT = 600.0  # seconds, for a domain without delivery.domains settings
 
 
 def recipient_domain(address: str) -> str:
@@ -34,33 +43,12 @@ class Dispatcher:
         self.cfg = cfg
         self.share = share  # (index, count) of this worker among the delivery workers
         self.local_domains = {d.lower() for d in cfg.local_domains}
-        self._remote: Any = None
-        self._lmtp: Any = None
-        self._webhook: Any = None
+        # Strategy instances by name ("smtp", "maildir", ... or an import path), made on
+        # first use and kept for the worker's life (connections, sessions, caches).
+        self.strategies: dict[str, DeliveryStrategy] = {}
 
-    def _remote_transport(self) -> Any:
-        if self._remote is None:
-            from empath.delivery.remote import RemoteTransport
-
-            self._remote = RemoteTransport(self.cfg, share=self.share)
-        return self._remote
-
-    def _lmtp_transport(self) -> Any:
-        if self._lmtp is None:
-            from empath.delivery.lmtp import LMTPTransport
-
-            self._lmtp = LMTPTransport(self.cfg)
-        return self._lmtp
-
-    def _webhook_transport(self) -> Any:
-        if self._webhook is None:
-            from empath.delivery.webhook import WebhookTransport
-
-            self._webhook = WebhookTransport(self.cfg)
-        return self._webhook
-
-    def webhook_settings(self, domain: str) -> Any | None:
-        """The ``webhook`` settings of a domain whose strategy is webhook, else None."""
+    def policy(self, domain: str) -> Any | None:
+        """The ``delivery.domains`` entry of a domain (by its A-label too), else None."""
         policies = self.cfg.delivery.domains or {}
         policy = policies.get(domain)
         if policy is None and domain and not domain.isascii():
@@ -68,66 +56,103 @@ class Dispatcher:
                 policy = policies.get(normalize_domain(domain))
             except ValueError:
                 return None
+        return policy
+
+    def webhook_settings(self, domain: str) -> Any | None:
+        """The ``webhook`` settings of a domain whose strategy is webhook, else None."""
+        policy = self.policy(domain)
         if policy is None or policy.strategy != "webhook":
             return None
         return policy.webhook
 
+    def strategy_name(self, domain: str) -> str:
+        if domain in self.local_domains or domain == "":
+            return "lmtp" if self.cfg.local_delivery.lmtp is not None else "maildir"
+        policy = self.policy(domain)
+        return "smtp" if policy is None else str(policy.strategy)
+
+    def strategy(self, name: str, domain: str) -> DeliveryStrategy:
+        found = self.strategies.get(name)
+        if found is None:
+            found = self.strategies[name] = self._make(name, domain)
+        return found
+
+    def _make(self, name: str, domain: str) -> DeliveryStrategy:
+        cfg = self.cfg
+        if name == "smtp":
+            return SMTPStrategy(cfg, share=self.share)
+        if name == "webhook":
+            return WebhookStrategy(cfg)
+        if name == "lmtp":
+            return LMTPStrategy(cfg)
+        if name == "maildir":
+            return MaildirStrategy(cfg)
+        policy = self.policy(domain)
+        options = dict(policy.strategy_options) if policy is not None else {}
+        return load_class(name)(cfg, options)
+
     async def close(self) -> None:
-        try:
-            if self._remote is not None:
-                await self._remote.close()
-        finally:
-            if self._webhook is not None:
-                await self._webhook.close()
+        for strategy in list(self.strategies.values()):
+            try:
+                await strategy.close()
+            except Exception:
+                log.exception("closing delivery strategy %s failed", strategy.name)
 
     async def deliver(self, envelope: dict[str, Any], recipients: list[dict[str, Any]],
-                      source: MessageSource
+                      source: MessageSource, next_hops: dict[str, str] | None = None
                       ) -> tuple[dict[str, RecipientOutcome], list[dict[str, Any]]]:
         groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for rcpt in recipients:
             groups[recipient_domain(rcpt["address"])].append(rcpt)
+        attempt = int(envelope.get("attempt_count") or 0) + 1
         jobs = []
         for domain, rcpts in groups.items():
-            if domain in self.local_domains or domain == "":
-                if self.cfg.local_delivery.lmtp is not None:
-                    jobs.append(self._lmtp_transport().deliver(domain, envelope, rcpts, source))
-                else:
-                    jobs.append(self._deliver_maildir(domain, envelope, rcpts, source))
-            elif (hook := self.webhook_settings(domain)) is not None:
-                jobs.append(self._webhook_transport().deliver(domain, hook, envelope, rcpts,
-                                                              source))
-            else:
-                jobs.append(self._remote_transport().deliver(domain, envelope, rcpts, source))
+            request = DeliveryRequest(domain, envelope, rcpts, source, attempt,
+                                      (next_hops or {}).get(domain))
+            jobs.append(self._run(domain, request))
         outcomes: dict[str, RecipientOutcome] = {}
         infos: list[dict[str, Any]] = []
-        for result, info in await asyncio.gather(*jobs):
-            outcomes.update(result)
-            infos.append(info)
+        for result in await asyncio.gather(*jobs):
+            outcomes.update(result.outcomes)
+            infos.append(result.route)
         return outcomes, infos
 
-    async def _deliver_maildir(self, domain: str, envelope: dict[str, Any],
-                               rcpts: list[dict[str, Any]], source: MessageSource
-                               ) -> tuple[dict[str, RecipientOutcome], dict[str, Any]]:
-        """Each recipient's copy in its own thread: the fsyncs of one message's copies
-        overlap (local.py makes concurrent deliveries, even to one mailbox, safe)."""
+    async def _run(self, domain: str, request: DeliveryRequest) -> DeliveryResult:
+        """One group through its strategy; whatever goes wrong defers, never fails."""
+        name = self.strategy_name(domain)
+        policy = self.policy(domain)
+        timeout = policy.strategy_timeout if policy is not None else DEFAULT_STRATEGY_TIMEOUT
         started = time.monotonic()
-        results = await asyncio.gather(*(self._maildir_copy(envelope, rcpt["address"], source)
-                                         for rcpt in rcpts))
-        out = {rcpt["address"]: outcome for rcpt, outcome in zip(rcpts, results, strict=True)}
-        info = {"domain": domain or "(local)", "transport": "maildir",
-                "duration": round(time.monotonic() - started, 6)}
-        return out, info
-
-    async def _maildir_copy(self, envelope: dict[str, Any], addr: str,
-                            source: MessageSource) -> RecipientOutcome:
+        why = ""
         try:
-            res = await asyncio.to_thread(
-                local.deliver_maildir, self.cfg.local_delivery.maildir_root, addr,
-                envelope.get("sender", ""), source, self.cfg.hostname)
-        except Exception as exc:  # a bug must defer, never fail, the recipient
-            log.exception("%s: maildir delivery to <%s> failed", envelope.get("id"), addr)
-            return LocalSystemError.make("local", server="maildir",
-                                         reason=f"maildir: {exc}").outcome()
-        if not res.ok:
-            log.warning("%s: maildir delivery to <%s>: %s", envelope.get("id"), addr, res.text)
-        return res.outcome()
+            strategy = self.strategy(name, domain)
+            result = await asyncio.wait_for(strategy.deliver(request), timeout)
+        except asyncio.CancelledError:
+            raise
+        except TimeoutError:
+            why = f"delivery strategy {name} did not answer within {timeout:g}s"
+            log.error("%s: %s (%s)", request.queue_id, why, domain)
+            result = DeliveryResult({})
+        except Exception as exc:  # a bug, or a custom strategy that raises
+            why = f"delivery strategy {name} failed: {type(exc).__name__}"
+            log.exception("%s: %s (%s)", request.queue_id, why, domain)
+            result = DeliveryResult({})
+        if not isinstance(result, DeliveryResult):
+            log.error("%s: delivery strategy %s returned %r, not a DeliveryResult",
+                      request.queue_id, name, result)
+            why = f"delivery strategy {name} returned no result"
+            result = DeliveryResult({})
+        outcomes = {a: o for a, o in result.outcomes.items()
+                    if a in request.addresses and isinstance(o, RecipientOutcome)}
+        missing = [a for a in request.addresses if a not in outcomes]
+        if missing:
+            reason = why or f"delivery strategy {name} gave no outcome"
+            if not why:
+                log.error("%s: %s for %s", request.queue_id, reason, ", ".join(missing))
+            local = LocalSystemError.make("local", reason=reason).outcome()
+            outcomes.update(dict.fromkeys(missing, local))
+        route = dict(result.route) or {"domain": domain or "(local)", "transport": name}
+        route.setdefault("transport", name)
+        route.setdefault("domain", domain or "(local)")
+        route.setdefault("duration", round(time.monotonic() - started, 6))
+        return DeliveryResult(outcomes, route)

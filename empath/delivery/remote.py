@@ -38,6 +38,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from empath.config.types import parse_address
 from empath.delivery import dnssec
 from empath.delivery.breaker import REACHED, UNKNOWN, UNREACHABLE, CircuitBreakers, CircuitOpen
 from empath.delivery.connection import (
@@ -61,6 +62,7 @@ from empath.delivery.mtasts import PolicyCache, StsCheck
 from empath.delivery.mtasts_fetch import PolicyFetcher
 from empath.delivery.pool import ConnectionPool, PoolKey
 from empath.delivery.state import RecipientOutcome
+from empath.delivery.strategy import NEXT_HOP
 from empath.delivery.tls import DISABLED, OPPORTUNISTIC, TLSContexts, TLSPolicy, policy_for
 from empath.spool import MessageSource
 
@@ -184,6 +186,10 @@ class RemoteTransport:
     # -- routing --------------------------------------------------------------------------
     async def _route(self, domain: str, security: RouteSecurity) -> _Route:
         """Where ``domain``'s mail goes, in the order to try."""
+        hook_hop = NEXT_HOP.get()
+        if hook_hop is not None:  # a delivery hook routed this attempt (strategy.py)
+            hop = parse_address(hook_hop, 25)
+            return _Route([(0, hop.host, hop.port)], configured=True)
         own = (self.delivery.domains or {}).get(domain)
         if own is not None and own.mx_override is not None:
             hop = own.mx_override

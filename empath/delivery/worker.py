@@ -30,6 +30,7 @@ from typing import Any
 
 from empath.delivery import bounce, state
 from empath.delivery.dispatch import Dispatcher
+from empath.delivery.hooks import DeliveryHooks
 from empath.observe import audit, deliveries, metrics
 from empath.spool import CorruptFile, Spool, WakeListener, new_message_id, read_queue_file
 from empath.spool.submit import store_message
@@ -76,6 +77,7 @@ class DeliveryWorker:
         self._next_deferred_scan = 0.0
         # Per-destination limits are divided among the workers (limits.py): pass our share.
         self.dispatcher = Dispatcher(self.cfg, share=(ctx.index, ctx.count))
+        self.hooks = DeliveryHooks.load(self.cfg)
         self.metrics = metrics.current()  # no-ops unless serve() enabled them
         self.audit = audit.current()
 
@@ -321,7 +323,7 @@ class DeliveryWorker:
         now = time.time()
         if recipients:  # none: a restart after every recipient closed (notices left to send)
             started = now
-            outcomes, routes = await self.dispatcher.deliver(envelope, recipients, source)
+            outcomes, routes = await self._deliver(message_id, envelope, recipients, source)
             now = time.time()
             info = {"duration": round(now - started, 6), "routes": routes}
             state.record_attempt(envelope, outcomes, info, now)
@@ -356,6 +358,26 @@ class DeliveryWorker:
         else:
             await self._remove(message_id, path, envelope, "every recipient done")
 
+    async def _deliver(self, message_id: str, envelope: dict[str, Any],
+                       recipients: list[dict[str, Any]], source: Any
+                       ) -> tuple[dict[str, state.RecipientOutcome], list[dict[str, Any]]]:
+        """The delivery hooks' before_delivery, the strategies, then after_delivery."""
+        if not self.hooks:
+            return await self.dispatcher.deliver(envelope, recipients, source)
+        plan = await self.hooks.before(envelope, recipients, source,
+                                       self.spool.tmp_path(f"hook-{message_id}"))
+        outcomes = dict(plan.decided)
+        routes: list[dict[str, Any]] = []
+        try:
+            if plan.recipients:
+                done, routes = await self.dispatcher.deliver(envelope, plan.recipients,
+                                                             plan.source, plan.next_hops)
+                outcomes.update(done)
+        finally:
+            plan.cleanup()
+        await self.hooks.after(envelope, outcomes)
+        return outcomes, routes
+
     def _log_outcomes(self, message_id: str, envelope: dict[str, Any],
                       outcomes: dict[str, state.RecipientOutcome]) -> None:
         attempt = envelope.get("attempt_count", 0)
@@ -387,6 +409,9 @@ class DeliveryWorker:
                 ok = False
                 continue
             bounce.mark_notified(recipients, kind)
+            if self.hooks:
+                await self.hooks.notice(envelope, kind, notice_id,
+                                        [r["address"] for r in recipients])
             deliveries.notice_spooled(self.metrics, self.audit, envelope, kind, notice_id,
                                       recipients)
             label = "non-delivery" if kind == bounce.FAILURE_NOTICE else "delivery"

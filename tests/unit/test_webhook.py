@@ -215,7 +215,7 @@ def test_strategy_defaults_to_smtp(tmp_path: Path) -> None:
     ("hook.example:\n  strategy: webhook\n  webhook: {url: 'http://h:99999/x'}\n",
      "delivery.domains.hook.example.webhook.url", "Port out of range"),
     ("hook.example:\n  strategy: carrier-pigeon\n", "delivery.domains.hook.example.strategy",
-     "one of smtp, webhook"),
+     "is not smtp, webhook or package.module:Class"),
     ("hook.example:\n  strategy: webhook\n  webhook: {url: 'http://h/', format: xml}\n",
      "delivery.domains.hook.example.webhook.format", "one of json, multipart"),
     ("hook.example:\n  strategy: webhook\n  webhook: {url: 'http://h/', timeout: 0s}\n",
@@ -399,7 +399,7 @@ def test_dispatcher_routes_webhook_and_local_domains(tmp_path: Path) -> None:
                     source(tmp_path))
             finally:
                 await dispatcher.close()
-            session = dispatcher._webhook._http
+            session = dispatcher.strategies["webhook"].transport._http  # type: ignore[attr-defined]
             return *result, session is None
 
         out, infos, closed = uvloop.run(go())
