@@ -37,6 +37,7 @@ import contextlib
 import logging
 import ssl
 import time
+from collections.abc import Callable
 from typing import Any
 
 from empath.delivery.client import (
@@ -89,6 +90,17 @@ class TLSHandshakeError(TLSPolicyFailure):
     Under an opportunistic policy the caller reconnects to the same host without TLS."""
 
 
+class CertificateUnverified(TLSHandshakeError):
+    """The handshake failed only because the certificate did not verify (untrusted issuer,
+    wrong name, expired). Under an opportunistic policy the caller reconnects with TLS that
+    does not verify, never in plain: opportunistic means encrypt whenever offered."""
+
+    def __init__(self, code: int, enhanced: str | None, text: str,
+                 server: str | None = None) -> None:
+        super().__init__(code, enhanced, text, server)
+        self.reason = ""
+
+
 class DANEFailure(TemporaryError):
     """DANE applies to the host and was not satisfied (no STARTTLS, a failed handshake, a
     certificate matching no TLSA record). Never retried in plain: the next host is tried."""
@@ -115,23 +127,30 @@ class _ChannelReader(asyncio.StreamReader):
         self.channel = ReplyChannel()
         self.lost: BaseException | None = None
         self._wakeup: asyncio.Future[None] | None = None
+        self.on_trouble: Callable[[], None] | None = None  # the pool's, while idle
 
     def feed_data(self, data: Any) -> None:
-        with contextlib.suppress(ProtocolError):  # kept in channel.error
+        try:
             self.channel.feed(bytes(data))
-        self._wake()
+        except ProtocolError:  # kept in channel.error
+            self._wake(trouble=True)
+        else:
+            self._wake()
 
     def feed_eof(self) -> None:
         self.channel.eof = True
-        self._wake()
+        self._wake(trouble=True)
 
     def set_exception(self, exc: BaseException) -> None:
         self.lost = exc
-        self._wake()
+        self._wake(trouble=True)
 
-    def _wake(self) -> None:
+    def _wake(self, trouble: bool = False) -> None:
         if self._wakeup is not None and not self._wakeup.done():
             self._wakeup.set_result(None)
+        if trouble and self.on_trouble is not None:
+            callback, self.on_trouble = self.on_trouble, None
+            callback()
 
     async def arrival(self) -> None:
         """Until more bytes, the end of the stream or an error arrive."""
@@ -156,6 +175,10 @@ class _HandshakeFailed(Exception):
     """The TLS handshake failed; the argument says why."""
 
 
+class _VerifyFailed(_HandshakeFailed):
+    """The TLS handshake failed on certificate verification alone."""
+
+
 class _NeedsAnchor(Exception):
     """The chain holds certificates matching DANE-TA records: connect again trusting them."""
 
@@ -167,12 +190,16 @@ class _NeedsAnchor(Exception):
 async def open_connection(*, server: str, ip: str, port: int, helo: str, domain: str,
                           policy: TLSPolicy, contexts: TLSContexts, timeouts: Any,
                           try_tls: bool = True,
-                          dane: DaneRequirement | None = None) -> SMTPConnection:
-    """Connect to ``ip``:``port`` (the MX ``server``) and bring the session to MAIL-ready."""
+                          dane: DaneRequirement | None = None,
+                          verify_error: str | None = None) -> SMTPConnection:
+    """Connect to ``ip``:``port`` (the MX ``server``) and bring the session to MAIL-ready.
+
+    ``verify_error``: the certificate is known not to verify (a first connection said why);
+    the session is encrypted without verification and records the reason."""
     try:
         return await _open(server=server, ip=ip, port=port, helo=helo, domain=domain,
                            policy=policy, contexts=contexts, timeouts=timeouts,
-                           try_tls=try_tls, dane=dane, anchors=())
+                           try_tls=try_tls, dane=dane, anchors=(), verify_error=verify_error)
     except _NeedsAnchor as need:
         # DANE-TA: the same server again, the matched certificates as the only anchors.
         return await _open(server=server, ip=ip, port=port, helo=helo, domain=domain,
@@ -182,7 +209,8 @@ async def open_connection(*, server: str, ip: str, port: int, helo: str, domain:
 
 async def _open(*, server: str, ip: str, port: int, helo: str, domain: str,
                 policy: TLSPolicy, contexts: TLSContexts, timeouts: Any, try_tls: bool,
-                dane: DaneRequirement | None, anchors: tuple[bytes, ...]) -> SMTPConnection:
+                dane: DaneRequirement | None, anchors: tuple[bytes, ...],
+                verify_error: str | None = None) -> SMTPConnection:
     try:
         async with asyncio.timeout(timeouts.connect):
             reader, writer = await connect_stream(ip, port)
@@ -193,6 +221,7 @@ async def _open(*, server: str, ip: str, port: int, helo: str, domain: str,
         raise ConnectFailure.make("connect", server=f"{server}[{ip}]:{port}",
                                   reason=exc.strerror or str(exc)) from None
     conn = SMTPConnection(reader, writer, server=server, ip=ip, port=port, timeouts=timeouts)
+    conn.tls_verify_error = verify_error
     try:
         await conn.handshake(helo, domain, policy, contexts, try_tls, dane, anchors)
     except _NeedsAnchor:
@@ -388,7 +417,8 @@ class SMTPConnection:
 
     async def _start_tls(self, domain: str, policy: TLSPolicy, contexts: TLSContexts) -> None:
         # The STARTTLS command-injection class of bugs: refuse the session.
-        kind = "mta_sts_tls_failed" if policy.is_mta_sts else "tls_failed"
+        kind = ("mta_sts_tls_failed" if policy.is_mta_sts
+                else "tls_failed" if policy.requires_tls else "tls_handshake")
         if self._injected():
             self.broken = True
             raise TLSHandshakeError.make(kind, server=self.server, domain=domain,
@@ -397,13 +427,22 @@ class SMTPConnection:
             context = contexts.context(policy)
         except (OSError, ssl.SSLError) as exc:
             raise LocalSystemError.make("local", reason=f"TLS context: {exc}") from None
-        if not policy.verify:
+        if not policy.verify and self.tls_verify_error is None:
             warn_unverified(domain, self.server, self.ip)
         try:
             await self._handshake_tls(context)
+        except _VerifyFailed as exc:
+            err = CertificateUnverified.make(kind, server=self.server, domain=domain,
+                                             reason=str(exc))
+            err.reason = str(exc)
+            raise err from None
         except _HandshakeFailed as exc:
             raise TLSHandshakeError.make(kind, server=self.server, domain=domain,
                                          reason=str(exc)) from None
+        if self.tls is not None:  # the verification result goes into the attempt history
+            self.tls["verified"] = "yes" if policy.verify else "no"
+            if self.tls_verify_error is not None:
+                self.tls["verify_error"] = self.tls_verify_error
 
     async def _handshake_tls(self, context: ssl.SSLContext) -> None:
         """The TLS handshake on this connection (_HandshakeFailed when it fails; the connection
@@ -414,6 +453,11 @@ class SMTPConnection:
             async with asyncio.timeout(self.timeouts.starttls):
                 await self.writer.start_tls(context, server_hostname=self.server,
                                             ssl_handshake_timeout=self.timeouts.starttls)
+        except ssl.SSLCertVerificationError as exc:
+            if self.writer.transport is None:
+                plain.abort()
+            self.broken = True
+            raise _VerifyFailed(exc.verify_message or str(exc)) from None
         except (TimeoutError, OSError, ssl.SSLError, ConnectionError, AttributeError) as exc:
             # AttributeError: the stock asyncio loop's start_tls returns None when the peer
             # hangs up mid-handshake and StreamWriter.start_tls trips over it (uvloop does
