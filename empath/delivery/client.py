@@ -120,13 +120,12 @@ class ReplyParser:
             if end < 0:
                 self._skip_long(len(self._buffer))
                 return replies
-            self._skip_long(end)
-            if self._cut is not None:
-                raw, self._cut = self._cut, None
-                self._size += end
+            if self._cut is not None or end > LINE_LENGTH_LIMIT:
+                self._skip_long(end)  # the buffer now starts at the line feed
+                raw, self._cut = self._cut or b"", None
+                self._buffer = self._buffer[1:]
             else:
-                raw = self._buffer[:end]
-            self._buffer = self._buffer[end + 1:]
+                raw, self._buffer = self._buffer[:end], self._buffer[end + 1:]
             reply = self._line(raw.rstrip(b"\r"))
             if reply is not None:
                 replies.append(reply)
@@ -427,8 +426,11 @@ class Transaction:
 
         ``final`` is the reply after the end of data (None when no data was sent). A failed
         MAIL decides for everyone; a failed RCPT for its recipient; a failed DATA or end of
-        data for every recipient the server had accepted (RFC 5321 §3.3).
+        data for every recipient the server had accepted (RFC 5321 §3.3). A 3xx after the
+        data is a ProtocolError, never a delivery.
         """
+        if final is not None:
+            _not_intermediate(final, "the end of data")
         out: dict[str, RecipientOutcome] = {}
         for index, (addr, _) in enumerate(self.rcpts):
             reply = self._refusal(index)
