@@ -487,6 +487,11 @@ def _not_intermediate(reply: Reply, command: str) -> None:
         raise ProtocolError(f"reply {str(reply)[:80]!r} to {command}")
 
 
+def check_final_reply(reply: Reply) -> None:
+    """A reply after the final dot is 2xx, 4xx or 5xx; a 3xx is a protocol error."""
+    _not_intermediate(reply, "the end of data")
+
+
 def check_chunk_reply(reply: Reply) -> None:
     """RFC 3030 §2: a BDAT chunk is answered 2xx, 4xx or 5xx; 3xx is a protocol error."""
     _not_intermediate(reply, "BDAT")

@@ -37,6 +37,7 @@ from empath.delivery.client import (
     Reply,
     Transaction,
     check_chunk_reply,
+    check_final_reply,
     mail_command,
     rcpt_command,
 )
@@ -144,9 +145,13 @@ class LMTPConnection(SMTPConnection):
                 self.broken = True
             return txn.per_recipient_outcomes(finals, self.server)
         except ProtocolError as exc:
-            # Replies out of turn: none of them is trusted, not even those already read.
+            # A reply out of turn: the envelope's replies are not trusted (no data was sent,
+            # everyone is deferred); after the data, final replies that came in their turn
+            # stand (those recipients have their copy) and the rest are deferred.
             err = self._protocol_failure(exc)
-            return {r["address"]: err.outcome() for r in rcpts}
+            if not finals:
+                return {r["address"]: err.outcome() for r in rcpts}
+            return txn.per_recipient_outcomes(finals, self.server, missing=err.outcome())
         except DeliveryError as err:
             self.broken = True
             return txn.per_recipient_outcomes(finals, self.server, missing=err.outcome())
@@ -171,7 +176,9 @@ class LMTPConnection(SMTPConnection):
                 self.broken = True
                 return
         for _ in range(expected):
-            finals.append(await self._read("data_termination"))
+            final = await self._read("data_termination")
+            check_final_reply(final)
+            finals.append(final)
 
     async def _send_chunks(self, source: MessageSource, finals: int) -> Reply | None:
         """BINARYMIME data as BDAT chunks; every chunk but the last is answered on its own.

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import socket
+import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 from empath.spool import new_message_id
@@ -34,6 +36,7 @@ from tests.support.sink import Behaviour
 
 __all__ = ["world"]  # the fixture, shared with test_delivery_e2e
 
+EMPATHCTL = str(Path(__file__).resolve().parents[2] / ".venv" / "bin" / "empathctl")
 FAST_RETRY = {"retry_base_delay": "1s", "retry_max_delay": "1s"}
 
 
@@ -92,6 +95,19 @@ def test_hostile_reply_text_reaches_the_bounce_and_log_made_printable(world: Wor
     diagnostic = str(report.recipients["u@example.test"]["Diagnostic-Code"])
     assert diagnostic.startswith("smtp;550 5.1.1 no?such?[2J?]0;owned?user ?evil AAAA")
     assert diagnostic.replace(" ", "").count("A") < 2100  # cut at the line limit
+
+
+def test_hostile_deferral_text_reaches_empathctl_made_printable(world: World) -> None:
+    behave(world, rcpt_default=(451, "4.2.0 wait\x1b[2J\x1b]0;owned\x07 \u202eevil\x00"))
+    d = world.daemon(FAST_RETRY)
+    qid = send(d, ["u@example.test"], message("hostile deferral"))
+    wait_log(d, r"u@example.test.*status=deferred")
+    view = subprocess.run([EMPATHCTL, "queue", "view", qid, "-c", str(d.config_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert view.returncode == 0, view.stderr
+    assert "wait?[2J?]0;owned? ?evil?" in view.stdout
+    for bad in ("\x00", "\x1b", "\x07", "\u202e"):
+        assert bad not in view.stdout and bad not in d.log_text()
 
 
 # -- E: nothing stored leaves with a bare CR or LF ---------------------------------------
