@@ -504,20 +504,11 @@ def reply_outcome(reply: Reply, server: str | None) -> RecipientOutcome:
     return error_for_reply(reply.code, reply.enhanced, reply.text, server).outcome()
 
 
-def crlf_only(chunk: bytes) -> bytes:
-    """``chunk`` with every line end CRLF: a bare LF or a bare CR becomes CRLF (Postfix sends
-    stored lines CRLF-terminated the same way). Three counts decide the common case, a
-    message already in CRLF form, without copying it."""
-    lf = chunk.count(b"\n")
-    if lf == chunk.count(b"\r") == chunk.count(b"\r\n"):
-        return chunk
-    return chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
-
-
 class DotStuffer:
     """Dot-stuffs message data fed in arbitrary blocks (RFC 5321 §4.5.2), CRLF lines only.
 
-    Every line end goes out as CRLF (``crlf_only``): no bare CR or LF is ever sent, so data
+    Every line end goes out as CRLF (``dot_stuff(..., crlf=True)``: a bare LF or a bare CR
+    becomes CRLF, as Postfix sends stored lines): no bare CR or LF is ever sent, so data
     stored with one cannot end the message early at the next hop (SMTP smuggling). A block
     is passed on only up to its last line feed (or a trailing CR is held back), so a CRLF
     never straddles two outputs and the line-start state carried between blocks is exact:
@@ -541,9 +532,8 @@ class DotStuffer:
     def _emit(self, chunk: bytes) -> bytes:
         if not chunk:
             return b""
-        chunk = crlf_only(chunk)
-        out: bytes = dot_stuff(chunk, self._at_line_start)
-        self._at_line_start = chunk.endswith(b"\r\n")
+        out: bytes = dot_stuff(chunk, self._at_line_start, True)
+        self._at_line_start = chunk.endswith((b"\n", b"\r"))  # sent as CRLF either way
         self.ends_with_crlf = self._at_line_start
         return out
 

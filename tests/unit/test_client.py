@@ -22,7 +22,6 @@ from empath.delivery.client import (
     ReplyChannel,
     ReplyParser,
     Transaction,
-    crlf_only,
     mail_command,
     needs_smtputf8,
     rcpt_command,
@@ -384,8 +383,8 @@ def test_a_long_reply_line_is_cut_not_refused() -> None:
 
 # -- CRLF-only output --------------------------------------------------------------------
 def test_bare_lf_and_bare_cr_go_out_as_crlf() -> None:
-    assert crlf_only(b"a\nb\rc\r\nd") == b"a\r\nb\r\nc\r\nd"
-    assert crlf_only(b"clean\r\n") == b"clean\r\n"
+    assert stuff_in_blocks(b"a\nb\rc\r\nd", []) == b"a\r\nb\r\nc\r\nd\r\n.\r\n"
+    assert stuff_in_blocks(b"clean\r\n", [3]) == b"clean\r\n.\r\n"
     smuggle = b"Subject: x\r\n\r\nhi\n.\nMAIL FROM:<evil@x>\r\n\r.\r\n"
     out = stuff_in_blocks(smuggle, [14, 18, 19])
     assert out.endswith(b"\r\n.\r\n")
