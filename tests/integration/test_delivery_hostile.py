@@ -178,6 +178,30 @@ def test_a_bounce_whose_mx_is_this_host_does_not_loop(world: World) -> None:
     assert d.log_text().count("loops back to myself") <= 3
 
 
+def test_the_issue_loop_scenario_makes_a_bounded_number_of_passes(world: World) -> None:
+    """Issue 16.1 as reported: an anonymous message to ``bad%y@localhost`` whose sender's
+    domain has this host as MX. Local delivery refuses the name and bounces to the sender's
+    domain, that is to us. The bounce fails with the loop verdict instead of circling (the
+    report saw ~5,900 passes in 13 s). Should the receiver refuse such a name at RCPT, nothing
+    is accepted and there is nothing to loop."""
+    port = free_port()
+    world.dns.set("loop.test", "MX", [(10, "mx.loop.test")])
+    world.dns.set("mx.loop.test", "A", ["127.0.0.1"])
+    d = world.daemon({**FAST_RETRY, "port": port},
+                     listeners=[{"address": f"127.0.0.1:{port}"}])
+    with d.smtp() as client:
+        client.ehlo("client.test")
+        assert client.mail("x@loop.test")[0] == 250
+        code, _ = client.rcpt("bad%y@localhost")
+        if code >= 500:
+            return  # refused at RCPT: no message, no bounce, no loop
+        assert code == 250
+        assert client.data(message("loop scenario", sender="x@loop.test"))[0] == 250
+    wait_log(d, r"loops back to myself")
+    time.sleep(2.0)  # a loop would keep receiving: give it time to show
+    assert received_passes(d.log_text()) == 1
+
+
 # -- F: opportunistic TLS never downgrades for a bad certificate -------------------------
 def test_self_signed_certificate_still_gets_the_message_encrypted(world: World,
                                                                   tmp_path: Any) -> None:
