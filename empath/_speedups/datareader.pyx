@@ -237,14 +237,63 @@ cdef class DataReader:
                 PyMem_Free(o.buf)
 
 
-def dot_stuff(data, bint at_line_start=True):
+cdef bytes _crlf_lines(bytes src):
+    """``src`` with every bare LF and bare CR made CRLF; ``src`` itself when it has none."""
+    cdef const char* p = PyBytes_AS_STRING(src)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(src)
+    cdef const char* stop = p + n
+    cdef const char* q = p
+    cdef Py_ssize_t bare = 0, i = 0
+    cdef bytes out
+    cdef char* o
+    cdef char c
+    # Pass 1 (memchr): each bare LF or bare CR needs one more octet.
+    while True:
+        q = <const char*>memchr(q, LF, stop - q)
+        if q == NULL:
+            break
+        if q == p or (q - 1)[0] != CR:
+            bare += 1
+        q += 1
+    q = p
+    while True:
+        q = <const char*>memchr(q, CR, stop - q)
+        if q == NULL:
+            break
+        if q + 1 == stop or q[1] != LF:
+            bare += 1
+        q += 1
+    if not bare:
+        return src
+    # Pass 2 (rare: the message has bare line ends): copy, each line end as CRLF.
+    out = PyBytes_FromStringAndSize(NULL, n + bare)
+    o = PyBytes_AS_STRING(out)
+    while i < n:
+        c = p[i]
+        if c == CR or c == LF:
+            o[0] = CR
+            o[1] = LF
+            o += 2
+            i += 2 if (c == CR and i + 1 < n and p[i + 1] == LF) else 1
+        else:
+            o[0] = c
+            o += 1
+            i += 1
+    return out
+
+
+def dot_stuff(data, bint at_line_start=True, bint crlf=False):
     """Client side of RFC 5321 §4.5.2: double the leading dot of every line.
 
     Lines are separated by CRLF only; a dot at offset 0 counts when ``at_line_start`` (the data
     begins a line). The terminator is not appended. To stuff a message in pieces, pass
     ``at_line_start=previous.endswith(b"\\r\\n")`` and do not split a CRLF between pieces.
+
+    With ``crlf`` every bare LF and every bare CR first becomes CRLF; see the twin.
     """
     cdef bytes src = _as_bytes(data)
+    if crlf:
+        src = _crlf_lines(src)
     cdef const char* p = PyBytes_AS_STRING(src)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(src)
     cdef const char* stop = p + n

@@ -213,14 +213,22 @@ class DataReader:
         return b"".join(out)
 
 
-def dot_stuff(data: bytes, at_line_start: bool = True) -> bytes:
+def dot_stuff(data: bytes, at_line_start: bool = True, crlf: bool = False) -> bytes:
     """Client side of RFC 5321 §4.5.2: double the leading dot of every line.
 
     Lines are separated by CRLF only; a dot at offset 0 counts when ``at_line_start`` (the data
     begins a line). The terminator is not appended. To stuff a message in pieces, pass
     ``at_line_start=previous.endswith(b"\\r\\n")`` and do not split a CRLF between pieces.
+
+    With ``crlf`` every bare LF and every bare CR first becomes CRLF (a line end of its own),
+    so the output holds no bare line end at all: what the SMTP client sends (Postfix sends
+    stored lines CRLF-terminated the same way). A CR at the very end counts as bare.
     """
     data = _as_bytes(data)
+    if crlf:
+        lf = data.count(b"\n")
+        if not lf == data.count(b"\r") == data.count(b"\r\n"):
+            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
     out = data.replace(b"\r\n.", b"\r\n..")
     if at_line_start and out[:1] == b".":
         out = b"." + out

@@ -357,6 +357,15 @@ SCHEMA = Section("", "Empath configuration.", (
             "Send all remote mail through this host:port instead of MX hosts.", nullable=True),
         Key("port", Int(1, 65535), 25, "TCP port of MX hosts; tests use another."),
         Key("helo_name", Str(), None, "Name sent in EHLO; null: hostname.", nullable=True),
+        Key("mx_address_limit", Int(1, 1000), 5,
+            "Most server addresses (of all MX hosts together) tried per delivery attempt "
+            "(Postfix's smtp_mx_address_limit)."),
+        Key("mx_session_limit", Int(1, 1000), 2,
+            "Most SMTP sessions (connections a server answered) per delivery attempt "
+            "(Postfix's smtp_mx_session_limit)."),
+        Key("bounce_size_limit", Size(), 50000,
+            "Largest original message returned whole in a non-delivery notice (RET=FULL); "
+            "above it only its headers (Postfix's bounce_size_limit)."),
         Key("max_connections", Int(1, 10000), 20,
             "Default most simultaneous connections per destination domain, all delivery "
             "workers together: each worker gets its share (20 over 3 workers: 7, 7, 6; a "

@@ -4,7 +4,12 @@ Pure: decides which recipients a notice is owed for (``due_notices``) and builds
 a multipart/report message from an envelope, the recipients to report on and the original
 message; *sending* a notice (spooling it as a new message from the null sender) is the
 worker's job. Header values that come from the network (addresses, diagnostic text) are
-stripped of CR/LF so a hostile reply cannot inject headers into a notice.
+stripped of CR/LF so a hostile reply cannot inject headers into a notice, and any other
+control character in them (NUL, ESC, C1, bidi overrides) is written as an escape (``\x1b``,
+``\u202e``); a server's reply text arrives already made printable by the client's reply
+parser. Every line of a notice is at most ``LINE_LIMIT`` (998) octets (RFC 5322 §2.1.1):
+longer fields are folded, longer text lines wrapped. The original message is returned whole
+(RET=FULL) only up to ``delivery.bounce_size_limit`` octets, otherwise its headers alone.
 
 Which notices exist:
 
@@ -35,7 +40,8 @@ from empath.spool import MessageSource
 # and delays are reported too (RFC 3461 §4.1 allows DELAY by default).
 DEFAULT_NOTIFY = ("FAILURE", "DELAY")
 HEADERS_LIMIT = 64 * 1024  # RET=HDRS, or a huge message: return at most this much header text
-FULL_LIMIT = 10 * 1024 * 1024  # RET=FULL is honoured up to this size, then headers only
+BOUNCE_SIZE_LIMIT = 50000  # RET=FULL up to this size, then headers only (Postfix's default)
+LINE_LIMIT = 998  # RFC 5322 §2.1.1: octets per line, CRLF excluded
 FAILURE_NOTICE, SUCCESS_NOTICE = "failed", "success"  # the notices due_notices() returns
 
 _SUBJECTS = {
@@ -52,8 +58,40 @@ _INTRO = {
 }
 
 
+def _escape(ch: str) -> str:
+    code = ord(ch)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
 def _clean(text: Any) -> str:
-    return " ".join(str(text).replace("\r", " ").replace("\n", " ").split())
+    """One line of text for a notice: CR/LF and runs of white space become one space, other
+    characters that are not printable become escapes."""
+    flat = " ".join(str(text).replace("\r", " ").replace("\n", " ").split())
+    if flat.isprintable():
+        return flat
+    return "".join(ch if ch.isprintable() else _escape(ch) for ch in flat)
+
+
+def _fold(line: str, indent: str) -> list[str]:
+    """``line`` as lines of at most LINE_LIMIT octets: broken at a space where one is near,
+    else anywhere (never inside a UTF-8 sequence); each continuation starts with ``indent``
+    (white space, so a header field stays one field)."""
+    out: list[str] = []
+    while len(line.encode()) > LINE_LIMIT:
+        room = LINE_LIMIT - (len(indent.encode()) if out else 0)
+        head = line.encode()[:room].decode("utf-8", "ignore")
+        cut = head.rfind(" ", room // 2)
+        if cut <= 0:
+            cut = len(head)
+        out.append((indent if out else "") + line[:cut])
+        line = line[cut:].lstrip(" ")
+    out.append((indent if out else "") + line)
+    return out
+
+
+def _within_limit(text: str, indent: str) -> str:
+    """Every CRLF-separated line of ``text`` folded to LINE_LIMIT octets."""
+    return "\r\n".join(part for line in text.split("\r\n") for part in _fold(line, indent))
 
 
 def _template(text: str) -> re.Pattern[str]:
@@ -211,10 +249,10 @@ def _human_line(rcpt: dict[str, Any], action: str) -> str:
     return f"<{_clean(rcpt['address'])}>: {action}: {reason}"
 
 
-def _original_part(source: MessageSource, full: bool) -> tuple[str, bytes]:
+def _original_part(source: MessageSource, full: bool, size_limit: int) -> tuple[str, bytes]:
     with open(source.path, "rb") as fh:
         fh.seek(source.offset)
-        if full and source.length <= FULL_LIMIT:
+        if full and source.length <= size_limit:
             return "message/rfc822", fh.read(source.length)
         head = fh.read(min(source.length, HEADERS_LIMIT))
     end = head.find(b"\r\n\r\n")
@@ -223,13 +261,14 @@ def _original_part(source: MessageSource, full: bool) -> tuple[str, bytes]:
 
 
 def build_report(envelope: dict[str, Any], recipients: list[dict[str, Any]], kind: str,
-                 source: MessageSource, *, hostname: str, now: float | None = None) -> bytes:
+                 source: MessageSource, *, hostname: str, now: float | None = None,
+                 size_limit: int = BOUNCE_SIZE_LIMIT) -> bytes:
     """The whole notice (headers and body, CRLF) about ``recipients``.
 
     ``kind`` is "failed", "delayed" or "success"; in a success notice each recipient's
     Action is ``delivered`` or ``relayed`` (``success_action``). The original message is
     returned whole only in a failure notice with RET=FULL (RFC 3461 §4.3); otherwise, and
-    above FULL_LIMIT, its headers.
+    above ``size_limit`` octets, its headers.
     """
     if kind not in _SUBJECTS:
         raise ValueError(f"unknown notice kind {kind!r}")
@@ -252,7 +291,7 @@ def build_report(envelope: dict[str, Any], recipients: list[dict[str, Any]], kin
     for rcpt, action in actions:
         status += "\r\n" + _recipient_block(rcpt, action)
     full = (params.get("ret") or "").upper() == "FULL" and kind == "failed"
-    ctype, original = _original_part(source, full)
+    ctype, original = _original_part(source, full, size_limit)
     if kind != "failed":
         description = "Message headers"
     elif ctype == "message/rfc822":
@@ -261,6 +300,8 @@ def build_report(envelope: dict[str, Any], recipients: list[dict[str, Any]], kin
         description = "Undelivered message headers"
     human += ("\r\nYour message is attached below.\r\n" if ctype == "message/rfc822"
               else "\r\nThe headers of your message are attached below.\r\n")
+    human = _within_limit(human, "  ")
+    status = _within_limit(status, " ")
     head = (
         f"From: Mail Delivery System <MAILER-DAEMON@{hostname}>\r\n"
         f"To: <{sender}>\r\n"

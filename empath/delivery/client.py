@@ -8,12 +8,28 @@ recipient: from one reply after the data (SMTP) or from one reply per accepted r
 (LMTP, RFC 2033 §4.2). ``empath/delivery/connection.py`` and ``lmtp.py`` feed it bytes from
 a socket.
 
+Replies are matched to commands strictly, as Postfix does: ``ReplyChannel`` counts the replies
+the client asked for, and a reply nobody asked for, or any byte still unread when the next
+command goes out, is a ProtocolError (the connection is then closed, never reused, and the
+message deferred). Message content follows only a 3xx reply to DATA; a 3xx reply to MAIL or
+RCPT, a 2xx reply to DATA, or a 3xx reply after the final dot is a ProtocolError; a recipient
+is delivered only on a 2xx reply after the final dot (or to ``BDAT ... LAST``).
+
+Reply text is made safe once, here, where it enters (``printable``): invalid UTF-8 and every
+character that is not printable (C0 and C1 controls, DEL, line and paragraph separators, bidi
+overrides) become ``?`` and a line is cut at ``LINE_LENGTH_LIMIT`` octets, so bounces, log
+lines, the attempt history and ``empathctl`` output only ever see clean text.
+
+Message data leaves here with CRLF line ends only (``DotStuffer``): a bare LF or a bare CR in
+the stored message is sent as CRLF, so nothing stored can smuggle an end of data downstream.
+
 Never touches a socket, a file or a clock, so every rule here is unit-testable with bytes.
 """
 
 from __future__ import annotations
 
 import re
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,15 +37,28 @@ from empath._speedups import dot_stuff, encode_xtext
 from empath.delivery.errors import error_for_reply
 from empath.delivery.state import DELIVERED, RecipientOutcome
 
-# RFC 5321 §4.5.3.1.5 caps a reply line at 512 octets; real servers exceed it, so we allow
-# more, but a peer that never ends a line or a reply must not eat our memory.
-MAX_REPLY_LINE = 4096
+# RFC 5321 §4.5.3.1.5 caps a reply line at 512 octets; real servers exceed it, so a line is
+# kept up to Postfix's line_length_limit (2048) and the rest of it is skipped; a reply larger
+# than MAX_REPLY_BYTES in all (skipped octets included) is a reply bomb and a ProtocolError.
+LINE_LENGTH_LIMIT = 2048
+MAX_REPLY_LINE = LINE_LENGTH_LIMIT
 MAX_REPLY_BYTES = 64 * 1024
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
 
 
 class ProtocolError(ValueError):
-    """The server sent something that is not an SMTP reply."""
+    """The server sent something that is not an SMTP reply, or a reply out of turn."""
+
+
+def printable(raw: bytes | str, limit: int = LINE_LENGTH_LIMIT) -> str:
+    """``raw`` as text safe for a log line, a bounce or a terminal: invalid UTF-8 and every
+    character Python does not call printable (C0/C1 controls, DEL, U+2028/U+2029, bidi and
+    other format characters) become ``?``; at most ``limit`` characters are kept."""
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    text = text[:limit]
+    if text.isprintable() and "\ufffd" not in text:
+        return text
+    return "".join(ch if ch.isprintable() and ch != "\ufffd" else "?" for ch in text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +75,12 @@ class Reply:
 
     @property
     def is_positive(self) -> bool:
-        return 200 <= self.code < 400
+        """2xx: the command succeeded (a 3xx is positive only as the answer to DATA)."""
+        return 200 <= self.code < 300
+
+    @property
+    def is_intermediate(self) -> bool:
+        return 300 <= self.code < 400
 
     @property
     def is_permanent(self) -> bool:
@@ -71,11 +105,12 @@ class ReplyParser:
         self._buffer = b""
         self._lines: list[tuple[int, str]] = []
         self._size = 0
+        self._cut: bytes | None = None  # the kept head of an over-long line being skipped
 
     @property
     def pending(self) -> bool:
         """Bytes or lines of a reply not yet complete (STARTTLS must start with nothing)."""
-        return bool(self._buffer or self._lines)
+        return bool(self._buffer or self._lines or self._cut is not None)
 
     def feed(self, data: bytes) -> list[Reply]:
         self._buffer += data
@@ -83,21 +118,36 @@ class ReplyParser:
         while True:
             end = self._buffer.find(b"\n")
             if end < 0:
-                if len(self._buffer) > MAX_REPLY_LINE:
-                    raise ProtocolError("reply line too long")
+                self._skip_long(len(self._buffer))
                 return replies
-            raw, self._buffer = self._buffer[:end], self._buffer[end + 1:]
+            if self._cut is not None or end > LINE_LENGTH_LIMIT:
+                self._skip_long(end)  # the buffer now starts at the line feed
+                raw, self._cut = self._cut or b"", None
+                self._buffer = self._buffer[1:]
+            else:
+                raw, self._buffer = self._buffer[:end], self._buffer[end + 1:]
             reply = self._line(raw.rstrip(b"\r"))
             if reply is not None:
                 replies.append(reply)
 
+    def _skip_long(self, length: int) -> None:
+        """Past LINE_LENGTH_LIMIT octets without a line end, keep the head and drop the rest
+        (counted against MAX_REPLY_BYTES)."""
+        if self._cut is None and length > LINE_LENGTH_LIMIT:
+            self._cut = self._buffer[:LINE_LENGTH_LIMIT]
+            self._size += length - LINE_LENGTH_LIMIT
+            self._buffer = self._buffer[length:]
+        elif self._cut is not None and length:
+            self._size += length
+            self._buffer = self._buffer[length:]
+        if self._size > MAX_REPLY_BYTES:
+            raise ProtocolError("reply too long")
+
     def _line(self, raw: bytes) -> Reply | None:
-        if len(raw) > MAX_REPLY_LINE:
-            raise ProtocolError("reply line too long")
         self._size += len(raw)
         if self._size > MAX_REPLY_BYTES:
             raise ProtocolError("reply too long")
-        line = raw.decode("utf-8", "replace")
+        line = printable(raw)
         # "250", "250 text" or "250-text"; the code is three digits 2-5 (RFC 5321 §4.2).
         if len(line) < 3 or not line[:3].isdigit() or line[0] not in "2345" or (
                 len(line) > 3 and line[3] not in " -"):
@@ -117,6 +167,64 @@ class ReplyParser:
                 enhanced = found
             texts.append(rest if found else text)
         return Reply(code, enhanced, tuple(texts))
+
+
+class ReplyChannel:
+    """The replies of one connection, matched to the commands that asked for them.
+
+    Every byte the server sends is fed here as it arrives (not when the client happens to
+    read), so the channel knows at any moment whether the server said something nobody asked
+    for. ``expect(n)`` is called as a command that wants ``n`` replies is sent: it refuses
+    (ProtocolError) while any byte or reply is still unread, since the next reply would
+    then be matched to the wrong command. A complete reply arriving while none is expected
+    is a ProtocolError at once. After an error the channel stays failed: nothing it holds
+    can be trusted, and the connection must be closed.
+    """
+
+    def __init__(self, expected: int = 1) -> None:
+        self.parser = ReplyParser()
+        self.replies: deque[Reply] = deque()
+        self.expected = expected  # replies asked for and not yet arrived (1: the greeting)
+        self.error: ProtocolError | None = None
+        self.eof = False
+
+    @property
+    def pending(self) -> bool:
+        """Unread bytes or replies."""
+        return bool(self.replies) or self.parser.pending
+
+    def feed(self, data: bytes) -> None:
+        """Bytes from the server; a protocol violation is kept in ``error`` (and raised)."""
+        if self.error is not None:
+            return
+        try:
+            for reply in self.parser.feed(data):
+                if self.expected <= 0:
+                    raise ProtocolError(f"unexpected reply {str(reply)[:80]!r}")
+                self.expected -= 1
+                self.replies.append(reply)
+        except ProtocolError as exc:
+            self.error = exc
+            raise
+
+    def expect(self, count: int, what: str) -> None:
+        """``count`` replies are asked for by the command ``what`` about to be sent."""
+        if self.error is not None:
+            raise self.error
+        if self.pending or self.expected:
+            self.error = ProtocolError(f"unexpected data from the server before {what}")
+            raise self.error
+        self.expected = count
+
+    def next(self) -> Reply | None:
+        """The oldest unread reply, or None. Replies that came in their turn are handed out
+        before a later violation is raised: the reply to the final dot is the server's
+        verdict even when a stray one follows it (the connection is closed all the same)."""
+        if self.replies:
+            return self.replies.popleft()
+        if self.error is not None:
+            raise self.error
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,6 +349,7 @@ class Transaction:
         return "data_init"
 
     def start(self) -> bytes:
+        """The first write (``start_replies`` says how many replies it asks for)."""
         if not self.pipelining:
             return self.mail
         batch = [self.mail, *(cmd for _, cmd in self.rcpts)]
@@ -248,10 +357,22 @@ class Transaction:
             batch.append(b"DATA\r\n")
         return b"".join(batch)
 
+    @property
+    def start_replies(self) -> int:
+        if not self.pipelining:
+            return 1
+        return 1 + len(self.rcpts) + (1 if self.use_data else 0)
+
     def receive(self, reply: Reply) -> bytes:
+        """The next reply; what to write next (one command, or nothing).
+
+        Raises ProtocolError for a reply that cannot answer the command it belongs to: a
+        3xx to MAIL or RCPT, a 2xx to DATA (the content would never be sent), or any reply
+        once the envelope is complete."""
         if self.finished:
             raise ProtocolError("reply after the envelope was complete")
         if self.mail_reply is None:
+            _not_intermediate(reply, "MAIL")
             self.mail_reply = reply
             if self.pipelining:
                 return b""
@@ -260,6 +381,7 @@ class Transaction:
                 return b""
             return self.rcpts[0][1]
         if len(self.rcpt_replies) < len(self.rcpts):
+            _not_intermediate(reply, "RCPT")
             self.rcpt_replies.append(reply)
             if len(self.rcpt_replies) < len(self.rcpts):
                 return b"" if self.pipelining else self.rcpts[len(self.rcpt_replies)][1]
@@ -272,6 +394,10 @@ class Transaction:
                 self.finished = True  # nobody to send to: no DATA at all
                 return b""
             return b"DATA\r\n"
+        if reply.is_positive:
+            # RFC 5321 §4.3.2: DATA is answered 354 (or refused); a 2xx would have the
+            # message counted as sent with no byte of it sent.
+            raise ProtocolError(f"reply {str(reply)[:80]!r} to DATA")
         self.data_reply = reply
         self.finished = True
         return b""
@@ -286,8 +412,8 @@ class Transaction:
 
     @property
     def data_accepted(self) -> bool:
-        """DATA got 354: the data (or, with nobody accepted, an empty one) must follow."""
-        return self.data_reply is not None and self.data_reply.code == 354
+        """DATA got 3xx (354): the data (or, with nobody accepted, an empty one) must follow."""
+        return self.data_reply is not None and self.data_reply.is_intermediate
 
     @property
     def send_message(self) -> bool:
@@ -300,8 +426,11 @@ class Transaction:
 
         ``final`` is the reply after the end of data (None when no data was sent). A failed
         MAIL decides for everyone; a failed RCPT for its recipient; a failed DATA or end of
-        data for every recipient the server had accepted (RFC 5321 §3.3).
+        data for every recipient the server had accepted (RFC 5321 §3.3). A 3xx after the
+        data is a ProtocolError, never a delivery.
         """
+        if final is not None:
+            _not_intermediate(final, "the end of data")
         out: dict[str, RecipientOutcome] = {}
         for index, (addr, _) in enumerate(self.rcpts):
             reply = self._refusal(index)
@@ -332,6 +461,8 @@ class Transaction:
         data decide as in ``outcomes``. ``missing`` stands in for replies that never came
         (the connection failed part-way); without it, a missing reply is a ProtocolError.
         """
+        for answer in finals:
+            _not_intermediate(answer, "the end of data")
         out: dict[str, RecipientOutcome] = {}
         waiting = iter(finals)
         for index, (addr, _) in enumerate(self.rcpts):
@@ -349,6 +480,23 @@ class Transaction:
         return out
 
 
+def _not_intermediate(reply: Reply, command: str) -> None:
+    """Only DATA (and BDAT's chunk replies never) is answered 3xx; elsewhere it is a
+    protocol error, not a success."""
+    if reply.is_intermediate:
+        raise ProtocolError(f"reply {str(reply)[:80]!r} to {command}")
+
+
+def check_final_reply(reply: Reply) -> None:
+    """A reply after the final dot is 2xx, 4xx or 5xx; a 3xx is a protocol error."""
+    _not_intermediate(reply, "the end of data")
+
+
+def check_chunk_reply(reply: Reply) -> None:
+    """RFC 3030 §2: a BDAT chunk is answered 2xx, 4xx or 5xx; 3xx is a protocol error."""
+    _not_intermediate(reply, "BDAT")
+
+
 def reply_outcome(reply: Reply, server: str | None) -> RecipientOutcome:
     """2xx delivered, 4xx deferred, 5xx failed."""
     if 200 <= reply.code < 300:
@@ -357,10 +505,13 @@ def reply_outcome(reply: Reply, server: str | None) -> RecipientOutcome:
 
 
 class DotStuffer:
-    """Dot-stuffs message data fed in arbitrary blocks (RFC 5321 §4.5.2).
+    """Dot-stuffs message data fed in arbitrary blocks (RFC 5321 §4.5.2), CRLF lines only.
 
-    A block is passed on only up to its last line feed (or a trailing CR is held back), so a
-    CRLF never straddles two outputs and the line-start state carried between blocks is exact:
+    Every line end goes out as CRLF (``dot_stuff(..., crlf=True)``: a bare LF or a bare CR
+    becomes CRLF, as Postfix sends stored lines): no bare CR or LF is ever sent, so data
+    stored with one cannot end the message early at the next hop (SMTP smuggling). A block
+    is passed on only up to its last line feed (or a trailing CR is held back), so a CRLF
+    never straddles two outputs and the line-start state carried between blocks is exact:
     a "." that begins a line in the next block is doubled even when that line started in this
     one. ``finish()`` ends the data with CRLF "." CRLF, adding the CRLF a message lacks.
     """
@@ -381,8 +532,8 @@ class DotStuffer:
     def _emit(self, chunk: bytes) -> bytes:
         if not chunk:
             return b""
-        out: bytes = dot_stuff(chunk, self._at_line_start)
-        self._at_line_start = chunk.endswith(b"\r\n")
+        out: bytes = dot_stuff(chunk, self._at_line_start, True)
+        self._at_line_start = chunk.endswith((b"\n", b"\r"))  # sent as CRLF either way
         self.ends_with_crlf = self._at_line_start
         return out
 

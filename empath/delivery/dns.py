@@ -226,13 +226,15 @@ class MXResolver:
         """IPv4 then IPv6 addresses of ``host`` (an address literal is its own answer)."""
         return (await self.lookup_addresses(host)).addresses
 
-    async def lookup_addresses(self, host: str) -> AddressAnswer:
+    async def lookup_addresses(self, host: str, *, literal: bool = True) -> AddressAnswer:
         """IPv4 then IPv6 addresses of ``host``, and whether they were validated.
 
+        ``literal=False`` for an MX exchange: a name spelled like an address (``127.0.0.1.``)
+        is looked up as the name it is, never used as an address (as Postfix does).
         Raises PermanentError when the name has no address at all (NXDOMAIN, or neither A nor
         AAAA records), TemporaryError when a lookup failed and the other gave nothing.
         """
-        if _is_ip(host):
+        if literal and _is_ip(host):
             return AddressAnswer([host], literal=True)
         host = _normalize(host)
         results = await asyncio.gather(self._lookup(host, "A"), self._lookup(host, "AAAA"),

@@ -45,6 +45,14 @@ REPLIES: dict[str, tuple[int, str, str]] = {
                         "offer STARTTLS"),
     "tls_failed": (451, "4.7.5", "TLS is required for {domain} but the handshake with "
                    "{server} failed: {reason}"),
+    # Opportunistic TLS (RFC 7435): the handshake failed; the same server is tried in plain.
+    "tls_handshake": (451, "4.7.5", "TLS handshake with {server} failed: {reason}"),
+    # The certificate did not verify: opportunistic TLS goes on encrypted, unauthenticated.
+    "tls_unverified": (451, "4.7.5", "certificate of {server} did not verify: {reason}"),
+    # Every address tried, or every session allowed, for this attempt (Postfix's
+    # smtp_mx_address_limit and smtp_mx_session_limit); X.4.4: unable to route.
+    "mx_limit": (451, "4.4.4", "no server of {domain} took the message within the limit of "
+                 "{limit}"),
     # DNSSEC (dnssec.py): a validation failure, or an unvalidated answer under "enforce".
     "dnssec_bogus": (451, "4.4.3", "DNSSEC validation of {name} failed (bogus answer)"),
     "dnssec_unvalidated": (451, "4.4.3", "DNS answer for {name} is not DNSSEC-validated "

@@ -33,18 +33,20 @@ from typing import Any
 
 from empath.delivery.client import (
     Extensions,
+    ProtocolError,
     Reply,
     Transaction,
+    check_chunk_reply,
+    check_final_reply,
     mail_command,
     rcpt_command,
 )
-from empath.delivery.connection import READ_SIZE, SMTPConnection
+from empath.delivery.connection import SMTPConnection, connect_stream
 from empath.delivery.errors import (
     DeliveryError,
     LocalSystemError,
     PermanentError,
     TemporaryError,
-    error_for_reply,
 )
 from empath.delivery.state import RecipientOutcome
 from empath.spool import MessageSource
@@ -66,7 +68,7 @@ async def open_lmtp(host: str, port: int, *, name: str, timeouts: Any) -> LMTPCo
     label = server_label(host, port)
     try:
         async with asyncio.timeout(timeouts.connect):
-            reader, writer = await asyncio.open_connection(host, port, limit=READ_SIZE * 4)
+            reader, writer = await connect_stream(host, port)
     except TimeoutError:
         raise TemporaryError.make("connect", server=label, reason="timed out") from None
     except OSError as exc:
@@ -142,6 +144,14 @@ class LMTPConnection(SMTPConnection):
                 # replies an empty message would get is anyone's guess, so the session ends.
                 self.broken = True
             return txn.per_recipient_outcomes(finals, self.server)
+        except ProtocolError as exc:
+            # A reply out of turn: the envelope's replies are not trusted (no data was sent,
+            # everyone is deferred); after the data, final replies that came in their turn
+            # stand (those recipients have their copy) and the rest are deferred.
+            err = self._protocol_failure(exc)
+            if not finals:
+                return {r["address"]: err.outcome() for r in rcpts}
+            return txn.per_recipient_outcomes(finals, self.server, missing=err.outcome())
         except DeliveryError as err:
             self.broken = True
             return txn.per_recipient_outcomes(finals, self.server, missing=err.outcome())
@@ -151,49 +161,41 @@ class LMTPConnection(SMTPConnection):
         finally:
             self.idle_since = time.monotonic()
 
-    async def _envelope(self, txn: Transaction) -> None:
-        """MAIL, each RCPT and DATA (pipelined when offered), until the envelope is decided."""
-        await self._write(txn.start(), "mail")
-        while not txn.finished:
-            reply = await self._read(txn.expecting)
-            if reply.code == 421:
-                raise error_for_reply(reply.code, reply.enhanced, reply.text, self.server)
-            follow = txn.receive(reply)
-            if follow:
-                await self._write(follow, txn.expecting)
-
     async def _transfer(self, txn: Transaction, source: MessageSource,
                         finals: list[Reply]) -> None:
         """Send the message, then collect one final reply per accepted recipient into
         ``finals`` (in place: on a failure the caller keeps those that arrived)."""
         expected = len(txn.accepted)
         if txn.use_data:
-            await self._send_data(source)
+            await self._send_data(source, expected)
         else:
-            refusal = await self._send_chunks(source)
+            refusal = await self._send_chunks(source, expected)
             if refusal is not None:
                 # RFC 3030 §2: a refused chunk fails the whole transaction, for everyone.
                 finals.extend([refusal] * expected)
                 self.broken = True
                 return
         for _ in range(expected):
-            finals.append(await self._read("data_termination"))
+            final = await self._read("data_termination")
+            check_final_reply(final)
+            finals.append(final)
 
-    async def _send_chunks(self, source: MessageSource) -> Reply | None:
+    async def _send_chunks(self, source: MessageSource, finals: int) -> Reply | None:
         """BINARYMIME data as BDAT chunks; every chunk but the last is answered on its own.
 
         Returns the reply that refused a chunk, or None once ``BDAT ... LAST`` is sent (its
-        replies, one per recipient, are the caller's to read)."""
+        ``finals`` replies, one per recipient, are the caller's to read)."""
         if source.length == 0:
-            await self._write(b"BDAT 0 LAST\r\n", "data_block")
+            await self._send(b"BDAT 0 LAST\r\n", "data_block", finals)
             return None
         for block, last in self._blocks(source):
             head = b"BDAT %d%s\r\n" % (len(block), b" LAST" if last else b"")
-            await self._write(head + block, "data_block")
+            await self._send(head + block, "data_block", finals if last else 1)
             if last:
                 return None
             reply = await self._read("data_block")
-            if reply.code != 250:
+            check_chunk_reply(reply)
+            if not reply.is_positive:
                 return reply
         return None
 

@@ -271,7 +271,7 @@ class StsCheck:
         self.result, self.failure = "failed", text
 
     def connected(self, host: str, tls: bool, tls_failure: str | None, dane: bool,
-                  log_prefix: Any = None) -> None:
+                  log_prefix: Any = None, unverified: str | None = None) -> None:
         """The session with ``host`` is ready: judge it (under enforce it passed already)."""
         if dane:
             self.result, self.failure = "dane", None
@@ -286,6 +286,8 @@ class StsCheck:
             problems.append(f"no TLS with {host} ({tls_failure or 'not tried'})")
         elif not self.verify:
             problems.append(f"certificate of {host} not verified (accept_invalid_certs)")
+        elif unverified is not None:
+            problems.append(f"certificate of {host} did not verify ({unverified})")
         if not problems:
             self.result, self.failure = "verified", None
             return

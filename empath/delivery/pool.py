@@ -5,6 +5,12 @@ requirement) for ``connection_reuse.max_idle`` seconds and at most ``max_message
 ``take`` hands one back only after it answered RSET (RFC 5321 §4.1.1.5), otherwise it is
 dropped. Closing (QUIT) happens in the background, and ``close`` waits for all of it at worker
 shutdown. The pool never opens a connection itself and never touches the spool.
+
+Each idle connection has one timer, cancelled when the connection is taken. A timer that
+fires before ``max_idle`` has passed by the clock (event-loop timers may fire a fraction of a
+millisecond early) is set again for the rest, so no connection outlives ``max_idle`` by more
+than the timer's own lateness, however many destinations there are. A connection the server
+closed, or that received a reply nobody asked for, while idle is closed at once.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ class ConnectionPool:
     def __init__(self, reuse_cfg: Any) -> None:
         self.reuse = reuse_cfg
         self._idle: dict[PoolKey, list[SMTPConnection]] = {}
+        self._timers: dict[SMTPConnection, asyncio.TimerHandle] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self._closed = False
 
@@ -32,12 +39,18 @@ class ConnectionPool:
         pool = self._idle.get(key, [])
         while pool:
             conn = pool.pop()
-            if time.monotonic() - conn.idle_since > self.reuse.max_idle:
+            if not pool:
+                del self._idle[key]
+            self._cancel_timer(conn)
+            conn.reader.on_trouble = None
+            if conn.broken or time.monotonic() - conn.idle_since >= self.reuse.max_idle:
                 self.quit_later(conn)
+                pool = self._idle.get(key, [])
                 continue
             if await conn.reset():
                 return conn
             conn.abort()
+            pool = self._idle.get(key, [])
         return None
 
     def release(self, conn: SMTPConnection, key: PoolKey) -> None:
@@ -47,17 +60,33 @@ class ConnectionPool:
             self.quit_later(conn)
             return
         self._idle.setdefault(key, []).append(conn)
-        asyncio.get_running_loop().call_later(self.reuse.max_idle, self._expire, key, conn)
+        self._schedule(key, conn, self.reuse.max_idle)
+        # Closed by the server, or a reply out of turn, while idle: close it now.
+        conn.reader.on_trouble = lambda: self._expire(key, conn)
+
+    def _schedule(self, key: PoolKey, conn: SMTPConnection, delay: float) -> None:
+        self._cancel_timer(conn)
+        self._timers[conn] = asyncio.get_running_loop().call_later(
+            max(delay, 0.0), self._expire, key, conn)
+
+    def _cancel_timer(self, conn: SMTPConnection) -> None:
+        timer = self._timers.pop(conn, None)
+        if timer is not None:
+            timer.cancel()
 
     def _expire(self, key: PoolKey, conn: SMTPConnection) -> None:
+        self._cancel_timer(conn)
         pool = self._idle.get(key)
         if not pool or conn not in pool:
-            return  # reused (or closed) meanwhile; its own timer will come
-        if time.monotonic() - conn.idle_since < self.reuse.max_idle:
+            return  # taken (or closed) meanwhile
+        left = self.reuse.max_idle - (time.monotonic() - conn.idle_since)
+        if left > 0 and not conn.broken:
+            self._schedule(key, conn, left)  # fired early: the rest of the time
             return
         pool.remove(conn)
         if not pool:
             del self._idle[key]
+        conn.reader.on_trouble = None
         self.quit_later(conn)
 
     def quit_later(self, conn: SMTPConnection) -> None:
@@ -70,6 +99,9 @@ class ConnectionPool:
         self._closed = True
         idle = [conn for conns in self._idle.values() for conn in conns]
         self._idle.clear()
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
         for conn in idle:
             self.quit_later(conn)
         if self._closing:

@@ -7,7 +7,18 @@ Owns the choice of *where* a message goes and *which connection* carries it:
 - trying hosts in MX order and every address of each host: a refused or timed-out connection,
   or a 4xx/5xx greeting or EHLO, moves on to the next address and host (RFC 5321 §5.1); once a
   transaction has started, the server's replies are final for this attempt;
-- an opportunistic STARTTLS whose handshake fails is retried on a new connection in plain;
+- an opportunistic STARTTLS whose handshake cannot complete is retried on a new connection
+  in plain; a certificate that merely fails verification is not such a failure: the new
+  connection is encrypted without verification, and the result (``tls.verified``,
+  ``tls.verify_error``) is recorded in the route record and logged (RFC 7435: opportunistic
+  means encrypt whenever offered). ``required``, MTA-STS and DANE never fall back;
+- loops: a route whose server is this host (an address and port we listen on; a wildcard
+  listener means any local address) fails the recipients with "mail for <domain> loops back
+  to myself" (5.4.6) instead of connecting, as Postfix does; more preferred MX hosts that
+  failed make it a deferral instead. An MX exchange spelled like an address (``127.0.0.1.``)
+  is a name and is looked up as one (RFC 5321 §5.1 wants names there);
+- at most ``delivery.mx_address_limit`` addresses and ``delivery.mx_session_limit`` sessions
+  (connections a server answered) per attempt, as Postfix's limits of the same names;
 - DNSSEC and DANE (``dnssec.py``, ``dane.py``): under the domain's DNSSEC mode every lookup
   of the route (MX, A/AAAA, TLSA) is judged, and under ``enforce`` an unvalidated one is a
   temporary failure for the domain (MX) or the host (addresses, TLSA). When the MX RRset
@@ -33,7 +44,10 @@ MessageSource the worker passes in.
 from __future__ import annotations
 
 import asyncio
+import functools
+import ipaddress
 import logging
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +56,8 @@ from empath.config.types import parse_address
 from empath.delivery import dnssec
 from empath.delivery.breaker import REACHED, UNKNOWN, UNREACHABLE, CircuitBreakers, CircuitOpen
 from empath.delivery.connection import (
+    CertificateUnverified,
+    ConnectFailure,
     DANEFailure,
     SMTPConnection,
     TLSHandshakeError,
@@ -97,6 +113,63 @@ def _unreachable(err: DeliveryError) -> bool:
     return not isinstance(err, (TLSPolicyFailure, DANEFailure, LocalSystemError))
 
 
+@functools.lru_cache(maxsize=256)
+def _is_local_address(ip: str) -> bool:
+    """Whether ``ip`` is an address of this machine: loopback, or one a socket can bind to
+    (the kernel's own answer; no interface list to keep up to date)."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if address.is_loopback or address.is_unspecified:
+        return True
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.bind((ip, 0))
+    except OSError:
+        return False
+    return True
+
+
+class OwnAddresses:
+    """The endpoints this host receives mail on (its configured listeners), to spot a route
+    that would loop back here. A listener on 0.0.0.0 or :: stands for every local address;
+    one on port 0 (a port picked at start-up) cannot be matched and is left out."""
+
+    def __init__(self, listeners: Any) -> None:
+        self.endpoints: list[tuple[str, int]] = []
+        for listener in listeners or ():
+            host, port = listener.address.host, int(listener.address.port)
+            if not port:
+                continue
+            try:
+                ipaddress.ip_address(host)
+                hosts = [host]
+            except ValueError:  # a name: what it stands for, once, at start-up
+                try:
+                    hosts = sorted({info[4][0] for info in socket.getaddrinfo(host, port)})
+                except OSError:
+                    hosts = []
+            self.endpoints.extend((h, port) for h in hosts)
+
+    def is_me(self, ip: str, port: int) -> bool:
+        try:
+            target = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        for host, listen_port in self.endpoints:
+            if listen_port != port:
+                continue
+            listen = ipaddress.ip_address(host)
+            if listen.is_unspecified:
+                if _is_local_address(ip):
+                    return True
+            elif listen == target:
+                return True
+        return False
+
+
 class RemoteTransport:
     """SMTP delivery to remote domains for one delivery worker.
 
@@ -114,6 +187,7 @@ class RemoteTransport:
         self.limits = DestinationLimits(self.delivery, share)
         self.breakers = CircuitBreakers(self.delivery)
         self.pool = ConnectionPool(self.delivery.connection_reuse)
+        self.me = OwnAddresses(getattr(cfg, "listeners", None))
         self.fetcher: PolicyFetcher | None = None
         self.policies: PolicyCache | None = None
         sts = self.delivery.mta_sts
@@ -246,12 +320,22 @@ class RemoteTransport:
         sts = await self._mta_sts(domain, route, policy, info)
         errors: list[DeliveryError] = []
         mx_state = route.mx_state
+        tried = sessions = 0
+        address_limit = int(self.delivery.mx_address_limit)
+        session_limit = int(self.delivery.mx_session_limit)
         for mx_index, host, port in route.hosts:
+            if tried >= address_limit or sessions >= session_limit:
+                limit = (f"{address_limit} addresses" if tried >= address_limit
+                         else f"{session_limit} sessions")
+                log.info("%s: %s: stopped after %s", envelope.get("id"), domain, limit)
+                errors.append(TemporaryError.make("mx_limit", domain=domain, limit=limit))
+                break
             states = [mx_state] if mx_state else []
             info.update(server=host, ip=None, port=port, mx_index=mx_index, dane=None)
             try:
                 addresses, dane = await self._prepare_host(domain, policy, host, port, mx_state,
-                                                           security, states)
+                                                           security, states,
+                                                           literal=route.configured)
             except PermanentError as err:
                 if route.implicit:
                     raise PermanentError.make("no_address", domain=domain) from None
@@ -266,6 +350,14 @@ class RemoteTransport:
                 continue
             finally:
                 info["dnssec"] = security.route_state(states)
+            if any(self.me.is_me(ip, port) for ip in addresses):
+                # RFC 5321 §5.1: a host that is us, and every less preferred one, is out.
+                # With nothing more preferred tried, the mail has nowhere to go but here.
+                log.warning("%s: %s (%s port %d) of %s is this host", envelope.get("id"),
+                            host, ", ".join(addresses), port, domain)
+                if errors:
+                    break
+                raise PermanentError.make("loops", domain=domain)
             info["dane"] = _dane_label(dane, security, policy)
             host_policy = policy
             if sts is not None and dane is None:  # RFC 8461 §2: DANE takes precedence
@@ -277,10 +369,15 @@ class RemoteTransport:
                     continue
                 host_policy = sts.tls_policy(policy)
             for ip in addresses:
+                if tried >= address_limit or sessions >= session_limit:
+                    break
+                tried += 1
                 info.update(server=host, ip=ip, port=port, mx_index=mx_index)
                 try:
                     conn = await self._connection(domain, host_policy, host, ip, port, dane)
                 except DeliveryError as err:
+                    if not isinstance(err, ConnectFailure):
+                        sessions += 1
                     log.info("%s: %s[%s]:%d for %s: %s", envelope.get("id"), host, ip, port,
                              domain, err)
                     if isinstance(err, DANEFailure):
@@ -295,6 +392,7 @@ class RemoteTransport:
                     errors.append(err)
                     continue
                 reach.reached = True
+                sessions += 1
                 info["tls"] = conn.tls
                 if conn.dane is not None:
                     info["dane"] = conn.dane.status
@@ -302,7 +400,8 @@ class RemoteTransport:
                         info["dane_match"] = conn.dane.description
                 if sts is not None:
                     sts.connected(host, conn.tls is not None, conn.tls_failure,
-                                  dane=conn.dane is not None, log_prefix=envelope.get("id"))
+                                  dane=conn.dane is not None, log_prefix=envelope.get("id"),
+                                  unverified=conn.tls_verify_error)
                     sts.fill(info)
                 # Whether NOTIFY/ORCPT went on: the next hop then owns success notices.
                 info["dsn"] = conn.extensions.has("DSN")
@@ -315,12 +414,14 @@ class RemoteTransport:
         raise _final_error(errors, domain)
 
     async def _prepare_host(self, domain: str, policy: TLSPolicy, host: str, port: int,
-                            mx_state: str | None, security: RouteSecurity, states: list[str]
+                            mx_state: str | None, security: RouteSecurity, states: list[str],
+                            literal: bool = True
                             ) -> tuple[list[str], DaneRequirement | None]:
         """The addresses of ``host`` and what DANE demands of it; the DNSSEC state of each
-        lookup is added to ``states``. Raises a DeliveryError when the host is unusable."""
-        answer, state = await security.observe(host, "A/AAAA",
-                                               self.resolver.lookup_addresses(host), states)
+        lookup is added to ``states``. Raises a DeliveryError when the host is unusable.
+        ``literal=False`` (an MX exchange): a host spelled like an address is a name."""
+        answer, state = await security.observe(
+            host, "A/AAAA", self.resolver.lookup_addresses(host, literal=literal), states)
         if answer.literal:  # nothing looked up, no name to bind TLSA records to
             if policy.requires_dane:
                 raise DANEFailure.make("dane_required", domain=domain,
@@ -365,19 +466,30 @@ class RemoteTransport:
         if conn is not None:
             return conn
 
-        async def connect(try_tls: bool) -> SMTPConnection:
+        async def connect(try_tls: bool, verify_error: str | None = None) -> SMTPConnection:
+            tls_policy = policy if verify_error is None else TLSPolicy(policy.mode, False)
             return await open_connection(
-                server=host, ip=ip, port=port, helo=self.helo, domain=domain, policy=policy,
-                contexts=self.contexts, timeouts=self.delivery.timeouts, try_tls=try_tls,
-                dane=dane)
+                server=host, ip=ip, port=port, helo=self.helo, domain=domain,
+                policy=tls_policy, contexts=self.contexts, timeouts=self.delivery.timeouts,
+                try_tls=try_tls, dane=dane, verify_error=verify_error)
 
         try:
             return await connect(True)
+        except CertificateUnverified as err:
+            if policy.mode != OPPORTUNISTIC or dane is not None:
+                raise
+            # RFC 7435: opportunistic means encrypted whenever offered; a certificate that
+            # does not verify is recorded, never a reason to send in plain text.
+            log.warning("%s[%s]:%d for %s: certificate not verified (%s); delivering over "
+                        "TLS without verification (opportunistic TLS)", host, ip, port,
+                        domain, err.reason)
+            return await connect(True, verify_error=err.reason)
         except TLSHandshakeError as err:
             if policy.mode != OPPORTUNISTIC or dane is not None:
                 raise
-            # RFC 7435: a failed opportunistic handshake must not stop delivery; plain it is.
-            log.warning("%s[%s]:%d: %s; retrying without TLS", host, ip, port, err.text)
+            # RFC 7435: a handshake that cannot complete must not stop delivery; plain it is.
+            log.warning("%s[%s]:%d for %s: %s; opportunistic TLS: retrying without TLS",
+                        host, ip, port, domain, err.text)
             conn = await connect(False)
             conn.tls_failure = f"TLS handshake failed: {err.text}"
             return conn

@@ -3,8 +3,10 @@
 Owns the decision *whether* and *how strictly* to use STARTTLS toward a domain:
 
 - ``opportunistic``: STARTTLS when the server offers it; plain when it does not, and plain on a
-  fresh connection when the handshake fails (RFC 7435: opportunistic security must never make
-  mail less deliverable than plain SMTP would);
+  fresh connection when the handshake cannot complete (RFC 7435: opportunistic security must
+  never make mail less deliverable than plain SMTP would). A certificate that fails
+  verification is not such a failure: the fresh connection is encrypted without verification
+  and the result is recorded (encrypt whenever offered; never a reason to go plain);
 - ``required``: never send in plain; no STARTTLS offered, or a failed handshake, is a temporary
   failure (RFC 3207 §4.1 lets a client decide it will not proceed without TLS);
 - ``disabled``: never STARTTLS;

@@ -449,7 +449,8 @@ class DeliveryWorker:
         """Build a DSN about ``recipients`` and store it durably as a new message from the
         null sender (RFC 3461 §6.2: notices are sent with MAIL FROM:<>)."""
         hostname = self.cfg.hostname
-        data = bounce.build_report(envelope, recipients, kind, source, hostname=hostname)
+        data = bounce.build_report(envelope, recipients, kind, source, hostname=hostname,
+                                   size_limit=self.cfg.delivery.bounce_size_limit)
         notice_id = new_message_id()
         to = envelope["sender"]
         notice = {

@@ -128,8 +128,8 @@ def test_unusable_tlsa_records_mean_tls_without_authentication(world: DaneWorld)
 # -- without validated TLSA records: the normal TLS policy ----------------------------------
 def test_no_tlsa_records_leaves_the_normal_policy(world: DaneWorld) -> None:
     outcome, info = send(world, "notlsa.dane.test", dns={"dnssec": "enforce"})
-    # opportunistic: the self-signed certificate does not verify; plain on a new connection.
-    assert outcome.status == DELIVERED and info["tls"] is None
+    # opportunistic: the self-signed certificate does not verify; recorded, still encrypted.
+    assert outcome.status == DELIVERED and info["tls"]["verified"] == "no"
     assert (info["dane"], info["dnssec"]) == ("none", "secure")
     assert info["dnssec_lookups"][tlsa(world, "mx-notlsa.dane.test")] == "secure"
     outcome, info = send(world, "notlsa.dane.test", dns={"dnssec": "enforce"},
@@ -144,7 +144,7 @@ def test_unsigned_zone_gets_the_normal_policy(world: DaneWorld, mode: str) -> No
     # plain.dane.test is an unsigned delegation the resolver proves (NSEC, no DS bit): its
     # TLSA record is not validated and so not used, even under enforce.
     outcome, info = send(world, "plain.dane.test", dns={"dnssec": mode})
-    assert outcome.status == DELIVERED and info["tls"] is None
+    assert outcome.status == DELIVERED and info["tls"]["verified"] == "no"
     assert (info["dnssec"], info["dane"]) == ("insecure", "none")
     assert info["dnssec_lookups"] == {"plain.dane.test/MX": "insecure",
                                       "mx.plain.dane.test/A/AAAA": "insecure"}
@@ -189,14 +189,14 @@ def test_unvalidating_resolver_under_enforce_defers(world: DaneWorld) -> None:
     assert info["dnssec"] == "unvalidated"
     outcome, info = send(world, "ee.dane.test", resolver="auth", dns={"dnssec": "log"})
     # log records it and goes on, without DANE (nothing is validated): opportunistic TLS
-    # fails on the self-signed certificate and the message goes in plain.
-    assert outcome.status == DELIVERED and info["tls"] is None
+    # records that the self-signed certificate does not verify and stays encrypted.
+    assert outcome.status == DELIVERED and info["tls"]["verified"] == "no"
     assert (info["dnssec"], info["dane"]) == ("unvalidated", "none")
 
 
 def test_off_consults_nothing(world: DaneWorld) -> None:
     outcome, info = send(world, "bad.dane.test", dns={"dnssec": "off"})
-    assert outcome.status == DELIVERED  # opportunistic, the normal policy: plain after TLS
+    assert outcome.status == DELIVERED  # opportunistic, the normal policy: TLS, unverified
     assert (info["dnssec"], info["dane"]) == ("off", "off") and "dnssec_lookups" not in info
     # A domain policy of dane needs the states: it is judged under log at least.
     outcome, info = send(world, "ee.dane.test", dns={"dnssec": "off"},

@@ -110,16 +110,48 @@ def test_domain_policy_wins_over_the_default(world: MailWorld, certs: Certs) -> 
     assert len(sink.messages) == 2
 
 
-def test_opportunistic_falls_back_to_plain_after_a_failed_handshake(world: MailWorld,
-                                                                   certs: Certs) -> None:
+def test_opportunistic_never_sends_in_plain_for_a_certificate_that_does_not_verify(
+        world: MailWorld, certs: Certs, caplog: pytest.LogCaptureFixture) -> None:
+    """A self-signed certificate under the default policy: encrypted, unverified, recorded;
+    never a reason to retry in plain text (issue: TLS downgrade on a bad certificate)."""
     sink = serve(world, certs.self_signed)
+    with caplog.at_level(logging.WARNING, logger="empath.delivery.smtp"):
+        out, info = deliver(tls_config(world, certs, "opportunistic"), "example.test",
+                            [rcpt("u@example.test")], world.source(MESSAGE))
+    assert out["u@example.test"].status == DELIVERED
+    [msg] = sink.wait_for_messages(1)
+    assert msg.tls  # the message itself arrived over TLS
+    assert all("MAIL" not in s.verbs() or s.tls for s in sink.sessions)  # no plain transaction
+    assert info["tls"]["verified"] == "no" and "self-signed" in info["tls"]["verify_error"]
+    logged = [r.getMessage() for r in caplog.records]
+    assert any("certificate not verified" in m and "opportunistic" in m for m in logged)
+    assert not any("retrying without TLS" in m or "TLS is required" in m for m in logged)
+
+
+def test_opportunistic_verified_certificate_is_recorded(world: MailWorld,
+                                                        certs: Certs) -> None:
+    serve(world, certs.good)
     out, info = deliver(tls_config(world, certs, "opportunistic"), "example.test",
                         [rcpt("u@example.test")], world.source(MESSAGE))
+    assert out["u@example.test"].status == DELIVERED
+    assert info["tls"]["verified"] == "yes" and "verify_error" not in info["tls"]
+
+
+def test_opportunistic_falls_back_to_plain_only_when_the_handshake_cannot_complete(
+        world: MailWorld, certs: Certs, caplog: pytest.LogCaptureFixture) -> None:
+    # STARTTLS offered and accepted, but the server has no certificate to shake hands with.
+    sink = serve(world, None, advertise_starttls=True)
+    with caplog.at_level(logging.WARNING, logger="empath.delivery.smtp"):
+        out, info = deliver(tls_config(world, certs, "opportunistic"), "example.test",
+                            [rcpt("u@example.test")], world.source(MESSAGE))
     assert out["u@example.test"].status == DELIVERED and info["tls"] is None
     first, second = sink.sessions
     assert first.verbs() == ["EHLO", "STARTTLS"] and first.tls is None
     assert "STARTTLS" not in second.verbs() and "MAIL" in second.verbs()
-    assert not sink.wait_for_messages(1)[0].tls
+    logged = [r.getMessage() for r in caplog.records]
+    fallback = [m for m in logged if "retrying without TLS" in m]
+    assert fallback and all("opportunistic" in m and "TLS is required" not in m
+                            for m in fallback)
 
 
 def test_required_refuses_a_certificate_that_does_not_verify(world: MailWorld,

@@ -247,6 +247,9 @@ class _Session:
                 content, self.tls, via), self.record)
             spec = (spec[0], spec[1].replace("{n}", str(n)))
         await self.reply(spec)
+        if self.b.after_final:
+            self.writer.write(self.b.after_final)
+            await self.writer.drain()
         self.sink.transaction_ended()
         self.reset()
         return True

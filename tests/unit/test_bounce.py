@@ -242,3 +242,52 @@ def test_remote_mta_is_the_server_name(source, server, expected):
                                           "text": "unknown user", "server": server})
     msg = parse(bounce.build_report(e, [rcpt], "failed", source, hostname="mta.test"))
     assert msg.get_payload()[1].get_payload()[1]["Remote-MTA"] == expected
+
+
+# -- hostile text from the network and size limits (issues 16.10, 23) ---------------------
+def test_every_line_of_a_notice_stays_within_998_octets(source):
+    e = env(ret="FULL")
+    long_text = " ".join(["word"] * 5000) + " " + "x" * 3000  # 28 KB, one unbroken run too
+    e["recipients"][0]["last"]["text"] = long_text
+    data = bounce.build_report(e, e["recipients"], "failed", source, hostname="mta.test")
+    assert max(len(line) for line in data.split(b"\r\n")) <= 998
+    status = parse(data).get_payload()[1]
+    diagnostic = str(status.get_payload()[1]["Diagnostic-Code"])
+    # folded, not cut: every character is still there (an unbroken run is split with a
+    # folding space)
+    assert diagnostic.replace(" ", "").endswith("x" * 3000)
+    assert diagnostic.count("word") == 5000
+    assert diagnostic.startswith("smtp;550 5.1.1 word word")
+
+
+def test_control_characters_in_envelope_values_are_escaped(source):
+    e = env(envid="id\x00with\x1b[2Jescapes\u202e")
+    e["recipients"][0]["orcpt"] = "rfc822;u1\x07@b.example"
+    data = bounce.build_report(e, e["recipients"], "failed", source, hostname="mta.test")
+    head = data[:data.index(b"Received: by test")]  # the notice's own parts
+    for raw in (b"\x00", b"\x1b", b"\x07", "\u202e".encode()):
+        assert raw not in head
+    per_message = parse(data).get_payload()[1].get_payload()[0]
+    assert per_message["Original-Envelope-Id"] == "id\\x00with\\x1b[2Jescapes\\u202e"
+    assert b"Original-Recipient: rfc822;u1\\x07@b.example" in data
+
+
+@pytest.mark.parametrize(("size", "limit", "ctype"), [
+    (40_000, 50_000, "message/rfc822"),
+    (60_000, 50_000, "text/rfc822-headers"),
+    (60_000, 100_000, "message/rfc822"),
+])
+def test_ret_full_returns_headers_only_above_the_bounce_size_limit(tmp_path, size, limit,
+                                                                   ctype):
+    body = ORIGINAL + b"x" * 78 + b"\r\n"
+    data = body * (size // len(body) + 1)
+    path = tmp_path / "big"
+    path.write_bytes(data[:size])
+    src = MessageSource(str(path), 0, size)
+    e = env(ret="FULL")
+    msg = parse(bounce.build_report(e, e["recipients"][:1], "failed", src, hostname="mta.test",
+                                    size_limit=limit))
+    original = msg.get_payload()[2]
+    assert original.get_content_type() == ctype
+    if ctype == "text/rfc822-headers":
+        assert b"xxxx" not in original.as_bytes()

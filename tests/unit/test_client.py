@@ -7,6 +7,7 @@ sockets): what one side writes, the other reads.
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -15,8 +16,10 @@ from hypothesis import strategies as st
 from empath.delivery.client import (
     DotStuffer,
     Extensions,
+    LINE_LENGTH_LIMIT,
     ProtocolError,
     Reply,
+    ReplyChannel,
     ReplyParser,
     Transaction,
     mail_command,
@@ -73,7 +76,7 @@ def test_replies_fed_byte_by_byte_and_bare_lf() -> None:
 @pytest.mark.parametrize("data", [
     b"hello\r\n", b"25\r\n", b"650 no such class\r\n", b"250_x\r\n",
     b"250-one\r\n251 two\r\n",  # the code changes inside one reply
-    b"250 " + b"x" * 5000,  # a line that never ends
+    b"250 " + b"x" * 70000,  # a line that never ends, past the reply limit
 ])
 def test_malformed_replies_are_protocol_errors(data: bytes) -> None:
     with pytest.raises(ProtocolError):
@@ -258,9 +261,142 @@ def test_reply_after_the_envelope_is_a_protocol_error() -> None:
         txn.receive(reply("250 ok"))
 
 
+# -- strict reply matching: scripted peers, in memory --------------------------------------
+def run_script(pipelining: bool, script: list[str],
+               rcpts: list[tuple[str, bytes]] = RCPTS[:1]) -> Transaction:
+    """Feed a peer's scripted replies to a transaction through a ReplyChannel, as the
+    connection does: each write declares how many replies it asks for."""
+    txn = Transaction(MAIL, rcpts, pipelining=pipelining)
+    channel = ReplyChannel(expected=0)
+    channel.expect(txn.start_replies, "mail")
+    peer = iter(script)
+    while not txn.finished:
+        if not channel.pending:
+            channel.feed(next(peer).encode() + b"\r\n")
+        reply = channel.next()
+        assert reply is not None
+        follow = txn.receive(reply)
+        if follow:
+            channel.expect(1, "next")
+    return txn
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_250_to_data_is_a_protocol_error_not_a_delivery(pipelining: bool) -> None:
+    with pytest.raises(ProtocolError, match="to DATA"):
+        run_script(pipelining, ["250 2.1.0 ok", "250 2.1.5 ok", "250 2.0.0 ok"])
+
+
+def test_pipelined_replies_out_of_order_are_a_protocol_error() -> None:
+    # 354 first: the server answered DATA before MAIL and RCPT.
+    with pytest.raises(ProtocolError, match="to MAIL"):
+        run_script(True, ["354 go ahead", "250 2.1.0 ok", "250 2.1.5 ok"])
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+@pytest.mark.parametrize(("script", "command"), [
+    (["354 go ahead"], "MAIL"),
+    (["250 2.1.0 ok", "354 go ahead"], "RCPT"),
+])
+def test_3xx_to_mail_or_rcpt_is_a_protocol_error(pipelining: bool, script: list[str],
+                                                 command: str) -> None:
+    with pytest.raises(ProtocolError, match=f"to {command}"):
+        run_script(pipelining, script + ["354 go", "354 go"])
+
+
+def test_only_a_2xx_after_the_final_dot_delivers() -> None:
+    txn = run_script(True, ["250 ok", "250 ok", "354 go"])
+    with pytest.raises(ProtocolError, match="end of data"):
+        txn.outcomes(reply("354 more please"), "mx")
+    assert txn.outcomes(reply("250 2.0.0 queued"), "mx")["a@x.test"].status == DELIVERED
+    lmtp = run_script(True, ["250 ok", "250 ok", "354 go"])
+    with pytest.raises(ProtocolError):
+        lmtp.per_recipient_outcomes([reply("354 again")], "lmtp")
+
+
+def test_a_stray_reply_after_the_final_one_breaks_the_channel() -> None:
+    """``250`` twice after the dot: the first is the verdict, the second makes the
+    connection unusable (the next command would be answered one step behind)."""
+    channel = ReplyChannel(expected=0)
+    channel.expect(1, "data_termination")
+    with pytest.raises(ProtocolError, match="unexpected reply"):
+        channel.feed(b"250 2.0.0 queued\r\n250 2.0.0 queued again\r\n")
+    first = channel.next()
+    assert first is not None and first.code == 250
+    with pytest.raises(ProtocolError):
+        channel.next()
+    with pytest.raises(ProtocolError):
+        channel.expect(1, "RSET")
+
+
+def test_a_reply_arriving_while_none_is_expected_is_refused() -> None:
+    channel = ReplyChannel(expected=0)
+    with pytest.raises(ProtocolError, match="unexpected reply"):
+        channel.feed(b"250 2.1.5 ok\r\n")
+    assert channel.error is not None
+
+
+def test_unread_bytes_refuse_the_next_command() -> None:
+    channel = ReplyChannel(expected=0)
+    channel.expect(1, "mail")
+    channel.feed(b"250 ok\r\n")
+    assert channel.next() is not None
+    channel.feed(b"25")  # half a reply nobody asked for, not yet complete
+    with pytest.raises(ProtocolError, match="before rcpt"):
+        channel.expect(1, "rcpt")
+
+
+def test_replies_in_turn_pass_through_the_channel() -> None:
+    channel = ReplyChannel()  # the greeting
+    channel.feed(b"220 hi\r\n")
+    assert channel.next().code == 220  # type: ignore[union-attr]
+    channel.expect(3, "mail")
+    channel.feed(b"250 a\r\n250 b\r")
+    channel.feed(b"\n354 c\r\n")
+    assert [channel.next().code for _ in range(3)] == [250, 250, 354]  # type: ignore[union-attr]
+    assert channel.next() is None and not channel.pending
+    channel.expect(1, "data_termination")  # nothing unread: allowed
+
+
+# -- reply text made safe where it enters ------------------------------------------------
+def test_reply_text_is_made_printable() -> None:
+    [r] = parse(b"550 5.7.1 bad\x00nul \x1b[31mred\x07 \xff\xfe \xe2\x80\xae "
+                b"\xc2\x9b caf\xc3\xa9\r\n")
+    assert r.text == "bad?nul ?[31mred? ?? ? ? café"
+    assert all(ch.isprintable() for ch in str(r))
+
+
+def test_a_long_reply_line_is_cut_not_refused() -> None:
+    [r] = parse(b"550 5.1.1 " + b"x" * 58000 + b"\r\n")
+    assert r.code == 550 and r.enhanced == "5.1.1"
+    assert len(r.text) <= LINE_LENGTH_LIMIT and r.text.startswith("xxx")
+    # the parser is in step afterwards: the next reply is read normally
+    parser = ReplyParser()
+    out = parser.feed(b"250-" + b"y" * 9000 + b"\r\n250 done\r\n")
+    assert [x.code for x in out] == [250] and out[0].lines[-1] == "done"
+    # the same bytes in small pieces give the same replies
+    data = b"550 5.1.1 " + b"z" * 7000 + b"\r\n250 ok\r\n"
+    pieces = ReplyParser()
+    got = [x for i in range(0, len(data), 333) for x in pieces.feed(data[i:i + 333])]
+    assert [(x.code, x.text) for x in got] == [(x.code, x.text) for x in parse(data)]
+
+
+# -- CRLF-only output --------------------------------------------------------------------
+def test_bare_lf_and_bare_cr_go_out_as_crlf() -> None:
+    assert stuff_in_blocks(b"a\nb\rc\r\nd", []) == b"a\r\nb\r\nc\r\nd\r\n.\r\n"
+    assert stuff_in_blocks(b"clean\r\n", [3]) == b"clean\r\n.\r\n"
+    smuggle = b"Subject: x\r\n\r\nhi\n.\nMAIL FROM:<evil@x>\r\n\r.\r\n"
+    out = stuff_in_blocks(smuggle, [14, 18, 19])
+    assert out.endswith(b"\r\n.\r\n")
+    body = out[:-3]
+    assert b"\r\n.\r\n" not in body  # only the real end of data ends the data
+    assert b"\n" not in body.replace(b"\r\n", b"") and b"\r" not in body.replace(b"\r\n", b"")
+
+
 # -- dot-stuffing across blocks ------------------------------------------------------------
 def reference_stuffing(data: bytes) -> bytes:
-    lines = data.split(b"\r\n")
+    """Line by line: CRLF, a bare CR and a bare LF each end a line, sent as CRLF."""
+    lines = re.split(b"\r\n|\r|\n", data)
     stuffed = b"\r\n".join(b"." + line if line.startswith(b".") else line for line in lines)
     if not stuffed.endswith(b"\r\n"):
         stuffed += b"\r\n"

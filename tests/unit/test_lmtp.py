@@ -315,3 +315,31 @@ def test_dispatcher_sends_local_domains_to_lmtp_when_configured(
     assert {i["transport"] for i in infos} == {"lmtp"}
     assert not (tmp_path / "mail").exists()
     assert len(server.wait_for_messages(2)) == 2
+
+
+# -- strict reply matching against a misbehaving LMTP server (issue 23) --------------------
+def test_a_3xx_after_the_dot_defers_that_recipient_and_the_rest(tmp_path: Path,
+                                                                server: LMTPServer) -> None:
+    server.verdicts.update({"b@localhost": (354, "more data please")})
+    addresses = ["a@localhost", "b@localhost", "c@localhost"]
+    out, _ = deliver(config(tmp_path, server.address), addresses, source(tmp_path))
+    # a's reply came in its turn and stands; b's is a protocol error, c's is not trusted
+    assert statuses(out) == {"a@localhost": DELIVERED, "b@localhost": DEFERRED,
+                             "c@localhost": DEFERRED}
+    assert out["b@localhost"].enhanced == "4.5.0" and "end of data" in out["b@localhost"].text
+
+
+def test_a_3xx_to_rcpt_defers_everyone_without_data(tmp_path: Path,
+                                                    server: LMTPServer) -> None:
+    server.rcpt_verdicts.update({"b@localhost": (354, "go ahead")})
+    out, _ = deliver(config(tmp_path, server.address), ["a@localhost", "b@localhost"],
+                     source(tmp_path))
+    assert set(statuses(out).values()) == {DEFERRED}
+    assert server.messages == []  # DATA never followed
+
+
+def test_a_stray_final_reply_is_a_protocol_error(tmp_path: Path, server: LMTPServer) -> None:
+    server.verdicts.update({"a@localhost": (250, "2.0.0 saved\r\n250 2.0.0 saved again")})
+    out, _ = deliver(config(tmp_path, server.address), ["a@localhost"], source(tmp_path))
+    assert statuses(out) == {"a@localhost": DELIVERED}  # its own reply came first
+    assert "QUIT" not in [line.split()[0].upper() for line in server.commands()]

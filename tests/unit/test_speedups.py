@@ -833,6 +833,40 @@ def test_twins_agree_on_dot_stuff(twins, data, at_line_start) -> None:
     assert twins[0].dot_stuff(data, at_line_start) == twins[1].dot_stuff(data, at_line_start)
 
 
+CRLF_CASES = [
+    (b"", b""),
+    (b"clean\r\n.dot\r\n", b"clean\r\n..dot\r\n"),
+    (b"a\n.\nb", b"a\r\n..\r\nb"),  # the smuggling vector: a bare-LF "." line
+    (b"a\r.\rb", b"a\r\n..\r\nb"),
+    (b"\n\r", b"\r\n\r\n"),  # LF then CR: two bare line ends, not one CRLF
+    (b"x\r", b"x\r\n"),  # a CR at the very end is bare
+    (b"\r\r\n", b"\r\n\r\n"),
+    (b".\n", b"..\r\n"),
+]
+
+
+@pytest.mark.parametrize("data, wire", CRLF_CASES)
+def test_dot_stuff_crlf(speedups, data: bytes, wire: bytes) -> None:
+    assert speedups.dot_stuff(data, True, True) == wire
+    assert speedups.dot_stuff(bytearray(data), True, crlf=True) == wire
+    clean = b"no bare line ends\r\n"
+    assert speedups.dot_stuff(clean, True, True) == clean
+
+
+@PROPS
+@given(message_bytes, st.booleans())
+def test_dot_stuff_crlf_leaves_no_bare_line_end(twins, data, at_line_start) -> None:
+    """Both twins agree, and the output read back (normalize mode, which keeps CRLF lines
+    as they are) is the input with every line end as CRLF."""
+    out = twins[0].dot_stuff(data, at_line_start, True)
+    assert out == twins[1].dot_stuff(data, at_line_start, True)
+    assert out.count(b"\r") == out.count(b"\n") == out.count(b"\r\n")
+    lines = re.split(rb"\r\n|\r|\n", data)
+    expected = b"\r\n".join(lines)
+    wire = out if not at_line_start or not out.startswith(b".") else out[1:]
+    assert wire.replace(b"\r\n..", b"\r\n.") == expected
+
+
 def outcome(fn, *args):
     try:
         return ("ok", fn(*args))
