@@ -61,7 +61,7 @@ from empath.delivery.errors import (
 )
 from empath.delivery.state import RecipientOutcome
 from empath.delivery.tls import TLSContexts, TLSPolicy, describe, peer_chain, warn_unverified
-from empath.observe import metrics
+from empath.observe import deliveries, metrics, tracing
 from empath.spool import MessageSource
 
 log = logging.getLogger("empath.delivery.smtp")
@@ -98,6 +98,7 @@ class _NeedsAnchor(Exception):
         self.anchors = anchors
 
 
+@tracing.connect
 async def open_connection(*, server: str, ip: str, port: int, helo: str, domain: str,
                           policy: TLSPolicy, contexts: TLSContexts, timeouts: Any,
                           try_tls: bool = True,
@@ -158,6 +159,7 @@ class SMTPConnection:
         self.broken = False
         self.messages = 0
         self.idle_since = time.monotonic()
+        self.open = deliveries.connection_opened(server)  # the active-connections gauge
 
     @property
     def label(self) -> str:
@@ -188,6 +190,7 @@ class SMTPConnection:
             self.broken = True
             raise
         reply = self._replies.popleft()
+        deliveries.remote_reply(stage, reply.code, reply.enhanced)
         if reply.code == 421:
             self.broken = True  # RFC 5321 §3.8: the server is closing the channel
         return reply
@@ -374,6 +377,7 @@ class SMTPConnection:
                         "needs_smtputf8", server=self.server).outcome()
         return None, refused
 
+    @tracing.transaction
     async def deliver(self, envelope: dict[str, Any], rcpts: list[dict[str, Any]],
                       source: MessageSource) -> dict[str, RecipientOutcome]:
         """One transaction for ``rcpts``; one outcome per recipient, never an exception."""
@@ -475,6 +479,7 @@ class SMTPConnection:
 
     def abort(self) -> None:
         self.broken = True
+        self.open.close()
         with contextlib.suppress(Exception):
             self.writer.transport.abort()
 

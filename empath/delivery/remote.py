@@ -62,6 +62,7 @@ from empath.delivery.mtasts_fetch import PolicyFetcher
 from empath.delivery.pool import ConnectionPool, PoolKey
 from empath.delivery.state import RecipientOutcome
 from empath.delivery.tls import DISABLED, OPPORTUNISTIC, TLSContexts, TLSPolicy, policy_for
+from empath.observe import deliveries, tracing
 from empath.spool import MessageSource
 
 log = logging.getLogger("empath.delivery.smtp")
@@ -129,6 +130,7 @@ class RemoteTransport:
                             ", ".join(self.limits.undivided()), count)
 
     # -- the public contract --------------------------------------------------------------
+    @tracing.route
     async def deliver(self, domain: str, envelope: dict[str, Any], rcpts: list[dict[str, Any]],
                       source: MessageSource
                       ) -> tuple[dict[str, RecipientOutcome], dict[str, Any]]:
@@ -275,6 +277,7 @@ class RemoteTransport:
                 try:
                     conn = await self._connection(domain, host_policy, host, ip, port, dane)
                 except DeliveryError as err:
+                    deliveries.tls_failure(err)
                     log.info("%s: %s[%s]:%d for %s: %s", envelope.get("id"), host, ip, port,
                              domain, err)
                     if isinstance(err, DANEFailure):
@@ -371,6 +374,7 @@ class RemoteTransport:
             if policy.mode != OPPORTUNISTIC or dane is not None:
                 raise
             # RFC 7435: a failed opportunistic handshake must not stop delivery; plain it is.
+            deliveries.tls_failure(err)
             log.warning("%s[%s]:%d: %s; retrying without TLS", host, ip, port, err.text)
             conn = await connect(False)
             conn.tls_failure = f"TLS handshake failed: {err.text}"

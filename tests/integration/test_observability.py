@@ -140,10 +140,14 @@ def ctl(d: EmpathDaemon, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def monotonic_counters(before: Samples, after: Samples) -> list[str]:
-    """Counter-like samples (totals, histogram buckets, counts, sums) that went backwards."""
+    """Counter-like samples (totals, histogram buckets, counts, sums) that went backwards.
+    ``process_*`` series are left out: they are each one process's own, and a respawned
+    process starts them again from zero (a counter reset, as Prometheus expects)."""
     worse = []
     for key, old in before.items():
         name = key[0]
+        if name.startswith("process_"):
+            continue
         if name.endswith(("_total", "_bucket", "_count", "_sum")) and after.get(key, 0) < old:
             worse.append(f"{name}{dict(key[1])}: {old} -> {after.get(key)}")
     return worse
