@@ -53,7 +53,11 @@ class ConnectionPool:
         pool = self._idle.get(key)
         if not pool or conn not in pool:
             return  # reused (or closed) meanwhile; its own timer will come
-        if time.monotonic() - conn.idle_since < self.reuse.max_idle:
+        remaining = self.reuse.max_idle - (time.monotonic() - conn.idle_since)
+        if remaining > 0:
+            # Early: reused and released again since, or the loop's cached clock (uvloop
+            # reads it once per iteration) started the timer before idle_since. Wait the rest.
+            asyncio.get_running_loop().call_later(remaining, self._expire, key, conn)
             return
         pool.remove(conn)
         if not pool:

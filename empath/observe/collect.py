@@ -37,7 +37,7 @@ from empath.spool.ids import id_time
 from empath.spool.queue import STATUSES, state_counts
 
 DOMAIN_FAMILY = "empath_delivery_domain_attempts"
-DURATION_FAMILY = "empath_delivery_duration_by_domain_seconds"
+DURATION_FAMILY = "empath_delivery_duration_seconds"
 DURATION_STATE = DOMAIN_STATE + ".duration"  # multiproc.prepare empties it with the rest
 
 
@@ -68,15 +68,17 @@ class FoldedMultiProcess(Collector):
         """The duration histogram per domain, folded to the domains of the attempts."""
         counts: dict[tuple[str, str], float] = {}
         for sample in metric.samples:
-            key = sample.name + "|" + sample.labels.get("le", "")
+            others = sorted((k, v) for k, v in sample.labels.items() if k != "domain")
+            key = "\t".join([sample.name, *(f"{k}={v}" for k, v in others)])
             domain = sample.labels.get("domain", "")
             counts[(domain, key)] = counts.get((domain, key), 0.0) + sample.value
         with domains.locked_state(os.path.join(self.path, DURATION_STATE)) as box:
             series, box[0] = domains.follow(counts, names, box[0])
         out = Metric(metric.name, metric.documentation, metric.type)
         for (domain, key), value in sorted(series.items(), key=_bucket_order):
-            name, _, le = key.partition("|")
-            labels = {"domain": domain, "le": le} if le else {"domain": domain}
+            name, *parts = key.split("\t")
+            labels = dict(part.split("=", 1) for part in parts)
+            labels["domain"] = domain
             out.add_sample(name, labels, value)
         return out
 
@@ -173,9 +175,15 @@ def certificate_expiry(listeners: list[Any]) -> Metric:
 
 
 def _bucket_order(item: tuple[tuple[str, str], float]) -> tuple[str, str, float]:
+    """Histogram samples in exposition order: by domain and labels, buckets by bound."""
     (domain, key), _ = item
-    name, _, le = key.partition("|")
-    return (domain, name, float(le) if le else 0.0)
+    le = ""
+    parts = key.split("\t")
+    for part in parts[1:]:
+        if part.startswith("le="):
+            le = part[3:]
+    others = "\t".join(p for p in parts if not p.startswith("le="))
+    return (domain, others, float(le) if le else 0.0)
 
 
 class ProcessesCollector(Collector):

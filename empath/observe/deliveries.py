@@ -37,10 +37,10 @@ def attempt_done(metrics: Instruments, audit: AuditLog, envelope: dict[str, Any]
     """Report one attempt. ``attempted``: the recipients that were open when it began (so a
     recipient closed by an earlier attempt is not reported again)."""
     for route in routes:
-        duration = float(route.get("duration") or 0.0)
-        metrics.delivery_duration.labels(str(route.get("transport") or "smtp")).observe(duration)
-        metrics.delivery_domain_duration.labels(
-            metrics.domain_label(str(route.get("domain") or "(local)"))).observe(duration)
+        metrics.delivery_duration.labels(
+            str(route.get("transport") or "smtp"),
+            metrics.domain_label(str(route.get("domain") or "(local)"))).observe(
+            float(route.get("duration") or 0.0))
         tls = route.get("tls")
         if isinstance(tls, dict) and tls.get("version"):
             metrics.tls_out.labels(str(tls["version"])).inc()

@@ -106,12 +106,12 @@ class Deliveries:
         total = delivered + other
         window = f"{total:.0f} attempts in the last {self.window:g}s"
         if total < self.min_attempts:
-            return Check("delivery", True, f"{window}, too few to judge")
+            return Check("delivery_rate", True, f"{window}, too few to judge")
         rate = delivered / total
         text = f"{rate:.1%} delivered ({delivered:.0f} of {window})"
         if self.threshold is not None and rate < self.threshold:
-            return Check("delivery", False, f"{text}, below {self.threshold:.1%}")
-        return Check("delivery", True, text)
+            return Check("delivery_rate", False, f"{text}, below {self.threshold:.1%}")
+        return Check("delivery_rate", True, text)
 
 
 def attempt_counts(path: str) -> tuple[float, float]:

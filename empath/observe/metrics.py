@@ -185,7 +185,6 @@ class Instruments:
         self.rate_limit_waits = n
         self.breakers_open = n
         self.breaker_openings = n
-        self.delivery_domain_duration = n
         self.connections_out = n
         self.remote_replies = n
         self.remote_errors = n
@@ -258,7 +257,8 @@ class Instruments:
             "metrics.top_domains, the rest as \"other\") and result", ("domain", "result"))
         self.delivery_duration = Histogram(
             "empath_delivery_duration_seconds", "Duration of one delivery to one destination "
-            "domain (a route of an attempt), by transport", ("transport",),
+            "domain (a route of an attempt), by transport and domain (the busiest "
+            "metrics.top_domains, the rest as \"other\")", ("transport", "domain"),
             buckets=DELIVERY_BUCKETS, registry=None)
         notices = counter("empath_notices_generated",
                           "Delivery status notifications spooled, by kind (failed: bounces)",
@@ -283,10 +283,6 @@ class Instruments:
             multiprocess_mode="livesum", registry=None)
         self.breaker_openings = counter(
             "empath_circuit_breaker_openings", "Times a destination's circuit breaker opened")
-        self.delivery_domain_duration = Histogram(
-            "empath_delivery_duration_by_domain_seconds", "Duration of one delivery to one "
-            "destination domain (the busiest metrics.top_domains, the rest as \"other\")",
-            ("domain",), buckets=DELIVERY_BUCKETS, registry=None)
         self.connections_out = Gauge(
             "empath_delivery_active_connections", "Outbound SMTP connections open now, by "
             "server (MX host), idle pooled ones included", ("server",),
@@ -313,7 +309,7 @@ class Instruments:
             "spool (each retry counts)")
         self._wrap_all()
         for transport in TRANSPORTS:  # so every series exists (at 0) from the start
-            self.delivery_duration.labels(transport)
+            self.delivery_duration.labels(transport, OTHER)
         for rdtype in DNS_TYPES:
             self.dns_duration.labels(rdtype)
 

@@ -32,7 +32,8 @@ decision made at receipt.
 
 Off (``tracing.enabled`` false, the default) nothing of OpenTelemetry is imported:
 ``session()`` returns the shared ``OFF`` object whose methods do nothing, the decorators call
-the wrapped coroutine after one test of a module global, and ``event`` returns at once
+the wrapped function's coroutine itself after one test of a module global (no frame is
+added), and ``event`` returns at once
 (``benchmarks/bench_observe.py`` measures that path). On, ``init(cfg)`` (each child, after the
 fork: the SDK's export thread must be the child's own) builds a TracerProvider with a batching
 processor and the OTLP/HTTP exporter; the standard ``OTEL_*`` variables apply
@@ -243,16 +244,20 @@ def traced(name: str, start: Callable[..., dict[str, Any]],
     While tracing is off the coroutine is awaited as it is."""
 
     def wrap(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-        @functools.wraps(fn)
-        async def run(*args: Any, **kwargs: Any) -> T:
-            tracer = _tracer
-            if tracer is None:
-                return await fn(*args, **kwargs)
+        async def in_span(tracer: Any, args: Any, kwargs: Any) -> T:
             with tracer.start_as_current_span(name, attributes=start(*args, **kwargs)) as span:
                 result = await fn(*args, **kwargs)
                 if end is not None:
                     span.set_attributes(end(result))
                 return result
+
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> Awaitable[T]:
+            # A plain function handing back the coroutine itself: off, no frame is added.
+            tracer = _tracer
+            if tracer is None:
+                return fn(*args, **kwargs)
+            return in_span(tracer, args, kwargs)
 
         return run
 
@@ -264,11 +269,15 @@ def delivery_attempt(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable
     source)``, parented by the receipt's traceparent stored in the envelope."""
 
     @functools.wraps(fn)
-    async def run(worker: Any, message_id: str, path: str, envelope: dict[str, Any],
-                  source: Any) -> T:
+    def run(worker: Any, message_id: str, path: str, envelope: dict[str, Any],
+            source: Any) -> Awaitable[T]:
         tracer = _tracer
         if tracer is None:
-            return await fn(worker, message_id, path, envelope, source)
+            return fn(worker, message_id, path, envelope, source)
+        return in_span(tracer, worker, message_id, path, envelope, source)
+
+    async def in_span(tracer: Any, worker: Any, message_id: str, path: str,
+                      envelope: dict[str, Any], source: Any) -> T:
         from opentelemetry.trace import SpanKind
 
         number = int(envelope.get("attempt_count") or 0) + 1

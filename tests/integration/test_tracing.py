@@ -18,7 +18,7 @@ import pytest
 
 from tests.support.certs import make_ca, make_server_cert
 from tests.support.dnsserver import DNSServer
-from tests.support.fixtures import DaemonFactory, daemon_factory  # noqa: F401
+from tests.support.fixtures import DaemonFactory
 from tests.support.otlpserver import OTLPReceiver, Span
 from tests.support.sink import Behaviour, SinkServer
 
@@ -40,7 +40,7 @@ def attempts(spans: list[Span], queue_id: str) -> list[Span]:
                   key=lambda s: s.attributes["empath.attempt"])
 
 
-def test_receipt_deferral_and_delivery_are_one_trace(daemon_factory: DaemonFactory,  # noqa: F811
+def test_receipt_deferral_and_delivery_are_one_trace(daemon_factory: DaemonFactory,
                                                      otlp: OTLPReceiver,
                                                      tmp_path: Path) -> None:
     ca = make_ca(tmp_path / "certs")
