@@ -10,6 +10,7 @@ trace, parented as docs/OPERATIONS.md ("Tracing") says, with their attributes.
 from __future__ import annotations
 
 import re
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -136,3 +137,21 @@ def test_receipt_deferral_and_delivery_are_one_trace(daemon_factory: DaemonFacto
     assert connect.attributes["empath.tls"] is True
     # Every span of this message's story belongs to its trace.
     assert {s.trace_id for s in spans if s.name != "smtp.session"} == {trace}
+
+
+def test_an_unreachable_collector_costs_no_mail(daemon_factory: DaemonFactory) -> None:
+    """Tracing on, nothing listening at the endpoint: every message is still received and
+    delivered, and the daemon stops cleanly (the export thread gives up on its own)."""
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()  # a port with nothing behind it: connections are refused
+    d = daemon_factory({"tracing": {"enabled": True, "export_interval": "50ms",
+                                    "export_timeout": "1s",
+                                    "endpoint": f"http://127.0.0.1:{port}/v1/traces"}})
+    for i in range(5):
+        with d.smtp() as client:
+            client.sendmail("a@localhost", ["u1@localhost"], b"Subject: %d\r\n\r\nx\r\n" % i)
+    maildir = d.dir / "mail" / "u1" / "new"
+    d.wait_for(lambda: len(list(maildir.glob("*"))) == 5, WAIT, "5 messages delivered")
+    assert d.stop() == 0
