@@ -159,7 +159,7 @@ class SMTPConnection:
         self.broken = False
         self.messages = 0
         self.idle_since = time.monotonic()
-        self.open = deliveries.connection_opened(server)  # the active-connections gauge
+        self.gauge_entry = deliveries.connection_opened(server)  # open connections gauge
 
     @property
     def label(self) -> str:
@@ -479,7 +479,7 @@ class SMTPConnection:
 
     def abort(self) -> None:
         self.broken = True
-        self.open.close()
+        self.gauge_entry.close()
         with contextlib.suppress(Exception):
             self.writer.transport.abort()
 
