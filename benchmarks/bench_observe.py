@@ -11,7 +11,8 @@ Three measurements:
    false (the receiver's session and message calls; a delivery's attempt, route, connection
    and transaction wrappers, a DNS lookup and ten reply events), against the same work
    without them, in one run; the difference is also given as a share of the receiver's CPU
-   time per message measured end to end with everything off (``tracing_off_share``).
+   time per message measured end to end with everything off
+   (``tracing_off_receive_share``).
 3. End to end: a receive-only daemon (delivery frozen) takes ``--messages`` messages from
    ``loadgen.py`` with metrics off, with metrics on, with metrics and the audit log on, and
    with tracing on (spans exported to an OTLP/HTTP receiver on loopback); reported are
@@ -85,8 +86,9 @@ def audit_cost(n: int = 20000) -> float:
     return seconds / n * 1e6
 
 
-def tracing_off_cost(n: int = 20000) -> tuple[float, float]:
-    """(microseconds per message with the tracing-off calls, without them), one run."""
+def tracing_off_cost(n: int = 20000) -> dict[str, float]:
+    """Microseconds per message with the tracing-off calls and without them, for the
+    receiver's calls and the delivery's, one run (best of three, interleaved)."""
     from types import SimpleNamespace
 
     from empath.observe import tracing
@@ -112,9 +114,12 @@ def tracing_off_cost(n: int = 20000) -> tuple[float, float]:
         for _ in range(10):
             tracing.event("smtp.reply", "rcpt", 250, "2.1.5")
 
-    async def plain_delivery() -> None:
-        for _ in range(5):
-            await work()
+    async def plain_delivery() -> None:  # the same calls, undecorated, without events
+        await work(None, "id", "path", envelope, None)
+        await work(None, "example.net", envelope, [], None)
+        await work(None, "example.net", "MX")
+        await work(server="mx", ip="127.0.0.1", port=25)
+        await work(None, envelope, [], None)
 
     def receive(traced: bool) -> None:
         if traced:
@@ -127,22 +132,29 @@ def tracing_off_cost(n: int = 20000) -> tuple[float, float]:
             record = {"id": "x"}
         assert record
 
-    async def run(traced: bool) -> float:
-        delivery = traced_delivery if traced else plain_delivery
+    async def run_receive(traced: bool) -> float:
         started = time.perf_counter()
         for _ in range(n):
             receive(traced)
+        return (time.perf_counter() - started) / n * 1e6
+
+    async def run_delivery(traced: bool) -> float:
+        delivery = traced_delivery if traced else plain_delivery
+        started = time.perf_counter()
+        for _ in range(n):
             await delivery()
         return (time.perf_counter() - started) / n * 1e6
 
-    async def both() -> tuple[float, float]:
-        on, off = [], []
-        for _ in range(3):  # interleaved, best of three each
-            on.append(await run(True))
-            off.append(await run(False))
-        return min(on), min(off)
+    async def all_four() -> dict[str, float]:
+        times: dict[str, list[float]] = {}
+        for _ in range(3):
+            for side, run in (("receive", run_receive), ("delivery", run_delivery)):
+                for traced in (True, False):
+                    key = f"{side}_{'calls' if traced else 'absent'}_us"
+                    times.setdefault(key, []).append(await run(traced))
+        return {k: round(min(v), 3) for k, v in times.items()}
 
-    return asyncio.run(both())
+    return asyncio.run(all_four())
 
 
 def end_to_end(base: str, mode: str, messages: int, sessions: int) -> dict[str, Any]:
@@ -197,11 +209,13 @@ def main() -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     out["audit_record_us"] = round(audit_cost(), 3)
-    traced, plain = tracing_off_cost()
-    out["tracing_off_us"] = round(traced, 3)
-    out["tracing_absent_us"] = round(plain, 3)
-    out["tracing_off_added_us"] = round(traced - plain, 3)
-    print(json.dumps(out))
+    costs = tracing_off_cost()
+    out.update({f"tracing_off_{k}": v for k, v in costs.items()})
+    out["tracing_off_receive_added_us"] = round(
+        costs["receive_calls_us"] - costs["receive_absent_us"], 3)
+    out["tracing_off_delivery_added_us"] = round(
+        costs["delivery_calls_us"] - costs["delivery_absent_us"], 3)
+    print(json.dumps(out), flush=True)
     base = os.path.join(ROOT, "var", f"bench-observe-{os.getpid()}")
     os.makedirs(base, exist_ok=True)
     runs = []
@@ -215,13 +229,15 @@ def main() -> int:
         shutil.rmtree(base, ignore_errors=True)
     for mode in MODES:
         rows = [r for r in runs if r["mode"] == mode]
+        if not rows:  # --rounds 0: the in-process figures only
+            continue
         print(f"{mode:>14}: {sum(r['msg_per_s'] for r in rows) / len(rows):8.1f} msg/s, "
               f"receiver CPU {sum(r['receiver_cpu_us_per_msg'] for r in rows) / len(rows):7.1f}"
               " us/msg")
     off = [r["receiver_cpu_us_per_msg"] for r in runs if r["mode"] == "off"]
     if off:
-        share = out["tracing_off_added_us"] / (sum(off) / len(off))
-        print(json.dumps({"tracing_off_share": round(share, 5)}))
+        share = out["tracing_off_receive_added_us"] / (sum(off) / len(off))
+        print(json.dumps({"tracing_off_receive_share": round(share, 5)}))
     return 0
 
 
