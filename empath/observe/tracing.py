@@ -10,7 +10,9 @@ Spans (names, and the attributes that are Empath's own under ``empath.``):
   ``empath.recipients``, ``empath.outcome`` (stored or refused), ``smtp.reply.code``;
 - ``delivery.attempt`` (delivery worker): one attempt of one message; ``empath.queue_id``,
   ``empath.attempt``, ``empath.recipients``, ``empath.outcome`` (the recipients' results,
-  e.g. ``delivered`` or ``deferred``, joined with ``+`` when they differ);
+  e.g. ``delivered`` or ``deferred``, joined with ``+`` when they differ), and in brief what
+  its routes say: ``empath.domains``, ``empath.mx_hosts``, ``empath.tls`` (any route over
+  TLS);
 - ``delivery.route`` (child of the attempt): the delivery to one destination domain over
   SMTP; ``empath.domain``, ``empath.mx_host``, ``server.address`` (IP), ``server.port``,
   ``empath.attempt``, ``tls.protocol.version`` (absent in plain), ``empath.outcome``;
@@ -292,9 +294,18 @@ def delivery_attempt(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable
             if last.get("number") == number:
                 span.set_attribute("empath.outcome", _outcome(
                     r.get("status") for r in (last.get("results") or {}).values()))
+                span.set_attributes(_routes_summary(last.get("routes") or []))
             return result
 
     return run
+
+
+def _routes_summary(routes: list[dict[str, Any]]) -> dict[str, Any]:
+    """The attempt's destinations at a glance (each route span has the details)."""
+    return {
+        "empath.domains": sorted({str(r.get("domain")) for r in routes if r.get("domain")}),
+        "empath.mx_hosts": sorted({str(r.get("server")) for r in routes if r.get("server")}),
+        "empath.tls": any(isinstance(r.get("tls"), dict) for r in routes)}
 
 
 def _route_start(transport: Any, domain: str, envelope: dict[str, Any],

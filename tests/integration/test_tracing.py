@@ -105,6 +105,9 @@ def test_receipt_deferral_and_delivery_are_one_trace(daemon_factory: DaemonFacto
     for attempt in tried:
         # Another process, later: the receipt's span is the parent (the stored traceparent).
         assert attempt.trace_id == trace and attempt.parent_id == message.span_id
+        assert attempt.attributes["empath.domains"] == ["trace.test"]
+        assert attempt.attributes["empath.mx_hosts"] == ["mx.trace.test"]
+        assert attempt.attributes["empath.tls"] is True
         assert attempt.start_ns >= message.end_ns
         routes = [s for s in spans if s.name == "delivery.route"
                   and s.parent_id == attempt.span_id]
