@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import smtplib
 import ssl
@@ -547,6 +548,8 @@ def test_auth_failures_are_counted(daemon_factory: DaemonFactory, tmp_path: Path
 
 
 def test_promtool_accepts_the_rules_and_their_tests() -> None:
+    if shutil.which("promtool") is None:
+        pytest.fail("promtool is missing: run tools/install-test-deps (Debian's prometheus)")
     rules = CONTRIB / "prometheus"
     checked = subprocess.run(["promtool", "check", "rules", "empath-alerts.yml"], cwd=rules,
                              capture_output=True, text=True, timeout=60)
