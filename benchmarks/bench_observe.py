@@ -1,16 +1,23 @@
-"""What metrics and the audit log cost the receiver, per message.
+"""What metrics, the audit log and tracing cost, per message.
 
-Two measurements:
+Three measurements:
 
 1. In-process: the instrument updates one message causes on the receiver's hot path
    (connection accepted/active, replies counted from each Send, message counted, size
    observed, spool write and commit latencies), timed with the instruments off (``NOOP``)
    and on (prometheus_client in multiprocess mode, files in a temporary directory), plus one
    audit record.
-2. End to end: a receive-only daemon (delivery frozen) takes ``--messages`` messages from
-   ``loadgen.py`` with metrics off, with metrics on, and with metrics and the audit log on;
-   reported are messages per second and the receivers' CPU time per message (psutil), the
-   modes alternated ``--rounds`` times.
+2. Tracing off, in-process: the tracing calls one message causes with ``tracing.enabled``
+   false (the receiver's session and message calls; a delivery's attempt, route, connection
+   and transaction wrappers, a DNS lookup and ten reply events), against the same work
+   without them, in one run; the difference is also given as a share of the receiver's CPU
+   time per message measured end to end with everything off
+   (``tracing_off_receive_share``).
+3. End to end: a receive-only daemon (delivery frozen) takes ``--messages`` messages from
+   ``loadgen.py`` with metrics off, with metrics on, with metrics and the audit log on, and
+   with tracing on (spans exported to an OTLP/HTTP receiver on loopback); reported are
+   messages per second and the receivers' CPU time per message (psutil), the modes
+   alternated ``--rounds`` times.
 
     .venv/bin/python benchmarks/bench_observe.py [--messages 4000] [--sessions 20] [--rounds 2]
 """
@@ -39,6 +46,7 @@ from empath.observe.multiproc import ENV  # noqa: E402
 from empath.spool import Spool  # noqa: E402
 from tests.support.daemon import EmpathDaemon  # noqa: E402
 
+MODES = ("off", "metrics", "metrics+audit", "tracing")
 REPLIES = [b"220 host ESMTP\r\n", b"250-host\r\n250-PIPELINING\r\n250 SIZE 1000\r\n",
            b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n354 go ahead\r\n", b"250 2.0.0 OK queued\r\n",
            b"221 2.0.0 bye\r\n"]
@@ -78,6 +86,77 @@ def audit_cost(n: int = 20000) -> float:
     return seconds / n * 1e6
 
 
+def tracing_off_cost(n: int = 20000) -> dict[str, float]:
+    """Microseconds per message with the tracing-off calls and without them, for the
+    receiver's calls and the delivery's, one run (best of three, interleaved)."""
+    from types import SimpleNamespace
+
+    from empath.observe import tracing
+
+    assert not tracing.enabled()
+    listener = SimpleNamespace(address="127.0.0.1:25")
+    envelope: dict[str, Any] = {"id": "01KB3X6Y5Q7ZPR0E2CQ8W4H2N9", "recipients": [{}]}
+
+    async def work(*args: Any, **kwargs: Any) -> int:
+        return 1
+
+    # The delivery side: the same coroutine chain, decorated and plain.
+    attempt, route = tracing.delivery_attempt(work), tracing.route(work)
+    connect, txn = tracing.connect(work), tracing.transaction(work)
+    dns = tracing.dns_lookup(work)
+
+    async def traced_delivery() -> None:
+        await attempt(None, "id", "path", envelope, None)
+        await route(None, "example.net", envelope, [], None)
+        await dns(None, "example.net", "MX")
+        await connect(server="mx", ip="127.0.0.1", port=25)
+        await txn(None, envelope, [], None)
+        for _ in range(10):
+            tracing.event("smtp.reply", "rcpt", 250, "2.1.5")
+
+    async def plain_delivery() -> None:  # the same calls, undecorated, without events
+        await work(None, "id", "path", envelope, None)
+        await work(None, "example.net", envelope, [], None)
+        await work(None, "example.net", "MX")
+        await work(server="mx", ip="127.0.0.1", port=25)
+        await work(None, envelope, [], None)
+
+    def receive(traced: bool) -> None:
+        if traced:
+            t = tracing.session("127.0.0.1", 40000, listener)
+            t.message_started("01KB3X6Y5Q7ZPR0E2CQ8W4H2N9")
+            record = {"id": "x", **t.envelope_keys()}
+            t.message_done(1024, None)
+            t.close()
+        else:
+            record = {"id": "x"}
+        assert record
+
+    async def run_receive(traced: bool) -> float:
+        started = time.perf_counter()
+        for _ in range(n):
+            receive(traced)
+        return (time.perf_counter() - started) / n * 1e6
+
+    async def run_delivery(traced: bool) -> float:
+        delivery = traced_delivery if traced else plain_delivery
+        started = time.perf_counter()
+        for _ in range(n):
+            await delivery()
+        return (time.perf_counter() - started) / n * 1e6
+
+    async def all_four() -> dict[str, float]:
+        times: dict[str, list[float]] = {}
+        for _ in range(3):
+            for side, run in (("receive", run_receive), ("delivery", run_delivery)):
+                for traced in (True, False):
+                    key = f"{side}_{'calls' if traced else 'absent'}_us"
+                    times.setdefault(key, []).append(await run(traced))
+        return {k: round(min(v), 3) for k, v in times.items()}
+
+    return asyncio.run(all_four())
+
+
 def end_to_end(base: str, mode: str, messages: int, sessions: int) -> dict[str, Any]:
     work = os.path.join(base, f"{mode}-{time.monotonic_ns()}")
     spool = os.path.join(work, "spool")
@@ -89,6 +168,13 @@ def end_to_end(base: str, mode: str, messages: int, sessions: int) -> dict[str, 
         overrides["metrics"] = {"listen_addr": "127.0.0.1:0"}
     if mode == "metrics+audit":
         overrides["audit"] = {"log_path": os.path.join(work, "audit.jsonl")}
+    otlp = None
+    if mode == "tracing":
+        from tests.support.otlpserver import OTLPReceiver
+
+        otlp = OTLPReceiver().start()
+        overrides.pop("metrics", None)
+        overrides["tracing"] = {"enabled": True, "endpoint": otlp.endpoint}
     daemon = EmpathDaemon(work, overrides)
     try:
         daemon.start(timeout=60)
@@ -99,6 +185,8 @@ def end_to_end(base: str, mode: str, messages: int, sessions: int) -> dict[str, 
         result = asyncio.run(run_load(host, port, messages=messages, sessions=sessions))
         cpu = cpu_seconds(receivers) - before
     finally:
+        if otlp is not None:
+            otlp.stop()
         daemon.kill()  # killed: its tmpfs metrics directory is left for us to remove
         multiproc.remove(multiproc.default_dir(spool, tree.control))
         shutil.rmtree(work, ignore_errors=True)
@@ -121,23 +209,35 @@ def main() -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     out["audit_record_us"] = round(audit_cost(), 3)
-    print(json.dumps(out))
+    costs = tracing_off_cost()
+    out.update({f"tracing_off_{k}": v for k, v in costs.items()})
+    out["tracing_off_receive_added_us"] = round(
+        costs["receive_calls_us"] - costs["receive_absent_us"], 3)
+    out["tracing_off_delivery_added_us"] = round(
+        costs["delivery_calls_us"] - costs["delivery_absent_us"], 3)
+    print(json.dumps(out), flush=True)
     base = os.path.join(ROOT, "var", f"bench-observe-{os.getpid()}")
     os.makedirs(base, exist_ok=True)
     runs = []
     try:
         for _ in range(args.rounds):
-            for mode in ("off", "metrics", "metrics+audit"):
+            for mode in MODES:
                 row = end_to_end(base, mode, args.messages, args.sessions)
                 print(json.dumps(row), flush=True)
                 runs.append(row)
     finally:
         shutil.rmtree(base, ignore_errors=True)
-    for mode in ("off", "metrics", "metrics+audit"):
+    for mode in MODES:
         rows = [r for r in runs if r["mode"] == mode]
+        if not rows:  # --rounds 0: the in-process figures only
+            continue
         print(f"{mode:>14}: {sum(r['msg_per_s'] for r in rows) / len(rows):8.1f} msg/s, "
               f"receiver CPU {sum(r['receiver_cpu_us_per_msg'] for r in rows) / len(rows):7.1f}"
               " us/msg")
+    off = [r["receiver_cpu_us_per_msg"] for r in runs if r["mode"] == "off"]
+    if off:
+        share = out["tracing_off_receive_added_us"] / (sum(off) / len(off))
+        print(json.dumps({"tracing_off_receive_share": round(share, 5)}))
     return 0
 
 

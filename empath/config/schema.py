@@ -522,6 +522,45 @@ SCHEMA = Section("", "Empath configuration.", (
             "active and deferred); null: no limit.", nullable=True),
         Key("master_timeout", Duration(1, 3600), 10.0,
             "/health/live fails when the master's loop has not turned for this long."),
+        Key("min_delivery_success_rate", Float(0.0, 1.0), None,
+            "/health/ready fails while the share of delivery attempts (per recipient) that "
+            "delivered, over the last delivery_window, is below this (0.9: 90%); null: the "
+            "rate is shown in /health/detailed but never fails readiness (a destination "
+            "deferring everything is not a reason to stop receiving).", nullable=True),
+        Key("delivery_window", Duration(10, 86400), 300.0,
+            "Window of the delivery success rate."),
+        Key("min_delivery_attempts", Int(1), 20,
+            "Fewer attempts than this in the window: the rate is not judged."),
+        Key("dns_probe_name", Str(), None,
+            "Name the admin process looks up (type A) through the delivery resolver "
+            "(delivery.dns) every dns_probe_interval; /health/ready fails while the resolver "
+            "does not answer (any answer counts, NXDOMAIN included; a timeout or SERVFAIL "
+            "does not); null: no probe.", nullable=True),
+        Key("dns_probe_interval", Duration(0.1, 3600), 10.0, "Time between DNS probes."),
+        Key("dns_probe_timeout", Duration(0.1, 60), 2.0, "How long a DNS probe waits."),
+    )),
+    Section("tracing", "OpenTelemetry tracing over OTLP/HTTP (docs/OPERATIONS.md, "
+            "\"Tracing\"). The standard OTEL_* variables apply where a key here is null "
+            "(OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, OTEL_EXPORTER_OTLP_HEADERS, "
+            "OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES, OTEL_TRACES_SAMPLER; "
+            "OTEL_SDK_DISABLED=true turns tracing off).", (
+        Key("enabled", Bool(), False,
+            "Record and export spans; false: OpenTelemetry is not even imported, and "
+            "instrumentation costs nothing measurable (needs the tracing extra: pip install "
+            "empath[tracing])."),
+        Key("endpoint", Str(pattern=r"^https?://"), None,
+            "OTLP/HTTP traces URL, such as http://127.0.0.1:4318/v1/traces; null: "
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT, else "
+            "http://localhost:4318/v1/traces.", nullable=True),
+        Key("service_name", Str(), "empath",
+            "The service.name of the spans (OTEL_SERVICE_NAME wins when set)."),
+        Key("sample_ratio", Float(0.0, 1.0), 1.0,
+            "Share of new traces recorded; a delivery follows its receipt's decision "
+            "(ignored when OTEL_TRACES_SAMPLER is set)."),
+        Key("export_interval", Duration(0.01, 60), 5.0,
+            "Longest time a finished span waits before it is sent."),
+        Key("export_timeout", Duration(0.1, 60), 10.0,
+            "Longest time one export (an HTTP request) may take."),
     )),
     Section("audit", "Audit log: one JSON line per message event (docs/OPERATIONS.md).", (
         Key("log_path", Path(), None,

@@ -70,7 +70,7 @@ from empath.delivery.errors import (
 )
 from empath.delivery.state import RecipientOutcome
 from empath.delivery.tls import TLSContexts, TLSPolicy, describe, peer_chain, warn_unverified
-from empath.observe import metrics
+from empath.observe import deliveries, metrics, tracing
 from empath.spool import MessageSource
 
 log = logging.getLogger("empath.delivery.smtp")
@@ -187,6 +187,7 @@ class _NeedsAnchor(Exception):
         self.anchors = anchors
 
 
+@tracing.connect
 async def open_connection(*, server: str, ip: str, port: int, helo: str, domain: str,
                           policy: TLSPolicy, contexts: TLSContexts, timeouts: Any,
                           try_tls: bool = True,
@@ -253,6 +254,7 @@ class SMTPConnection:
         self._broken = False
         self.messages = 0
         self.idle_since = time.monotonic()
+        self.gauge_entry = deliveries.connection_opened(server)  # open connections gauge
 
     @property
     def label(self) -> str:
@@ -291,6 +293,7 @@ class SMTPConnection:
         except DeliveryError:
             self.broken = True
             raise
+        deliveries.remote_reply(stage, reply.code, reply.enhanced)
         if reply.code == 421:
             self.broken = True  # RFC 5321 §3.8: the server is closing the channel
         return reply
@@ -506,6 +509,7 @@ class SMTPConnection:
                         "needs_smtputf8", server=self.server).outcome()
         return None, refused
 
+    @tracing.transaction
     async def deliver(self, envelope: dict[str, Any], rcpts: list[dict[str, Any]],
                       source: MessageSource) -> dict[str, RecipientOutcome]:
         """One transaction for ``rcpts``; one outcome per recipient, never an exception."""
@@ -618,6 +622,7 @@ class SMTPConnection:
 
     def abort(self) -> None:
         self.broken = True
+        self.gauge_entry.close()
         with contextlib.suppress(Exception):
             self.writer.transport.abort()
 

@@ -51,7 +51,7 @@ import dns.resolver
 
 from empath.delivery.dane import TLSARecord
 from empath.delivery.errors import DeliveryError, PermanentError, TemporaryError
-from empath.observe import metrics
+from empath.observe import metrics, tracing
 
 NEGATIVE_TTL_CAP = 60.0  # seconds an absent name/record is remembered at most
 NEGATIVE_TTL_DEFAULT = 30.0  # when the response carries no SOA to say how long
@@ -312,12 +312,13 @@ class MXResolver:
         if not future.cancelled():
             future.exception()  # retrieved here, so an unawaited failure is not reported
 
+    @tracing.dns_lookup
     async def _query(self, name: str, rdtype: str) -> _Records:
         started = time.monotonic()
         try:
             return await self._ask(name, rdtype)
         finally:
-            metrics.current().dns_duration.observe(time.monotonic() - started)
+            metrics.current().dns_duration.labels(rdtype).observe(time.monotonic() - started)
 
     async def _ask(self, name: str, rdtype: str) -> _Records:
         key = (name, rdtype)

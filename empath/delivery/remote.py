@@ -80,6 +80,7 @@ from empath.delivery.pool import ConnectionPool, PoolKey
 from empath.delivery.state import RecipientOutcome
 from empath.delivery.strategy import NEXT_HOP
 from empath.delivery.tls import DISABLED, OPPORTUNISTIC, TLSContexts, TLSPolicy, policy_for
+from empath.observe import deliveries, tracing
 from empath.spool import MessageSource
 
 log = logging.getLogger("empath.delivery.smtp")
@@ -205,6 +206,7 @@ class RemoteTransport:
                             ", ".join(self.limits.undivided()), count)
 
     # -- the public contract --------------------------------------------------------------
+    @tracing.route
     async def deliver(self, domain: str, envelope: dict[str, Any], rcpts: list[dict[str, Any]],
                       source: MessageSource
                       ) -> tuple[dict[str, RecipientOutcome], dict[str, Any]]:
@@ -378,6 +380,7 @@ class RemoteTransport:
                 except DeliveryError as err:
                     if not isinstance(err, ConnectFailure):
                         sessions += 1
+                    deliveries.tls_failure(err)
                     log.info("%s: %s[%s]:%d for %s: %s", envelope.get("id"), host, ip, port,
                              domain, err)
                     if isinstance(err, DANEFailure):
@@ -488,6 +491,7 @@ class RemoteTransport:
             if policy.mode != OPPORTUNISTIC or dane is not None:
                 raise
             # RFC 7435: a handshake that cannot complete must not stop delivery; plain it is.
+            deliveries.tls_failure(err)
             log.warning("%s[%s]:%d for %s: %s; opportunistic TLS: retrying without TLS",
                         host, ip, port, domain, err.text)
             conn = await connect(False)

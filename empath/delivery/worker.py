@@ -31,7 +31,7 @@ from typing import Any
 from empath.delivery import bounce, state
 from empath.delivery.dispatch import Dispatcher
 from empath.delivery.hooks import DeliveryHooks
-from empath.observe import audit, deliveries, metrics
+from empath.observe import audit, deliveries, metrics, tracing
 from empath.spool import CorruptFile, Spool, WakeListener, new_message_id, read_queue_file
 from empath.spool.submit import store_message
 
@@ -309,6 +309,7 @@ class DeliveryWorker:
                       message_id, exc, self.cfg.delivery.retry_base_delay)
             self._strand(message_id, path, "resume")
 
+    @tracing.delivery_attempt
     async def _attempt(self, message_id: str, path: str, envelope: dict[str, Any],
                        source: Any) -> None:
         """One delivery attempt for the open recipients, then notices, then the next state.
@@ -478,6 +479,7 @@ class DeliveryWorker:
             except FileNotFoundError:
                 return
             except OSError as exc:
+                self.metrics.spool_delete_failures.inc()
                 log.error("%s: cannot remove finished message (try %d): %s",
                           message_id, attempt + 1, exc)
                 await asyncio.sleep(0.2 * (attempt + 1))
@@ -496,7 +498,9 @@ async def serve(ctx: Any) -> None:
     """Run one delivery worker until ctx.stopping is set."""
     instruments = metrics.init(ctx.config)
     audit.init(ctx.config)
+    tracing.init(ctx.config)
     try:
         await DeliveryWorker(ctx).run()
     finally:
         instruments.stop_flushing()
+        tracing.shutdown()

@@ -43,4 +43,6 @@ def admin_enabled(cfg: Any) -> bool:
 
 
 def metrics_enabled(cfg: Any) -> bool:
-    return cfg.metrics.listen_addr is not None
+    """Whether the children keep metric values: for /metrics, and for the health checks,
+    whose delivery success rate reads the delivery counters."""
+    return cfg.metrics.listen_addr is not None or cfg.health.listen_addr is not None

@@ -3,10 +3,14 @@ numbers only the spool and the master's status file know.
 
 - ``FoldedMultiProcess``: prometheus_client's ``MultiProcessCollector`` over the directory the
   master exported (dead processes' counters included, so nothing goes backwards), with the
-  per-domain delivery series folded to the busiest domains (``domains.py``);
+  per-domain delivery series (attempts, and the duration histogram after the same domains)
+  folded to the busiest domains (``domains.py``);
+- ``ProcessesCollector``: the standard ``process_*`` series (CPU, memory, file descriptors,
+  start time) of the master and of every live child, labelled by ``kind`` and ``index``;
 - ``SpoolCollector``: queue sizes by state read from the spool's directory listings at scrape
   time (no worker keeps them), the oldest waiting message's age, whether delivery is frozen,
-  free space, live children by kind, and build information.
+  free space, live children by kind, build information, and when each listener's TLS
+  certificate expires (read from its file, so a renewed file shows before a reload);
 
 Runs in the admin process only, in a worker thread (the reads block).
 """
@@ -18,7 +22,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
@@ -33,6 +37,8 @@ from empath.spool.ids import id_time
 from empath.spool.queue import STATUSES, state_counts
 
 DOMAIN_FAMILY = "empath_delivery_domain_attempts"
+DURATION_FAMILY = "empath_delivery_duration_seconds"
+DURATION_STATE = DOMAIN_STATE + ".duration"  # multiproc.prepare empties it with the rest
 
 
 class FoldedMultiProcess(Collector):
@@ -44,11 +50,37 @@ class FoldedMultiProcess(Collector):
         self.inner = MultiProcessCollector(None, path)  # type: ignore[no-untyped-call]
 
     def collect(self) -> Iterable[Metric]:
+        later = None
+        names: list[str] = []
         for metric in self.inner.collect():  # type: ignore[no-untyped-call]
             if metric.name == DOMAIN_FAMILY:
-                yield self._fold(metric)
+                folded = self._fold(metric)
+                names = sorted({s.labels["domain"] for s in folded.samples})
+                yield folded
+            elif metric.name == DURATION_FAMILY:
+                later = metric  # folded after the domains are chosen
             else:
                 yield metric
+        if later is not None:
+            yield self._follow(later, names)
+
+    def _follow(self, metric: Metric, names: list[str]) -> Metric:
+        """The duration histogram per domain, folded to the domains of the attempts."""
+        counts: dict[tuple[str, str], float] = {}
+        for sample in metric.samples:
+            others = sorted((k, v) for k, v in sample.labels.items() if k != "domain")
+            key = "\t".join([sample.name, *(f"{k}={v}" for k, v in others)])
+            domain = sample.labels.get("domain", "")
+            counts[(domain, key)] = counts.get((domain, key), 0.0) + sample.value
+        with domains.locked_state(os.path.join(self.path, DURATION_STATE)) as box:
+            series, box[0] = domains.follow(counts, names, box[0])
+        out = Metric(metric.name, metric.documentation, metric.type)
+        for (domain, key), value in sorted(series.items(), key=_bucket_order):
+            name, *parts = key.split("\t")
+            labels = dict(part.split("=", 1) for part in parts)
+            labels["domain"] = domain
+            out.add_sample(name, labels, value)
+        return out
 
     def _fold(self, metric: Metric) -> Metric:
         counts: domains.Counts = {}
@@ -69,9 +101,11 @@ class FoldedMultiProcess(Collector):
 class SpoolCollector(Collector):
     """Queue sizes and process counts, computed when scraped."""
 
-    def __init__(self, spool: Spool, status_file: str | None) -> None:
+    def __init__(self, spool: Spool, status_file: str | None,
+                 listeners: list[Any] | None = None) -> None:
         self.spool = spool
         self.status_file = status_file
+        self.listeners = listeners or []
 
     def collect(self) -> Iterable[Metric]:
         counts, oldest = state_counts(self.spool)
@@ -112,6 +146,78 @@ class SpoolCollector(Collector):
                                  labels=("version", "speedups"))
         info.add_metric((empath.__version__, IMPLEMENTATION), 1.0)
         yield info
+        yield certificate_expiry(self.listeners)
+
+
+def certificate_expiry(listeners: list[Any]) -> Metric:
+    """``empath_tls_certificate_expiry_seconds``: the notAfter (Unix time) of the first
+    certificate in each listener's chain file; an unreadable file is left out (and logged by
+    the receivers, which cannot load it either)."""
+    from cryptography import x509
+
+    family = GaugeMetricFamily(
+        "empath_tls_certificate_expiry_seconds", "When the certificate of each TLS listener "
+        "expires (Unix time), read from its file at scrape time", labels=("listener", "path"))
+    seen: set[tuple[str, str]] = set()
+    for listener in listeners:
+        path = getattr(getattr(listener, "tls", None), "cert", None)
+        key = (str(listener.address), str(path))
+        if not path or key in seen:
+            continue
+        seen.add(key)
+        try:
+            with open(path, "rb") as fh:
+                cert = x509.load_pem_x509_certificate(fh.read())
+        except (OSError, ValueError):
+            continue
+        family.add_metric(key, cert.not_valid_after_utc.timestamp())
+    return family
+
+
+def _bucket_order(item: tuple[tuple[str, str], float]) -> tuple[str, str, float]:
+    """Histogram samples in exposition order: by domain and labels, buckets by bound."""
+    (domain, key), _ = item
+    le = ""
+    parts = key.split("\t")
+    for part in parts[1:]:
+        if part.startswith("le="):
+            le = part[3:]
+    others = "\t".join(p for p in parts if not p.startswith("le="))
+    return (domain, others, float(le) if le else 0.0)
+
+
+class ProcessesCollector(Collector):
+    """``process_*`` of the master and each live child (prometheus_client's own collector,
+    pointed at each pid in turn), with ``kind`` and ``index`` labels."""
+
+    def __init__(self, status_file: str | None) -> None:
+        self.status_file = status_file
+
+    def collect(self) -> Iterable[Metric]:
+        master = StatusFile.read(self.status_file) if self.status_file else None
+        procs: list[tuple[int, str, str]] = []
+        if master is not None:
+            procs.append((int(master.get("pid", 0)), "master", "0"))
+            for child in master.get("children", []):
+                procs.append((int(child.get("pid", 0)), str(child.get("kind")),
+                              str(child.get("index", 0))))
+        else:
+            procs.append((os.getpid(), "admin", "1"))
+        families: dict[str, Metric] = {}
+        for pid, kind, index in procs:
+            if pid <= 0 or not pid_alive(pid):
+                continue
+            one = ProcessCollector(namespace="", pid=lambda pid=pid: pid,  # type: ignore[misc]
+                                   registry=None)
+            for metric in one.collect():
+                family = families.get(metric.name)
+                if family is None:
+                    family = families[metric.name] = Metric(metric.name, metric.documentation,
+                                                            metric.type)
+                for sample in metric.samples:
+                    family.add_sample(sample.name, {"kind": kind, "index": index},
+                                      sample.value)
+        yield from families.values()
 
 
 def build_registry(cfg: Any, spool: Spool, status_file: str | None) -> CollectorRegistry:
@@ -119,7 +225,8 @@ def build_registry(cfg: Any, spool: Spool, status_file: str | None) -> Collector
     path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if path and os.path.isdir(path):
         registry.register(FoldedMultiProcess(path, cfg.metrics.top_domains))
-    registry.register(SpoolCollector(spool, status_file))
+    registry.register(SpoolCollector(spool, status_file, list(cfg.listeners)))
+    registry.register(ProcessesCollector(status_file))
     return registry
 
 

@@ -75,6 +75,36 @@ def fold(counts: Counts, state: FoldState, top: int) -> tuple[Counts, FoldState]
     return out, FoldState(named, dict(counts))
 
 
+def follow(counts: dict[tuple[str, str], float], names: set[str] | list[str],
+           state: FoldState) -> tuple[dict[tuple[str, str], float], FoldState]:
+    """Fold another per-domain family (``counts`` keyed by (domain, any sample key): the
+    buckets, count and sum of a histogram) to the domains ``names`` that ``fold`` chose,
+    by the same rules: a domain that joins starts from what "other" had not shown yet, one
+    that leaves hands its count back to "other", which never goes backwards."""
+    named: dict[str, dict[str, float]] = {}
+    for domain in names:
+        if domain == OTHER:
+            continue
+        offsets = state.named.get(domain)
+        if offsets is None:  # joins now: what "other" has shown of it stays there
+            offsets = {k: v for (d, k), v in state.previous.items() if d == domain}
+        named[domain] = offsets
+    out: dict[tuple[str, str], float] = {}
+    other: dict[str, float] = defaultdict(float)
+    for (_, key), value in counts.items():
+        other[key] += value
+    for (domain, key), value in counts.items():
+        offsets = named.get(domain)
+        if offsets is None:
+            continue
+        shown = max(0.0, value - offsets.get(key, 0.0))
+        out[(domain, key)] = shown
+        other[key] -= shown
+    for key, value in other.items():
+        out[(OTHER, key)] = max(0.0, value)
+    return out, FoldState(named, dict(counts))
+
+
 @contextlib.contextmanager
 def locked_state(path: str) -> Iterator[list[FoldState]]:
     """Read the state under an exclusive lock; the caller puts the new state in the yielded

@@ -7,7 +7,11 @@
   filesystem has more free space than ``health.min_free_space`` (default
   ``spool.min_free_space``), at least one receiver and one delivery worker are alive and
   booted, and the messages waiting for delivery (pending, active, deferred) do not exceed
-  ``health.max_queue``.
+  ``health.max_queue``; with ``health.min_delivery_success_rate`` set, the share of delivery
+  attempts that delivered over ``health.delivery_window`` is at least that (``Deliveries``,
+  from the workers' counters, sampled by the admin's loop); with ``health.dns_probe_name``
+  set, the delivery resolver answered the last probe (``DNSProbe``, run by the admin's loop
+  every ``health.dns_probe_interval``).
 
 Each check is a ``Check`` (name, ok, detail); the HTTP layer (admin.py) turns them into 200 or
 503 with a small JSON body. The functions block (file system, /proc): call them from a thread.
@@ -15,8 +19,10 @@ Each check is a ``Check`` (name, ok, detail); the HTTP layer (admin.py) turns th
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,12 +76,115 @@ class MasterWatch:
         return Check("master", True, f"master {self.master_pid}: loop turned {silent:.1f}s ago")
 
 
+class Deliveries:
+    """Delivery attempts over a sliding window, from samples of the cumulative counters
+    (delivered, and everything else: deferred, failed, expired)."""
+
+    def __init__(self, window: float, min_attempts: int, threshold: float | None) -> None:
+        self.window = window
+        self.min_attempts = min_attempts
+        self.threshold = threshold
+        self.samples: deque[tuple[float, float, float]] = deque()
+
+    def add(self, now: float, delivered: float, other: float) -> None:
+        if self.samples and (delivered < self.samples[-1][1] or other < self.samples[-1][2]):
+            self.samples.clear()  # the counters started again (a new master)
+        self.samples.append((now, delivered, other))
+        # Keep one sample at or before the window's start: the base of the differences.
+        while len(self.samples) >= 2 and self.samples[1][0] <= now - self.window:
+            self.samples.popleft()
+
+    def figures(self) -> tuple[float, float]:
+        """(delivered, not delivered) within the window."""
+        if len(self.samples) < 2:
+            return 0.0, 0.0
+        first, last = self.samples[0], self.samples[-1]
+        return last[1] - first[1], last[2] - first[2]
+
+    def check(self) -> Check:
+        delivered, other = self.figures()
+        total = delivered + other
+        window = f"{total:.0f} attempts in the last {self.window:g}s"
+        if total < self.min_attempts:
+            return Check("delivery_rate", True, f"{window}, too few to judge")
+        rate = delivered / total
+        text = f"{rate:.1%} delivered ({delivered:.0f} of {window})"
+        if self.threshold is not None and rate < self.threshold:
+            return Check("delivery_rate", False, f"{text}, below {self.threshold:.1%}")
+        return Check("delivery_rate", True, text)
+
+
+def attempt_counts(path: str) -> tuple[float, float]:
+    """(delivered, other) summed over the per-process counter files in ``path``."""
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    delivered = other = 0.0
+    for metric in MultiProcessCollector(None, path).collect():  # type: ignore[no-untyped-call]
+        if metric.name != "empath_delivery_attempts":
+            continue
+        for sample in metric.samples:
+            if sample.name.endswith("_total"):
+                if sample.labels.get("result") == "delivered":
+                    delivered += sample.value
+                else:
+                    other += sample.value
+    return delivered, other
+
+
+class DNSProbe:
+    """Whether the delivery resolver answers: a lookup of ``name`` (type A) now and then."""
+
+    def __init__(self, cfg: Any) -> None:
+        from empath.delivery.dns import build_resolver
+
+        self.name = cfg.health.dns_probe_name
+        self.timeout = float(cfg.health.dns_probe_timeout)
+        self.resolver = build_resolver(cfg.delivery.dns)
+        self.resolver.timeout = self.resolver.lifetime = self.timeout
+        self.last = Check("dns", True, "no probe yet")
+
+    async def probe(self) -> Check:
+        import dns.exception
+        import dns.resolver
+
+        started = time.monotonic()
+        try:
+            await self.resolver.resolve(self.name, "A", search=False, lifetime=self.timeout,
+                                        raise_on_no_answer=False)
+            verdict = None
+        except dns.resolver.NXDOMAIN:
+            verdict = None  # an answer all the same
+        except dns.exception.Timeout:
+            verdict = f"no answer within {self.timeout:g}s"
+        except dns.resolver.NoNameservers:
+            verdict = "the resolver failed (SERVFAIL or refused)"
+        except (dns.exception.DNSException, OSError) as exc:
+            verdict = str(exc) or type(exc).__name__
+        took = time.monotonic() - started
+        if verdict is None:
+            self.last = Check("dns", True, f"resolver answered {self.name} in "
+                              f"{took * 1000:.0f} ms")
+        else:
+            self.last = Check("dns", False, f"resolver probe for {self.name}: {verdict}")
+        return self.last
+
+    async def run(self, interval: float) -> None:
+        while True:
+            try:
+                await self.probe()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a bug must not end the probing
+                self.last = Check("dns", False, f"probe failed: {exc!r}")
+            await asyncio.sleep(interval)
+
+
 def _live(pid: int) -> bool:
     return pid > 0 and pid_alive(pid)
 
 
 def ready_checks(cfg: Any, spool: Spool, status: dict[str, Any] | None,
-                 counts: dict[str, int]) -> list[Check]:
+                 counts: dict[str, int], extra: tuple[Check, ...] = ()) -> list[Check]:
     checks = []
     bound = (status or {}).get("listeners") or []
     want = len(cfg.listeners)
@@ -100,6 +209,7 @@ def ready_checks(cfg: Any, spool: Spool, status: dict[str, Any] | None,
     else:
         checks.append(Check("queue", True, f"{waiting} messages waiting"
                             + (f" (maximum {limit})" if limit is not None else "")))
+    checks.extend(extra)
     return checks
 
 
@@ -120,22 +230,25 @@ def _spool_check(cfg: Any, spool: Spool) -> Check:
     return Check("spool", True, f"writable, {free} bytes free")
 
 
-def ready(cfg: Any, spool: Spool, status_file: str | None) -> tuple[bool, dict[str, Any]]:
-    """(ready?, JSON body) for /health/ready."""
+def ready(cfg: Any, spool: Spool, status_file: str | None,
+          extra: tuple[Check, ...] = ()) -> tuple[bool, dict[str, Any]]:
+    """(ready?, JSON body) for /health/ready; ``extra``: the delivery and DNS checks."""
     status = StatusFile.read(status_file) if status_file else None
     counts, _ = state_counts(spool)
-    checks = ready_checks(cfg, spool, status, counts)
+    checks = ready_checks(cfg, spool, status, counts, extra)
     failed = [c.name for c in checks if not c.ok]
     return not failed, {"status": "fail" if failed else "ok", "failed": failed,
                         "checks": {c.name: c.as_json() for c in checks}}
 
 
 def detailed(cfg: Any, spool: Spool, status_file: str | None,
-             master: Check) -> dict[str, Any]:
-    """/health/detailed: the checks plus per-process state, queue counts, uptime, version."""
+             master: Check, extra: tuple[Check, ...] = (),
+             figures: dict[str, Any] | None = None) -> dict[str, Any]:
+    """/health/detailed: the checks plus per-process state, queue counts, uptime, version,
+    and the figures behind the delivery check (``figures``)."""
     status = StatusFile.read(status_file) if status_file else None
     counts, oldest = state_counts(spool)
-    checks = [master, *ready_checks(cfg, spool, status, counts)]
+    checks = [master, *ready_checks(cfg, spool, status, counts, extra)]
     failed = [c.name for c in checks if not c.ok]
     started = float((status or {}).get("started_at", time.time()))
     return {
@@ -156,6 +269,7 @@ def detailed(cfg: Any, spool: Spool, status_file: str | None,
         "queue": counts,
         "oldest": oldest,
         "frozen": spool.is_frozen(),
+        **(figures or {}),
     }
 
 

@@ -47,6 +47,17 @@ REPLY_CLASSES = ("2xx", "3xx", "4xx", "5xx")
 RESULTS = ("delivered", "deferred", "failed", "expired")
 NOTICE_KINDS = ("failed", "delayed", "success")
 TRANSPORTS = ("smtp", "maildir", "lmtp", "webhook")
+# Why a recipient was deferred or bounced: the subject of its RFC 3463 enhanced code (X.1
+# addressing, X.2 mailbox, X.3 mail system, X.4 network and routing, X.5 protocol, X.6
+# content, X.7 security and policy), "unspecified" without one; "expired" for bounces of
+# recipients whose retries ran out.
+REASON_CLASSES = {"1": "address", "2": "mailbox", "3": "system", "4": "network",
+                  "5": "protocol", "6": "content", "7": "policy"}
+REASONS = (*REASON_CLASSES.values(), "unspecified", "expired")
+# Why an outbound TLS session failed (deliveries.tls_failure_reason).
+TLS_FAILURES = ("not_offered", "refused", "certificate", "timeout", "handshake", "dane")
+DNS_TYPES = ("MX", "A", "AAAA", "TLSA", "TXT", "DS", "SOA")
+REPLY_CAP = 200  # distinct (code, enhanced) labels a process gives remote replies
 OTHER = "other"  # the label of domains beyond the per-process cap (and of the folded rest)
 DOMAIN_CAP_FACTOR = 10  # a process labels at most this many times metrics.top_domains domains
 FLUSH_INTERVAL = 0.25  # seconds between hand-overs of batched updates to prometheus_client
@@ -174,6 +185,16 @@ class Instruments:
         self.rate_limit_waits = n
         self.breakers_open = n
         self.breaker_openings = n
+        self.connections_out = n
+        self.remote_replies = n
+        self.remote_errors = n
+        self.deferrals = dict.fromkeys(REASONS, n)
+        self.bounces = dict.fromkeys(REASONS, n)
+        self.tls_failures_out = dict.fromkeys(TLS_FAILURES, n)
+        self.auth_failures = n
+        self.spool_delete_failures = n
+        self._servers: set[str] = set()
+        self._reply_labels: dict[tuple[int, str | None], tuple[str, str]] = {}
         if enabled:
             self._build()
 
@@ -236,7 +257,8 @@ class Instruments:
             "metrics.top_domains, the rest as \"other\") and result", ("domain", "result"))
         self.delivery_duration = Histogram(
             "empath_delivery_duration_seconds", "Duration of one delivery to one destination "
-            "domain (a route of an attempt), by transport", ("transport",),
+            "domain (a route of an attempt), by transport and domain (the busiest "
+            "metrics.top_domains, the rest as \"other\")", ("transport", "domain"),
             buckets=DELIVERY_BUCKETS, registry=None)
         notices = counter("empath_notices_generated",
                           "Delivery status notifications spooled, by kind (failed: bounces)",
@@ -249,8 +271,8 @@ class Instruments:
             "empath_tls_sessions_out", "TLS handshakes completed with destination servers, by "
             "version", ("version",))
         self.dns_duration = Histogram(
-            "empath_dns_lookup_seconds", "DNS queries for delivery (cache hits are not "
-            "queries)", buckets=DNS_BUCKETS, registry=None)
+            "empath_dns_lookup_seconds", "DNS queries for delivery, by record type (cache "
+            "hits are not queries)", ("type",), buckets=DNS_BUCKETS, registry=None)
         self.dns_cache_hits = counter("empath_dns_cache_hits",
                                       "DNS answers served from the cache")
         self.rate_limit_waits = counter(
@@ -261,9 +283,35 @@ class Instruments:
             multiprocess_mode="livesum", registry=None)
         self.breaker_openings = counter(
             "empath_circuit_breaker_openings", "Times a destination's circuit breaker opened")
+        self.connections_out = Gauge(
+            "empath_delivery_active_connections", "Outbound SMTP connections open now, by "
+            "server (MX host), idle pooled ones included", ("server",),
+            multiprocess_mode="livesum", registry=None)
+        self.remote_replies = counter(
+            "empath_delivery_replies", "SMTP replies received from destination servers, by "
+            "code and enhanced status code", ("code", "enhanced"))
+        self.remote_errors = counter(
+            "empath_smtp_errors", "4xx and 5xx replies received from destination servers, "
+            "by code", ("code",))
+        deferrals = counter("empath_delivery_deferrals", "Recipients deferred, by reason "
+                            "class (the enhanced code's subject)", ("reason",))
+        self.deferrals = {r: deferrals.labels(r) for r in REASONS}
+        bounces = counter("empath_delivery_bounces", "Recipients failed permanently or "
+                          "expired, by reason class", ("reason",))
+        self.bounces = {r: bounces.labels(r) for r in REASONS}
+        tls_failures = counter("empath_tls_failures_out", "Outbound TLS sessions that "
+                               "failed, by reason", ("reason",))
+        self.tls_failures_out = {r: tls_failures.labels(r) for r in TLS_FAILURES}
+        self.auth_failures = counter("empath_smtp_auth_failures",
+                                     "SMTP AUTH attempts refused for wrong credentials")
+        self.spool_delete_failures = counter(
+            "empath_spool_delete_failures", "Failed removals of finished messages from the "
+            "spool (each retry counts)")
         self._wrap_all()
         for transport in TRANSPORTS:  # so every series exists (at 0) from the start
-            self.delivery_duration.labels(transport)
+            self.delivery_duration.labels(transport, OTHER)
+        for rdtype in DNS_TYPES:
+            self.dns_duration.labels(rdtype)
 
     def _wrap_all(self) -> None:
         """Put every instrument built by ``_build`` behind its batching wrapper."""
@@ -298,14 +346,34 @@ class Instruments:
     def domain_label(self, domain: str) -> str:
         """``domain`` as a label value, or "other" once this process has labelled its cap of
         distinct domains (the admin folds them to the busiest top_domains at scrape time)."""
-        domain = domain or "(local)"
-        if domain in self._domains:
-            return domain
-        if len(self._domains) < self.domain_cap and domain != OTHER:
-            self._domains.add(domain)
-            return domain
+        return self._capped(domain or "(local)", self._domains)
+
+    def server_label(self, server: str) -> str:
+        """``server`` (an MX host) as a label value, capped like ``domain_label``."""
+        return self._capped(server, self._servers)
+
+    def _capped(self, value: str, seen: set[str]) -> str:
+        if value in seen:
+            return value
+        if len(seen) < self.domain_cap and value != OTHER:
+            seen.add(value)
+            return value
         return OTHER
 
+    def reply_labels(self, code: int, enhanced: str | None) -> tuple[str, str]:
+        """(code, enhanced) label values of a reply from a remote server: what a server may
+        send is unbounded, so only well-formed codes get a label of their own, at most
+        REPLY_CAP pairs per process; anything else is "other"."""
+        key = (code, enhanced)
+        labels = self._reply_labels.get(key)
+        if labels is None:
+            well_formed = 200 <= code <= 599 and (enhanced is None or _enhanced_ok(enhanced))
+            if well_formed and len(self._reply_labels) < REPLY_CAP:
+                labels = (str(code), enhanced or "")
+                self._reply_labels[key] = labels
+            else:
+                labels = (OTHER, OTHER)
+        return labels
 
     def start_flushing(self, loop: asyncio.AbstractEventLoop) -> None:
         """Flush every FLUSH_INTERVAL from ``loop`` (a no-op when metrics are off)."""
@@ -325,6 +393,13 @@ class Instruments:
             self._flusher = None
         if self.enabled:
             self.flush()
+
+
+def _enhanced_ok(enhanced: str) -> bool:
+    """RFC 3463 §2: class.subject.detail, subject and detail of one to three digits."""
+    parts = enhanced.split(".")
+    return (len(parts) == 3 and parts[0] in ("2", "4", "5")
+            and all(p.isdigit() and 1 <= len(p) <= 3 for p in parts[1:]))
 
 
 _current = Instruments(False)

@@ -22,7 +22,7 @@ from typing import Any
 
 from empath import modules as hooks
 from empath import passwords
-from empath.observe import audit, metrics
+from empath.observe import audit, metrics, tracing
 from empath.smtp import capacity
 from empath.smtp import replies as R
 from empath.smtp import session as S
@@ -74,6 +74,7 @@ class SMTPProtocol(asyncio.Protocol):
         r = self.receiver
         peer = transport.get_extra_info("peername") or ("", 0)
         self.peer = (str(peer[0]), int(peer[1])) if len(peer) >= 2 else (str(peer), 0)
+        self.trace = tracing.session(self.peer[0], self.peer[1], self.listener)
         ip = self.peer[0]
         r.connections.add(self)
         total, from_ip, own = r.table.opened(ip)
@@ -138,6 +139,7 @@ class SMTPProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         _metrics.connections_active.dec()
+        self.trace.close()
         r = self.receiver
         if self in r.connections:
             r.connections.discard(self)
@@ -198,6 +200,7 @@ class SMTPProtocol(asyncio.Protocol):
         assert session is not None and session.envelope is not None
         r = self.receiver
         self.queue_id = new_message_id()
+        self.trace.message_started(self.queue_id)
         self.message = r.writer.begin(self.queue_id)
         if r.dedup is not None:
             self.digest, self.head = hashlib.sha256(), b""
@@ -250,6 +253,7 @@ class SMTPProtocol(asyncio.Protocol):
         else:
             message.abort()
         self.message = None
+        self.trace.message_done(message.size, None if reply is None else reply.code)
         if reply is None:
             log.info("%s: from=<%s> size=%d nrcpt=%d client=[%s]", self.queue_id,
                      envelope.sender, message.size, len(envelope.recipients), self.peer[0])
@@ -350,6 +354,7 @@ class SMTPProtocol(asyncio.Protocol):
             "received_at": time.time(),
             "metadata": self.hook_ctx.metadata,
             "priority": self.priority,
+            **self.trace.envelope_keys(),
         }
 
     async def _check(self, ev: S.Check) -> None:
@@ -392,6 +397,7 @@ class SMTPProtocol(asyncio.Protocol):
                 reply = None if ok else R.AUTH_FAILED
             if not ok and reply is R.AUTH_FAILED:
                 r.auth_failed(ip)
+                _metrics.auth_failures.inc()
                 log.warning("AUTH failed for user %r from [%s]", ev.user[:64], ip)
                 if r.auth_blocked(ip):
                     reply = R.AUTH_TOO_MANY.format(hostname=r.cfg.hostname)
@@ -512,6 +518,7 @@ async def serve(ctx: Any) -> None:
     global _metrics, _audit
     _metrics = metrics.init(ctx.config)
     _audit = audit.init(ctx.config)
+    tracing.init(ctx.config)
     receiver = Receiver(ctx)
     loop = asyncio.get_running_loop()
     receiver.writer = receiver.spool.open_receiver_writer()
@@ -550,6 +557,7 @@ async def serve(ctx: Any) -> None:
         receiver.writer.close()
         receiver.auth_pool.shutdown(wait=False)
         _metrics.stop_flushing()
+        tracing.shutdown()
 
 
 async def _sweep(receiver: Receiver) -> None:

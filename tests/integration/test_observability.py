@@ -12,7 +12,10 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
+import smtplib
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -21,11 +24,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
+from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
 from empath.observe.multiproc import default_dir
+from empath.passwords import set_password
 from empath.spool import Spool
+from tests.support.certs import make_ca, make_server_cert
 from tests.support.daemon import REPO, EmpathDaemon
+from tests.support.dnsserver import DNSServer
 from tests.support.fixtures import DaemonFactory
 from tests.support.sink import Behaviour, SinkServer
 
@@ -140,10 +148,14 @@ def ctl(d: EmpathDaemon, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def monotonic_counters(before: Samples, after: Samples) -> list[str]:
-    """Counter-like samples (totals, histogram buckets, counts, sums) that went backwards."""
+    """Counter-like samples (totals, histogram buckets, counts, sums) that went backwards.
+    ``process_*`` series are left out: they are each one process's own, and a respawned
+    process starts them again from zero (a counter reset, as Prometheus expects)."""
     worse = []
     for key, old in before.items():
         name = key[0]
+        if name.startswith("process_"):
+            continue
         if name.endswith(("_total", "_bucket", "_count", "_sum")) and after.get(key, 0) < old:
             worse.append(f"{name}{dict(key[1])}: {old} -> {after.get(key)}")
     return worse
@@ -186,7 +198,8 @@ def test_metrics_audit_and_logs_tell_what_was_sent(daemon_factory: DaemonFactory
                      result="delivered") == 10
         assert value(m, "empath_delivery_domain_attempts_total", domain="other",
                      result="delivered") == 0
-        assert value(m, "empath_delivery_duration_seconds_count", transport="smtp") == 5
+        assert value(m, "empath_delivery_duration_seconds_count", transport="smtp",
+                     domain="example.net") == 5
         assert value(m, "empath_processes", kind="receiver") == 2
         assert value(m, "empath_processes", kind="delivery") == 1
         assert value(m, "empath_queue_messages", state="pending") == 0
@@ -402,3 +415,236 @@ def test_audit_records_of_deferral_expiry_bounce_notice_and_operators(
         assert all(r["operator"] for r in ops)
     finally:
         sink.stop()
+
+
+# -- per-destination delivery metrics, the dashboard and the alerting rules ----------------
+CONTRIB = REPO / "contrib"
+METRIC_NAME = re.compile(r"\b((?:empath|process)_[a-z0-9_]+)\b")
+ZONE = {"ok.test": {"MX": [(10, "mx.ok.test")]}, "mx.ok.test": {"A": ["127.0.0.1"]},
+        "strict.test": {"MX": [(10, "mx.strict.test")]}, "mx.strict.test": {"A": ["127.0.0.1"]},
+        "probe.test": {"A": ["127.0.0.1"]}}
+
+
+def contrib_metric_names() -> dict[str, set[str]]:
+    """Every metric name the dashboard's queries and the alerting rules use, by file."""
+    dashboard = json.loads((CONTRIB / "grafana" / "empath-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    rules = yaml.safe_load((CONTRIB / "prometheus" / "empath-alerts.yml").read_text())
+    alerts = [r["expr"] for g in rules["groups"] for r in g["rules"]]
+    return {"dashboard": {n for e in exprs for n in METRIC_NAME.findall(e)},
+            "rules": {n for e in alerts for n in METRIC_NAME.findall(e)}}
+
+
+def test_delivery_metrics_by_destination_reply_reason_and_tls(daemon_factory: DaemonFactory,
+                                                              tmp_path: Path) -> None:
+    ca = make_ca(tmp_path / "certs")
+    mx = make_server_cert(tmp_path / "certs", ca, "mx.ok.test", ips=["127.0.0.1"])
+    own = make_server_cert(tmp_path / "certs", ca, "test.empath", ips=["127.0.0.1"])
+    sink = SinkServer(Behaviour(tls_cert=mx.cert_path, tls_key=mx.key_path, rcpt_replies={
+        "later@ok.test": (451, "4.2.1 mailbox busy"),
+        "gone@ok.test": (550, "5.1.1 no such user")})).start()
+    dns = DNSServer(ZONE).start()
+    try:
+        d = observed(daemon_factory, relay_domains=["ok.test", "strict.test"],
+                     processes={"receivers": 1, "delivery": 1},
+                     listeners=[{"address": "127.0.0.1:0",
+                                 "tls": {"cert": own.cert_path, "key": own.key_path}}],
+                     delivery={"port": sink.port, "queue_scan_interval": "0.2s",
+                               "retry_base_delay": "1h", "retry_max_delay": "1h",
+                               "dns": {"resolver": f"127.0.0.1:{dns.port}", "timeout": "2s"},
+                               "tls": {"ca_file": ca.cert_path},
+                               "connection_reuse": {"max_idle": "10s"},
+                               # mx.strict.test's certificate names mx.ok.test: no TLS.
+                               "domains": {"strict.test": {"tls": "required"}}})
+        with d.smtp() as client:  # one inbound TLS session, for the inbound TLS series
+            client.starttls(context=ssl.create_default_context(cafile=ca.cert_path))
+            assert client.ehlo("client.test")[0] == 250
+        send(d, "alice@localhost", ["ann@ok.test", "later@ok.test", "gone@ok.test"],
+             message(1, 300))
+        send(d, "alice@localhost", ["x@strict.test"], message(2, 300))
+        sink.wait_for_messages(1, timeout=WAIT)
+        m = scrape_when(
+            d, "one delivery, two deferrals, a bounce, a TLS failure",
+            empath_delivery_deferrals_total__reason_is_mailbox=1,
+            empath_delivery_deferrals_total__reason_is_policy=1,
+            empath_delivery_bounces_total__reason_is_address=1,
+            empath_tls_failures_out_total__reason_is_certificate=1,
+            **{"empath_delivery_active_connections__server_is_mx.ok.test": 1})
+        # Per destination domain: one route (one delivery) each, whatever its result.
+        for domain in ("ok.test", "strict.test"):
+            assert value(m, "empath_delivery_duration_seconds_count", transport="smtp",
+                         domain=domain) == 1, domain
+            assert value(m, "empath_delivery_duration_seconds_bucket", transport="smtp",
+                         domain=domain, le="+Inf") == 1
+        assert value(m, "empath_delivery_domain_attempts_total", domain="ok.test",
+                     result="delivered") == 1
+        # Replies of the destination server, by code and enhanced code; errors by code.
+        replies = {(dict(k[1])["code"], dict(k[1])["enhanced"]): v for k, v in m.items()
+                   if k[0] == "empath_delivery_replies_total" and v}
+        assert replies[("451", "4.2.1")] == 1 and replies[("550", "5.1.1")] == 1
+        assert replies[("250", "2.1.5")] == 1  # ann's RCPT
+        assert replies[("220", "")] == 2  # both greetings
+        assert value(m, "empath_smtp_errors_total", code="451") == 1
+        assert value(m, "empath_smtp_errors_total", code="550") == 1
+        assert not any(k[0] == "empath_smtp_errors_total" and dict(k[1])["code"] < "400" and v
+                       for k, v in m.items())
+        # Reasons: 4.2.1 mailbox, 4.7.5 (TLS required, certificate refused) policy, 5.1.1
+        # address; nothing else.
+        for name, reason, want in (("deferrals", "mailbox", 1), ("deferrals", "policy", 1),
+                                   ("deferrals", "network", 0), ("bounces", "address", 1),
+                                   ("bounces", "expired", 0)):
+            assert value(m, f"empath_delivery_{name}_total", reason=reason) == want
+        assert value(m, "empath_tls_failures_out_total", reason="handshake") == 0
+        assert value(m, "empath_tls_sessions_out_total", version="TLSv1.3") >= 1
+        assert value(m, "empath_dns_lookup_seconds_count", type="MX") == 2
+        assert value(m, "empath_dns_lookup_seconds_count", type="A") >= 2
+        assert value(m, "empath_delivery_active_connections", server="mx.strict.test") == 0
+        # The standard process series, for every process.
+        for kind in ("master", "receiver", "delivery", "admin"):
+            index = "0" if kind == "master" else "1"
+            assert value(m, "process_resident_memory_bytes", kind=kind, index=index) > 0, kind
+            assert value(m, "process_open_fds", kind=kind, index=index) > 0, kind
+        not_after = x509.load_pem_x509_certificate(Path(own.cert_path).read_bytes())
+        assert value(m, "empath_tls_certificate_expiry_seconds", listener="127.0.0.1:0",
+                     path=own.cert_path) == not_after.not_valid_after_utc.timestamp()
+
+        # Every metric the dashboard and the alerting rules name is in this live scrape.
+        live = {name for name, _ in m}
+        for where, names in contrib_metric_names().items():
+            assert names and not names - live, (where, sorted(names - live))
+
+        # The idle connection closes after max_idle: the gauge comes back to 0.
+        scrape_when(d, "the idle connection closed",
+                    **{"empath_delivery_active_connections__server_is_mx.ok.test": 0})
+    finally:
+        sink.stop()
+        dns.stop()
+
+
+def test_auth_failures_are_counted(daemon_factory: DaemonFactory, tmp_path: Path) -> None:
+    ca = make_ca(tmp_path / "pki")
+    server = make_server_cert(tmp_path / "pki", ca, "test.empath", ips=["127.0.0.1"])
+    pwfile = tmp_path / "passwd"
+    set_password(str(pwfile), "alice", "correct horse")
+    d = observed(daemon_factory, listeners=[{
+        "address": "127.0.0.1:0", "mode": "submission",
+        "tls": {"cert": server.cert_path, "key": server.key_path}}],
+        smtp={"auth": {"password_file": str(pwfile)}})
+    client = ssl.create_default_context(cafile=ca.cert_path)
+    client.check_hostname = False
+    codes = []
+    for password in ("wrong", "also wrong", "correct horse"):
+        with d.smtp() as s:
+            s.starttls(context=client)
+            s.ehlo("c")
+            s.user, s.password = "alice", password
+            try:
+                codes.append(s.auth("PLAIN", s.auth_plain)[0])
+            except smtplib.SMTPAuthenticationError as exc:
+                codes.append(exc.smtp_code)
+    assert codes == [535, 535, 235]
+    m = scrape_when(d, "two AUTH failures", empath_smtp_auth_failures_total=2)
+    assert value(m, "empath_smtp_auth_failures_total") == 2
+
+
+def test_promtool_accepts_the_rules_and_their_tests() -> None:
+    if shutil.which("promtool") is None:
+        pytest.fail("promtool is missing: run tools/install-test-deps (Debian's prometheus)")
+    rules = CONTRIB / "prometheus"
+    checked = subprocess.run(["promtool", "check", "rules", "empath-alerts.yml"], cwd=rules,
+                             capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "SUCCESS: 5 rules found" in checked.stdout
+    tested = subprocess.run(["promtool", "test", "rules", "empath-alerts.test.yml"],
+                            cwd=rules, capture_output=True, text=True, timeout=60)
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    # One runbook per alert, where each rule's annotation points.
+    operations = (REPO / "docs" / "OPERATIONS.md").read_text()
+    doc = yaml.safe_load((rules / "empath-alerts.yml").read_text())
+    for rule in doc["groups"][0]["rules"]:
+        anchor = rule["annotations"]["runbook"].split("#", 1)[1]
+        assert f'<a id="{anchor}"></a>' in operations, anchor
+
+
+def test_the_dashboard_is_importable_grafana_json() -> None:
+    dashboard = json.loads((CONTRIB / "grafana" / "empath-dashboard.json").read_text())
+    assert dashboard["uid"] and dashboard["title"] == "Empath" and "id" not in dashboard
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    titles = " ".join(p["title"] for p in dashboard["panels"]).lower()
+    for topic in ("messages in and out", "queue by state", "oldest", "latency percentiles",
+                  "deferrals", "per destination", "circuit breakers", "tls"):
+        assert topic in titles, topic
+    for panel in dashboard["panels"]:
+        if panel["type"] == "row":
+            continue
+        assert panel["datasource"]["uid"] == "${datasource}" and panel["targets"]
+        for target in panel["targets"]:
+            assert target["expr"].count("(") == target["expr"].count(")"), target["expr"]
+
+
+# -- health: the delivery success rate and the DNS probe --------------------------------------
+def ready_body(d: EmpathDaemon) -> tuple[int, dict[str, Any]]:
+    code, body = http_get(admin_url(d, "health", "/health/ready"))
+    return code, json.loads(body)
+
+
+def test_ready_turns_red_on_a_failing_success_rate_then_green(
+        daemon_factory: DaemonFactory) -> None:
+    sink = SinkServer(Behaviour(rcpt_default=(451, "4.3.0 try again later"))).start()
+    try:
+        d = observed(daemon_factory, relay_domains=["example.net"], metrics={"listen_addr": None},
+                     health={"min_delivery_success_rate": 0.5, "delivery_window": "10s",
+                             "min_delivery_attempts": 3},
+                     delivery={"smarthost": f"127.0.0.1:{sink.port}",
+                               "queue_scan_interval": "0.2s", "retry_base_delay": "1s",
+                               "retry_max_delay": "1s", "retry_jitter_factor": 0})
+        assert http_get(admin_url(d, "health", "/health"))[0] == 200  # the alias of live
+        code, body = ready_body(d)
+        assert code == 200 and "too few" in body["checks"]["delivery_rate"]["detail"]
+        for i in range(3):
+            send(d, "a@localhost", [f"r{i}@example.net"], message(i, 200))
+        code, body = d.wait_for(lambda: (r := ready_body(d))[0] == 503 and r, WAIT,
+                                "not ready: deliveries failing")
+        assert body["failed"] == ["delivery_rate"], body
+        assert "below 50.0%" in body["checks"]["delivery_rate"]["detail"]
+        code, detailed = http_get(admin_url(d, "health", "/health/detailed"))
+        figures = json.loads(detailed)["deliveries"]
+        assert code == 503 and figures["success_rate"] == 0.0
+        assert figures["not_delivered"] >= 3 and figures["threshold"] == 0.5
+
+        sink.behaviour = Behaviour()  # the destination accepts again
+        sink.wait_for_messages(3, timeout=WAIT)
+        code, body = d.wait_for(lambda: (r := ready_body(d))[0] == 200 and r, WAIT,
+                                "ready again once the failures left the window")
+        assert body["checks"]["delivery_rate"]["ok"]
+        figures = json.loads(http_get(admin_url(d, "health", "/health/detailed"))[1])[
+            "deliveries"]
+        assert figures["success_rate"] in (None, 1.0) or figures["success_rate"] >= 0.5
+    finally:
+        sink.stop()
+
+
+def test_ready_turns_red_while_the_resolver_is_silent(daemon_factory: DaemonFactory) -> None:
+    dns = DNSServer(ZONE).start()
+    try:
+        d = observed(daemon_factory, metrics={"listen_addr": None},
+                     health={"dns_probe_name": "probe.test", "dns_probe_interval": "0.3s",
+                             "dns_probe_timeout": "0.5s"},
+                     delivery={"dns": {"resolver": f"127.0.0.1:{dns.port}"}})
+        code, body = d.wait_for(lambda: (r := ready_body(d))[0] == 200
+                                and "answered" in r[1]["checks"]["dns"]["detail"] and r,
+                                WAIT, "the first probe answered")
+        assert dns.count("probe.test", "A") >= 1
+        dns.silent.add("probe.test")
+        code, body = d.wait_for(lambda: (r := ready_body(d))[0] == 503 and r, WAIT,
+                                "not ready: the resolver is silent")
+        assert body["failed"] == ["dns"] and "no answer" in body["checks"]["dns"]["detail"]
+        dns.silent.discard("probe.test")
+        code, body = d.wait_for(lambda: (r := ready_body(d))[0] == 200 and r, WAIT,
+                                "ready once the resolver answers")
+        assert body["checks"]["dns"]["ok"]
+    finally:
+        dns.stop()

@@ -102,18 +102,25 @@ def test_3xx_to_mail_or_rcpt_defers(world: MailWorld, pipelining: bool,
 def test_a_stray_reply_after_the_dot_never_passes_for_the_next_delivery(
         world: MailWorld) -> None:
     """``250`` twice after the dot, then the connection would be reused: the first message
-    is delivered on its own reply; the stray one closes the connection, so the second
-    message goes over a new one and is delivered only once its data arrived."""
+    is delivered on its own reply. The stray one, sent in a write of its own, either arrives
+    while the connection is idle (it is closed; the second message goes over a new one and is
+    delivered once its data arrived) or just after the reuse began (every later reply is one
+    step behind: a protocol error, so the second message is deferred with no data sent). Which
+    of the two is a race; a delivery recorded without its data is never one of them."""
     sink = sink_with(world, after_final=b"250 2.0.0 queued again\r\n")
     cfg = world.config(connection_reuse={"max_idle": "30s", "max_messages": 100})
     first, second = deliver_in_turn(world, cfg, [("example.test", MESSAGE),
                                           ("example.test", MESSAGE + b"second\r\n")])
     assert first["u@example.test"].status == DELIVERED
-    assert second["u@example.test"].status == DELIVERED
-    messages = sink.wait_for_messages(2)
-    assert [m.data for m in messages] == [MESSAGE, MESSAGE + b"second\r\n"]
-    assert len(sink.sessions) == 2  # never reused after the stray reply
-    assert "MAIL" not in [c.line[:4] for c in sink.sessions[0].commands[3:]]
+    outcome = second["u@example.test"]
+    if outcome.status == DELIVERED:
+        messages = sink.wait_for_messages(2)
+        assert [m.data for m in messages] == [MESSAGE, MESSAGE + b"second\r\n"]
+        assert len(sink.sessions) == 2  # never reused after the stray reply
+        assert "MAIL" not in [c.line[:4] for c in sink.sessions[0].commands[3:]]
+    else:
+        assert (outcome.status, outcome.enhanced) == (DEFERRED, "4.5.0")
+        assert [m.data for m in sink.messages] == [MESSAGE]
 
 
 def test_a_stray_reply_with_the_final_one_closes_the_connection(world: MailWorld) -> None:

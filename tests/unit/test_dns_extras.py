@@ -51,7 +51,9 @@ def test_lookup_times_and_cache_hits_are_measured(resolver: MXResolver,
     observed: list[float] = []
     hits: list[float] = []
     instruments = metrics.Instruments(False)  # every other instrument a no-op
-    instruments.dns_duration = SimpleNamespace(observe=observed.append)
+    types: list[str] = []
+    instruments.dns_duration = SimpleNamespace(labels=lambda t: types.append(t) or SimpleNamespace(
+        observe=observed.append))
     instruments.dns_cache_hits = SimpleNamespace(inc=lambda amount=1.0: hits.append(amount))
     monkeypatch.setattr(metrics, "_current", instruments)
 
@@ -60,5 +62,5 @@ def test_lookup_times_and_cache_hits_are_measured(resolver: MXResolver,
             await resolver.lookup_mx("example.test")
 
     uvloop.run(go())
-    assert len(observed) == 1 and 0 <= observed[0] < 1.0
+    assert len(observed) == 1 and 0 <= observed[0] < 1.0 and types == ["MX"]
     assert hits == [1.0, 1.0]
