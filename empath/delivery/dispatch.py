@@ -6,6 +6,10 @@ fsyncs); a domain whose ``delivery.domains.<domain>.strategy`` is ``webhook`` go
 (``webhook.py``); every other domain goes to the SMTP transport; all groups concurrently. The
 result is one RecipientOutcome per recipient plus one route record per group for the attempt
 history. A transport that fails unexpectedly defers its recipients; it never fails them.
+
+Each group counts as running on the task's ``limits.Ticket`` (the worker reads from it whether
+the message only waits for destination limits), and ``on_done`` hears each group's outcomes as
+soon as that group finishes, so the worker records them while other groups still run.
 """
 
 from __future__ import annotations
@@ -14,15 +18,20 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from empath.config.types import normalize_domain
-from empath.delivery import local
+from empath.delivery import limits, local
 from empath.delivery.errors import LocalSystemError
 from empath.delivery.state import RecipientOutcome
 from empath.spool import MessageSource
 
 log = logging.getLogger("empath.delivery")
+
+GroupResult = tuple[dict[str, RecipientOutcome], dict[str, Any]]
+# Called with one group's outcomes and route record, and whether other groups still run.
+OnGroupDone = Callable[[dict[str, RecipientOutcome], dict[str, Any], bool], Awaitable[None]]
 
 
 def recipient_domain(address: str) -> str:
@@ -81,12 +90,12 @@ class Dispatcher:
                 await self._webhook.close()
 
     async def deliver(self, envelope: dict[str, Any], recipients: list[dict[str, Any]],
-                      source: MessageSource
+                      source: MessageSource, on_done: OnGroupDone | None = None
                       ) -> tuple[dict[str, RecipientOutcome], list[dict[str, Any]]]:
         groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for rcpt in recipients:
             groups[recipient_domain(rcpt["address"])].append(rcpt)
-        jobs = []
+        jobs: list[Coroutine[Any, Any, GroupResult]] = []
         for domain, rcpts in groups.items():
             if domain in self.local_domains or domain == "":
                 if self.cfg.local_delivery.lmtp is not None:
@@ -98,9 +107,20 @@ class Dispatcher:
                                                               source))
             else:
                 jobs.append(self._remote_transport().deliver(domain, envelope, rcpts, source))
+        ticket = limits.current_ticket()
+        pending = [len(jobs)]
+
+        async def run(job: Coroutine[Any, Any, GroupResult]) -> GroupResult:
+            with ticket.run():
+                result, info = await job
+            pending[0] -= 1
+            if on_done is not None:
+                await on_done(result, info, pending[0] > 0)
+            return result, info
+
         outcomes: dict[str, RecipientOutcome] = {}
         infos: list[dict[str, Any]] = []
-        for result, info in await asyncio.gather(*jobs):
+        for result, info in await asyncio.gather(*(run(job) for job in jobs)):
             outcomes.update(result)
             infos.append(info)
         return outcomes, infos

@@ -107,15 +107,18 @@ def freeze(spool_path: Path) -> Path:
     return flag
 
 
-def send(daemon: EmpathDaemon, subject: str) -> str:
+def send(daemon: EmpathDaemon, subject: str,
+         recipients: tuple[str, ...] = ("rcpt@remote.test",),
+         sender: str = "sender@client.test") -> str:
     """Submit one message over SMTP and return its queue id (from the 250)."""
-    body = (f"From: <sender@client.test>\r\nTo: <rcpt@remote.test>\r\nSubject: {subject}\r\n"
+    body = (f"From: <sender@client.test>\r\nTo: <{recipients[0]}>\r\nSubject: {subject}\r\n"
             f"\r\nHello.\r\n").encode()
     with daemon.smtp() as client:
         client.ehlo("client.test")
-        client.mail("sender@client.test")
-        code, reply = client.rcpt("rcpt@remote.test")
-        assert code == 250, reply
+        client.mail(sender)
+        for rcpt in recipients:
+            code, reply = client.rcpt(rcpt)
+            assert code == 250, reply
         code, reply = client.data(body)
         assert code == 250, reply
     match = re.search(rb"queued as ([0-9A-Z]{26})", reply)

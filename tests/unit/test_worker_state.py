@@ -222,7 +222,8 @@ def test_a_notice_that_cannot_be_spooled_keeps_the_message(tmp_path: Path) -> No
     qid, path = _queue(worker)
     calls = []
 
-    async def fails(envelope: dict, rcpts: list, source: object) -> tuple[dict, list]:
+    async def fails(envelope: dict, rcpts: list, source: object,
+                    on_done: object = None) -> tuple[dict, list]:
         calls.append(1)
         return ({"u@b.example": RecipientOutcome("failed", 550, "5.1.1", "no", "mx.b")},
                 [{"domain": "b.example", "transport": "smtp"}])
@@ -265,7 +266,8 @@ def test_a_finished_message_that_cannot_be_removed_is_retried_without_redelivery
     qid, path = _queue(worker)
     calls = []
 
-    async def delivers(envelope: dict, rcpts: list, source: object) -> tuple[dict, list]:
+    async def delivers(envelope: dict, rcpts: list, source: object,
+                       on_done: object = None) -> tuple[dict, list]:
         calls.append(1)
         return ({"u@b.example": RecipientOutcome("delivered", 250, "2.0.0", "ok", "mx.b")},
                 [{"domain": "b.example", "transport": "smtp", "dsn": True}])
@@ -277,7 +279,7 @@ def test_a_finished_message_that_cannot_be_removed_is_retried_without_redelivery
         worker.dispatcher.deliver = delivers  # type: ignore[method-assign]
         worker.spool.retire = refused  # type: ignore[method-assign]
         await worker._process(qid, path)
-        assert list(worker._stranded) == [qid] and worker._stranded[qid][2] == "remove"
+        assert list(worker._stranded) == [qid] and qid not in worker._held
         # The final state was recorded: a restart would find nothing left to deliver.
         assert read_envelope(path)["recipients"][0]["status"] == "delivered"
         del worker.spool.retire
@@ -321,12 +323,11 @@ def test_a_backlog_is_listed_once_and_worked_through_in_order(
     listings = []
     real_list = worker.spool.list_ids
     monkeypatch.setattr(worker.spool, "list_ids",
-                        lambda state: listings.append(state) or real_list(state))
+                        lambda state, **kw: listings.append(state) or real_list(state, **kw))
     monkeypatch.setattr(worker_module, "LISTING_SHARE", 1e-6)  # relist only when allowed
     claimed: list[str] = []
 
-    def start(message_id: str, work: object) -> None:
-        work.close()  # type: ignore[attr-defined]
+    def start(message_id: str, work: object, ticket: object = None) -> None:
         claimed.append(message_id)
         worker.inflight[message_id] = None  # type: ignore[assignment]
 
