@@ -227,8 +227,7 @@ class DeliveryWorker:
 
     def _fill(self) -> None:
         if not self._spool_writable():
-            self._fill_stranded()
-            return
+            return  # held work is retried once a probe write succeeds
         if self._free() <= 0:
             self._fill_stranded()
             return
@@ -532,25 +531,29 @@ class DeliveryWorker:
         recipients = state.open_recipients(envelope)
         outcomes: dict[str, state.RecipientOutcome] = {}
         routes: list[dict[str, Any]] = []
-        unmarked: set[int] = set()  # delivered in this attempt, not in the file's marks
+        marked: set[int] = set()  # delivered in this attempt and marked done in the file
+        unmarked: set[int] = set()  # delivered in this attempt, not marked
         now = time.time()
         if recipients:  # none: a restart after every recipient closed (notices left to send)
             started = now
             opened = {id(r) for r in recipients}
 
+            def delivered(result: dict[str, state.RecipientOutcome]) -> set[int]:
+                return {i for i, r in enumerate(envelope["recipients"])
+                        if id(r) in opened and (o := result.get(r["address"])) is not None
+                        and o.status == state.DELIVERED}
+
             async def group_done(result: dict[str, state.RecipientOutcome],
                                  _info: dict[str, Any], others_running: bool) -> None:
-                done = [i for i, r in enumerate(envelope["recipients"])
-                        if id(r) in opened and (o := result.get(r["address"])) is not None
-                        and o.status == state.DELIVERED]
-                if not done:
-                    return
-                if not others_running or not await self._mark_delivered(
+                done = sorted(delivered(result))
+                # The last group needs no mark: the attempt is recorded right after it.
+                if done and others_running and await self._mark_delivered(
                         message_id, path, envelope, done):
-                    unmarked.update(done)  # the last group: recorded with the attempt
+                    marked.update(done)
 
             outcomes, routes = await self.dispatcher.deliver(envelope, recipients, source,
                                                              group_done)
+            unmarked = delivered(outcomes) - marked
             now = time.time()
             info = {"duration": round(now - started, 6), "routes": routes}
             state.record_attempt(envelope, outcomes, info, now)
@@ -564,9 +567,9 @@ class DeliveryWorker:
                                 {r["address"] for r in recipients}, routes)
         try:
             await self._conclude(message_id, path, envelope, source, decision, now)
-        except FileNotFoundError:
-            raise
         except Exception as exc:
+            if isinstance(exc, FileNotFoundError) and not os.path.exists(path):
+                raise  # removed by an operator: _process says so
             if unmarked and not await self._mark_delivered(message_id, path, envelope,
                                                            sorted(unmarked)):
                 self._hold(message_id, path, envelope, source, decision, now, exc)
@@ -715,14 +718,20 @@ class DeliveryWorker:
 
     async def _remove(self, message_id: str, path: str, envelope: dict[str, Any] | None,
                       why: str) -> None:
-        """Unlink a finished message, retrying; never let it be delivered twice."""
+        """Unlink a finished message, retrying; never let it be delivered twice.
+
+        When it stays, its final state is recorded (rewrite, else done marks in place) and
+        only the unlink is retried later; when even that fails the state is held in memory
+        (``envelope`` travels with the retry, and a stop tries it once more)."""
         for attempt in range(REMOVE_RETRIES):
             try:
                 self.spool.retire(path, None if envelope is None
                                   else envelope.get("data_size"))
                 log.info("%s: removed (%s)", message_id, why)
+                self._held.discard(message_id)
                 return
             except FileNotFoundError:
+                self._held.discard(message_id)
                 return
             except OSError as exc:
                 log.error("%s: cannot remove finished message (try %d): %s",
@@ -732,13 +741,23 @@ class DeliveryWorker:
                 await asyncio.sleep(0.2 * (attempt + 1))
         # Still there: record the final state so a restart finds nothing left to send, and
         # try the unlink (only the unlink) again later.
+        held = None
         if envelope is not None:
             try:
                 await asyncio.to_thread(self.spool.rewrite, path, envelope, None)
             except OSError as exc:
-                log.critical("%s: finished but neither removable nor rewritable: %s",
-                             message_id, exc)
-        self._strand(message_id, lambda: self._remove(message_id, path, None,
+                done = [i for i, r in enumerate(envelope["recipients"])
+                        if r.get("status") == state.DELIVERED]
+                if not done or not await self._mark_delivered(message_id, path, envelope,
+                                                              done):
+                    log.critical("%s: finished but neither removable nor recordable (%s); "
+                                 "its state is held in memory", message_id, exc)
+                    held = envelope
+        if held is not None:
+            self._held.add(message_id)
+        else:
+            self._held.discard(message_id)
+        self._strand(message_id, lambda: self._remove(message_id, path, held,
                                                       "finished earlier"))
 
 

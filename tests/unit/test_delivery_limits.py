@@ -95,6 +95,40 @@ def test_slots_hold_the_share_and_are_forgotten_when_unused(tmp_path: Path) -> N
     assert limits._slots == {} and limits._users == {}
 
 
+def test_a_ticket_counts_deliveries_that_wait_for_a_destination_slot(tmp_path: Path) -> None:
+    """A message whose only running destination delivery waits for a connection slot is
+    blocked; it is not while it holds the slot, nor while another of its groups runs."""
+    from empath.delivery import limits as limits_module
+
+    cfg = config(tmp_path, domains={"one.test": {"max_connections": 1}})
+    limits = DestinationLimits(cfg.delivery)
+    seen: list[tuple[str, bool]] = []
+
+    async def message(name: str, ticket: limits_module.Ticket, hold: asyncio.Event) -> None:
+        limits_module.track(ticket)
+        with ticket.run():
+            async with limits.slot("one.test"):
+                seen.append((name, ticket.blocked))
+                await hold.wait()
+
+    async def go() -> None:
+        first, second = limits_module.Ticket(), limits_module.Ticket()
+        hold = asyncio.Event()
+        a = asyncio.ensure_future(message("first", first, hold))
+        b = asyncio.ensure_future(message("second", second, hold))
+        await asyncio.sleep(0.01)
+        assert (first.blocked, second.blocked) == (False, True)
+        with second.run():  # another group of the second message runs: not blocked
+            assert not second.blocked
+        assert second.blocked
+        hold.set()
+        await asyncio.gather(a, b)
+        assert (first.running, first.waiting, second.running, second.waiting) == (0, 0, 0, 0)
+
+    asyncio.run(go())
+    assert seen == [("first", False), ("second", False)]
+
+
 # -- rate limiter ---------------------------------------------------------------------------
 def test_token_bucket_bursts_to_its_capacity_then_refills_at_the_rate() -> None:
     clock = Clock()

@@ -350,3 +350,53 @@ def test_a_backlog_is_listed_once_and_worked_through_in_order(
     worker._relist_at = 0.0
     worker._fill()
     assert claimed[-1] == late and listings == ["incoming", "incoming"]
+
+
+def test_an_outcome_that_cannot_be_recorded_is_held_and_never_delivered_again(
+        tmp_path: Path) -> None:
+    """One destination delivered, the other deferred, and the spool takes no writes: neither
+    the rewrite nor the done mark lands. The outcome stays in memory, the file stays claimed
+    (not set aside from its old envelope), and once writes work it is recorded without a
+    second delivery."""
+    worker = _worker(tmp_path)
+    qid, path = _queue(worker, recipients=[
+        {"address": "u@b.example", "orcpt": None, "notify": None},
+        {"address": "v@c.example", "orcpt": None, "notify": None}])
+    before = read_envelope(path)
+    calls = []
+
+    async def delivers(envelope: dict, rcpts: list, source: object,
+                       on_done: object = None) -> tuple[dict, list]:
+        calls.append([r["address"] for r in rcpts])
+        return ({"u@b.example": RecipientOutcome("delivered", 250, "2.0.0", "ok", "mx.b"),
+                 "v@c.example": RecipientOutcome("deferred", 451, "4.3.0", "later", "mx.c")},
+                [{"domain": "b.example", "transport": "smtp"},
+                 {"domain": "c.example", "transport": "smtp"}])
+
+    def read_only(*args: object, **kw: object) -> None:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    async def go() -> None:
+        worker.dispatcher.deliver = delivers  # type: ignore[method-assign]
+        worker.spool.rewrite = read_only  # type: ignore[method-assign]
+        worker.spool.mark_delivered = read_only  # type: ignore[method-assign]
+        worker.spool.probe_writable = read_only  # type: ignore[method-assign]
+        await worker._process(qid, path)
+        assert list(worker._stranded) == [qid] and worker._held == {qid}
+        assert worker._fault is not None  # claiming stopped
+        assert read_envelope(path) == before  # untouched, still claimed
+        assert worker.spool.list_ids("deferred") == []
+        worker._stranded[qid] = (0.0, worker._stranded[qid][1])
+        worker._fill()  # the probe still fails: nothing retried, nothing claimed
+        assert not worker.inflight
+        del worker.spool.rewrite, worker.spool.mark_delivered, worker.spool.probe_writable
+        worker._probe_at = 0.0
+        worker._fill()
+        await asyncio.gather(*worker.inflight.values())
+
+    asyncio.run(go())
+    assert calls == [["u@b.example", "v@c.example"]]  # one delivery, never repeated
+    assert worker._fault is None and not worker._held and not worker._stranded
+    env = read_envelope(worker.spool.path("deferred", qid))
+    assert [r["status"] for r in env["recipients"]] == ["delivered", "deferred"]
+    assert env["attempt_count"] == 1
