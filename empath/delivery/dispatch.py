@@ -111,11 +111,11 @@ class Dispatcher:
         pending = [len(jobs)]
 
         async def run(job: Coroutine[Any, Any, GroupResult]) -> GroupResult:
-            with ticket.run():
+            with ticket.run():  # running until its outcome is recorded
                 result, info = await job
-            pending[0] -= 1
-            if on_done is not None:
-                await on_done(result, info, pending[0] > 0)
+                pending[0] -= 1
+                if on_done is not None:
+                    await on_done(result, info, pending[0] > 0)
             return result, info
 
         outcomes: dict[str, RecipientOutcome] = {}

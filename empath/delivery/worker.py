@@ -84,6 +84,7 @@ class DeliveryWorker:
         self.prioritized = bool(self.cfg.priority.rules or self.cfg.smtp.modules)
         self.inflight: dict[str, asyncio.Task[None]] = {}
         self._blocked = 0  # inflight messages whose deliveries all wait for destinations
+        self._tickets: dict[str, limits.Ticket] = {}
         self.wake = asyncio.Event()
         self.rng = random.Random()
         self._foreign_seen: dict[str, float] = {}
@@ -161,6 +162,9 @@ class DeliveryWorker:
     async def _drain(self) -> None:
         """Let in-flight deliveries finish (the child enforces shutdown_timeout), try held
         state updates once more, then requeue."""
+        for message_id, ticket in list(self._tickets.items()):
+            if ticket.blocked:
+                self._cancel(message_id)
         if self.inflight:
             await asyncio.wait(list(self.inflight.values()))
         for message_id in [k for k in self._stranded if k in self._held]:
@@ -369,13 +373,15 @@ class DeliveryWorker:
 
     def _start(self, message_id: str, work: Work, ticket: limits.Ticket | None = None) -> None:
         if ticket is not None:
-            self._watch(ticket)
+            self._watch(message_id, ticket)
         task = asyncio.ensure_future(work())
         self.inflight[message_id] = task
         task.add_done_callback(lambda _t: self._finished(message_id))
 
-    def _watch(self, ticket: limits.Ticket) -> None:
-        """Keep ``_blocked`` right as the ticket's message starts and stops waiting."""
+    def _watch(self, message_id: str, ticket: limits.Ticket) -> None:
+        """Keep ``_blocked`` right as the ticket's message starts and stops waiting. While
+        stopping, a message that only waits is cancelled: it starts no new delivery, its
+        finished destinations are marked done, and the file is requeued."""
         was = [False]
 
         def changed() -> None:
@@ -385,8 +391,17 @@ class DeliveryWorker:
                 self._blocked += 1 if now else -1
                 if now:
                     self.wake.set()  # a delivery slot came free
+                    if self.ctx.stopping.is_set():
+                        self._cancel(message_id)
 
         ticket.on_change = changed
+        self._tickets[message_id] = ticket
+
+    def _cancel(self, message_id: str) -> None:
+        task = self.inflight.get(message_id)
+        if task is not None and not task.done():
+            log.info("%s: stopping while it waits for a destination; requeued", message_id)
+            task.cancel()
 
     # -- claims whose state update failed ---------------------------------------------------
     def _strand(self, message_id: str, work: Work) -> None:
@@ -438,6 +453,7 @@ class DeliveryWorker:
 
     def _finished(self, message_id: str) -> None:
         self.inflight.pop(message_id, None)
+        self._tickets.pop(message_id, None)
         self.wake.set()
 
     # -- one message ----------------------------------------------------------------------

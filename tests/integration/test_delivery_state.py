@@ -110,6 +110,10 @@ def test_a_destination_at_its_limit_does_not_delay_another_destination(
         "the healthy message waited for the stalled destination: "
         f"healthy {healthy.journal}, stalled {stall.journal}")
     assert stall.max_concurrent_sessions == 1  # the destination's limit still held
+    # Stopping now: the message still waiting for the connection is requeued at once
+    # instead of being started during the stop.
+    daemon.stop()
+    assert "stopping while it waits for a destination; requeued" in daemon.log_text()
 
 
 # -- B: per-recipient state survives a stop, a reload and a crash -----------------------------
