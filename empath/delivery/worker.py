@@ -119,12 +119,13 @@ class DeliveryWorker:
 
     # -- the loop -------------------------------------------------------------------------
     async def run(self) -> None:
-        os.makedirs(self.spool.active_dir(self.slot), mode=0o700, exist_ok=True)
-        listener = WakeListener(self.spool, self.wake.set, on_rescan=self._rescan_deferred)
+        listener: WakeListener | None = None
         interval = self.cfg.delivery.queue_scan_interval
         try:
             while not self.ctx.stopping.is_set():
                 self.wake.clear()
+                if listener is None and self._spool_writable():
+                    listener = self._listen()
                 self._check_clock()
                 if not self.spool.is_frozen():
                     self._fill()
@@ -142,9 +143,21 @@ class DeliveryWorker:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake_or_stop(), timeout)
         finally:
-            listener.close()
+            if listener is not None:
+                listener.close()
             await self._drain()
             await self.dispatcher.close()
+
+    def _listen(self) -> WakeListener | None:
+        """This worker's claim directory and wake socket; None (and the spool fault mode,
+        which retries this) when the spool refuses them: a worker started on a read-only
+        spool waits for it instead of exiting and being restarted in a loop."""
+        try:
+            os.makedirs(self.spool.active_dir(self.slot), mode=0o700, exist_ok=True)
+            return WakeListener(self.spool, self.wake.set, on_rescan=self._rescan_deferred)
+        except OSError as exc:
+            self._spool_fault(f"cannot set up this worker in the spool: {exc}")
+            return None
 
     def _rescan_deferred(self) -> None:
         """An operator made deferred messages due (empathctl queue retry/flush)."""

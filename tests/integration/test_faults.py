@@ -23,6 +23,7 @@ import contextlib
 import errno
 import os
 import re
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -410,3 +411,30 @@ def test_a_read_only_spool_holds_the_outcome_and_recovers_without_a_restart(
     daemon.wait_for(lambda: delivered(sink, "after") and not queued(spool), WAIT,
                     message="delivery after the spool recovered")
     assert len(delivered(sink, "read-only")) == 1
+
+
+def test_a_delivery_worker_started_on_a_read_only_spool_waits_instead_of_crash_looping(
+        daemon_factory: DaemonFactory, sink: SinkServer, mounts: Mounts,
+        tmp_path: Path) -> None:
+    fs = mounts.tmpfs(tmp_path / "spoolfs", size="16m")
+    spool_path = fs / "spool"
+    daemon = daemon_factory(overrides(sink, spool_path))
+    spool = Spool(str(spool_path))
+    [first] = daemon.child_pids("delivery")
+    remount(fs, "ro")
+    try:
+        os.kill(first, signal.SIGKILL)  # the master starts a new worker, on a read-only spool
+        daemon.wait_for(lambda: daemon.child_pids("delivery") not in ([], [first]), WAIT,
+                        message="a new delivery worker")
+        [second] = daemon.child_pids("delivery")
+        daemon.wait_for(lambda: "cannot set up this worker in the spool" in daemon.log_text(),
+                        WAIT, message="the worker noticing the read-only spool")
+        time.sleep(2.0)  # room for a crash loop to show: several restarts at 0.25 s, 0.5 s...
+        assert daemon.child_pids("delivery") == [second]
+        assert "delivery 1/1 crashed" not in daemon.log_text()
+    finally:
+        remount(fs, "rw")
+    send(daemon, "after read-only start")
+    daemon.wait_for(lambda: delivered(sink, "after read-only start") and not queued(spool),
+                    WAIT, message="delivery once the spool is writable")
+    assert daemon.child_pids("delivery") == [second]
