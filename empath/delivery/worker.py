@@ -66,6 +66,7 @@ REMOVE_RETRIES = 5
 # the delivering ones (Postfix keeps up to qmgr_message_active_limit in its active queue).
 WAITING_PER_SLOT = 10
 FAULT_PROBE_INTERVAL = 1.0  # seconds between probes of a spool that refused a write
+FAILED_SWEEP_MAX = 60.0  # seconds between two sweeps of failed/ at most
 CLOCK_JUMP = 5.0  # a wall-clock step (against the monotonic clock) beyond this is a jump
 Work = Callable[[], Coroutine[Any, Any, None]]
 
@@ -303,6 +304,7 @@ class DeliveryWorker:
         now = time.time()
         if time.monotonic() >= self._next_deferred_scan:
             self._scan_deferred(now)
+        if time.monotonic() >= self._next_failed_sweep:
             self._sweep_failed(now)
         while self._due and self._due[0][0] <= now and self._free() > 0:
             _, message_id = heapq.heappop(self._due)
@@ -338,6 +340,10 @@ class DeliveryWorker:
         """Drop double bounces (failed/, null sender) of this shard older than
         delivery.failed_retention (a file's mtime there is when it failed)."""
         retention = self.cfg.delivery.failed_retention
+        # Listing failed/ costs a stat per file: at most every tenth of the retention (and
+        # every scan interval, at most a minute apart).
+        every = min(FAILED_SWEEP_MAX, max(self.cfg.delivery.queue_scan_interval, retention / 10))
+        self._next_failed_sweep = time.monotonic() + every
         for message_id, mtime in self.spool.list_with_mtimes("failed"):
             if not self._own(message_id) or mtime + retention > now:
                 continue

@@ -179,11 +179,11 @@ def test_a_double_bounce_is_kept_for_failed_retention_then_dropped_with_an_audit
     assert spool.list_ids("incoming") == []  # no notice about a notice
 
 
-def test_a_double_bounce_is_dropped_at_once_by_default(
+def test_a_double_bounce_is_dropped_at_once_with_no_retention(
         daemon_factory: DaemonFactory, sinks: tuple[SinkServer, SinkServer]) -> None:
     stall, healthy = sinks
     healthy.behaviour = Behaviour(rcpt_default=(550, "5.1.1 no such user"))
-    daemon = daemon_factory(config(stall, healthy))
+    daemon = daemon_factory(config(stall, healthy, failed_retention=0))
     spool = Spool(str(daemon.spool_path))
     queue_id = send(daemon, "double bounce", [f"gone@{HEALTHY}"], sender="")
     daemon.wait_for(lambda: any(r["event"] == "dropped" for r in audit(daemon)), WAIT,
