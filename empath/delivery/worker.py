@@ -184,6 +184,9 @@ class DeliveryWorker:
         for message_id in [k for k in self._stranded if k in self._held]:
             _, work = self._stranded.pop(message_id)
             await work()  # only held outcomes: nothing is delivered again while stopping
+        for message_id in self._held:
+            log.critical("%s: stopping with its delivery outcome still unrecorded (the spool "
+                         "refuses writes); recipients it reached may get it again", message_id)
         try:
             self.spool.recover_active(self.slot)
         except OSError as exc:
