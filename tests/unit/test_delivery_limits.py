@@ -4,6 +4,7 @@ a fake clock; no sockets."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +161,32 @@ def test_pace_divides_the_rate_among_workers(tmp_path: Path) -> None:
     bucket = limits._rates["example.test"]
     assert bucket.rate == pytest.approx(40 / 60) and bucket.capacity == pytest.approx(40)
     assert DestinationLimits(config(tmp_path).delivery)._rates == {}
+
+
+def test_waiting_for_a_rate_token_blocks_the_ticket(tmp_path: Path) -> None:
+    from empath.delivery import limits as limits_module
+
+    cfg = config(tmp_path, rate_limits={"default": 1})  # one a minute: the second waits
+    limits = DestinationLimits(cfg.delivery)
+    ticket = limits_module.Ticket()
+    states: list[bool] = []
+    ticket.on_change = lambda: states.append(ticket.blocked)
+
+    async def go() -> None:
+        limits_module.track(ticket)
+        with ticket.run():
+            await limits.pace("slow.test")  # the bucket's one token: no wait
+            assert not ticket.blocked
+            waiter = asyncio.ensure_future(limits.pace("slow.test"))
+            await asyncio.sleep(0.01)
+            assert ticket.blocked and ticket.waiting == 1
+            waiter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiter
+            assert not ticket.blocked and ticket.waiting == 0
+
+    asyncio.run(go())
+    assert states == [False, True, False, False]
 
 
 # -- circuit breaker -------------------------------------------------------------------------
