@@ -350,7 +350,14 @@ SCHEMA = Section("", "Empath configuration.", (
             "Send the sender one delay notice after this long (RFC 3461 NOTIFY=DELAY); "
             "0: never."),
         Key("max_parallel_deliveries", Int(1, 100000), 100,
-            "Messages in flight at once per delivery worker."),
+            "Messages in flight at once per delivery worker. A message that only waits for "
+            "a destination's connection slot or rate token holds none (up to 10 such "
+            "messages per slot are kept besides)."),
+        Key("failed_retention", Duration(0), 86400.0,
+            "How long an undeliverable message from the null sender (a bounce that could "
+            "not be delivered: a double bounce) is kept in failed/ for an operator before it "
+            "is dropped with a log line and an audit record ('dropped'); 0: dropped at once. "
+            "Bounds how much backscatter the spool can hold to this much time's worth."),
         Key("queue_scan_interval", Duration(0.1), 10.0,
             "How often workers rescan the spool (they are also woken on each new message)."),
         Key("smarthost", HostPort(default_port=25), None,

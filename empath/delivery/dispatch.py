@@ -7,6 +7,10 @@ path to that class; every other domain to SMTP; all groups concurrently. The res
 RecipientOutcome per recipient plus one route record per group for the attempt history.
 Whatever a strategy does (raises, hangs past its ``strategy_timeout``, leaves a recipient
 out) defers its recipients: it never fails them and never loses them.
+
+Each group counts as running on the task's ``limits.Ticket`` (the worker reads from it whether
+the message only waits for destination limits), and ``on_done`` hears each group's outcomes as
+soon as that group finishes, so the worker records them while other groups still run.
 """
 
 from __future__ import annotations
@@ -15,9 +19,11 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from empath.config.types import normalize_domain
+from empath.delivery import limits
 from empath.delivery.errors import LocalSystemError
 from empath.delivery.state import RecipientOutcome
 from empath.delivery.strategies import (
@@ -32,6 +38,8 @@ from empath.spool import MessageSource
 log = logging.getLogger("empath.delivery")
 
 DEFAULT_STRATEGY_TIMEOUT = 600.0  # seconds, for a domain without delivery.domains settings
+# Called with one group's outcomes and route record, and whether other groups still run.
+OnGroupDone = Callable[[dict[str, RecipientOutcome], dict[str, Any], bool], Awaitable[None]]
 
 
 def recipient_domain(address: str) -> str:
@@ -99,17 +107,27 @@ class Dispatcher:
                 log.exception("closing delivery strategy %s failed", strategy.name)
 
     async def deliver(self, envelope: dict[str, Any], recipients: list[dict[str, Any]],
-                      source: MessageSource, next_hops: dict[str, str] | None = None
+                      source: MessageSource, next_hops: dict[str, str] | None = None,
+                      on_done: OnGroupDone | None = None
                       ) -> tuple[dict[str, RecipientOutcome], list[dict[str, Any]]]:
         groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for rcpt in recipients:
             groups[recipient_domain(rcpt["address"])].append(rcpt)
         attempt = int(envelope.get("attempt_count") or 0) + 1
-        jobs = []
-        for domain, rcpts in groups.items():
-            request = DeliveryRequest(domain, envelope, rcpts, source, attempt,
-                                      (next_hops or {}).get(domain))
-            jobs.append(self._run(domain, request))
+        ticket = limits.current_ticket()
+        pending = [len(groups)]
+
+        async def run(domain: str, request: DeliveryRequest) -> DeliveryResult:
+            with ticket.run():  # running until its outcome is recorded
+                result = await self._run(domain, request)
+                pending[0] -= 1
+                if on_done is not None:
+                    await on_done(result.outcomes, result.route, pending[0] > 0)
+            return result
+
+        jobs = [run(domain, DeliveryRequest(domain, envelope, rcpts, source, attempt,
+                                            (next_hops or {}).get(domain)))
+                for domain, rcpts in groups.items()]
         outcomes: dict[str, RecipientOutcome] = {}
         infos: list[dict[str, Any]] = []
         for result in await asyncio.gather(*jobs):

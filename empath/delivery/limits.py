@@ -23,20 +23,87 @@ worker's share only. Waiting for a token is counted in ``empath_rate_limit_waits
 Within one worker the connection limit is an ``asyncio.Semaphore`` per domain, dropped once no
 delivery uses it; rate limiters are kept while they matter (see ``forget``). Never opens a
 connection and never touches the spool.
+
+Waiting is visible to the worker: a message's delivery task carries a ``Ticket`` (``track``),
+and ``slot`` and ``pace`` count on it the destination deliveries that wait for a connection slot
+or a rate token. A message whose running destination deliveries all wait holds no delivery slot
+(``delivery.max_parallel_deliveries``): the worker takes other mail meanwhile, so a destination
+at its limit never delays another destination's mail.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 from empath.observe import metrics
 
 RATE_LIMITERS_KEPT = 1000  # beyond this many, limiters with a full bucket are dropped
+
+
+class Ticket:
+    """One message's destination deliveries in a worker: how many run (``running``) and how
+    many of those wait for a destination's connection slot or rate token (``waiting``).
+    ``on_change`` is called whenever ``blocked`` may have changed."""
+
+    __slots__ = ("on_change", "running", "waiting")
+
+    def __init__(self, on_change: Callable[[], None] = lambda: None) -> None:
+        self.running = 0
+        self.waiting = 0
+        self.on_change = on_change
+
+    @property
+    def blocked(self) -> bool:
+        """Every running destination delivery of the message waits for a destination."""
+        return self.running > 0 and self.waiting >= self.running
+
+    def run(self) -> contextlib.AbstractContextManager[None]:
+        """Count one destination delivery as running while the block runs."""
+        return self._counting("running")
+
+    def wait(self) -> contextlib.AbstractContextManager[None]:
+        """Count one destination delivery as waiting while the block runs."""
+        return self._counting("waiting")
+
+    @contextmanager
+    def _counting(self, field: str) -> Iterator[None]:
+        setattr(self, field, getattr(self, field) + 1)
+        self.on_change()
+        try:
+            yield
+        finally:
+            setattr(self, field, getattr(self, field) - 1)
+            self.on_change()
+
+
+_TICKET: ContextVar[Ticket | None] = ContextVar("empath_delivery_ticket", default=None)
+
+
+def track(ticket: Ticket | None) -> None:
+    """Make ``ticket`` the current task's ticket (tasks it starts inherit it)."""
+    _TICKET.set(ticket)
+
+
+def current_ticket() -> Ticket:
+    """The current task's ticket, or a fresh one nobody looks at."""
+    return _TICKET.get() or Ticket()
+
+
+@contextmanager
+def _waiting() -> Iterator[None]:
+    ticket = _TICKET.get()
+    if ticket is None:
+        yield
+        return
+    with ticket.wait():
+        yield
 
 
 def share_of(total: int, index: int, count: int, key: str = "") -> int:
@@ -64,6 +131,11 @@ class RateLimiter:
         now = self.clock()
         self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
         self.updated = now
+
+    def ready(self) -> bool:
+        """Whether a token can be taken without waiting."""
+        self._refill()
+        return self.tokens >= 1.0
 
     def is_full(self) -> bool:
         self._refill()
@@ -122,8 +194,15 @@ class DestinationLimits:
             sem = self._slots.get(domain)
             if sem is None:
                 sem = self._slots[domain] = asyncio.Semaphore(self.connections(domain))
-            async with sem:
+            if sem.locked():  # all busy: this wait holds no delivery slot (Ticket)
+                with _waiting():
+                    await sem.acquire()
+            else:
+                await sem.acquire()
+            try:
                 yield
+            finally:
+                sem.release()
         finally:
             self._forget(domain)
 
@@ -136,8 +215,12 @@ class DestinationLimits:
                 return
             part = rate / self.count
             limiter = self._rates[domain] = RateLimiter(part, capacity=part)
-        if await limiter.acquire():
-            metrics.current().rate_limit_waits.inc()
+        if limiter.ready():
+            await limiter.acquire()
+            return
+        with _waiting():
+            await limiter.acquire()
+        metrics.current().rate_limit_waits.inc()
 
     def _forget(self, domain: str) -> None:
         """Drop a domain's semaphore once nobody uses it, and rate limiters back at full

@@ -40,12 +40,21 @@ class Decision:
     next_retry_at: float | None = None
 
 
-def envelope_problem(envelope: dict[str, Any]) -> str | None:
+_STATUSES = (PENDING, DELIVERED, DEFERRED, FAILED, EXPIRED)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def envelope_problem(envelope: dict[str, Any], data_length: int | None = None) -> str | None:
     """Why ``envelope`` cannot be delivered as it is (a damaged or foreign file), or None.
 
     read_queue_file only proves the file is complete and its envelope a JSON object with an
-    id; delivery also needs a sender and recipients, and without this check a file missing
-    them would fail every attempt forever instead of going to corrupt/.
+    id; delivery also needs a sender and recipients, and every value it reads and writes
+    back must have its type: without this check a file with a malformed value would fail
+    every attempt (or every state update) forever instead of going to corrupt/.
+    ``data_length``: the data length the file's trailer gives (``data_size`` must match).
     """
     if not isinstance(envelope.get("sender"), str):
         return "envelope has no sender"
@@ -57,9 +66,25 @@ def envelope_problem(envelope: dict[str, Any]) -> str | None:
             return "envelope has a recipient without an address"
         if rcpt.get("notify") is not None and not isinstance(rcpt["notify"], list):
             return "envelope has a malformed NOTIFY"
+        if rcpt.get("status", PENDING) not in _STATUSES:
+            return f"envelope has a recipient with an unknown status {rcpt.get('status')!r}"
+        if "attempts" in rcpt and (not isinstance(rcpt["attempts"], int)
+                                   or isinstance(rcpt["attempts"], bool)):
+            return "envelope has a recipient with a malformed attempt count"
+        if rcpt.get("last") is not None and not isinstance(rcpt["last"], dict):
+            return "envelope has a recipient with a malformed last result"
     for key in ("received_at", "attempt_count"):
-        if key in envelope and not isinstance(envelope[key], (int, float)):
+        if key in envelope and not _number(envelope[key]):
             return f"envelope has a malformed {key}"
+    if envelope.get("next_retry_at") is not None and not _number(envelope["next_retry_at"]):
+        return "envelope has a malformed next_retry_at"
+    if "data_size" in envelope:
+        size = envelope["data_size"]
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            return f"envelope has a malformed data_size {size!r}"
+        if data_length is not None and size != data_length:
+            return (f"envelope's data_size {size} differs from the file's data length "
+                    f"{data_length}")
     if not isinstance(envelope.get("params", {}), dict):
         return "envelope has malformed params"
     if not isinstance(envelope.get("attempts", []), list):

@@ -8,31 +8,51 @@ nothing for long. A lost race is an ENOENT and is normal.
 
 All state lives in the queue file: after an attempt the envelope is rewritten (tmp, fsync,
 rename over itself) and the file renamed on to ``deferred/`` while recipients are still open,
-unlinked once every recipient is closed, or kept in ``failed/`` when some failed and the
-sender is the null sender (nobody to tell). Delivery status notifications (``bounce.py``) are
-spooled as new messages before the envelope that records them is written or the message
-removed. A file that cannot be read, or whose envelope cannot be delivered, goes to
-``corrupt/``. This module never builds a spool path itself.
+unlinked once every recipient is closed, or, when some failed and the sender is the null
+sender (a double bounce: nobody to tell), dropped with an audit record after
+``delivery.failed_retention`` (kept in ``failed/`` until then). Delivery status
+notifications (``bounce.py``) are spooled as new messages before the envelope that records
+them is written or the message removed. A file that cannot be read, or whose envelope cannot
+be delivered, goes to ``corrupt/`` (log line and audit record). This module never builds a
+spool path itself.
+
+While other destinations of a message still run, each destination's delivered recipients are
+recorded at once in the queue file's done marks (one byte each, written in place: no new
+space), so a stop, reload or crash resends only to destinations that had not finished. When
+even that cannot be written (a read-only or failing spool) the outcome stays in memory, the
+message is held in this worker (never retried from an envelope that does not know what was
+delivered), claiming stops, and both resume once the spool takes writes again.
+
+A message whose running destination deliveries all wait for a destination's connection slot
+or rate token holds no delivery slot (``limits.Ticket``): up to ``WAITING_PER_SLOT`` such
+messages per slot are kept besides ``max_parallel_deliveries`` delivering ones.
+
+Timers run on the monotonic clock. Due times in ``deferred/`` are wall-clock mtimes: when the
+wall clock jumps back (against the monotonic clock) by more than ``CLOCK_JUMP``, the worker
+moves the due times of its shard's deferred files back by the jump, so the jump does not
+stall them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import heapq
 import logging
 import os
 import random
 import time
 import zlib
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
-from empath.delivery import bounce, state
-from empath.delivery.dispatch import Dispatcher
+from empath.delivery import bounce, limits, state
+from empath.delivery.dispatch import Dispatcher, OnGroupDone
 from empath.delivery.hooks import DeliveryHooks
 from empath.observe import audit, deliveries, metrics, tracing
 from empath.spool import CorruptFile, Spool, WakeListener, new_message_id, read_queue_file
+from empath.spool.layout import is_disk_full
 from empath.spool.submit import store_message
 
 log = logging.getLogger("empath.delivery")
@@ -43,6 +63,13 @@ FOREIGN_GRACE = 2.0  # seconds a file of another shard waits before this worker 
 # this share of its time listing (a backlog of 800,000 files takes about a second to list).
 LISTING_SHARE = 0.1
 REMOVE_RETRIES = 5
+# Messages that only wait for destination limits, per delivery slot, kept claimed besides
+# the delivering ones (Postfix keeps up to qmgr_message_active_limit in its active queue).
+WAITING_PER_SLOT = 10
+FAULT_PROBE_INTERVAL = 1.0  # seconds between probes of a spool that refused a write
+FAILED_SWEEP_MAX = 60.0  # seconds between two sweeps of failed/ at most
+CLOCK_JUMP = 5.0  # a wall-clock step (against the monotonic clock) beyond this is a jump
+Work = Callable[[], Coroutine[Any, Any, None]]
 
 
 class DeliveryWorker:
@@ -58,6 +85,8 @@ class DeliveryWorker:
         # the order of the files' mtimes, which the receiver moved by priority x step.
         self.prioritized = bool(self.cfg.priority.rules or self.cfg.smtp.modules)
         self.inflight: dict[str, asyncio.Task[None]] = {}
+        self._blocked = 0  # inflight messages whose deliveries all wait for destinations
+        self._tickets: dict[str, limits.Ticket] = {}
         self.wake = asyncio.Event()
         self.rng = random.Random()
         self._foreign_seen: dict[str, float] = {}
@@ -67,14 +96,21 @@ class DeliveryWorker:
         self._relist_at = 0.0  # monotonic time before which incoming/ is not listed again
         self._due: list[tuple[float, str]] = []  # heap of (due time, id) from the last scan
         # Claims whose state update failed (a rename or unlink the file system refused):
-        # id -> (retry at, path in active/<pid>/, what to retry). See _strand.
-        self._stranded: dict[str, tuple[float, str, str]] = {}
+        # id -> (monotonic retry time, the work that retries it). See _strand.
+        self._stranded: dict[str, tuple[float, Work]] = {}
+        # Why the spool refused a write (claiming stops until a probe succeeds), or None.
+        self._fault: str | None = None
+        self._probe_at = 0.0
+        self._clock_offset = time.time() - time.monotonic()
+        self._strays_seen: set[str] = set()
+        self._held: set[str] = set()  # stranded ids whose outcome is held in memory
+        self._next_failed_sweep = 0.0
         d = self.cfg.delivery
         # No due time this worker sets lies further ahead than this (state.decide caps the
         # delay at retry_max_delay, jitter included); one that does was set by a clock that
         # has since moved back, and counts as due now.
         self.horizon: float = d.retry_max_delay * (1 + d.retry_jitter_factor) + 1.0
-        self._next_deferred_scan = 0.0
+        self._next_deferred_scan = 0.0  # monotonic
         # Per-destination limits are divided among the workers (limits.py): pass our share.
         self.dispatcher = Dispatcher(self.cfg, share=(ctx.index, ctx.count))
         self.hooks = DeliveryHooks.load(self.cfg)
@@ -86,28 +122,45 @@ class DeliveryWorker:
 
     # -- the loop -------------------------------------------------------------------------
     async def run(self) -> None:
-        os.makedirs(self.spool.active_dir(self.slot), mode=0o700, exist_ok=True)
-        listener = WakeListener(self.spool, self.wake.set, on_rescan=self._rescan_deferred)
+        listener: WakeListener | None = None
         interval = self.cfg.delivery.queue_scan_interval
         try:
             while not self.ctx.stopping.is_set():
                 self.wake.clear()
+                if listener is None and self._spool_writable():
+                    listener = self._listen()
+                self._check_clock()
                 if not self.spool.is_frozen():
                     self._fill()
                 timeout = interval
-                nexts = [due for due, _, _ in self._stranded.values()]
-                if self._free() > 0 and self._relist_at > time.monotonic():
-                    nexts.append(time.time() + self._relist_at - time.monotonic())
+                now_mono = time.monotonic()
+                nexts = [due for due, _ in self._stranded.values()]
+                if self._free() > 0 and self._relist_at > now_mono:
+                    nexts.append(self._relist_at)
+                if self._fault is not None:
+                    nexts.append(self._probe_at)
                 if self._due:
-                    nexts.append(self._due[0][0])
+                    nexts.append(now_mono + self._due[0][0] - time.time())
                 if nexts:
-                    timeout = max(0.05, min(interval, min(nexts) - time.time()))
+                    timeout = max(0.05, min(interval, min(nexts) - now_mono))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake_or_stop(), timeout)
         finally:
-            listener.close()
+            if listener is not None:
+                listener.close()
             await self._drain()
             await self.dispatcher.close()
+
+    def _listen(self) -> WakeListener | None:
+        """This worker's claim directory and wake socket; None (and the spool fault mode,
+        which retries this) when the spool refuses them: a worker started on a read-only
+        spool waits for it instead of exiting and being restarted in a loop."""
+        try:
+            os.makedirs(self.spool.active_dir(self.slot), mode=0o700, exist_ok=True)
+            return WakeListener(self.spool, self.wake.set, on_rescan=self._rescan_deferred)
+        except OSError as exc:
+            self._spool_fault(f"cannot set up this worker in the spool: {exc}")
+            return None
 
     def _rescan_deferred(self) -> None:
         """An operator made deferred messages due (empathctl queue retry/flush)."""
@@ -123,16 +176,83 @@ class DeliveryWorker:
             woke.cancel()
 
     async def _drain(self) -> None:
-        """Let in-flight deliveries finish (the child enforces shutdown_timeout), then requeue."""
+        """Let in-flight deliveries finish (the child enforces shutdown_timeout), try held
+        state updates once more, then requeue."""
+        for message_id, ticket in list(self._tickets.items()):
+            if ticket.blocked:
+                self._cancel(message_id)
         if self.inflight:
             await asyncio.wait(list(self.inflight.values()))
-        self.spool.recover_active(self.slot)
+        for message_id in [k for k in self._stranded if k in self._held]:
+            _, work = self._stranded.pop(message_id)
+            await work()  # only held outcomes: nothing is delivered again while stopping
+        for message_id in self._held:
+            log.critical("%s: stopping with its delivery outcome still unrecorded (the spool "
+                         "refuses writes); recipients it reached may get it again", message_id)
+        try:
+            self.spool.recover_active(self.slot)
+        except OSError as exc:
+            log.error("cannot requeue the claims of this worker: %s; they are requeued "
+                      "when the daemon next starts", exc)
 
     def _free(self) -> int:
-        return self.capacity - len(self.inflight)
+        """Delivery slots free: messages that only wait for destination limits hold none,
+        but no more than WAITING_PER_SLOT per slot of them are kept."""
+        busy = len(self.inflight) - self._blocked
+        kept = self.capacity * (1 + WAITING_PER_SLOT) - len(self.inflight)
+        return min(self.capacity - busy, kept)
+
+    # -- spool faults and clock jumps ---------------------------------------------------------
+    def _spool_fault(self, why: str) -> None:
+        """The spool refused a write: stop claiming until a probe write succeeds."""
+        if self._fault is None:
+            log.error("%s; claiming stops until the spool takes writes again", why)
+        self._fault = why
+        self._probe_at = time.monotonic() + FAULT_PROBE_INTERVAL
+
+    def _spool_writable(self) -> bool:
+        """False while the spool refuses writes (probed every FAULT_PROBE_INTERVAL)."""
+        if self._fault is None:
+            return True
+        now = time.monotonic()
+        if now < self._probe_at:
+            return False
+        self._probe_at = now + FAULT_PROBE_INTERVAL
+        try:
+            self.spool.probe_writable()
+        except OSError:
+            return False
+        log.warning("the spool takes writes again (it had refused: %s); claiming resumes",
+                    self._fault)
+        self._fault = None
+        self._stranded = {k: (now, work) for k, (_, work) in self._stranded.items()}
+        return True
+
+    def _check_clock(self) -> None:
+        """Detect a wall-clock jump against the monotonic clock; after a backward one, move
+        this shard's future due times back by the jump (they were set by the old clock)."""
+        offset = time.time() - time.monotonic()
+        jump = offset - self._clock_offset
+        if abs(jump) <= CLOCK_JUMP:
+            return
+        self._clock_offset = offset
+        log.warning("the wall clock jumped by %+.0fs; re-reading deferred due times", jump)
+        self._next_deferred_scan = 0.0
+        if jump < 0:
+            try:
+                moved = self.spool.shift_due_times(jump, time.time(), self._own)
+            except OSError as exc:
+                log.error("cannot move due times back: %s", exc)
+                return
+            if moved:
+                log.warning("moved the due times of %d deferred message(s) back by %.0fs",
+                            moved, -jump)
 
     def _fill(self) -> None:
+        if not self._spool_writable():
+            return  # held work is retried once a probe write succeeds
         if self._free() <= 0:
+            self._fill_stranded()
             return
         now_mono = time.monotonic()
         if now_mono >= self._relist_at:
@@ -153,7 +273,10 @@ class DeliveryWorker:
         """List incoming/ again; the next listing waits until this one is used up (or, with
         free capacity, for new mail) and at least LISTING_SHARE allows."""
         ordered = self.spool.list_ids_by_mtime if self.prioritized else self.spool.list_ids
-        listing = ordered("incoming")
+        strays: list[str] = []
+        listing = ordered("incoming", strays=strays)
+        if strays and self.shard == 0:
+            self._set_aside_strays(strays)
         took = time.monotonic() - now_mono
         self._listing, self._listing_pos = listing, 0
         self._relist_at = now_mono + took / LISTING_SHARE
@@ -162,10 +285,32 @@ class DeliveryWorker:
             present = set(listing)
             self._foreign_seen = {k: v for k, v in self._foreign_seen.items() if k in present}
 
+    def _set_aside_strays(self, names: list[str]) -> None:
+        """Files in incoming/ that are not queue ids: reported once, moved to corrupt/."""
+        for name in names:
+            if name in self._strays_seen:
+                continue
+            self._strays_seen.add(name)
+            try:
+                dest = self.spool.set_aside_stray("incoming", name)
+            except OSError as exc:
+                log.error("incoming/%s is not a queue file and cannot be moved aside: %s",
+                          name, exc)
+                continue
+            if dest is not None:
+                self._strays_seen.discard(name)  # gone: a new file of that name is new
+                log.error("incoming/%s is not a queue file (its name is no queue id); moved "
+                          "to %s", name, dest)
+                self.audit.write("corrupt", name, reason="name is no queue id", path=dest)
+        if len(self._strays_seen) > 10000:
+            self._strays_seen.clear()
+
     def _fill_deferred(self) -> None:
         now = time.time()
-        if now >= self._next_deferred_scan:
+        if time.monotonic() >= self._next_deferred_scan:
             self._scan_deferred(now)
+        if time.monotonic() >= self._next_failed_sweep:
+            self._sweep_failed(now)
         while self._due and self._due[0][0] <= now and self._free() > 0:
             _, message_id = heapq.heappop(self._due)
             self._claim(message_id, "deferred")
@@ -194,7 +339,46 @@ class DeliveryWorker:
                     due.append((mtime, entry.name))
         heapq.heapify(due)
         self._due = due
-        self._next_deferred_scan = now + self.cfg.delivery.queue_scan_interval
+        self._next_deferred_scan = time.monotonic() + self.cfg.delivery.queue_scan_interval
+
+    def _sweep_failed(self, now: float) -> None:
+        """Drop double bounces (failed/, null sender) of this shard older than
+        delivery.failed_retention (a file's mtime there is when it failed)."""
+        retention = self.cfg.delivery.failed_retention
+        # Listing failed/ costs a stat per file: at most every tenth of the retention (and
+        # every scan interval, at most a minute apart).
+        every = min(FAILED_SWEEP_MAX, max(self.cfg.delivery.queue_scan_interval, retention / 10))
+        self._next_failed_sweep = time.monotonic() + every
+        for message_id, mtime in self.spool.list_with_mtimes("failed"):
+            if not self._own(message_id) or mtime + retention > now:
+                continue
+            try:
+                path = self.spool.claim(message_id, "failed", self.slot)
+            except OSError as exc:
+                self._spool_fault(f"cannot claim {message_id} from failed/: {exc}")
+                return
+            if path is not None:
+                self._drop_double_bounce(message_id, path, None)
+
+    def _drop_double_bounce(self, message_id: str, path: str,
+                            envelope: dict[str, Any] | None) -> None:
+        try:
+            if envelope is None:
+                envelope, _ = read_queue_file(path)
+            self.spool.remove(path)
+        except FileNotFoundError:
+            return
+        except (OSError, CorruptFile) as exc:
+            log.error("%s: cannot drop the undeliverable notice: %s", message_id, exc)
+            with contextlib.suppress(OSError):
+                self.spool.move(path, "failed", message_id)
+            return
+        failed = [r.get("address") for r in envelope.get("recipients", [])
+                  if isinstance(r, dict) and r.get("status") != state.DELIVERED]
+        log.warning("%s: undeliverable message from the null sender (a double bounce) "
+                    "dropped", message_id)
+        self.audit.write("dropped", message_id, sender="", recipients=failed,
+                         reason="double bounce", notice_of=envelope.get("notice_of"))
 
     def _claim(self, message_id: str, from_state: str) -> None:
         if message_id in self.inflight:
@@ -203,37 +387,67 @@ class DeliveryWorker:
             path = self.spool.claim(message_id, from_state, self.slot)
         except ValueError:
             return  # not a queue id: never touched
+        except OSError as exc:
+            self._spool_fault(f"cannot claim {message_id} from {from_state}/: {exc}")
+            return
         if path is None:
             return
-        self._start(message_id, self._process(message_id, path))
+        ticket = limits.Ticket()
+        self._start(message_id, lambda: self._process(message_id, path, ticket), ticket)
 
-    def _start(self, message_id: str, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.ensure_future(work)
+    def _start(self, message_id: str, work: Work, ticket: limits.Ticket | None = None) -> None:
+        if ticket is not None:
+            self._watch(message_id, ticket)
+        task = asyncio.ensure_future(work())
         self.inflight[message_id] = task
         task.add_done_callback(lambda _t: self._finished(message_id))
 
+    def _watch(self, message_id: str, ticket: limits.Ticket) -> None:
+        """Keep ``_blocked`` right as the ticket's message starts and stops waiting. While
+        stopping, a message that only waits is cancelled: it starts no new delivery, its
+        finished destinations are marked done, and the file is requeued."""
+        was = [False]
+
+        def changed() -> None:
+            now = ticket.blocked
+            if now != was[0]:
+                was[0] = now
+                self._blocked += 1 if now else -1
+                if now:
+                    self.wake.set()  # a delivery slot came free
+                    if self.ctx.stopping.is_set():
+                        self._cancel(message_id)
+
+        ticket.on_change = changed
+        self._tickets[message_id] = ticket
+
+    def _cancel(self, message_id: str) -> None:
+        task = self.inflight.get(message_id)
+        if task is not None and not task.done():
+            log.info("%s: stopping while it waits for a destination; requeued", message_id)
+            task.cancel()
+
     # -- claims whose state update failed ---------------------------------------------------
-    def _strand(self, message_id: str, path: str, what: str) -> None:
+    def _strand(self, message_id: str, work: Work) -> None:
         """Retry a failed state update of a claimed message later, in this worker.
 
-        ``what`` is "resume" (the message could not be moved on: finish its move to
-        deferred/ if it is not due yet, else process it again) or "remove" (only the unlink
-        of a finished message is retried: never a delivery again). Without this the file
-        would sit in active/<pid>/ until the worker exits.
+        ``work`` finishes what failed: ``_resume`` (the message could not be moved on: finish
+        its move to deferred/ if it is not due yet, else process it again), ``_remove`` (only
+        the unlink of a finished message: never a delivery again) or ``_record`` (an
+        attempt's outcome held in memory). Without this the file would sit in active/<pid>/
+        until the worker exits.
         """
-        retry_at = time.time() + self.cfg.delivery.retry_base_delay
-        self._stranded[message_id] = (retry_at, path, what)
+        retry_at = time.monotonic() + self.cfg.delivery.retry_base_delay
+        self._stranded[message_id] = (retry_at, work)
 
     def _fill_stranded(self) -> None:
-        now = time.time()
-        for message_id, (retry_at, path, what) in list(self._stranded.items()):
+        now = time.monotonic()
+        for message_id, (retry_at, work) in list(self._stranded.items()):
             if retry_at > now or message_id in self.inflight:
                 continue
-            if self._free() <= 0:
+            if len(self.inflight) >= self.capacity:
                 return
             del self._stranded[message_id]
-            work = (self._remove(message_id, path, None, "finished earlier")
-                    if what == "remove" else self._resume(message_id, path))
             self._start(message_id, work)
 
     async def _resume(self, message_id: str, path: str) -> None:
@@ -242,7 +456,7 @@ class DeliveryWorker:
         except FileNotFoundError:
             return
         except CorruptFile as exc:
-            self.spool.mark_corrupt(path, message_id, str(exc))
+            self._corrupt(path, message_id, str(exc))
             return
         due = envelope.get("next_retry_at")
         if (not state.open_recipients(envelope) or not isinstance(due, (int, float))
@@ -256,29 +470,37 @@ class DeliveryWorker:
             return
         except OSError as exc:
             log.error("%s: still cannot move to deferred/: %s", message_id, exc)
-            self._strand(message_id, path, "resume")
+            self._strand(message_id, lambda: self._resume(message_id, path))
             return
         log.info("%s: deferred until %s", message_id,
                  time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(due)))
 
     def _finished(self, message_id: str) -> None:
         self.inflight.pop(message_id, None)
+        self._tickets.pop(message_id, None)
         self.wake.set()
 
     # -- one message ----------------------------------------------------------------------
-    async def _process(self, message_id: str, path: str) -> None:
+    def _corrupt(self, path: str, message_id: str, reason: str) -> None:
+        """Move a file that cannot be delivered as it is to corrupt/: log line, audit record."""
+        self.spool.mark_corrupt(path, message_id, reason)
+        self.audit.write("corrupt", message_id, reason=reason)
+
+    async def _process(self, message_id: str, path: str,
+                       ticket: limits.Ticket | None = None) -> None:
+        limits.track(ticket)
         try:
             envelope, source = read_queue_file(path)
         except CorruptFile as exc:
-            self.spool.mark_corrupt(path, message_id, str(exc))
+            self._corrupt(path, message_id, str(exc))
             return
         except FileNotFoundError:
             return
-        problem = state.envelope_problem(envelope)
+        problem = state.envelope_problem(envelope, source.length)
         if problem is None and envelope.get("id") != message_id:
             problem = f"envelope id {envelope.get('id')!r} does not match the file name"
         if problem is not None:
-            self.spool.mark_corrupt(path, message_id, problem)
+            self._corrupt(path, message_id, problem)
             return
         try:
             await self._attempt(message_id, path, envelope, source)
@@ -292,7 +514,8 @@ class DeliveryWorker:
                          exc.strerror or exc)
         except Exception:
             # A bug or a system error must not lose the message, nor spin on it: it waits
-            # retry_base_delay in deferred/ (its file as it was before this attempt).
+            # retry_base_delay in deferred/ (its file as it was before this attempt, with
+            # the done marks of what this attempt delivered: see _attempt).
             self._set_aside(message_id, path)
 
     def _set_aside(self, message_id: str, path: str) -> None:
@@ -307,7 +530,29 @@ class DeliveryWorker:
         except OSError as exc:
             log.error("%s: cannot set the message aside (%s); tried again in %gs",
                       message_id, exc, self.cfg.delivery.retry_base_delay)
-            self._strand(message_id, path, "resume")
+            if not is_disk_full(exc) and exc.errno != errno.EXDEV:
+                self._spool_fault(f"{message_id}: cannot move to deferred/: {exc}")
+            self._strand(message_id, lambda: self._resume(message_id, path))
+
+    async def _mark_delivered(self, message_id: str, path: str, envelope: dict[str, Any],
+                              indexes: list[int]) -> bool:
+        """Record recipients ``indexes`` delivered in the queue file's done marks, in place
+        (no new space needed); False when that failed or the file has no marks."""
+        try:
+            done = await asyncio.to_thread(self.spool.mark_delivered, path,
+                                           len(envelope["recipients"]), indexes)
+        except FileNotFoundError:
+            return False
+        except (OSError, CorruptFile, ValueError) as exc:
+            log.error("%s: cannot record %d delivered recipient(s) in place: %s", message_id,
+                      len(indexes), exc)
+            if isinstance(exc, OSError) and not is_disk_full(exc):
+                self._spool_fault(f"{message_id}: cannot write the queue file: {exc}")
+            return False
+        if not done:
+            log.info("%s: the queue file has no done marks (written by an older version); "
+                     "delivered recipients are recorded with the attempt", message_id)
+        return done
 
     @tracing.delivery_attempt
     async def _attempt(self, message_id: str, path: str, envelope: dict[str, Any],
@@ -317,14 +562,39 @@ class DeliveryWorker:
         Order matters for "nothing vanishes": notices are durable in incoming/ before the
         envelope that records them is rewritten, and before the message is removed. A crash
         in between repeats a notice, never loses one.
+
+        Order matters for "never twice" too: a destination that finishes while others still
+        run has its delivered recipients marked done in the file at once. If recording the
+        attempt fails, delivered recipients not yet marked are marked then; if even that
+        fails the outcome is held in memory (``_record``) instead of leaving the file to be
+        retried from an envelope that does not know what was delivered.
         """
         recipients = state.open_recipients(envelope)
         outcomes: dict[str, state.RecipientOutcome] = {}
         routes: list[dict[str, Any]] = []
+        marked: set[int] = set()  # delivered in this attempt and marked done in the file
+        unmarked: set[int] = set()  # delivered in this attempt, not marked
         now = time.time()
         if recipients:  # none: a restart after every recipient closed (notices left to send)
             started = now
-            outcomes, routes = await self._deliver(message_id, envelope, recipients, source)
+            opened = {id(r) for r in recipients}
+
+            def delivered(result: dict[str, state.RecipientOutcome]) -> set[int]:
+                return {i for i, r in enumerate(envelope["recipients"])
+                        if id(r) in opened and (o := result.get(r["address"])) is not None
+                        and o.status == state.DELIVERED}
+
+            async def group_done(result: dict[str, state.RecipientOutcome],
+                                 _info: dict[str, Any], others_running: bool) -> None:
+                done = sorted(delivered(result))
+                # The last group needs no mark: the attempt is recorded right after it.
+                if done and others_running and await self._mark_delivered(
+                        message_id, path, envelope, done):
+                    marked.update(done)
+
+            outcomes, routes = await self._deliver(message_id, envelope, recipients, source,
+                                                   group_done)
+            unmarked = delivered(outcomes) - marked
             now = time.time()
             info = {"duration": round(now - started, 6), "routes": routes}
             state.record_attempt(envelope, outcomes, info, now)
@@ -336,6 +606,47 @@ class DeliveryWorker:
         self._log_outcomes(message_id, envelope, outcomes)
         deliveries.attempt_done(self.metrics, self.audit, envelope,
                                 {r["address"] for r in recipients}, routes)
+        try:
+            await self._conclude(message_id, path, envelope, source, decision, now)
+        except Exception as exc:
+            if isinstance(exc, FileNotFoundError) and not os.path.exists(path):
+                raise  # removed by an operator: _process says so
+            if unmarked and not await self._mark_delivered(message_id, path, envelope,
+                                                           sorted(unmarked)):
+                self._hold(message_id, path, envelope, source, decision, now, exc)
+                return
+            raise  # the file knows what was delivered: _process sets it aside
+
+    def _hold(self, message_id: str, path: str, envelope: dict[str, Any], source: Any,
+              decision: state.Decision, now: float, exc: BaseException) -> None:
+        """Keep an attempt's outcome in memory until the spool can record it."""
+        log.error("%s: cannot record the attempt (%s); its outcome is kept in memory and "
+                  "recorded when the spool takes writes again (never retried meanwhile)",
+                  message_id, exc)
+        self._held.add(message_id)
+        self._strand(message_id,
+                     lambda: self._record(message_id, path, envelope, source, decision, now))
+
+    async def _record(self, message_id: str, path: str, envelope: dict[str, Any],
+                      source: Any, decision: state.Decision, now: float) -> None:
+        """Record an attempt held in memory (see _hold)."""
+        self._held.discard(message_id)
+        try:
+            await self._conclude(message_id, path, envelope, source, decision, now)
+        except FileNotFoundError:
+            log.info("%s: removed by an operator while its outcome was held", message_id)
+        except Exception as exc:
+            if isinstance(exc, OSError) and not is_disk_full(exc):
+                self._spool_fault(f"{message_id}: cannot record the attempt: {exc}")
+            self._hold(message_id, path, envelope, source, decision, now, exc)
+        else:
+            log.info("%s: the attempt held in memory is recorded", message_id)
+
+    async def _conclude(self, message_id: str, path: str, envelope: dict[str, Any],
+                        source: Any, decision: state.Decision, now: float) -> None:
+        """Notices, then the next state of a message whose attempt is recorded in
+        ``envelope``: deferred/, removed, or (a double bounce) dropped or kept in failed/."""
+        d = self.cfg.delivery
         if not await self._send_notices(envelope, source) and decision.action != "defer":
             # A notice could not be spooled (disk full?): keep the message, with its state
             # recorded, and try the notice again later instead of losing it.
@@ -352,19 +663,23 @@ class DeliveryWorker:
             await self._remove(message_id, path, envelope, "all recipients delivered")
         elif not bounce.should_report(envelope):
             # From the null sender: no notice (no loops), and not silently gone either.
-            await asyncio.to_thread(self.spool.rewrite, path, envelope, None)
+            if d.failed_retention <= 0:
+                self._drop_double_bounce(message_id, path, envelope)
+                return
+            await asyncio.to_thread(self.spool.rewrite, path, envelope, time.time())
             self.spool.move(path, "failed", message_id)
-            log.warning("%s: undeliverable message from the null sender; kept in failed/",
-                        message_id)
+            log.warning("%s: undeliverable message from the null sender; kept in failed/ "
+                        "for %gs", message_id, d.failed_retention)
         else:
             await self._remove(message_id, path, envelope, "every recipient done")
 
     async def _deliver(self, message_id: str, envelope: dict[str, Any],
-                       recipients: list[dict[str, Any]], source: Any
+                       recipients: list[dict[str, Any]], source: Any,
+                       on_done: OnGroupDone | None = None
                        ) -> tuple[dict[str, state.RecipientOutcome], list[dict[str, Any]]]:
         """The delivery hooks' before_delivery, the strategies, then after_delivery."""
         if not self.hooks:
-            return await self.dispatcher.deliver(envelope, recipients, source)
+            return await self.dispatcher.deliver(envelope, recipients, source, on_done=on_done)
         plan = await self.hooks.before(envelope, recipients, source,
                                        self.spool.tmp_path(f"hook-{message_id}"))
         outcomes = dict(plan.decided)
@@ -372,7 +687,8 @@ class DeliveryWorker:
         try:
             if plan.recipients:
                 done, routes = await self.dispatcher.deliver(envelope, plan.recipients,
-                                                             plan.source, plan.next_hops)
+                                                             plan.source, plan.next_hops,
+                                                             on_done)
                 outcomes.update(done)
         finally:
             plan.cleanup()
@@ -469,29 +785,48 @@ class DeliveryWorker:
 
     async def _remove(self, message_id: str, path: str, envelope: dict[str, Any] | None,
                       why: str) -> None:
-        """Unlink a finished message, retrying; never let it be delivered twice."""
+        """Unlink a finished message, retrying; never let it be delivered twice.
+
+        When it stays, its final state is recorded (rewrite, else done marks in place) and
+        only the unlink is retried later; when even that fails the state is held in memory
+        (``envelope`` travels with the retry, and a stop tries it once more)."""
         for attempt in range(REMOVE_RETRIES):
             try:
                 self.spool.retire(path, None if envelope is None
                                   else envelope.get("data_size"))
                 log.info("%s: removed (%s)", message_id, why)
+                self._held.discard(message_id)
                 return
             except FileNotFoundError:
+                self._held.discard(message_id)
                 return
             except OSError as exc:
                 self.metrics.spool_delete_failures.inc()
                 log.error("%s: cannot remove finished message (try %d): %s",
                           message_id, attempt + 1, exc)
+                if not is_disk_full(exc):
+                    self._spool_fault(f"{message_id}: cannot remove: {exc}")
                 await asyncio.sleep(0.2 * (attempt + 1))
         # Still there: record the final state so a restart finds nothing left to send, and
         # try the unlink (only the unlink) again later.
+        held = None
         if envelope is not None:
             try:
                 await asyncio.to_thread(self.spool.rewrite, path, envelope, None)
             except OSError as exc:
-                log.critical("%s: finished but neither removable nor rewritable: %s",
-                             message_id, exc)
-        self._strand(message_id, path, "remove")
+                done = [i for i, r in enumerate(envelope["recipients"])
+                        if r.get("status") == state.DELIVERED]
+                if not done or not await self._mark_delivered(message_id, path, envelope,
+                                                              done):
+                    log.critical("%s: finished but neither removable nor recordable (%s); "
+                                 "its state is held in memory", message_id, exc)
+                    held = envelope
+        if held is not None:
+            self._held.add(message_id)
+        else:
+            self._held.discard(message_id)
+        self._strand(message_id, lambda: self._remove(message_id, path, held,
+                                                      "finished earlier"))
 
 
 async def serve(ctx: Any) -> None:

@@ -128,31 +128,42 @@ class Spool:
         st = os.statvfs(self.root)
         return st.f_bavail * st.f_frsize
 
-    def list_ids(self, state: str) -> list[str]:
-        """Ids in ``state``, oldest first (ids sort by arrival)."""
+    def list_ids(self, state: str, strays: list[str] | None = None) -> list[str]:
+        """Ids in ``state``, oldest first (ids sort by arrival). Names that are no queue ids
+        are appended to ``strays`` when given."""
         try:
             names = os.listdir(self.state_dir(state))
         except FileNotFoundError:
             return []
+        if strays is not None:
+            strays.extend(n for n in names if not is_valid_id(n))
         return sorted(n for n in names if is_valid_id(n))
 
     list_state = list_ids
 
-    def list_ids_by_mtime(self, state: str) -> list[str]:
+    def list_ids_by_mtime(self, state: str, strays: list[str] | None = None) -> list[str]:
         """Ids in ``state`` in the order of their files' mtimes (then ids): the delivery order
-        of incoming/ when priorities move messages (see the receiver)."""
+        of incoming/ when priorities move messages (see the receiver). Names that are no
+        queue ids are appended to ``strays`` when given."""
+        return [name for name, _ in self.list_with_mtimes(state, strays)]
+
+    def list_with_mtimes(self, state: str,
+                         strays: list[str] | None = None) -> list[tuple[str, float]]:
+        """(id, mtime) of the files in ``state``, by mtime (then id); see list_ids."""
         entries: list[tuple[float, str]] = []
         try:
             with os.scandir(self.state_dir(state)) as it:
                 for entry in it:
                     if not is_valid_id(entry.name):
+                        if strays is not None:
+                            strays.append(entry.name)
                         continue
                     with contextlib.suppress(FileNotFoundError):
                         entries.append((entry.stat().st_mtime, entry.name))
         except FileNotFoundError:
             return []
         entries.sort()
-        return [name for _, name in entries]
+        return [(name, mtime) for mtime, name in entries]
 
     def active_slots(self) -> list[int]:
         try:
@@ -233,6 +244,50 @@ class Spool:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
+
+    def mark_delivered(self, path: str, recipients: int, indexes: list[int]) -> bool:
+        """Record recipients ``indexes`` (of ``recipients``) of the claimed queue file at
+        ``path`` delivered, in place (fileformat.mark_delivered: a few bytes overwritten and
+        fdatasynced, no new space, no rename); False when the file has no done marks."""
+        return fileformat.mark_delivered(path, recipients, indexes)
+
+    def shift_due_times(self, by: float, now: float, select: Callable[[str], bool]) -> int:
+        """Add ``by`` (negative: earlier) to the due times (mtimes) of the deferred files
+        whose ids ``select`` picks and whose due time is after ``now`` (after a backward
+        jump of the wall clock: they were set by the clock before it); how many. A due time
+        never moves before ``now``."""
+        moved = 0
+        for message_id, mtime in self.list_with_mtimes("deferred"):
+            if mtime <= now or not select(message_id):
+                continue
+            due = max(now, mtime + by)
+            with contextlib.suppress(FileNotFoundError):
+                os.utime(self.path("deferred", message_id), (due, due))
+                moved += 1
+        return moved
+
+    def set_aside_stray(self, state: str, name: str) -> str | None:
+        """Move ``state``/``name``, a file whose name is no queue id, to corrupt/ (under a
+        free name: ``name``, else ``name.1``...); the new path, or None when it is gone or is
+        not a regular file (left where it is)."""
+        src = os.path.join(self.state_dir(state), os.path.basename(name))
+        try:
+            st = os.lstat(src)
+        except FileNotFoundError:
+            return None
+        if not os.path.isfile(src) or os.path.islink(src) or st.st_nlink == 0:
+            return None
+        corrupt = os.path.join(self.root, "corrupt")
+        for n in range(1000):
+            dest = os.path.join(corrupt, name if n == 0 else f"{name}.{n}")
+            if os.path.lexists(dest):
+                continue
+            try:
+                os.rename(src, dest)
+            except FileNotFoundError:
+                return None
+            return dest
+        return None
 
     def remove(self, path: str) -> None:
         os.unlink(path)

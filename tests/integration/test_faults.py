@@ -23,6 +23,7 @@ import contextlib
 import errno
 import os
 import re
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -38,6 +39,7 @@ from tests.support.fixtures import DaemonFactory
 from tests.support.sink import Behaviour, SinkServer
 
 TEMPFAIL = (451, "4.3.0 try again later")
+LIBFAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
 YEAR = 365.25 * 86400
 WAIT = 30.0
 
@@ -107,15 +109,18 @@ def freeze(spool_path: Path) -> Path:
     return flag
 
 
-def send(daemon: EmpathDaemon, subject: str) -> str:
+def send(daemon: EmpathDaemon, subject: str,
+         recipients: tuple[str, ...] = ("rcpt@remote.test",),
+         sender: str = "sender@client.test") -> str:
     """Submit one message over SMTP and return its queue id (from the 250)."""
-    body = (f"From: <sender@client.test>\r\nTo: <rcpt@remote.test>\r\nSubject: {subject}\r\n"
+    body = (f"From: <sender@client.test>\r\nTo: <{recipients[0]}>\r\nSubject: {subject}\r\n"
             f"\r\nHello.\r\n").encode()
     with daemon.smtp() as client:
         client.ehlo("client.test")
-        client.mail("sender@client.test")
-        code, reply = client.rcpt("rcpt@remote.test")
-        assert code == 250, reply
+        client.mail(sender)
+        for rcpt in recipients:
+            code, reply = client.rcpt(rcpt)
+            assert code == 250, reply
         code, reply = client.data(body)
         assert code == 250, reply
     match = re.search(rb"queued as ([0-9A-Z]{26})", reply)
@@ -337,3 +342,99 @@ def test_deferred_files_are_complete_after_the_clock_jump_retries(
                     f"{where(spool, queue_id)}/ with its bogus due time)")
     assert time.time() - 1.0 <= due <= time.time() + 6.0
     assert envelope["next_retry_at"] == pytest.approx(due, abs=0.01)
+
+
+def test_a_backward_clock_jump_does_not_stall_deferred_mail(
+        daemon_factory: DaemonFactory, sink: SinkServer, tmp_path: Path) -> None:
+    """The daemon runs under Debian's libfaketime, its wall clock read from a file the test
+    rewrites: one hour back (the monotonic clock is left alone). The message's due time was
+    set by the clock before the jump; within the horizon (retry_max_delay is a day), so only
+    the jump detection releases it before the hour is over."""
+    if not os.path.exists(LIBFAKETIME):
+        pytest.fail(f"{LIBFAKETIME} is missing: run tools/install-test-deps (faketime)")
+    clock = tmp_path / "faketime"
+    clock.write_text("+0\n")
+    sink.behaviour = Behaviour(rcpt_default=TEMPFAIL)
+    daemon = daemon_factory(overrides(sink, retry_base_delay="4s", retry_max_delay="1d"),
+                            start=False)
+    daemon.start(env={"LD_PRELOAD": LIBFAKETIME, "FAKETIME_TIMESTAMP_FILE": str(clock),
+                      "FAKETIME_NO_CACHE": "1", "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+                      "NO_FAKE_STAT": "1"})
+    spool = Spool(str(daemon.spool_path))
+    queue_id = send(daemon, "clock jump")
+    daemon.wait_for(lambda: where(spool, queue_id) == "deferred", WAIT,
+                    message="the first attempt deferred")
+    clock.write_text("-1h\n")
+    sink.behaviour = Behaviour()
+    daemon.wait_for(lambda: delivered(sink, "clock jump"), WAIT,
+                    message="the retry after the clock jumped back an hour")
+    assert re.search(r"the wall clock jumped by -3[56]\d\ds", daemon.log_text())
+    assert "moved the due times of 1 deferred message(s) back" in daemon.log_text()
+    daemon.wait_for(lambda: not queued(spool), WAIT, message="an empty spool")
+    assert len(delivered(sink, "clock jump")) == 1
+
+
+# -- a read-only spool --------------------------------------------------------------------------
+def remount(point: Path, mode: str) -> None:
+    result = subprocess.run(["mount", "-o", f"remount,{mode}", str(point)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_a_read_only_spool_holds_the_outcome_and_recovers_without_a_restart(
+        daemon_factory: DaemonFactory, sink: SinkServer, mounts: Mounts,
+        tmp_path: Path) -> None:
+    fs = mounts.tmpfs(tmp_path / "spoolfs", size="16m")
+    spool_path = fs / "spool"
+    sink.behaviour = Behaviour(final_delay=2.0)  # the 250 comes after the remount
+    daemon = daemon_factory(overrides(sink, spool_path))
+    spool = Spool(str(spool_path))
+    worker = daemon.child_pids("delivery")
+    queue_id = send(daemon, "read-only")
+    daemon.wait_for(lambda: delivered(sink, "read-only"), WAIT, message="the transfer")
+    remount(fs, "ro")
+    try:
+        daemon.wait_for(lambda: f"{queue_id}: finished but neither removable nor recordable"
+                        in daemon.log_text(), WAIT, message="the outcome held in memory")
+        assert "claiming stops until the spool takes writes again" in daemon.log_text()
+        assert where(spool, queue_id) == "active"
+        assert daemon.child_pids("delivery") == worker  # no crash, no restart
+    finally:
+        remount(fs, "rw")
+    daemon.wait_for(lambda: not queued(spool), WAIT, message="the held outcome recorded")
+    assert "the spool takes writes again" in daemon.log_text()
+    assert daemon.child_pids("delivery") == worker
+    assert len(delivered(sink, "read-only")) == 1
+    # Claiming resumed: new mail goes out.
+    sink.behaviour = Behaviour()
+    send(daemon, "after")
+    daemon.wait_for(lambda: delivered(sink, "after") and not queued(spool), WAIT,
+                    message="delivery after the spool recovered")
+    assert len(delivered(sink, "read-only")) == 1
+
+
+def test_a_delivery_worker_started_on_a_read_only_spool_waits_instead_of_crash_looping(
+        daemon_factory: DaemonFactory, sink: SinkServer, mounts: Mounts,
+        tmp_path: Path) -> None:
+    fs = mounts.tmpfs(tmp_path / "spoolfs", size="16m")
+    spool_path = fs / "spool"
+    daemon = daemon_factory(overrides(sink, spool_path))
+    spool = Spool(str(spool_path))
+    [first] = daemon.child_pids("delivery")
+    remount(fs, "ro")
+    try:
+        os.kill(first, signal.SIGKILL)  # the master starts a new worker, on a read-only spool
+        daemon.wait_for(lambda: daemon.child_pids("delivery") not in ([], [first]), WAIT,
+                        message="a new delivery worker")
+        [second] = daemon.child_pids("delivery")
+        daemon.wait_for(lambda: "cannot set up this worker in the spool" in daemon.log_text(),
+                        WAIT, message="the worker noticing the read-only spool")
+        time.sleep(2.0)  # room for a crash loop to show: several restarts at 0.25 s, 0.5 s...
+        assert daemon.child_pids("delivery") == [second]
+        assert "delivery 1/1 crashed" not in daemon.log_text()
+    finally:
+        remount(fs, "rw")
+    send(daemon, "after read-only start")
+    daemon.wait_for(lambda: delivered(sink, "after read-only start") and not queued(spool),
+                    WAIT, message="delivery once the spool is writable")
+    assert daemon.child_pids("delivery") == [second]

@@ -246,7 +246,11 @@ class _Session:
                 0, self.record.id, self.mail_from or "", self.mail_params, list(self.rcpts),
                 content, self.tls, via), self.record)
             spec = (spec[0], spec[1].replace("{n}", str(n)))
+        if self.b.final_delay:
+            await asyncio.sleep(self.b.final_delay)
         await self.reply(spec)
+        if 200 <= spec[0] < 300:
+            self.sink.note("replied", n)
         if self.b.after_final:
             self.writer.write(self.b.after_final)
             await self.writer.drain()
@@ -281,6 +285,9 @@ class SinkServer:
         self.out_dir = out_dir
         self.sessions: list[SessionRecord] = []
         self.messages: list[ReceivedMessage] = []
+        # (time.monotonic(), "stored" | "replied", message number): the order of arrivals
+        # (the final dot) and of their final replies, comparable across sinks of one process.
+        self.journal: list[tuple[float, str, int]] = []
         self.active_sessions = 0
         self.max_concurrent_sessions = 0
         self.active_transactions = 0
@@ -311,11 +318,16 @@ class SinkServer:
         with self._lock:
             self.active_transactions = max(0, self.active_transactions - 1)
 
+    def note(self, event: str, n: int) -> None:
+        with self._lock:
+            self.journal.append((time.monotonic(), event, n))
+
     def store(self, message: ReceivedMessage, record: SessionRecord) -> int:
         """Keep (and maybe write out) a message; its number, 1-based."""
         with self._lock:
             message.n = len(self.messages) + 1
             self.messages.append(message)
+            self.journal.append((time.monotonic(), "stored", message.n))
         if self.out_dir:
             base = os.path.join(self.out_dir, str(message.n))
             with open(base + ".eml.tmp", "wb") as f:

@@ -4,6 +4,7 @@ a fake clock; no sockets."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,40 @@ def test_slots_hold_the_share_and_are_forgotten_when_unused(tmp_path: Path) -> N
     assert limits._slots == {} and limits._users == {}
 
 
+def test_a_ticket_counts_deliveries_that_wait_for_a_destination_slot(tmp_path: Path) -> None:
+    """A message whose only running destination delivery waits for a connection slot is
+    blocked; it is not while it holds the slot, nor while another of its groups runs."""
+    from empath.delivery import limits as limits_module
+
+    cfg = config(tmp_path, domains={"one.test": {"max_connections": 1}})
+    limits = DestinationLimits(cfg.delivery)
+    seen: list[tuple[str, bool]] = []
+
+    async def message(name: str, ticket: limits_module.Ticket, hold: asyncio.Event) -> None:
+        limits_module.track(ticket)
+        with ticket.run():
+            async with limits.slot("one.test"):
+                seen.append((name, ticket.blocked))
+                await hold.wait()
+
+    async def go() -> None:
+        first, second = limits_module.Ticket(), limits_module.Ticket()
+        hold = asyncio.Event()
+        a = asyncio.ensure_future(message("first", first, hold))
+        b = asyncio.ensure_future(message("second", second, hold))
+        await asyncio.sleep(0.01)
+        assert (first.blocked, second.blocked) == (False, True)
+        with second.run():  # another group of the second message runs: not blocked
+            assert not second.blocked
+        assert second.blocked
+        hold.set()
+        await asyncio.gather(a, b)
+        assert (first.running, first.waiting, second.running, second.waiting) == (0, 0, 0, 0)
+
+    asyncio.run(go())
+    assert seen == [("first", False), ("second", False)]
+
+
 # -- rate limiter ---------------------------------------------------------------------------
 def test_token_bucket_bursts_to_its_capacity_then_refills_at_the_rate() -> None:
     clock = Clock()
@@ -126,6 +161,32 @@ def test_pace_divides_the_rate_among_workers(tmp_path: Path) -> None:
     bucket = limits._rates["example.test"]
     assert bucket.rate == pytest.approx(40 / 60) and bucket.capacity == pytest.approx(40)
     assert DestinationLimits(config(tmp_path).delivery)._rates == {}
+
+
+def test_waiting_for_a_rate_token_blocks_the_ticket(tmp_path: Path) -> None:
+    from empath.delivery import limits as limits_module
+
+    cfg = config(tmp_path, rate_limits={"default": 1})  # one a minute: the second waits
+    limits = DestinationLimits(cfg.delivery)
+    ticket = limits_module.Ticket()
+    states: list[bool] = []
+    ticket.on_change = lambda: states.append(ticket.blocked)
+
+    async def go() -> None:
+        limits_module.track(ticket)
+        with ticket.run():
+            await limits.pace("slow.test")  # the bucket's one token: no wait
+            assert not ticket.blocked
+            waiter = asyncio.ensure_future(limits.pace("slow.test"))
+            await asyncio.sleep(0.01)
+            assert ticket.blocked and ticket.waiting == 1
+            waiter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiter
+            assert not ticket.blocked and ticket.waiting == 0
+
+    asyncio.run(go())
+    assert states == [False, True, False, False]
 
 
 # -- circuit breaker -------------------------------------------------------------------------

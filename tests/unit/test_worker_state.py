@@ -222,7 +222,8 @@ def test_a_notice_that_cannot_be_spooled_keeps_the_message(tmp_path: Path) -> No
     qid, path = _queue(worker)
     calls = []
 
-    async def fails(envelope: dict, rcpts: list, source: object) -> tuple[dict, list]:
+    async def fails(envelope: dict, rcpts: list, source: object,
+                    on_done: object = None) -> tuple[dict, list]:
         calls.append(1)
         return ({"u@b.example": RecipientOutcome("failed", 550, "5.1.1", "no", "mx.b")},
                 [{"domain": "b.example", "transport": "smtp"}])
@@ -265,7 +266,8 @@ def test_a_finished_message_that_cannot_be_removed_is_retried_without_redelivery
     qid, path = _queue(worker)
     calls = []
 
-    async def delivers(envelope: dict, rcpts: list, source: object) -> tuple[dict, list]:
+    async def delivers(envelope: dict, rcpts: list, source: object,
+                       on_done: object = None) -> tuple[dict, list]:
         calls.append(1)
         return ({"u@b.example": RecipientOutcome("delivered", 250, "2.0.0", "ok", "mx.b")},
                 [{"domain": "b.example", "transport": "smtp", "dsn": True}])
@@ -277,7 +279,7 @@ def test_a_finished_message_that_cannot_be_removed_is_retried_without_redelivery
         worker.dispatcher.deliver = delivers  # type: ignore[method-assign]
         worker.spool.retire = refused  # type: ignore[method-assign]
         await worker._process(qid, path)
-        assert list(worker._stranded) == [qid] and worker._stranded[qid][2] == "remove"
+        assert list(worker._stranded) == [qid] and qid not in worker._held
         # The final state was recorded: a restart would find nothing left to deliver.
         assert read_envelope(path)["recipients"][0]["status"] == "delivered"
         del worker.spool.retire
@@ -321,12 +323,11 @@ def test_a_backlog_is_listed_once_and_worked_through_in_order(
     listings = []
     real_list = worker.spool.list_ids
     monkeypatch.setattr(worker.spool, "list_ids",
-                        lambda state: listings.append(state) or real_list(state))
+                        lambda state, **kw: listings.append(state) or real_list(state, **kw))
     monkeypatch.setattr(worker_module, "LISTING_SHARE", 1e-6)  # relist only when allowed
     claimed: list[str] = []
 
-    def start(message_id: str, work: object) -> None:
-        work.close()  # type: ignore[attr-defined]
+    def start(message_id: str, work: object, ticket: object = None) -> None:
         claimed.append(message_id)
         worker.inflight[message_id] = None  # type: ignore[assignment]
 
@@ -349,3 +350,53 @@ def test_a_backlog_is_listed_once_and_worked_through_in_order(
     worker._relist_at = 0.0
     worker._fill()
     assert claimed[-1] == late and listings == ["incoming", "incoming"]
+
+
+def test_an_outcome_that_cannot_be_recorded_is_held_and_never_delivered_again(
+        tmp_path: Path) -> None:
+    """One destination delivered, the other deferred, and the spool takes no writes: neither
+    the rewrite nor the done mark lands. The outcome stays in memory, the file stays claimed
+    (not set aside from its old envelope), and once writes work it is recorded without a
+    second delivery."""
+    worker = _worker(tmp_path)
+    qid, path = _queue(worker, recipients=[
+        {"address": "u@b.example", "orcpt": None, "notify": None},
+        {"address": "v@c.example", "orcpt": None, "notify": None}])
+    before = read_envelope(path)
+    calls = []
+
+    async def delivers(envelope: dict, rcpts: list, source: object,
+                       on_done: object = None) -> tuple[dict, list]:
+        calls.append([r["address"] for r in rcpts])
+        return ({"u@b.example": RecipientOutcome("delivered", 250, "2.0.0", "ok", "mx.b"),
+                 "v@c.example": RecipientOutcome("deferred", 451, "4.3.0", "later", "mx.c")},
+                [{"domain": "b.example", "transport": "smtp"},
+                 {"domain": "c.example", "transport": "smtp"}])
+
+    def read_only(*args: object, **kw: object) -> None:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    async def go() -> None:
+        worker.dispatcher.deliver = delivers  # type: ignore[method-assign]
+        worker.spool.rewrite = read_only  # type: ignore[method-assign]
+        worker.spool.mark_delivered = read_only  # type: ignore[method-assign]
+        worker.spool.probe_writable = read_only  # type: ignore[method-assign]
+        await worker._process(qid, path)
+        assert list(worker._stranded) == [qid] and worker._held == {qid}
+        assert worker._fault is not None  # claiming stopped
+        assert read_envelope(path) == before  # untouched, still claimed
+        assert worker.spool.list_ids("deferred") == []
+        worker._stranded[qid] = (0.0, worker._stranded[qid][1])
+        worker._fill()  # the probe still fails: nothing retried, nothing claimed
+        assert not worker.inflight
+        del worker.spool.rewrite, worker.spool.mark_delivered, worker.spool.probe_writable
+        worker._probe_at = 0.0
+        worker._fill()
+        await asyncio.gather(*worker.inflight.values())
+
+    asyncio.run(go())
+    assert calls == [["u@b.example", "v@c.example"]]  # one delivery, never repeated
+    assert worker._fault is None and not worker._held and not worker._stranded
+    env = read_envelope(worker.spool.path("deferred", qid))
+    assert [r["status"] for r in env["recipients"]] == ["delivered", "deferred"]
+    assert env["attempt_count"] == 1
