@@ -84,7 +84,8 @@ class DeliveryWorker:
 
     # -- the loop -------------------------------------------------------------------------
     async def run(self) -> None:
-        os.makedirs(self.spool.active_dir(self.slot), mode=0o700, exist_ok=True)
+        # Held (never read) until the process ends: the claims in active/<pid>/ are ours.
+        self._active_lock = self.spool.lock_active(self.slot)
         listener = WakeListener(self.spool, self.wake.set, on_rescan=self._rescan_deferred)
         interval = self.cfg.delivery.queue_scan_interval
         try:
