@@ -298,6 +298,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     problems = preflight.runtime_problems(cfg)
     for warning in preflight.security_warnings(cfg):
         _err(f"warning: {warning}")
+    if os.geteuid() != 0:
+        # Files the daemon reads as root or as its user may be closed to whoever runs this.
+        for problem in [p for p in problems if "Permission denied" in p]:
+            _err(f"warning: {problem} (checked as uid {os.geteuid()}; run check-config as "
+                 "root or as the daemon's user)")
+            problems.remove(problem)
     for problem in problems:
         _err(f"{cfg.config_file}: {problem}")
     if problems:

@@ -233,18 +233,21 @@ def setup_logging(file: str | None, level: str = "info", *, fmt: str = "text",
     logging.captureWarnings(True)
 
 
-def redirect_stdio(file: str | None) -> None:
+def redirect_stdio(file: str | None, create_dirs: bool = True) -> None:
     """Point standard input at /dev/null and standard output and error at ``file`` (or
-    /dev/null), so a detached daemon's stray output and tracebacks land in its log."""
+    /dev/null), so a detached daemon's stray output and tracebacks land in its log.
+    OSError (nothing changed) when ``file`` cannot be opened."""
     global _stdio_file
     _stdio_file = file
+    if file is not None:
+        if create_dirs:
+            os.makedirs(os.path.dirname(file) or ".", exist_ok=True)
+        out = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+                      LOG_FILE_MODE)
     null = os.open(os.devnull, os.O_RDWR)
     os.dup2(null, 0)
     if file is None:
         out = null
-    else:
-        os.makedirs(os.path.dirname(file) or ".", exist_ok=True)
-        out = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, LOG_FILE_MODE)
     sys.stdout.flush()
     sys.stderr.flush()
     os.dup2(out, 1)
@@ -265,7 +268,8 @@ def reopen_logs() -> None:
         _handler.reopen()
     if _stdio_file is not None:
         try:
-            redirect_stdio(_stdio_file)
+            # Not the directories: one moved away is not made again behind the log's back.
+            redirect_stdio(_stdio_file, create_dirs=False)
         except OSError as exc:  # standard output and error keep their previous file
             report_problem(f"cannot reopen {_stdio_file} for standard output and error: "
                            f"{exc.strerror or exc}")

@@ -10,6 +10,7 @@ it starts; the tests run as root, where permission bits stop nothing.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 import signal
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -191,7 +193,7 @@ def test_sigusr1_on_a_full_log_file_system_keeps_serving(
 
 def test_reload_whose_log_file_cannot_be_opened_is_refused(
         daemon_factory: DaemonFactory, tmp_path: Path) -> None:
-    d = daemon_factory()
+    d = daemon_factory({"health": {"listen_addr": "127.0.0.1:0"}})
     log_path = d.log_path
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("a file where the log directory should be\n")
@@ -206,6 +208,11 @@ def test_reload_whose_log_file_cannot_be_opened_is_refused(
     assert check.returncode == 1 and "log.file: cannot open" in check.stderr
     status = empath("status", "-c", str(d.config_path))
     assert status.returncode == 0 and "last reload: FAILED" in status.stdout
+    health = d.status()["admin_listeners"]["health"]  # type: ignore[index]
+    with urllib.request.urlopen(f"http://{health}/health/detailed", timeout=10) as resp:
+        detailed = json.loads(resp.read())
+    assert detailed["master"]["last_reload"]["ok"] is False
+    assert "log.file" in detailed["master"]["last_reload"]["error"]
 
 
 # -- B: reloads validated end to end -----------------------------------------------------------
