@@ -83,6 +83,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args)
     if cfg is None:
         return 1
+    problem = logsetup.check_log_file(cfg.log)
+    if problem is not None:
+        _err(problem)
+        return 1
     logsetup.configure(cfg.log)
     pidfile = Pidfile(cfg.pidfile)
     try:
@@ -112,6 +116,10 @@ def cmd_start(args: argparse.Namespace) -> int:
         return 1
     if state == "running":
         _err(f"already running (pid {pid}, pidfile {cfg.pidfile})")
+        return 1
+    problem = logsetup.check_log_file(cfg.log)
+    if problem is not None:
+        _err(problem)
         return 1
     if cfg.log.file is None:
         _err("warning: log.file is not set, so the detached daemon logs nowhere")

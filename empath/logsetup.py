@@ -286,10 +286,13 @@ def check_log_file(log_cfg: Any) -> str | None:
     file = log_cfg.file
     if file is None or log_cfg.syslog is not None:
         return None
+    directory = os.path.dirname(file) or "."
     try:
-        os.makedirs(os.path.dirname(file) or ".", exist_ok=True)
+        os.makedirs(directory, exist_ok=True)
         os.close(os.open(file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
                          LOG_FILE_MODE))
+    except FileExistsError:  # from makedirs: something that is not a directory is in the way
+        return f"log.file: cannot open {file}: {directory} is not a directory"
     except OSError as exc:
         return f"log.file: cannot open {file}: {exc.strerror or exc}"
     return None

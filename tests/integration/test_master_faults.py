@@ -215,6 +215,19 @@ def test_reload_whose_log_file_cannot_be_opened_is_refused(
     assert "log.file" in detailed["master"]["last_reload"]["error"]
 
 
+@pytest.mark.parametrize("command", ["run", "start"])
+def test_start_with_a_log_file_that_cannot_be_opened_is_refused(
+        daemon_factory: DaemonFactory, tmp_path: Path, command: str) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where the log directory should be\n")
+    d = daemon_factory({"log": {"file": str(blocker / "empath.log")}}, start=False)
+    result = empath(command, "-c", str(d.config_path))
+    assert result.returncode == 1
+    assert (f"log.file: cannot open {blocker / 'empath.log'}: {blocker} is not a directory"
+            in result.stderr)
+    assert not d.pidfile.exists() and not d.status_path.exists()
+
+
 # -- B: reloads validated end to end -----------------------------------------------------------
 def _tls_daemon(daemon_factory: DaemonFactory, tmp_path: Path) -> tuple[EmpathDaemon, Any]:
     pair = make_self_signed(tmp_path / "certs", "test.empath")
@@ -248,6 +261,21 @@ def test_reload_with_a_broken_certificate_is_refused_and_smtp_keeps_answering(
     assert "last reload: FAILED" in status.stdout and "listeners[0].tls" in status.stdout
     check = empath("check-config", "-c", str(d.config_path))
     assert check.returncode == 1 and "listeners[0].tls" in check.stderr
+
+
+def test_reload_with_an_unparsable_dkim_key_is_refused(daemon_factory: DaemonFactory,
+                                                         tmp_path: Path) -> None:
+    d = daemon_factory()
+    key = tmp_path / "example.org.key"
+    key.write_text("-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n")
+    d.reload({"dkim": {"domains": {"example.org": {"selector": "s1", "key": str(key)}}}},
+             wait=False)
+    d.wait_for(lambda: ((d.status() or {}).get("last_reload") or {}).get("ok") is False, 10,
+               "the refused reload")
+    error = d.status()["last_reload"]["error"]  # type: ignore[index]
+    assert "dkim.domains.example.org.key" in error and "not a usable private key" in error
+    assert d.status()["generation"] == 1  # type: ignore[index]
+    accepts_a_message(d, "after a refused dkim reload")
 
 
 @pytest.mark.parametrize("how", ["exit 1", "SIGKILL"])
