@@ -278,6 +278,35 @@ def test_reload_with_an_unparsable_dkim_key_is_refused(daemon_factory: DaemonFac
     accepts_a_message(d, "after a refused dkim reload")
 
 
+def test_check_config_loads_certificates_and_warns_an_unprivileged_user_it_cannot(
+        tmp_path: Path) -> None:
+    base = Path(tempfile.mkdtemp(prefix="empath-check-"))
+    try:
+        base.chmod(0o755)
+        pair = make_self_signed(base, "test.empath")
+        os.chmod(pair.cert_path, 0o644)
+        os.chmod(pair.key_path, 0o600)  # root's: the daemon reads it before dropping privileges
+        files = EmpathDaemon(base / "d", {
+            "listeners": [{"address": "127.0.0.1:0",
+                           "tls": {"cert": pair.cert_path, "key": pair.key_path}}]})
+        os.chmod(base / "d", 0o755)
+        os.chmod(files.config_path, 0o644)
+        as_root = empath("check-config", "-c", str(files.config_path))
+        assert as_root.returncode == 0 and as_root.stdout.strip() == "ok"
+        as_nobody = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+             *empath_command(), "check-config", "-c", str(files.config_path)],
+            capture_output=True, text=True, timeout=60)
+        assert as_nobody.returncode == 0, as_nobody.stderr
+        assert "warning: listeners[0].tls" in as_nobody.stderr
+        assert "Permission denied (checked as uid 65534" in as_nobody.stderr
+        Path(pair.cert_path).write_text("not a certificate\n")
+        broken = empath("check-config", "-c", str(files.config_path))
+        assert broken.returncode == 1 and "listeners[0].tls (127.0.0.1:0)" in broken.stderr
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
 @pytest.mark.parametrize("how", ["exit 1", "SIGKILL"])
 def test_new_receivers_that_die_before_ready_roll_the_reload_back(
         daemon_factory: DaemonFactory, tmp_path: Path, how: str) -> None:
