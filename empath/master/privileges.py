@@ -79,6 +79,9 @@ def hand_over(ident: Identity, spool_root: str, files: list[str],
     Nothing is followed: a symlink is never chowned nor its target, and a regular file with
     other hard links is left alone (it may be a link to a file elsewhere planted by the
     unprivileged user, hoping root gives it away at the next start)."""
+    # The configured paths themselves may go through symlinks an administrator made (a spool
+    # on another disk); what lies below them is never followed.
+    spool_root = os.path.realpath(spool_root)
     for name in ["", *ALL_DIRS]:
         directory = os.path.join(spool_root, name) if name else spool_root
         if _chown_nofollow(directory, ident):
@@ -86,8 +89,9 @@ def hand_over(ident: Identity, spool_root: str, files: list[str],
     for directory in dirs or []:
         if _chown_nofollow(directory, ident):
             _chown_entries(directory, ident, subdirs=False)
-    for path in files:
-        directory = os.path.dirname(os.path.abspath(path))
+    for configured in files:
+        directory = os.path.realpath(os.path.dirname(os.path.abspath(configured)))
+        path = os.path.join(directory, os.path.basename(configured))
         if _is_private_dir(directory):
             _chown_nofollow(directory, ident)
         else:
