@@ -90,6 +90,7 @@ def is_empath_master(pid: int) -> bool:
 
 
 LOCK_READ_WAIT = 1.0  # most a reader waits for a new lock holder to write its pid
+LOCK_PROBE_RETRIES = 20  # tries 10 ms apart before a held lock means a running master
 
 
 def lock_path(pidfile: str) -> str:
@@ -142,6 +143,18 @@ def pidfile_state(path: str) -> tuple[str, int | None]:
     return "stale", pid
 
 
+def _lock_exclusive(fd: int) -> None:
+    """flock(LOCK_EX) without blocking on a master, but past the instant a reader's probe
+    (``lock_holder``: a shared lock dropped at once) holds it; BlockingIOError when held."""
+    for _ in range(LOCK_PROBE_RETRIES):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            time.sleep(0.01)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
 class Pidfile:
     """The master's lock and pidfile."""
 
@@ -167,7 +180,7 @@ class Pidfile:
         except OSError as exc:
             raise PidfileError(f"cannot create {lock}: {exc.strerror}") from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _lock_exclusive(fd)
         except OSError as exc:
             os.close(fd)
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
