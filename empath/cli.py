@@ -83,6 +83,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args)
     if cfg is None:
         return 1
+    problem = logsetup.check_log_file(cfg.log)
+    if problem is not None:
+        _err(problem)
+        return 1
     logsetup.configure(cfg.log)
     pidfile = Pidfile(cfg.pidfile)
     try:
@@ -102,14 +106,20 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_start(args: argparse.Namespace) -> int:
     """Start a detached daemon; return once it listens (0) or has failed (1)."""
-    from empath.master.daemon import detach, pidfile_state, wait_for_report
+    from empath.master.daemon import detach, wait_for_report
 
     cfg = _load(args)
     if cfg is None:
         return 1
-    state, pid = pidfile_state(cfg.pidfile)
+    state, pid = _pidfile_state(cfg.pidfile)
+    if state == "error":
+        return 1
     if state == "running":
         _err(f"already running (pid {pid}, pidfile {cfg.pidfile})")
+        return 1
+    problem = logsetup.check_log_file(cfg.log)
+    if problem is not None:
+        _err(problem)
         return 1
     if cfg.log.file is None:
         _err("warning: log.file is not set, so the detached daemon logs nowhere")
@@ -162,14 +172,28 @@ def _daemon_main(cfg: Any, report_fd: int) -> int:
     return code
 
 
+def _pidfile_state(path: str) -> tuple[str, int | None]:
+    """``pidfile_state``, with ("error", None) (reported) when the lock cannot be read."""
+    from empath.master.daemon import PidfileError, pidfile_state
+
+    try:
+        return pidfile_state(path)
+    except PidfileError as exc:
+        _err(str(exc))
+        return "error", None
+
+
 def cmd_stop(args: argparse.Namespace) -> int:
-    """SIGTERM the master named by the pidfile and wait until it is gone."""
-    from empath.master.daemon import pidfile_state, process_running
+    """SIGTERM the master holding the lock and wait until it has released it (and so exited);
+    a pid in a stale pidfile is never signalled."""
+    from empath.master.daemon import lock_holder, process_running
 
     path = _pidfile_path(args)
     if path is None:
         return 1
-    state, pid = pidfile_state(path)
+    state, pid = _pidfile_state(path)
+    if state == "error":
+        return 1
     if state != "running" or pid is None:
         if state == "stale":
             with contextlib.suppress(OSError):
@@ -182,7 +206,9 @@ def cmd_stop(args: argparse.Namespace) -> int:
         timeout = (cfg.shutdown_timeout if cfg is not None else 30.0) + 10.0
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while process_running(pid):
+    # Until the lock is free (the master is done), then until the pid has exited too (it
+    # releases the lock just before): that pid is only waited for, never signalled again.
+    while _still_held(lock_holder, path, pid) or process_running(pid):
         if time.monotonic() >= deadline:
             _err(f"pid {pid} did not stop within {timeout:g}s")
             return 1
@@ -191,15 +217,25 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_reload(args: argparse.Namespace) -> int:
-    """Validate the configuration, then SIGHUP the master (an invalid file is not sent)."""
-    from empath.master.daemon import pidfile_state
+def _still_held(lock_holder: Any, path: str, pid: int) -> bool:
+    from empath.master.daemon import PidfileError
 
+    try:
+        return bool(lock_holder(path) == pid)
+    except PidfileError:
+        return True  # a new holder between its lock and its pid: not ours to judge yet
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Validate the configuration, then SIGHUP the master holding the lock (an invalid file
+    is not sent)."""
     cfg = _load(args)
     if cfg is None:
         return 1
     path = args.pidfile or cfg.pidfile
-    state, pid = pidfile_state(path)
+    state, pid = _pidfile_state(path)
+    if state == "error":
+        return 1
     if state != "running" or pid is None:
         print("empath is not running")
         return 7
@@ -210,12 +246,14 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """LSB status: 0 running (with a report), 1 dead but the pidfile exists, 3 not running."""
-    from empath.master.daemon import StatusFile, pidfile_state, status_path
+    from empath.master.daemon import StatusFile, status_path
 
     path = _pidfile_path(args)
     if path is None:
         return 4  # LSB: status unknown
-    state, pid = pidfile_state(path)
+    state, pid = _pidfile_state(path)
+    if state == "error":
+        return 4
     if state == "absent":
         print("empath is not running")
         return 3
@@ -235,6 +273,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     admin = {k: v for k, v in (status.get("admin_listeners") or {}).items() if v}
     if admin:
         print("admin: " + ", ".join(f"{k} on {v}" for k, v in admin.items()))
+    reload_line = _last_reload(status.get("last_reload"))
+    if reload_line:
+        print(reload_line)
     print("children:")
     for c in status.get("children", []):
         extra = " stopping" if c.get("retiring") else ""
@@ -243,9 +284,37 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _last_reload(last: Any) -> str | None:
+    """"last reload: failed 5s ago (reason)" from the status file's ``last_reload``."""
+    if not isinstance(last, dict):
+        return None
+    ago = _duration(time.time() - float(last.get("time") or time.time()))
+    if last.get("ok") is False:
+        return f"last reload: FAILED {ago} ago ({last.get('error')}); the previous " \
+               "configuration is still running"
+    word = "in progress" if last.get("ok") is None else "ok"
+    return f"last reload: {word} ({ago} ago, generation {last.get('generation')})"
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from empath.master import preflight
+
     cfg = _load(args)
     if cfg is None:
+        return 1
+    # Beyond the values: what the daemon would load (log file, certificates, DKIM keys).
+    problems = preflight.runtime_problems(cfg)
+    for warning in preflight.security_warnings(cfg):
+        _err(f"warning: {warning}")
+    if os.geteuid() != 0:
+        # Files the daemon reads as root or as its user may be closed to whoever runs this.
+        for problem in [p for p in problems if "Permission denied" in p]:
+            _err(f"warning: {problem} (checked as uid {os.geteuid()}; run check-config as "
+                 "root or as the daemon's user)")
+            problems.remove(problem)
+    for problem in problems:
+        _err(f"{cfg.config_file}: {problem}")
+    if problems:
         return 1
     print("ok")
     return 0

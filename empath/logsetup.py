@@ -20,9 +20,11 @@ log) register with ``add_reopen_hook``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import logging.handlers
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -37,18 +39,106 @@ LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNI
           "error": logging.ERROR}
 
 
-class ReopeningFileHandler(logging.FileHandler):
-    """A FileHandler whose file can be reopened at its path (after rotation)."""
+LOG_FILE_MODE = 0o640  # like the audit log: addresses and subjects are not for every user
+REPORT_INTERVAL = 60.0  # most one report a minute of a log file that cannot be written
 
-    def reopen(self) -> None:
+# Characters a peer can put in a logged value that would forge or hide text on a terminal or
+# in a log viewer: C0 controls (CR and LF forge lines; ESC starts terminal sequences) but TAB,
+# DEL and C1 controls, the line and paragraph separators U+2028/U+2029, bidi embeddings,
+# overrides and isolates (U+202A-U+202E, U+2066-U+2069), marks and zero-width characters,
+# the BOM and lone surrogates (undecodable bytes). They are written as \xNN / \uNNNN.
+_UNSAFE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e"
+                     "\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb\ud800-\udfff]")
+
+
+def _escape_char(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def escape_unsafe(text: str) -> str:
+    """``text`` with every character of ``_UNSAFE`` written as an escape (cheap when there
+    is none: one regex search)."""
+    if _UNSAFE.search(text) is None:
+        return text
+    return _UNSAFE.sub(_escape_char, text)
+
+
+class TextFormatter(logging.Formatter):
+    """The text line format, with the message's unsafe characters escaped: one record is one
+    line whatever a peer sent (a traceback, added after the message, keeps its lines)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        record.message = escape_unsafe(record.message)
+        return super().formatMessage(record)
+
+
+def report_problem(message: str) -> None:
+    """Say ``message`` where an operator sees it when the log file itself is the problem:
+    standard error (the journal or terminal of ``empath run``) and syslog (best effort)."""
+    text = f"empath[{os.getpid()}]: {message}"
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+    try:
+        import syslog
+
+        syslog.syslog(syslog.LOG_MAIL | syslog.LOG_ERR, text)
+    except (ImportError, OSError):
+        pass
+
+
+class ReopeningFileHandler(logging.FileHandler):
+    """A FileHandler whose file can be reopened at its path (after rotation), created 0640.
+
+    Neither a reopen nor a write that fails ever raises into the process: a reopen that cannot
+    open the file keeps writing the previous stream, and failed writes are reported (standard
+    error, syslog) at most once a minute, never once per record."""
+
+    _failed_at: float | None = None
+    _suppressed = 0
+
+    def _open(self) -> Any:
+        fd = os.open(self.baseFilename,
+                     os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, LOG_FILE_MODE)
+        return open(fd, "a", encoding=self.encoding, errors=self.errors)
+
+    def reopen(self) -> bool:
+        """Open the file at its path again; False (the old stream kept) when that fails."""
         self.acquire()
         try:
+            try:
+                new = self._open()
+            except OSError as exc:
+                problem = (f"cannot reopen the log file {self.baseFilename}: "
+                           f"{exc.strerror or exc}; still writing to the previous file")
+                report_problem(problem)
+                if self.stream is not None:
+                    # The old file is what an operator is looking at, rotated or moved.
+                    with contextlib.suppress(OSError, ValueError):
+                        self.stream.write(problem + "\n")
+                        self.stream.flush()
+                return False
             old = self.stream
-            self.stream = self._open()
+            self.stream = new
             if old is not None:
-                old.close()
+                with contextlib.suppress(OSError, ValueError):
+                    old.close()
+            return True
         finally:
             self.release()
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
+        now = time.monotonic()
+        if self._failed_at is not None and now - self._failed_at < REPORT_INTERVAL:
+            self._suppressed += 1
+            return
+        exc = sys.exc_info()[1]
+        more = f" ({self._suppressed} more records lost)" if self._suppressed else ""
+        report_problem(f"cannot write the log file {self.baseFilename}: "
+                       f"{getattr(exc, 'strerror', None) or exc}{more}")
+        self._failed_at, self._suppressed = now, 0
 
 
 def queue_id_of(message: str) -> str | None:
@@ -87,7 +177,7 @@ class SyslogFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         tag = record.name.replace(".", "/", 1)
         body = (self.inner.format(record) if self.inner is not None
-                else record.getMessage())
+                else escape_unsafe(record.getMessage()))
         if self.inner is None and record.exc_info:
             body += "\n" + self.formatException(record.exc_info)
         return f"{tag}[{record.process}]: {body}"
@@ -115,7 +205,7 @@ def setup_logging(file: str | None, level: str = "info", *, fmt: str = "text",
     root = logging.getLogger()
     handler: logging.Handler | None = None
     formatter: logging.Formatter = (JSONFormatter() if fmt == "json"
-                                    else logging.Formatter(FORMAT))
+                                    else TextFormatter(FORMAT))
     if syslog is not None:
         try:
             handler = logging.handlers.SysLogHandler(
@@ -143,18 +233,21 @@ def setup_logging(file: str | None, level: str = "info", *, fmt: str = "text",
     logging.captureWarnings(True)
 
 
-def redirect_stdio(file: str | None) -> None:
+def redirect_stdio(file: str | None, create_dirs: bool = True) -> None:
     """Point standard input at /dev/null and standard output and error at ``file`` (or
-    /dev/null), so a detached daemon's stray output and tracebacks land in its log."""
+    /dev/null), so a detached daemon's stray output and tracebacks land in its log.
+    OSError (nothing changed) when ``file`` cannot be opened."""
     global _stdio_file
     _stdio_file = file
+    if file is not None:
+        if create_dirs:
+            os.makedirs(os.path.dirname(file) or ".", exist_ok=True)
+        out = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+                      LOG_FILE_MODE)
     null = os.open(os.devnull, os.O_RDWR)
     os.dup2(null, 0)
     if file is None:
         out = null
-    else:
-        os.makedirs(os.path.dirname(file) or ".", exist_ok=True)
-        out = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     sys.stdout.flush()
     sys.stderr.flush()
     os.dup2(out, 1)
@@ -174,12 +267,35 @@ def reopen_logs() -> None:
     if isinstance(_handler, ReopeningFileHandler):
         _handler.reopen()
     if _stdio_file is not None:
-        redirect_stdio(_stdio_file)
+        try:
+            # Not the directories: one moved away is not made again behind the log's back.
+            redirect_stdio(_stdio_file, create_dirs=False)
+        except OSError as exc:  # standard output and error keep their previous file
+            report_problem(f"cannot reopen {_stdio_file} for standard output and error: "
+                           f"{exc.strerror or exc}")
     for hook in _reopen_hooks:
         try:
             hook()
         except Exception:
             logging.getLogger("empath").exception("reopening a file on SIGUSR1 failed")
+
+
+def check_log_file(log_cfg: Any) -> str | None:
+    """Why the ``log`` section's file cannot be used (its directory cannot be created, or the
+    file cannot be opened for appending), or None. Opens nothing else and writes nothing."""
+    file = log_cfg.file
+    if file is None or log_cfg.syslog is not None:
+        return None
+    directory = os.path.dirname(file) or "."
+    try:
+        os.makedirs(directory, exist_ok=True)
+        os.close(os.open(file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                         LOG_FILE_MODE))
+    except FileExistsError:  # from makedirs: something that is not a directory is in the way
+        return f"log.file: cannot open {file}: {directory} is not a directory"
+    except OSError as exc:
+        return f"log.file: cannot open {file}: {exc.strerror or exc}"
+    return None
 
 
 def current_log_file() -> str | None:

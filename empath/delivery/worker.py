@@ -114,6 +114,7 @@ class DeliveryWorker:
         # Per-destination limits are divided among the workers (limits.py): pass our share.
         self.dispatcher = Dispatcher(self.cfg, share=(ctx.index, ctx.count))
         self.hooks = DeliveryHooks.load(self.cfg)
+        self._active_lock: int | None = None  # flock on active/<pid>/ (Spool.lock_active)
         self.metrics = metrics.current()  # no-ops unless serve() enabled them
         self.audit = audit.current()
 
@@ -130,7 +131,7 @@ class DeliveryWorker:
                 if listener is None and self._spool_writable():
                     listener = self._listen()
                 self._check_clock()
-                if not self.spool.is_frozen():
+                if self._active_lock is not None and not self.spool.is_frozen():
                     self._fill()
                 timeout = interval
                 now_mono = time.monotonic()
@@ -156,7 +157,10 @@ class DeliveryWorker:
         which retries this) when the spool refuses them: a worker started on a read-only
         spool waits for it instead of exiting and being restarted in a loop."""
         try:
-            os.makedirs(self.spool.active_dir(self.slot), mode=0o700, exist_ok=True)
+            if self._active_lock is None:
+                # Held (never read) until the process ends: the claims in active/<pid>/ are
+                # ours, and no recovery moves them while this lock is held.
+                self._active_lock = self.spool.lock_active(self.slot)
             return WakeListener(self.spool, self.wake.set, on_rescan=self._rescan_deferred)
         except OSError as exc:
             self._spool_fault(f"cannot set up this worker in the spool: {exc}")

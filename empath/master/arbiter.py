@@ -31,12 +31,13 @@ from typing import Any
 from empath import logsetup, observe
 from empath.config import ConfigError, load_config
 from empath.master import child as child_mod
-from empath.master import privileges
+from empath.master import preflight, privileges
 from empath.master.child import ChildContext, Heartbeat, run_child
 from empath.master.daemon import Pidfile, StatusFile, report, sd_notify, status_path
 from empath.master.listeners import Listener, ListenError, bind_all
 from empath.master.respawn import KINDS, Child, RespawnPolicy
 from empath.observe import multiproc
+from empath.smtp import capacity
 from empath.spool import Spool, pid_alive
 
 log = logging.getLogger("empath.master")
@@ -48,9 +49,32 @@ HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
 MAX_RECEIVERS = 256
 KILL_GRACE = 1.0  # past shutdown_timeout before SIGKILL: children enforce it themselves first
 FAST_STOP_WAIT = 2.0  # after SIGQUIT, before SIGKILL
-NEW_GENERATION_WAIT = 10.0  # most the old generation waits for the new one to boot
+# Most a new generation may take to boot before the reload is rolled back (the old one keeps
+# serving until then): generous, as children boot in well under a second on an idle host.
+NEW_GENERATION_WAIT = 30.0
 READY_WAIT = 10.0  # most start-up waits for the first children to boot before reporting ready
 ORPHAN_SWEEP_INTERVAL = 10.0
+FAULT_RETRY = 2.0  # after a spool operation failed (EROFS, ENOSPC, EIO...), try again this soon
+FAULT_LOG_INTERVAL = 60.0  # most one log line a minute per kind of failing operation
+
+
+class LogThrottle:
+    """At most one log line per ``interval`` for each kind of recurring failure; the next
+    line says how many were held back. A full or read-only disk must not flood the log."""
+
+    def __init__(self, interval: float = FAULT_LOG_INTERVAL) -> None:
+        self.interval = interval
+        self.last: dict[str, float] = {}
+        self.held: dict[str, int] = {}
+
+    def error(self, kind: str, message: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self.last.get(kind, -self.interval) < self.interval:
+            self.held[kind] = self.held.get(kind, 0) + 1
+            return
+        held = self.held.pop(kind, 0)
+        self.last[kind] = now
+        log.error(message + (f" ({held} more like it not logged)" if held else ""), *args)
 
 
 class HaltError(Exception):
@@ -111,6 +135,10 @@ class Arbiter:
         # answers /health/live from it ("the master's loop turns").
         self.beacon: Heartbeat | None = None
         self.metrics_dir: str | None = None
+        self.faults = LogThrottle()
+        # The outcome of the last reload: time, generation, ok (None while the new generation
+        # boots) and the reason it failed; in the status file (empath status, /health).
+        self.last_reload: dict[str, Any] | None = None
 
     # -- start-up ----------------------------------------------------------------------------
     def run(self) -> int:
@@ -139,6 +167,8 @@ class Arbiter:
         child_mod.set_title("empath: master")
         ident = privileges.lookup(self.cfg.user, self.cfg.group)
         privileges.check_can_switch(ident)
+        for warning in preflight.security_warnings(self.cfg):
+            log.warning("SECURITY WARNING: %s", warning)
         self._install_signals()
         try:
             self.listeners = bind_all([lc.address for lc in self.cfg.listeners], [])
@@ -153,7 +183,12 @@ class Arbiter:
             self.spool.create_tree()
         except OSError as exc:
             raise SetupError(f"spool {self.spool.root}: {exc.strerror or exc}") from None
-        moved = self.spool.recover_all(pid_alive)
+        try:
+            moved = self.spool.recover_all(pid_alive)
+        except OSError as exc:  # the periodic sweep tries again
+            log.error("start-up recovery failed: %s; retrying in the background",
+                      exc.strerror or exc)
+            moved = 0
         if moved:
             log.info("start-up recovery requeued %d message(s)", moved)
         self._prepare_metrics_dir()
@@ -166,6 +201,9 @@ class Arbiter:
                                  dirs=[self.metrics_dir] if self.metrics_dir else [])
             _preload_roles()
             privileges.drop(ident)
+        # The receivers' shared connection counts (smtp/capacity.py): made once, kept across
+        # reloads, so every generation's receivers count together.
+        capacity.create_shared_table()
         if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
             self.heartbeat_dir = "/dev/shm"  # tmpfs: a heartbeat never touches a disk
         self.beacon = Heartbeat(self.heartbeat_dir)
@@ -241,6 +279,10 @@ class Arbiter:
                 self._report(f"error {exc}")
                 self.exit_code = child_mod.EXIT_BOOT_FAILURE
                 self.begin_stop(graceful=True)
+            except OSError as exc:
+                # A file system or logging error the steps above did not expect: the master
+                # keeps serving (its children carry the mail) and tries again next pass.
+                self.faults.error("loop", "master: %s; carrying on", exc)
             self._write_status()
             self._sleep()
 
@@ -310,7 +352,13 @@ class Arbiter:
             stopping=asyncio.Event(), shutdown_timeout=self.cfg.shutdown_timeout,
             master_heartbeat=self.beacon if kind == "admin" else None,
             status_file=self.status.path)
-        heartbeat = Heartbeat(self.heartbeat_dir)
+        try:
+            heartbeat = Heartbeat(self.heartbeat_dir)
+        except OSError as exc:
+            self.faults.error("heartbeat", "cannot create a heartbeat file for a %s: %s",
+                              kind, exc.strerror or exc)
+            self.respawn.delay((kind, index), FAULT_RETRY)
+            return
         mask = child_mod.block_signals()
         try:
             pid = os.fork()
@@ -336,6 +384,8 @@ class Arbiter:
     def _forget_master_state(self, keep: list[socket.socket]) -> None:
         """In a new child: close what belongs to the master or to other children."""
         child_mod.reset_signals()
+        if self.pidfile is not None:
+            self.pidfile.forget_in_child()
         if self.wakeup is not None:
             for fd in self.wakeup:
                 with contextlib.suppress(OSError):
@@ -372,20 +422,28 @@ class Arbiter:
                 child_mod.describe_exit(code))
         if rec.kind == "delivery":
             # Its claims in active/<pid>/ go back to incoming/ (a clean exit leaves none).
-            self.spool.recover_active(rec.pid)
+            self._requeue_claims(rec.pid)
         # Its half-written tmp/ files: the pid is reaped, so nothing can rename them now.
-        self.spool.sweep_tmp(lambda pid: pid == rec.pid)
+        self._sweep_tmp(lambda pid: pid == rec.pid)
         if self.metrics_dir is not None:
             # Its live gauges go; its counters stay in the sum (they never go backwards).
-            multiproc.mark_dead(rec.pid, self.metrics_dir)
+            try:
+                multiproc.mark_dead(rec.pid, self.metrics_dir)
+            except OSError as exc:
+                self.faults.error("metrics", "metrics: cannot mark %s dead: %s", rec.name,
+                                  exc.strerror or exc)
         if expected or rec.generation != self.generation:
             return
+        if not rec.booted and self.previous is not None and rec.kind != "admin":
+            # A reload's new child died before it was ready: the old generation still serves;
+            # go back to it rather than retire it for children that cannot run.
+            if self._roll_back(f"{rec.kind} {rec.index} of generation {rec.generation} "
+                               f"{child_mod.describe_exit(code)} before it was ready"):
+                return
         # An admin process that cannot start costs metrics and health checks, not mail: it
         # is retried with backoff, never a reason to halt.
         if code == child_mod.EXIT_BOOT_FAILURE and not rec.booted and rec.kind != "admin":
             if self.respawn.boot_failed(rec.kind):
-                if self._roll_back(rec.kind):
-                    return
                 raise HaltError(f"{rec.kind} processes fail to start (exit status 3, "
                                 f"{self.respawn.boot_failures[rec.kind]} times in a row; "
                                 "see above)")
@@ -442,12 +500,36 @@ class Arbiter:
         if now < self.next_orphan_sweep:
             return
         self.next_orphan_sweep = now + ORPHAN_SWEEP_INTERVAL
-        for slot in self.spool.active_slots():
-            if slot not in self.children and not pid_alive(slot):
-                self.spool.recover_active(slot)
+        try:
+            slots = self.spool.active_slots()
+        except OSError as exc:
+            slots = []
+            self._spool_fault("list active/", exc)
+        for slot in slots:
+            if slot not in self.children:  # claims whose owner's lock is free
+                self._requeue_claims(slot)
         # tmp/ files of writers that died outside our watch (a previous master's children,
         # a killed empath-sendmail).
-        self.spool.sweep_tmp(lambda pid: pid not in self.children and not pid_alive(pid))
+        self._sweep_tmp(lambda pid: pid not in self.children and not pid_alive(pid))
+
+    def _requeue_claims(self, slot: int) -> None:
+        """Requeue a gone worker's claims; on a file system error, log (rate-limited) and
+        let the sweep try again soon: the claims stay where they are meanwhile."""
+        try:
+            self.spool.recover_unowned(slot)
+        except OSError as exc:
+            self._spool_fault(f"requeue the claims of delivery worker {slot}", exc)
+
+    def _sweep_tmp(self, dead: Any) -> None:
+        try:
+            self.spool.sweep_tmp(dead)
+        except OSError as exc:
+            self._spool_fault("sweep tmp/", exc)
+
+    def _spool_fault(self, what: str, exc: OSError) -> None:
+        self.faults.error(what, "cannot %s: %s; retrying every %gs", what,
+                          exc.strerror or exc, FAULT_RETRY)
+        self.next_orphan_sweep = min(self.next_orphan_sweep, time.monotonic() + FAULT_RETRY)
 
     def _report_ready(self) -> None:
         if self.ready_reported:
@@ -484,6 +566,7 @@ class Arbiter:
                          for c in sorted(self.children.values(),
                                          key=lambda c: (c.generation, c.kind, c.index))],
             "started_at": self.started_at,
+            "last_reload": self.last_reload,
         })
 
     def _admin_status(self) -> dict[str, str | None]:
@@ -509,20 +592,26 @@ class Arbiter:
         try:
             new = load_config(self.cfg.config_file)
         except ConfigError as exc:
-            log.error("reload failed, keeping the running configuration: %s", exc)
+            self._reload_refused(str(exc))
             return
-        except Exception:
-            log.exception("reload failed, keeping the running configuration")
+        except Exception as exc:
+            log.exception("reload failed")
+            self._reload_refused(f"unexpected error: {exc}")
             return
         if new.spool.path != self.cfg.spool.path:
             # The old generation's claims live in the old spool: moving takes a restart.
-            log.error("reload failed, keeping the running configuration: spool.path changed; "
-                      "that takes a restart")
+            self._reload_refused("spool.path changed; that takes a restart")
+            return
+        # What the children would load (log file, certificates, DKIM keys) is loaded here
+        # first: a broken file refuses the reload instead of breaking the new children.
+        problems = preflight.runtime_problems(new)
+        if problems:
+            self._reload_refused("; ".join(problems))
             return
         try:
             listeners = bind_all([lc.address for lc in new.listeners], self.listeners)
         except ListenError as exc:
-            log.error("reload failed, keeping the running configuration: %s", exc)
+            self._reload_refused(str(exc))
             return
         try:
             admin_listeners = bind_all(_admin_addresses(new), self.admin_listeners)
@@ -530,13 +619,13 @@ class Arbiter:
             for lst in listeners:
                 if lst not in self.listeners:
                     lst.close()
-            log.error("reload failed, keeping the running configuration: %s", exc)
+            self._reload_refused(str(exc))
             return
         for key in ("pidfile", "user", "group"):
             if getattr(new, key) != getattr(self.cfg, key):
                 log.warning("reload: %s changed; that takes a restart", key)
         if new.log != self.cfg.log:
-            logsetup.configure(new.log)
+            self._configure_log(new.log)
         for lst in listeners:
             if lst not in self.listeners:
                 log.info("listening on %s", lst.bound)
@@ -555,21 +644,50 @@ class Arbiter:
         self.wanted = _wanted(new)
         self.respawn.reset()
         log.info("configuration reloaded; starting generation %d", self.generation)
+        self.last_reload = {"time": time.time(), "generation": self.generation, "ok": None,
+                            "error": None}
         self.status_changed = True
 
+    def _reload_refused(self, reason: str) -> None:
+        log.error("reload failed, keeping the running configuration: %s", reason)
+        self.last_reload = {"time": time.time(), "generation": self.generation, "ok": False,
+                            "error": reason}
+        self.status_changed = True
+
+    def _configure_log(self, log_cfg: Any) -> None:
+        try:
+            logsetup.configure(log_cfg)
+        except OSError as exc:  # checked before; the file system may have changed since
+            log.error("cannot switch logging to %s: %s; logging stays as it was",
+                      log_cfg.file, exc.strerror or exc)
+
     def _retire_old_generation(self) -> None:
+        """Once every child of the new generation has booted, stop the old one; a new
+        generation that has not booted within NEW_GENERATION_WAIT is rolled back instead:
+        the working generation is never retired for one that does not run."""
         old = [c for c in self.children.values()
                if c.generation < self.generation and not c.retiring]
         if not old:
             return
         new = [c for c in self.children.values() if c.generation == self.generation]
         complete = len(new) >= sum(self.wanted.values()) and all(c.booted for c in new)
-        if complete or time.monotonic() - self.reloaded_at > NEW_GENERATION_WAIT:
+        if complete:
             for rec in old:
                 self._retire(rec)
+            if self.last_reload is not None and self.last_reload["ok"] is None:
+                self.last_reload["ok"] = True
+                log.info("generation %d runs; generation %d stopping", self.generation,
+                         old[0].generation)
+            self.previous = None
+            self.status_changed = True
+        elif time.monotonic() - self.reloaded_at > NEW_GENERATION_WAIT:
+            if not self._roll_back(f"generation {self.generation} did not boot within "
+                                   f"{NEW_GENERATION_WAIT:g}s"):
+                for rec in old:
+                    self._retire(rec)
 
-    def _roll_back(self, kind: str) -> bool:
-        """The new generation's ``kind`` cannot start: go back to the previous configuration,
+    def _roll_back(self, reason: str) -> bool:
+        """The new generation cannot run (``reason``): go back to the previous configuration,
         whose children still run, instead of halting. False when there is nothing to go back
         to (start-up, or the old generation is already stopping)."""
         prev = self.previous
@@ -577,8 +695,10 @@ class Arbiter:
                if prev is not None and c.generation == prev.number and not c.retiring]
         if prev is None or not old:
             return False
-        log.critical("generation %d: %s processes fail to start; going back to the "
-                     "configuration of generation %d", self.generation, kind, prev.number)
+        log.critical("reload failed: %s; going back to the configuration of generation %d",
+                     reason, prev.number)
+        self.last_reload = {"time": time.time(), "generation": self.generation, "ok": False,
+                            "error": reason}
         for rec in list(self.children.values()):
             if rec.generation == self.generation:
                 self._retire(rec)
@@ -589,7 +709,7 @@ class Arbiter:
         self.listeners = prev.listeners
         self.admin_listeners = prev.admin_listeners
         if prev.cfg.log != self.cfg.log:
-            logsetup.configure(prev.cfg.log)
+            self._configure_log(prev.cfg.log)
         self.cfg, self.wanted = prev.cfg, prev.wanted
         # A fresh number: children of the failed generation must not count as current.
         self.generation += 1

@@ -1,8 +1,9 @@
 """Switching the master (and so every child) from root to ``cfg.user``/``cfg.group``.
 
 The master binds its listeners first (so port 25 works), hands the files it must keep writing
-to the target user (the spool tree, the log file, the pidfile and the directories holding them,
-unless those are shared system directories), then drops: supplementary groups, gid, uid, in
+to the target user (the spool's directories and their entries, the log file, the pidfile and
+the directories holding them, unless those are shared system directories; never through a
+symlink or a hard link), then drops: supplementary groups, gid, uid, in
 that order, and checks that root cannot be regained.
 
 This module never binds, forks or reads the configuration file; it is given names and paths.
@@ -17,6 +18,8 @@ import os
 import pwd
 import stat
 from dataclasses import dataclass
+
+from empath.spool.layout import ALL_DIRS
 
 log = logging.getLogger("empath.master")
 
@@ -68,23 +71,48 @@ def check_can_switch(ident: Identity | None) -> None:
 
 def hand_over(ident: Identity, spool_root: str, files: list[str],
               dirs: list[str] | None = None) -> None:
-    """chown the spool tree, the private directories ``dirs`` (the metrics directory) and
-    ``files`` (with their directories, unless shared) to ``ident``, so the unprivileged
-    master and children can keep writing them."""
-    for root in [spool_root, *(dirs or [])]:
-        for dirpath, dirnames, filenames in os.walk(root):
-            _chown(dirpath, ident)
-            for name in dirnames + filenames:
-                _chown(os.path.join(dirpath, name), ident)
-    for path in files:
-        directory = os.path.dirname(os.path.abspath(path))
+    """chown to ``ident`` what Empath created and must keep writing as that user: the spool's
+    directories and the entries Empath makes in them (not a walk of whatever the tree holds),
+    the private directories ``dirs`` (the metrics directory) with their files, and ``files``
+    (log, pidfile, status, audit) with their directories unless shared.
+
+    Nothing is followed: a symlink is never chowned nor its target, and a regular file with
+    other hard links is left alone (it may be a link to a file elsewhere planted by the
+    unprivileged user, hoping root gives it away at the next start)."""
+    # The configured paths themselves may go through symlinks an administrator made (a spool
+    # on another disk); what lies below them is never followed.
+    spool_root = os.path.realpath(spool_root)
+    for name in ["", *ALL_DIRS]:
+        directory = os.path.join(spool_root, name) if name else spool_root
+        if _chown_nofollow(directory, ident):
+            _chown_entries(directory, ident, subdirs=name == "active")
+    for directory in dirs or []:
+        if _chown_nofollow(directory, ident):
+            _chown_entries(directory, ident, subdirs=False)
+    for configured in files:
+        directory = os.path.realpath(os.path.dirname(os.path.abspath(configured)))
+        path = os.path.join(directory, os.path.basename(configured))
         if _is_private_dir(directory):
-            _chown(directory, ident)
+            _chown_nofollow(directory, ident)
         else:
             log.warning("%s: left owned by root (a shared directory); %s must be writable "
                         "by %s", directory, os.path.basename(path), ident.user)
-        if os.path.exists(path):
-            _chown(path, ident)
+        _chown_nofollow(path, ident)
+
+
+def _chown_entries(directory: str, ident: Identity, subdirs: bool) -> None:
+    """chown the regular files directly in ``directory`` (and, with ``subdirs``, its
+    subdirectories and their files: active/<pid>/)."""
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            if subdirs and _chown_nofollow(entry.path, ident):
+                _chown_entries(entry.path, ident, subdirs=False)
+        elif entry.is_file(follow_symlinks=False):
+            _chown_nofollow(entry.path, ident)
 
 
 def drop(ident: Identity) -> None:
@@ -111,6 +139,24 @@ def _is_private_dir(path: str) -> bool:
     return not mode & stat.S_ISVTX  # sticky: a /tmp-like directory shared by many users
 
 
-def _chown(path: str, ident: Identity) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.lchown(path, ident.uid, ident.gid)
+def _chown_nofollow(path: str, ident: Identity) -> bool:
+    """chown the directory or regular file at ``path`` itself through a descriptor opened
+    without following a symlink; True when ``path`` is such a directory (owned now). A
+    symlink, a special file or a regular file with other hard links is left as it is."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+                     | os.O_CLOEXEC)
+    except OSError:  # ELOOP: a symlink; ENOENT: gone
+        return False
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+            log.warning("%s: has %d hard links; left owned by uid %d", path, st.st_nlink,
+                        st.st_uid)
+            return False
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            return False
+        os.fchown(fd, ident.uid, ident.gid)
+        return stat.S_ISDIR(st.st_mode)
+    finally:
+        os.close(fd)

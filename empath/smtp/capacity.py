@@ -2,16 +2,19 @@
 
 ``smtp.max_connections`` and ``smtp.max_connections_per_ip`` are limits of the whole daemon, not
 of one receiver: the kernel spreads connections over the receivers unevenly, so per-process
-counts would refuse a client while another receiver had room. The counts live in one file,
-``control/connections`` in the spool, mapped into every receiver:
+counts would refuse a client while another receiver had room. The counts live in one shared
+memory file (``memfd_create``) that the master makes before it forks any receiver
+(``create_shared_table``; its descriptor number is in ``$EMPATH_CONNECTION_TABLE_FD``), so
+there is no file in the spool or in /dev/shm to plant, fill or keep a filesystem busy:
 
-- the file is an array of rows, one per receiver process; a receiver claims a free row at start
-  with an open-file-description lock (``F_OFD_SETLK``) on the row's first byte, and only the
-  owner of a row ever writes it, so an increment needs no lock and no system call;
+- the file is an array of rows, one per receiver process; a receiver opens the file anew
+  (``/proc/self/fd/N``: an open file description of its own) and claims a free row with an
+  open-file-description lock (``F_OFD_SETLK``) on the row's first byte; only the owner of a row
+  ever writes it, so an increment needs no lock and no system call;
 - a row holds the receiver's open connections and a count-min sketch of its connections per
   client address (two hash functions over ``BUCKETS`` counters each): the count for an address
-  is the smaller of its two buckets' sums over all live rows. A sketch never counts too few, so
-  a limit is never exceeded; it counts too many only when both buckets of an address collide
+  is the smaller of its two buckets' sums over all rows. A sketch never counts too few, so a
+  limit is never exceeded; it counts too many only when both buckets of an address collide
   with other busy addresses, which at the sizes used here is rare (and errs on the safe side);
 - a row whose lock is free belongs to a dead receiver: whoever sees that takes the lock, zeroes
   the row and lets it go, so a killed receiver's connections stop counting within one sweep
@@ -20,6 +23,7 @@ counts would refuse a client while another receiver had room. The counts live in
 
 Reads are plain loads of aligned 32-bit words of shared memory: a count can be a moment stale,
 so two receivers accepting at the same instant may pass a limit by one. Nothing here blocks.
+A receiver started without the master's table (tests, tools) counts its own connections.
 """
 
 from __future__ import annotations
@@ -55,6 +59,31 @@ def _lock(fd: int, row: int, kind: int) -> bool:
     return True
 
 
+TABLE_ENV = "EMPATH_CONNECTION_TABLE_FD"
+
+
+def create_shared_table() -> int:
+    """The master's part, once, before any receiver is forked: the shared file, its number
+    exported for the children (fork keeps it open in them)."""
+    fd = os.memfd_create("empath-connections", 0)
+    os.ftruncate(fd, MAX_ROWS * ROW_BYTES)
+    os.environ[TABLE_ENV] = str(fd)
+    return fd
+
+
+def _open_shared() -> int:
+    """This receiver's own open file description of the master's table (OFD locks tell
+    receivers apart by it), or a private table when there is none."""
+    number = os.environ.get(TABLE_ENV, "")
+    if number.isdigit():
+        try:
+            return os.open(f"/proc/self/fd/{number}", os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            log.error("cannot open the shared connection table (%s): connection limits count "
+                      "this receiver's connections only", exc.strerror or exc)
+    return os.memfd_create("empath-connections", os.MFD_CLOEXEC)
+
+
 def buckets(ip: str) -> tuple[int, int]:
     """The address's counter in each half of a row's sketch (word offsets in the row)."""
     digest = hashlib.blake2b(ip.encode(), digest_size=8).digest()
@@ -65,14 +94,8 @@ def buckets(ip: str) -> tuple[int, int]:
 class ConnectionTable:
     """This receiver's row in the shared table, and the sums over every live row."""
 
-    def __init__(self, path: str) -> None:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            # A read-only or full spool must not stop a receiver: count this process alone.
-            log.error("cannot open the shared connection table %s (%s): connection limits "
-                      "count this receiver's connections only", path, exc.strerror or exc)
-            fd = os.memfd_create("empath-connections", os.MFD_CLOEXEC)
+    def __init__(self) -> None:
+        fd = _open_shared()
         try:
             size = MAX_ROWS * ROW_BYTES
             if os.fstat(fd).st_size < size:

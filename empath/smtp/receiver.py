@@ -38,7 +38,7 @@ class Receiver:
         self.modules = hooks.load_modules(cfg.smtp.modules)
         self.connections: set[SMTPProtocol] = set()
         # Connection counts of the whole daemon, and this receiver's share of the accepts.
-        self.table = capacity.ConnectionTable(self.spool.connection_table)
+        self.table = capacity.ConnectionTable()
         self.gate = capacity.AcceptGate(capacity.share_of(cfg.smtp.max_connections,
                                                           getattr(ctx, "count", 1)))
         self.stopping = False

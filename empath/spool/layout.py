@@ -5,7 +5,9 @@ rename(2) within the one filesystem (see docs/SPOOL.md for the table of transiti
 
     tmp/            being written by a receiver ("<pid>-<id>"); swept when that pid is gone
     incoming/       durable and acknowledged, not yet claimed
-    active/<pid>/   claimed by the delivery worker with that pid
+    active/<pid>/   claimed by the delivery worker with that pid, which holds a flock on the
+                    directory for its whole life: a directory nobody has locked belongs to a
+                    worker that is gone, whatever process has that pid now
     deferred/       waiting for a retry; the file's mtime is the time of the next attempt
     hold/           parked by an operator
     failed/         every recipient closed, some failed or expired, and no notice possible
@@ -23,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import logging
 import os
 import random
@@ -71,8 +74,6 @@ class Spool:
         self.control = os.path.join(self.root, "control")
         self.wake_dir = os.path.join(self.control, "wake")
         self.freeze_flag = os.path.join(self.control, "freeze")
-        # The receivers' shared connection counts (empath/smtp/capacity.py).
-        self.connection_table = os.path.join(self.control, "connections")
 
     # -- paths ------------------------------------------------------------------------------
     def state_dir(self, state: str) -> str:
@@ -379,6 +380,43 @@ class Spool:
         log.error("%s: moved to corrupt/: %s", name, reason)
 
     # -- recovery ----------------------------------------------------------------------------
+    def lock_active(self, slot: int) -> int:
+        """Create ``active/<slot>/`` and take its ownership lock (flock on the directory);
+        the descriptor to keep open while claiming into it. A directory removed by a recovery
+        between creation and locking is made again (bounded)."""
+        path = self.active_dir(slot)
+        for _ in range(5):
+            os.makedirs(path, mode=0o700, exist_ok=True)
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                    return fd
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)  # recovered and removed meanwhile: make it again
+        raise SpoolError(errno.EAGAIN, "active directory keeps disappearing", path)
+
+    def recover_unowned(self, slot: int) -> int:
+        """Requeue ``active/<slot>/`` if no live worker owns it (its lock is free); how many
+        messages were moved. The lock is held while moving, so a worker can never be claiming
+        into the directory meanwhile. OSError (EROFS, ENOSPC, EIO...) when a move fails:
+        the rest stays claimed for a later try."""
+        path = self.active_dir(slot)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            return 0
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return 0  # a live worker owns it
+            return self.recover_active(slot)
+        finally:
+            os.close(fd)
+
     def recover_active(self, slot: int) -> int:
         """Return a dead worker's claimed messages to incoming/; how many were moved."""
         d = self.active_dir(slot)
@@ -387,15 +425,18 @@ class Spool:
             names = os.listdir(d)
         except FileNotFoundError:
             return 0
-        for name in names:
-            if is_valid_id(name):
-                with contextlib.suppress(FileNotFoundError):
-                    os.rename(os.path.join(d, name), self.path("incoming", name))
-                    moved += 1
+        try:
+            for name in names:
+                if is_valid_id(name):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.rename(os.path.join(d, name), self.path("incoming", name))
+                        moved += 1
+        finally:
+            if moved:
+                log.warning("requeued %d message(s) claimed by delivery worker %d", moved,
+                            slot)
         with contextlib.suppress(OSError):
             os.rmdir(d)
-        if moved:
-            log.warning("requeued %d message(s) claimed by delivery worker %d", moved, slot)
         return moved
 
     def sweep_tmp(self, dead: Callable[[int], bool]) -> int:
@@ -415,8 +456,9 @@ class Spool:
         return removed
 
     def recover_all(self, alive: Callable[[int], bool]) -> int:
-        """At start-up: requeue active/ of dead workers and sweep tmp/ files of dead writers."""
-        moved = sum(self.recover_active(s) for s in self.active_slots() if not alive(s))
+        """At start-up: requeue active/ of workers that are gone (by their locks, not by pid:
+        a pid may have been reused) and sweep tmp/ files of dead writers."""
+        moved = sum(self.recover_unowned(s) for s in self.active_slots())
         self.sweep_tmp(lambda pid: not alive(pid))
         self.trim_recycled()  # recycle_files may have been lowered (or set to 0)
         for name in _listdir(self.tmp):  # probes and strays of processes that are gone

@@ -137,6 +137,37 @@ def test_stale_pidfile_is_reported_and_replaced(detached: Callable[..., Detached
     assert empath("stop", "-c", d.cfg).returncode == 0
 
 
+def test_start_and_stop_never_signal_a_bystander_named_in_a_stale_pidfile(
+        detached: Callable[..., Detached]) -> None:
+    # A live process that is not ours, with "empath" in its command line (sleep exec'd with
+    # argv[0] "empath"), whose pid a stale pidfile names.
+    bystander = subprocess.Popen(["empath", "300"], executable="/bin/sleep")
+    try:
+        d = detached()
+        d.files.pidfile.parent.mkdir(parents=True, exist_ok=True)
+        d.files.pidfile.write_text(f"{bystander.pid}\n")
+        status = empath("status", "-c", d.cfg)
+        assert status.returncode == 1 and "not running, but the pidfile" in status.stdout
+        assert empath("reload", "-c", d.cfg).returncode == 7
+        stopped = empath("stop", "-c", d.cfg)
+        assert stopped.returncode == 0 and "not running" in stopped.stdout
+        d.files.pidfile.write_text(f"{bystander.pid}\n")
+        started = d.start()
+        assert started.returncode == 0, started.stderr
+        pid = d.pid
+        assert pid != bystander.pid
+        d.files.pidfile.write_text(f"{bystander.pid}\n")  # the pidfile lies; the lock does not
+        status = empath("status", "-c", d.cfg)
+        assert status.returncode == 0 and f"empath is running (pid {pid}" in status.stdout
+        stopped = empath("stop", "-c", d.cfg)
+        assert stopped.returncode == 0 and f"empath stopped (pid {pid})" in stopped.stdout
+        assert gone(pid)
+        assert bystander.poll() is None  # never signalled
+    finally:
+        bystander.kill()
+        bystander.wait(10)
+
+
 @pytest.mark.parametrize("command", ["start", "run"])
 def test_config_error_at_start_forks_nothing(detached: Callable[..., Detached],
                                              command: str) -> None:
