@@ -28,6 +28,7 @@ import zlib
 from collections.abc import Coroutine
 from typing import Any
 
+from empath import cluster
 from empath.delivery import bounce, state
 from empath.delivery.dispatch import Dispatcher
 from empath.observe import audit, deliveries, metrics
@@ -470,7 +471,9 @@ async def serve(ctx: Any) -> None:
     """Run one delivery worker until ctx.stopping is set."""
     instruments = metrics.init(ctx.config)
     audit.init(ctx.config)
+    await cluster.start(ctx)  # fleet mode only: limits and breakers shared through Redis
     try:
         await DeliveryWorker(ctx).run()
     finally:
+        await cluster.stop()
         instruments.stop_flushing()
