@@ -11,9 +11,9 @@ A ``Fleet`` is made by ``empath.cluster.start`` in each receiver and delivery wo
   for its QUIT): the next delivery to the domain in this worker, which takes that pooled
   connection, takes the lease with it without a round trip; it is released when that time is
   up. Without reuse (``max_idle: 0``) a lease is released half a second after its delivery,
-  once the connection's QUIT is over. Held and parked leases are renewed together, one script per third of
-  ``lease_time``; released leases go in one script per event-loop turn. A node killed
-  outright stops renewing, and its leases expire within ``lease_time``.
+  once the connection's QUIT is over. Held and parked leases are renewed together, one
+  script per third of ``lease_time``; released leases go in one script per event-loop turn.
+  A node killed outright stops renewing, and its leases expire within ``lease_time``.
 - **rate limits** (``take``): GCRA in one script per destination (and ``*`` for
   ``delivery.rate_limits.global``), burst one second's worth (at least one message); the
   deliveries of a worker waiting on the same limit are served by one request for all of them.
