@@ -50,6 +50,7 @@ import empath
 from empath.cluster import node_name, scripts
 from empath.delivery import breaker as breaker_mod
 from empath.delivery import limits as limits_mod
+from empath.delivery.limits import QUIT_GRACE
 from empath.observe import metrics
 from empath.spool import dedup as dedup_mod
 
@@ -59,7 +60,6 @@ TICK = 0.5  # seconds between passes of the background loop
 WARN_EVERY = 60.0  # at most one "Redis unreachable" warning a minute
 LOCAL_TOKENS_VALID = 1.0  # seconds a batch of rate tokens may be spent locally
 POLL_MIN, POLL_MAX = 0.02, 0.25  # waiting for a lease: the first and the longest pause
-QUIT_GRACE = 0.5  # seconds a lease outlives its connection's last use (the QUIT exchange)
 ALIVE_HEARTBEATS = 3  # a node unheard of for this many heartbeats is gone
 NODE_RECORD_KEPT = 86400.0  # a gone node's record stays this long for the fleet view
 

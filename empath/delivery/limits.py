@@ -48,6 +48,7 @@ from empath.observe import metrics
 RATE_LIMITERS_KEPT = 1000  # beyond this many, limiters with a full bucket are dropped
 GLOBAL = "*"  # the rate-limit key of delivery.rate_limits.global
 FALLBACK_POLL = 0.05  # fleet mode without Redis: seconds between looks for a free slot
+QUIT_GRACE = 0.5  # fleet mode: seconds a slot outlives a delivery whose connection is closed
 
 
 class SharedLimits(Protocol):
@@ -188,13 +189,21 @@ class DestinationLimits:
         try:
             yield
         finally:
-            left = counts[domain] - 1
-            if left:
-                counts[domain] = left
-            else:
-                del counts[domain]
             if lease is not None:
+                self._done(counts, domain)
                 shared.release(lease)
+            elif self.delivery.connection_reuse.max_idle > 0:
+                self._done(counts, domain)
+            else:  # without reuse the connection is still closing: count it a little longer
+                asyncio.get_running_loop().call_later(QUIT_GRACE, self._done, counts, domain)
+
+    @staticmethod
+    def _done(counts: dict[str, int], domain: str) -> None:
+        left = counts[domain] - 1
+        if left:
+            counts[domain] = left
+        else:
+            del counts[domain]
 
     async def pace(self, domain: str) -> None:
         """Wait for the domain's rate limit and the global one (no-op without either)."""
