@@ -178,13 +178,16 @@ class DestinationLimits:
         """A lease from the fleet; while it cannot be asked, this node's share (deliveries
         of this worker still holding leases count against it)."""
         limit = self.configured(domain)[0]
-        lease = await shared.acquire(domain, limit)
-        counts = self._leased
-        if lease is None:
+        while True:
+            lease = await shared.acquire(domain, limit)  # None at once while Redis is down
+            if lease is not None:
+                counts = self._leased
+                break
             permits = share_of(max(1, limit // shared.nodes()), self.index, self.count, domain)
-            while (self._leased.get(domain, 0) + self._fallback.get(domain, 0)) >= permits:
-                await asyncio.sleep(FALLBACK_POLL)
-            counts = self._fallback
+            if self._leased.get(domain, 0) + self._fallback.get(domain, 0) < permits:
+                counts = self._fallback
+                break
+            await asyncio.sleep(FALLBACK_POLL)
         counts[domain] = counts.get(domain, 0) + 1
         try:
             yield
