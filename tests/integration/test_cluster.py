@@ -17,6 +17,9 @@ every node is thawed at once.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,7 +39,7 @@ from tests.integration.test_limits_e2e import (
     last_text,
     spool_messages,
 )
-from tests.integration.test_observability import scrape_when
+from tests.integration.test_observability import admin_url, http_get, scrape_when
 from tests.support.daemon import EmpathDaemon, deep_merge, wait_for
 from tests.support.dnsserver import DNSServer
 from tests.support.fixtures import DaemonFactory
@@ -209,7 +212,8 @@ def test_redis_down_mid_run(daemon_factory: DaemonFactory, dns: DNSServer,
         nodes = fleet(daemon_factory, 3, lambda name: {
             **node_config(name, redis_server, dns, sink.port,
                           domains={"example.test": {"max_connections": 4}}),
-            "metrics": {"listen_addr": "127.0.0.1:0"}})
+            "metrics": {"listen_addr": "127.0.0.1:0"},
+            "health": {"listen_addr": "127.0.0.1:0"}})
         for node in nodes:
             spool_messages(node, ids_per_worker(1, per_node), "example.test")
         scrape_when(nodes[0], "Redis up", empath_cluster_redis_up=1)
@@ -220,6 +224,11 @@ def test_redis_down_mid_run(daemon_factory: DaemonFactory, dns: DNSServer,
             node.wait_for(lambda n=node: "Redis at" in n.log_text()
                           and "unreachable" in n.log_text(), WAIT, "the warning")
         scrape_when(nodes[0], "Redis down", empath_cluster_redis_up=0)
+        code, body = http_get(admin_url(nodes[0], "health", "/health/detailed"))
+        detailed = json.loads(body)
+        assert detailed["checks"]["cluster"]["ok"] is False, detailed
+        assert "unreachable" in detailed["checks"]["cluster"]["detail"]
+        assert http_get(admin_url(nodes[0], "health", "/health/ready"))[0] == 200
         time.sleep(0.5)  # deliveries that held leases when Redis went away finish
         before = len(sink.messages)
         with sink._lock:
@@ -233,6 +242,8 @@ def test_redis_down_mid_run(daemon_factory: DaemonFactory, dns: DNSServer,
             node.wait_for(lambda n=node: "reachable again" in n.log_text(), WAIT,
                           "the return to shared limits")
         scrape_when(nodes[0], "Redis up again", empath_cluster_redis_up=1)
+        code, body = http_get(admin_url(nodes[0], "health", "/health/detailed"))
+        assert json.loads(body)["checks"]["cluster"]["ok"] is True
         seen: list[int] = []  # leases in Redis while the rest goes out
 
         def drained() -> bool:
@@ -315,3 +326,43 @@ def test_dedup_across_two_nodes(daemon_factory: DaemonFactory,
     # Stored once: by A, never by B.
     assert a.log_text().count("from=<a@example.org> size=") == 1
     assert b.log_text().count("from=<a@example.org> size=") == 0
+
+
+def empathctl(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "empath.ctl.cli", *args], capture_output=True,
+                          text=True, timeout=30)
+
+
+def test_cluster_status(daemon_factory: DaemonFactory, dns: DNSServer,
+                        redis_server: RedisServer) -> None:
+    # Two nodes: both listed alive with their queue counts; a domain's leases and breaker in
+    # the destinations; a node SIGKILLed is listed as gone once its heartbeats stop.
+    with SinkServer(Behaviour(delay=2.0), host="127.0.0.2") as sink:
+        a, b = fleet(daemon_factory, 2, lambda name: node_config(
+            name, redis_server, dns, sink.port,
+            domains={"example.test": {"max_connections": 3, "rate_limit": 600}}))
+        spool_messages(a, ids_per_worker(1, 2), "example.test")
+        thaw([a, b])
+        a.wait_for(lambda: leases(redis_server, "example.test") == 2, WAIT, "two leases")
+        r = empathctl("cluster", "status", "--json", "-c", str(a.config_path))
+        assert r.returncode == 0, r.stderr
+        doc = json.loads(r.stdout)
+        assert doc["this_node"] == "node0"
+        assert {n["name"]: n["alive"] for n in doc["nodes"]} == {"node0": True, "node1": True}
+        node0 = next(n for n in doc["nodes"] if n["name"] == "node0")
+        assert node0["version"] and "pending" in node0["queue"]
+        dest = doc["destinations"]["example.test"]
+        assert (dest["connections"], dest["max_connections"], dest["rate_limit"]) == (2, 3, 600)
+        text = empathctl("cluster", "status", "-c", str(b.config_path))
+        assert text.returncode == 0, text.stderr
+        assert "2 of 2 nodes alive" in text.stdout and "example.test" in text.stdout
+        b.kill()
+        a.wait_for(lambda: json.loads(empathctl("cluster", "status", "--json", "-c",
+                                                str(a.config_path)).stdout)["alive"] == 1,
+                   WAIT, "node1 listed as gone")
+    redis_server.stop()
+    down = empathctl("cluster", "status", "-c", str(a.config_path))
+    assert down.returncode == 1 and "cannot read the fleet" in down.stderr
+    single = daemon_factory(start=False)
+    off = empathctl("cluster", "status", "-c", str(single.config_path))
+    assert off.returncode == 1 and "cluster.url is not set" in off.stderr
