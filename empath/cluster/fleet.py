@@ -10,13 +10,16 @@ A ``Fleet`` is made by ``empath.cluster.start`` in each receiver and delivery wo
   in the worker's connection pool (``delivery.connection_reuse.max_idle``, plus half a second
   for its QUIT): the next delivery to the domain in this worker, which takes that pooled
   connection, takes the lease with it without a round trip; it is released when that time is
-  up. Without reuse (``max_idle: 0``) a lease is released half a second after its delivery,
-  once the connection's QUIT is over. Held and parked leases are renewed together, one
+  up, or at once when a delivery anywhere in the fleet waits for one (``want:<domain>``; the
+  idle connection then stays in the pool without a lease until ``max_idle``). Without reuse
+  (``max_idle: 0``) a lease is released half a second after its delivery, once the
+  connection's QUIT is over. Held and parked leases are renewed together, one
   script per third of ``lease_time``; released leases go in one script per event-loop turn.
   A node killed outright stops renewing, and its leases expire within ``lease_time``.
 - **rate limits** (``take``): GCRA in one script per destination (and ``*`` for
-  ``delivery.rate_limits.global``), burst one second's worth (at least one message); the
-  deliveries of a worker waiting on the same limit are served by one request for all of them.
+  ``delivery.rate_limits.global``), burst one second's worth (at least one message). Tokens
+  are taken in batches spent locally within a second: the deliveries waiting on the same limit
+  together, and a batch that doubles (up to the burst) while each one is used up in time.
 - **breakers** (``verdict``, ``opened``, ``closed``): ``brk:`` keys with the cool-down as TTL;
   a background refresh mirrors them each tick so a delivery is deferred before it waits for a
   lease, and the lease script is the exact word (it also hands out the single probe).
@@ -56,10 +59,12 @@ from empath.spool import dedup as dedup_mod
 
 log = logging.getLogger("empath.cluster")
 
-TICK = 0.5  # seconds between passes of the background loop
+TICK = 0.5  # seconds between passes of the background loop (Redis down: one PING a pass)
+FAST_TICK = 0.1  # while this process holds leases: how often it asks who else waits
 WARN_EVERY = 60.0  # at most one "Redis unreachable" warning a minute
 LOCAL_TOKENS_VALID = 1.0  # seconds a batch of rate tokens may be spent locally
-POLL_MIN, POLL_MAX = 0.02, 0.25  # waiting for a lease: the first and the longest pause
+POLL_MIN, POLL_MAX = 0.005, 0.05  # waiting for a lease: the first and the longest pause
+POOL_SIZE = 32  # Redis connections per process (most: one per busy destination)
 ALIVE_HEARTBEATS = 3  # a node unheard of for this many heartbeats is gone
 NODE_RECORD_KEPT = 86400.0  # a gone node's record stays this long for the fleet view
 
@@ -107,6 +112,7 @@ class _Bucket:
     tokens: int = 0
     until: float = 0.0
     waiting: int = 0
+    batch: int = 1  # tokens asked for next time: doubles while batches are used up in time
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -119,17 +125,27 @@ class Fleet:
         self.prefix = c.key_prefix
         self.lease_ms = int(c.lease_time * 1000)
         self.heartbeat = float(c.heartbeat)
-        self.redis: Any = aioredis.Redis.from_url(c.url, **connection_options(cfg))
+        # A few connections per process, shared by every coroutine (one waits for a free
+        # one at most cluster.timeout); each script is one short round trip.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            c.url, max_connections=POOL_SIZE, timeout=c.timeout, **connection_options(cfg))
+        self.redis: Any = aioredis.Redis(connection_pool=pool)
         self.up = False
         self.alive = 1  # nodes last seen alive (for the fallback shares)
         self._warned = 0.0
         self._down_since: float | None = None
         self._scripts = {name: self.redis.register_script(getattr(scripts, name))
                          for name in ("ACQUIRE", "RENEW", "RELEASE", "TAKE", "OPEN", "CLOSE",
-                                      "BREAKERS", "DEDUP_CLAIM", "DELETE_IF", "HEARTBEAT")}
+                                      "BREAKERS", "DEDUP_CLAIM", "DELETE_IF", "HEARTBEAT",
+                                      "WANTED")}
         self._held: dict[str, str] = {}  # lease id -> domain (in use)
         self._parked: dict[str, list[tuple[str, float]]] = {}  # domain -> [(id, since)]
         self._releasing: list[tuple[str, str]] = []
+        self._acquiring: dict[str, list[Any]] = {}  # domain -> [lock, deliveries waiting]
+        self._others: dict[str, int] = {}  # destination -> other processes waiting for it
+        self._limits: dict[str, int] = {}  # destination -> its limit, as last asked
+        self._counts: dict[str, int] = {}  # destination -> leases this process uses
+        self.process = f"{self.node}:{os.getpid()}"
         self._release_task: asyncio.Task[None] | None = None
         self._freed: dict[str, asyncio.Event] = {}
         self._buckets: dict[str, _Bucket] = {}
@@ -139,6 +155,7 @@ class Fleet:
         self._loop_task: asyncio.Task[None] | None = None
         self._last_renew = 0.0
         self._last_beat = 0.0
+        self._last_slow = 0.0
         # A finished delivery's connection may stay open this long (idle in the pool, then
         # its QUIT): its lease stays parked as long.
         self.reuse = float(cfg.delivery.connection_reuse.max_idle) > 0
@@ -224,7 +241,7 @@ class Fleet:
     # -- the background loop ------------------------------------------------------------------
     async def _loop(self) -> None:
         while True:
-            await asyncio.sleep(TICK)
+            await asyncio.sleep(FAST_TICK)
             try:
                 await self._tick()
             except Unavailable:
@@ -235,12 +252,18 @@ class Fleet:
                 log.exception("cluster: background pass failed")
 
     async def _tick(self) -> None:
+        now = time.monotonic()
+        if self._parked or self._held:
+            self._expire_parked(now)
+            if self.up:  # a fair part of a busy destination is learnt quickly
+                await self._give_back_wanted()
+        if now - self._last_slow < TICK:
+            return
+        self._last_slow = now
         if not self.up:
             await self._probe()
             if not self.up:
                 return
-        now = time.monotonic()
-        self._expire_parked(now)
         if self.kind == "delivery":
             if now - self._last_renew >= self.lease_ms / 3000:
                 await self._renew()
@@ -286,6 +309,9 @@ class Fleet:
     def _conn(self, domain: str) -> str:
         return f"{self.prefix}conn:{domain}"
 
+    def _want(self, domain: str) -> str:
+        return f"{self.prefix}want:{domain}"
+
     def _brk(self, part: str, domain: str) -> str:
         return f"{self.prefix}brk:{part}:{domain}"
 
@@ -294,19 +320,53 @@ class Fleet:
         are taken); a lease without a slot when the breaker is open; None when Redis cannot
         be used (the caller keeps to this node's share)."""
         _granted.set(None)
+        self._limits[domain] = limit
+        quick = self._take_parked(domain)
+        if quick is not None:
+            return quick
+        # One delivery per destination asks Redis at a time; the others of this process wait
+        # for it here (a busy destination costs one poll, not one per waiting delivery).
+        waiting = self._acquiring.get(domain)
+        if waiting is None:
+            waiting = self._acquiring[domain] = [asyncio.Lock(), 0]
+        waiting[1] += 1
+        try:
+            async with waiting[0]:
+                return await self._acquire(domain, limit)
+        finally:
+            waiting[1] -= 1
+            if not waiting[1]:
+                del self._acquiring[domain]
+                self._freed.pop(domain, None)
+
+    def _take_parked(self, domain: str) -> Lease | None:
+        """A parked lease of ``domain``, unless its breaker is not closed or a delivery
+        elsewhere waits for the destination (then the lease goes back to Redis)."""
+        lease = self._unpark(domain)
+        if lease is None:
+            return None
+        if domain in self._mirror or not self._may_keep(domain):
+            self._release_later(domain, lease)
+            for other, _ in self._parked.pop(domain, []):
+                self._release_later(domain, other)
+            return None
+        self._hold(lease, domain)  # no round trip
+        _granted.set((domain, CLOSED, 0.0, 0))
+        return Lease(domain, lease)
+
+    async def _acquire(self, domain: str, limit: int) -> Lease | None:
         pause = POLL_MIN
         while True:
-            lease = self._unpark(domain)
-            if lease is not None and domain not in self._mirror:
-                self._held[lease] = domain  # a parked lease: no round trip
-                _granted.set((domain, CLOSED, 0.0, 0))
-                return Lease(domain, lease)
-            lease = lease or uuid.uuid4().hex
+            quick = self._take_parked(domain)
+            if quick is not None:
+                return quick
+            lease = uuid.uuid4().hex
             try:
                 granted, state, ms, failures = await self._run(
                     "ACQUIRE", [self._conn(domain), self._brk("open", domain),
-                                self._brk("half", domain), self._brk("probe", domain)],
-                    [limit, lease, self.lease_ms, self.node])
+                                self._brk("half", domain), self._brk("probe", domain),
+                                self._want(domain)],
+                    [limit, lease, self.lease_ms, self.node, self.process])
             except Unavailable:
                 return None
             verdict = (CLOSED, OPEN, PROBE, PROBING)[int(state)]
@@ -314,10 +374,9 @@ class Fleet:
                 self._mirror[domain] = (verdict, time.monotonic() + int(ms) / 1000,
                                         int(failures))
                 _granted.set((domain, verdict, int(ms) / 1000, int(failures)))
-                self._release_later(domain, lease)  # a parked one: give it back
                 return Lease(domain, None)
             if int(granted):
-                self._held[lease] = domain
+                self._hold(lease, domain)
                 if verdict == CLOSED:
                     self._mirror.pop(domain, None)
                 _granted.set((domain, verdict, 0.0, 0))
@@ -344,7 +403,12 @@ class Fleet:
         it back (in the next batch)."""
         if lease.id is None or self._held.pop(lease.id, None) is None:
             return
-        if not self.up:
+        left = self._counts.get(lease.domain, 1) - 1
+        if left > 0:
+            self._counts[lease.domain] = left
+        else:
+            self._counts.pop(lease.domain, None)
+        if not self.up or (self.reuse and not self._may_keep(lease.domain)):
             self._release_later(lease.domain, lease.id)
         elif self.reuse:
             self._parked.setdefault(lease.domain, []).append((lease.id, time.monotonic()))
@@ -368,6 +432,34 @@ class Fleet:
             else:
                 del self._parked[domain]
                 self._freed.pop(domain, None)
+
+    def _hold(self, lease: str, domain: str) -> None:
+        self._held[lease] = domain
+        self._counts[domain] = self._counts.get(domain, 0) + 1
+
+    def _may_keep(self, domain: str) -> bool:
+        """Whether this process may keep one more lease of ``domain`` for itself (parked, or
+        handed to its next delivery): always while no other process waits for the
+        destination, else while it uses less than its fair part of the limit."""
+        others = self._others.get(domain, 0)
+        if not others:
+            return True
+        fair = -(-self._limits.get(domain, 1) // (others + 1))
+        return self._counts.get(domain, 0) + len(self._parked.get(domain, ())) < fair
+
+    async def _give_back_wanted(self) -> None:
+        """Learn how many other processes wait for each destination this process holds
+        leases of; parked leases beyond the fair part go back."""
+        domains = list(set(self._parked) | set(self._held.values()))
+        counts = await self._run("WANTED", [self._want(d) for d in domains], [self.process])
+        self._others = {d: int(n) for d, n in zip(domains, counts, strict=True) if int(n)}
+        self._limits = {d: n for d, n in self._limits.items()
+                        if d in self._acquiring or d in self._counts or d in self._parked}
+        for domain in list(self._parked):
+            while self._parked.get(domain) and not self._may_keep(domain):
+                lease = self._unpark(domain)
+                if lease is not None:
+                    self._release_later(domain, lease)
 
     def _release_later(self, domain: str, lease: str) -> None:
         self._releasing.append((domain, lease))
@@ -409,7 +501,14 @@ class Fleet:
                     if bucket.tokens > 0 and time.monotonic() < bucket.until:
                         bucket.tokens -= 1
                         return waited
-                    want = min(burst, bucket.waiting)
+                    # Used up the last batch in time: ask for twice as many (one round trip
+                    # for many messages); let one expire unused: back to what is waiting.
+                    now = time.monotonic()
+                    if bucket.until and now < bucket.until:
+                        bucket.batch = min(burst, bucket.batch * 2)
+                    elif bucket.until:
+                        bucket.batch = 1
+                    want = min(burst, max(bucket.waiting, bucket.batch))
                     try:
                         got, wait_ms = await self._run(
                             "TAKE", [f"{self.prefix}rate:{key}"], [interval, burst, want])
@@ -419,6 +518,7 @@ class Fleet:
                         bucket.tokens = int(got) - 1
                         bucket.until = time.monotonic() + LOCAL_TOKENS_VALID
                         return waited
+                    bucket.until = 0.0
                     waited = True
                     await asyncio.sleep(min(max(float(wait_ms), 1.0), 5000.0) / 1000)
         finally:

@@ -4,6 +4,8 @@ the time from the server (``TIME``), so the nodes' clocks never have to agree.
 Key layout (every key starts with ``cluster.key_prefix``, default ``empath:``):
 
 - ``conn:<domain>``: sorted set of connection leases, member = lease id, score = expiry (ms);
+  ``want:<domain>``: sorted set of the processes waiting for one of them (for 2 s after their
+  last try): a process holds at most its fair part while others wait;
 - ``rate:<domain>`` and ``rate:*`` (the global limit): GCRA theoretical arrival time (ms);
 - ``brk:open:<domain>``: the breaker is open (value: failures; TTL: the cool-down);
   ``brk:half:<domain>``: a probe is owed (set with the breaker, removed when it closes);
@@ -21,7 +23,7 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
-# KEYS: conn, open, half, probe; ARGV: limit, lease id, lease ms, node.
+# KEYS: conn, open, half, probe, want; ARGV: limit, lease id, lease ms, node, process.
 # Returns {granted, state, ms, failures}: state 0 closed, 1 open (ms left), 2 this lease is the
 # probe, 3 another probe is out. A lease id already in the set is renewed (a parked lease).
 ACQUIRE = _NOW + """
@@ -37,7 +39,12 @@ end
 local ms = tonumber(ARGV[3])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 if not redis.call('ZSCORE', KEYS[1], ARGV[2]) then
-  if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return {0, 0, 0, '0'} end
+  if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then
+    redis.call('ZADD', KEYS[5], now + 2000, ARGV[5])
+    redis.call('PEXPIRE', KEYS[5], 2000)
+    return {0, 0, 0, '0'}
+  end
+  redis.call('ZREM', KEYS[5], ARGV[5])
 end
 redis.call('ZADD', KEYS[1], now + ms, ARGV[2])
 redis.call('PEXPIRE', KEYS[1], 2 * ms)
@@ -133,4 +140,14 @@ redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
 redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[5]))
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[5]))
 return redis.call('ZCOUNT', KEYS[1], now - tonumber(ARGV[4]), '+inf')
+"""
+
+# KEYS: want keys; ARGV: this process. How many other processes wait on each key.
+WANTED = _NOW + """
+local out = {}
+for i, key in ipairs(KEYS) do
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  out[i] = redis.call('ZCARD', key) - (redis.call('ZSCORE', key, ARGV[1]) and 1 or 0)
+end
+return out
 """

@@ -366,3 +366,34 @@ def test_cluster_status(daemon_factory: DaemonFactory, dns: DNSServer,
     single = daemon_factory(start=False)
     off = empathctl("cluster", "status", "-c", str(single.config_path))
     assert off.returncode == 1 and "cluster.url is not set" in off.stderr
+
+
+def test_redis_password_only_from_a_file(tmp_path: Path) -> None:
+    from empath.config import ConfigError, load_config
+
+    conf = tmp_path / "empath.yaml"
+    conf.write_text(f"base_dir: {tmp_path}\ncluster:\n  url: redis://:secret@127.0.0.1:6379\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(str(conf))
+    assert "password_file" in str(err.value) and "secret" not in str(err.value)
+    conf.write_text(f"base_dir: {tmp_path}\ncluster:\n  url: http://127.0.0.1:6379\n")
+    with pytest.raises(ConfigError, match="redis://"):
+        load_config(str(conf))
+
+
+def test_redis_password_file(tmp_path: Path) -> None:
+    # A Redis that requires a password: the right one from cluster.password_file gets in,
+    # a wrong one is refused with a clear error.
+    with RedisServer(tmp_path / "redis", password="s3cret-pw") as server:
+        secret = tmp_path / "redis.pass"
+        conf = tmp_path / "empath.yaml"
+        for password, ok in (("s3cret-pw", True), ("wrong", False)):
+            secret.write_text(password + "\n")
+            conf.write_text(f"base_dir: {tmp_path}\nspool: {{path: {tmp_path}/spool}}\n"
+                            f"cluster:\n  url: {server.url}\n  password_file: {secret}\n")
+            r = empathctl("cluster", "status", "--json", "-c", str(conf))
+            assert (r.returncode == 0) is ok, r.stderr
+            if ok:
+                assert json.loads(r.stdout)["nodes"] == []
+            else:
+                assert "cannot read the fleet" in r.stderr and "wrong" not in r.stderr

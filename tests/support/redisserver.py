@@ -29,7 +29,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class RedisServer:
-    def __init__(self, directory: os.PathLike[str] | str, port: int | None = None) -> None:
+    def __init__(self, directory: os.PathLike[str] | str, port: int | None = None,
+                 password: str | None = None) -> None:
         binary = shutil.which("redis-server") or "/usr/bin/redis-server"
         if not os.path.exists(binary):
             raise RuntimeError("redis-server is missing: run tools/install-test-deps")
@@ -37,6 +38,7 @@ class RedisServer:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
+        self.password = password
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -48,7 +50,9 @@ class RedisServer:
         self.proc = subprocess.Popen(
             [self.binary, "--bind", "127.0.0.1", "--port", str(self.port), "--dir",
              str(self.dir), "--save", "", "--appendonly", "no", "--protected-mode", "no",
-             "--daemonize", "no"], stdout=log, stderr=subprocess.STDOUT)
+             "--daemonize", "no",
+             *(["--requirepass", self.password] if self.password else [])],
+            stdout=log, stderr=subprocess.STDOUT)
         log.close()
         deadline = time.monotonic() + timeout
         while True:
@@ -65,8 +69,8 @@ class RedisServer:
     def client(self) -> Any:
         import redis
 
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2,
-                           socket_connect_timeout=2, decode_responses=True)
+        return redis.Redis(host="127.0.0.1", port=self.port, password=self.password,
+                           socket_timeout=2, socket_connect_timeout=2, decode_responses=True)
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after 5 s (by pid)."""
