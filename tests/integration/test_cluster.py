@@ -115,7 +115,8 @@ def leases(redis: RedisServer, domain: str) -> int:
 def test_max_connections_hold_for_the_fleet(daemon_factory: DaemonFactory, dns: DNSServer,
                                             redis_server: RedisServer) -> None:
     # Three nodes of two workers: each node alone would open 4 connections, 12 together.
-    with SinkServer(Behaviour(delay=0.05), host="127.0.0.2") as sink:
+    # The sink answers QUIT at once: a lease outlives its delivery by QUIT_GRACE for the QUIT.
+    with SinkServer(Behaviour(delay=0.05, quit_delay=0), host="127.0.0.2") as sink:
         nodes = fleet(daemon_factory, 3, lambda name: node_config(
             name, redis_server, dns, sink.port, workers=2,
             domains={"example.test": {"max_connections": 4}}))
@@ -208,7 +209,7 @@ def test_redis_down_mid_run(daemon_factory: DaemonFactory, dns: DNSServer,
     # max_connections 4 over three nodes: shared while Redis runs; each node's share
     # (4 // 3 = 1) while it does not; shared again once it is back. 20 messages per node.
     per_node = 20
-    with SinkServer(Behaviour(delay=0.03), host="127.0.0.2") as sink:
+    with SinkServer(Behaviour(delay=0.03, quit_delay=0), host="127.0.0.2") as sink:
         nodes = fleet(daemon_factory, 3, lambda name: {
             **node_config(name, redis_server, dns, sink.port,
                           domains={"example.test": {"max_connections": 4}}),

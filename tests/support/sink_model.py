@@ -37,6 +37,7 @@ class Behaviour:
     final_reply: ReplySpec = (250, "2.0.0 queued as {n}")
     rset_reply: ReplySpec = (250, "2.0.0 reset")
     delay: float = 0.0  # before every reply
+    quit_delay: float | None = None  # before the QUIT reply; None: delay
     disconnect_after_data_bytes: int | None = None  # drop the connection mid-DATA
 
     @property
