@@ -398,3 +398,54 @@ def test_redis_password_file(tmp_path: Path) -> None:
                 assert json.loads(r.stdout)["nodes"] == []
             else:
                 assert "cannot read the fleet" in r.stderr and "wrong" not in r.stderr
+
+
+def test_single_node_never_imports_redis(tmp_path: Path) -> None:
+    # Every role's code path of a node without cluster.url, in a fresh interpreter.
+    code = ("import sys, empath.delivery.worker, empath.smtp.server, empath.observe.admin, "
+            "empath.observe.health, empath.ctl.cli, empath.cluster;"
+            "print(sorted(m for m in sys.modules if m == 'redis' or m.startswith('redis.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_global_rate_limit(tmp_path: Path, redis_server: RedisServer) -> None:
+    # delivery.rate_limits.global: 60 a minute for all destinations together, on a single
+    # node (each worker's token bucket) and in a fleet (GCRA key rate:* in Redis, a burst of
+    # one): after the first message, the next one to any domain waits.
+    import asyncio
+
+    from empath.cluster.fleet import Fleet
+    from empath.config import load_config
+    from empath.delivery import limits
+
+    conf = tmp_path / "empath.yaml"
+    conf.write_text(f"base_dir: {tmp_path}\nspool: {{path: {tmp_path}/spool}}\n"
+                    "delivery: {rate_limits: {global: 60}}\n"
+                    f"cluster: {{url: '{redis_server.url}', node_name: n1}}\n")
+    cfg = load_config(str(conf))
+
+    async def run() -> list[bool]:
+        got = []
+        for fleet_mode in (False, True):
+            fleet = Fleet(cfg, "delivery") if fleet_mode else None
+            if fleet is not None:
+                await fleet.start()
+            try:
+                dl = limits.DestinationLimits(cfg.delivery, (1, 1))
+                if not fleet_mode:  # a bucket of one for a quick test: 60/min, capacity 60
+                    dl._rates[limits.GLOBAL] = limits.RateLimiter(60, capacity=1)
+                await asyncio.wait_for(dl.pace("one.test"), 5)
+                try:
+                    await asyncio.wait_for(dl.pace("two.test"), 0.3)
+                    got.append(False)
+                except TimeoutError:
+                    got.append(True)
+            finally:
+                if fleet is not None:
+                    await fleet.close()
+        return got
+
+    assert asyncio.run(run()) == [True, True]
+    assert redis_server.client().exists("empath:rate:*") == 1
