@@ -19,7 +19,8 @@ A ``Fleet`` is made by ``empath.cluster.start`` in each receiver and delivery wo
 - **rate limits** (``take``): GCRA in one script per destination (and ``*`` for
   ``delivery.rate_limits.global``), burst one second's worth (at least one message). Tokens
   are taken in batches spent locally within a second: the deliveries waiting on the same limit
-  together, and a batch that doubles (up to the burst) while each one is used up in time.
+  together, and a batch that doubles (up to a quarter of the burst) while each one is used up
+  in time.
 - **breakers** (``verdict``, ``opened``, ``closed``): ``brk:`` keys with the cool-down as TTL;
   a background refresh mirrors them each tick so a delivery is deferred before it waits for a
   lease, and the lease script is the exact word (it also hands out the single probe).
@@ -503,12 +504,16 @@ class Fleet:
                         return waited
                     # Used up the last batch in time: ask for twice as many (one round trip
                     # for many messages); let one expire unused: back to what is waiting.
+                    # At most a quarter of the burst at a time: tokens held here are spent
+                    # a little later than taken, and what all processes hold may come out
+                    # at once on top of the burst (so slow limits are not batched at all).
+                    cap = max(1, burst // 4)
                     now = time.monotonic()
                     if bucket.until and now < bucket.until:
-                        bucket.batch = min(burst, bucket.batch * 2)
+                        bucket.batch = min(cap, bucket.batch * 2)
                     elif bucket.until:
                         bucket.batch = 1
-                    want = min(burst, max(bucket.waiting, bucket.batch))
+                    want = min(cap, max(bucket.waiting, bucket.batch))
                     try:
                         got, wait_ms = await self._run(
                             "TAKE", [f"{self.prefix}rate:{key}"], [interval, burst, want])
