@@ -358,9 +358,13 @@ def test_cluster_status(daemon_factory: DaemonFactory, dns: DNSServer,
         assert text.returncode == 0, text.stderr
         assert "2 of 2 nodes alive" in text.stdout and "example.test" in text.stdout
         b.kill()
-        a.wait_for(lambda: json.loads(empathctl("cluster", "status", "--json", "-c",
-                                                str(a.config_path)).stdout)["alive"] == 1,
-                   WAIT, "node1 listed as gone")
+        from empath.cluster.view import fleet_view
+        from empath.config import load_config
+
+        cfg = load_config(str(a.config_path))
+        a.wait_for(lambda: fleet_view(cfg)["alive"] == 1, WAIT, "node1 listed as gone")
+        gone = {n["name"]: n["alive"] for n in fleet_view(cfg)["nodes"]}
+        assert gone == {"node0": True, "node1": False}
     redis_server.stop()
     down = empathctl("cluster", "status", "-c", str(a.config_path))
     assert down.returncode == 1 and "cannot read the fleet" in down.stderr
