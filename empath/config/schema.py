@@ -110,6 +110,30 @@ class _Strategy(Str):
         self.describe = "smtp, webhook or package.module:Class"
 
 
+class _RedisURL(Str):
+    """A redis:// or rediss:// (TLS) URL with a host and no password in it (cluster.url)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.describe = "a redis:// or rediss:// URL"
+
+    def convert(self, value: Any, ctx: Any) -> Any:
+        text = super().convert(value, ctx)
+        try:
+            parts = urlsplit(text)
+            port = parts.port  # ValueError when it is not a number from 0 to 65535
+        except ValueError as exc:
+            raise ValueError(f"{text!r} is not {self.describe}: {exc}") from None
+        if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+            raise ValueError(f"{text!r} is not {self.describe} with a host")
+        if parts.password is not None:
+            raise ValueError("no password in the URL: it would sit in the configuration and "
+                             "the logs; use cluster.password_file")
+        if port == 0:
+            raise ValueError(f"{text!r}: port 0")
+        return text
+
+
 class _DNSSECMode(Str):
     """off | log | enforce; YAML 1.1 reads a bare ``off`` as false, so false is off too."""
 
@@ -443,6 +467,10 @@ SCHEMA = Section("", "Empath configuration.", (
                 "Messages per minute per destination domain, all delivery workers together "
                 "(each worker sends its share: a token bucket refilled at the rate divided by "
                 "processes.delivery); null: unlimited.", nullable=True),
+            Key("global", Int(1), None,
+                "Messages per minute to all remote destinations together: this node's "
+                "delivery workers together, or with cluster.url set every node of the fleet "
+                "together; null: unlimited.", nullable=True),
         )),
         Section("mta_sts", "MTA-STS (RFC 8461): domains that publish an _mta-sts TXT record "
                 "and a policy at https://mta-sts.<domain>/.well-known/mta-sts.txt. Policy "
@@ -575,5 +603,35 @@ SCHEMA = Section("", "Empath configuration.", (
             nullable=True),
         Key("redact_local_parts", Bool(), False,
             "Write addresses as ***@domain (the domain is kept for routing questions)."),
+    )),
+    Section("cluster", "Fleet mode (docs/DEPLOYMENT.md, \"Several nodes\"): several nodes, "
+            "each with its own spool, share their per-destination connection and rate limits, "
+            "circuit breakers and the duplicate window through one Redis server. Off while "
+            "url is null (no Redis client is even loaded).", (
+        Key("url", _RedisURL(), None,
+            "redis://host:port or rediss://host:port (TLS) of the Redis server; null: this "
+            "node stands alone.", nullable=True),
+        Key("password_file", Path(), None,
+            "File holding the Redis password (its first line), or a user name and password "
+            "on one line separated by a space (Redis ACL); null: no AUTH.", nullable=True),
+        Key("ca_file", Path(), None,
+            "CA bundle for a rediss:// server's certificate; null: the system store.",
+            nullable=True),
+        Key("db", Int(0, 1000), 0, "Redis database number."),
+        Key("key_prefix", Str(pattern=r"^[A-Za-z0-9:._-]{0,64}$"), "empath:",
+            "Prefix of every key Empath writes, so several fleets can share one server."),
+        Key("node_name", Str(pattern=r"^[A-Za-z0-9._-]{1,128}$"), None,
+            "This node's name in the fleet (unique per node); null: the host name.",
+            nullable=True),
+        Key("lease_time", Duration(2, 3600), 30.0,
+            "A connection lease lives this long unless renewed (renewed every third of it "
+            "while the connection is open): a node killed outright frees its connection "
+            "slots within this time."),
+        Key("heartbeat", Duration(0.5, 600), 5.0,
+            "How often each node writes its heartbeat (name, version, queue counts, open "
+            "breakers); a node unheard of for three heartbeats counts as gone."),
+        Key("timeout", Duration(0.05, 60), 1.0,
+            "One Redis round trip; longer (or a refused connection) counts as Redis down: "
+            "each node then keeps to its share of every limit until Redis answers again."),
     )),
 ))

@@ -1,6 +1,7 @@
 """The ``empathctl`` command: operator tools that work on the spool directly.
 
     empathctl queue list|view|retry|flush|delete|hold|release|freeze|unfreeze|stats ...
+    empathctl cluster status [--json]
     empathctl version
 
 Every command takes ``--spool PATH`` or ``-c CONFIG`` and reads and renames spool files itself
@@ -65,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     from empath.ctl import dkimkeys
 
     dkimkeys.add_arguments(p)
+    p = top.add_parser("cluster", help="fleet mode: the nodes and their shared limits")
+    from empath.ctl import cluster
+
+    cluster.add_arguments(p)
     q = top.add_parser("queue", help="list, inspect and change queued messages",
                        description="Queue management. Statuses: pending (incoming/), active "
                        "(claimed by a delivery worker), deferred, held, failed, corrupt.")

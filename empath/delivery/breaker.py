@@ -18,6 +18,14 @@ The state lives in one worker's memory: with M workers a dead destination costs 
 own. That keeps workers independent (they share nothing but the spool) at the price of a few
 extra connection attempts. Entries of domains that are fine are dropped; the table is bounded.
 
+Fleet mode (``cluster.url``): a backend (``set_backend``; ``empath/cluster/fleet.py``) holds
+each destination's breaker for every node together. A worker still counts failures itself;
+when its breaker opens (or its probe fails) it opens the fleet's, for the cool-down, and a
+delivery that reaches a server closes it. While the backend is usable its word decides
+``check`` and ``admit``: open defers on every node without a connection attempt, and after the
+cool-down exactly one delivery in the fleet probes. While it is not (Redis down) the local
+breakers above decide alone.
+
 Never opens a connection and never touches the spool; the clock is injectable for tests.
 """
 
@@ -28,7 +36,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from empath.delivery.errors import TemporaryError
 from empath.observe import metrics
@@ -51,6 +59,41 @@ class _State:
 
 class CircuitOpen(TemporaryError):
     """The breaker of the destination is open: deferred without a connection attempt."""
+
+
+class SharedBreakers(Protocol):
+    """Breaker state held for a whole fleet of nodes (fleet mode's backend)."""
+
+    def usable(self) -> bool:
+        """Whether the fleet's state can be trusted now (else the local breakers decide)."""
+
+    def verdict(self, domain: str, admitted: bool) -> tuple[str, float, int]:
+        """``(state, seconds left, failures)``: CLOSED, OPEN, PROBE (this delivery is the
+        fleet's probe) or "probing" (another one is); ``admitted``: asked inside the
+        connection slot, whose acquisition brought the fleet's exact word."""
+
+    def opened(self, domain: str, cooldown: float, failures: int) -> None:
+        """This worker's breaker for ``domain`` opened (or its probe failed)."""
+
+    def closed(self, domain: str) -> None:
+        """A delivery to ``domain`` reached a server."""
+
+    def probe_over(self, domain: str) -> None:
+        """A probe ended with no word on the destination: another may probe."""
+
+
+_backend: SharedBreakers | None = None
+
+
+def set_backend(backend: SharedBreakers | None) -> None:
+    """Install (or remove) the fleet's breaker state for this process."""
+    global _backend
+    _backend = backend
+
+
+def _shared() -> SharedBreakers | None:
+    backend = _backend
+    return backend if backend is not None and backend.usable() else None
 
 
 class CircuitBreakers:
@@ -90,15 +133,41 @@ class CircuitBreakers:
     def check(self, domain: str) -> None:
         """Raise CircuitOpen while the breaker of ``domain`` is open (before waiting for a
         connection slot: such a delivery is deferred at once)."""
+        shared = _shared()
+        if shared is not None:
+            state, left, failures = shared.verdict(domain, admitted=False)
+            if state == OPEN:
+                raise self._shared_refusal(domain, state, left, failures)
+            return
         entry = self._states.get(domain)
         if entry is not None and entry.open_until is not None:
             now = self.clock()
             if entry.probing or now < entry.open_until:
                 raise self._refusal(domain, entry, now)
 
+    def _shared_refusal(self, domain: str, state: str, left: float,
+                        failures: int) -> CircuitOpen:
+        entry = self._states.get(domain)
+        failures = max(failures, entry.failures if entry is not None else 0)
+        if state == OPEN:
+            until = self.wall() + max(0.0, left)
+            return CircuitOpen.make("circuit_open", domain=domain, failures=failures,
+                                    until=time.strftime("%H:%M:%S", time.localtime(until)))
+        return CircuitOpen.make("circuit_probing", domain=domain, failures=failures)
+
     def admit(self, domain: str) -> bool:
         """Let a delivery to ``domain`` go ahead: True when it is the probe. Raises
         CircuitOpen while the breaker is open (or another delivery is probing)."""
+        shared = _shared()
+        if shared is not None:
+            state, left, failures = shared.verdict(domain, admitted=True)
+            if state == PROBE:
+                log.info("circuit breaker for %s: cool-down over, one probe delivery in the "
+                         "fleet", domain)
+                return True
+            if state != CLOSED:
+                raise self._shared_refusal(domain, state, left, failures)
+            return False
         entry = self._states.get(domain)
         if entry is None or entry.open_until is None:
             return False
@@ -112,16 +181,23 @@ class CircuitBreakers:
     def record(self, domain: str, outcome: str, probe: bool = False) -> None:
         """What a delivery admitted by ``admit`` found (REACHED, UNREACHABLE, UNKNOWN)."""
         entry = self._states.get(domain)
+        shared = _backend
         if entry is not None and probe:
             entry.probing = False
         if outcome == REACHED:
+            if shared is not None and (probe or (entry is not None and entry.open_until)):
+                shared.closed(domain)
             if entry is not None:
                 del self._states[domain]
                 if entry.open_until is not None:
                     self._opened(-1)
                     log.warning("circuit breaker for %s closed: a server answered", domain)
+            elif probe:
+                log.warning("circuit breaker for %s closed: a server answered", domain)
             return
         if outcome != UNREACHABLE:
+            if probe and shared is not None:
+                shared.probe_over(domain)
             return
         threshold, cooldown = self.settings(domain)
         if threshold <= 0:
@@ -131,13 +207,19 @@ class CircuitBreakers:
             self._trim(keep=domain)
         self._states.move_to_end(domain)
         entry.failures += 1
-        if probe or (entry.open_until is None and entry.failures >= threshold):
+        # In a fleet, a failure past the threshold while the fleet's breaker was closed (by
+        # another node's probe) opens it again.
+        again = (shared is not None and shared.usable() and entry.open_until is not None
+                 and entry.failures >= threshold)
+        if probe or again or (entry.open_until is None and entry.failures >= threshold):
             if entry.open_until is None:
                 self._opened(1)
             entry.open_until = self.clock() + cooldown
             log.warning("circuit breaker for %s open: %d connection failures in a row; "
                         "deliveries deferred without trying for %gs", domain, entry.failures,
                         cooldown)
+            if shared is not None:
+                shared.opened(domain, cooldown, entry.failures)
 
     def _opened(self, change: int) -> None:
         """One breaker opened (+1) or closed or was dropped while open (-1)."""

@@ -20,6 +20,15 @@ division is static: worker ``index`` (1-based) of ``count`` takes its *share*:
 A worker's share is fixed: mail for one domain that happens to sit with one worker moves at that
 worker's share only. Waiting for a token is counted in ``empath_rate_limit_waits_total``.
 
+``delivery.rate_limits.global`` is one more limit of the same kind over every remote
+destination together (key ``*``), divided among the workers the same way.
+
+Fleet mode (``cluster.url``): a backend (``set_backend``; ``empath/cluster/fleet.py``) holds the
+limits for every node together: ``slot`` takes a connection lease from it and ``pace`` tokens
+of a fleet-wide GCRA, and the worker shares above do not apply. While the backend cannot reach
+Redis it says so (``acquire``/``take`` return None) and the node keeps to its share instead:
+each limit divided by the nodes last seen alive (at least 1), then among its workers as above.
+
 Within one worker the connection limit is an ``asyncio.Semaphore`` per domain, dropped once no
 delivery uses it; rate limiters are kept while they matter (see ``forget``). Never opens a
 connection and never touches the spool.
@@ -40,11 +49,41 @@ import zlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, Protocol
 
 from empath.observe import metrics
 
 RATE_LIMITERS_KEPT = 1000  # beyond this many, limiters with a full bucket are dropped
+GLOBAL = "*"  # the rate-limit key of delivery.rate_limits.global
+FALLBACK_POLL = 0.05  # fleet mode without Redis: seconds between looks for a free slot
+QUIT_GRACE = 0.5  # fleet mode: seconds a slot outlives a delivery whose connection is closed
+
+
+class SharedLimits(Protocol):
+    """Limits held for a whole fleet of nodes (fleet mode's backend)."""
+
+    def nodes(self) -> int:
+        """Nodes last seen alive (at least 1): the fallback divides each limit by this."""
+
+    async def acquire(self, domain: str, limit: int) -> Any:
+        """A lease on one of ``limit`` connections to ``domain`` (waiting while all are
+        taken), or None when the fleet cannot be asked (keep to the node's share)."""
+
+    def release(self, lease: Any) -> None:
+        """Give a lease from ``acquire`` back."""
+
+    async def take(self, key: str, per_minute: int) -> bool | None:
+        """One token of the fleet-wide limit ``key``; whether it waited; None when the fleet
+        cannot be asked."""
+
+
+_backend: SharedLimits | None = None
+
+
+def set_backend(backend: SharedLimits | None) -> None:
+    """Install (or remove) the fleet's limits for this process."""
+    global _backend
+    _backend = backend
 
 
 class Ticket:
@@ -161,6 +200,8 @@ class DestinationLimits:
         self.index, self.count = share
         self._slots: dict[str, asyncio.Semaphore] = {}
         self._users: dict[str, int] = {}  # deliveries in progress per domain
+        self._leased: dict[str, int] = {}  # fleet mode: deliveries holding a lease
+        self._fallback: dict[str, int] = {}  # fleet mode: deliveries on the node's share
         self._rates: dict[str, RateLimiter] = {}
 
     def configured(self, domain: str) -> tuple[int, int | None]:
@@ -188,7 +229,12 @@ class DestinationLimits:
 
     @asynccontextmanager
     async def slot(self, domain: str) -> AsyncIterator[None]:
-        """Hold one of this worker's connections to ``domain`` (waits while all are busy)."""
+        """Hold one of this worker's connections to ``domain`` (waits while all are busy);
+        in fleet mode one of the fleet's."""
+        if _backend is not None:
+            async with self._fleet_slot(_backend, domain):
+                yield
+            return
         self._users[domain] = self._users.get(domain, 0) + 1
         try:
             sem = self._slots.get(domain)
@@ -206,21 +252,77 @@ class DestinationLimits:
         finally:
             self._forget(domain)
 
+    @asynccontextmanager
+    async def _fleet_slot(self, shared: SharedLimits, domain: str) -> AsyncIterator[None]:
+        """A lease from the fleet; while it cannot be asked, this node's share (deliveries
+        of this worker still holding leases count against it)."""
+        limit = self.configured(domain)[0]
+        with _waiting():  # a lease may be a while: this wait holds no delivery slot (Ticket)
+            while True:
+                lease = await shared.acquire(domain, limit)  # None at once while Redis is down
+                if lease is not None:
+                    counts = self._leased
+                    break
+                permits = share_of(max(1, limit // shared.nodes()), self.index, self.count,
+                                   domain)
+                if self._leased.get(domain, 0) + self._fallback.get(domain, 0) < permits:
+                    counts = self._fallback
+                    break
+                await asyncio.sleep(FALLBACK_POLL)
+        counts[domain] = counts.get(domain, 0) + 1
+        try:
+            yield
+        finally:
+            if lease is not None:
+                self._done(counts, domain)
+                shared.release(lease)
+            elif self.delivery.connection_reuse.max_idle > 0:
+                self._done(counts, domain)
+            else:  # without reuse the connection is still closing: count it a little longer
+                asyncio.get_running_loop().call_later(QUIT_GRACE, self._done, counts, domain)
+
+    @staticmethod
+    def _done(counts: dict[str, int], domain: str) -> None:
+        left = counts[domain] - 1
+        if left:
+            counts[domain] = left
+        else:
+            del counts[domain]
+
     async def pace(self, domain: str) -> None:
-        """Wait for the domain's rate limit (no-op without one)."""
-        limiter = self._rates.get(domain)
+        """Wait for the domain's rate limit and the global one (no-op without either)."""
+        waited = False
+        rate = self.configured(domain)[1]
+        if rate:
+            waited = await self._take(domain, rate)
+        overall = getattr(self.delivery.rate_limits, "global", None)
+        if overall:
+            waited = await self._take(GLOBAL, overall) or waited
+        if waited:
+            metrics.current().rate_limit_waits.inc()
+
+    async def _take(self, key: str, rate: int) -> bool:
+        """One token of limit ``key``: the fleet's, else this worker's share; whether it
+        waited."""
+        shared = _backend
+        name, capacity = key, None
+        part: float = rate / self.count
+        if shared is not None:
+            with _waiting():  # the fleet's token may be a while: hold no delivery slot
+                waited = await shared.take(key, rate)
+            if waited is not None:
+                return waited
+            # The fleet cannot be asked: this node's share, with a burst of one second's.
+            nodes = shared.nodes()
+            part = max(1.0, rate / nodes) / self.count
+            name, capacity = f"{key} /{nodes}", max(1.0, part / 60)
+        limiter = self._rates.get(name)
         if limiter is None:
-            rate = self.configured(domain)[1]
-            if not rate:
-                return
-            part = rate / self.count
-            limiter = self._rates[domain] = RateLimiter(part, capacity=part)
+            limiter = self._rates[name] = RateLimiter(part, capacity=capacity or part)
         if limiter.ready():
-            await limiter.acquire()
-            return
+            return await limiter.acquire()
         with _waiting():
-            await limiter.acquire()
-        metrics.current().rate_limit_waits.inc()
+            return await limiter.acquire()
 
     def _forget(self, domain: str) -> None:
         """Drop a domain's semaphore once nobody uses it, and rate limiters back at full

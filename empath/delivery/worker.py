@@ -47,6 +47,7 @@ import zlib
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from empath import cluster
 from empath.delivery import bounce, limits, state
 from empath.delivery.dispatch import Dispatcher, OnGroupDone
 from empath.delivery.hooks import DeliveryHooks
@@ -838,8 +839,10 @@ async def serve(ctx: Any) -> None:
     instruments = metrics.init(ctx.config)
     audit.init(ctx.config)
     tracing.init(ctx.config)
+    await cluster.start(ctx)  # fleet mode only: limits and breakers shared through Redis
     try:
         await DeliveryWorker(ctx).run()
     finally:
+        await cluster.stop()
         instruments.stop_flushing()
         tracing.shutdown()

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import empath
+from empath import cluster
 from empath._speedups import IMPLEMENTATION
 from empath.master.daemon import StatusFile
 from empath.spool import Spool, pid_alive
@@ -249,6 +250,8 @@ def detailed(cfg: Any, spool: Spool, status_file: str | None,
     status = StatusFile.read(status_file) if status_file else None
     counts, oldest = state_counts(spool)
     checks = [master, *ready_checks(cfg, spool, status, counts, extra)]
+    if cluster.enabled(cfg):
+        checks.append(_cluster_check(cfg))
     failed = [c.name for c in checks if not c.ok]
     started = float((status or {}).get("started_at", time.time()))
     return {
@@ -272,6 +275,21 @@ def detailed(cfg: Any, spool: Spool, status_file: str | None,
         "frozen": spool.is_frozen(),
         **(figures or {}),
     }
+
+
+_redis: dict[str, Any] = {}  # fleet mode: the admin process's Redis client, made once
+
+
+def _cluster_check(cfg: Any) -> Check:
+    """Fleet mode: Redis answers (not part of readiness: without it the nodes go on at their
+    shares of the limits)."""
+    from empath.cluster import view
+
+    client = _redis.get(cfg.cluster.url)
+    if client is None:
+        client = _redis[cfg.cluster.url] = view.client(cfg)
+    ok, detail = view.redis_check(cfg, client)
+    return Check("cluster", ok, detail)
 
 
 def _process(child: dict[str, Any]) -> dict[str, Any]:

@@ -198,6 +198,22 @@ class Instruments:
         if enabled:
             self._build()
 
+    def cluster_redis_up(self, up: bool) -> None:
+        """Fleet mode: whether this process reaches Redis (``empath_cluster_redis_up``, the
+        lowest of the live processes that use it). Made on first use, so processes without
+        a cluster connection add no series."""
+        if not self.enabled:
+            return
+        gauge = getattr(self, "_redis_up", None)
+        if gauge is None:
+            from prometheus_client import Gauge
+
+            gauge = self._redis_up = Gauge(
+                "empath_cluster_redis_up", "1 while every process of this node that uses the "
+                "fleet's Redis server reaches it, 0 while any of them falls back to its local "
+                "share of the limits", multiprocess_mode="livemin", registry=None)
+        gauge.set(1 if up else 0)
+
     def _batched(self, target: Any) -> Any:
         """``target`` (an unlabelled metric or a child) behind a batching wrapper."""
         wrapper: Any = _Histogram(target) if hasattr(target, "_upper_bounds") else _Sum(target)

@@ -20,8 +20,8 @@ import ssl
 import time
 from typing import Any
 
+from empath import cluster, passwords
 from empath import modules as hooks
-from empath import passwords
 from empath.observe import audit, metrics, tracing
 from empath.smtp import capacity
 from empath.smtp import replies as R
@@ -232,7 +232,7 @@ class SMTPProtocol(asyncio.Protocol):
         dedup_key = self._dedup_key(envelope) if r.dedup is not None else None
         if reply is None and dedup_key is not None:
             assert r.dedup is not None
-            original = r.dedup.claim(dedup_key, self.queue_id)
+            original = await r.dedup.claim_shared(dedup_key, self.queue_id)
             if original is not None:
                 log.info("%s: duplicate of %s suppressed (from=<%s>)", self.queue_id, original,
                          envelope.sender)
@@ -519,6 +519,7 @@ async def serve(ctx: Any) -> None:
     _metrics = metrics.init(ctx.config)
     _audit = audit.init(ctx.config)
     tracing.init(ctx.config)
+    await cluster.start(ctx)  # fleet mode only: the duplicate window shared through Redis
     receiver = Receiver(ctx)
     loop = asyncio.get_running_loop()
     receiver.writer = receiver.spool.open_receiver_writer()
@@ -556,6 +557,7 @@ async def serve(ctx: Any) -> None:
         receiver.table.close()
         receiver.writer.close()
         receiver.auth_pool.shutdown(wait=False)
+        await cluster.stop()
         _metrics.stop_flushing()
         tracing.shutdown()
 

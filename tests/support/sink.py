@@ -95,9 +95,10 @@ class _Session:
             if not await self._fill():
                 return None
 
-    async def reply(self, spec: ReplySpec, *lines: str) -> None:
-        if self.b.delay:
-            await asyncio.sleep(self.b.delay)
+    async def reply(self, spec: ReplySpec, *lines: str, delay: float | None = None) -> None:
+        delay = self.b.delay if delay is None else delay
+        if delay:
+            await asyncio.sleep(delay)
         code, text = spec
         texts = [*lines, text]
         out = "".join(f"{code}-{t}\r\n" for t in texts[:-1]) + f"{code} {texts[-1]}\r\n"
@@ -270,7 +271,7 @@ class _Session:
         return True
 
     async def do_QUIT(self, arg: str) -> bool:
-        await self.reply((221, "2.0.0 bye"))
+        await self.reply((221, "2.0.0 bye"), delay=self.b.quit_delay)
         return False
 
 

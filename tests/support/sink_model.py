@@ -38,6 +38,7 @@ class Behaviour:
     rset_reply: ReplySpec = (250, "2.0.0 reset")
     delay: float = 0.0  # before every reply
     final_delay: float = 0.0  # after the final dot, before its reply (a server that stalls)
+    quit_delay: float | None = None  # before the QUIT reply; None: delay
     disconnect_after_data_bytes: int | None = None  # drop the connection mid-DATA
     after_final: bytes = b""  # sent raw right after the final reply (a stray reply, say)
 
