@@ -19,6 +19,7 @@ class Settings:
     max_command_line: int = 512
     max_errors: int = 10
     bare_eol: str = "reject"
+    hop_limit: int = 50  # Received: fields an incoming message may carry (a loop beyond)
     require_helo: bool = True
     tls_available: bool = False
     local_domains: frozenset[str] = frozenset({"localhost"})
@@ -44,7 +45,10 @@ class StartTLS:
 
 @dataclass(slots=True)
 class DataStart:
-    pass
+    """Message data follows; ``envelope`` is the transaction's (carried in the event, since
+    the session may have finished or dropped the transaction by the time it is handled)."""
+
+    envelope: Envelope | None = None
 
 
 @dataclass(slots=True)

@@ -62,7 +62,8 @@ class Receiver:
             max_recipients=cfg.smtp.max_recipients,
             max_line_length=cfg.smtp.max_line_length,
             max_command_line=cfg.smtp.max_command_line, max_errors=cfg.smtp.max_errors,
-            bare_eol=cfg.smtp.bare_eol, require_helo=cfg.smtp.require_helo,
+            bare_eol=cfg.smtp.bare_eol, hop_limit=cfg.smtp.hop_limit,
+            require_helo=cfg.smtp.require_helo,
             local_domains=frozenset(cfg.local_domains),
             relay_domains=frozenset(cfg.relay_domains), local_users=users,
             hooks=hooks.stages(self.modules))

@@ -81,6 +81,21 @@ class Raw:
         self.sock.close()
 
 
+def send_bdat(d: EmpathDaemon, *chunks: bytes) -> list[bytes]:
+    """One BDAT transaction (a@example.org to b@localhost), pipelined with its EHLO; the
+    replies to EHLO, MAIL, RCPT and each chunk."""
+    c = Raw(d)
+    c.reply()
+    last = len(chunks) - 1
+    c.send(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@localhost>\r\n" + b"".join(
+        b"BDAT %d%s\r\n" % (len(chunk), b" LAST" if i == last else b"") + chunk
+        for i, chunk in enumerate(chunks)))
+    try:
+        return c.replies(3 + len(chunks))
+    finally:
+        c.close()
+
+
 def test_smtplib_message_is_durable_in_incoming_with_envelope(daemon_factory: Any) -> None:
     d = frozen_daemon(daemon_factory)
     with d.smtp() as s:
@@ -158,15 +173,10 @@ def test_8bit_and_smtputf8(daemon_factory: Any) -> None:
 
 def test_bdat_chunks(daemon_factory: Any) -> None:
     d = frozen_daemon(daemon_factory)
-    c = Raw(d)
-    c.reply()
     part1, part2 = b"Subject: chunked\r\n\r\n.not stuffed\r\n", b"last\r\n.\r\n"
-    c.send(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@localhost>\r\n"
-           + b"BDAT %d\r\n" % len(part1) + part1 + b"BDAT %d LAST\r\n" % len(part2) + part2)
-    replies = c.replies(5)
+    replies = send_bdat(d, part1, part2)
     assert replies[3] == b"250 2.0.0 %d octets received" % len(part1)
     assert replies[4].startswith(b"250 2.0.0 OK queued as")
-    c.close()
     [(_, data)] = incoming(d)
     assert data.endswith(part1 + part2)
 
@@ -427,6 +437,8 @@ class Policy:
             raise RuntimeError("policy service exploded")
         if self.mode == "hang" and envelope.sender == "slow@example.org":
             await asyncio.sleep(3600)
+        if self.mode == "bad_priority" and envelope.sender == "odd@example.org":
+            ctx.priority = "urgent"  # not a number: the receiver cannot place the message
         return None
 
 
@@ -478,6 +490,94 @@ def test_on_data_hook_that_hangs_is_cut_by_data_termination(daemon_factory: Any,
         assert s.sendmail("fine@example.org", ["b@localhost"], MESSAGE) == {}
     assert [env["sender"] for env, _ in incoming(d)] == ["fine@example.org"]
     assert "on_data module hooks did not answer within 1s" in d.log_text()
+
+
+def test_unexpected_error_while_accepting_gets_451_and_the_session_goes_on(
+        daemon_factory: Any, tmp_path: Path) -> None:
+    """A module's bad value breaks the commit outside any module handler: the message is not
+    stored, the client hears 451 (not silence), the error is logged, the session goes on."""
+    d = policy_daemon(daemon_factory, tmp_path, "bad_priority")
+    with d.smtp(timeout=20) as s:
+        s.ehlo("c")
+        s.mail("odd@example.org")
+        s.rcpt("b@localhost")
+        code, text = s.data(MESSAGE)
+        assert (code, text) == (451, b"4.3.0 Local error in processing, try again later")
+        assert s.noop()[0] == 250
+        assert s.sendmail("fine@example.org", ["b@localhost"], MESSAGE) == {}
+    assert [env["sender"] for env, _ in incoming(d)] == ["fine@example.org"]
+    log = d.log_text()
+    assert "not stored: unexpected error (from=<odd@example.org>" in log, log
+    assert "TypeError" in log
+
+
+def test_from_with_thousands_of_nested_comments_does_not_hang_the_session(
+        daemon_factory: Any, tmp_path: Path) -> None:
+    """~3,000 nested "(" in From: exhaust the stack of the stdlib address parser the DKIM step
+    uses; the message is answered (stored unsigned), and the session goes on."""
+    from tests.integration.test_dkim import keygen
+
+    key, _ = keygen(tmp_path, "rsa-sha256", "s1")
+    d = frozen_daemon(daemon_factory, {"dkim": {"domains": {"example.org": {
+        "selector": "s1", "key": key}}}})
+    hostile = (b"From: " + b"\r\n ".join([b"(" * 750] * 4) + b"alice@example.org\r\n"
+               b"To: b@localhost\r\nSubject: nested\r\n\r\nbody\r\n")
+    with d.smtp(timeout=20) as s:  # 127.0.0.1 is in mynetworks: DKIM applies
+        s.ehlo("c")
+        s.mail("alice@example.org")
+        s.rcpt("b@localhost")
+        code, _ = s.data(hostile)
+        assert code == 250
+        assert s.noop()[0] == 250
+        assert s.sendmail("alice@example.org", ["b@localhost"],
+                          b"From: alice@example.org\r\n\r\nfine\r\n") == {}
+    stored = sorted((data for _, data in incoming(d)), key=len)
+    assert len(stored) == 2
+    assert b"DKIM-Signature" not in stored[1] and b"(" * 750 + b"\r\n (" in stored[1]
+    assert stored[0].startswith(b"DKIM-Signature: ")
+
+
+def test_hop_limit_refuses_more_received_headers_than_the_limit(daemon_factory: Any) -> None:
+    """smtp.hop_limit (default 50): 50 Received: fields are accepted, 51 are a mail loop (554
+    5.4.6 after the data, nothing stored), through DATA and through BDAT."""
+    d = frozen_daemon(daemon_factory)
+    trace = b"".join(b"Received: from hop%d.example (hop%d.example [192.0.2.%d])\r\n"
+                     b"\tby next.example; Sat, 5 Dec 2026 08:00:00 +0000\r\n" % (i, i, i)
+                     for i in range(51))
+    body = b"Subject: loop\r\n\r\nReceived: in the body does not count\r\n"
+    fifty = b"Received".join(trace.split(b"Received")[:51])  # the first 50 fields
+    assert fifty.count(b"Received:") == 50 and trace.count(b"Received:") == 51
+    with d.smtp() as s:
+        s.ehlo("c")
+        s.mail("a@example.org")
+        s.rcpt("b@localhost")
+        code, text = s.data(trace + body)
+        assert (code, text) == (554, b"5.4.6 Too many hops (51 Received: header fields): "
+                                     b"mail loop")
+        assert s.sendmail("a@example.org", ["b@localhost"], fifty + body) == {}
+    replies = send_bdat(d, trace[:1000], trace[1000:] + body)
+    assert replies[4].startswith(b"554 5.4.6 Too many hops"), replies
+    [(_, data)] = incoming(d)
+    assert data.count(b"Received:") == 52  # the 50, ours, and the one in the body
+
+
+def test_bdat_smuggling_is_refused_like_data(daemon_factory: Any) -> None:
+    """A bare LF "." bare LF inside a BDAT chunk is refused (bare_eol=reject) like in DATA,
+    so it can never be relayed byte for byte to a server that would end the data there."""
+    d = frozen_daemon(daemon_factory)
+    content = (b"Subject: real\r\n\r\nreal body\n.\nMAIL FROM:<smuggled@example.org>\r\n"
+               b"RCPT TO:<victim@localhost>\r\nDATA\r\nSubject: smuggled\r\n")
+    replies = send_bdat(d, content)
+    assert replies[3].startswith(b"550 5.6.0"), replies
+    assert incoming(d) == []
+
+
+def test_bdat_bare_line_endings_are_normalized_when_configured(daemon_factory: Any) -> None:
+    d = frozen_daemon(daemon_factory, {"smtp": {"bare_eol": "normalize"}})
+    replies = send_bdat(d, b"Subject: n\r\n\r\none\n.\ntwo\r", b"three\r\n")
+    assert replies[4].startswith(b"250 2.0.0 OK queued as"), replies
+    [(_, data)] = incoming(d)
+    assert data.endswith(b"Subject: n\r\n\r\none\r\n.\r\ntwo\r\nthree\r\n")
 
 
 def test_unknown_local_users_are_refused_at_rcpt(daemon_factory: Any, tmp_path: Path) -> None:
