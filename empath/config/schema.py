@@ -324,7 +324,13 @@ SCHEMA = Section("", "Empath configuration.", (
             "Deliver to this LMTP server (RFC 2033) instead of Maildir.", nullable=True),
         Key("users", Path(), None,
             "File of known local users, one per line; others are rejected at RCPT (550). "
-            "null: accept any user.", nullable=True),
+            "null: see unknown_users.", nullable=True),
+        Key("unknown_users", Str(("reject", "accept")), None,
+            "Without a users file: reject (550 at RCPT) local users that are neither system "
+            "users nor have a Maildir under maildir_root (postmaster is always accepted), or "
+            "accept any (each new name gets a Maildir); null: reject, unless every listener "
+            "is on a loopback address. Names Maildir delivery cannot use (%, !, /, quoted, "
+            "non-ASCII) are refused at RCPT either way.", nullable=True),
     )),
     Section("delivery", "Delivery workers.", (
         Key("max_attempts", Int(1, 10000), 25, "Attempts before a message fails."),

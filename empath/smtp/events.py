@@ -3,6 +3,7 @@ returns, and the envelope of a transaction. Plain data; no behaviour beyond form
 
 from __future__ import annotations
 
+from collections.abc import Container
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +25,8 @@ class Settings:
     tls_available: bool = False
     local_domains: frozenset[str] = frozenset({"localhost"})
     relay_domains: frozenset[str] = frozenset()
-    local_users: frozenset[str] | None = None
+    # Local parts of local_domains accepted at RCPT (delivery/local.py KnownUsers); None: any.
+    local_users: Container[str] | None = None
     hooks: frozenset[str] = frozenset()  # stages some module implements
     auth_offered: bool = False  # AUTH (RFC 4954) on this listener
     auth_required: bool = False  # MAIL needs a successful AUTH first (submission)

@@ -36,6 +36,7 @@ log = logging.getLogger("empath.smtp")
 SWEEP_INTERVAL = 1.0  # seconds between timeout sweeps over all connections
 DEDUP_HEAD = 64 * 1024  # where the Message-ID header is looked for
 DEDUP_SWEEP = 60.0  # seconds between removals of expired duplicate-suppression entries
+SLOW_SWEEP = 60.0  # seconds between re-reads of the known local users, and AUTH-file sweeps
 
 # This process's instruments and audit log (serve() sets them; no-ops until then).
 _metrics = metrics.current()
@@ -419,7 +420,10 @@ class SMTPProtocol(asyncio.Protocol):
         assert session is not None
         ip = self.peer[0]
         reply: R.Reply | None
-        if r.auth_blocked(ip):
+        # Counted before the (slow) password check: attempts in flight count against
+        # max_failures, so a burst of simultaneous attempts is not all tried.
+        stamp = r.auth_attempt(ip)
+        if stamp is None:
             reply = R.AUTH_TOO_MANY.format(hostname=r.cfg.hostname)
         else:
             loop = asyncio.get_running_loop()
@@ -431,8 +435,9 @@ class SMTPProtocol(asyncio.Protocol):
                 ok, reply = False, R.AUTH_TEMPORARY
             else:
                 reply = None if ok else R.AUTH_FAILED
-            if not ok and reply is R.AUTH_FAILED:
-                r.auth_failed(ip)
+            if reply is not R.AUTH_FAILED:
+                r.auth_cancel(ip, stamp)
+            else:
                 log.warning("AUTH failed for user %r from [%s]", ev.user[:64], ip)
                 if r.auth_blocked(ip):
                     reply = R.AUTH_TOO_MANY.format(hostname=r.cfg.hostname)
@@ -619,11 +624,26 @@ async def serve(ctx: Any) -> None:
 
 
 async def _sweep(receiver: Receiver) -> None:
-    last_dedup = time.monotonic()
+    """Timeouts every SWEEP_INTERVAL; in a thread now and then: expired duplicate entries,
+    expired AUTH-failure files (at least once per failure_window), the known local users."""
+    now = time.monotonic()
+    last = {"dedup": now, "auth": now, "users": now}
+    every = {"dedup": DEDUP_SWEEP, "auth": min(SLOW_SWEEP, receiver.cfg.smtp.auth.failure_window),
+             "users": SLOW_SWEEP}
+    jobs = {"dedup": receiver.dedup.sweep if receiver.dedup is not None else None,
+            "auth": receiver.sweep_auth_failures, "users": receiver.local_users.refresh}
     while True:
         await asyncio.sleep(SWEEP_INTERVAL)
-        receiver.sweep()
-        if receiver.dedup is not None and time.monotonic() - last_dedup > DEDUP_SWEEP:
-            last_dedup = time.monotonic()
-            await asyncio.to_thread(receiver.dedup.sweep)
+        try:
+            receiver.sweep()
+        except Exception:
+            log.exception("receiver sweep (timeouts) failed")
+        for name, job in jobs.items():
+            if job is None or time.monotonic() - last[name] < every[name]:
+                continue
+            last[name] = time.monotonic()
+            try:
+                await asyncio.to_thread(job)
+            except Exception:  # the sweeper must outlive any one failure
+                log.exception("receiver sweep (%s) failed", name)
 

@@ -394,8 +394,8 @@ class ServerSession:
             return None
         domain = domain.lower().rstrip(".")
         if domain in self.settings.local_domains:
-            users = self.settings.local_users
-            if users is not None and local.lower() not in users:
+            users = self.settings.local_users  # the rule is the container's (KnownUsers)
+            if users is not None and local not in users:
                 return R.UNKNOWN_USER.format(address=address)
             return None
         if self.trusted or domain in self.settings.relay_domains:

@@ -161,11 +161,13 @@ def test_8bit_and_smtputf8(daemon_factory: Any) -> None:
     with d.smtp() as s:
         s.ehlo("c")
         assert s.has_extn("smtputf8") and s.has_extn("8bitmime")
-        s.sendmail("jörg@example.org", ["bücher@localhost"], body,
+        # Relayed (127.0.0.1 is trusted): Maildir delivery has no non-ASCII mailbox names, so
+        # bücher@localhost is refused at RCPT (test_undeliverable_local_parts_...).
+        s.sendmail("jörg@example.org", ["bücher@example.net"], body,
                    mail_options=["SMTPUTF8", "BODY=8BITMIME"])
     [(env, data)] = incoming(d)
     assert env["sender"] == "jörg@example.org"
-    assert env["recipients"][0]["address"] == "bücher@localhost"
+    assert env["recipients"][0]["address"] == "bücher@example.net"
     assert env["params"]["smtputf8"] is True and env["params"]["body"] == "8BITMIME"
     assert data.endswith(body)
     assert b"with UTF8SMTP id" in data
@@ -578,6 +580,47 @@ def test_bdat_bare_line_endings_are_normalized_when_configured(daemon_factory: A
     assert replies[4].startswith(b"250 2.0.0 OK queued as"), replies
     [(_, data)] = incoming(d)
     assert data.endswith(b"Subject: n\r\n\r\none\r\n.\r\ntwo\r\nthree\r\n")
+
+
+UNDELIVERABLE = ["bad%y@localhost", "a!b@localhost", "a/b@localhost", '"kate"@localhost',
+                 "a=b@localhost", "bücher@localhost", "\u212aate@localhost"]
+
+
+def rcpt_codes(d: EmpathDaemon, addresses: list[str]) -> dict[str, int]:
+    with d.smtp() as s:
+        s.ehlo("c")
+        s.mail("x@example.org", ["SMTPUTF8"])
+        codes = {address: s.rcpt(address)[0] for address in addresses}
+        s.rset()
+    return codes
+
+
+def test_undeliverable_local_parts_are_refused_at_rcpt_even_when_any_user_is_accepted(
+        daemon_factory: Any) -> None:
+    """The loopback default accepts any user, but not a name Maildir delivery would refuse:
+    no 250 now and a bounce to a (forged) sender later."""
+    d = frozen_daemon(daemon_factory)
+    codes = rcpt_codes(d, [*UNDELIVERABLE, "kate@localhost", "Brand.New+tag@localhost"])
+    assert codes == {**dict.fromkeys(UNDELIVERABLE, 550), "kate@localhost": 250,
+                     "Brand.New+tag@localhost": 250}
+
+
+def test_unknown_users_rejected_are_all_but_system_users_and_maildirs(
+        daemon_factory: Any) -> None:
+    """local_delivery.unknown_users: reject (the default on a non-loopback listener): system
+    users, existing Maildirs and postmaster are accepted, any other name gets 550 5.1.1 at RCPT
+    (nothing is stored for it, so no Maildir is ever made for it)."""
+    d: EmpathDaemon = daemon_factory({"local_delivery": {"unknown_users": "reject"}},
+                                     start=False)
+    (d.dir / "mail" / "kate" / "new").mkdir(parents=True)
+    Spool(str(d.spool_path)).create_tree()
+    Spool(str(d.spool_path)).set_frozen(True)
+    d.start()
+    codes = rcpt_codes(d, ["root@localhost", "KATE@localhost", "postmaster@localhost",
+                           "stranger@localhost", "bad%y@localhost", "\u212aate@localhost"])
+    assert codes == {"root@localhost": 250, "KATE@localhost": 250, "postmaster@localhost": 250,
+                     "stranger@localhost": 550, "bad%y@localhost": 550,
+                     "\u212aate@localhost": 550}
 
 
 def test_unknown_local_users_are_refused_at_rcpt(daemon_factory: Any, tmp_path: Path) -> None:
