@@ -7,6 +7,8 @@ from collections.abc import Container
 from dataclasses import dataclass, field
 from typing import Any
 
+from empath.smtp.replies import Reply
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -65,7 +67,10 @@ class DataEnd:
 
 @dataclass(slots=True)
 class DataAbort:
-    pass
+    """The message is dropped; ``reply`` is why, when its content was refused (size, bare
+    CR/LF, long line, too many hops), None for a reset or disconnect."""
+
+    reply: Reply | None = None
 
 
 @dataclass(slots=True)

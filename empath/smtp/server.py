@@ -190,6 +190,10 @@ class SMTPProtocol(asyncio.Protocol):
                 if self.message is not None:
                     self.message.abort()
                     self.message = None
+                    if ev.reply is not None:  # type: ignore[union-attr]
+                        log.info("%s: refused after data from [%s]: %s", self.queue_id,
+                                 self.peer[0],
+                                 ev.reply.line.decode().strip())  # type: ignore[union-attr]
             elif kind is S.Check:
                 self._pause_reading()
                 self._spawn(self._check(ev))  # type: ignore[arg-type]

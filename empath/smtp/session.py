@@ -464,7 +464,7 @@ class ServerSession:
         return True
 
     def _fail_message(self, reply: Reply) -> None:
-        self._emit(DataAbort())
+        self._emit(DataAbort(reply))
         self.envelope = None
         self.phase = READY
         self._reply(reply)
@@ -512,7 +512,7 @@ class ServerSession:
                 if self._chunk_size > self.settings.max_message_size:
                     self._chunk_failed = R.SIZE_EXCEEDED.format(
                         limit=self.settings.max_message_size)
-                    self._emit(DataAbort())
+                    self._emit(DataAbort(self._chunk_failed))
                     self.envelope = None
                 else:
                     self._chunk_data(piece)

@@ -561,6 +561,8 @@ def test_hop_limit_refuses_more_received_headers_than_the_limit(daemon_factory: 
     assert replies[4].startswith(b"554 5.4.6 Too many hops"), replies
     [(_, data)] = incoming(d)
     assert data.count(b"Received:") == 52  # the 50, ours, and the one in the body
+    assert d.log_text().count("refused after data from [127.0.0.1]: 554 5.4.6 Too many hops "
+                              "(51 Received: header fields)") == 2
 
 
 def test_bdat_smuggling_is_refused_like_data(daemon_factory: Any) -> None:
