@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import smtplib
 import socket
 import subprocess
 import time
@@ -697,3 +698,46 @@ def test_failed_flush_answers_452_and_leaves_no_file(daemon_factory: Any,
         if loop:
             run(["losetup", "-d", loop])
         run(["umount", "-l", str(back)])
+
+
+def test_mail_loop_through_our_own_mx_is_bounded(daemon_factory: Any) -> None:
+    """The issue's loop: a domain whose MX (a loopback DNS server) is this daemon. A stranger's
+    message to bad%y@localhost from such a sender is refused at RCPT (it would have bounced to
+    ourselves); a trusted client's message to that domain goes round until the hop limit
+    refuses it, its bounce likewise, and then the loop is over: the receipts stay few."""
+    from tests.support.dnsserver import DNSServer
+
+    with socket.socket() as probe:  # the daemon must listen where the MX points
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    hop_limit = 5
+    zone = {"loop.test": {"MX": [(10, "mx.loop.test")]}, "mx.loop.test": {"A": ["127.0.0.1"]}}
+    with DNSServer(zone) as dns:
+        d: EmpathDaemon = daemon_factory({
+            "listeners": [{"address": f"127.0.0.1:{port}"}],
+            "mynetworks": ["127.0.0.1/32"],
+            "smtp": {"hop_limit": hop_limit},
+            "processes": {"receivers": 1, "delivery": 1},
+            "delivery": {"port": port, "queue_scan_interval": "0.2s",
+                         "dns": {"resolver": f"127.0.0.1:{dns.port}", "timeout": "2s"}}})
+        stranger = smtplib.SMTP("127.0.0.1", port, timeout=10,
+                                source_address=("127.0.0.2", 0))
+        with stranger as s:
+            s.ehlo("stranger.example")
+            s.mail("someone@loop.test")
+            code, _ = s.rcpt("bad%y@localhost")
+            assert code == 550
+        with d.smtp() as s:
+            s.sendmail("a@loop.test", ["b@loop.test"], MESSAGE)
+        spool = Spool(str(d.spool_path))
+
+        def settled() -> bool:
+            return not any(spool.list_ids(state) for state in ("incoming", "deferred")) \
+                and not spool.list_active()
+
+        wait_for(settled, 60, message="the loop to end")
+        receipts = d.log_text().count(": from=<")
+        time.sleep(2)
+        assert d.log_text().count(": from=<") == receipts, "still looping"
+    # The message and its bounce each pass at most hop_limit + 1 times.
+    assert 1 <= receipts <= 2 * (hop_limit + 1), receipts
