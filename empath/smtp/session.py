@@ -21,7 +21,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from empath._speedups import CommandSyntaxError, DataReader, parse_path, split_command
+from empath._speedups import (
+    CommandSyntaxError,
+    DataReader,
+    has_bare_eol,
+    parse_path,
+    split_command,
+)
 from empath.smtp import params
 from empath.smtp import replies as R
 from empath.smtp.content import HopCounter, LineEndings
@@ -492,7 +498,7 @@ class ServerSession:
         elif self.phase == RCPT:
             self._chunk_size = 0
             self._hops = HopCounter(self.settings.hop_limit)
-            self._eol = LineEndings(self.settings.bare_eol == "normalize")
+            self._eol = LineEndings(self.settings.bare_eol == "normalize", has_bare_eol)
             self._emit(DataStart(self.envelope))
         self.phase = CHUNK
         self._consume_chunk()
