@@ -508,12 +508,17 @@ class SMTPProtocol(asyncio.Protocol):
                       exc_info=(type(exc), exc, exc.__traceback__))
             self._fail_connection()
 
-    def _fail_connection(self) -> None:
-        """After an unexpected error: 421, close, and drop any message being received."""
-        if self.message is not None:
+    def _drop_message(self) -> None:
+        """Abort the message being received, unless its commit is running (that one ends
+        stored or refused on its own; an abort would race its spool write)."""
+        if self.message is not None and (self.committing is None or self.committing.done()):
             with contextlib.suppress(Exception):
                 self.message.abort()
             self.message = None
+
+    def _fail_connection(self) -> None:
+        """After an unexpected error: 421, close, and drop any message being received."""
+        self._drop_message()
         if not self.closed:
             self._refuse(R.LOCAL_ERROR_CLOSING.format(hostname=self.receiver.cfg.hostname))
 
@@ -571,9 +576,7 @@ class SMTPProtocol(asyncio.Protocol):
         self._refuse(R.LIFETIME.format(hostname=self.receiver.cfg.hostname)
                      if self.end_of_life < time.monotonic()
                      else R.TIMEOUT.format(hostname=self.receiver.cfg.hostname))
-        if self.message is not None:
-            self.message.abort()
-            self.message = None
+        self._drop_message()
 
     def _maybe_close_for_shutdown(self) -> None:
         """While draining: idle sessions get 421 now, busy ones after their transaction."""
