@@ -14,7 +14,9 @@ from collections.abc import Callable
 
 __all__ = ["HopCounter", "LineEndings"]
 
-_RECEIVED = b"received:"
+_FIELD = b"\r\nreceived:"  # a Received: field at a line start
+_END = b"\r\n\r\n"  # the empty line that ends the header section
+_KEEP = len(_FIELD) - 1  # octets carried between pieces
 _ANY_EOL = re.compile(rb"\r\n|\r|\n")
 
 
@@ -22,52 +24,53 @@ class HopCounter:
     """Counts the ``Received:`` fields of a message's header section (RFC 5321 §6.3: a
     message that has passed too many relays is in a loop).
 
-    ``count`` is the number seen so far; it stops growing once it passes ``limit`` (the
-    verdict is known) and ``done`` is set at the empty line that ends the header section.
-    A line is classified by its first nine octets, which may arrive in several pieces.
+    ``count`` is the number seen so far; counting stops once it passes ``limit`` (the verdict
+    is known: ``over``) or at the empty line that ends the header section (``done``).
+    The stream is read as if it began with CRLF, so a field is an occurrence of
+    ``CRLF received:`` (any case) before the first ``CRLF CRLF``; both are found with C-level
+    bytes searches, never octet by octet. Between pieces only the last ten octets are kept,
+    fewer than either pattern is long, so an occurrence split across pieces is counted once.
     """
 
-    __slots__ = ("count", "done", "limit", "_head")
+    __slots__ = ("count", "done", "limit", "_carry")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.count = 0
         self.done = False
-        # The first octets of the current line (fewer than nine, no LF), or None once the
-        # line is classified and only its end is looked for.
-        self._head: bytes | None = b""
+        self._carry = b"\r\n"  # the last octets so far, lower-cased (a virtual CRLF first)
 
     @property
     def over(self) -> bool:
         return self.count > self.limit
 
     def feed(self, data: bytes) -> None:
-        if self.done:
+        if self.done or not data:
             return
-        pos, n = 0, len(data)
-        while pos < n:
-            head = self._head
-            if head is None:
-                nl = data.find(b"\n", pos)
-                if nl < 0:
-                    return
-                pos = nl + 1
-                self._head = b""
-                continue
-            have = len(head)
-            piece = head + data[pos:pos + len(_RECEIVED) - have]
-            if piece[:1] == b"\n" or piece[:2] == b"\r\n":
-                self.done = True  # the empty line: the body follows
-                return
-            if len(piece) < len(_RECEIVED) and b"\n" not in piece:
-                self._head = piece  # this line's start continues in the next piece
-                return
-            if piece.lower() == _RECEIVED:
-                self.count += 1
-                if self.count > self.limit:
-                    self.done = True
-                    return
-            self._head = None  # ``pos`` stays: the LF search starts inside this line
+        # Occurrences that start in the carried octets and end in this piece.
+        joint = (self._carry + data[:_KEEP]).lower()
+        end = joint.find(_END)
+        if end >= 0:
+            self._found(joint.count(_FIELD, 0, end + 2))
+            self.done = True
+            return
+        self._found(joint.count(_FIELD))
+        # Occurrences within this piece (none of those fits in the joint's share of it).
+        end = data.find(_END)
+        stop = len(data) if end < 0 else end + 2
+        if stop > len(_FIELD) - 1:
+            self._found(data[:stop].lower().count(_FIELD))
+        if end >= 0:
+            self.done = True
+        elif len(data) >= _KEEP:
+            self._carry = data[-_KEEP:].lower()
+        else:
+            self._carry = (self._carry + data)[-_KEEP:].lower()
+
+    def _found(self, n: int) -> None:
+        self.count += n
+        if self.count > self.limit:
+            self.done = True
 
 
 class LineEndings:

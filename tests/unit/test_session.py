@@ -211,3 +211,27 @@ def test_unknown_users_are_rejected_unless_every_listener_is_loopback(
     assert ("stranger" in users) is stranger_known
     assert "kate" in users and "root" in users and "postmaster" in users
     assert "bad%y" not in users and "\u212aate" not in users
+
+
+HOPS_MESSAGE = (b"Received: a\r\nX-Received: not a hop\r\nrEcEiVeD: b\r\n\tfolded received: c\r\n"
+                b"Subject: received: d\r\nRECEIVED:e\r\n\r\nReceived: in the body\r\n")
+
+
+@pytest.mark.parametrize("limit", [1, 2, 3, 50])
+def test_hop_counter_at_every_split(limit: int) -> None:
+    """Three Received: fields in the header section, whatever pieces the message arrives
+    in; look-alikes (X-Received, folded or in a value) and the body do not count."""
+    from empath.smtp.content import HopCounter
+
+    n = len(HOPS_MESSAGE)
+    for i in range(n + 1):
+        for j in range(i, n + 1):
+            hops = HopCounter(limit)
+            for piece in (HOPS_MESSAGE[:i], HOPS_MESSAGE[i:j], HOPS_MESSAGE[j:]):
+                hops.feed(piece)
+            assert hops.done, (i, j)
+            assert hops.count == 3 if limit >= 3 else limit < hops.count <= 3, (i, j)
+            assert hops.over is (limit < 3)
+    empty = HopCounter(0)
+    empty.feed(b"\r\nReceived: body only\r\n")
+    assert empty.done and empty.count == 0
