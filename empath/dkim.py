@@ -3,9 +3,12 @@
 Empath signs once, at receipt, and the signature travels in the message data: the receiver
 puts the ``DKIM-Signature:`` header at the top of the stored message before the 250, so every
 later attempt (and every retry after a restart) sends the same signed bytes and the delivery
-side needs to know nothing about DKIM. Mail is signed when it comes from a trusted client
-(``mynetworks`` or an authenticated one) and its ``From:`` domain has a key in
-``dkim.domains``; mail from strangers is never signed.
+side needs to know nothing about DKIM. Mail is signed when its ``From:`` domain has a key in
+``dkim.domains`` and the client may sign for that domain: a ``mynetworks`` client for every
+listed domain, an authenticated user only for the domains it may send as (its own domain, or
+the local domains for a bare user name: the rule of ``smtp.auth.require_sender_match``, applied
+whether or not that key is on). Mail from strangers is never signed; a ``From:`` that cannot be
+parsed names no domain and is not signed.
 
 Key files: RSA as PEM (PKCS#1 or PKCS#8), ed25519 as the base64 of the 32-byte seed, which is
 what ``empathctl dkim keygen`` writes. This module never touches the network or the spool.
@@ -79,7 +82,12 @@ def from_domain(message: bytes) -> str | None:
     if not value:
         return None
     text = b" ".join(value).decode("utf-8", "replace")
-    addresses = email.utils.getaddresses([text])
+    try:
+        addresses = email.utils.getaddresses([text])
+    except (RecursionError, ValueError, IndexError):
+        # The stdlib parser recurses per nested comment: thousands of "(" exhaust the stack.
+        # A From: that cannot be read names no domain, so the message is not signed.
+        return None
     if not addresses or "@" not in addresses[0][1]:
         return None
     return addresses[0][1].rpartition("@")[2].lower().rstrip(".")

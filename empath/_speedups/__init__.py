@@ -31,6 +31,7 @@ __all__ = [
     "decode_xtext",
     "dot_stuff",
     "encode_xtext",
+    "has_bare_eol",
     "implementations",
     "parse_path",
     "split_command",
@@ -38,7 +39,7 @@ __all__ = [
 ]
 
 _CMDPARSE_NAMES = ("split_command", "parse_path", "decode_xtext", "encode_xtext")
-_DATAREADER_NAMES = ("DataReader", "dot_stuff")
+_DATAREADER_NAMES = ("DataReader", "dot_stuff", "has_bare_eol")
 
 
 def _namespace(name: str, cmdparse: object, datareader: object,
@@ -88,6 +89,7 @@ decode_xtext = _ACTIVE.decode_xtext
 encode_xtext = _ACTIVE.encode_xtext
 DataReader = _ACTIVE.DataReader
 dot_stuff = _ACTIVE.dot_stuff
+has_bare_eol = _ACTIVE.has_bare_eol
 store_file = _ACTIVE.store_file
 
 

@@ -12,7 +12,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.string cimport memchr, memcpy
 
-__all__ = ["DataReader", "dot_stuff"]
+__all__ = ["DataReader", "dot_stuff", "has_bare_eol"]
 
 cdef enum:
     S_BOL = 0    # at a line start (after a real CRLF, or at the very beginning)
@@ -280,6 +280,32 @@ cdef bytes _crlf_lines(bytes src):
             o += 1
             i += 1
     return out
+
+
+def has_bare_eol(data):
+    """Whether ``data`` holds a bare CR or a bare LF (see the twin): every LF found with
+    ``memchr`` must follow a CR, and every CR must precede an LF."""
+    cdef bytes src = _as_bytes(data)
+    cdef const char* p = PyBytes_AS_STRING(src)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(src)
+    cdef const char* stop = p + n
+    cdef const char* q = p
+    while q < stop:
+        q = <const char*>memchr(q, LF, stop - q)
+        if q == NULL:
+            break
+        if q == p or (q - 1)[0] != CR:
+            return True
+        q += 1
+    q = p
+    while q < stop:
+        q = <const char*>memchr(q, CR, stop - q)
+        if q == NULL:
+            break
+        if q + 1 == stop or q[1] != LF:
+            return True
+        q += 1
+    return False
 
 
 def dot_stuff(data, bint at_line_start=True, bint crlf=False):

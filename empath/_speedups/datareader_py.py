@@ -19,7 +19,7 @@ from __future__ import annotations
 import operator
 import sys
 
-__all__ = ["DataReader", "dot_stuff"]
+__all__ = ["DataReader", "dot_stuff", "has_bare_eol"]
 
 # Reader states, carried across chunks.
 _BOL = 0  # at a line start (after a real CRLF, or at the very beginning)
@@ -211,6 +211,16 @@ class DataReader:
             self.too_big = True
             return b""
         return b"".join(out)
+
+
+def has_bare_eol(data: bytes) -> bool:
+    """Whether ``data`` holds a bare CR or a bare LF: a CR not followed by LF or an LF not
+    preceded by CR, within ``data`` (so a CR at its end and an LF at its start are bare; a
+    caller that feeds pieces holds a trailing CR back for the next one). The BDAT side of
+    the smuggling defence, where there is no dot-stuffing to decode."""
+    data = _as_bytes(data)
+    crlf = data.count(b"\r\n")
+    return data.count(b"\r") != crlf or data.count(b"\n") != crlf
 
 
 def dot_stuff(data: bytes, at_line_start: bool = True, crlf: bool = False) -> bytes:

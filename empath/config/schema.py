@@ -316,6 +316,10 @@ SCHEMA = Section("", "Empath configuration.", (
         Key("bare_eol", Str(("reject", "normalize")), "reject",
             "A bare CR or LF in DATA (SMTP smuggling): reject the message with 550, or "
             "normalize it to CRLF. A bare line ending never ends the data either way."),
+        Key("hop_limit", Int(1, 1000), 50,
+            "Received: header fields an incoming message may carry; a message with more is "
+            "in a mail loop and is refused after its data with 554 5.4.6 (Postfix: "
+            "hopcount_limit)."),
         Key("greeting_delay", Duration(0, 60), 0.0,
             "Wait this long before the 220 greeting; a client that talks first is "
             "rejected with 554 (early talker). 0 still rejects bytes sent before the greeting."),
@@ -360,7 +364,13 @@ SCHEMA = Section("", "Empath configuration.", (
             "Deliver to this LMTP server (RFC 2033) instead of Maildir.", nullable=True),
         Key("users", Path(), None,
             "File of known local users, one per line; others are rejected at RCPT (550). "
-            "null: accept any user.", nullable=True),
+            "null: see unknown_users.", nullable=True),
+        Key("unknown_users", Str(("reject", "accept")), None,
+            "Without a users file: reject (550 at RCPT) local users that are neither system "
+            "users nor have a Maildir under maildir_root (postmaster is always accepted), or "
+            "accept any (each new name gets a Maildir); null: reject, unless every listener "
+            "is on a loopback address. Names Maildir delivery cannot use (%, !, /, quoted, "
+            "non-ASCII) are refused at RCPT either way.", nullable=True),
     )),
     Section("delivery", "Delivery workers.", (
         Key("max_attempts", Int(1, 10000), 25, "Attempts before a message fails."),
@@ -520,7 +530,9 @@ SCHEMA = Section("", "Empath configuration.", (
             "Header fields to sign; empty: the RFC 6376 §5.4.1 set (From, To, Subject, Date, "
             "Message-ID, ...)."),
         Section("domains", "Signing keys by From: domain; mail from mynetworks or "
-                "authenticated clients whose From: domain is listed is signed.", (
+                "authenticated clients whose From: domain is listed is signed (an "
+                "authenticated user's only for domains it may send as: see "
+                "require_sender_match).", (
                     Key("selector", Str(pattern=r"^[A-Za-z0-9._-]{1,63}$"), None,
                         "Selector (the DNS name is <selector>._domainkey.<domain>)."),
                     Key("key", Path(), None,

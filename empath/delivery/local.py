@@ -12,7 +12,13 @@ reader never sees a partial file, and a crash leaves at worst a stale file in ``
 - Directories this delivery creates are fsynced into their parents, so a new mailbox
   survives a crash along with the message in it.
 - A user name that cannot be a directory name fails the recipient permanently; anything the
-  file system says (no space, quota, permissions) defers it.
+  file system says (no space, quota, permissions) defers it. The receiver refuses such names at
+  RCPT with the same function (``mailbox_name``), so none is accepted only to bounce later.
+- ``KnownUsers`` is the receiver's RCPT check for local domains: the names delivery accepts,
+  the users file or, when unknown users are rejected, the system users and existing
+  Maildirs. Local parts are compared by ``local_part_key``: ASCII letters fold to lower case,
+  anything else is compared as it is, and a local part that Unicode compatibility
+  normalisation (NFKC) would change is refused (U+212A KELVIN SIGN must not reach ``kate``).
 
 Blocking: the dispatcher runs it in a thread. This module never builds a spool path; it reads
 the message through the MessageSource the worker hands it.
@@ -23,18 +29,28 @@ from __future__ import annotations
 import contextlib
 import errno
 import itertools
+import logging
 import os
+import pwd
 import re
 import socket
+import string
 import time
+import unicodedata
 from dataclasses import dataclass
 
 from empath.delivery.state import DEFERRED, DELIVERED, FAILED, RecipientOutcome
 from empath.spool import MessageSource
 
+log = logging.getLogger("empath.delivery")
+
 _counter = itertools.count()
-# A mailbox name becomes a directory name: nothing that could walk out of maildir_root.
-_SAFE_USER = re.compile(r"^[A-Za-z0-9._+-]{1,64}$")
+# A mailbox name becomes a directory name: nothing that could walk out of maildir_root. ASCII
+# only, checked before any case folding (str.lower() maps U+212A KELVIN SIGN to "k").
+_SAFE_USER = re.compile(r"[A-Za-z0-9._+-]{1,64}")
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+# Always a known user (RFC 5321 §4.5.1: postmaster@<every domain> must be accepted).
+POSTMASTER = "postmaster"
 NAME_TRIES = 10  # fresh names drawn when one is taken (each has 64 random bits: never, really)
 COPY_BLOCK = 1 << 20
 # copy_file_range cannot serve these (another file system, an old kernel, a special file):
@@ -85,12 +101,85 @@ class LocalResult:
 
 
 def mailbox_name(address: str) -> str | None:
-    """The mailbox a local address delivers to, or None when it cannot be a directory name."""
+    """The mailbox a local address delivers to, or None when it cannot be a directory name
+    (``%``, ``!``, ``/``, quoted or non-ASCII local parts, a leading dot)."""
     local = address.rpartition("@")[0] if "@" in address else address
-    local = local.lower()
-    if not _SAFE_USER.match(local) or local.startswith("."):
+    if not _SAFE_USER.fullmatch(local) or local.startswith("."):
         return None
-    return local
+    return local.lower()
+
+
+def local_part_key(local: str) -> str | None:
+    """The form in which a local part is compared with user names, or None when it must be
+    refused: ASCII letters folded to lower case (as logins are), other characters kept as
+    they are; a local part that NFKC normalisation would change (compatibility characters:
+    the Kelvin sign, fullwidth letters, ligatures) is refused rather than folded, so no
+    program that folds more than Empath can deliver it to another user."""
+    if not local.isascii() and unicodedata.normalize("NFKC", local) != local:
+        return None
+    return local.translate(_ASCII_LOWER)
+
+
+class KnownUsers:
+    """The local parts of local domains the receiver accepts at RCPT (``in``), so that mail
+    delivery would refuse, or for nobody, is refused at once instead of bounced (backscatter).
+
+    - ``maildir``: Maildir delivery (no LMTP): what ``mailbox_name`` refuses is refused.
+    - ``listed``: the users file (keys as ``local_part_key`` makes them); when given, only
+      those users (and postmaster).
+    - ``reject_unknown`` (no users file): only system users (pwd), existing Maildirs under
+      ``maildir_root`` and postmaster; ``refresh`` re-reads them (the receiver calls it in a
+      thread, once a minute), so ``in`` never blocks on a lookup. Otherwise any user.
+    """
+
+    def __init__(self, *, maildir: bool, listed: frozenset[str] | None = None,
+                 reject_unknown: bool = False, maildir_root: str = "") -> None:
+        self.maildir = maildir
+        self.listed = listed
+        self.reject_unknown = reject_unknown and listed is None
+        self.maildir_root = maildir_root
+        self.known: frozenset[str] = frozenset()
+        if self.reject_unknown:
+            self.refresh()
+
+    def __contains__(self, local: object) -> bool:
+        if not isinstance(local, str):
+            return False
+        if self.maildir and mailbox_name(local) is None:
+            return False
+        key = local_part_key(local)
+        if key is None:
+            return False
+        if key == POSTMASTER:
+            return True
+        if self.listed is not None:
+            return key in self.listed
+        if self.reject_unknown:
+            return key in self.known
+        return True
+
+    def refresh(self) -> None:
+        """Re-read the system users and the Maildirs (blocking: a pwd scan and a listdir)."""
+        if not self.reject_unknown:
+            return
+        names = {entry.pw_name for entry in pwd.getpwall()}
+        if self.maildir:
+            try:
+                with os.scandir(self.maildir_root) as it:
+                    names.update(e.name for e in it if e.is_dir(follow_symlinks=False))
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("cannot list %s for known users: %s", self.maildir_root, exc)
+        self.known = frozenset(key for key in map(local_part_key, names) if key is not None)
+
+    @classmethod
+    def read_file(cls, path: str) -> frozenset[str]:
+        """The users of a ``local_delivery.users`` file (one per line, # comments)."""
+        with open(path, encoding="utf-8") as fh:
+            keys = (local_part_key(line.strip()) for line in fh
+                    if line.strip() and not line.startswith("#"))
+            return frozenset(key for key in keys if key is not None)
 
 
 def unique_name(hostname: str) -> str:

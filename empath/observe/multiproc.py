@@ -8,6 +8,13 @@ named by ``PROMETHEUS_MULTIPROC_DIR``; the admin process sums them at scrape tim
   after the spool, else ``control/metrics`` in the spool), empties it at start (a new master
   starts counting from zero, which Prometheus reads as a counter reset) and exports the
   variable before it forks, so every child imports prometheus_client in multiprocess mode;
+- never uses a directory someone else prepared: /dev/shm is writable by every local user, so
+  the predictable name may have been taken first, as a directory or a symlink, to make root
+  write files through planted links. The directory is created with mkdir (0700), then opened
+  with O_NOFOLLOW and checked with fstat: a directory, owned by this process's user (or by
+  ``user``, to whom the master hands it), mode reset to 0700. A default name that fails the
+  check is left alone and a fresh directory with a random suffix (mkdtemp) is used instead;
+  a configured ``metrics.multiproc_dir`` that fails it is an error;
 - calls ``mark_process_dead(pid)`` when it reaps a child: the dead child's live gauges
   (connections in progress) are removed, while its counter and histogram files stay, so a
   killed and respawned worker never makes a counter go backwards, nor count twice.
@@ -24,6 +31,9 @@ import contextlib
 import hashlib
 import logging
 import os
+import pwd
+import stat
+import tempfile
 from typing import Any
 
 log = logging.getLogger("empath.master")
@@ -43,16 +53,57 @@ def default_dir(spool_root: str, control_dir: str) -> str:
 
 
 def prepare(cfg: Any, spool_root: str, control_dir: str) -> str:
-    """Create and empty the directory, export it to the environment (children inherit it);
-    returns its path. OSError when it cannot be made."""
+    """Create (or check) and empty the directory, export it to the environment (children
+    inherit it); returns its path. OSError when it cannot be made or is not ours."""
+    owners = _owners(cfg)
     path = cfg.metrics.multiproc_dir or default_dir(spool_root, control_dir)
-    os.makedirs(path, mode=0o700, exist_ok=True)
+    if cfg.metrics.multiproc_dir or not path.startswith(SHM + os.sep):
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        make_private_dir(path, owners)
+    else:
+        try:
+            make_private_dir(path, owners)
+        except OSError as exc:
+            fresh = tempfile.mkdtemp(prefix=os.path.basename(path) + "-", dir=SHM)
+            log.warning("metrics: not using %s (%s); using %s instead", path,
+                        exc.strerror or exc, fresh)
+            path = fresh
     for name in os.listdir(path):
         if name.endswith(".db") or name.startswith(DOMAIN_STATE):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(path, name))
     os.environ[ENV] = path
     return path
+
+
+def make_private_dir(path: str, owners: frozenset[int]) -> None:
+    """Create ``path`` 0700, or accept an existing one only when it is a real directory (not a
+    symlink to one) owned by one of ``owners``; its mode is then reset to 0700. OSError
+    (PermissionError naming the owner) otherwise."""
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    # O_NOFOLLOW: a symlink fails with ELOOP; O_DIRECTORY: anything else with ENOTDIR.
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if st.st_uid not in owners:
+            raise PermissionError(f"{path} is owned by uid {st.st_uid}, not by this "
+                                  "process's user")
+        if stat.S_IMODE(st.st_mode) != 0o700:
+            os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
+
+
+def _owners(cfg: Any) -> frozenset[int]:
+    """This process's user, and the configured ``user`` (who owns the directory after a
+    previous run handed it over)."""
+    uids = {os.geteuid()}
+    user = getattr(cfg, "user", None)
+    if user:
+        with contextlib.suppress(KeyError, ValueError):
+            uids.add(int(user) if str(user).isdigit() else pwd.getpwnam(str(user)).pw_uid)
+    return frozenset(uids)
 
 
 def remove(path: str) -> None:

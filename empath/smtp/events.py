@@ -3,8 +3,11 @@ returns, and the envelope of a transaction. Plain data; no behaviour beyond form
 
 from __future__ import annotations
 
+from collections.abc import Container
 from dataclasses import dataclass, field
 from typing import Any
+
+from empath.smtp.replies import Reply
 
 
 @dataclass(frozen=True)
@@ -19,11 +22,13 @@ class Settings:
     max_command_line: int = 512
     max_errors: int = 10
     bare_eol: str = "reject"
+    hop_limit: int = 50  # Received: fields an incoming message may carry (a loop beyond)
     require_helo: bool = True
     tls_available: bool = False
     local_domains: frozenset[str] = frozenset({"localhost"})
     relay_domains: frozenset[str] = frozenset()
-    local_users: frozenset[str] | None = None
+    # Local parts of local_domains accepted at RCPT (delivery/local.py KnownUsers); None: any.
+    local_users: Container[str] | None = None
     hooks: frozenset[str] = frozenset()  # stages some module implements
     auth_offered: bool = False  # AUTH (RFC 4954) on this listener
     auth_required: bool = False  # MAIL needs a successful AUTH first (submission)
@@ -44,7 +49,10 @@ class StartTLS:
 
 @dataclass(slots=True)
 class DataStart:
-    pass
+    """Message data follows; ``envelope`` is the transaction's (carried in the event, since
+    the session may have finished or dropped the transaction by the time it is handled)."""
+
+    envelope: Envelope | None = None
 
 
 @dataclass(slots=True)
@@ -59,7 +67,10 @@ class DataEnd:
 
 @dataclass(slots=True)
 class DataAbort:
-    pass
+    """The message is dropped; ``reply`` is why, when its content was refused (size, bare
+    CR/LF, long line, too many hops), None for a reset or disconnect."""
+
+    reply: Reply | None = None
 
 
 @dataclass(slots=True)

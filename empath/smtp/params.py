@@ -89,9 +89,16 @@ def sender_owned(sender: str, user: str, local_domains: frozenset[str]) -> bool:
     by address, or a local domain for a bare user name; the null sender always."""
     if not sender:
         return True
-    domain = sender.rpartition("@")[2].lower()
+    return domain_owned(sender.rpartition("@")[2], user, local_domains)
+
+
+def domain_owned(domain: str, user: str, local_domains: frozenset[str]) -> bool:
+    """Whether an authenticated ``user`` may send as ``domain`` (MAIL FROM with
+    require_sender_match, and DKIM signing): the domain of a user named by address, or a local
+    domain for a bare user name."""
+    domain = domain.lower().rstrip(".")
     if "@" in user:
-        return domain == user.rpartition("@")[2].lower()
+        return domain == user.rpartition("@")[2].lower().rstrip(".")
     return domain in local_domains
 
 

@@ -44,8 +44,8 @@ def _clean(text: str) -> str:
 
 
 def received_header(session: Any, ip: str, hostname: str, queue_id: str,
-                    tls: dict[str, str] | None) -> bytes:
-    env = session.envelope
+                    tls: dict[str, str] | None, envelope: Any = None) -> bytes:
+    env = envelope if envelope is not None else session.envelope
     helo = _clean(session.helo or "unknown")
     user = getattr(session, "auth_user", None)
     proto = protocol(session.esmtp, tls is not None, bool(env and env.smtputf8), user is not None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import ipaddress
 import os
 import ssl
 import time
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from empath import dkim as dkim_signing
 from empath import modules as hooks
 from empath import passwords
+from empath.delivery.local import KnownUsers
 from empath.smtp import capacity
 from empath.smtp import session as S
 from empath.spool import Spool
@@ -54,20 +56,17 @@ class Receiver:
         self.auth_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="auth")
         self._free_checked = 0.0
         self._free_ok = True
-        users = None
-        if cfg.local_delivery.users:
-            with open(cfg.local_delivery.users, encoding="utf-8") as fh:
-                users = frozenset(line.strip().lower() for line in fh
-                                  if line.strip() and not line.startswith("#"))
+        self.local_users = known_users(cfg)
         self.base_settings = dict(
             hostname=cfg.hostname, banner=cfg.smtp.banner,
             max_message_size=cfg.smtp.max_message_size,
             max_recipients=cfg.smtp.max_recipients,
             max_line_length=cfg.smtp.max_line_length,
             max_command_line=cfg.smtp.max_command_line, max_errors=cfg.smtp.max_errors,
-            bare_eol=cfg.smtp.bare_eol, require_helo=cfg.smtp.require_helo,
+            bare_eol=cfg.smtp.bare_eol, hop_limit=cfg.smtp.hop_limit,
+            require_helo=cfg.smtp.require_helo,
             local_domains=frozenset(cfg.local_domains),
-            relay_domains=frozenset(cfg.relay_domains), local_users=users,
+            relay_domains=frozenset(cfg.relay_domains), local_users=self.local_users,
             hooks=hooks.stages(self.modules))
 
     def listener_settings(self, listener: Any) -> tuple[S.Settings, ssl.SSLContext | None]:
@@ -82,31 +81,79 @@ class Receiver:
                           require_sender_match=auth.require_sender_match,
                           **self.base_settings), ctx
 
-    def auth_blocked(self, ip: str) -> bool:
-        """Whether ``ip`` had max_failures failed AUTHs within failure_window, counted across
-        all receivers through a small file per address in the spool's control directory."""
+    # AUTH throttling. Each client address has a small file in the spool's control directory,
+    # shared by all receivers: one line per attempt ("<time>"), written before the password is
+    # checked, so attempts in flight count as failures; a success or a temporary failure
+    # appends "-<time>", which cancels its attempt. Reading and appending happen with no await
+    # in between, so within a receiver no two attempts see the same count; across receivers
+    # at most one attempt per other receiver can slip past max_failures.
+
+    def _auth_failures(self, ip: str) -> int:
+        """Failed or unfinished attempts of ``ip`` within failure_window; the file is removed
+        when none is left."""
         path = self.spool.auth_failures_path(ip)
         try:
             with open(path, "rb") as fh:
-                times = [float(t) for t in fh.read().split()]
-        except (FileNotFoundError, ValueError):
-            return False
+                lines = fh.read().split()
+        except FileNotFoundError:
+            return 0
+        entries = []  # (stamp, is a cancellation)
+        for line in lines:
+            with contextlib.suppress(ValueError):
+                entries.append((float(line.lstrip(b"-")), line.startswith(b"-")))
         cutoff: float = time.time() - self.cfg.smtp.auth.failure_window
-        recent = sum(t >= cutoff for t in times)
-        if not recent:
+        recent = sum(-1 if cancel else 1 for stamp, cancel in entries if stamp >= cutoff)
+        if all(stamp < cutoff for stamp, _ in entries):
             with contextlib.suppress(OSError):
                 os.unlink(path)
-        limit: int = self.cfg.smtp.auth.max_failures
-        return recent >= limit
+        return max(recent, 0)
 
-    def auth_failed(self, ip: str) -> None:
-        # One O_APPEND write per failure: concurrent receivers never interleave inside one.
+    def auth_blocked(self, ip: str) -> bool:
+        """Whether ``ip`` has max_failures failed (or unfinished) AUTHs within
+        failure_window."""
+        limit: int = self.cfg.smtp.auth.max_failures
+        return self._auth_failures(ip) >= limit
+
+    def auth_attempt(self, ip: str) -> float | None:
+        """Count an AUTH attempt before its password is checked: its stamp (for
+        ``auth_cancel``), or None when ``ip`` is blocked and the attempt must not be tried."""
+        if self.auth_blocked(ip):
+            return None
+        stamp = time.time()
+        self._auth_append(ip, b"%.6f\n" % stamp)
+        return stamp
+
+    def auth_cancel(self, ip: str, stamp: float) -> None:
+        """The attempt of ``stamp`` succeeded (or could not be checked): not a failure."""
+        self._auth_append(ip, b"-%.6f\n" % stamp)
+
+    def _auth_append(self, ip: str, line: bytes) -> None:
+        # One O_APPEND write per line: concurrent receivers never interleave inside one.
         fd = os.open(self.spool.auth_failures_path(ip),
-                     os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                     os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                     0o600)
         try:
-            os.write(fd, b"%.3f\n" % time.time())
+            os.write(fd, line)
         finally:
             os.close(fd)
+
+    def sweep_auth_failures(self) -> int:
+        """Remove the files of addresses with no attempt left in failure_window (blocking: a
+        directory scan); returns how many were removed."""
+        directory = os.path.dirname(self.spool.auth_failures_path("0.0.0.0"))
+        try:
+            names = os.listdir(directory)
+        except FileNotFoundError:
+            return 0
+        removed = 0
+        for name in names:
+            try:
+                path = self.spool.auth_failures_path(name)
+            except ValueError:
+                continue
+            self._auth_failures(name)
+            removed += not os.path.lexists(path)
+        return removed
 
     def space_ok(self) -> bool:
         """Whether the spool's filesystem has more free space than spool.min_free_space."""
@@ -133,6 +180,30 @@ class Receiver:
         self.gate.update(len(self.connections), self.table.total(), self.cfg.smtp.max_connections)
 
 
+def known_users(cfg: Any) -> KnownUsers:
+    """The RCPT check for local domains (delivery/local.py KnownUsers) from
+    ``local_delivery``: unknown_users null rejects unknown users unless every listener is on
+    a loopback address (the embedded default configuration accepts any user)."""
+    ld = cfg.local_delivery
+    listed = KnownUsers.read_file(ld.users) if ld.users else None
+    policy = ld.unknown_users
+    if policy is None:
+        policy = "accept" if all(_is_loopback(lst.address.host) for lst in cfg.listeners) \
+            else "reject"
+    maildir = ld.lmtp is None
+    # With LMTP the LMTP server knows its users: only a users file narrows them here.
+    return KnownUsers(maildir=maildir, listed=listed,
+                      reject_unknown=policy == "reject" and maildir,
+                      maildir_root=ld.maildir_root)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def message_id(head: bytes) -> bytes | None:
     """The Message-ID header's value in the header block at the start of ``head``."""
     end = head.find(b"\r\n\r\n")
@@ -156,7 +227,9 @@ def message_priority(rules: Any, envelope: S.Envelope, listener: str,
             continue
         if rule.listener is not None and str(rule.listener) != listener:
             continue
-        if rule.auth_user is not None and rule.auth_user != auth_user:
+        # Logins are case-insensitive (passwords.verify), so the rule is too.
+        if rule.auth_user is not None and (
+                auth_user is None or rule.auth_user.lower() != auth_user.lower()):
             continue
         prio: int = rule.priority
         return prio

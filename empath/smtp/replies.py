@@ -51,6 +51,7 @@ TOO_MANY_FROM_IP = Reply(421, "4.7.0",
                          "{hostname} too many connections from your address, try again later")
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "{hostname} too many errors, closing connection")
 TIMEOUT = Reply(421, "4.4.2", "{hostname} timeout exceeded, closing connection")
+LOCAL_ERROR_CLOSING = Reply(421, "4.3.0", "{hostname} local error, closing connection")
 LIFETIME = Reply(421, "4.4.2", "{hostname} connection time limit exceeded")
 
 # -- simple commands ---------------------------------------------------------------------
@@ -93,6 +94,8 @@ BDAT_OK = Reply(250, "2.0.0", "{size} octets received")
 BARE_EOL = Reply(550, "5.6.0",
                  "Message contains bare CR or LF line endings (not accepted: SMTP smuggling)")
 DATA_LINE_TOO_LONG = Reply(550, "5.6.0", "Message contains a line longer than {limit} octets")
+# RFC 3463 X.4.6: routing loop detected (Postfix's hopcount_limit answer).
+TOO_MANY_HOPS = Reply(554, "5.4.6", "Too many hops ({count} Received: header fields): mail loop")
 SPOOL_ERROR = Reply(451, "4.3.0", "Local error in processing, try again later")
 MODULE_ERROR = Reply(451, "4.3.5", "Local policy error, try again later")
 

@@ -23,7 +23,7 @@ from typing import Any
 from empath import cluster, passwords
 from empath import modules as hooks
 from empath.observe import audit, metrics, tracing
-from empath.smtp import capacity
+from empath.smtp import capacity, params
 from empath.smtp import replies as R
 from empath.smtp import session as S
 from empath.smtp.received import received_header
@@ -36,6 +36,7 @@ log = logging.getLogger("empath.smtp")
 SWEEP_INTERVAL = 1.0  # seconds between timeout sweeps over all connections
 DEDUP_HEAD = 64 * 1024  # where the Message-ID header is looked for
 DEDUP_SWEEP = 60.0  # seconds between removals of expired duplicate-suppression entries
+SLOW_SWEEP = 60.0  # seconds between re-reads of the known local users, and AUTH-file sweeps
 
 # This process's instruments and audit log (serve() sets them; no-ops until then).
 _metrics = metrics.current()
@@ -67,6 +68,11 @@ class SMTPProtocol(asyncio.Protocol):
         self.head = b""
         self.peer = ("", 0)
         self.tls_info: dict[str, str] | None = None
+        # Tasks this connection started (hooks, commit, AUTH, STARTTLS): referenced until
+        # done, so none is garbage-collected mid-flight, and any error they end with is
+        # logged and closes the connection (_task_done).
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.committing: asyncio.Task[None] | None = None
 
     # -- asyncio callbacks -----------------------------------------------------------------
     def connection_made(self, transport: Any) -> None:
@@ -106,7 +112,7 @@ class SMTPProtocol(asyncio.Protocol):
         self.hook_ctx = hooks.HookContext(ip, self.peer[1], str(self.listener.address),
                                           tls=self.tls_info)
         if r.modules and any("on_connect" in m.hooks for m in r.modules):
-            asyncio.ensure_future(self._connect_hooks())
+            self._spawn(self._connect_hooks())
         elif cfg.smtp.greeting_delay > 0:
             asyncio.get_running_loop().call_later(cfg.smtp.greeting_delay, self._greet)
         else:
@@ -122,7 +128,13 @@ class SMTPProtocol(asyncio.Protocol):
             return
         session = self.session
         assert session is not None
-        self._handle(session.feed(data))
+        try:
+            self._handle(session.feed(data))
+        except Exception:
+            # A bug must not leave the client waiting for a reply that never comes.
+            log.exception("unexpected error in a session with [%s]", self.peer[0])
+            self._fail_connection()
+            return
         # The command timeout runs from the last complete command, so a client trickling a
         # line a byte at a time (slowloris) is still cut. In DATA each block of message data
         # restarts the data_block timeout instead (RFC 5321 §4.5.3.2.5; see _handle).
@@ -173,31 +185,36 @@ class SMTPProtocol(asyncio.Protocol):
                         self.head += ev.chunk[:DEDUP_HEAD]  # type: ignore[union-attr]
                 self.deadline = time.monotonic() + self.receiver.data_block
             elif kind is S.DataStart:
-                self._start_message()
+                self._start_message(ev.envelope)  # type: ignore[union-attr]
             elif kind is S.DataEnd:
                 self._pause_reading()
-                asyncio.ensure_future(self._commit(ev.envelope))  # type: ignore[union-attr]
+                self.committing = self._spawn(
+                    self._commit(ev.envelope))  # type: ignore[union-attr,arg-type]
             elif kind is S.DataAbort:
                 if self.message is not None:
                     self.message.abort()
                     self.message = None
+                    if ev.reply is not None:  # type: ignore[union-attr]
+                        log.info("%s: refused after data from [%s]: %s", self.queue_id,
+                                 self.peer[0],
+                                 ev.reply.line.decode().strip())  # type: ignore[union-attr]
             elif kind is S.Check:
                 self._pause_reading()
-                asyncio.ensure_future(self._check(ev))  # type: ignore[arg-type]
+                self._spawn(self._check(ev))  # type: ignore[arg-type]
             elif kind is S.StartTLS:
                 self._pause_reading()
-                asyncio.ensure_future(self._start_tls())
+                self._spawn(self._start_tls())
             elif kind is S.Authenticate:
                 self._pause_reading()
-                asyncio.ensure_future(self._authenticate(ev))  # type: ignore[arg-type]
+                self._spawn(self._authenticate(ev))  # type: ignore[arg-type]
             elif kind is S.Close:
                 self._close()
         if self.receiver.stopping and self.session is not None and not self.closed:
             self._maybe_close_for_shutdown()
 
-    def _start_message(self) -> None:
+    def _start_message(self, envelope: S.Envelope | None) -> None:
         session = self.session
-        assert session is not None and session.envelope is not None
+        assert session is not None and envelope is not None
         r = self.receiver
         self.queue_id = new_message_id()
         self.trace.message_started(self.queue_id)
@@ -205,13 +222,46 @@ class SMTPProtocol(asyncio.Protocol):
         if r.dedup is not None:
             self.digest, self.head = hashlib.sha256(), b""
         self.message.write(received_header(
-            session, self.peer[0], r.cfg.hostname, self.queue_id, self.tls_info))
+            session, self.peer[0], r.cfg.hostname, self.queue_id, self.tls_info, envelope))
         self.deadline = time.monotonic() + r.cfg.smtp.timeouts.data_init
 
     async def _commit(self, envelope: S.Envelope) -> None:
         session, message, r = self.session, self.message, self.receiver
         assert session is not None and message is not None and self.hook_ctx is not None
         self.deadline = time.monotonic() + r.cfg.smtp.timeouts.data_termination
+        try:
+            reply = await self._store(envelope, message)
+        except Exception:
+            # Anything unforeseen (a parser's RecursionError, a module's bad value): the
+            # message is not stored, the client hears 451 and may retry, the session goes on.
+            log.exception("%s: not stored: unexpected error (from=<%s> client=[%s])",
+                          self.queue_id, envelope.sender, self.peer[0])
+            reply = R.SPOOL_ERROR
+            with contextlib.suppress(Exception):
+                message.abort()
+        self.message = None
+        self.trace.message_done(message.size, None if reply is None else reply.code)
+        if reply is None:
+            log.info("%s: from=<%s> size=%d nrcpt=%d client=[%s]", self.queue_id,
+                     envelope.sender, message.size, len(envelope.recipients), self.peer[0])
+            self._received(envelope, message.size)
+        else:
+            self._refused(reply)
+        if self.closed:
+            return
+        self.deadline = time.monotonic() + r.cfg.smtp.timeouts.command
+        events = (session.message_stored(self.queue_id) if reply is None
+                  else session.message_failed(reply))
+        self.hook_ctx.metadata = {}
+        self.hook_ctx.priority = None  # a module's priority is for its message only
+        self._resume_reading()
+        self._handle(events)
+
+    async def _store(self, envelope: S.Envelope, message: Any) -> R.Reply | None:
+        """Modules, duplicate check, priority, DKIM, then the durable commit: None once the
+        message is stored, else the reply that refuses it (the message is then aborted)."""
+        session, r = self.session, self.receiver
+        assert session is not None and self.hook_ctx is not None
         reply = None
         try:
             if not r.space_ok():
@@ -238,36 +288,24 @@ class SMTPProtocol(asyncio.Protocol):
                          envelope.sender)
                 self._duplicate(envelope, original)
                 reply, dedup_key = R.DUPLICATE.format(queue_id=original), None
-        if reply is None:
-            self._set_priority(envelope)
-        if reply is None and r.signer is not None and session.trusted:
-            await message.add_header(self._dkim_header)
-        if reply is None:
-            try:
-                await message.commit(self._envelope_record(envelope))
-            except SpoolError as exc:
-                log.error("%s: not stored: %s", self.queue_id, exc)
-                reply = R.NO_STORAGE if is_disk_full(exc) else R.SPOOL_ERROR
-                if dedup_key is not None and r.dedup is not None:
-                    r.dedup.release(dedup_key)
-        else:
+        if reply is not None:
             message.abort()
-        self.message = None
-        self.trace.message_done(message.size, None if reply is None else reply.code)
-        if reply is None:
-            log.info("%s: from=<%s> size=%d nrcpt=%d client=[%s]", self.queue_id,
-                     envelope.sender, message.size, len(envelope.recipients), self.peer[0])
-            self._received(envelope, message.size)
-        else:
-            self._refused(reply)
-        if self.closed:
-            return
-        self.deadline = time.monotonic() + r.cfg.smtp.timeouts.command
-        events = (session.message_stored(self.queue_id) if reply is None
-                  else session.message_failed(reply))
-        self.hook_ctx.metadata = {}
-        self._resume_reading()
-        self._handle(events)
+            return reply
+        try:
+            self._set_priority(envelope)
+            if r.signer is not None and session.trusted:
+                await message.add_header(self._dkim_header)
+            await message.commit(self._envelope_record(envelope))
+        except SpoolError as exc:
+            log.error("%s: not stored: %s", self.queue_id, exc)
+            reply = R.NO_STORAGE if is_disk_full(exc) else R.SPOOL_ERROR
+        except BaseException:
+            reply = R.SPOOL_ERROR
+            raise
+        finally:
+            if reply is not None and dedup_key is not None and r.dedup is not None:
+                r.dedup.release(dedup_key)
+        return reply
 
     def _received(self, envelope: S.Envelope, size: int) -> None:
         """Count a stored message, and record it in the audit log."""
@@ -328,11 +366,21 @@ class SMTPProtocol(asyncio.Protocol):
             self.message.mtime = time.time() - prio * cfg.priority.step
 
     def _dkim_header(self, message: bytes) -> bytes | None:
-        """Thread side: the DKIM-Signature for mail whose From: domain has a key."""
+        """Thread side: the DKIM-Signature for mail whose From: domain has a key and is one
+        the client may sign for: an authenticated user only for the domains it may send as
+        (params.domain_owned, the rule of require_sender_match); a mynetworks client for
+        every domain in dkim.domains."""
         signer = self.receiver.signer
-        assert signer is not None
+        session = self.session
+        assert signer is not None and session is not None
+        user = session.auth_user
         key = signer.key_for(message)
         if key is None:
+            return None
+        if user is not None and not params.domain_owned(key.domain, user,
+                                                        self.settings.local_domains):
+            log.warning("%s: not DKIM-signed: user %s may not send as %s", self.queue_id,
+                        user, key.domain)
             return None
         try:
             return signer.sign(message, key)
@@ -383,7 +431,10 @@ class SMTPProtocol(asyncio.Protocol):
         assert session is not None
         ip = self.peer[0]
         reply: R.Reply | None
-        if r.auth_blocked(ip):
+        # Counted before the (slow) password check: attempts in flight count against
+        # max_failures, so a burst of simultaneous attempts is not all tried.
+        stamp = r.auth_attempt(ip)
+        if stamp is None:
             reply = R.AUTH_TOO_MANY.format(hostname=r.cfg.hostname)
         else:
             loop = asyncio.get_running_loop()
@@ -395,8 +446,9 @@ class SMTPProtocol(asyncio.Protocol):
                 ok, reply = False, R.AUTH_TEMPORARY
             else:
                 reply = None if ok else R.AUTH_FAILED
-            if not ok and reply is R.AUTH_FAILED:
-                r.auth_failed(ip)
+            if reply is not R.AUTH_FAILED:
+                r.auth_cancel(ip, stamp)
+            else:
                 _metrics.auth_failures.inc()
                 log.warning("AUTH failed for user %r from [%s]", ev.user[:64], ip)
                 if r.auth_blocked(ip):
@@ -446,6 +498,38 @@ class SMTPProtocol(asyncio.Protocol):
         self._resume_reading()
 
     # -- helpers ---------------------------------------------------------------------------
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if task is self.committing:
+            self.committing = None
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("unexpected error in a session with [%s]", self.peer[0],
+                      exc_info=(type(exc), exc, exc.__traceback__))
+            self._fail_connection()
+
+    def _drop_message(self) -> None:
+        """Abort the message being received, unless its commit is running (that one ends
+        stored or refused on its own; an abort would race its spool write)."""
+        if self.message is not None and (self.committing is None or self.committing.done()):
+            with contextlib.suppress(Exception):
+                self.message.abort()
+            self.message = None
+
+    def _fail_connection(self) -> None:
+        """After an unexpected error: 421, close, and drop any message being received."""
+        self._drop_message()
+        if not self.closed:
+            self._refuse(R.LOCAL_ERROR_CLOSING.format(hostname=self.receiver.cfg.hostname))
+
     def _greet(self) -> None:
         if self.closed or self.session is None:
             return
@@ -491,15 +575,16 @@ class SMTPProtocol(asyncio.Protocol):
     def timed_out(self) -> None:
         if self.closed:
             return
-        if self.session is not None and self.session.phase == S.WAIT and self.message:
-            return  # the commit decides: its module hooks are bounded by data_termination
+        if self.committing is not None and not self.committing.done() \
+                and self.end_of_life >= time.monotonic():
+            # The commit decides (its module hooks are bounded by data_termination, and the
+            # spool write is never cut short), within the connection's lifetime.
+            return
         log.info("timeout: closing connection from [%s]", self.peer[0])
         self._refuse(R.LIFETIME.format(hostname=self.receiver.cfg.hostname)
                      if self.end_of_life < time.monotonic()
                      else R.TIMEOUT.format(hostname=self.receiver.cfg.hostname))
-        if self.message is not None:
-            self.message.abort()
-            self.message = None
+        self._drop_message()
 
     def _maybe_close_for_shutdown(self) -> None:
         """While draining: idle sessions get 421 now, busy ones after their transaction."""
@@ -563,11 +648,26 @@ async def serve(ctx: Any) -> None:
 
 
 async def _sweep(receiver: Receiver) -> None:
-    last_dedup = time.monotonic()
+    """Timeouts every SWEEP_INTERVAL; in a thread now and then: expired duplicate entries,
+    expired AUTH-failure files (at least once per failure_window), the known local users."""
+    now = time.monotonic()
+    last = {"dedup": now, "auth": now, "users": now}
+    every = {"dedup": DEDUP_SWEEP, "auth": min(SLOW_SWEEP, receiver.cfg.smtp.auth.failure_window),
+             "users": SLOW_SWEEP}
+    jobs = {"dedup": receiver.dedup.sweep if receiver.dedup is not None else None,
+            "auth": receiver.sweep_auth_failures, "users": receiver.local_users.refresh}
     while True:
         await asyncio.sleep(SWEEP_INTERVAL)
-        receiver.sweep()
-        if receiver.dedup is not None and time.monotonic() - last_dedup > DEDUP_SWEEP:
-            last_dedup = time.monotonic()
-            await asyncio.to_thread(receiver.dedup.sweep)
+        try:
+            receiver.sweep()
+        except Exception:
+            log.exception("receiver sweep (timeouts) failed")
+        for name, job in jobs.items():
+            if job is None or time.monotonic() - last[name] < every[name]:
+                continue
+            last[name] = time.monotonic()
+            try:
+                await asyncio.to_thread(job)
+            except Exception:  # the sweeper must outlive any one failure
+                log.exception("receiver sweep (%s) failed", name)
 

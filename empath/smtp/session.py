@@ -21,9 +21,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from empath._speedups import CommandSyntaxError, DataReader, parse_path, split_command
+from empath._speedups import (
+    CommandSyntaxError,
+    DataReader,
+    has_bare_eol,
+    parse_path,
+    split_command,
+)
 from empath.smtp import params
 from empath.smtp import replies as R
+from empath.smtp.content import HopCounter, LineEndings
 from empath.smtp.events import (
     Authenticate,
     Check,
@@ -105,6 +112,8 @@ class ServerSession:
         self._chunk_last = False
         self._chunk_size = 0  # octets of this transaction's BDAT chunks so far
         self._chunk_failed: Reply | None = None
+        self._hops: HopCounter | None = None  # Received: fields of the message coming in
+        self._eol: LineEndings | None = None  # bare CR/LF in BDAT content
         self._pending_rcpt: dict[str, Any] | None = None
 
     # -- public API ------------------------------------------------------------------------
@@ -391,8 +400,8 @@ class ServerSession:
             return None
         domain = domain.lower().rstrip(".")
         if domain in self.settings.local_domains:
-            users = self.settings.local_users
-            if users is not None and local.lower() not in users:
+            users = self.settings.local_users  # the rule is the container's (KnownUsers)
+            if users is not None and local not in users:
                 return R.UNKNOWN_USER.format(address=address)
             return None
         if self.trusted or domain in self.settings.relay_domains:
@@ -418,9 +427,10 @@ class ServerSession:
             return
         s = self.settings
         self._reader = DataReader(s.max_message_size, s.bare_eol, s.max_line_length)
+        self._hops = HopCounter(s.hop_limit)
         self._reply(R.START_DATA)
         self.phase = DATA
-        self._emit(DataStart())
+        self._emit(DataStart(self.envelope))
 
     def _consume_data(self) -> bool:
         """Feed buffered bytes to the DATA decoder; False when more input is needed."""
@@ -431,6 +441,9 @@ class ServerSession:
         reader = self._reader
         out = reader.feed(chunk)
         if out:
+            hops = self._hops
+            if hops is not None and not hops.done:
+                hops.feed(out)
             self._emit(Data(out))
         if not reader.done:
             return False
@@ -447,14 +460,25 @@ class ServerSession:
             self._end_message()
         return True
 
+    def _too_many_hops(self) -> bool:
+        """Whether the message just received has more Received: fields than hop_limit
+        (RFC 5321 §6.3: a mail loop); refused with 554 5.4.6 and never stored."""
+        hops, self._hops = self._hops, None
+        if hops is None or not hops.over:
+            return False
+        self._fail_message(R.TOO_MANY_HOPS.format(count=hops.count))
+        return True
+
     def _fail_message(self, reply: Reply) -> None:
-        self._emit(DataAbort())
+        self._emit(DataAbort(reply))
         self.envelope = None
         self.phase = READY
         self._reply(reply)
 
     def _end_message(self) -> None:
         assert self.envelope is not None
+        if self._too_many_hops():
+            return
         self.phase = WAIT
         self._emit(DataEnd(self.envelope))
 
@@ -473,7 +497,9 @@ class ServerSession:
             self._chunk_failed = R.NO_RECIPIENTS
         elif self.phase == RCPT:
             self._chunk_size = 0
-            self._emit(DataStart())
+            self._hops = HopCounter(self.settings.hop_limit)
+            self._eol = LineEndings(self.settings.bare_eol == "normalize", has_bare_eol)
+            self._emit(DataStart(self.envelope))
         self.phase = CHUNK
         self._consume_chunk()
 
@@ -492,10 +518,10 @@ class ServerSession:
                 if self._chunk_size > self.settings.max_message_size:
                     self._chunk_failed = R.SIZE_EXCEEDED.format(
                         limit=self.settings.max_message_size)
-                    self._emit(DataAbort())
+                    self._emit(DataAbort(self._chunk_failed))
                     self.envelope = None
                 else:
-                    self._emit(Data(piece))
+                    self._chunk_data(piece)
             if self._chunk_left:
                 return False
         if self._chunk_failed is not None:
@@ -503,11 +529,27 @@ class ServerSession:
             self.phase = READY if self.helo else GREET
             self._reply(self._chunk_failed)
         elif self._chunk_last:
-            self._end_message()
+            eol = self._eol
+            assert eol is not None
+            self._chunk_data(eol.end())
+            if eol.bad and self.settings.bare_eol == "reject":
+                self._fail_message(R.BARE_EOL)
+            else:
+                self._end_message()
         else:
             self.phase = CHUNKED
             self._out.append(R.BDAT_OK.format(size=self._chunk_size).line)
         return True
+
+    def _chunk_data(self, piece: bytes) -> None:
+        """BDAT octets to store, after the bare-CR/LF rule that DATA applies in its decoder
+        (the same ``bare_eol``: no smuggling through chunks either)."""
+        assert self._eol is not None and self._hops is not None
+        piece = self._eol.feed(piece)
+        if piece:
+            if not self._hops.done:
+                self._hops.feed(piece)
+            self._emit(Data(piece))
 
     def _cmd_rset(self, arg: bytes) -> None:
         if self.phase == CHUNKED:

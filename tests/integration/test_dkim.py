@@ -25,16 +25,17 @@ MESSAGE = (b"From: Alice <alice@example.org>\r\nTo: bob@far.example\r\nSubject: 
            b"Hello,\r\n\r\nthis body is covered by the signature.\r\n")
 
 
-def keygen(tmp_path: Path, algorithm: str, selector: str) -> tuple[str, str]:
+def keygen(tmp_path: Path, algorithm: str, selector: str,
+           domain: str = "example.org") -> tuple[str, str]:
     """(key path, TXT value) from ``empathctl dkim keygen``."""
-    out = subprocess.run([CTL, "dkim", "keygen", "example.org", selector, "--algorithm",
+    out = subprocess.run([CTL, "dkim", "keygen", domain, selector, "--algorithm",
                           algorithm, "--dir", str(tmp_path)], capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0, out.stderr
     record = out.stdout.splitlines()[0]
-    assert record.startswith(f"{selector}._domainkey.example.org. IN TXT")
+    assert record.startswith(f"{selector}._domainkey.{domain}. IN TXT")
     value = "".join(re.findall(r'"([^"]*)"', record))
-    return str(tmp_path / f"example.org.{selector}.key"), value
+    return str(tmp_path / f"{domain}.{selector}.key"), value
 
 
 def dns_txt(server: DNSServer) -> Any:
@@ -87,6 +88,50 @@ def test_untrusted_clients_and_unlisted_domains_are_not_signed(daemon_factory: A
     with d.smtp() as s:
         s.sendmail("alice@example.org", ["bob@localhost"], MESSAGE)
     assert b"DKIM-Signature" not in stored(d)
+
+
+def test_authenticated_user_is_signed_only_for_domains_it_may_send_as(
+        daemon_factory: Any, tmp_path: Path) -> None:
+    """alice@example.org may send as example.org, bob (a bare name) as the local domains: a
+    From: of another domain that has a key (here the CEO's) is relayed unsigned, whatever
+    the envelope sender (require_sender_match is off)."""
+    from tests.integration.test_submission import stored as stored_all
+    from tests.integration.test_submission import submission_daemon
+
+    org, org_txt = keygen(tmp_path, "rsa-sha256", "s1")
+    corp, _ = keygen(tmp_path, "ed25519-sha256", "s1", "corp.test")
+    local, _ = keygen(tmp_path, "ed25519-sha256", "s1", "localhost")
+    d, client = submission_daemon(daemon_factory, tmp_path, extra={"dkim": {"domains": {
+        "example.org": {"selector": "s1", "key": org},
+        "corp.test": {"selector": "s1", "key": corp, "algorithm": "ed25519-sha256"},
+        "localhost": {"selector": "s1", "key": local, "algorithm": "ed25519-sha256"}}}})
+
+    def send(user: str, password: str, from_: bytes) -> None:
+        with d.smtp() as s:
+            s.starttls(context=client)
+            s.login(user, password)
+            s.sendmail("alice@example.org", ["x@far.example"],
+                       b"From: " + from_ + b"\r\nSubject: " + from_ + b"\r\n\r\nbody\r\n")
+
+    send("alice@example.org", "correct horse", b"ceo@corp.test")
+    send("alice@example.org", "correct horse", b"Alice <alice@example.org>")
+    send("bob", "battery staple", b"ceo@corp.test")
+    send("bob", "battery staple", b"bob@localhost")
+    signatures = []
+    for _, data in stored_all(d):
+        head = data.split(b"\r\n\r\n", 1)[0]
+        subject = head.split(b"Subject: ", 1)[1].split(b"\r\n", 1)[0].decode()
+        signed = re.search(rb"^DKIM-Signature:.*?d=([^;]+);", head, re.S)
+        signatures.append((subject, signed.group(1).decode() if signed else None))
+    assert sorted(signatures, key=str) == sorted([
+        ("ceo@corp.test", None), ("ceo@corp.test", None),
+        ("Alice <alice@example.org>", "example.org"), ("bob@localhost", "localhost")], key=str)
+    log = d.log_text()
+    assert "not DKIM-signed: user alice@example.org may not send as corp.test" in log
+    assert "not DKIM-signed: user bob may not send as corp.test" in log
+    with DNSServer({"s1._domainkey.example.org": {"TXT": [org_txt]}}) as server:
+        [alice] = [data for _, data in stored_all(d) if b"d=example.org" in data]
+        assert dkim.verify(alice, dnsfunc=dns_txt(server))
 
 
 def test_signature_survives_retries_to_the_next_hop(daemon_factory: Any, tmp_path: Path) -> None:

@@ -136,7 +136,17 @@ def maildir_files(d: EmpathDaemon, user: str) -> list[Path]:
 
 def test_maildir_without_lmtp(daemon_factory: DaemonFactory) -> None:
     d = daemon_factory({"delivery": FAST_RETRY})
-    send(d, "sender@localhost", ["alice@localhost", "Bad/Name@localhost"])
+    with d.smtp() as client:  # a name Maildir cannot use is refused at RCPT (no backscatter)
+        refused = client.sendmail("sender@localhost", ["alice@localhost", "Bad/Name@localhost"],
+                                  MESSAGE)
+    assert list(refused) == ["Bad/Name@localhost"] and refused["Bad/Name@localhost"][0] == 550
+    # A local submission reaches delivery, which refuses the name and bounces.
+    from tests.support.daemon import REPO
+
+    r = subprocess.run([str(REPO / ".venv" / "bin" / "empath"), "sendmail", "-C",
+                        str(d.config_path), "-f", "sender@localhost", "Bad/Name@localhost"],
+                       input=MESSAGE.encode(), capture_output=True, timeout=30)
+    assert r.returncode == 0, r.stderr
     [msg] = d.wait_for(lambda: maildir_files(d, "alice"), message="alice's message")
     data = msg.read_bytes()
     assert data.startswith(b"Return-Path: <sender@localhost>\r\nDelivered-To: alice@localhost")

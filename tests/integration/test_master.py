@@ -4,6 +4,7 @@ heartbeats, boot failures and crash loops, orphaned children."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -20,6 +21,7 @@ import pytest
 
 from empath.spool import Spool, new_message_id
 from tests.support.daemon import EmpathDaemon, wait_for
+from tests.support.sink import PRESETS, SinkServer
 
 Factory = Any
 
@@ -382,34 +384,42 @@ def test_runs_as_the_configured_user(daemon_factory: Factory) -> None:
     # The master imports the children's code before the switch, so this works even where
     # the Python installation is not readable by the user (an interpreter under /root).
     base = Path(tempfile.mkdtemp(prefix="empath-user-"))
+    stack = contextlib.ExitStack()
     try:
         base.chmod(0o755)
         mail = base / "mail"
         mail.mkdir()
         os.chown(mail, 65534, 65534)
+        # The bounce: a next hop that refuses the recipient (a local name Maildir cannot
+        # use is refused at RCPT now, before any bounce).
+        sink = SinkServer(PRESETS["reject-mail"]).start()
+        stack.callback(sink.stop)
         d: EmpathDaemon = daemon_factory({"user": "nobody", "pidfile": str(base / "run/e.pid"),
                                           "spool": {"path": str(base / "spool")},
                                           "log": {"file": str(base / "log/empath.log")},
-                                          "local_delivery": {"maildir_root": str(mail)}})
+                                          "local_delivery": {"maildir_root": str(mail)},
+                                          "delivery": {"domains": {"refusing.test": {
+                                              "mx_override": f"127.0.0.1:{sink.port}"}}}})
         for pid in [d.master_pid, *d.child_pids()]:
             assert psutil.Process(pid).uids().effective == 65534
         assert (base / "spool" / "incoming").stat().st_uid == 65534
         with socket.create_connection(d.address, timeout=5) as conn:
             assert conn.recv(100).startswith(b"220")
         # The whole path works as the user: receipt, spool, delivery to a Maildir, and a
-        # bounce (an invalid mailbox name) built and delivered back to the sender.
+        # bounce (a refused recipient) built and delivered back to the sender.
         with d.smtp() as s:
-            s.sendmail("carol@localhost", ["alice@localhost", "no/such@localhost"],
+            s.sendmail("carol@localhost", ["alice@localhost", "no-such@refusing.test"],
                        b"Subject: as nobody\r\n\r\nbody\r\n")
         d.wait_for(lambda: len(list((mail / "alice" / "new").glob("*"))) == 1
                    and len(list((mail / "carol" / "new").glob("*"))) == 1, 30,
                    message="the message and the bounce")
         assert (mail / "alice").stat().st_uid == 65534
         bounce = next((mail / "carol" / "new").iterdir()).read_bytes()
-        assert b"multipart/report" in bounce and b"no/such@localhost" in bounce
+        assert b"multipart/report" in bounce and b"no-such@refusing.test" in bounce
         assert d.stop() == 0
         assert not (base / "run" / "e.pid").exists()
     finally:
+        stack.close()
         shutil.rmtree(base, ignore_errors=True)
 
 

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import smtplib
 import socket
 import subprocess
 import time
@@ -81,6 +82,21 @@ class Raw:
         self.sock.close()
 
 
+def send_bdat(d: EmpathDaemon, *chunks: bytes) -> list[bytes]:
+    """One BDAT transaction (a@example.org to b@localhost), pipelined with its EHLO; the
+    replies to EHLO, MAIL, RCPT and each chunk."""
+    c = Raw(d)
+    c.reply()
+    last = len(chunks) - 1
+    c.send(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@localhost>\r\n" + b"".join(
+        b"BDAT %d%s\r\n" % (len(chunk), b" LAST" if i == last else b"") + chunk
+        for i, chunk in enumerate(chunks)))
+    try:
+        return c.replies(3 + len(chunks))
+    finally:
+        c.close()
+
+
 def test_smtplib_message_is_durable_in_incoming_with_envelope(daemon_factory: Any) -> None:
     d = frozen_daemon(daemon_factory)
     with d.smtp() as s:
@@ -146,11 +162,13 @@ def test_8bit_and_smtputf8(daemon_factory: Any) -> None:
     with d.smtp() as s:
         s.ehlo("c")
         assert s.has_extn("smtputf8") and s.has_extn("8bitmime")
-        s.sendmail("jörg@example.org", ["bücher@localhost"], body,
+        # Relayed (127.0.0.1 is trusted): Maildir delivery has no non-ASCII mailbox names, so
+        # bücher@localhost is refused at RCPT (test_undeliverable_local_parts_...).
+        s.sendmail("jörg@example.org", ["bücher@example.net"], body,
                    mail_options=["SMTPUTF8", "BODY=8BITMIME"])
     [(env, data)] = incoming(d)
     assert env["sender"] == "jörg@example.org"
-    assert env["recipients"][0]["address"] == "bücher@localhost"
+    assert env["recipients"][0]["address"] == "bücher@example.net"
     assert env["params"]["smtputf8"] is True and env["params"]["body"] == "8BITMIME"
     assert data.endswith(body)
     assert b"with UTF8SMTP id" in data
@@ -158,15 +176,10 @@ def test_8bit_and_smtputf8(daemon_factory: Any) -> None:
 
 def test_bdat_chunks(daemon_factory: Any) -> None:
     d = frozen_daemon(daemon_factory)
-    c = Raw(d)
-    c.reply()
     part1, part2 = b"Subject: chunked\r\n\r\n.not stuffed\r\n", b"last\r\n.\r\n"
-    c.send(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@localhost>\r\n"
-           + b"BDAT %d\r\n" % len(part1) + part1 + b"BDAT %d LAST\r\n" % len(part2) + part2)
-    replies = c.replies(5)
+    replies = send_bdat(d, part1, part2)
     assert replies[3] == b"250 2.0.0 %d octets received" % len(part1)
     assert replies[4].startswith(b"250 2.0.0 OK queued as")
-    c.close()
     [(_, data)] = incoming(d)
     assert data.endswith(part1 + part2)
 
@@ -427,6 +440,8 @@ class Policy:
             raise RuntimeError("policy service exploded")
         if self.mode == "hang" and envelope.sender == "slow@example.org":
             await asyncio.sleep(3600)
+        if self.mode == "bad_priority" and envelope.sender == "odd@example.org":
+            ctx.priority = "urgent"  # not a number: the receiver cannot place the message
         return None
 
 
@@ -478,6 +493,137 @@ def test_on_data_hook_that_hangs_is_cut_by_data_termination(daemon_factory: Any,
         assert s.sendmail("fine@example.org", ["b@localhost"], MESSAGE) == {}
     assert [env["sender"] for env, _ in incoming(d)] == ["fine@example.org"]
     assert "on_data module hooks did not answer within 1s" in d.log_text()
+
+
+def test_unexpected_error_while_accepting_gets_451_and_the_session_goes_on(
+        daemon_factory: Any, tmp_path: Path) -> None:
+    """A module's bad value breaks the commit outside any module handler: the message is not
+    stored, the client hears 451 (not silence), the error is logged, the session goes on."""
+    d = policy_daemon(daemon_factory, tmp_path, "bad_priority")
+    with d.smtp(timeout=20) as s:
+        s.ehlo("c")
+        s.mail("odd@example.org")
+        s.rcpt("b@localhost")
+        code, text = s.data(MESSAGE)
+        assert (code, text) == (451, b"4.3.0 Local error in processing, try again later")
+        assert s.noop()[0] == 250
+        assert s.sendmail("fine@example.org", ["b@localhost"], MESSAGE) == {}
+    assert [env["sender"] for env, _ in incoming(d)] == ["fine@example.org"]
+    log = d.log_text()
+    assert "not stored: unexpected error (from=<odd@example.org>" in log, log
+    assert "TypeError" in log
+
+
+def test_from_with_thousands_of_nested_comments_does_not_hang_the_session(
+        daemon_factory: Any, tmp_path: Path) -> None:
+    """~3,000 nested "(" in From: exhaust the stack of the stdlib address parser the DKIM step
+    uses; the message is answered (stored unsigned), and the session goes on."""
+    from tests.integration.test_dkim import keygen
+
+    key, _ = keygen(tmp_path, "rsa-sha256", "s1")
+    d = frozen_daemon(daemon_factory, {"dkim": {"domains": {"example.org": {
+        "selector": "s1", "key": key}}}})
+    hostile = (b"From: " + b"\r\n ".join([b"(" * 750] * 4) + b"alice@example.org\r\n"
+               b"To: b@localhost\r\nSubject: nested\r\n\r\nbody\r\n")
+    with d.smtp(timeout=20) as s:  # 127.0.0.1 is in mynetworks: DKIM applies
+        s.ehlo("c")
+        s.mail("alice@example.org")
+        s.rcpt("b@localhost")
+        code, _ = s.data(hostile)
+        assert code == 250
+        assert s.noop()[0] == 250
+        assert s.sendmail("alice@example.org", ["b@localhost"],
+                          b"From: alice@example.org\r\n\r\nfine\r\n") == {}
+    stored = sorted((data for _, data in incoming(d)), key=len)
+    assert len(stored) == 2
+    assert b"DKIM-Signature" not in stored[1] and b"(" * 750 + b"\r\n (" in stored[1]
+    assert stored[0].startswith(b"DKIM-Signature: ")
+
+
+def test_hop_limit_refuses_more_received_headers_than_the_limit(daemon_factory: Any) -> None:
+    """smtp.hop_limit (default 50): 50 Received: fields are accepted, 51 are a mail loop (554
+    5.4.6 after the data, nothing stored), through DATA and through BDAT."""
+    d = frozen_daemon(daemon_factory)
+    trace = b"".join(b"Received: from hop%d.example (hop%d.example [192.0.2.%d])\r\n"
+                     b"\tby next.example; Sat, 5 Dec 2026 08:00:00 +0000\r\n" % (i, i, i)
+                     for i in range(51))
+    body = b"Subject: loop\r\n\r\nReceived: in the body does not count\r\n"
+    fifty = b"Received".join(trace.split(b"Received")[:51])  # the first 50 fields
+    assert fifty.count(b"Received:") == 50 and trace.count(b"Received:") == 51
+    with d.smtp() as s:
+        s.ehlo("c")
+        s.mail("a@example.org")
+        s.rcpt("b@localhost")
+        code, text = s.data(trace + body)
+        assert (code, text) == (554, b"5.4.6 Too many hops (51 Received: header fields): "
+                                     b"mail loop")
+        assert s.sendmail("a@example.org", ["b@localhost"], fifty + body) == {}
+    replies = send_bdat(d, trace[:1000], trace[1000:] + body)
+    assert replies[4].startswith(b"554 5.4.6 Too many hops"), replies
+    [(_, data)] = incoming(d)
+    assert data.count(b"Received:") == 52  # the 50, ours, and the one in the body
+    assert d.log_text().count("refused after data from [127.0.0.1]: 554 5.4.6 Too many hops "
+                              "(51 Received: header fields)") == 2
+
+
+def test_bdat_smuggling_is_refused_like_data(daemon_factory: Any) -> None:
+    """A bare LF "." bare LF inside a BDAT chunk is refused (bare_eol=reject) like in DATA,
+    so it can never be relayed byte for byte to a server that would end the data there."""
+    d = frozen_daemon(daemon_factory)
+    content = (b"Subject: real\r\n\r\nreal body\n.\nMAIL FROM:<smuggled@example.org>\r\n"
+               b"RCPT TO:<victim@localhost>\r\nDATA\r\nSubject: smuggled\r\n")
+    replies = send_bdat(d, content)
+    assert replies[3].startswith(b"550 5.6.0"), replies
+    assert incoming(d) == []
+
+
+def test_bdat_bare_line_endings_are_normalized_when_configured(daemon_factory: Any) -> None:
+    d = frozen_daemon(daemon_factory, {"smtp": {"bare_eol": "normalize"}})
+    replies = send_bdat(d, b"Subject: n\r\n\r\none\n.\ntwo\r", b"three\r\n")
+    assert replies[4].startswith(b"250 2.0.0 OK queued as"), replies
+    [(_, data)] = incoming(d)
+    assert data.endswith(b"Subject: n\r\n\r\none\r\n.\r\ntwo\r\nthree\r\n")
+
+
+UNDELIVERABLE = ["bad%y@localhost", "a!b@localhost", "a/b@localhost", '"kate"@localhost',
+                 "a=b@localhost", "bücher@localhost", "\u212aate@localhost"]
+
+
+def rcpt_codes(d: EmpathDaemon, addresses: list[str]) -> dict[str, int]:
+    with d.smtp() as s:
+        s.ehlo("c")
+        s.mail("x@example.org", ["SMTPUTF8"])
+        codes = {address: s.rcpt(address)[0] for address in addresses}
+        s.rset()
+    return codes
+
+
+def test_undeliverable_local_parts_are_refused_at_rcpt_even_when_any_user_is_accepted(
+        daemon_factory: Any) -> None:
+    """The loopback default accepts any user, but not a name Maildir delivery would refuse:
+    no 250 now and a bounce to a (forged) sender later."""
+    d = frozen_daemon(daemon_factory)
+    codes = rcpt_codes(d, [*UNDELIVERABLE, "kate@localhost", "Brand.New+tag@localhost"])
+    assert codes == {**dict.fromkeys(UNDELIVERABLE, 550), "kate@localhost": 250,
+                     "Brand.New+tag@localhost": 250}
+
+
+def test_unknown_users_rejected_are_all_but_system_users_and_maildirs(
+        daemon_factory: Any) -> None:
+    """local_delivery.unknown_users: reject (the default on a non-loopback listener): system
+    users, existing Maildirs and postmaster are accepted, any other name gets 550 5.1.1 at RCPT
+    (nothing is stored for it, so no Maildir is ever made for it)."""
+    d: EmpathDaemon = daemon_factory({"local_delivery": {"unknown_users": "reject"}},
+                                     start=False)
+    (d.dir / "mail" / "kate" / "new").mkdir(parents=True)
+    Spool(str(d.spool_path)).create_tree()
+    Spool(str(d.spool_path)).set_frozen(True)
+    d.start()
+    codes = rcpt_codes(d, ["root@localhost", "KATE@localhost", "postmaster@localhost",
+                           "stranger@localhost", "bad%y@localhost", "\u212aate@localhost"])
+    assert codes == {"root@localhost": 250, "KATE@localhost": 250, "postmaster@localhost": 250,
+                     "stranger@localhost": 550, "bad%y@localhost": 550,
+                     "\u212aate@localhost": 550}
 
 
 def test_unknown_local_users_are_refused_at_rcpt(daemon_factory: Any, tmp_path: Path) -> None:
@@ -552,3 +698,46 @@ def test_failed_flush_answers_452_and_leaves_no_file(daemon_factory: Any,
         if loop:
             run(["losetup", "-d", loop])
         run(["umount", "-l", str(back)])
+
+
+def test_mail_loop_through_our_own_mx_is_bounded(daemon_factory: Any) -> None:
+    """The issue's loop: a domain whose MX (a loopback DNS server) is this daemon. A stranger's
+    message to bad%y@localhost from such a sender is refused at RCPT (it would have bounced to
+    ourselves); a trusted client's message to that domain goes round until the hop limit
+    refuses it, its bounce likewise, and then the loop is over: the receipts stay few."""
+    from tests.support.dnsserver import DNSServer
+
+    with socket.socket() as probe:  # the daemon must listen where the MX points
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    hop_limit = 5
+    zone = {"loop.test": {"MX": [(10, "mx.loop.test")]}, "mx.loop.test": {"A": ["127.0.0.1"]}}
+    with DNSServer(zone) as dns:
+        d: EmpathDaemon = daemon_factory({
+            "listeners": [{"address": f"127.0.0.1:{port}"}],
+            "mynetworks": ["127.0.0.1/32"],
+            "smtp": {"hop_limit": hop_limit},
+            "processes": {"receivers": 1, "delivery": 1},
+            "delivery": {"port": port, "queue_scan_interval": "0.2s",
+                         "dns": {"resolver": f"127.0.0.1:{dns.port}", "timeout": "2s"}}})
+        stranger = smtplib.SMTP("127.0.0.1", port, timeout=10,
+                                source_address=("127.0.0.2", 0))
+        with stranger as s:
+            s.ehlo("stranger.example")
+            s.mail("someone@loop.test")
+            code, _ = s.rcpt("bad%y@localhost")
+            assert code == 550
+        with d.smtp() as s:
+            s.sendmail("a@loop.test", ["b@loop.test"], MESSAGE)
+        spool = Spool(str(d.spool_path))
+
+        def settled() -> bool:
+            return not any(spool.list_ids(state) for state in ("incoming", "deferred")) \
+                and not spool.list_active()
+
+        wait_for(settled, 60, message="the loop to end")
+        receipts = d.log_text().count(": from=<")
+        time.sleep(2)
+        assert d.log_text().count(": from=<") == receipts, "still looping"
+    # The message and its bounce each pass at most hop_limit + 1 times.
+    assert 1 <= receipts <= 2 * (hop_limit + 1), receipts

@@ -273,3 +273,30 @@ def test_dispatcher_defers_when_maildir_delivery_breaks(tmp_path: Path,
     out, _ = dispatch(tmp_path, ["a@localhost"])
     outcome = out["a@localhost"]
     assert (outcome.status, outcome.code, outcome.enhanced) == (DEFERRED, 451, "4.3.0")
+
+
+@pytest.mark.parametrize(("address", "mailbox"), [
+    ("Kate@localhost", "kate"), ("a.b+c-d_e@localhost", "a.b+c-d_e"),
+    ("\u212aate@localhost", None),  # KELVIN SIGN: str.lower() would make it "kate"
+    ("\uff4bate@localhost", None),  # FULLWIDTH k
+    ("kate\n@localhost", None), ("bad%y@localhost", None), ("a/b@localhost", None),
+    ('"kate"@localhost', None), (".kate@localhost", None), ("b\u00fccher@localhost", None),
+])
+def test_mailbox_name_is_checked_before_case_folding(address: str, mailbox: str | None) -> None:
+    assert local.mailbox_name(address) == mailbox
+
+
+def test_kelvin_sign_is_never_delivered_to_kate(tmp_path: Path) -> None:
+    src = tmp_path / "msg"
+    src.write_bytes(b"Subject: k\r\n\r\nbody\r\n")
+    source = MessageSource(str(src), 0, src.stat().st_size)
+    result = local.deliver_maildir(str(tmp_path / "mail"), "\u212aate@localhost", "a@b", source)
+    assert result.permanent and result.code == 550
+    assert not (tmp_path / "mail" / "kate").exists()
+
+
+def test_local_part_key_folds_ascii_only_and_refuses_compatibility_forms() -> None:
+    assert local.local_part_key("KaTe") == "kate"
+    assert local.local_part_key("J\u00d6rg") == "j\u00d6rg"  # non-ASCII compared as it is
+    assert local.local_part_key("\u212aate") is None
+    assert local.local_part_key("\ufb01le") is None  # the "fi" ligature

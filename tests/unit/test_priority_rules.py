@@ -48,3 +48,14 @@ def test_each_key_and_the_first_match(tmp_path: Path) -> None:
     assert message_priority(rs, mail, submission, "newsletter") == -5  # first rule wins
     assert message_priority(rs, env("b@x.example", "y@Urgent.Example"), port25, None) == 9
     assert message_priority(rs, env("b@x.example", "y@calm.example"), port25, "alice") == 0
+
+
+def test_auth_user_matches_case_insensitively_like_logins(tmp_path: Path) -> None:
+    """passwords.verify folds the login's case, so NewsLetter is the user newsletter: the
+    rule matches it too; no login (None) never matches an auth_user rule."""
+    rs, (port25, _) = rules(tmp_path)
+    mail = env("b@x.example", "y@calm.example")
+    assert message_priority(rs, mail, port25, "NewsLetter") == -5
+    assert message_priority(rs, mail, port25, "NEWSLETTER") == -5
+    assert message_priority(rs, mail, port25, "newsletters") == 0
+    assert message_priority(rs, mail, port25, None) == 0

@@ -27,6 +27,7 @@ import re
 
 import pytest
 
+from empath.delivery.local import KnownUsers
 from empath.smtp import replies as R
 from empath.smtp import session as S
 
@@ -105,7 +106,8 @@ def parse_settings(lines: list[str]) -> tuple[S.Settings, bool]:
             elif key in ("auth_plaintext_ok", "require_sender_match"):
                 kwargs[key] = value == "true"
             elif key == "users":
-                kwargs["local_users"] = frozenset(value.split(","))
+                kwargs["local_users"] = KnownUsers(maildir=True,
+                                                   listed=frozenset(value.split(",")))
             elif key in ("bare_eol", "hostname"):
                 kwargs[key] = value
             elif key == "require_helo":
@@ -183,3 +185,53 @@ def test_transcript_fed_bytewise(path: pathlib.Path, speedups_impl: str) -> None
 
 def test_transcripts_exist() -> None:
     assert len(TRANSCRIPTS) >= 10
+
+
+@pytest.mark.parametrize(("listeners", "policy", "stranger_known"), [
+    (["127.0.0.1:25", "[::1]:25"], None, True),  # the embedded default: loopback only
+    (["127.0.0.1:25", "192.0.2.1:25"], None, False),
+    (["0.0.0.0:25"], None, False),
+    (["0.0.0.0:25"], "accept", True),
+    (["127.0.0.1:25"], "reject", False),
+])
+def test_unknown_users_are_rejected_unless_every_listener_is_loopback(
+        tmp_path: pathlib.Path, listeners: list[str], policy: str | None,
+        stranger_known: bool) -> None:
+    import yaml
+
+    from empath.config import load_config
+    from empath.smtp.receiver import known_users
+
+    (tmp_path / "mail" / "kate").mkdir(parents=True)
+    conf = tmp_path / "empath.yaml"
+    conf.write_text(yaml.safe_dump({
+        "base_dir": str(tmp_path), "listeners": [{"address": a} for a in listeners],
+        "local_delivery": {"maildir_root": str(tmp_path / "mail"), "unknown_users": policy}}))
+    users = known_users(load_config(str(conf)))
+    assert ("stranger" in users) is stranger_known
+    assert "kate" in users and "root" in users and "postmaster" in users
+    assert "bad%y" not in users and "\u212aate" not in users
+
+
+HOPS_MESSAGE = (b"Received: a\r\nX-Received: not a hop\r\nrEcEiVeD: b\r\n\tfolded received: c\r\n"
+                b"Subject: received: d\r\nRECEIVED:e\r\n\r\nReceived: in the body\r\n")
+
+
+@pytest.mark.parametrize("limit", [1, 2, 3, 50])
+def test_hop_counter_at_every_split(limit: int) -> None:
+    """Three Received: fields in the header section, whatever pieces the message arrives
+    in; look-alikes (X-Received, folded or in a value) and the body do not count."""
+    from empath.smtp.content import HopCounter
+
+    n = len(HOPS_MESSAGE)
+    for i in range(n + 1):
+        for j in range(i, n + 1):
+            hops = HopCounter(limit)
+            for piece in (HOPS_MESSAGE[:i], HOPS_MESSAGE[i:j], HOPS_MESSAGE[j:]):
+                hops.feed(piece)
+            assert hops.done, (i, j)
+            assert hops.count == 3 if limit >= 3 else limit < hops.count <= 3, (i, j)
+            assert hops.over is (limit < 3)
+    empty = HopCounter(0)
+    empty.feed(b"\r\nReceived: body only\r\n")
+    assert empty.done and empty.count == 0

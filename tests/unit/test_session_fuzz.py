@@ -50,7 +50,7 @@ COMMANDS = [b"EHLO x", b"HELO x", b"MAIL FROM:<a@b.example>", b"RCPT TO:<c@local
             b"BDAT 0 LAST", b"rcpt to:<c@[IPv6:::1]>"]
 SETTINGS = S.Settings(hostname="mx.test", local_domains=frozenset({"local.test"}),
                       tls_available=True, max_message_size=4096, max_errors=1000)
-SPEEDUPS_IN_SESSION = ("split_command", "parse_path", "DataReader")
+SPEEDUPS_IN_SESSION = ("split_command", "parse_path", "DataReader", "has_bare_eol")
 
 
 # --------------------------------------------------------------------------- the driver

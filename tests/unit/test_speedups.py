@@ -76,7 +76,7 @@ def test_cython_leg_is_run() -> None:
 def test_package_reexports_the_active_implementation() -> None:
     active = pkg.implementations()[pkg.IMPLEMENTATION]
     for name in ("split_command", "parse_path", "decode_xtext", "encode_xtext", "DataReader",
-                 "dot_stuff"):
+                 "dot_stuff", "has_bare_eol"):
         assert getattr(pkg, name) is getattr(active, name)
     assert pkg.CommandSyntaxError is CommandSyntaxError
     with pytest.raises(KeyError):
@@ -588,6 +588,29 @@ def test_bare_cr_at_end_of_chunk(speedups) -> None:
     assert not r.bad_eol  # not known yet
     assert r.feed(b"b\r\n") == b"\nb\r\n"
     assert r.bad_eol
+
+
+@pytest.mark.parametrize(("data", "bare"), [
+    (b"", False), (b"plain", False), (b"a\r\nb\r\n", False), (b"\r\n\r\n", False),
+    (b"a\nb", True), (b"a\rb", True), (b"\n", True), (b"\r", True), (b"a\r", True),
+    (b"\na", True), (b"a\r\n\n", True), (b"a\r\r\n", True), (b"a\n\r", True),
+    (b"x" * 5000 + b"\r\n" + b"y\n", True), (b"\r\n" * 1000 + b".\r", True),
+])
+def test_has_bare_eol(speedups, data: bytes, bare: bool) -> None:
+    assert speedups.has_bare_eol(data) is bare
+    assert speedups.has_bare_eol(bytearray(data)) is bare
+
+
+def test_has_bare_eol_twins_agree_on_every_short_input() -> None:
+    """Every string of up to 7 octets over CR, LF and "a": both twins give the same answer."""
+    import itertools
+
+    impls = [pkg.implementations()[leg] for leg in LEGS]
+    for n in range(8):
+        for combo in itertools.product(b"\r\na", repeat=n):
+            data = bytes(combo)
+            answers = {impl.has_bare_eol(data) for impl in impls}
+            assert len(answers) == 1, data
 
 
 def test_size_and_too_big(speedups) -> None:
