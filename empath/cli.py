@@ -19,27 +19,22 @@ import platform
 import signal
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import empath
 from empath import logsetup
-from empath.config import ConfigError, load_config
+from empath.config import ConfigError, defaults
 
 log = logging.getLogger("empath.master")
 
-SYSTEM_CONFIG = "/etc/empath/empath.yaml"
+SYSTEM_CONFIG = defaults.SYSTEM_CONFIG
 START_TIMEOUT = 60.0  # most `empath start` waits for the daemon's report
 
 
 def default_config_path() -> str:
-    """``$EMPATH_CONFIG``, else /etc/empath/empath.yaml if it exists, else the checkout's."""
-    env = os.environ.get("EMPATH_CONFIG")
-    if env:
-        return env
-    if os.path.exists(SYSTEM_CONFIG):
-        return SYSTEM_CONFIG
-    return str(Path(empath.__file__).resolve().parent.parent / "conf" / "empath.yaml")
+    """``$EMPATH_CONFIG``, else /etc/empath/empath.yaml if it exists, else the checkout's,
+    else the embedded default (config/defaults.py)."""
+    return defaults.config_path()
 
 
 def speedups_implementation() -> str:
@@ -59,12 +54,47 @@ def _err(message: str) -> None:
     print(f"empath: {message}", file=sys.stderr)
 
 
-def _load(args: argparse.Namespace) -> Any | None:
+def _load(args: argparse.Namespace, warnings: list[str] | None = None) -> Any | None:
     try:
-        return load_config(args.config or default_config_path())
+        return defaults.load(args.config, warnings)
     except ConfigError as exc:
         _err(str(exc))
         return None
+
+
+def _refuse_without_speedups() -> bool:
+    """True (after saying why) when EMPATH_REQUIRE_SPEEDUPS forbids the pure-Python twins."""
+    from empath import _speedups
+
+    problem = _speedups.required_error()
+    if problem is not None:
+        _err(problem)
+    return problem is not None
+
+
+def _starting(cfg: Any) -> None:
+    """The master's first log lines (configuration, speedups), and the self-signed TLS
+    certificate if a listener needs one that does not exist yet."""
+    from empath import _speedups
+    from empath.config import tlsfiles
+    from empath.master import privileges
+
+    log.info("empath %s starting; configuration: %s", empath.__version__,
+             defaults.describe(cfg.config_file))
+    if _speedups.FALLBACK_REASON is None:
+        log.info("%s", _speedups.status_line())
+    else:
+        log.warning("%s", _speedups.status_line())
+    owner = None
+    with contextlib.suppress(privileges.PrivilegeError):
+        ident = privileges.lookup(cfg.user, cfg.group)
+        if ident is not None and privileges.needs_switch(ident) and os.geteuid() == 0:
+            owner = (ident.uid, ident.gid)
+    try:
+        tlsfiles.ensure_self_signed(cfg, log, owner)
+    except OSError as exc:
+        log.error("TLS: cannot write the self-signed certificate in %s: %s; listeners "
+                  "without tls.cert offer no TLS", cfg.tls_dir, exc.strerror or exc)
 
 
 def _pidfile_path(args: argparse.Namespace) -> str | None:
@@ -80,10 +110,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from empath.master.arbiter import Arbiter
     from empath.master.daemon import Pidfile, PidfileError
 
+    if _refuse_without_speedups():
+        return 1
     cfg = _load(args)
     if cfg is None:
         return 1
     logsetup.configure(cfg.log)
+    _starting(cfg)
     pidfile = Pidfile(cfg.pidfile)
     try:
         pidfile.create()
@@ -104,6 +137,8 @@ def cmd_start(args: argparse.Namespace) -> int:
     """Start a detached daemon; return once it listens (0) or has failed (1)."""
     from empath.master.daemon import detach, pidfile_state, wait_for_report
 
+    if _refuse_without_speedups():
+        return 1
     cfg = _load(args)
     if cfg is None:
         return 1
@@ -143,6 +178,7 @@ def _daemon_main(cfg: Any, report_fd: int) -> int:
     try:
         logsetup.redirect_stdio(cfg.log.file)
         logsetup.configure(cfg.log)
+        _starting(cfg)
         pidfile = Pidfile(cfg.pidfile)
         try:
             pidfile.create()
@@ -244,9 +280,19 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    cfg = _load(args)
+    """Every error (file, line, key) on standard error with status 1; else the file, the
+    resolved paths, any warnings (``warning: ...``) and ``ok`` on standard output."""
+    from empath.config.checks import resolved_paths
+
+    warnings: list[str] = []
+    cfg = _load(args, warnings)
     if cfg is None:
         return 1
+    print(f"config: {defaults.describe(cfg.config_file)}")
+    for what, where in resolved_paths(cfg):
+        print(f"{what + ':':<17}{where}")
+    for text in warnings:
+        print(f"warning: {text}")
     print("ok")
     return 0
 
@@ -277,7 +323,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"uvloop: {importlib.metadata.version('uvloop')}")
     except importlib.metadata.PackageNotFoundError:
         print("uvloop: unavailable")
-    print(f"config: {args.config or default_config_path()}")
+    print(f"config: {defaults.describe(defaults.config_path(args.config))}")
     return 0
 
 
@@ -299,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     with_config = argparse.ArgumentParser(add_help=False)
     with_config.add_argument("-c", "--config", metavar="FILE",
                              help="configuration file (default: $EMPATH_CONFIG, "
-                                  f"{SYSTEM_CONFIG} if it exists, else the checkout's)")
+                                  f"{SYSTEM_CONFIG} if it exists, the checkout's, else the "
+                                  "embedded default)")
     with_pidfile = argparse.ArgumentParser(add_help=False)
     with_pidfile.add_argument("--pidfile", metavar="FILE",
                               help="use this pidfile instead of the configuration's")
