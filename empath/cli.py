@@ -58,7 +58,8 @@ def _load(args: argparse.Namespace, warnings: list[str] | None = None) -> Any | 
     try:
         return defaults.load(args.config, warnings)
     except ConfigError as exc:
-        _err(str(exc))
+        for line in str(exc).splitlines():  # one line per problem (ConfigErrors)
+            _err(line)
         return None
 
 
