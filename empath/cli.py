@@ -325,6 +325,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     except importlib.metadata.PackageNotFoundError:
         print("uvloop: unavailable")
     print(f"config: {defaults.describe(defaults.config_path(args.config))}")
+    import sysconfig
+
+    share = os.path.join(sysconfig.get_path("data"), "share", "empath")
+    if os.path.isdir(share):  # an installed wheel: init script, systemd unit, logrotate
+        print(f"shared files: {share}")
     return 0
 
 

@@ -99,6 +99,8 @@ def test_sdist_and_wheel_carry_what_an_installation_needs(installed: Installed) 
                    "doc/empath/OPERATIONS.md"):
         assert (share / needed).is_file(), needed
     assert "Apache License" in (REPO / "LICENSE").read_text()
+    info = _run([installed.bin("empath"), "info"], cwd=installed.venv).stdout
+    assert f"shared files: {share / 'empath'}" in info
     assert (share / "doc" / "empath" / "LICENSE").read_text() == (REPO / "LICENSE").read_text()
     for script in ("empath", "empathctl", "empath-sendmail", "empath-mailq"):
         assert os.access(installed.bin(script), os.X_OK), script
