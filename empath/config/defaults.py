@@ -54,6 +54,4 @@ def load(given: str | None = None, warnings: list[str] | None = None) -> Any:
     """Load the resolved configuration (ConfigError when it is invalid)."""
     from empath.config.loader import load_config
 
-    path = config_path(given)
-    base = state_dir() if path == EMBEDDED else None
-    return load_config(path, base_dir=base, warnings=warnings)
+    return load_config(config_path(given), warnings=warnings)

@@ -275,6 +275,10 @@ def load_config(path: str, *, base_dir: str | None = None,
     that do not stop the daemon (an open relay, a public listener without TLS...) are
     appended to ``warnings`` when it is given (``config.checks``).
     """
+    from empath.config import defaults
+
+    if base_dir is None and os.path.abspath(path) == defaults.EMBEDDED:
+        base_dir = defaults.state_dir()  # whoever loads it (a reload too) gets the same paths
     try:
         with open(path, encoding="utf-8") as fh:
             text = fh.read()

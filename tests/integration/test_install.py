@@ -242,6 +242,11 @@ def test_run_offers_starttls_and_delivers_to_the_per_user_maildir(
         _wait(lambda: bob.is_dir() and len(os.listdir(bob)) == 1, "delivery to bob")
         assert b"Subject: via sendmail" in (bob / os.listdir(bob)[0]).read_bytes()
         assert os.listdir(cwd) == [], "the working directory was written to"
+        # A reload reads the embedded default again, with the same state directory.
+        daemon.send_signal(signal.SIGHUP)
+        _wait(lambda: "configuration reloaded; starting generation 2" in log.read_text()
+              or "reload failed" in log.read_text(), "the reload")
+        assert "reload failed" not in log.read_text()
     finally:
         if daemon.poll() is None:
             daemon.send_signal(signal.SIGTERM)

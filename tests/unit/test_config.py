@@ -3,6 +3,7 @@ shipped conf/empath.yaml is exactly the generated template; ``empath check-confi
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import textwrap
@@ -403,3 +404,22 @@ def test_resolved_paths_of_the_embedded_default(tmp_path: Path,
     assert f"pidfile:         {state / 'run' / 'empath.pid'}" in out
     assert f"self-signed TLS: {state / 'tls' / 'selfsigned.crt'}" in out
     assert out[-1] == "ok"
+
+
+def test_the_embedded_default_always_resolves_to_the_state_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """load_config of the embedded file (as a reload does) takes paths against the state
+    directory, never against the package's own directory."""
+    from empath.config import defaults
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    cfg = load_config(defaults.EMBEDDED)
+    assert cfg.spool.path == str(tmp_path / "empath" / "spool")
+    assert cfg.tls_dir == str(tmp_path / "empath" / "tls")
+    assert cfg.listeners[0].address == ("127.0.0.1", 2525)
+    assert cfg.listeners[0].tls.enabled is True and cfg.listeners[0].tls.cert is None
+    monkeypatch.delenv("XDG_STATE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    expected = "/var/lib/empath" if os.geteuid() == 0 else str(
+        tmp_path / "home" / ".local" / "state" / "empath")
+    assert defaults.state_dir() == expected
