@@ -86,6 +86,10 @@ def _starting(cfg: Any) -> None:
         log.info("%s", _speedups.status_line())
     else:
         log.warning("%s", _speedups.status_line())
+    from empath.config.checks import config_warnings
+
+    for text in config_warnings(cfg):  # what check-config warns about (an open relay...)
+        log.warning("configuration: %s", text)
     owner = None
     with contextlib.suppress(privileges.PrivilegeError):
         ident = privileges.lookup(cfg.user, cfg.group)

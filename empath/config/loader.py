@@ -103,7 +103,6 @@ class _Loader:
         self.path = path
         self.yaml = yaml.SafeLoader(text)
         self.ctx = Context(base_dir or os.path.dirname(os.path.abspath(path)))
-        self.base_dir_given = base_dir is not None
         self.errors: list[ConfigError] = []
         self.base_dir_relative = False
 

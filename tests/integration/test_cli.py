@@ -261,6 +261,14 @@ def test_master_logs_the_speedups_in_use(daemon_factory: Any) -> None:
     [line] = [x for x in d.log_text().splitlines() if "pure-Python twins are in use" in x]
     assert " WARNING empath.master[" in line and "(EMPATH_NO_EXTENSIONS is set)" in line
     d.stop()
+    # What check-config warns about is logged at start too.
+    d.write_config({"mynetworks": ["127.0.0.0/8", "0.0.0.0/0"]})
+    d.proc = None
+    d.start(env={"EMPATH_REQUIRE_SPEEDUPS": ""})
+    [line] = [x for x in d.log_text().splitlines() if "open relay" in x]
+    assert " WARNING empath.master[" in line
+    assert f"configuration: {d.config_path}: mynetworks[1]: 0.0.0.0/0 lets every" in line
+    d.stop()
     refused = empath("run", "-c", str(d.config_path),
                      env={"EMPATH_NO_EXTENSIONS": "1", "EMPATH_REQUIRE_SPEEDUPS": "1"})
     assert refused.returncode == 1
