@@ -118,7 +118,7 @@ class _DNSSECMode(Str):
 LISTENER = (
     Key("address", HostPort(), None, "host:port to listen on ([::1]:25 for IPv6)."),
     Key("mode", Str(("smtp", "submission", "smtps")), "smtp",
-        "smtp: plain SMTP with STARTTLS when tls is set; submission: as smtp, for clients; "
+        "smtp: SMTP with STARTTLS (unless tls is off); submission: as smtp, for clients; "
         "smtps: implicit TLS (RFC 8314) on connect."),
     Section("tls", "TLS of this listener: STARTTLS (implicit TLS for smtps). On by default: "
             "with no cert and key, a self-signed certificate for hostname is generated in "
