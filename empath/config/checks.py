@@ -1,10 +1,10 @@
 """Warnings about a valid configuration, and the paths it resolves to (``empath check-config``).
 
-A warning names something that works but is likely a mistake: an open relay (``mynetworks``
-wider than the networks of this host's own interfaces, or 0.0.0.0/0, ::/0), a listener on a
-public address without TLS, SMTP AUTH allowed without TLS, and a copied file whose relative
-``base_dir`` now resolves the spool, mail and pidfile to places that do not exist. Nothing here
-changes or creates a file.
+A warning names something that is likely a mistake: an open relay (``mynetworks`` wider than
+the networks of this host's own interfaces, or 0.0.0.0/0, ::/0), a listener on a public address
+without TLS, SMTP AUTH allowed without TLS, a spool path too long for the delivery workers'
+Unix sockets, and a copied file whose relative ``base_dir`` now resolves the spool, mail and
+pidfile to places that do not exist. Nothing here changes or creates a file.
 """
 
 from __future__ import annotations
@@ -15,6 +15,16 @@ import socket
 from typing import Any
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+UNIX_PATH_MAX = 107  # bytes of a Unix socket path (sun_path, less its NUL)
+
+
+def _pid_digits() -> int:
+    """Digits of the largest process id (kernel.pid_max), for the longest socket name."""
+    try:
+        with open("/proc/sys/kernel/pid_max", encoding="ascii") as fh:
+            return len(str(int(fh.read()) - 1))
+    except (OSError, ValueError):
+        return 7
 
 
 def host_networks() -> list[IPNetwork]:
@@ -74,6 +84,13 @@ def config_warnings(cfg: Any, base_dir_relative: bool = False,
         if lst.mode == "submission" and lst.tls.enabled is False and not auth.allow_plaintext:
             out.append(f"{where}: listeners[{i}].tls: submission listener {lst.address} has "
                        "TLS off, so it can never offer AUTH (allow_plaintext is false)")
+    longest = len(os.fsencode(os.path.join(cfg.spool.path, "control", "wake",
+                                           "9" * _pid_digits())))
+    if longest > UNIX_PATH_MAX:
+        out.append(f"{where}: spool.path: {cfg.spool.path} is too long: the delivery workers' "
+                   f"wake-up sockets (control/wake/<pid> in it) would need {longest} bytes, "
+                   f"more than the {UNIX_PATH_MAX} a Unix socket path may have, so the workers "
+                   "cannot start; use a shorter path")
     if base_dir_relative:
         absent = [f"{name} {path}" for name, path in resolved_paths(cfg)
                   if name in ("spool", "mail", "pidfile") and path.startswith("/")

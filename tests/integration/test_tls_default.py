@@ -14,6 +14,7 @@ import ssl
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from tests.support.certs import make_self_signed
@@ -36,6 +37,7 @@ def test_starttls_is_on_by_default_with_a_generated_certificate(
     assert key_path.stat().st_mode & 0o777 == 0o600
     assert (d.dir / "var" / "tls").stat().st_mode & 0o777 == 0o700
     cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    assert isinstance(cert.public_key(), ec.EllipticCurvePublicKey)  # fast to make
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.DNSName) == ["test.empath"]
     log = d.log_text()

@@ -423,3 +423,16 @@ def test_the_embedded_default_always_resolves_to_the_state_directory(
     expected = "/var/lib/empath" if os.geteuid() == 0 else str(
         tmp_path / "home" / ".local" / "state" / "empath")
     assert defaults.state_dir() == expected
+
+
+def test_a_spool_path_too_long_for_the_wake_sockets_warns(tmp_path: Path) -> None:
+    from empath.config.checks import config_warnings
+
+    short = load_config(str(write(tmp_path, "spool: {path: /tmp/s}\n")))
+    assert config_warnings(short) == []
+    deep = "/tmp/" + "d" * 90 + "/spool"
+    cfg = load_config(str(write(tmp_path, f"spool: {{path: {deep}}}\n")))
+    [warning] = config_warnings(cfg)
+    assert warning.startswith(f"{tmp_path / 'empath.yaml'}: spool.path: {deep} is too long: "
+                              "the delivery workers' wake-up sockets")
+    assert "more than the 107 a Unix socket path may have" in warning
