@@ -273,3 +273,27 @@ def _wait(pred: object, what: str, log: Path | None = None, timeout: float = 60.
         assert time.monotonic() < deadline, (f"timed out waiting for {what}"
                                              + (f"\n--- log ---\n{log.read_text()}" if log else ""))
         time.sleep(0.1)
+
+
+def test_a_failed_speedups_build_fails_loudly_when_required(tmp_path: Path) -> None:
+    """setup.py with no working C compiler: with EMPATH_REQUIRE_SPEEDUPS (tools/bootstrap sets
+    it) the build fails with the compiler's error; without it, the notice and the twins."""
+    for name in ("setup.py", "pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy2(REPO / name, tmp_path / name)
+    shutil.copytree(REPO / "empath", tmp_path / "empath",
+                    ignore=shutil.ignore_patterns("*.so", "*.c", "__pycache__"))
+    env = {**os.environ, "CC": str(tmp_path / "no-such-cc")}
+    env.pop("EMPATH_NO_EXTENSIONS", None)
+    build = [BUILD_PY, "setup.py", "build_ext", "--inplace"]
+    failed = subprocess.run(build, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                            env={**env, "EMPATH_REQUIRE_SPEEDUPS": "1"})
+    assert failed.returncode != 0
+    assert "compiling the speedups failed" in failed.stderr
+    assert "EMPATH_REQUIRE_SPEEDUPS is set" in failed.stderr
+    assert "no-such-cc" in failed.stdout + failed.stderr  # the compiler's own error is shown
+    assert not list((tmp_path / "empath" / "_speedups").glob("*.so"))
+    env.pop("EMPATH_REQUIRE_SPEEDUPS", None)
+    fallback = subprocess.run(build, cwd=tmp_path, capture_output=True, text=True,
+                              timeout=600, env=env)
+    assert fallback.returncode == 0, fallback.stderr
+    assert "the pure-Python twins will be used" in fallback.stderr
