@@ -1,7 +1,10 @@
 """Build script: compiles the Cython speedups when it can, and never fails without them.
 
 ``EMPATH_NO_EXTENSIONS=1`` or a non-CPython interpreter skips the build; a missing compiler
-or Cython makes the build fall back to the pure-Python twins with a printed notice.
+or Cython makes the build fall back to the pure-Python twins with a printed notice (which pip
+shows only with -v; the daemon then logs a WARNING at every start). With
+``EMPATH_REQUIRE_SPEEDUPS=1`` (tools/bootstrap sets it) a failed compile fails the build, with
+the compiler's error.
 """
 
 import os
@@ -31,6 +34,9 @@ class OptionalBuildExt(build_ext):
 
     @staticmethod
     def _fallback(exc: BaseException) -> None:
+        if os.environ.get("EMPATH_REQUIRE_SPEEDUPS", "") not in ("", "0"):
+            raise SystemExit(f"empath: compiling the speedups failed ({exc}) and "
+                             "EMPATH_REQUIRE_SPEEDUPS is set")
         sys.stderr.write(
             f"empath: compiling the speedups failed ({exc}); "
             "the pure-Python twins will be used\n"
@@ -44,6 +50,9 @@ def extensions() -> list:
     try:
         from Cython.Build import cythonize
     except ImportError:
+        if os.environ.get("EMPATH_REQUIRE_SPEEDUPS", "") not in ("", "0"):
+            raise SystemExit("empath: Cython is not available and EMPATH_REQUIRE_SPEEDUPS "
+                             "is set") from None
         print("empath: Cython not available; using the pure-Python twins")
         return []
     from setuptools import Extension

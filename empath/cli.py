@@ -19,27 +19,22 @@ import platform
 import signal
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import empath
 from empath import logsetup
-from empath.config import ConfigError, load_config
+from empath.config import ConfigError, defaults
 
 log = logging.getLogger("empath.master")
 
-SYSTEM_CONFIG = "/etc/empath/empath.yaml"
+SYSTEM_CONFIG = defaults.SYSTEM_CONFIG
 START_TIMEOUT = 60.0  # most `empath start` waits for the daemon's report
 
 
 def default_config_path() -> str:
-    """``$EMPATH_CONFIG``, else /etc/empath/empath.yaml if it exists, else the checkout's."""
-    env = os.environ.get("EMPATH_CONFIG")
-    if env:
-        return env
-    if os.path.exists(SYSTEM_CONFIG):
-        return SYSTEM_CONFIG
-    return str(Path(empath.__file__).resolve().parent.parent / "conf" / "empath.yaml")
+    """``$EMPATH_CONFIG``, else /etc/empath/empath.yaml if it exists, else the checkout's,
+    else the embedded default (config/defaults.py)."""
+    return defaults.config_path()
 
 
 def speedups_implementation() -> str:
@@ -59,18 +54,59 @@ def _err(message: str) -> None:
     print(f"empath: {message}", file=sys.stderr)
 
 
-def _load(args: argparse.Namespace) -> Any | None:
+def _load(args: argparse.Namespace, warnings: list[str] | None = None,
+          check_contents: bool = True) -> Any | None:
     try:
-        return load_config(args.config or default_config_path())
+        return defaults.load(args.config, warnings, check_contents)
     except ConfigError as exc:
-        _err(str(exc))
+        for line in str(exc).splitlines():  # one line per problem (ConfigErrors)
+            _err(line)
         return None
+
+
+def _refuse_without_speedups() -> bool:
+    """True (after saying why) when EMPATH_REQUIRE_SPEEDUPS forbids the pure-Python twins."""
+    from empath import _speedups
+
+    problem = _speedups.required_error()
+    if problem is not None:
+        _err(problem)
+    return problem is not None
+
+
+def _starting(cfg: Any) -> None:
+    """The master's first log lines (configuration, speedups), and the self-signed TLS
+    certificate if a listener needs one that does not exist yet."""
+    from empath import _speedups
+    from empath.config import tlsfiles
+    from empath.master import privileges
+
+    log.info("empath %s starting; configuration: %s", empath.__version__,
+             defaults.describe(cfg.config_file))
+    if _speedups.FALLBACK_REASON is None:
+        log.info("%s", _speedups.status_line())
+    else:
+        log.warning("%s", _speedups.status_line())
+    from empath.config.checks import config_warnings
+
+    for text in config_warnings(cfg):  # what check-config warns about (an open relay...)
+        log.warning("configuration: %s", text)
+    owner = None
+    with contextlib.suppress(privileges.PrivilegeError):
+        ident = privileges.lookup(cfg.user, cfg.group)
+        if ident is not None and privileges.needs_switch(ident) and os.geteuid() == 0:
+            owner = (ident.uid, ident.gid)
+    try:
+        tlsfiles.ensure_self_signed(cfg, log, owner)
+    except OSError as exc:
+        log.error("TLS: cannot write the self-signed certificate in %s: %s; listeners "
+                  "without tls.cert offer no TLS", cfg.tls_dir, exc.strerror or exc)
 
 
 def _pidfile_path(args: argparse.Namespace) -> str | None:
     if getattr(args, "pidfile", None):
         return str(args.pidfile)
-    cfg = _load(args)
+    cfg = _load(args, check_contents=False)  # status and stop work with a broken certificate
     return None if cfg is None else str(cfg.pidfile)
 
 
@@ -80,6 +116,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from empath.master.arbiter import Arbiter
     from empath.master.daemon import Pidfile, PidfileError
 
+    if _refuse_without_speedups():
+        return 1
     cfg = _load(args)
     if cfg is None:
         return 1
@@ -88,6 +126,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         _err(problem)
         return 1
     logsetup.configure(cfg.log)
+    _starting(cfg)
     pidfile = Pidfile(cfg.pidfile)
     try:
         pidfile.create()
@@ -108,6 +147,8 @@ def cmd_start(args: argparse.Namespace) -> int:
     """Start a detached daemon; return once it listens (0) or has failed (1)."""
     from empath.master.daemon import detach, wait_for_report
 
+    if _refuse_without_speedups():
+        return 1
     cfg = _load(args)
     if cfg is None:
         return 1
@@ -153,6 +194,7 @@ def _daemon_main(cfg: Any, report_fd: int) -> int:
     try:
         logsetup.redirect_stdio(cfg.log.file)
         logsetup.configure(cfg.log)
+        _starting(cfg)
         pidfile = Pidfile(cfg.pidfile)
         try:
             pidfile.create()
@@ -202,7 +244,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
         return 0
     timeout = args.timeout
     if timeout is None:
-        cfg = None if args.pidfile else _load(args)
+        cfg = None if args.pidfile else _load(args, check_contents=False)
         timeout = (cfg.shutdown_timeout if cfg is not None else 30.0) + 10.0
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
@@ -297,12 +339,22 @@ def _last_reload(last: Any) -> str | None:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    """Every error (file, line, key) on standard error with status 1; else the file, the
+    resolved paths, any warnings (``warning: ...``) and ``ok`` on standard output."""
+    from empath.config.checks import resolved_paths
     from empath.master import preflight
 
-    cfg = _load(args)
+    warnings: list[str] = []
+    cfg = _load(args, warnings)
     if cfg is None:
         return 1
-    # Beyond the values: what the daemon would load (log file, certificates, DKIM keys).
+    print(f"config: {defaults.describe(cfg.config_file)}")
+    for what, where in resolved_paths(cfg):
+        print(f"{what + ':':<17}{where}")
+    for text in warnings:
+        print(f"warning: {text}")
+    # Beyond the values: what the daemon would load (log file, certificates, DKIM keys), and
+    # how it would run (as root without user): on standard error.
     problems = preflight.runtime_problems(cfg)
     for warning in preflight.security_warnings(cfg):
         _err(f"warning: {warning}")
@@ -346,7 +398,12 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"uvloop: {importlib.metadata.version('uvloop')}")
     except importlib.metadata.PackageNotFoundError:
         print("uvloop: unavailable")
-    print(f"config: {args.config or default_config_path()}")
+    print(f"config: {defaults.describe(defaults.config_path(args.config))}")
+    import sysconfig
+
+    share = os.path.join(sysconfig.get_path("data"), "share", "empath")
+    if os.path.isdir(share):  # an installed wheel: init script, systemd unit, logrotate
+        print(f"shared files: {share}")
     return 0
 
 
@@ -368,7 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     with_config = argparse.ArgumentParser(add_help=False)
     with_config.add_argument("-c", "--config", metavar="FILE",
                              help="configuration file (default: $EMPATH_CONFIG, "
-                                  f"{SYSTEM_CONFIG} if it exists, else the checkout's)")
+                                  f"{SYSTEM_CONFIG} if it exists, the checkout's, else the "
+                                  "embedded default)")
     with_pidfile = argparse.ArgumentParser(add_help=False)
     with_pidfile.add_argument("--pidfile", metavar="FILE",
                               help="use this pidfile instead of the configuration's")

@@ -5,8 +5,10 @@ Each exists twice, with identical behaviour: a Cython module (``cmdparse``, ``da
 choice is made once, here, at import: the twins are used when ``EMPATH_NO_EXTENSIONS`` is set
 (to anything but ``""`` or ``"0"``), off CPython, or when a compiled module fails to import.
 ``IMPLEMENTATION`` says which is active (``"cython"`` or ``"python"``) and ``FALLBACK_REASON``
-why the twins were chosen (``None`` when they were not), for the start-up log and
-``empathctl version``.
+why the twins were chosen (``None`` when they were not), for ``empathctl version``; the master
+logs :func:`status_line` at start (a WARNING for the twins) and refuses to start with
+:func:`required_error`'s message when ``EMPATH_REQUIRE_SPEEDUPS`` is set and the twins are in
+use.
 
 Both twins raise the same :class:`CommandSyntaxError` (from ``errors.py``).
 :func:`implementations` gives tests and benchmarks each implementation by name.
@@ -34,7 +36,9 @@ __all__ = [
     "has_bare_eol",
     "implementations",
     "parse_path",
+    "required_error",
     "split_command",
+    "status_line",
     "store_file",
 ]
 
@@ -82,6 +86,28 @@ def _choose() -> tuple[SimpleNamespace, str | None]:
 
 _ACTIVE, FALLBACK_REASON = _choose()
 IMPLEMENTATION: str = _ACTIVE.name
+
+
+def status_line() -> str:
+    """One line for the start-up log: which implementation is in use and why."""
+    if FALLBACK_REASON is None:
+        where = os.path.dirname(_ACTIVE.modules[0].__file__ or "")
+        return ("speedups: the compiled Cython modules are in use (cmdparse, datareader, "
+                f"spoolio in {where})")
+    return (f"speedups: the pure-Python twins are in use ({FALLBACK_REASON}); the SMTP "
+            "parser, DATA decoder and spool writes are slower (tools/bootstrap, or a pip "
+            "install with a C compiler and Cython, builds the compiled modules)")
+
+
+def required_error() -> str | None:
+    """Why start-up must be refused: ``EMPATH_REQUIRE_SPEEDUPS`` is set (to anything but
+    ``""`` or ``"0"``) and the twins are in use; None otherwise."""
+    flag = os.environ.get("EMPATH_REQUIRE_SPEEDUPS", "")
+    if not flag or flag == "0" or FALLBACK_REASON is None:
+        return None
+    return (f"EMPATH_REQUIRE_SPEEDUPS is set, but the compiled speedups are not in use "
+            f"({FALLBACK_REASON}); build them (tools/bootstrap shows the compiler's errors) or "
+            "unset EMPATH_REQUIRE_SPEEDUPS to run on the pure-Python twins")
 
 split_command = _ACTIVE.split_command
 parse_path = _ACTIVE.parse_path

@@ -1,8 +1,10 @@
-"""Configuration: one declarative schema (schema.py), a validating loader (loader.py) and the
-generator of the documented ``conf/empath.yaml`` (template.py)."""
+"""Configuration: one declarative schema (schema.py), a validating loader (loader.py), the
+generator of the documented ``conf/empath.yaml`` (template.py), which file is read and the
+embedded default (defaults.py, default.yaml), check-config's warnings (checks.py) and the
+listeners' certificates, self-signed by default (tlsfiles.py)."""
 
-from empath.config.loader import Config, ConfigError, Namespace, load_config
+from empath.config.loader import Config, ConfigError, ConfigErrors, Namespace, load_config
 from empath.config.types import Address, parse_address, parse_duration, parse_size
 
-__all__ = ["Address", "Config", "ConfigError", "Namespace", "load_config", "parse_address",
-           "parse_duration", "parse_size"]
+__all__ = ["Address", "Config", "ConfigError", "ConfigErrors", "Namespace", "load_config",
+           "parse_address", "parse_duration", "parse_size"]

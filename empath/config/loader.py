@@ -4,8 +4,9 @@ Every problem is a ConfigError whose text names the file, the line and the dotte
 ``conf/empath.yaml:12: smtp.max_recipients: must be an integer from 1 to 100000``. The result
 is a tree of read-only ``Namespace`` objects whose attribute names are the YAML keys
 (``cfg.smtp.timeouts.command``, ``cfg.listeners[0].address.port``,
-``cfg.delivery.domains["example.com"].mx_override``). Loading has no side effect beyond reading
-the file (and checking that files it names exist).
+``cfg.delivery.domains["example.com"].mx_override``). Every mistake in a file is reported in one
+run (``ConfigErrors``). Loading has no side effect beyond reading the file (and checking that
+files it names exist, and that certificate/key pairs and DKIM keys load).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import socket
+import ssl
 from collections.abc import Iterator
 from typing import Any
 
@@ -82,51 +84,86 @@ def _plain(value: Any) -> Any:
 Config = Namespace  # the root namespace; ``config_file`` is added by load_config
 
 
+class ConfigErrors(ConfigError):
+    """Several problems in one file: ``errors`` lists each (file, line and key), ``str()`` has
+    one line per problem. The first one's attributes are this exception's."""
+
+    def __init__(self, errors: list[ConfigError]) -> None:
+        first = errors[0]
+        super().__init__(first.reason, first.file, first.line, first.key)
+        self.errors = errors
+        self.args = ("\n".join(str(e) for e in errors),)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 class _Loader:
-    def __init__(self, path: str, text: str) -> None:
+    def __init__(self, path: str, text: str, base_dir: str | None = None) -> None:
         self.path = path
         self.yaml = yaml.SafeLoader(text)
-        self.ctx = Context(os.path.dirname(os.path.abspath(path)))
+        self.ctx = Context(base_dir or os.path.dirname(os.path.abspath(path)))
+        self.errors: list[ConfigError] = []
+        self.notes: list[str] = []  # warnings found while checking (unreadable files...)
+        self.base_dir_relative = False
 
     def fail(self, node: yaml.Node | None, key: str, message: str) -> ConfigError:
         line = node.start_mark.line + 1 if node is not None else None
         return ConfigError(message, self.path, line, key)
+
+    def report(self, node: yaml.Node | None, key: str, message: str) -> None:
+        """Record a problem and go on: one run names every mistake."""
+        self.errors.append(self.fail(node, key, message))
 
     def scalar(self, node: yaml.Node) -> Any:
         return self.yaml.construct_object(node, deep=True)
 
     # -- walking ---------------------------------------------------------------------------
     def section(self, sec: Section, node: yaml.Node | None, prefix: str) -> Namespace:
-        """Validate a mapping node against ``sec``; absent keys take their defaults."""
+        """Validate a mapping node against ``sec``; absent keys take their defaults. A bad
+        value is recorded (``errors``) and stands as None, so the walk goes on."""
         given: dict[str, tuple[yaml.Node, yaml.Node]] = {}
         if node is not None and not _is_null(node):
             if not isinstance(node, yaml.MappingNode):
-                raise self.fail(node, prefix or "(top level)", "must be a mapping of keys")
-            for knode, vnode in node.value:
-                name = self.scalar(knode)
-                dotted = f"{prefix}.{name}" if prefix else str(name)
-                if not isinstance(name, str) or sec.child(name) is None:
-                    known = ", ".join(c.name for c in sec.children)
-                    raise self.fail(knode, dotted, f"unknown key (known here: {known})")
-                if name in given:
-                    raise self.fail(knode, dotted, "key given twice")
-                given[name] = (knode, vnode)
+                self.report(node, prefix or "(top level)", "must be a mapping of keys")
+                node = None
+            else:
+                for knode, vnode in node.value:
+                    name = self.scalar(knode)
+                    dotted = f"{prefix}.{name}" if prefix else str(name)
+                    if not isinstance(name, str) or sec.child(name) is None:
+                        known = ", ".join(c.name for c in sec.children)
+                        self.report(knode, dotted, f"unknown key (known here: {known})")
+                    elif name in given:
+                        self.report(knode, dotted, "key given twice")
+                    else:
+                        given[name] = (knode, vnode)
         if "base_dir" in given and sec is SCHEMA:
             # base_dir first: every other path is relative to it.
             knode, vnode = given["base_dir"]
-            self.ctx = Context(self.value(SCHEMA.child("base_dir"), vnode, "base_dir"))  # type: ignore[arg-type]
+            raw = self.scalar(vnode)
+            self.base_dir_relative = isinstance(raw, str) and not os.path.isabs(
+                os.path.expanduser(raw))
+            try:
+                self.ctx = Context(self.value(SCHEMA.child("base_dir"), vnode, "base_dir"))  # type: ignore[arg-type]
+            except ConfigError as exc:
+                self.errors.append(exc)
         values: dict[str, Any] = {}
         for child in sec.children:
             dotted = f"{prefix}.{child.name}" if prefix else child.name
             vnode = given[child.name][1] if child.name in given else None
-            if sec is SCHEMA and child.name == "base_dir":
-                values[child.name] = self.ctx.base_dir  # resolved first, above
-            elif isinstance(child, Section):
-                values[child.name] = self.subsection(child, vnode, dotted)
-            elif vnode is None:
-                values[child.name] = self.default(child, dotted, node)
-            else:
-                values[child.name] = self.value(child, vnode, dotted)
+            try:
+                if sec is SCHEMA and child.name == "base_dir":
+                    values[child.name] = self.ctx.base_dir  # resolved first, above
+                elif isinstance(child, Section):
+                    values[child.name] = self.subsection(child, vnode, dotted)
+                elif vnode is None:
+                    values[child.name] = self.default(child, dotted, node)
+                else:
+                    values[child.name] = self.value(child, vnode, dotted)
+            except ConfigError as exc:
+                self.errors.append(exc)
+                values[child.name] = None
         return Namespace(values)
 
     def subsection(self, sec: Section, node: yaml.Node | None, dotted: str) -> Any:
@@ -151,11 +188,18 @@ class _Loader:
                 try:
                     name = sec.keyed_by.convert(self.scalar(knode), self.ctx)
                 except ValueError as exc:
-                    raise self.fail(knode, f"{dotted}.{self.scalar(knode)}", str(exc)) from None
+                    self.report(knode, f"{dotted}.{self.scalar(knode)}", str(exc))
+                    continue
                 if name in out:
-                    raise self.fail(knode, f"{dotted}.{name}", "given twice")
+                    self.report(knode, f"{dotted}.{name}", "given twice")
+                    continue
                 out[name] = self.section(sec, vnode, f"{dotted}.{name}")
             return out
+        if (sec.off_key is not None and isinstance(node, yaml.ScalarNode)
+                and (self.scalar(node) is False or self.scalar(node) == "off")):
+            values = self.section(sec, None, dotted).to_dict()
+            values[sec.off_key] = False
+            return Namespace(values)
         return self.section(sec, node, dotted)
 
     def default(self, key: Key, dotted: str, parent: yaml.Node | None) -> Any:
@@ -182,7 +226,7 @@ class _Loader:
                 try:
                     items.append(key.type.item.convert(self.scalar(item), self.ctx))
                 except ValueError as exc:
-                    raise self.fail(item, f"{dotted}[{i}]", str(exc)) from None
+                    self.report(item, f"{dotted}[{i}]", str(exc))
             return tuple(items)
         try:
             return key.type.convert(self.scalar(node), self.ctx)
@@ -195,17 +239,18 @@ def _is_null(node: yaml.Node) -> bool:
 
 
 def _find_node(root: yaml.Node | None, dotted: str) -> yaml.Node | None:
-    """The YAML node of a dotted key (``listeners[0].tls``), for cross-field errors. A mapping
-    key may hold dots itself (``delivery.domains.example.com.strategy``): the longest key
-    that matches is taken."""
-    node = root
+    """The YAML node of a dotted key (``listeners[0].tls``, ``dkim.domains.example.com.key``),
+    for cross-field errors; a mapping key may itself hold dots (a domain)."""
     parts = dotted.replace("]", "").replace("[", ".").split(".")
+    node = root
     i = 0
     while i < len(parts):
+        if node is None:
+            return None
         if isinstance(node, yaml.MappingNode):
-            keys = {str(k.value): v for k, v in node.value}
-            for j in range(len(parts), i, -1):
-                found = keys.get(".".join(parts[i:j]))
+            for j in range(len(parts), i, -1):  # the longest name that is a key here
+                name = ".".join(parts[i:j])
+                found = next((v for k, v in node.value if str(k.value) == name), None)
                 if found is not None:
                     node, i = found, j
                     break
@@ -220,14 +265,29 @@ def _find_node(root: yaml.Node | None, dotted: str) -> yaml.Node | None:
     return node
 
 
-def load_config(path: str) -> Namespace:
-    """Read, validate and convert the configuration file at ``path``; ConfigError on error."""
+def load_config(path: str, *, base_dir: str | None = None,
+                warnings: list[str] | None = None, check_contents: bool = True) -> Namespace:
+    """Read, validate and convert the configuration file at ``path``.
+
+    Every problem is found in one pass: one ConfigError when there is one, a ConfigErrors
+    naming each when there are several. ``base_dir`` replaces the file's directory as the
+    base of relative paths (the embedded default file uses the state directory). Problems
+    that do not stop the daemon (an open relay, a public listener without TLS...) are
+    appended to ``warnings`` when it is given (``config.checks``). With ``check_contents``
+    (the default) certificates, keys and DKIM keys are loaded and strategies imported, as the
+    daemon will; commands that only need paths from the file (``empath status``, ``stop``,
+    ``empathctl``, ``sendmail``) pass False, so a broken certificate never stops them.
+    """
+    from empath.config import defaults
+
+    if base_dir is None and os.path.abspath(path) == defaults.EMBEDDED:
+        base_dir = defaults.state_dir()  # whoever loads it (a reload too) gets the same paths
     try:
         with open(path, encoding="utf-8") as fh:
             text = fh.read()
     except OSError as exc:
         raise ConfigError(f"cannot read configuration: {exc.strerror}", path) from None
-    loader = _Loader(path, text)
+    loader = _Loader(path, text, base_dir)
     try:
         root = loader.yaml.get_single_node()
     except yaml.MarkedYAMLError as exc:
@@ -236,62 +296,149 @@ def load_config(path: str) -> Namespace:
     except yaml.YAMLError as exc:
         raise ConfigError(f"not valid YAML: {exc}", path) from None
     cfg = loader.section(SCHEMA, root, "")
-    _check(cfg, loader, root)
+    walked_clean = not loader.errors
+    try:
+        _check(cfg, loader, root, check_contents)
+    except (TypeError, AttributeError, ValueError):
+        if walked_clean:
+            raise
+        # A value already reported as wrong stands as None; the rules that need it are
+        # skipped rather than reporting a second, derived error.
+    if loader.errors:
+        errors = sorted(loader.errors, key=lambda e: e.line or 0)
+        raise errors[0] if len(errors) == 1 else ConfigErrors(errors)
     values = dict(cfg._values)
     values["config_file"] = os.path.abspath(path)
     if values["hostname"] is None:
         values["hostname"] = socket.getfqdn()
-    return Namespace(values)
+    result = Namespace(values)
+    if warnings is not None:
+        from empath.config.checks import config_warnings
+
+        warnings.extend(loader.notes)
+        warnings.extend(config_warnings(result, loader.base_dir_relative))
+    return result
 
 
-def _check(cfg: Namespace, loader: _Loader, root: yaml.Node | None) -> None:
-    """Rules across keys: things a single value's type cannot say."""
+def _check(cfg: Namespace, loader: _Loader, root: yaml.Node | None,
+           check_contents: bool = True) -> None:
+    """Rules across keys: things a single value's type cannot say (each problem recorded)."""
 
-    def fail(dotted: str, message: str) -> ConfigError:
-        return loader.fail(_find_node(root, dotted), dotted, message)
+    def fail(dotted: str, message: str) -> None:
+        loader.errors.append(loader.fail(_find_node(root, dotted), dotted, message))
 
     if not cfg.listeners:
-        raise fail("listeners", "at least one listener is needed")
+        fail("listeners", "at least one listener is needed")
     seen = set()
-    for i, lst in enumerate(cfg.listeners):
-        if lst.address in seen:
-            raise fail(f"listeners[{i}].address", f"{lst.address} is listed twice")
+    for i, lst in enumerate(cfg.listeners or ()):
+        if lst.address is not None and lst.address in seen:
+            fail(f"listeners[{i}].address", f"{lst.address} is listed twice")
         seen.add(lst.address)
+        if lst.tls is None:
+            continue
         cert, key = lst.tls.cert, lst.tls.key
         if (cert is None) != (key is None):
-            raise fail(f"listeners[{i}].tls", "set both cert and key, or neither")
-        if lst.mode == "smtps" and cert is None:
-            raise fail(f"listeners[{i}].tls", "mode smtps needs tls.cert and tls.key")
+            fail(f"listeners[{i}].tls", "set both cert and key, or neither")
+        if lst.mode == "smtps" and lst.tls.enabled is False:
+            fail(f"listeners[{i}].tls", "mode smtps is TLS: it cannot be off")
+        missing = False
         for name, file in (("cert", cert), ("key", key)):
             if file is not None and not os.path.isfile(file):
-                raise fail(f"listeners[{i}].tls.{name}", f"no such file: {file}")
-    for i, lst in enumerate(cfg.listeners):
+                fail(f"listeners[{i}].tls.{name}", f"no such file: {file}")
+                missing = True
+        if check_contents and cert is not None and key is not None and not missing:
+            if _closed_to_us(loader, f"listeners[{i}].tls", cert, key):
+                continue
+            problem = tls_pair_problem(cert, key)
+            if problem is not None:
+                fail(f"listeners[{i}].tls.cert", problem)
+    for i, lst in enumerate(cfg.listeners or ()):
         if lst.mode in ("submission", "smtps") and cfg.smtp.auth.password_file is None:
-            raise fail(f"listeners[{i}].mode",
-                       f"mode {lst.mode} requires AUTH: set smtp.auth.password_file")
-    for domain, entry in cfg.dkim.domains.items():
+            fail(f"listeners[{i}].mode",
+                 f"mode {lst.mode} requires AUTH: set smtp.auth.password_file")
+    for domain, entry in (cfg.dkim.domains or {}).items():
+        if entry.key is None:
+            continue
         if not os.path.isfile(entry.key):
-            raise fail(f"dkim.domains.{domain}.key", f"no such file: {entry.key}")
+            fail(f"dkim.domains.{domain}.key", f"no such file: {entry.key}")
+            continue
+        if not check_contents or _closed_to_us(loader, f"dkim.domains.{domain}.key", entry.key):
+            continue
+        problem = dkim_key_problem(domain, entry)
+        if problem is not None:
+            fail(f"dkim.domains.{domain}.key", problem)
     pwfile = cfg.smtp.auth.password_file
     if pwfile is not None and not os.path.isfile(pwfile):
-        raise fail("smtp.auth.password_file", f"no such file: {pwfile}")
+        fail("smtp.auth.password_file", f"no such file: {pwfile}")
     users = cfg.local_delivery.users
     if users is not None and not os.path.isfile(users):
-        raise fail("local_delivery.users", f"no such file: {users}")
+        fail("local_delivery.users", f"no such file: {users}")
     ca = cfg.delivery.tls.ca_file
     if ca is not None and not os.path.isfile(ca):
-        raise fail("delivery.tls.ca_file", f"no such file: {ca}")
-    for i, mod in enumerate(cfg.smtp.modules):
+        fail("delivery.tls.ca_file", f"no such file: {ca}")
+    for i, mod in enumerate(cfg.smtp.modules or ()):
+        if mod.name is None:
+            continue
         try:
             found = importlib.util.find_spec(mod.name) is not None
         except (ImportError, ValueError):
             found = False
         if not found:
-            raise fail(f"smtp.modules[{i}].name", f"cannot import module {mod.name!r}")
+            fail(f"smtp.modules[{i}].name", f"cannot import module {mod.name!r}")
     if cfg.delivery.retry_max_delay < cfg.delivery.retry_base_delay:
-        raise fail("delivery.retry_max_delay", "must not be less than retry_base_delay")
+        fail("delivery.retry_max_delay", "must not be less than retry_base_delay")
     _check_webhooks(cfg, fail)
-    _check_strategies(cfg, fail)
+    if check_contents:
+        _check_strategies(cfg, fail)
+
+
+def _closed_to_us(loader: _Loader, key: str, *paths: str) -> bool:
+    """A file the daemon reads as root (before it drops privileges) may be closed to another
+    user running check-config: a warning then, not an error."""
+    if os.geteuid() == 0:
+        return False
+    closed = [p for p in paths if not os.access(p, os.R_OK)]
+    for path in closed:
+        loader.notes.append(f"{loader.path}: {key}: cannot read {path}: Permission denied "
+                            f"(checked as uid {os.geteuid()}; run check-config as root or as "
+                            "the daemon's user)")
+    return bool(closed)
+
+
+def tls_pair_problem(cert: str, key: str) -> str | None:
+    """Why a certificate chain and private key cannot serve TLS (None: they can)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        ctx.load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":  # a renewal with the wrong key
+            return f"the key {key} does not belong to the certificate {cert}"
+        return (f"cannot load the certificate {cert} with the key {key}: "
+                f"{exc.reason or exc.strerror or exc}")
+    except OSError as exc:
+        return f"cannot read the certificate {cert} or the key {key}: {exc.strerror or exc}"
+    return None
+
+
+def dkim_key_problem(domain: str, entry: Any) -> str | None:
+    """Why a DKIM signing key cannot be used (None: it can)."""
+    from empath.dkim import DkimError, load_key
+
+    try:
+        key = load_key(domain, entry.selector, entry.algorithm, entry.key)
+    except DkimError as exc:
+        return str(exc).partition(": ")[2] or str(exc)
+    if entry.algorithm == "rsa-sha256":
+        from cryptography.hazmat.primitives.asymmetric import rsa
+        from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+        try:
+            private = load_pem_private_key(key.private, password=None)
+        except (ValueError, TypeError) as exc:
+            return f"{entry.key}: not a usable private key ({exc})"
+        if not isinstance(private, rsa.RSAPrivateKey):
+            return f"{entry.key}: not an RSA key, but algorithm is rsa-sha256"
+    return None
 
 
 def _check_webhooks(cfg: Namespace, fail: Any) -> None:
@@ -303,13 +450,13 @@ def _check_webhooks(cfg: Namespace, fail: Any) -> None:
         if policy.strategy != "webhook":
             continue
         if policy.webhook.url is None:
-            raise fail(f"{key}.webhook.url", "strategy webhook needs webhook.url")
+            fail(f"{key}.webhook.url", "strategy webhook needs webhook.url")
         if domain in local:
-            raise fail(f"{key}.strategy", f"{domain} is in local_domains and is delivered "
+            fail(f"{key}.strategy", f"{domain} is in local_domains and is delivered "
                        "locally; list it in relay_domains to deliver it by webhook")
         secret = policy.webhook.secret_file
         if secret is not None and not os.path.isfile(secret):
-            raise fail(f"{key}.webhook.secret_file", f"no such file: {secret}")
+            fail(f"{key}.webhook.secret_file", f"no such file: {secret}")
 
 
 def _check_strategies(cfg: Namespace, fail: Any) -> None:
@@ -322,4 +469,4 @@ def _check_strategies(cfg: Namespace, fail: Any) -> None:
         try:
             load_class(policy.strategy)
         except StrategyError as exc:
-            raise fail(f"delivery.domains.{domain}.strategy", str(exc)) from None
+            fail(f"delivery.domains.{domain}.strategy", str(exc))

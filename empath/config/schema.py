@@ -55,6 +55,8 @@ class Section:
     keyed_by: ValueType | None = None
     default: Any = None  # for many / keyed_by: the default list / mapping
     sample: Any = None
+    # ``tls: off`` (or false) for the whole section: its defaults with this Bool key false.
+    off_key: str | None = None
 
     def child(self, name: str) -> Key | Section | None:
         for c in self.children:
@@ -147,12 +149,18 @@ class _DNSSECMode(Str):
 LISTENER = (
     Key("address", HostPort(), None, "host:port to listen on ([::1]:25 for IPv6)."),
     Key("mode", Str(("smtp", "submission", "smtps")), "smtp",
-        "smtp: plain SMTP with STARTTLS when tls is set; submission: as smtp, for clients; "
+        "smtp: SMTP with STARTTLS (unless tls is off); submission: as smtp, for clients; "
         "smtps: implicit TLS (RFC 8314) on connect."),
-    Section("tls", "Certificate for STARTTLS (or implicit TLS for smtps); both or neither.", (
-        Key("cert", Path(), None, "PEM certificate chain file.", nullable=True),
-        Key("key", Path(), None, "PEM private key file.", nullable=True),
-    )),
+    Section("tls", "TLS of this listener: STARTTLS (implicit TLS for smtps). On by default: "
+            "with no cert and key, a self-signed certificate for hostname is generated in "
+            "tls_dir on first start. `tls: off` (or enabled: false) turns it off for this "
+            "listener.", (
+        Key("enabled", Bool(), True,
+            "Offer TLS on this listener (false: plain SMTP only; not for smtps)."),
+        Key("cert", Path(), None,
+            "PEM certificate chain file; null: the generated self-signed one.", nullable=True),
+        Key("key", Path(), None, "PEM private key file; both or neither.", nullable=True),
+    ), off_key="enabled"),
 )
 
 DOMAIN_POLICY = (
@@ -242,6 +250,10 @@ SCHEMA = Section("", "Empath configuration.", (
     Key("group", Str(), None, "Group to run as; null: the user's primary group.",
         nullable=True),
     Key("pidfile", Path(), "var/run/empath.pid", "The master's pidfile."),
+    Key("tls_dir", Path(), "var/tls",
+        "Where the master keeps the self-signed certificate (selfsigned.crt) and key "
+        "(selfsigned.key, mode 0600) it generates on first start for listeners with TLS on "
+        "and no tls.cert; set the listeners' tls.cert and tls.key to replace it."),
     Key("shutdown_timeout", Duration(0, 3600), 30.0,
         "On SIGTERM/SIGINT, how long sessions and deliveries may take to finish before the "
         "children are killed (messages are never lost: unfinished work stays in the spool)."),

@@ -2,6 +2,10 @@
 
     empathctl queue list|view|retry|flush|delete|hold|release|freeze|unfreeze|stats ...
     empathctl cluster status [--json]
+
+``hold`` and ``release`` take ids, or select with ``--all``, ``--domain``, ``--sender`` and
+``--older-than``; ``list --limit N`` shows the oldest N. A change to more than 1,000 messages
+reports its progress on standard error.
     empathctl version
 
 Every command takes ``--spool PATH`` or ``-c CONFIG`` and reads and renames spool files itself
@@ -52,6 +56,16 @@ def cmd_version(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Manage Empath's mail queue.")
     top = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -98,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("list", "commands", "cmd_list", "list queued messages, oldest first")
     filters(sp)
+    sp.add_argument("--limit", type=_positive, metavar="N",
+                    help="show only the N oldest matching messages (the total is still said)")
     def audited(sp: argparse.ArgumentParser, what: str) -> None:
         sp.add_argument("--audit-log", metavar="PATH",
                         help=f"{what} (default: the configuration's audit.log_path; none "
@@ -125,16 +141,27 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--force", action="store_true",
                     help="delete even a message a delivery worker is delivering right now")
     audited(sp, "the audit log to record deletions in")
-    sp = add("hold", "commands", "cmd_hold", "move messages to hold/, where no worker looks")
-    sp.add_argument("ids", nargs="+", metavar="ID")
+    sp = add("hold", "commands", "cmd_hold",
+             "move messages to hold/, where no worker looks: by id, or every pending, "
+             "deferred or active message that matches --domain/--sender/--older-than, or "
+             "--all of them")
+    sp.add_argument("ids", nargs="*", metavar="ID")
+    sp.add_argument("--all", action="store_true",
+                    help="every waiting message (and the other filters)")
+    filters(sp, status=False)
     sp.add_argument("--force", action="store_true",
                     help="for a message being delivered: wait for the attempt to end, then "
                          "hold it")
     sp.add_argument("--wait", type=float, default=FORCE_WAIT, metavar="SECONDS",
                     help=f"with --force, wait at most this long (default {FORCE_WAIT:g})")
     audited(sp, "the audit log to record holds in")
-    sp = add("release", "commands", "cmd_release", "deliver held messages now")
-    sp.add_argument("ids", nargs="+", metavar="ID")
+    sp = add("release", "commands", "cmd_release",
+             "deliver held messages now: by id, or every held message that matches "
+             "--domain/--sender/--older-than, or --all of them")
+    sp.add_argument("ids", nargs="*", metavar="ID")
+    sp.add_argument("--all", action="store_true", help="every held message (and the other "
+                    "filters)")
+    filters(sp, status=False)
     audited(sp, "the audit log to record releases in")
     sp = add("freeze", "commands", "cmd_freeze",
              "stop new delivery attempts (new mail is still accepted)")

@@ -13,7 +13,8 @@ import argparse
 import getpass
 import sys
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from empath.ctl.common import (
     EXIT_FAILED,
@@ -36,8 +37,46 @@ from empath.observe.audit import AuditLog, read_records
 from empath.spool.queue import Outcome, Queue, QueueEntry, matches
 
 PROG = "empathctl"
-PROGRESS_MIN = 1000  # flush shows a progress line from this many deferred messages
+T = TypeVar("T")
+R = TypeVar("R")
+PROGRESS_MIN = 1000  # a change to more messages than this shows progress on standard error
 PROGRESS_EVERY = 0.25  # seconds between progress updates
+
+
+class Progress:
+    """``verb: n/total what`` on standard error while a change to more than PROGRESS_MIN
+    messages runs: redrawn in place on a terminal, a line every PROGRESS_EVERY seconds
+    otherwise (and the last one always). Nothing with ``--json`` or for fewer messages."""
+
+    def __init__(self, args: argparse.Namespace, verb: str, total: int, what: str) -> None:
+        self.verb, self.total, self.what = verb, total, what
+        self.show = total > PROGRESS_MIN and not getattr(args, "json", False)
+        self.tty = sys.stderr.isatty()
+        self.last = 0.0
+
+    def step(self, n: int) -> None:
+        if not self.show or (time.monotonic() - self.last < PROGRESS_EVERY and n != self.total):
+            return
+        self.last = time.monotonic()
+        line = f"{self.verb}: {n}/{self.total} {self.what}"
+        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n",
+              file=sys.stderr, flush=True)
+
+    def end(self) -> None:
+        if self.show and self.tty:
+            print(file=sys.stderr)
+
+
+def _each(args: argparse.Namespace, verb: str, what: str, items: list[T],
+          func: Callable[[T], R]) -> list[R]:
+    """``func(item)`` for every item, with progress for large batches."""
+    progress = Progress(args, verb, len(items), what)
+    outcomes: list[R] = []
+    for n, item in enumerate(items, 1):
+        outcomes.append(func(item))
+        progress.step(n)
+    progress.end()
+    return outcomes
 
 
 def _filtered(queue: Queue, args: argparse.Namespace, statuses: list[str] | None,
@@ -68,10 +107,14 @@ def cmd_list(args: argparse.Namespace) -> int:
     queue = open_queue(args)
     now = time.time()
     entries = _filtered(queue, args, [args.status] if args.status else None, now)
+    total = len(entries)
+    limit = getattr(args, "limit", None)
+    if limit is not None:
+        entries = entries[:limit]
     records = [entry_record(e, now) for e in entries]
     if args.json:
         emit_json({"generated_at": now, "frozen": queue.is_frozen(), "count": len(records),
-                   "messages": records})
+                   "total": total, "messages": records})
         return EXIT_OK
     filtered = any(getattr(args, k, None) is not None
                    for k in ("status", "domain", "sender", "older_than"))
@@ -82,7 +125,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     for record in records:
         print("\n".join(list_lines(record, now)))
     size = sum(r["size"] for r in records)
-    print(f"-- {len(records)} message(s), {size} bytes"
+    shown = (f"the oldest {len(records)} of {total} message(s) (--limit)" if total > len(records)
+             else f"{len(records)} message(s)")
+    print(f"-- {shown}, {size} bytes"
           + ("; delivery is FROZEN" if queue.is_frozen() else ""))
     return EXIT_OK
 
@@ -178,8 +223,9 @@ def cmd_retry(args: argparse.Namespace) -> int:
     queue = open_queue(args)
     now = time.time()
     if args.all:
-        outcomes = [queue.make_entry_due(e, now)
-                    for e in _filtered(queue, args, ["deferred"], now)]
+        outcomes = _each(args, "retry", "deferred messages made due",
+                         _filtered(queue, args, ["deferred"], now),
+                         lambda e: queue.make_entry_due(e, now))
     else:
         outcomes = [queue.make_due(i, now) for i in args.ids]
     done = sum(o.result == "done" for o in outcomes)
@@ -194,20 +240,10 @@ def cmd_retry(args: argparse.Namespace) -> int:
 def cmd_flush(args: argparse.Namespace) -> int:
     queue = open_queue(args)
     ids = queue.deferred_ids()
-    total, done = len(ids), 0
-    show = total >= PROGRESS_MIN and not args.json
-    tty = sys.stderr.isatty()
-    last = 0.0
+    total = len(ids)
     now = time.time()
-    for n, message_id in enumerate(ids, 1):
-        done += queue.touch_deferred(message_id, now)
-        if show and (time.monotonic() - last >= PROGRESS_EVERY or n == total):
-            last = time.monotonic()
-            line = f"flush: {n}/{total} deferred messages made due"
-            print(("\r" + line) if tty else line, end="" if tty else "\n",
-                  file=sys.stderr, flush=True)
-    if show and tty:
-        print(file=sys.stderr)
+    done = sum(_each(args, "flush", "deferred messages made due", ids,
+                     lambda message_id: queue.touch_deferred(message_id, now)))
     if done:
         queue.wake()
     if args.json:
@@ -260,7 +296,8 @@ def cmd_delete(args: argparse.Namespace) -> int:
             if early:
                 _report(args, early)
             return EXIT_FAILED
-    outcomes = early + [queue.delete(e.id, force=args.force) for e in targets]
+    outcomes = early + _each(args, "delete", "messages deleted", targets,
+                             lambda e: queue.delete(e.id, force=args.force))
     queue.sync()
     _audit_changes(args, "deleted", outcomes, {e.id: e for e in targets})
     if args.all and not targets and not args.json:
@@ -268,25 +305,56 @@ def cmd_delete(args: argparse.Namespace) -> int:
     return _report(args, outcomes, {"deleted": sum(o.result == "done" for o in outcomes)})
 
 
+def _selection(args: argparse.Namespace, queue: Queue, statuses: list[str]
+               ) -> tuple[list[str], dict[str, QueueEntry]]:
+    """The ids ``hold``/``release`` act on: the ones given, or with ``--all``, ``--domain``,
+    ``--sender`` (or ``--older-than``) every message in ``statuses`` that matches, oldest
+    first; and what each was before (for the audit log)."""
+    bulk = args.all or any(getattr(args, k, None) is not None
+                           for k in ("domain", "sender", "older_than"))
+    if bulk == bool(args.ids):
+        raise CtlError("give message ids, or select with --all, --domain, --sender or "
+                       "--older-than (not both)", 2)
+    if not bulk:
+        ids = list(dict.fromkeys(args.ids))
+        return ids, _located(queue, ids)
+    entries = _filtered(queue, args, statuses, time.time())
+    return [e.id for e in entries], {e.id: e for e in entries}
+
+
+def _bulk_report(args: argparse.Namespace, verb: str, outcomes: list[Outcome]) -> int:
+    """A selection's summary line, then only the messages not handled (text); or every
+    outcome (JSON)."""
+    done = sum(o.result == "done" for o in outcomes)
+    if args.json:
+        return _report(args, outcomes, {verb: done})
+    print(f"{done} message(s) {verb}"
+          + (f", {len(outcomes) - done} not (see below)" if len(outcomes) > done else ""))
+    return _report(args, [o for o in outcomes if not o.ok])
+
+
 def cmd_hold(args: argparse.Namespace) -> int:
     queue = open_queue(args)
-    ids = list(dict.fromkeys(args.ids))
-    before = _located(queue, ids)
-    outcomes = [queue.hold(i, force=args.force, wait=args.wait) for i in ids]
+    ids, before = _selection(args, queue, ["pending", "deferred", "active"])
+    outcomes = _each(args, "hold", "messages held", ids,
+                     lambda i: queue.hold(i, force=args.force, wait=args.wait))
     queue.sync()
     _audit_changes(args, "held", outcomes, before)
+    if not args.ids:
+        return _bulk_report(args, "held", outcomes)
     return _report(args, outcomes)
 
 
 def cmd_release(args: argparse.Namespace) -> int:
     queue = open_queue(args)
-    ids = list(dict.fromkeys(args.ids))
-    before = _located(queue, ids)
-    outcomes = [queue.release(i) for i in ids]
+    ids, before = _selection(args, queue, ["held"])
+    outcomes = _each(args, "release", "messages released", ids, queue.release)
     queue.sync()
     _audit_changes(args, "released", outcomes, before)
     if any(o.result == "done" for o in outcomes):
         queue.wake()
+    if not args.ids:
+        return _bulk_report(args, "released", outcomes)
     return _report(args, outcomes)
 
 

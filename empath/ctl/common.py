@@ -35,16 +35,17 @@ def add_spool_options(parser: argparse.ArgumentParser) -> None:
                        help="spool directory (instead of the configuration's spool.path)")
     where.add_argument("-c", "--config", metavar="FILE",
                        help="configuration file (default: $EMPATH_CONFIG, "
-                            "/etc/empath/empath.yaml if it exists, else the checkout's)")
+                            "/etc/empath/empath.yaml if it exists, the checkout's, else "
+                            "the embedded default)")
 
 
 def load_settings(config: str | None) -> Any:
     """The validated configuration (``-c``, else the same default as ``empath``)."""
-    from empath.cli import default_config_path
-    from empath.config import ConfigError, load_config
+    from empath.config import ConfigError, defaults
 
     try:
-        return load_config(config or default_config_path())
+        # Paths only: a broken certificate must not stop queue management.
+        return defaults.load(config, check_contents=False)
     except ConfigError as exc:
         raise CtlError(str(exc)) from None
     except OSError as exc:

@@ -14,7 +14,9 @@ directory fsynced, the workers woken. The exit status is 0 only once the message
 Exit statuses are sendmail's (sysexits.h): 64 usage (bad option, no recipients), 65 bad data
 (bad address, too large), 75 temporary failure (spool missing or full: try again), 77 no
 permission to write the spool, 78 configuration error. Unsupported modes (``-bs``, ``-bd``,
-``-q``) are refused with 64 and a hint.
+``-q``) are refused with 64 and a hint; ``--help`` and ``-?`` print the usage. Installed,
+the ``empath-sendmail`` console script is this command (link it to /usr/sbin/sendmail; linked
+as ``mailq`` it prints the queue).
 """
 
 from __future__ import annotations
@@ -39,8 +41,39 @@ IGNORED_FLAGS = set("nmGU")  # accepted for compatibility, no effect here
 NOTIFY_WORDS = {"SUCCESS", "FAILURE", "DELAY"}
 
 
+USAGE = """\
+usage: sendmail [-t] [-i|-oi] [-f sender] [-F name] [-N dsn] [-R ret] [-V envid]
+                [-C config] [-v] [--] [recipient ...]
+       sendmail -bp            (print the mail queue, as mailq)
+       sendmail --help | -?    (this text)
+
+Reads one message from standard input and queues it in Empath's spool (no SMTP connection);
+exits 0 once the message is durable.
+
+  -t          take the recipients from To:, Cc: and Bcc: (and remove Bcc:)
+  -i, -oi     a line holding only "." does not end the message (read to end of file)
+  -f, -r ADDR envelope sender (default: the invoking user at the first local domain)
+  -F NAME     full name for a From: header that is added
+  -N DSN      never, or some of success,failure,delay (RFC 3461 NOTIFY)
+  -R RET      full or hdrs: what a bounce returns (RFC 3461 RET)
+  -V ENVID    envelope id (RFC 3461 ENVID)
+  -C FILE     Empath configuration file (default: as the empath command)
+  -v          say where the message went
+  -bm         queue a message (the default); -bp: print the queue
+  -n -m -G -U -oX -B -h -L -X -O are accepted and ignored
+
+Linked as /usr/sbin/sendmail it serves cron, mail(1) and friends; linked (or called) as mailq
+it prints the queue. Exit statuses (sysexits.h): 64 usage, 65 bad data, 75 try again later,
+77 no permission to write the spool, 78 configuration error.
+"""
+
+
 class UsageError(Exception):
     """A bad command line; exit 64."""
+
+
+class HelpRequested(Exception):
+    """``--help`` or ``-?``: print the usage, exit 0."""
 
 
 @dataclass
@@ -66,9 +99,13 @@ def parse_options(argv: list[str]) -> Options:
     while i < len(argv):
         arg = argv[i]
         i += 1
+        if arg in ("--help", "-?"):
+            raise HelpRequested
         if arg == "--":
             opts.recipients += argv[i:]
             break
+        if arg.startswith("--"):
+            raise UsageError(f"unknown option {arg} (sendmail --help lists the options)")
         if not arg.startswith("-") or arg == "-":
             opts.recipients += argv[i - 1:]
             break
@@ -216,8 +253,15 @@ def _fail(message: str, code: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     from empath.ctl.common import CtlError, load_settings
 
+    if argv is None and os.path.basename(sys.argv[0]) == "mailq":
+        from empath.ctl import mailq  # installed as /usr/bin/mailq -> empath-sendmail
+
+        return mailq.main(sys.argv[1:])
     try:
         opts = parse_options(sys.argv[1:] if argv is None else argv)
+    except HelpRequested:
+        sys.stdout.write(USAGE)
+        return EX_OK
     except UsageError as exc:
         return _fail(str(exc), EX_USAGE)
     if opts.mode == "p":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import ipaddress
+import logging
 import os
 import ssl
 import time
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from empath import dkim as dkim_signing
 from empath import modules as hooks
 from empath import passwords
+from empath.config import tlsfiles
 from empath.delivery.local import KnownUsers
 from empath.smtp import capacity
 from empath.smtp import session as S
@@ -27,6 +29,8 @@ if TYPE_CHECKING:
     from empath.smtp.server import SMTPProtocol
 
 FREE_SPACE_CHECK = 1.0  # seconds a free-space reading is trusted
+
+log = logging.getLogger("empath.smtp")
 
 
 class Receiver:
@@ -70,10 +74,27 @@ class Receiver:
             hooks=hooks.stages(self.modules))
 
     def listener_settings(self, listener: Any) -> tuple[S.Settings, ssl.SSLContext | None]:
+        """A listener's session settings and TLS context (config/tlsfiles.py): its own
+        certificate, else the generated self-signed one, else none with ``tls: off``. A pair
+        that does not load is an ERROR, not an exit: the listener goes on without STARTTLS
+        (as Postfix's smtpd "disabling TLS support"); an smtps listener gets a context with
+        no certificate, so its handshakes fail and no plain text is spoken there."""
         ctx = None
-        if listener.tls.cert:
-            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            ctx.load_cert_chain(listener.tls.cert, listener.tls.key)
+        pair = tlsfiles.listener_pair(self.cfg, listener)
+        if pair is not None:
+            try:
+                ctx = tlsfiles.server_context(*pair)
+            except (ssl.SSLError, OSError) as exc:
+                reason = getattr(exc, "reason", None) or exc.strerror or exc
+                if listener.mode == "smtps":
+                    log.error("listener %s: cannot load the certificate %s with the key %s "
+                              "(%s); its TLS handshakes fail until it is fixed and reloaded",
+                              listener.address, pair[0], pair[1], reason)
+                    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+                else:
+                    log.error("listener %s: cannot load the certificate %s with the key %s "
+                              "(%s); disabling TLS support (no STARTTLS) until it is fixed "
+                              "and reloaded", listener.address, pair[0], pair[1], reason)
         auth = self.cfg.smtp.auth
         submission = listener.mode in ("submission", "smtps")
         return S.Settings(tls_available=ctx is not None, auth_offered=submission,

@@ -3,6 +3,10 @@
 Each delivery worker binds ``control/wake/<pid>`` (AF_UNIX, SOCK_DGRAM). After a group commit a
 receiver sends one byte to every worker; a full or vanished socket is ignored, because the
 workers also scan the spool on a timer. The datagrams carry no data: the spool is the truth.
+
+A socket's path must fit ``sun_path`` (107 bytes); a spool deep in the file system would not,
+so a longer one is reached through a descriptor of ``control/wake`` itself
+(``/proc/self/fd/<n>/<pid>``), which the kernel resolves like any path.
 """
 
 from __future__ import annotations
@@ -17,8 +21,29 @@ from collections.abc import Callable
 from empath.spool.layout import Spool
 
 _REFRESH = 2.0  # seconds between re-reads of the list of worker sockets
+SUN_PATH_MAX = 107  # bytes of a socket path, without its NUL
 NEW_MAIL = b"!"  # a receiver committed messages to incoming/
 RESCAN = b"D"  # an operator changed due times in deferred/ (retry, flush): rescan it now
+
+
+class _Short:
+    """Socket paths under one directory, shortened through a descriptor when too long."""
+
+    def __init__(self, directory: str) -> None:
+        self._directory = directory
+        self._fd = -1
+
+    def __call__(self, path: str) -> str:
+        if len(os.fsencode(path)) <= SUN_PATH_MAX:
+            return path
+        if self._fd < 0:
+            self._fd = os.open(self._directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        return f"/proc/self/fd/{self._fd}/{os.path.basename(path)}"
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 class Waker:
@@ -30,11 +55,12 @@ class Waker:
         self._sock.setblocking(False)
         self._targets: list[str] = []
         self._read_at = 0.0
+        self._short = _Short(spool.wake_dir)
 
     def wake(self, payload: bytes = NEW_MAIL) -> None:
         now = time.monotonic()
         if now - self._read_at > _REFRESH:
-            self._targets = list(self._spool.wake_socket_paths())
+            self._targets = [self._short(p) for p in self._spool.wake_socket_paths()]
             self._read_at = now
         for path in self._targets:
             with contextlib.suppress(OSError):
@@ -42,6 +68,7 @@ class Waker:
 
     def close(self) -> None:
         self._sock.close()
+        self._short.close()
 
 
 class WakeListener:
@@ -53,7 +80,14 @@ class WakeListener:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._path)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._sock.bind(self._path)
+        short = _Short(spool.wake_dir)
+        try:
+            self._sock.bind(short(self._path))
+        except BaseException:
+            self._sock.close()
+            raise
+        finally:
+            short.close()
         self._sock.setblocking(False)
         self._callback = callback
         self._on_rescan = on_rescan

@@ -276,3 +276,50 @@ def test_run_notifies_systemd(daemon_factory: Any, tmp_path: Path) -> None:
         assert sock.recv(4096) == b"READY=1"
         assert d.stop() == 0
         assert sock.recv(4096) == b"STOPPING=1"
+
+
+def test_master_logs_the_speedups_in_use(daemon_factory: Any) -> None:
+    d: EmpathDaemon = daemon_factory()
+    compiled = os.environ.get("EMPATH_NO_EXTENSIONS", "") in ("", "0")
+    line = next(x for x in d.log_text().splitlines() if "empath.master" in x and
+                "speedups: " in x)
+    if compiled:  # the suite runs on a built checkout unless told not to
+        assert " INFO " in line and "the compiled Cython modules are in use" in line
+    d.stop()
+    # The twins forced: a WARNING that says why; with EMPATH_REQUIRE_SPEEDUPS, no start.
+    d.proc = None
+    d.start(env={"EMPATH_NO_EXTENSIONS": "1", "EMPATH_REQUIRE_SPEEDUPS": ""})
+    [line] = [x for x in d.log_text().splitlines() if "pure-Python twins are in use" in x]
+    assert " WARNING empath.master[" in line and "(EMPATH_NO_EXTENSIONS is set)" in line
+    d.stop()
+    # What check-config warns about is logged at start too.
+    d.write_config({"mynetworks": ["127.0.0.0/8", "0.0.0.0/0"]})
+    d.proc = None
+    d.start(env={"EMPATH_REQUIRE_SPEEDUPS": ""})
+    [line] = [x for x in d.log_text().splitlines() if "open relay" in x]
+    assert " WARNING empath.master[" in line
+    assert f"configuration: {d.config_path}: mynetworks[1]: 0.0.0.0/0 lets every" in line
+    d.stop()
+    refused = empath("run", "-c", str(d.config_path),
+                     env={"EMPATH_NO_EXTENSIONS": "1", "EMPATH_REQUIRE_SPEEDUPS": "1"})
+    assert refused.returncode == 1
+    assert refused.stderr.startswith("empath: EMPATH_REQUIRE_SPEEDUPS is set, but the "
+                                     "compiled speedups are not in use"), refused.stderr
+
+
+def test_check_config_loads_certificates_and_lists_every_error(tmp_path: Path) -> None:
+    key = tmp_path / "tls.key"
+    key.write_text("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
+    cert = tmp_path / "tls.crt"
+    cert.write_text("not a certificate\n")
+    cfg = tmp_path / "empath.yaml"
+    cfg.write_text(f"listeners:\n  - address: 127.0.0.1:2525\n"
+                   f"    tls: {{cert: {cert}, key: {key}}}\n"
+                   "processes:\n  receivers: lots\n")
+    r = empath("check-config", "-c", str(cfg))
+    assert r.returncode == 1 and r.stdout == ""
+    lines = r.stderr.splitlines()
+    assert lines[0].startswith(f"empath: {cfg}:3: listeners[0].tls.cert: cannot load the "
+                               f"certificate {cert} with the key {key}")
+    assert lines[1].startswith(f"empath: {cfg}:5: processes.receivers: must be an integer")
+    assert len(lines) == 2

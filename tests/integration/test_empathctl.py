@@ -123,7 +123,8 @@ def test_list_text_json_and_filters(world: World) -> None:
     assert lines[-1].startswith("-- 4 message(s)")
 
     doc = world.ctl_json("queue", "list")
-    assert set(doc) == {"generated_at", "frozen", "count", "messages"} and doc["count"] == 4
+    assert set(doc) == {"generated_at", "frozen", "count", "total", "messages"}
+    assert doc["count"] == doc["total"] == 4
     first = doc["messages"][0]
     assert first["id"] == ids[0] and first["status"] == "deferred"
     assert first["sender"] == "alice@example.org" and first["attempts"] == 1
@@ -297,6 +298,96 @@ def test_hold_and_release_round_trip(world: World) -> None:
     world.daemon.wait_for(lambda: world.statuses() == {}, 10, "delivery after release")
     r = world.ctl("queue", "release", mid)
     assert r.returncode == 1 and "no such message" in r.stderr
+
+
+def test_hold_and_release_by_domain_sender_and_all(world: World) -> None:
+    net = world.deferred(2)
+    other = world.send("dave@example.net", sender="billing@example.org")
+    world.wait_status(other, "deferred")
+    failed = world.send("x@reject.example", sender="")  # failed/: never held in bulk
+    r = world.ctl("queue", "hold", "--sender", "billing@example.org")
+    assert (r.returncode, r.stdout, r.stderr) == (0, "1 message(s) held\n", "")
+    assert world.statuses()[other[0]] == "held"
+    assert {world.statuses()[i] for i in net} == {"deferred"}
+    doc = world.ctl_json("queue", "hold", "--domain", "example.net")
+    assert doc["held"] == 2 and sorted(x["id"] for x in doc["results"]) == sorted(net)
+    assert {world.statuses()[i] for i in [*net, *other]} == {"held"}
+    r = world.ctl("queue", "release", "--domain", "example.org")  # no recipient there
+    assert (r.returncode, r.stdout) == (0, "0 message(s) released\n")
+    r = world.ctl("queue", "release", "--sender", "example.org")  # a sender domain
+    assert (r.returncode, r.stdout) == (0, "3 message(s) released\n")
+    world.wait_status([*net, *other], "deferred")
+    r = world.ctl("queue", "hold", "--all")
+    assert (r.returncode, r.stdout) == (0, "3 message(s) held\n"), r.stderr
+    world.wait_status(failed, "failed")
+    r = world.ctl("queue", "release", "--all")
+    assert (r.returncode, r.stdout) == (0, "3 message(s) released\n")
+    for i in [*net, *other]:
+        assert len(world.copies(i)) == 1
+    # ids and a selection together, or neither, is a usage error
+    for args in (("hold",), ("release",), ("hold", net[0], "--all"),
+                 ("release", net[0], "--domain", "example.net")):
+        r = world.ctl("queue", *args)
+        assert r.returncode == 2 and "give message ids, or select with --all" in r.stderr
+
+
+def write_messages(spool: Path, state: str, count: int, rcpt: str = "bob@example.net"
+                   ) -> list[str]:
+    """``count`` queue files written straight into ``state`` (no daemon, no fsync: a large
+    queue built in well under a second)."""
+    from empath.ctl.submission import envelope
+    from empath.spool import new_message_id
+    from empath.spool.fileformat import encode_tail
+
+    s = Spool(str(spool))
+    s.create_tree()
+    ids = []
+    now = time.time()
+    for n in range(count):
+        mid = new_message_id()
+        data = f"Subject: bulk {n}\r\n\r\nbody\r\n".encode()
+        env = envelope(message_id=mid, sender="bulk@example.org", recipients=[rcpt],
+                       data=data, notify=None, ret=None, envid=None, uid=0, user="root",
+                       now=now - count + n)
+        env["data_size"] = len(data)
+        Path(s.path(state, mid)).write_bytes(data + encode_tail(env, len(data)))
+        ids.append(mid)
+    return ids
+
+
+def test_bulk_operations_over_a_thousand_messages_show_progress(tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    ids = sorted(write_messages(spool, "deferred", 1001))  # the queue's order: by id
+
+    def ctl(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([EMPATHCTL, "queue", *args, "--spool", str(spool)],
+                              capture_output=True, text=True, timeout=120)
+
+    r = ctl("list", "--limit", "3")
+    assert r.returncode == 0, r.stderr
+    listed = [line.split()[0] for line in r.stdout.splitlines()
+              if line[:1] not in (" ", "-", "I")]
+    assert listed == ids[:3]
+    assert r.stdout.splitlines()[-1].startswith("-- the oldest 3 of 1001 message(s) (--limit)")
+    doc = json.loads(ctl("list", "--limit", "2", "--json").stdout)
+    assert (doc["count"], doc["total"], [m["id"] for m in doc["messages"]]) == (2, 1001, ids[:2])
+    assert ctl("list", "--limit", "0").returncode == 2
+    r = ctl("hold", "--all")
+    assert (r.returncode, r.stdout) == (0, "1001 message(s) held\n"), r.stderr
+    lines = r.stderr.splitlines()
+    assert lines and lines[-1] == "hold: 1001/1001 messages held", r.stderr
+    assert all(line.startswith("hold: ") for line in lines)
+    assert len(os.listdir(spool / "hold")) == 1001
+    r = ctl("release", "--sender", "bulk@example.org")
+    assert (r.returncode, r.stdout) == (0, "1001 message(s) released\n"), r.stderr
+    assert r.stderr.splitlines()[-1] == "release: 1001/1001 messages released"
+    assert len(os.listdir(spool / "incoming")) == 1001
+    # At most 1,000 messages: no progress lines.
+    small = tmp_path / "small"
+    write_messages(small, "deferred", 1000)
+    r = subprocess.run([EMPATHCTL, "queue", "hold", "--all", "--spool", str(small)],
+                       capture_output=True, text=True, timeout=120)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "1000 message(s) held\n", "")
 
 
 def test_freeze_stops_new_attempts_and_unfreeze_resumes(world: World) -> None:

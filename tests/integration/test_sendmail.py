@@ -177,3 +177,32 @@ def test_submitted_while_stopped_then_delivered_at_start(daemon_factory: DaemonF
         assert f"with local id {mid}".encode() in msg
     finally:
         second.kill()
+
+
+@pytest.mark.parametrize("option", ["--help", "-?"])
+def test_help_prints_the_usage(option: str) -> None:
+    for command in ([EMPATH, "sendmail"], [str(REPO / ".venv" / "bin" / "empath-sendmail")]):
+        r = subprocess.run([*command, option], capture_output=True, timeout=30,
+                           stdin=subprocess.DEVNULL)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.startswith(b"usage: sendmail [-t] [-i|-oi]"), r.stdout
+        assert b"-bp" in r.stdout and r.stderr == b""
+
+
+def test_an_unknown_long_option_is_named() -> None:
+    r = subprocess.run([EMPATH, "sendmail", "--frobnicate", "x@y"], capture_output=True,
+                       timeout=30, stdin=subprocess.DEVNULL)
+    assert r.returncode == 64
+    assert b"unknown option --frobnicate (sendmail --help lists the options)" in r.stderr
+
+
+def test_empath_sendmail_linked_as_mailq_prints_the_queue(daemon: EmpathDaemon,
+                                                          tmp_path: Path) -> None:
+    link = tmp_path / "mailq"
+    link.symlink_to(REPO / ".venv" / "bin" / "empath-sendmail")
+    r = sendmail(daemon, "-i", "nobody@example.net", message=b"Subject: queued\n\nx\n")
+    assert r.returncode == 0, r.stderr
+    q = subprocess.run([str(link), "-c", str(daemon.config_path)], capture_output=True,
+                       timeout=30)
+    assert q.returncode == 0, q.stderr
+    assert b"nobody@example.net" in q.stdout, q.stdout

@@ -3,6 +3,7 @@ shipped conf/empath.yaml is exactly the generated template; ``empath check-confi
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import textwrap
@@ -130,7 +131,13 @@ def test_shipped_config_is_the_generated_template() -> None:
 def test_check_config_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     good = write(tmp_path, GOOD)
     assert cli.main(["check-config", "-c", str(good)]) == 0
-    assert capsys.readouterr().out.strip() == "ok"
+    out = capsys.readouterr().out.splitlines()
+    # The file, then the resolved absolute paths, then "ok" alone on the last line.
+    assert out[0] == f"config: {good}"
+    assert out[-1] == "ok"
+    assert f"spool:           {tmp_path / 'var' / 'spool'}" in out
+    assert f"pidfile:         {tmp_path / 'var' / 'run' / 'empath.pid'}" in out
+    assert not any(line.startswith("warning:") for line in out)
     bad = tmp_path / "bad.yaml"
     bad.write_text("processes:\n  delivery: -1\n")
     assert cli.main(["check-config", "-c", str(bad)]) == 1
@@ -142,7 +149,7 @@ def test_check_config_command_exit_codes(tmp_path: Path) -> None:
     good = write(tmp_path, GOOD)
     ok = subprocess.run([*empath_command(), "check-config", "-c", str(good)],
                         capture_output=True, text=True, timeout=30)
-    assert (ok.returncode, ok.stdout.strip()) == (0, "ok")
+    assert (ok.returncode, ok.stdout.splitlines()[-1]) == (0, "ok")
     bad = tmp_path / "bad.yaml"
     bad.write_text("log:\n  level: loud\n")
     res = subprocess.run([*empath_command(), "check-config", "-c", str(bad)],
@@ -193,3 +200,227 @@ def test_commented_examples_of_the_template_are_valid(tmp_path: Path) -> None:
             assert [r.priority for r in cfg.priority.rules] == [5, -5, 2]
         if "listeners:" in body:
             assert [lst.mode for lst in cfg.listeners] == ["smtp", "submission", "smtps"]
+
+
+# -- every error in one run, warnings, resolved paths (check-config) -------------------------
+def test_every_error_is_reported_in_one_run(tmp_path: Path) -> None:
+    bad = write(tmp_path, """\
+        processes:
+          receivers: two
+          delivery: 0
+        log:
+          level: loud
+        colour: blue
+        listeners:
+          - address: 127.0.0.1
+        mynetworks: [10.0.0.0/8, not-a-network]
+        """)
+    err = error_of(bad)
+    lines = str(err).splitlines()
+    expected = [f"{bad}:2: processes.receivers:", f"{bad}:3: processes.delivery:",
+                f"{bad}:5: log.level:", f"{bad}:6: colour: unknown key",
+                f"{bad}:8: listeners[0].address:", f"{bad}:9: mynetworks[1]:"]
+    assert len(lines) == len(expected), lines
+    for line, start in zip(lines, expected, strict=True):
+        assert line.startswith(start), (line, start)
+    # The first error's attributes are the exception's (callers that read one still can).
+    assert (err.line, err.key) == (2, "processes.receivers")
+
+
+def test_check_config_prints_every_error(tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    bad = write(tmp_path, "log:\n  level: loud\nprocesses:\n  delivery: -1\n")
+    assert cli.main(["check-config", "-c", str(bad)]) == 1
+    captured = capsys.readouterr()
+    assert f"{bad}:2: log.level:" in captured.err
+    assert f"{bad}:4: processes.delivery:" in captured.err
+    assert "ok" not in captured.out
+
+
+def test_cross_key_rules_are_all_reported(tmp_path: Path) -> None:
+    bad = write(tmp_path, f"""\
+        listeners:
+          - address: 127.0.0.1:25
+            tls: {{cert: {tmp_path}/none.crt}}
+          - address: 127.0.0.1:465
+            mode: smtps
+            tls: off
+        local_delivery:
+          users: {tmp_path}/no-users
+        """)
+    text = str(error_of(bad))
+    assert f"{bad}:3: listeners[0].tls: set both cert and key, or neither" in text
+    assert f"listeners[0].tls.cert: no such file: {tmp_path}/none.crt" in text
+    assert f"{bad}:6: listeners[1].tls: mode smtps is TLS: it cannot be off" in text
+    assert "listeners[1].mode: mode smtps requires AUTH" in text
+    assert f"local_delivery.users: no such file: {tmp_path}/no-users" in text
+
+
+def test_tls_is_on_by_default_and_off_per_listener(tmp_path: Path) -> None:
+    cfg = load_config(str(write(tmp_path, """\
+        listeners:
+          - address: 127.0.0.1:2525
+          - address: 127.0.0.1:2526
+            tls: off
+          - address: 127.0.0.1:2527
+            tls: {enabled: false}
+        """)))
+    assert [lst.tls.enabled for lst in cfg.listeners] == [True, False, False]
+    assert cfg.listeners[1].tls.cert is None
+    assert cfg.tls_dir == str(tmp_path / "var" / "tls")
+
+
+def test_a_certificate_that_does_not_load_is_an_error(tmp_path: Path) -> None:
+    from tests.support.certs import make_self_signed
+
+    good = make_self_signed(tmp_path, "mx.example.test")
+    other = make_self_signed(tmp_path / "other", "other.example.test")
+    broken = tmp_path / "broken.crt"
+    broken.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    bad = write(tmp_path, f"""\
+        listeners:
+          - address: 127.0.0.1:25
+            tls: {{cert: {good.cert_path}, key: {other.key_path}}}
+          - address: 127.0.0.1:26
+            tls: {{cert: {broken}, key: {good.key_path}}}
+          - address: 127.0.0.1:27
+            tls: {{cert: {good.cert_path}, key: {good.key_path}}}
+        """)
+    lines = str(error_of(bad)).splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0] == (f"{bad}:3: listeners[0].tls.cert: the key {other.key_path} does not "
+                        f"belong to the certificate {good.cert_path}")
+    assert lines[1].startswith(f"{bad}:5: listeners[1].tls.cert: cannot load the certificate "
+                               f"{broken}")
+
+
+def test_a_dkim_key_that_does_not_load_is_an_error(tmp_path: Path) -> None:
+    from empath.dkim import generate_key
+
+    good = tmp_path / "good.key"
+    good.write_bytes(generate_key("rsa-sha256", 1024)[0])
+    garbled = tmp_path / "garbled.key"
+    garbled.write_text("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
+    ed = tmp_path / "ed.key"
+    ed.write_text("not a seed\n")
+    bad = write(tmp_path, f"""\
+        dkim:
+          domains:
+            good.example: {{selector: s1, key: {good}}}
+            garbled.example: {{selector: s1, key: {garbled}}}
+            ed.example: {{selector: s1, key: {ed}, algorithm: ed25519-sha256}}
+        """)
+    lines = str(error_of(bad)).splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0].startswith(f"{bad}:4: dkim.domains.garbled.example.key: {garbled}: "
+                               "not a usable private key")
+    assert lines[1].startswith(f"{bad}:5: dkim.domains.ed.example.key: {ed}: "
+                               "not a base64 ed25519 seed")
+
+
+def check_config(path: Path, capsys: pytest.CaptureFixture[str]) -> list[str]:
+    assert cli.main(["check-config", "-c", str(path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == "ok"
+    return out
+
+
+def test_warnings_for_open_relay_plain_public_listener_and_plain_auth(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pw = tmp_path / "passwd"
+    pw.write_text("")
+    path = write(tmp_path, f"""\
+        mynetworks: [127.0.0.0/8, 0.0.0.0/0, "::/0", 8.0.0.0/8]
+        listeners:
+          - address: 0.0.0.0:25
+            tls: off
+          - address: 127.0.0.1:2525
+            tls: off
+          - address: "[::]:587"
+            mode: submission
+        smtp:
+          auth: {{password_file: {pw}, allow_plaintext: true}}
+        """)
+    warnings = [line for line in check_config(path, capsys) if line.startswith("warning:")]
+    assert len(warnings) == 5, warnings
+    assert warnings[0].startswith(f"warning: {path}: mynetworks[1]: 0.0.0.0/0 lets every "
+                                  "address on the Internet relay")
+    assert warnings[1].startswith(f"warning: {path}: mynetworks[2]: ::/0 lets every")
+    assert warnings[2].startswith(f"warning: {path}: mynetworks[3]: 8.0.0.0/8 is wider than "
+                                  "this host's own networks")
+    assert warnings[3].startswith(f"warning: {path}: listeners[0].tls: 0.0.0.0:25 is on a "
+                                  "public address with TLS off")
+    assert warnings[4].startswith(f"warning: {path}: smtp.auth.allow_plaintext: AUTH is "
+                                  "offered without TLS")
+
+
+def test_open_relay_rule_uses_the_hosts_own_networks(tmp_path: Path) -> None:
+    import ipaddress
+
+    from empath.config.checks import config_warnings
+
+    cfg = load_config(str(write(tmp_path, "mynetworks: [192.0.2.0/25, 192.0.2.0/23]\n")))
+    own = [ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("192.0.2.0/24")]
+    warnings = config_warnings(cfg, own=own)
+    assert len(warnings) == 1 and "mynetworks[1]: 192.0.2.0/23 is wider" in warnings[0]
+
+
+def test_a_copied_file_with_a_relative_base_dir_warns(tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    etc = tmp_path / "etc" / "empath"
+    etc.mkdir(parents=True)
+    copied = etc / "empath.yaml"
+    copied.write_text((REPO / "conf" / "empath.yaml").read_text())
+    out = check_config(copied, capsys)
+    assert f"spool:           {tmp_path / 'etc' / 'var' / 'spool'}" in out
+    warnings = [line for line in out if line.startswith("warning:")]
+    assert len(warnings) == 1, out
+    assert f"base_dir: relative to the file's directory, it resolves to {tmp_path / 'etc'}" \
+        in warnings[0]
+    assert f"spool {tmp_path / 'etc' / 'var' / 'spool'}" in warnings[0]
+    # Once the paths exist (a deliberate layout), the relative base_dir is not a warning.
+    for sub in ("var/spool", "var/mail", "var/run"):
+        (tmp_path / "etc" / sub).mkdir(parents=True)
+    assert not [line for line in check_config(copied, capsys) if line.startswith("warning:")]
+
+
+def test_resolved_paths_of_the_embedded_default(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from empath.config import defaults
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.delenv("EMPATH_CONFIG", raising=False)
+    monkeypatch.setattr(defaults, "CHECKOUT", str(tmp_path / "no-checkout.yaml"))
+    monkeypatch.setattr(defaults, "SYSTEM_CONFIG", str(tmp_path / "no-system.yaml"))
+    assert defaults.config_path() == defaults.EMBEDDED
+    assert cli.main(["check-config"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    state = tmp_path / "state" / "empath"
+    assert out[0] == f"config: the embedded default (state directory {state})"
+    assert f"spool:           {state / 'spool'}" in out
+    assert f"mail:            {state / 'mail'}" in out
+    assert f"pidfile:         {state / 'run' / 'empath.pid'}" in out
+    assert f"self-signed TLS: {state / 'tls' / 'selfsigned.crt'}" in out
+    assert out[-1] == "ok"
+
+
+def test_the_embedded_default_always_resolves_to_the_state_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """load_config of the embedded file (as a reload does) takes paths against the state
+    directory, never against the package's own directory."""
+    from empath.config import defaults
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    cfg = load_config(defaults.EMBEDDED)
+    assert cfg.spool.path == str(tmp_path / "empath" / "spool")
+    assert cfg.tls_dir == str(tmp_path / "empath" / "tls")
+    assert cfg.listeners[0].address == ("127.0.0.1", 2525)
+    assert cfg.listeners[0].tls.enabled is True and cfg.listeners[0].tls.cert is None
+    monkeypatch.delenv("XDG_STATE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    expected = "/var/lib/empath" if os.geteuid() == 0 else str(
+        tmp_path / "home" / ".local" / "state" / "empath")
+    assert defaults.state_dir() == expected
+
+
