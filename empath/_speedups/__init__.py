@@ -35,6 +35,7 @@ __all__ = [
     "parse_path",
     "split_command",
     "store_file",
+    "write_all",
 ]
 
 _CMDPARSE_NAMES = ("split_command", "parse_path", "decode_xtext", "encode_xtext")
@@ -48,6 +49,7 @@ def _namespace(name: str, cmdparse: object, datareader: object,
         CommandSyntaxError=CommandSyntaxError,
         modules=(cmdparse, datareader, spoolio),
         store_file=spoolio.store,  # type: ignore[attr-defined]
+        write_all=spoolio.write_all,  # type: ignore[attr-defined]
     )
     for attr in _CMDPARSE_NAMES:
         setattr(ns, attr, getattr(cmdparse, attr))
@@ -89,6 +91,7 @@ encode_xtext = _ACTIVE.encode_xtext
 DataReader = _ACTIVE.DataReader
 dot_stuff = _ACTIVE.dot_stuff
 store_file = _ACTIVE.store_file
+write_all = _ACTIVE.write_all
 
 
 class _Implementations(Mapping[str, SimpleNamespace]):

@@ -14,7 +14,7 @@ from posix.types cimport off_t
 
 import os
 
-__all__ = ["store"]
+__all__ = ["store", "write_all"]
 
 cdef extern from "<errno.h>" nogil:
     int errno
@@ -37,6 +37,9 @@ cdef extern from "<unistd.h>" nogil:
 
 cdef extern from "<stdio.h>" nogil:
     int rename(const char *old, const char *new)
+
+cdef extern from "<string.h>" nogil:
+    int strcmp(const char *a, const char *b)
 
 cdef extern from "<sys/uio.h>" nogil:
     cdef struct iovec:
@@ -76,8 +79,8 @@ cdef int _write_all(int fd, iovec *iov, Py_ssize_t n) noexcept nogil:
     return 0
 
 
-def store(int fd, bytes tmp, list parts, bytes dest, reuse, double mtime, bint datasync=True):
-    cdef Py_ssize_t n = len(parts)
+cdef iovec *_vector(list parts, Py_ssize_t n) except NULL:
+    """An iovec per part (bytes); the caller frees it."""
     cdef Py_ssize_t i
     cdef iovec *iov = <iovec *>PyMem_Malloc((n if n > 0 else 1) * sizeof(iovec))
     if iov == NULL:
@@ -92,6 +95,28 @@ def store(int fd, bytes tmp, list parts, bytes dest, reuse, double mtime, bint d
             iov[i].iov_len = <size_t>PyBytes_GET_SIZE(part)
     except BaseException:
         PyMem_Free(iov)
+        raise
+    return iov
+
+
+def write_all(int fd, list parts):
+    cdef Py_ssize_t n = len(parts)
+    cdef iovec *iov = _vector(parts, n)
+    cdef int err = 0
+    with nogil:
+        if _write_all(fd, iov, n) < 0:
+            err = errno
+    PyMem_Free(iov)
+    if err:
+        raise OSError(err, os.strerror(err))
+
+
+def store(int fd, bytes tmp, list parts, bytes dest, reuse, double mtime, bint datasync=True):
+    cdef Py_ssize_t n = len(parts)
+    cdef iovec *iov
+    try:
+        iov = _vector(parts, n)
+    except BaseException:
         if fd >= 0:
             os.close(fd)
         raise
@@ -105,14 +130,21 @@ def store(int fd, bytes tmp, list parts, bytes dest, reuse, double mtime, bint d
     cdef timespec times[2]
     cdef off_t end
     with nogil:
-        if fd < 0 and c_reuse != NULL:
+        if fd < 0 and c_reuse != NULL and strcmp(c_reuse, c_tmp) == 0:
+            # a slot: a file whose name is already durable, written in place
+            fd = c_open(c_tmp, O_WRONLY | O_CLOEXEC)
+            if fd >= 0:
+                reused = 1
+            else:
+                err = errno
+        elif fd < 0 and c_reuse != NULL:
             if rename(c_reuse, c_tmp) == 0:
                 fd = c_open(c_tmp, O_WRONLY | O_CLOEXEC)
                 if fd >= 0:
                     reused = 1
                 else:
                     unlink(c_tmp)
-        if fd < 0:
+        if fd < 0 and err == 0:
             fd = c_open(c_tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
             if fd < 0:
                 err = errno

@@ -2,11 +2,15 @@
 
 ``store(fd, tmp, parts, dest, reuse, mtime, datasync=True)``:
 
-1. when ``fd`` is negative, open ``tmp`` for writing: first by renaming ``reuse`` (a recycled
-   file's path, or None) to ``tmp`` and opening it; if that rename or open fails (another
-   receiver took the file), by creating ``tmp`` (O_CREAT|O_EXCL, mode 0600);
-2. write every octet of ``parts`` (a list of bytes), continuing after short writes; a recycled
-   file is overwritten from its start and then cut (ftruncate) to what was written: its
+1. when ``fd`` is negative, open ``tmp`` for writing. When ``reuse`` equals ``tmp``, ``tmp`` is
+   a slot (a file created ahead, whose name is already durable) and is opened in place: if
+   that fails, so does the call (a new file there would have a name nobody made durable).
+   Otherwise first by renaming ``reuse`` (a recycled file's path, or None) to ``tmp`` and
+   opening it; if that rename or open fails (another receiver took the file), by creating
+   ``tmp`` (O_CREAT|O_EXCL, mode 0600);
+2. write every octet of ``parts`` (a list of bytes), continuing after short writes and in
+   writev calls of at most IOV_BATCH (1024, Linux's IOV_MAX) buffers; a recycled file or a slot
+   is overwritten from its start and then cut (ftruncate) to what was written: its
    blocks are reused, so ``fdatasync`` has less metadata to write than after O_TRUNC;
 3. when ``mtime`` is not negative, set the file's access and modification times to it;
 4. fdatasync (unless ``datasync`` is false: the caller makes the file durable some other
@@ -16,6 +20,9 @@ It returns whether a recycled file was used. The descriptor is always closed on 
 caller's (a spilled message's ``fd``) included. Any failure raises OSError with the errno of
 the failing step and ``tmp`` as the file name; ``tmp`` may then exist and is the caller's to
 unlink.
+
+``write_all(fd, parts)`` is step 2 alone, at the descriptor's offset (a message spilled to its
+file as it arrives); OSError on failure.
 """
 
 from __future__ import annotations
@@ -23,17 +30,32 @@ from __future__ import annotations
 import contextlib
 import os
 
-__all__ = ["store"]
+__all__ = ["store", "write_all"]
 
 _NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 _REUSED = os.O_WRONLY | os.O_CLOEXEC
+IOV_BATCH = 1024
+
+
+def write_all(fd: int, parts: list[bytes]) -> None:
+    views = [memoryview(p) for p in parts if len(p)]
+    while views:
+        n = os.writev(fd, views[:IOV_BATCH])
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if views and n:
+            views[0] = views[0][n:]
 
 
 def store(fd: int, tmp: bytes, parts: list[bytes], dest: bytes, reuse: bytes | None,
           mtime: float, datasync: bool = True) -> bool:
     reused = False
     try:
-        if fd < 0 and reuse is not None:
+        if fd < 0 and reuse is not None and reuse == tmp:
+            fd = os.open(tmp, _REUSED)
+            reused = True
+        elif fd < 0 and reuse is not None:
             try:
                 os.rename(reuse, tmp)
             except OSError:
@@ -47,14 +69,7 @@ def store(fd: int, tmp: bytes, parts: list[bytes], dest: bytes, reuse: bytes | N
                         os.unlink(tmp)
         if fd < 0:
             fd = os.open(tmp, _NEW, 0o600)
-        views = [memoryview(p) for p in parts if len(p)]
-        while views:
-            n = os.writev(fd, views[:1024])
-            while views and n >= len(views[0]):
-                n -= len(views[0])
-                views.pop(0)
-            if views and n:
-                views[0] = views[0][n:]
+        write_all(fd, parts)
         if reused:
             os.ftruncate(fd, os.lseek(fd, 0, os.SEEK_CUR))
         if mtime >= 0:
