@@ -144,3 +144,53 @@ def test_full_disk_fails_with_enospc(store, small_fs: Path) -> None:
     assert info.value.errno == errno.ENOSPC
     assert info.value.filename == str(small_fs / "tmp" / "1-a")
     assert os.listdir(small_fs / "incoming") == []
+
+
+@pytest.fixture(params=LEGS)
+def write_all(request: pytest.FixtureRequest):
+    return pkg.implementations()[request.param].write_all
+
+
+def test_slot_is_written_in_place_and_cut_to_length(store, dirs) -> None:
+    tmp, incoming, _ = dirs
+    slot = tmp / "1-slot"
+    slot.write_bytes(b"an older, longer message " * 100)
+    inode = slot.stat().st_ino
+    assert store(-1, b(slot), [b"new\r\n", b"tail"], b(incoming / "a"), b(slot), -1.0) is True
+    assert (incoming / "a").read_bytes() == b"new\r\ntail"
+    assert (incoming / "a").stat().st_ino == inode and not slot.exists()
+
+
+def test_missing_slot_fails_without_creating_one(store, dirs) -> None:
+    """A slot's name was made durable before use: a new file in its place would have a name
+    nobody flushed, so a vanished slot is an error, never a silent creation."""
+    tmp, incoming, _ = dirs
+    slot = tmp / "1-gone"
+    with pytest.raises(FileNotFoundError) as info:
+        store(-1, b(slot), [b"m"], b(incoming / "a"), b(slot), -1.0)
+    assert info.value.filename == str(slot)
+    assert os.listdir(tmp) == [] and os.listdir(incoming) == []
+
+
+def test_write_all_continues_at_the_offset_past_iov_max(write_all, dirs) -> None:
+    tmp, _, _ = dirs
+    parts = [b"%05d" % i for i in range(3000)]  # more buffers than one writev takes
+    fd = os.open(tmp / "f", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, b"head:")
+        write_all(fd, parts + [b""])
+        assert os.lseek(fd, 0, os.SEEK_CUR) == 5 + 15000
+    finally:
+        os.close(fd)
+    assert (tmp / "f").read_bytes() == b"head:" + b"".join(parts)
+
+
+def test_write_all_failure_is_an_oserror_with_its_errno(write_all) -> None:
+    r, w = os.pipe()
+    os.close(w)
+    try:
+        with pytest.raises(OSError) as info:
+            write_all(r, [b"x"])
+        assert info.value.errno == errno.EBADF
+    finally:
+        os.close(r)
