@@ -1,7 +1,7 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
 """Compiled spool write: the twin of ``spoolio_py.py`` (whose docstring is the reference).
 
-The whole sequence (open or reuse, writev, fdatasync, close, rename) runs in one stretch
+The whole sequence (open or reuse, writev, fdatasync, close, rename or link) runs in one stretch
 without the GIL. A receiver's writer threads call it while the event loop thread runs Python;
 with one ``os.*`` call per step each thread would need the GIL back five or six times per
 message and wait for the busy loop thread every time.
@@ -34,6 +34,7 @@ cdef extern from "<unistd.h>" nogil:
     enum: SEEK_CUR
     int fdatasync(int fd)
     int unlink(const char *path)
+    int link(const char *old, const char *new)
 
 cdef extern from "<stdio.h>" nogil:
     int rename(const char *old, const char *new)
@@ -127,11 +128,14 @@ def store(int fd, bytes tmp, list parts, bytes dest, reuse, double mtime, bint d
         c_reuse = PyBytes_AS_STRING(<bytes?>reuse)
     cdef int err = 0
     cdef int reused = 0
+    cdef int slot = 0
     cdef timespec times[2]
     cdef off_t end
     with nogil:
-        if fd < 0 and c_reuse != NULL and strcmp(c_reuse, c_tmp) == 0:
+        if c_reuse != NULL and strcmp(c_reuse, c_tmp) == 0:
             # a slot: a file whose name is already durable, written in place
+            slot = 1
+        if fd < 0 and slot:
             fd = c_open(c_tmp, O_WRONLY | O_CLOEXEC)
             if fd >= 0:
                 reused = 1
@@ -164,7 +168,10 @@ def store(int fd, bytes tmp, list parts, bytes dest, reuse, double mtime, bint d
             err = errno
         if fd >= 0 and c_close(fd) < 0 and err == 0:
             err = errno
-        if err == 0 and rename(c_tmp, c_dest) < 0:
+        if err == 0 and slot:
+            if link(c_tmp, c_dest) < 0:
+                err = errno
+        elif err == 0 and rename(c_tmp, c_dest) < 0:
             err = errno
     PyMem_Free(iov)
     if err:

@@ -3,8 +3,11 @@
 ``store(fd, tmp, parts, dest, reuse, mtime, datasync=True)``:
 
 1. when ``fd`` is negative, open ``tmp`` for writing. When ``reuse`` equals ``tmp``, ``tmp`` is
-   a slot (a file created ahead, whose name is already durable) and is opened in place: if
-   that fails, so does the call (a new file there would have a name nobody made durable).
+   a slot (a file created ahead, whose name is already durable; ``fd``, if given, is open on
+   it) and is opened in place: if
+   that fails, so does the call (a new file there would have a name nobody made durable);
+   and in step 4 the slot is *linked* to ``dest``, keeping its own name (the caller removes
+   it once ``dest``'s directory is flushed).
    Otherwise first by renaming ``reuse`` (a recycled file's path, or None) to ``tmp`` and
    opening it; if that rename or open fails (another receiver took the file), by creating
    ``tmp`` (O_CREAT|O_EXCL, mode 0600);
@@ -14,7 +17,8 @@
    blocks are reused, so ``fdatasync`` has less metadata to write than after O_TRUNC;
 3. when ``mtime`` is not negative, set the file's access and modification times to it;
 4. fdatasync (unless ``datasync`` is false: the caller makes the file durable some other
-   way, e.g. one syncfs for a batch), close, and rename ``tmp`` to ``dest``.
+   way, e.g. one syncfs for a batch), close, and rename ``tmp`` to ``dest`` (link, for a
+   slot).
 
 It returns whether a recycled file was used. The descriptor is always closed on return, the
 caller's (a spilled message's ``fd``) included. Any failure raises OSError with the errno of
@@ -50,9 +54,10 @@ def write_all(fd: int, parts: list[bytes]) -> None:
 
 def store(fd: int, tmp: bytes, parts: list[bytes], dest: bytes, reuse: bytes | None,
           mtime: float, datasync: bool = True) -> bool:
-    reused = False
+    reused = slot = False
     try:
-        if fd < 0 and reuse is not None and reuse == tmp:
+        slot = reuse is not None and reuse == tmp
+        if fd < 0 and slot:
             fd = os.open(tmp, _REUSED)
             reused = True
         elif fd < 0 and reuse is not None:
@@ -78,7 +83,10 @@ def store(fd: int, tmp: bytes, parts: list[bytes], dest: bytes, reuse: bytes | N
             os.fdatasync(fd)
         fd, closing = -1, fd
         os.close(closing)
-        os.rename(tmp, dest)
+        if slot:
+            os.link(tmp, dest)
+        else:
+            os.rename(tmp, dest)
     except BaseException as exc:
         if fd >= 0:
             with contextlib.suppress(OSError):

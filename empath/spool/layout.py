@@ -14,8 +14,9 @@ rename(2) within the one filesystem (see docs/SPOOL.md for the table of transiti
     recycle/        files of delivered messages, kept (about ``spool.recycle_files``, each at
                     most 64 KiB) for receivers to rename into tmp/ or slots/ and overwrite: a new
                     message then costs no inode allocation
-    slots/          files whose names a receiver made durable ahead of use ("<pid>-<ulid>"); a
-                    message is written into one and renamed into incoming/ (empath/spool/slots.py)
+    slots/          files whose names a receiver made durable ahead of use
+                    ("<pid>-<boot>-<ulid>"); a message is written into one and linked into
+                    incoming/, the slot's name removed later (empath/spool/slots.py)
     control/        ``freeze`` flag, ``wake/<pid>`` datagram sockets of delivery workers, and
                     ``auth-failures/<ip>`` (times of failed AUTHs, for throttling)
 """
@@ -35,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from empath.spool import fileformat
 from empath.spool.ids import is_valid_id
-from empath.spool.slots import RECYCLE_MAX_SIZE, recover_slots
+from empath.spool.slots import RECYCLE_MAX_SIZE, forget_recycled_after_restart, recover_slots
 
 if TYPE_CHECKING:
     from empath.spool.writer import ReceiverWriter
@@ -362,7 +363,9 @@ class Spool:
         return removed
 
     def recover_all(self, alive: Callable[[int], bool]) -> int:
-        """At start-up: requeue active/ of dead workers and sweep tmp/ files of dead writers."""
+        """At start-up: requeue active/ of dead workers and sweep tmp/ files of dead writers
+        (and their slots: see slots.py); after a restart of the machine, empty recycle/."""
+        forget_recycled_after_restart(self)
         moved = sum(self.recover_active(s) for s in self.active_slots() if not alive(s))
         self.sweep_tmp(lambda pid: not alive(pid))
         self.trim_recycled()  # recycle_files may have been lowered (or set to 0)

@@ -1,23 +1,32 @@
 """Slots: files whose names are made durable before a message is written into them.
 
-A receiver's 250 must follow the flushes that make the message's bytes *and* its name durable.
-Renaming a finished file into incoming/ and then fsyncing incoming/ costs two flushes in a row
-per batch. A slot removes the second one from the path of the 250: ``slots/<pid>-<ulid>`` is
+A receiver's 250 must follow the flushes that make the message's bytes *and* a name for it
+durable. Renaming a finished file into incoming/ and then fsyncing incoming/ costs two flushes in
+a row. A slot takes the second one off the path of the 250: ``slots/<pid>-<boot>-<ulid>`` is
 created (or a file of recycle/ is renamed to that name) by the receiver's slot thread ahead of
 use, a batch at a time, and one ``fsync(slots/)`` makes the whole batch's names durable before
-any of them is handed out. A message is then written into a slot in place, fdatasynced (the
-one flush its 250 waits for) and renamed into incoming/. That rename is not flushed before the
-250: if power fails before it reaches the disk, the message is still in its slot, complete.
+any of them is handed out. A message is then written into a slot in place, fdatasynced (the one
+flush its 250 waits for) and *linked* into incoming/: the slot keeps its name, so whatever a
+power cut does to the unflushed link, the message keeps a durable name. The slot thread removes
+the slot names of linked messages in batches, each batch only after an ``fsync(incoming/)`` that
+began after their links (the group commit, off the path of any 250).
 
-So after a crash a slot holds either a complete message or something that is not one (empty,
-half written, a recycled file's old message, a mixture of both). A message written into a slot
-carries ``slot_check`` in its envelope: the CRC-32 of its data, seeded with the CRC-32 of the
-slot's name. The trailer proves the lengths; ``slot_check`` proves that every data block is the
-one written for this slot (a block the power cut kept from the disk reads back as zeros or old
-bytes), and the seed proves that the content was written for this name, not left by a recycled
-file's previous message. Only :func:`recover_slots` (at start-up, and when the master reaps a
-receiver) reads slots: a complete one is moved into incoming/, anything else is recycled.
-Delivery and ``empathctl`` never look into slots/.
+So a slot name holds, at any instant, an unused file, a message being written, or a message
+whose incoming/ name may not be durable yet. Which of these matters only after a power cut:
+
+- while the machine stays up (a receiver or the whole daemon killed), the kernel's view is the
+  truth: a message whose store returned is linked into incoming/, one whose store did not was
+  never acknowledged. A slot is then never a message: it is removed (or recycled).
+- after a restart of the machine (``<boot>``, from the kernel's boot id, differs), a slot whose
+  file has no other name and holds a complete message is one whose link the power cut lost:
+  it is linked into incoming/ again. "Complete" is proven by ``slot_check`` in its envelope: the
+  CRC-32 of its data, seeded with the CRC-32 of the slot's name. The trailer proves the lengths;
+  the check proves every data block (one the cut kept from the disk reads as zeros or as old
+  bytes), and the seed proves the content was written for this slot, not left by a recycled
+  file's previous message.
+
+Only :func:`recover_slots` (at start-up, and when the master reaps a receiver) reads slots;
+delivery and ``empathctl`` never look into slots/.
 """
 
 from __future__ import annotations
@@ -59,20 +68,43 @@ def data_check(seed: int, parts: list[bytes]) -> int:
     return crc
 
 
+def boot_tag() -> str:
+    """This boot of the machine: the start of the kernel's boot id. ``EMPATH_SPOOL_FAULT=reboot``
+    (tests) makes the process act as if the machine had restarted since the spool was used."""
+    global _BOOT
+    if _BOOT is None:
+        try:
+            with open("/proc/sys/kernel/random/boot_id") as fh:
+                _BOOT = fh.read().strip().replace("-", "")[:12] or "unknown"
+        except OSError:
+            _BOOT = "unknown"  # never equal to a slot's: slots are treated as after a restart
+        if os.environ.get("EMPATH_SPOOL_FAULT") == "reboot":
+            _BOOT = "%012x" % (int(_BOOT, 16) ^ 1) if _BOOT != "unknown" else "rebooted"
+    return _BOOT
+
+
+_BOOT: str | None = None
+
+
 class SlotPool:
     """One receiver's slots: a thread keeps between ``low`` and ``high`` of them ready, made a
-    batch at a time and made durable by one ``fsync(slots/)`` per batch. ``take`` never blocks
-    and returns None when none is ready (the writer then uses tmp/ and the group commit)."""
+    batch at a time and made durable by one ``fsync(slots/)`` per batch, and removes the names
+    of linked slots after an ``fsync(incoming/)``. ``take`` never blocks and returns None when
+    none is ready (the writer then uses tmp/ and the group commit)."""
 
-    def __init__(self, spool: Spool, low: int = 128, high: int = 256, batch: int = 64) -> None:
+    def __init__(self, spool: Spool, low: int = 128, high: int = 256, batch: int = 64,
+                 interval: float = 0.05) -> None:
         self.spool = spool
         self.dir = os.path.join(spool.root, SLOTS_DIR)
-        self.prefix = os.fsencode(self.dir) + b"/%d-" % os.getpid()
-        self.low, self.high, self.batch = low, high, batch
+        self.prefix = os.fsencode(self.dir) + b"/%d-%s-" % (os.getpid(), boot_tag().encode())
+        self.low, self.high, self.batch, self.interval = low, high, batch, interval
         self._ready: collections.deque[bytes] = collections.deque()
+        self._linked: collections.deque[bytes] = collections.deque()
         self._want = threading.Event()
         self._closed = False
         self._dir_fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._incoming_fd = os.open(spool.state_dir("incoming"),
+                                    os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._want.set()
         self._thread = threading.Thread(target=self._run, name="spool-slots", daemon=True)
         self._thread.start()
@@ -87,13 +119,19 @@ class SlotPool:
             self._want.set()
         return slot
 
+    def linked(self, slot: bytes) -> None:
+        """The message in ``slot`` is linked into incoming/: remove the slot's name once
+        incoming/ is flushed (any thread)."""
+        self._linked.append(slot)
+
     def ready(self) -> int:
         return len(self._ready)
 
     def _run(self) -> None:
         while True:
-            self._want.wait()
+            self._want.wait(self.interval)
             self._want.clear()
+            self._unlink_linked()
             while not self._closed and len(self._ready) < self.high:
                 try:
                     made = self._make(min(self.batch, self.high - len(self._ready)))
@@ -102,7 +140,22 @@ class SlotPool:
                     break
                 self._ready.extend(made)
             if self._closed:
+                self._unlink_linked()
                 return
+
+    def _unlink_linked(self) -> None:
+        """fsync incoming/, then remove the slot names of the messages linked before it."""
+        count = len(self._linked)
+        if not count:
+            return
+        try:
+            os.fsync(self._incoming_fd)
+        except OSError as exc:  # the names stay: a message keeps its durable one
+            log.error("fsync of incoming/ failed, slot names kept: %s", exc)
+            return
+        for _ in range(count):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._linked.popleft())
 
     def _make(self, count: int) -> list[bytes]:
         """``count`` new slots, their names durable when this returns."""
@@ -129,7 +182,8 @@ class SlotPool:
         return made
 
     def close(self) -> None:
-        """Stop the thread; ready slots go back to recycle/ (or are removed)."""
+        """Stop the thread (after it removed the names of linked slots); ready slots go back to
+        recycle/ (or are removed)."""
         self._closed = True
         self._want.set()
         self._thread.join()
@@ -137,20 +191,22 @@ class SlotPool:
             while self._ready:
                 release(self.spool, self._ready.popleft())
             self.spool.trim_recycled()
-        with contextlib.suppress(OSError):
-            os.close(self._dir_fd)
+        for fd in (self._dir_fd, self._incoming_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 def release(spool: Spool, path: bytes | str) -> None:
     """Give up a slot that holds no message: into recycle/ (under its id) when it is small
-    enough to be recycled, else removed (recycle/ would hold its blocks)."""
+    enough to be recycled and has no other name, else removed."""
     path = os.fsdecode(path)
-    ulid = os.path.basename(path).partition("-")[2]
+    ulid = os.path.basename(path).rpartition("-")[2]
     try:
-        small = os.stat(path).st_size <= RECYCLE_MAX_SIZE
+        st = os.lstat(path)
     except FileNotFoundError:
         return
-    if spool.recycle_files > 0 and small and is_valid_id(ulid):
+    if (spool.recycle_files > 0 and st.st_size <= RECYCLE_MAX_SIZE and st.st_nlink == 1
+            and is_valid_id(ulid)):
         try:
             os.rename(path, os.path.join(spool.recycle, ulid))
             return
@@ -186,31 +242,75 @@ def check_slot(path: str) -> dict[str, Any] | None:
 
 
 def recover_slots(spool: Spool, dead: Callable[[int], bool]) -> int:
-    """For every slot of a writer that is gone (``dead(pid)``): a complete message goes into
-    incoming/ (it may have been acknowledged: its rename into incoming/ was lost or never
-    made), anything else back to recycle/. Returns how many messages were moved."""
-    moved = 0
+    """Deal with the slots of writers that are gone; returns how many messages were put
+    back into incoming/.
+
+    A slot of this boot whose writer is dead (``dead(pid)``) holds no message that is not
+    also in the queue: it is recycled, or only removed when the file has another name. A slot
+    of an earlier boot (whatever its pid) is what a power cut left: with no other name and a
+    complete message (see check_slot) that is not in the queue, it is linked into incoming/,
+    incoming/ is flushed, and only then is the slot's name removed. Recovery never recycles a
+    slot of an earlier boot: after a cut its link count may not be trusted."""
+    slots = os.path.join(spool.root, SLOTS_DIR)
     try:
-        names = os.listdir(os.path.join(spool.root, SLOTS_DIR))
+        names = os.listdir(slots)
     except FileNotFoundError:
         return 0
+    boot = boot_tag()
+    moved: list[str] = []
     for name in names:
-        pid_text, _, _ = name.partition("-")
-        if not pid_text.isdigit() or not dead(int(pid_text)):
+        pid_text, _, rest = name.partition("-")
+        slot_boot = rest.partition("-")[0]
+        path = os.path.join(slots, name)
+        if slot_boot == boot:
+            if pid_text.isdigit() and dead(int(pid_text)):
+                release(spool, path)
             continue
-        path = os.path.join(spool.root, SLOTS_DIR, name)
-        envelope = check_slot(path)
-        if envelope is None:
-            release(spool, path)
+        try:
+            nlink = os.lstat(path).st_nlink
+        except FileNotFoundError:
+            continue
+        envelope = check_slot(path) if nlink == 1 else None
+        if envelope is None or spool.find(str(envelope["id"])) is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
             continue
         message_id = str(envelope["id"])
-        if spool.find(message_id) is not None:  # already in the queue: this copy is stale
-            release(spool, path)
+        try:
+            os.link(path, spool.path("incoming", message_id))
+        except OSError as exc:
+            log.error("%s: cannot recover it from its slot %s: %s", message_id, name, exc)
             continue
-        with contextlib.suppress(FileNotFoundError):
-            os.rename(path, spool.path("incoming", message_id))
-            moved += 1
-            log.warning("%s: recovered from its slot into incoming/", message_id)
+        moved.append(path)
+        log.warning("%s: recovered from its slot into incoming/ (acknowledged before a restart "
+                    "of the machine)", message_id)
     if moved:
         spool.sync_dir("incoming")
-    return moved
+        for path in moved:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+    return len(moved)
+
+
+def forget_recycled_after_restart(spool: Spool) -> bool:
+    """At start-up: when the machine restarted since the spool was last used, empty recycle/
+    (after a power cut a recycled file may share its inode with a queued message, and reusing
+    it would overwrite that message). Records this boot in ``control/boot``; whether it
+    emptied recycle/."""
+    record = os.path.join(spool.control, "boot")
+    try:
+        with open(record) as fh:
+            last = fh.read().strip()
+    except FileNotFoundError:
+        last = ""
+    boot = boot_tag()
+    if last == boot:
+        return False
+    for name in os.listdir(spool.recycle) if os.path.isdir(spool.recycle) else []:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(spool.recycle, name))
+    tmp = record + ".new"
+    with open(tmp, "w") as fh:
+        fh.write(boot + "\n")
+    os.replace(tmp, record)
+    return True

@@ -3,13 +3,13 @@
 Per message (``spool.sync: file``, the default): take a slot — a file in ``slots/`` whose name
 the slot thread made durable ahead of use, a batch at a time (see slots.py) — write data +
 envelope + trailer into it in place (one writev for a message held in memory), fdatasync,
-close, rename into ``incoming/``: in a worker thread, in one compiled call without the GIL, so
+close, link it into ``incoming/``: in a worker thread, in one compiled call without the GIL, so
 sessions never wait behind each other's flush and the kernel can overlap them. The fdatasync is
-the only flush the 250 waits for: the slot's name was durable before the write, and the rename
-into incoming/ needs no flush of its own (a message whose rename a power cut lost is still
-complete in its slot, and recovery moves it). The envelope carries ``slot_check`` so that
-recovery can tell a complete message from a slot the power cut left half written. The delivery
-workers are woken once per batch of stored messages.
+the only flush the 250 waits for: the slot's name was durable before the write and stays until
+the slot thread has flushed incoming/ (then it removes the slot names of a whole batch), so the
+link needs no flush of its own. The envelope carries ``slot_check`` so that recovery after a
+power cut can tell a complete message from a slot left half written. The delivery workers are
+woken once per batch of stored messages.
 
 Without a ready slot (a burst faster than the slot thread) a message is written as before:
 ``tmp/<pid>-<id>`` (or a file taken from recycle/), fdatasync, rename into ``incoming/``, and an
@@ -20,10 +20,12 @@ the fdatasyncs and the directory fsync.
 Messages larger than SPILL_THRESHOLD are written to their file (a slot when one is ready) as
 they arrive, so memory stays bounded whatever the message size.
 
-``EMPATH_SPOOL_FAULT`` (tests only) simulates a power cut on the slot path: ``lose-rename``
-stores the message and acknowledges it but leaves it in its slot, as a power cut that lost the
-unflushed rename would; ``torn`` writes the message with its first data block missing (zeros),
-as a power cut during the write would leave it, and kills the receiver before any 250.
+``EMPATH_SPOOL_FAULT`` (tests only) simulates a power cut on the slot path: ``lose-link``
+stores the message and acknowledges it but removes its incoming/ name and keeps its slot name,
+as a power cut that lost the unflushed link would; ``torn`` writes the message with its first
+data block missing (zeros), as a power cut during the write would leave it, and kills the
+daemon's process group before any 250; ``reboot`` makes a process act as if the machine had
+restarted since (slots.boot_tag).
 """
 
 from __future__ import annotations
@@ -197,7 +199,7 @@ class IncomingMessage:
         slot = None
         if self._fd < 0 and writer.slots is not None:
             slot = writer.slots.take()
-        # Only a message outside a slot needs its rename flushed (the group commit).
+        # Only a message outside a slot waits for its rename to be flushed (the group commit).
         sync_dir = slot is None and not self._slot
         started = time.monotonic()
         try:
@@ -218,8 +220,8 @@ class IncomingMessage:
 
     def _store(self, envelope: dict[str, Any], slot: bytes | None) -> float:
         """Thread side: finish the file (a slot, a recycled file or a new one), fdatasync,
-        rename into incoming/; the seconds it took. One call of the compiled ``store_file``,
-        which holds no GIL from the first syscall to the last."""
+        link (a slot) or rename it into incoming/; the seconds it took. One call of the
+        compiled ``store_file``, which holds no GIL from the first syscall to the last."""
         writer = self._writer
         started = time.monotonic()
         fd, self._fd = self._fd, -1  # store_file closes it in every case
@@ -227,6 +229,7 @@ class IncomingMessage:
         reuse = None
         if fd >= 0:
             if self._slot:
+                reuse = self._tmp  # reuse == tmp: a slot, linked into incoming/
                 envelope[CHECK_KEY] = data_check(self._check, chunks)
         elif slot is not None:
             self._tmp, self._slot, reuse = slot, True, slot  # reuse == tmp: in place
@@ -236,14 +239,20 @@ class IncomingMessage:
             reuse = writer.spool.take_recycled()
         chunks.append(fileformat.encode_tail(envelope, self._size))
         dest = writer.incoming_prefix + self.id.encode()
-        if _FAULT and self._slot:
-            dest = _fault(fd, self._tmp, chunks, dest)
-        # fdatasync covers the data and the size; a slot's name was durable before, a tmp
-        # file's rename is made durable by the directory fsync of the group commit. A
-        # priority mtime is a scheduling hint, not state: fdatasync may not persist it, and a
-        # message that loses its place after a crash is merely delivered in arrival order.
+        if _FAULT == "torn" and self._slot:
+            _torn(fd, self._tmp, chunks)
+        # fdatasync covers the data and the size; a slot's name was durable before (the slot
+        # thread removes it once incoming/ is flushed), a tmp file's rename is made durable by
+        # the directory fsync of the group commit. A priority mtime is a scheduling hint, not
+        # state: fdatasync may not persist it, and a message that loses its place after a
+        # crash is merely delivered in arrival order.
         store_file(fd, self._tmp, chunks, dest, reuse,
                    -1.0 if self.mtime is None else self.mtime, writer.datasync)
+        if self._slot and writer.slots is not None:
+            if _FAULT == "lose-link":  # as a power cut that lost the unflushed link
+                os.unlink(dest)
+            else:
+                writer.slots.linked(self._tmp)
         self._tmp = b""
         return time.monotonic() - started
 
@@ -267,19 +276,15 @@ class IncomingMessage:
         self._slot = False
 
 
-def _fault(fd: int, path: bytes, chunks: list[bytes], dest: bytes) -> bytes:
-    """EMPATH_SPOOL_FAULT (tests): the destination to give store_file instead of ``dest``."""
-    if _FAULT == "lose-rename":
-        return path  # renamed onto itself: the message stays in its slot
-    if _FAULT == "torn":
-        # What a power cut during the write can leave: the size and the tail written, the
-        # first data block not (zeros). Then the receiver dies before any 250.
-        data = b"".join(chunks)
-        block = min(4096, len(data) - len(chunks[-1]))
-        if fd < 0:
-            fd = os.open(path, _SLOT_FLAGS)
-        os.pwrite(fd, bytes(block) + data[block:], 0)
-        os.ftruncate(fd, len(data))
-        os.fsync(fd)
-        os.kill(os.getpid(), signal.SIGKILL)
-    return dest
+def _torn(fd: int, path: bytes, chunks: list[bytes]) -> None:
+    """EMPATH_SPOOL_FAULT=torn (tests): leave the slot as a power cut during its write can —
+    the size and the tail on disk, the first data block not (zeros) — and cut the power:
+    SIGKILL to the daemon's whole process group, before any 250."""
+    data = b"".join(chunks)
+    block = min(4096, len(data) - len(chunks[-1]))
+    if fd < 0:
+        fd = os.open(path, _SLOT_FLAGS)
+    os.pwrite(fd, bytes(block) + data[block:], 0)
+    os.ftruncate(fd, len(data))
+    os.fsync(fd)
+    os.killpg(os.getpgid(0), signal.SIGKILL)

@@ -151,14 +151,27 @@ def write_all(request: pytest.FixtureRequest):
     return pkg.implementations()[request.param].write_all
 
 
-def test_slot_is_written_in_place_and_cut_to_length(store, dirs) -> None:
+def test_slot_is_written_in_place_cut_to_length_and_linked(store, dirs) -> None:
+    """A slot keeps its (durable) name: the message gets a second one in incoming/."""
     tmp, incoming, _ = dirs
     slot = tmp / "1-slot"
     slot.write_bytes(b"an older, longer message " * 100)
     inode = slot.stat().st_ino
     assert store(-1, b(slot), [b"new\r\n", b"tail"], b(incoming / "a"), b(slot), -1.0) is True
     assert (incoming / "a").read_bytes() == b"new\r\ntail"
-    assert (incoming / "a").stat().st_ino == inode and not slot.exists()
+    assert (incoming / "a").stat().st_ino == inode and slot.stat().st_nlink == 2
+
+
+def test_spilled_slot_descriptor_is_continued_and_linked(store, dirs) -> None:
+    tmp, incoming, _ = dirs
+    slot = tmp / "1-slot"
+    slot.write_bytes(b"")
+    fd = os.open(slot, os.O_RDWR)
+    os.write(fd, b"first half, ")
+    assert store(fd, b(slot), [b"second half"], b(incoming / "a"), b(slot), -1.0) is False
+    assert closed(fd)
+    assert (incoming / "a").read_bytes() == b"first half, second half"
+    assert slot.stat().st_nlink == 2
 
 
 def test_missing_slot_fails_without_creating_one(store, dirs) -> None:
