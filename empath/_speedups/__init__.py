@@ -32,9 +32,11 @@ __all__ = [
     "dot_stuff",
     "encode_xtext",
     "implementations",
+    "make_slots",
     "parse_path",
     "split_command",
     "store_file",
+    "sync_and_unlink",
     "write_all",
 ]
 
@@ -50,6 +52,8 @@ def _namespace(name: str, cmdparse: object, datareader: object,
         modules=(cmdparse, datareader, spoolio),
         store_file=spoolio.store,  # type: ignore[attr-defined]
         write_all=spoolio.write_all,  # type: ignore[attr-defined]
+        make_slots=spoolio.make_slots,  # type: ignore[attr-defined]
+        sync_and_unlink=spoolio.sync_and_unlink,  # type: ignore[attr-defined]
     )
     for attr in _CMDPARSE_NAMES:
         setattr(ns, attr, getattr(cmdparse, attr))
@@ -92,6 +96,8 @@ DataReader = _ACTIVE.DataReader
 dot_stuff = _ACTIVE.dot_stuff
 store_file = _ACTIVE.store_file
 write_all = _ACTIVE.write_all
+make_slots = _ACTIVE.make_slots
+sync_and_unlink = _ACTIVE.sync_and_unlink
 
 
 class _Implementations(Mapping[str, SimpleNamespace]):

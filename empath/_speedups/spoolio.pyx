@@ -14,11 +14,12 @@ from posix.types cimport off_t
 
 import os
 
-__all__ = ["store", "write_all"]
+__all__ = ["make_slots", "store", "sync_and_unlink", "write_all"]
 
 cdef extern from "<errno.h>" nogil:
     int errno
     enum: EINTR
+    enum: ENOENT
 
 cdef extern from "<fcntl.h>" nogil:
     int c_open "open"(const char *path, int flags, ...)
@@ -35,6 +36,7 @@ cdef extern from "<unistd.h>" nogil:
     int fdatasync(int fd)
     int unlink(const char *path)
     int link(const char *old, const char *new)
+    int fsync(int fd)
 
 cdef extern from "<stdio.h>" nogil:
     int rename(const char *old, const char *new)
@@ -98,6 +100,73 @@ cdef iovec *_vector(list parts, Py_ssize_t n) except NULL:
         PyMem_Free(iov)
         raise
     return iov
+
+
+cdef const char **_paths(list items) except NULL:
+    """A char* per item (bytes, or None for NULL); the caller frees the array."""
+    cdef Py_ssize_t n = len(items)
+    cdef Py_ssize_t i
+    cdef const char **out = <const char **>PyMem_Malloc((n if n > 0 else 1) * sizeof(char *))
+    if out == NULL:
+        raise MemoryError()
+    try:
+        for i in range(n):
+            item = items[i]
+            out[i] = NULL if item is None else PyBytes_AS_STRING(<bytes?>item)
+    except BaseException:
+        PyMem_Free(out)
+        raise
+    return out
+
+
+def make_slots(int dir_fd, list paths, list sources):
+    cdef Py_ssize_t n = len(paths)
+    if len(sources) != n:
+        raise ValueError("paths and sources differ in length")
+    cdef const char **c_paths = _paths(paths)
+    cdef const char **c_sources
+    try:
+        c_sources = _paths(sources)
+    except BaseException:
+        PyMem_Free(c_paths)
+        raise
+    cdef Py_ssize_t i
+    cdef int fd
+    cdef int err = 0
+    cdef Py_ssize_t failed = -1
+    with nogil:
+        for i in range(n):
+            if c_sources[i] != NULL and rename(c_sources[i], c_paths[i]) == 0:
+                continue
+            fd = c_open(c_paths[i], O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+            if fd < 0:
+                err = errno
+                failed = i
+                break
+            c_close(fd)
+        if err == 0 and fsync(dir_fd) < 0:
+            err = errno
+    PyMem_Free(c_paths)
+    PyMem_Free(c_sources)
+    if err:
+        raise OSError(err, os.strerror(err), os.fsdecode(paths[failed]) if failed >= 0 else None)
+
+
+def sync_and_unlink(int dir_fd, list paths):
+    cdef Py_ssize_t n = len(paths)
+    cdef const char **c_paths = _paths(paths)
+    cdef Py_ssize_t i
+    cdef int err = 0
+    with nogil:
+        if fsync(dir_fd) < 0:
+            err = errno
+        else:
+            for i in range(n):
+                if unlink(c_paths[i]) < 0 and errno != ENOENT and err == 0:
+                    err = errno
+    PyMem_Free(c_paths)
+    if err:
+        raise OSError(err, os.strerror(err))
 
 
 def write_all(int fd, list parts):

@@ -27,6 +27,18 @@ unlink.
 
 ``write_all(fd, parts)`` is step 2 alone, at the descriptor's offset (a message spilled to its
 file as it arrives); OSError on failure.
+
+``make_slots(dir_fd, paths, sources)`` makes a batch of slots: for each path, rename its source
+(a recycled file's path, or None) to it, or, when there is none or that rename fails (another
+receiver took the file), create it (O_CREAT|O_EXCL, 0600); then fsync ``dir_fd`` (the slots'
+directory). OSError (naming the path when a creation failed) leaves the paths made so far for
+the caller to remove.
+
+``sync_and_unlink(dir_fd, paths)`` fsyncs ``dir_fd``, then (only if that succeeded) unlinks every
+path, a missing one included without complaint; OSError with the first other errno after trying
+them all.
+
+The compiled twin runs each of these whole without the GIL.
 """
 
 from __future__ import annotations
@@ -34,7 +46,7 @@ from __future__ import annotations
 import contextlib
 import os
 
-__all__ = ["store", "write_all"]
+__all__ = ["make_slots", "store", "sync_and_unlink", "write_all"]
 
 _NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 _REUSED = os.O_WRONLY | os.O_CLOEXEC
@@ -50,6 +62,37 @@ def write_all(fd: int, parts: list[bytes]) -> None:
             views.pop(0)
         if views and n:
             views[0] = views[0][n:]
+
+
+def make_slots(dir_fd: int, paths: list[bytes], sources: list[bytes | None]) -> None:
+    if len(sources) != len(paths):
+        raise ValueError("paths and sources differ in length")
+    for path, source in zip(paths, sources, strict=True):
+        if source is not None:
+            try:
+                os.rename(source, path)
+                continue
+            except OSError:
+                pass
+        try:
+            os.close(os.open(path, _NEW, 0o600))
+        except OSError as exc:
+            raise OSError(exc.errno, os.strerror(exc.errno or 0), os.fsdecode(path)) from None
+    os.fsync(dir_fd)
+
+
+def sync_and_unlink(dir_fd: int, paths: list[bytes]) -> None:
+    os.fsync(dir_fd)
+    first: OSError | None = None
+    for path in paths:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            first = first or exc
+    if first is not None:
+        raise OSError(first.errno, os.strerror(first.errno or 0))
 
 
 def store(fd: int, tmp: bytes, parts: list[bytes], dest: bytes, reuse: bytes | None,

@@ -40,6 +40,7 @@ import zlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from empath._speedups import make_slots, sync_and_unlink
 from empath.spool import fileformat
 from empath.spool.ids import is_valid_id, new_message_id
 
@@ -144,36 +145,25 @@ class SlotPool:
                 return
 
     def _unlink_linked(self) -> None:
-        """fsync incoming/, then remove the slot names of the messages linked before it."""
+        """fsync incoming/, then remove the slot names of the messages linked before it: one
+        compiled call without the GIL (the receiver's event loop keeps it)."""
         count = len(self._linked)
         if not count:
             return
+        names = [self._linked.popleft() for _ in range(count)]
         try:
-            os.fsync(self._incoming_fd)
+            sync_and_unlink(self._incoming_fd, names)
         except OSError as exc:  # the names stay: a message keeps its durable one
             log.error("fsync of incoming/ failed, slot names kept: %s", exc)
-            return
-        for _ in range(count):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._linked.popleft())
+            self._linked.extendleft(reversed(names))
 
     def _make(self, count: int) -> list[bytes]:
-        """``count`` new slots, their names durable when this returns."""
-        made: list[bytes] = []
+        """``count`` new slots (files of recycle/ where there are some), their names durable
+        when this returns: one compiled call without the GIL."""
+        made = [self.prefix + new_message_id().encode() for _ in range(count)]
+        sources = [self.spool.take_recycled() for _ in range(count)]
         try:
-            for _ in range(count):
-                path = self.prefix + new_message_id().encode()
-                reuse = self.spool.take_recycled()
-                if reuse is not None:
-                    try:
-                        os.rename(reuse, path)
-                    except OSError:  # another receiver took it first
-                        reuse = None
-                if reuse is None:
-                    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                                     0o600))
-                made.append(path)
-            os.fsync(self._dir_fd)
+            make_slots(self._dir_fd, made, sources)
         except OSError:
             for path in made:
                 with contextlib.suppress(OSError):

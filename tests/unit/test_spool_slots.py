@@ -68,7 +68,10 @@ def test_a_slot_message_is_acknowledged_after_one_flush(spool: Spool,
     def where(fd: int) -> str:
         return os.readlink(f"/proc/self/fd/{fd}")
 
-    monkeypatch.setattr(writer_module, "store_file", spoolio_py.store)  # os.* calls, visible
+    # the twins: their os.* calls are visible
+    monkeypatch.setattr(writer_module, "store_file", spoolio_py.store)
+    monkeypatch.setattr(slots_module, "sync_and_unlink", spoolio_py.sync_and_unlink)
+    monkeypatch.setattr(slots_module, "make_slots", spoolio_py.make_slots)
     monkeypatch.setattr(os, "fdatasync", lambda fd: (events.append(("fdatasync", where(fd))),
                                                      real_fdatasync(fd))[1])
     monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", where(fd))),

@@ -207,3 +207,55 @@ def test_write_all_failure_is_an_oserror_with_its_errno(write_all) -> None:
         assert info.value.errno == errno.EBADF
     finally:
         os.close(r)
+
+
+@pytest.fixture(params=LEGS)
+def twin(request: pytest.FixtureRequest):
+    return pkg.implementations()[request.param]
+
+
+def test_make_slots_takes_sources_or_creates_and_fsyncs(twin, dirs) -> None:
+    tmp, _, recycle = dirs
+    (recycle / "r1").write_bytes(b"old message")
+    paths = [b(tmp / f"1-b-{i}") for i in range(3)]
+    sources = [b(recycle / "r1"), b(recycle / "gone"), None]
+    fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        twin.make_slots(fd, paths, sources)
+    finally:
+        os.close(fd)
+    assert os.listdir(recycle) == []
+    assert (tmp / "1-b-0").read_bytes() == b"old message"
+    assert (tmp / "1-b-1").read_bytes() == b"" and (tmp / "1-b-2").read_bytes() == b""
+    assert stat.S_IMODE((tmp / "1-b-2").stat().st_mode) == 0o600
+
+
+def test_make_slots_failure_names_the_path(twin, dirs) -> None:
+    tmp, _, _ = dirs
+    (tmp / "1-b-1").write_bytes(b"")  # taken already: O_EXCL fails
+    fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(FileExistsError) as info:
+            twin.make_slots(fd, [b(tmp / "1-b-0"), b(tmp / "1-b-1")], [None, None])
+    finally:
+        os.close(fd)
+    assert info.value.filename == str(tmp / "1-b-1")
+    assert (tmp / "1-b-0").exists()  # made before the failure: the caller's to remove
+
+
+def test_sync_and_unlink_skips_missing_and_needs_the_sync(twin, dirs) -> None:
+    tmp, incoming, _ = dirs
+    for name in ("a", "b"):
+        (tmp / name).write_bytes(b"")
+    fd = os.open(incoming, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        twin.sync_and_unlink(fd, [b(tmp / "a"), b(tmp / "missing"), b(tmp / "b")])
+    finally:
+        os.close(fd)
+    assert os.listdir(tmp) == []
+    (tmp / "c").write_bytes(b"")
+    closed_fd = os.open(incoming, os.O_RDONLY | os.O_DIRECTORY)
+    os.close(closed_fd)
+    with pytest.raises(OSError) as info:
+        twin.sync_and_unlink(closed_fd, [b(tmp / "c")])  # the fsync fails: nothing is removed
+    assert info.value.errno == errno.EBADF and (tmp / "c").exists()
