@@ -300,7 +300,10 @@ def forget_recycled_after_restart(spool: Spool) -> bool:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(spool.recycle, name))
     tmp = record + ".new"
-    with open(tmp, "w") as fh:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with open(fd, "w") as fh:
         fh.write(boot + "\n")
     os.replace(tmp, record)
     return True
