@@ -237,10 +237,12 @@ def recover_slots(spool: Spool, dead: Callable[[int], bool]) -> int:
 
     A slot of this boot whose writer is dead (``dead(pid)``) holds no message that is not
     also in the queue: it is recycled, or only removed when the file has another name. A slot
-    of an earlier boot (whatever its pid) is what a power cut left: with no other name and a
-    complete message (see check_slot) that is not in the queue, it is linked into incoming/,
-    incoming/ is flushed, and only then is the slot's name removed. Recovery never recycles a
-    slot of an earlier boot: after a cut its link count may not be trusted."""
+    of an earlier boot (whatever its pid) is what a power cut left: holding a complete message
+    written for it (see check_slot) that is not in the queue, it is linked into incoming/,
+    incoming/ is flushed, and only then is the slot's name removed; anything else is removed.
+    Its link count decides nothing: a file can be both a slot whose name was not yet removed
+    and, recycled, the next slot holding a new message; and after a cut the count on disk may
+    be wrong. For the same reason nothing of an earlier boot is recycled."""
     slots = os.path.join(spool.root, SLOTS_DIR)
     try:
         names = os.listdir(slots)
@@ -256,11 +258,7 @@ def recover_slots(spool: Spool, dead: Callable[[int], bool]) -> int:
             if pid_text.isdigit() and dead(int(pid_text)):
                 release(spool, path)
             continue
-        try:
-            nlink = os.lstat(path).st_nlink
-        except FileNotFoundError:
-            continue
-        envelope = check_slot(path) if nlink == 1 else None
+        envelope = check_slot(path)
         if envelope is None or spool.find(str(envelope["id"])) is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)

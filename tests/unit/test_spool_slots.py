@@ -130,6 +130,20 @@ def test_after_a_restart_complete_slots_are_requeued_and_the_rest_removed(spool:
     assert lost not in spool.list_ids("incoming") and old not in spool.list_ids("incoming")
 
 
+def test_after_a_restart_a_recycled_slot_still_named_by_its_last_message(spool: Spool) -> None:
+    """A message delivered soon after its receipt: its file recycled into a new slot and
+    holding a new acknowledged message while the old slot's name was not yet removed. After a
+    cut that lost the new message's link, the file has two slot names: the new one recovers
+    the new message, the old one (its check fails for the new content) is removed."""
+    data = b"Subject: new\r\n\r\nthe second message in this file\r\n"
+    new, mid = slot_file(spool, 999_999, data)
+    old = os.path.join(slots_dir(spool), f"999999-{EARLIER}-{new_message_id()}")
+    os.link(new, old)
+    assert recover_slots(spool, lambda pid: True) == 1
+    assert spool.list_ids("incoming") == [mid] and os.listdir(slots_dir(spool)) == []
+    assert read_data(read_queue_file(spool.path("incoming", mid))[1]) == data
+
+
 def test_without_a_restart_a_slot_is_never_a_message(spool: Spool) -> None:
     """A dead receiver's slots on a machine that stayed up: a message whose store returned is
     linked into incoming/ (the slot is only a second name), one whose store did not was never
