@@ -81,16 +81,20 @@ def process_tree(pid: int) -> list[psutil.Process]:
 
 
 def memory(pid: int) -> dict[str, Any]:
-    """RSS and USS (memory only this process maps) of a master and all its children, in MiB."""
+    """RSS, PSS (shared pages divided among the processes mapping them: the sum is what the
+    tree costs the machine) and USS (memory only this process maps) of a master and all its
+    children, in MiB."""
     rows = []
     for proc in process_tree(pid):
         try:
             info = proc.memory_full_info()
             rows.append({"pid": proc.pid, "name": proc.name(), "rss_mib": info.rss / 2**20,
+                         "pss_mib": getattr(info, "pss", 0) / 2**20,
                          "uss_mib": info.uss / 2**20})
         except psutil.NoSuchProcess:
             continue
     return {"processes": rows, "rss_mib": round(sum(r["rss_mib"] for r in rows), 1),
+            "pss_mib": round(sum(r["pss_mib"] for r in rows), 1),
             "uss_mib": round(sum(r["uss_mib"] for r in rows), 1)}
 
 

@@ -10,12 +10,17 @@ Scenarios (each a fixed message count; see benchmarks/README.md for exactly what
 - e2e: both relay everything to a sink on loopback (benchmarks/sink.py, one per MTA); reports
   accepted and delivered messages/second, accept latency (DATA's final dot → 250) and delivery
   latency (250 → arrival at the sink, matched by the X-Loadgen-Token header);
-- memory: RSS and USS of all Empath processes idling with 10k and 100k deferred messages.
+- memory: RSS, PSS and USS of all Empath processes idling with 10k and 100k deferred messages.
+
+Empath and Postfix run each scenario in ``--pairs`` pairs (default 3) in alternating order (E P,
+P E, E P): on a shared machine drift lands on both alike. The summary gives, per scenario, the
+median of the pair ratios and their range, and the median p95 accept latency of each MTA.
 
 Prints the tables, then the Empath/Postfix ratios, and writes benchmarks/results/pipeline.json.
 
     .venv/bin/python benchmarks/pipeline.py [--quick] [--only receive,e2e,memory,ceiling]
-                                            [--no-postfix]
+                                            [--no-postfix] [--pairs N] [--sizes 1,100]
+                                            [--sessions 1,20,100]
 """
 
 from __future__ import annotations
@@ -53,6 +58,33 @@ RESULTS = os.path.join(HERE, "results")
 SIZES = (1024, 100 * 1024)
 SESSIONS = (1, 20, 100)
 SENDER, RCPT = "loadgen@example.org", "sink@example.net"
+
+
+def interleaved(items: list[Any], pair: int) -> list[Any]:
+    """The order of the MTAs in pair ``pair``: E P, then P E, then E P ... so that drift on a
+    shared machine (other work starting or stopping) lands on both sides alike."""
+    return items if pair % 2 == 0 else list(reversed(items))
+
+
+def median(values: list[float]) -> float:
+    data = sorted(values)
+    mid = len(data) // 2
+    return data[mid] if len(data) % 2 else (data[mid - 1] + data[mid]) / 2
+
+
+def pair_ratios(rows: list[dict[str, Any]], key: str, **match: Any) -> dict[str, Any] | None:
+    """Empath/Postfix ratios of ``key`` pair by pair for one scenario: the median and range."""
+    ratios = []
+    for pair in sorted({r.get("pair", 0) for r in rows}):
+        e = _pick(rows, mta="empath", pair=pair, **match)
+        p = _pick(rows, mta="postfix", pair=pair, **match)
+        if e and p and e.get(key) and p.get(key) and e.get("ok", True) and p.get("ok", True):
+            ratios.append(e[key] / p[key])
+    if not ratios:
+        return None
+    return {"median": round(median(ratios), 3), "min": round(min(ratios), 3),
+            "max": round(max(ratios), 3), "pairs": len(ratios),
+            "ratios": [round(x, 3) for x in ratios]}
 
 
 def message_count(size: int, sessions: int, quick: bool) -> int:
@@ -205,6 +237,15 @@ class Bench:
         self.helpers = Helpers()
         self.results: dict[str, Any] = {}
         self.cleanup: list[Any] = []
+        # Each scenario runs in this many Empath/Postfix pairs, alternating who goes first.
+        self.pairs: int = args.pairs if self.with_postfix else 1
+        self.sizes = tuple(int(x) * 1024 for x in args.sizes.split(",")) if args.sizes \
+            else SIZES
+        self.sessions = tuple(int(x) for x in args.sessions.split(",")) if args.sessions \
+            else SESSIONS
+
+    def scenarios(self) -> list[tuple[int, int]]:
+        return [(size, sessions) for size in self.sizes for sessions in self.sessions]
 
     def log(self, text: str) -> None:
         print(text, flush=True)
@@ -254,13 +295,13 @@ class Bench:
         for mta in mtas:  # warm-up: steady state of the filesystem, processes started
             run_loadgen(mta.port, 600 if self.quick else 2000, 20, 1024)
         rows = []
-        for size in SIZES:
-            for sessions in SESSIONS:
-                n = message_count(size, sessions, self.quick)
-                for mta in mtas:
-                    for client in ("loadgen", "smtp-source"):
-                        if client == "smtp-source" and not shutil.which("smtp-source"):
-                            continue
+        for size, sessions in self.scenarios():
+            n = message_count(size, sessions, self.quick)
+            for client in ("loadgen", "smtp-source"):
+                if client == "smtp-source" and not shutil.which("smtp-source"):
+                    continue
+                for pair in range(self.pairs):
+                    for mta in interleaved(mtas, pair):
                         before = mta.cpu()
                         if client == "loadgen":
                             row = loadgen_row(run_loadgen(mta.port, n, sessions, size))
@@ -268,7 +309,7 @@ class Bench:
                             row = run_smtp_source(mta.port, n, sessions, size)
                         row["cpu_ms_per_msg"] = cpu_per_message(before, mta.cpu(), n)
                         row.update(mta=mta.name, size=size, sessions=sessions, messages=n,
-                                   loadavg_1m=round(os.getloadavg()[0], 2))
+                                   pair=pair, loadavg_1m=round(os.getloadavg()[0], 2))
                         rows.append(row)
                         self.log(self.format_run(row))
         self.results["receive"] = rows
@@ -346,17 +387,17 @@ class Bench:
         for mta, sink in pairs:
             self.e2e_run(mta, sink, "loadgen", 600 if self.quick else 2000, 20, 1024)
         rows = []
-        for size in SIZES:
-            for sessions in SESSIONS:
-                n = message_count(size, sessions, self.quick)
-                for mta, sink in pairs:
-                    clients = ["loadgen"]
-                    if sessions == 20 and shutil.which("smtp-source"):
-                        clients.append("smtp-source")
-                    for client in clients:
+        for size, sessions in self.scenarios():
+            n = message_count(size, sessions, self.quick)
+            clients = ["loadgen"]
+            if sessions == 20 and shutil.which("smtp-source"):
+                clients.append("smtp-source")
+            for client in clients:
+                for pair in range(self.pairs):
+                    for mta, sink in interleaved(pairs, pair):
                         row = self.e2e_run(mta, sink, client, n, sessions, size)
                         row.update(mta=mta.name, size=size, sessions=sessions, messages=n,
-                                   loadavg_1m=round(os.getloadavg()[0], 2))
+                                   pair=pair, loadavg_1m=round(os.getloadavg()[0], 2))
                         rows.append(row)
                         self.log(self.format_run(row))
         self.results["e2e"] = rows
@@ -383,7 +424,8 @@ class Bench:
             row = {"deferred": count, "seed_seconds": round(seeded, 1), **mem}
             rows.append(row)
             self.log(f"  {count:>7} deferred  RSS {mem['rss_mib']:7.1f} MiB  "
-                     f"USS {mem['uss_mib']:7.1f} MiB  ({len(mem['processes'])} processes)")
+                     f"PSS {mem['pss_mib']:7.1f} MiB  USS {mem['uss_mib']:7.1f} MiB  "
+                     f"({len(mem['processes'])} processes)")
         self.results["memory"] = rows
 
     def wait_idle(self, pid: int, timeout: float) -> None:
@@ -437,6 +479,7 @@ class Bench:
         self.results["machine"] = machine(self.with_postfix)
         self.results["empath_spool_sync"] = self.args.sync
         self.results["quick"] = self.quick
+        self.results["pairs"] = self.pairs
         started = time.monotonic()
         try:
             if "ceiling" in only:
@@ -451,6 +494,7 @@ class Bench:
             self.stop_everything()
             shutil.rmtree(self.work, ignore_errors=True)
         self.results["seconds"] = round(time.monotonic() - started, 1)
+        self.results["ratios"] = summary_ratios(self.results)
         self.results["machine"]["loadavg_after"] = os.getloadavg()
         os.makedirs(RESULTS, exist_ok=True)
         out = os.path.join(RESULTS, "pipeline.json")
@@ -514,55 +558,46 @@ def print_summary(res: dict[str, Any]) -> None:
             cases = json.load(fh)["cases"]
         print("hot paths (Cython / Python): " + ", ".join(
             f"{c['case']} {c['ratio']}x" for c in cases))
-    rec = res.get("receive", [])
-    if rec:
-        print("\nreceive only: msg/s (accept p99 ms)")
-        print(f"{'size':>7} {'sess':>4} | {'client':<11} {'Empath':>16} {'Postfix':>16} "
-              f"{'E/P':>6}")
-        for size in SIZES:
-            for sessions in SESSIONS:
-                for client in ("loadgen", "smtp-source"):
-                    e = _pick(rec, mta="empath", client=client, size=size, sessions=sessions)
-                    p = _pick(rec, mta="postfix", client=client, size=size, sessions=sessions)
-                    if not e:
-                        continue
-
-                    def cell(r: dict[str, Any] | None) -> str:
-                        if not r:
-                            return "-"
-                        lat = f" ({r['p99_ms']:.1f})" if "p99_ms" in r else ""
-                        return f"{r['msg_per_s']:.0f}{lat}"
-
-                    print(f"{size // 1024:>3} KiB {sessions:>4} | {client:<11} {cell(e):>16} "
-                          f"{cell(p):>16} "
-                          f"{_ratio(e['msg_per_s'], p['msg_per_s'] if p else 0):>6}")
-    e2e = res.get("e2e", [])
-    if e2e:
-        print("\nend to end: accepted/delivered msg/s (p50/p99 ms from the final dot to arrival"
-              " at the sink)")
-        print(f"{'size':>7} {'sess':>4} | {'client':<11} {'Empath':>24} {'Postfix':>24} "
-              f"{'E/P':>6}")
-        for size in SIZES:
-            for sessions in SESSIONS:
-                for client in ("loadgen", "smtp-source"):
-                    e = _pick(e2e, mta="empath", client=client, size=size, sessions=sessions)
-                    p = _pick(e2e, mta="postfix", client=client, size=size, sessions=sessions)
-                    if not e:
-                        continue
-
-                    def cell2(r: dict[str, Any] | None) -> str:
-                        if not r:
-                            return "-"
-                        d = r["dot_to_sink"]
-                        lat = f" ({d['p50_ms']:.0f}/{d['p99_ms']:.0f})" if r["matched"] else ""
-                        return f"{r['msg_per_s']:.0f}/{r['delivered_per_s']:.0f}{lat}"
-
-                    print(f"{size // 1024:>3} KiB {sessions:>4} | {client:<11} {cell2(e):>24} "
-                          f"{cell2(p):>24} "
-                          f"{_ratio(e['delivered_per_s'], p['delivered_per_s'] if p else 0):>6}")
+    for r in res.get("ratios", []):
+        rng = f"{r['min']:.2f}-{r['max']:.2f}"
+        p95 = ""
+        if r.get("p95_ms"):
+            p95 = (f"  accept p95 ms (median of runs) E {r['p95_ms']['empath']:.1f}"
+                   f" P {r['p95_ms']['postfix']:.1f}")
+        print(f"{r['kind']:<8} {r['size'] // 1024:>3} KiB {r['sessions']:>4} sess "
+              f"{r['client']:<11} E {r['empath']:>7.0f}  P {r['postfix']:>7.0f} msg/s  "
+              f"E/P {r['median']:.2f}x ({rng}, {r['pairs']} pairs){p95}")
     for r in res.get("memory", []):
         print(f"memory: {r['deferred']:>7} deferred: RSS {r['rss_mib']:.0f} MiB, "
-              f"USS {r['uss_mib']:.0f} MiB over {len(r['processes'])} processes")
+              f"PSS {r.get('pss_mib', 0):.0f} MiB, USS {r['uss_mib']:.0f} MiB over "
+              f"{len(r['processes'])} processes")
+
+
+def summary_ratios(res: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per scenario and client: median Empath and Postfix rates, the median pair ratio with
+    its range, and the median p95 accept latency of each (loadgen runs)."""
+    out = []
+    for kind, key in (("receive", "msg_per_s"), ("e2e", "delivered_per_s")):
+        rows = res.get(kind, [])
+        seen = []
+        for r in rows:
+            k = (r["size"], r["sessions"], r["client"])
+            if k not in seen:
+                seen.append(k)
+        for size, sessions, client in seen:
+            ratios = pair_ratios(rows, key, size=size, sessions=sessions, client=client)
+            if ratios is None:
+                continue
+            entry: dict[str, Any] = {"kind": kind, "size": size, "sessions": sessions,
+                                     "client": client, **ratios}
+            for mta in ("empath", "postfix"):
+                runs = [r for r in rows if r["mta"] == mta and r["size"] == size
+                        and r["sessions"] == sessions and r["client"] == client]
+                entry[mta] = median([r[key] for r in runs])
+                if all("p95_ms" in r for r in runs):
+                    entry.setdefault("p95_ms", {})[mta] = median([r["p95_ms"] for r in runs])
+            out.append(entry)
+    return out
 
 
 def main() -> int:
@@ -570,6 +605,10 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="fewer messages; memory at 10k only")
     ap.add_argument("--only", help="comma-separated: ceiling,receive,e2e,memory")
     ap.add_argument("--no-postfix", action="store_true", help="Empath only")
+    ap.add_argument("--pairs", type=int, default=3,
+                    help="Empath/Postfix pairs per scenario, alternating E P / P E (default 3)")
+    ap.add_argument("--sizes", help="message sizes in KiB, comma-separated (default 1,100)")
+    ap.add_argument("--sessions", help="sessions, comma-separated (default 1,20,100)")
     ap.add_argument("--sync", choices=("file", "filesystem"), default="file",
                     help="Empath's spool.sync (default: file, the configuration default)")
     ap.add_argument("--wait-quiet", type=float, metavar="LOAD",

@@ -119,13 +119,27 @@ def e2e(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def ratios(rows: list[dict[str, Any]]) -> list[str]:
+    """Empath/Postfix per scenario from interleaved pairs: median pair ratio and its range."""
+    out = ["| scenario | sessions | client | Empath msg/s | Postfix msg/s | Empath / Postfix, "
+           "median pair (range) | accept p95 ms, Empath / Postfix |",
+           "|---|---:|---|---:|---:|---:|---|"]
+    for r in rows:
+        p95 = r.get("p95_ms")
+        lat = f"{p95['empath']:.1f} / {p95['postfix']:.1f}" if p95 else "–"
+        out.append(f"| {r['kind']}, {kib(r['size'])} | {r['sessions']} | {r['client']} | "
+                   f"{r['empath']:.0f} | {r['postfix']:.0f} | {r['median']:.2f}× "
+                   f"({r['min']:.2f}–{r['max']:.2f}, {r['pairs']} pairs) | {lat} |")
+    return out
+
+
 def memory(rows: list[dict[str, Any]]) -> list[str]:
-    out = ["| deferred messages | RSS, all processes | USS, all processes | largest process "
-           "(USS) |", "|---:|---:|---:|---|"]
+    out = ["| deferred messages | RSS, all processes | PSS, all processes | USS, all processes "
+           "| largest process (USS) |", "|---:|---:|---:|---:|---|"]
     for r in rows:
         big = max(r["processes"], key=lambda p: p["uss_mib"])
-        out.append(f"| {r['deferred']:,} | {r['rss_mib']:.0f} MiB | {r['uss_mib']:.0f} MiB | "
-                   f"{big['name']}: {big['uss_mib']:.0f} MiB |")
+        out.append(f"| {r['deferred']:,} | {r['rss_mib']:.0f} MiB | {r.get('pss_mib', 0):.0f} "
+                   f"MiB | {r['uss_mib']:.0f} MiB | {big['name']}: {big['uss_mib']:.0f} MiB |")
     return out
 
 
@@ -139,6 +153,9 @@ def main() -> int:
                   *speedups(load("speedups.json")), ""]
     except OSError:
         pass
+    if pipe.get("ratios"):
+        parts += ["### Empath / Postfix in interleaved pairs (E P, P E, E P ...)", "",
+                  *ratios(pipe["ratios"]), ""]
     sections = (("ceiling", "### Disk ceiling: create + write + fdatasync + rename + fsync(dir)",
                  ceiling),
                 ("receive", "### Receive only (into the queue, deleter running)", receive),

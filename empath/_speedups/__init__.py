@@ -35,11 +35,14 @@ __all__ = [
     "encode_xtext",
     "has_bare_eol",
     "implementations",
+    "make_slots",
     "parse_path",
     "required_error",
     "split_command",
     "status_line",
     "store_file",
+    "sync_and_unlink",
+    "write_all",
 ]
 
 _CMDPARSE_NAMES = ("split_command", "parse_path", "decode_xtext", "encode_xtext")
@@ -53,6 +56,9 @@ def _namespace(name: str, cmdparse: object, datareader: object,
         CommandSyntaxError=CommandSyntaxError,
         modules=(cmdparse, datareader, spoolio),
         store_file=spoolio.store,  # type: ignore[attr-defined]
+        write_all=spoolio.write_all,  # type: ignore[attr-defined]
+        make_slots=spoolio.make_slots,  # type: ignore[attr-defined]
+        sync_and_unlink=spoolio.sync_and_unlink,  # type: ignore[attr-defined]
     )
     for attr in _CMDPARSE_NAMES:
         setattr(ns, attr, getattr(cmdparse, attr))
@@ -117,6 +123,9 @@ DataReader = _ACTIVE.DataReader
 dot_stuff = _ACTIVE.dot_stuff
 has_bare_eol = _ACTIVE.has_bare_eol
 store_file = _ACTIVE.store_file
+write_all = _ACTIVE.write_all
+make_slots = _ACTIVE.make_slots
+sync_and_unlink = _ACTIVE.sync_and_unlink
 
 
 class _Implementations(Mapping[str, SimpleNamespace]):

@@ -14,8 +14,11 @@ rename(2) within the one filesystem (see docs/SPOOL.md for the table of transiti
                     (null sender): kept for an operator
     corrupt/        unreadable files moved aside for an operator
     recycle/        files of delivered messages, kept (about ``spool.recycle_files``, each at
-                    most 64 KiB) for receivers to rename into tmp/ and overwrite: a new message then
-                    costs no inode allocation
+                    most 64 KiB) for receivers to rename into tmp/ or slots/ and overwrite: a new
+                    message then costs no inode allocation
+    slots/          files whose names a receiver made durable ahead of use
+                    ("<pid>-<boot>-<ulid>"); a message is written into one and linked into
+                    incoming/, the slot's name removed later (empath/spool/slots.py)
     control/        ``freeze`` flag, ``wake/<pid>`` datagram sockets of delivery workers, and
                     ``auth-failures/<ip>`` (times of failed AUTHs, for throttling)
 """
@@ -36,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from empath.spool import fileformat
 from empath.spool.ids import is_valid_id
+from empath.spool.slots import RECYCLE_MAX_SIZE, forget_recycled_after_restart, recover_slots
 
 if TYPE_CHECKING:
     from empath.spool.writer import ReceiverWriter
@@ -44,9 +48,8 @@ log = logging.getLogger("empath.spool")
 
 QUEUE_STATES = ("incoming", "deferred", "hold", "failed", "corrupt")
 ALL_DIRS = ("tmp", "incoming", "active", "deferred", "hold", "failed", "corrupt", "recycle",
-            "control", "control/wake", "control/auth-failures")
+            "slots", "control", "control/wake", "control/auth-failures")
 RELIST_INTERVAL = 0.05  # a receiver lists recycle/ at most this often when it found none
-RECYCLE_MAX_SIZE = 64 * 1024  # larger files are unlinked: recycle/ would hold their space
 
 
 class SpoolError(OSError):
@@ -444,7 +447,9 @@ class Spool:
 
         A tmp/ file is named ``<writer pid>-<id>`` and only its writer ever renames it, so
         once that process is gone the file is a half-written message nobody acknowledged
-        (or an envelope rewrite that never replaced its original)."""
+        (or an envelope rewrite that never replaced its original). The slots of such a writer
+        are recovered too: a complete message in one goes into incoming/ (see slots.py)."""
+        recover_slots(self, dead)
         removed = 0
         for name in _listdir(self.tmp):
             pid_text, _, _ = name.partition("-")
@@ -457,7 +462,9 @@ class Spool:
 
     def recover_all(self, alive: Callable[[int], bool]) -> int:
         """At start-up: requeue active/ of workers that are gone (by their locks, not by pid:
-        a pid may have been reused) and sweep tmp/ files of dead writers."""
+        a pid may have been reused), sweep tmp/ files of dead writers (and their slots: see
+        slots.py); after a restart of the machine, empty recycle/."""
+        forget_recycled_after_restart(self)
         moved = sum(self.recover_unowned(s) for s in self.active_slots())
         self.sweep_tmp(lambda pid: not alive(pid))
         self.trim_recycled()  # recycle_files may have been lowered (or set to 0)

@@ -2,8 +2,9 @@
 
 Used where a message is made outside a receiver (bounces and delay notices by the delivery
 workers, local submission by ``empath sendmail``): write ``tmp/<pid>-<id>``, fdatasync, rename
-into ``incoming/``, fsync ``incoming/``, then wake the delivery workers. The same file format and
-the same guarantees as the receivers' group-committed path, one message at a time.
+into ``incoming/`` — the receivers' own ``store_file`` — then fsync ``incoming/`` and wake the
+delivery workers. The same file format and the same guarantees as the receivers' path, one
+message at a time.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 import os
 from typing import Any
 
+from empath._speedups import store_file
 from empath.spool import fileformat
 from empath.spool.layout import Spool
 from empath.spool.wake import Waker
@@ -23,20 +25,14 @@ def store_message(spool: Spool, data: bytes, envelope: dict[str, Any],
     message_id = str(envelope["id"])
     envelope["data_size"] = len(data)
     tail = fileformat.encode_tail(envelope, len(data))
-    tmp = spool.tmp_path(message_id)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    tmp = os.fsencode(spool.tmp_path(message_id))
     try:
-        view = memoryview(data + tail)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fdatasync(fd)
+        store_file(-1, tmp, [data, tail], os.fsencode(spool.path("incoming", message_id)),
+                   None, -1.0)
     except BaseException:
-        os.close(fd)
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    os.close(fd)
-    os.rename(tmp, spool.path("incoming", message_id))
     spool.sync_dir("incoming")
     if wake:
         waker = Waker(spool)

@@ -1,15 +1,31 @@
-"""The receiver's write path: make a message durable in incoming/ before its 250.
+"""The receiver's write path: make a message durable before its 250, with one flush.
 
-Per message: create ``tmp/<pid>-<id>`` (or take a file from recycle/: no inode to allocate),
-write data + envelope + trailer (one writev for a message held in memory), fdatasync, close,
-rename into ``incoming/`` — in a worker thread, in one compiled call without the GIL, so
-sessions never wait behind each other's fsync and the kernel can overlap them. The rename is
-made durable by an fsync of ``incoming/`` shared by every message renamed before that fsync
-started (group commit): one directory fsync answers a whole batch of 250s. When the batch is
-durable the delivery workers are woken.
+Per message (``spool.sync: file``, the default): take a slot — a file in ``slots/`` whose name
+the slot thread made durable ahead of use, a batch at a time (see slots.py) — write data +
+envelope + trailer into it in place (one writev for a message held in memory), fdatasync,
+close, link it into ``incoming/``: in a worker thread, in one compiled call without the GIL, so
+sessions never wait behind each other's flush and the kernel can overlap them. The fdatasync is
+the only flush the 250 waits for: the slot's name was durable before the write and stays until
+the slot thread has flushed incoming/ (then it removes the slot names of a whole batch), so the
+link needs no flush of its own. The envelope carries ``slot_check`` so that recovery after a
+power cut can tell a complete message from a slot left half written. The delivery workers are
+woken once per batch of stored messages.
 
-Messages larger than SPILL_THRESHOLD are written to their tmp file as they arrive, so memory stays
-bounded whatever the message size.
+Without a ready slot (a burst faster than the slot thread) a message is written as before:
+``tmp/<pid>-<id>`` (or a file taken from recycle/), fdatasync, rename into ``incoming/``, and an
+fsync of ``incoming/`` shared by every message renamed before it started (group commit). With
+``spool.sync: filesystem`` every message takes that path, one ``syncfs`` per batch replacing
+the fdatasyncs and the directory fsync.
+
+Messages larger than SPILL_THRESHOLD are written to their file (a slot when one is ready) as
+they arrive, so memory stays bounded whatever the message size.
+
+``EMPATH_SPOOL_FAULT`` (tests only) simulates a power cut on the slot path: ``lose-link``
+stores the message and acknowledges it but removes its incoming/ name and keeps its slot name,
+as a power cut that lost the unflushed link would; ``torn`` writes the message with its first
+data block missing (zeros), as a power cut during the write would leave it, and kills the
+daemon's process group before any 250; ``reboot`` makes a process act as if the machine had
+restarted since (slots.boot_tag).
 """
 
 from __future__ import annotations
@@ -17,50 +33,44 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import time
 from collections.abc import Callable
 from typing import Any
 
-from empath._speedups import store_file
+from empath._speedups import store_file, write_all
 from empath.observe import metrics
 from empath.spool import fileformat
 from empath.spool.layout import Spool, SpoolError, syncfs
+from empath.spool.slots import CHECK_KEY, SlotPool, data_check, release, slot_seed
 from empath.spool.threads import SpoolThreads
 from empath.spool.wake import Waker
 
 SPILL_THRESHOLD = 256 * 1024
-_OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-
-
-def _write_all(fd: int, parts: list[bytes]) -> None:
-    """writev until every byte is written (writev may write less than asked)."""
-    views = [memoryview(p) for p in parts if p]
-    while views:
-        n = os.writev(fd, views)
-        while views and n >= len(views[0]):
-            n -= len(views[0])
-            views.pop(0)
-        if views and n:
-            views[0] = views[0][n:]
+_NEW_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+_SLOT_FLAGS = os.O_RDWR | os.O_CLOEXEC
+_FAULT = os.environ.get("EMPATH_SPOOL_FAULT", "")
 
 
 class ReceiverWriter:
-    """One per receiver process: the thread pool, the group commit and the waker."""
+    """One per receiver process: the thread pool, the slots, the group commit and the waker."""
 
     def __init__(self, spool: Spool, threads: int = 16) -> None:
         self.spool = spool
         self._loop = asyncio.get_running_loop()
         # Paths of every message, built once: tmp/<pid>-<id> and incoming/<id> (bytes, for
         # store_file). The writer lives in one receiver process, so the pid is fixed.
-        self.tmp_prefix = spool.tmp_path("", os.getpid())
+        self.tmp_prefix = os.fsencode(spool.tmp_path("", os.getpid()))
         self.incoming_prefix = os.fsencode(spool.state_dir("incoming")) + b"/"
         self._dir_fd = os.open(spool.state_dir("incoming"), os.O_RDONLY | os.O_DIRECTORY)
         self._waker = Waker(spool)
-        # Renames into incoming/ are made durable by the pool's group-commit thread; after
-        # each of its fsyncs the delivery workers are woken.
+        self._wake_pending = False
+        # Renames into incoming/ from tmp/ are made durable by the pool's group-commit thread;
+        # after each of its fsyncs the delivery workers are woken.
         # With spool.sync "filesystem" one syncfs per batch replaces every file's fdatasync
-        # and the directory fsync.
+        # and the directory fsync (and slots would save nothing).
         self.datasync = spool.sync != "filesystem"
+        self.slots = SlotPool(spool) if self.datasync else None
         self._pool = SpoolThreads(self._loop, threads, sync_fd=self._dir_fd,
                                   on_synced=self._waker.wake,
                                   sync=os.fsync if self.datasync else syncfs)
@@ -72,19 +82,31 @@ class ReceiverWriter:
 
     def close(self) -> None:
         self._pool.shutdown()
+        if self.slots is not None:
+            self.slots.close()
         with contextlib.suppress(OSError):
             os.close(self._dir_fd)
         self._waker.close()
+
+    def wake_soon(self) -> None:
+        """Wake the delivery workers once for every message stored until the loop gets to it."""
+        if not self._wake_pending:
+            self._wake_pending = True
+            self._loop.call_soon(self._wake)
+
+    def _wake(self) -> None:
+        self._wake_pending = False
+        self._waker.wake()
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await self._pool.submit(fn, *args)
 
 
 class IncomingMessage:
-    """A message being received: buffered in memory, spilled to tmp/ when large."""
+    """A message being received: buffered in memory, spilled to its file when large."""
 
-    __slots__ = ("_writer", "id", "_chunks", "_buffered", "_size", "_fd", "_tmp", "_error",
-                 "mtime")
+    __slots__ = ("_writer", "id", "_chunks", "_buffered", "_size", "_fd", "_tmp", "_slot",
+                 "_check", "_error", "mtime")
 
     def __init__(self, writer: ReceiverWriter, message_id: str) -> None:
         self._writer = writer
@@ -93,7 +115,9 @@ class IncomingMessage:
         self._buffered = 0
         self._size = 0
         self._fd = -1
-        self._tmp = ""
+        self._tmp = b""  # the file being written: a slot, or tmp/<pid>-<id>
+        self._slot = False  # _tmp is a slot
+        self._check = 0  # slot_check of the bytes already in a spilled slot
         self._error: OSError | None = None
         # When set, the file's mtime: its place in the delivery order of incoming/ (priority).
         self.mtime: float | None = None
@@ -118,11 +142,22 @@ class IncomingMessage:
 
     def _spill(self) -> None:
         if self._fd < 0:
-            # A new file: recycled ones are small (at most 64 KiB), a spilled message is not.
-            self._tmp = self._writer.tmp_prefix + self.id
-            self._fd = os.open(self._tmp, _OPEN_FLAGS, 0o600)
+            # Read-write: a DKIM signature is computed over what was spilled (add_header).
+            slots = self._writer.slots
+            slot = slots.take() if slots is not None else None
+            if slot is not None:
+                self._tmp, self._slot = slot, True
+                self._fd = os.open(slot, _SLOT_FLAGS)
+                os.ftruncate(self._fd, 0)  # a recycled file's old content
+                self._check = slot_seed(os.path.basename(slot))
+            else:
+                # A new file: recycled ones are small (at most 64 KiB), a spilled message is not.
+                self._tmp = self._writer.tmp_prefix + self.id.encode()
+                self._fd = os.open(self._tmp, _NEW_FLAGS, 0o600)
         chunks, self._chunks, self._buffered = self._chunks, [], 0
-        _write_all(self._fd, chunks)
+        if self._slot:
+            self._check = data_check(self._check, chunks)
+        write_all(self._fd, chunks)
 
     async def add_header(self, make: Callable[[bytes], bytes | None]) -> None:
         """Put ``make(whole message)`` (a header, or None for nothing) at the top of the
@@ -143,59 +178,82 @@ class IncomingMessage:
         if not header:
             return
         if self._fd >= 0:
-            # A spilled message: the header goes first in a new file, then the old contents.
-            old_fd, old_tmp = self._fd, self._tmp
-            self._tmp = old_tmp + "+"
-            self._fd = os.open(self._tmp, _OPEN_FLAGS, 0o600)
-            _write_all(self._fd, [header, spilled])
-            os.close(old_fd)
-            os.unlink(old_tmp)
+            # A spilled message: rewritten in place, the header first, then the old contents.
+            os.lseek(self._fd, 0, os.SEEK_SET)
+            write_all(self._fd, [header, spilled])
+            if self._slot:
+                self._check = data_check(slot_seed(os.path.basename(self._tmp)),
+                                         [header, spilled])
         else:
             self._chunks.insert(0, header)
             self._buffered += len(header)
         self._size += len(header)
 
     async def commit(self, envelope: dict[str, Any]) -> None:
-        """Return once the message is durable in incoming/; SpoolError otherwise."""
+        """Return once the message is durable (in incoming/, or complete in its slot: see the
+        module docstring); SpoolError otherwise."""
         if self._error is not None:
             raise SpoolError(self._error.errno or 0, f"spool write failed: {self._error}")
+        writer = self._writer
         envelope["data_size"] = self._size
-        tail = fileformat.encode_tail(envelope, self._size)
+        slot = None
+        if self._fd < 0 and writer.slots is not None:
+            slot = writer.slots.take()
+        # Only a message outside a slot waits for its rename to be flushed (the group commit).
+        sync_dir = slot is None and not self._slot
         started = time.monotonic()
         try:
-            # Returns once the rename into incoming/ is covered by a directory fsync.
-            write_seconds = await self._writer._pool.submit(self._store, tail, sync_dir=True)
+            write_seconds = await writer._pool.submit(self._store, envelope, slot,
+                                                      sync_dir=sync_dir)
         except OSError as exc:
             if self._tmp:  # the file write failed: nothing reached incoming/
                 self._discard()
             else:  # the directory fsync failed: take the message back, it was not durable
                 with contextlib.suppress(OSError):
-                    os.unlink(self._writer.spool.path("incoming", self.id))
+                    os.unlink(writer.spool.path("incoming", self.id))
             raise SpoolError(exc.errno or 0, f"spool write failed: {exc}") from exc
+        if not sync_dir:
+            writer.wake_soon()
         # Observed here, in the event loop: the instruments are not thread-safe.
-        self._writer.metrics.spool_write.observe(write_seconds)
-        self._writer.metrics.spool_commit.observe(time.monotonic() - started)
+        writer.metrics.spool_write.observe(write_seconds)
+        writer.metrics.spool_commit.observe(time.monotonic() - started)
 
-    def _store(self, tail: bytes) -> float:
-        """Thread side: finish the tmp file (a recycled one when there is one), fdatasync,
-        rename into incoming/; the seconds it took. One call of the compiled ``store_file``,
-        which holds no GIL from the first syscall to the last."""
+    def _store(self, envelope: dict[str, Any], slot: bytes | None) -> float:
+        """Thread side: finish the file (a slot, a recycled file or a new one), fdatasync,
+        link (a slot) or rename it into incoming/; the seconds it took. One call of the
+        compiled ``store_file``, which holds no GIL from the first syscall to the last."""
         writer = self._writer
         started = time.monotonic()
         fd, self._fd = self._fd, -1  # store_file closes it in every case
-        reuse = None
-        if fd < 0:
-            self._tmp = writer.tmp_prefix + self.id
-            reuse = writer.spool.take_recycled()
         chunks, self._chunks = self._chunks, []
-        chunks.append(tail)
-        # fdatasync covers the data and the size; the name is made durable by the directory
-        # fsync of the group commit. A priority mtime is a scheduling hint, not state:
-        # fdatasync may not persist it, and a message that loses its place after a crash is
-        # merely delivered in arrival order.
-        store_file(fd, os.fsencode(self._tmp), chunks, writer.incoming_prefix + self.id.encode(),
-                   reuse, -1.0 if self.mtime is None else self.mtime, writer.datasync)
-        self._tmp = ""
+        reuse = None
+        if fd >= 0:
+            if self._slot:
+                reuse = self._tmp  # reuse == tmp: a slot, linked into incoming/
+                envelope[CHECK_KEY] = data_check(self._check, chunks)
+        elif slot is not None:
+            self._tmp, self._slot, reuse = slot, True, slot  # reuse == tmp: in place
+            envelope[CHECK_KEY] = data_check(slot_seed(os.path.basename(slot)), chunks)
+        else:
+            self._tmp = writer.tmp_prefix + self.id.encode()
+            reuse = writer.spool.take_recycled()
+        chunks.append(fileformat.encode_tail(envelope, self._size))
+        dest = writer.incoming_prefix + self.id.encode()
+        if _FAULT == "torn" and self._slot:
+            _torn(fd, self._tmp, chunks)
+        # fdatasync covers the data and the size; a slot's name was durable before (the slot
+        # thread removes it once incoming/ is flushed), a tmp file's rename is made durable by
+        # the directory fsync of the group commit. A priority mtime is a scheduling hint, not
+        # state: fdatasync may not persist it, and a message that loses its place after a
+        # crash is merely delivered in arrival order.
+        store_file(fd, self._tmp, chunks, dest, reuse,
+                   -1.0 if self.mtime is None else self.mtime, writer.datasync)
+        if self._slot and writer.slots is not None:
+            if _FAULT == "lose-link":  # as a power cut that lost the unflushed link
+                os.unlink(dest)
+            else:
+                writer.slots.linked(self._tmp)
+        self._tmp = b""
         return time.monotonic() - started
 
     def abort(self) -> None:
@@ -209,6 +267,24 @@ class IncomingMessage:
                 os.close(self._fd)
             self._fd = -1
         if self._tmp:
-            with contextlib.suppress(OSError):
-                os.unlink(self._tmp)
-            self._tmp = ""
+            if self._slot:
+                release(self._writer.spool, self._tmp)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(self._tmp)
+            self._tmp = b""
+        self._slot = False
+
+
+def _torn(fd: int, path: bytes, chunks: list[bytes]) -> None:
+    """EMPATH_SPOOL_FAULT=torn (tests): leave the slot as a power cut during its write can —
+    the size and the tail on disk, the first data block not (zeros) — and cut the power:
+    SIGKILL to the daemon's whole process group, before any 250."""
+    data = b"".join(chunks)
+    block = min(4096, len(data) - len(chunks[-1]))
+    if fd < 0:
+        fd = os.open(path, _SLOT_FLAGS)
+    os.pwrite(fd, bytes(block) + data[block:], 0)
+    os.ftruncate(fd, len(data))
+    os.fsync(fd)
+    os.killpg(os.getpgid(0), signal.SIGKILL)

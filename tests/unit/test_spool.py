@@ -28,9 +28,19 @@ def spool(tmp_path) -> Spool:
     return sp
 
 
+async def slots_ready(writer) -> None:
+    """Wait (at most 10 s) for the writer's first batch of slots."""
+    for _ in range(1000):
+        if writer.slots is None or writer.slots.ready():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("no slot was made ready")
+
+
 def store(spool: Spool, chunks: list[bytes], envelope: dict | None = None) -> str:
     async def go() -> str:
         writer = spool.open_receiver_writer()
+        await slots_ready(writer)
         msg = writer.begin(new_message_id())
         for c in chunks:
             msg.write(c)
@@ -219,6 +229,12 @@ def test_failed_write_leaves_no_file(spool):
     assert spool.list_ids("incoming") == [] and os.listdir(spool.tmp) == []
 
 
+def messages_in_recycle(spool: Spool, *ids: str) -> list[str]:
+    """Which of these messages' files are in recycle/ (beside them: slots the writers gave
+    back when they closed)."""
+    return [n for n in os.listdir(spool.recycle) if n in ids]
+
+
 def recycling(tmp_path, files: int) -> Spool:
     sp = Spool(str(tmp_path / "spool"), files)
     sp.create_tree()
@@ -232,10 +248,14 @@ def test_retired_message_is_recycled_and_reused_by_the_next_one(tmp_path):
     inode = os.stat(path).st_ino
     spool.retire(path)
     assert not os.path.exists(path)
-    assert os.listdir(spool.recycle) == [first]
+    assert messages_in_recycle(spool, first) == [first]
+    # The first writer gave its unused slots back: only the message's file is there.
+    for name in os.listdir(spool.recycle):
+        if name != first:
+            os.unlink(os.path.join(spool.recycle, name))
     spool._relist_at = 0.0  # the first store found recycle/ empty: no relisting for 50 ms
     second = store(spool, [b"Subject: two\r\n\r\nshort\r\n"])
-    assert os.listdir(spool.recycle) == [] and os.listdir(spool.tmp) == []
+    assert messages_in_recycle(spool, first) == [] and os.listdir(spool.tmp) == []
     new_path = spool.path("incoming", second)
     assert os.stat(new_path).st_ino == inode
     env, src = read_queue_file(new_path)
@@ -251,17 +271,17 @@ def test_large_or_unrecycled_messages_are_unlinked(tmp_path):
     off = Spool(spool.root, 0)
     small = store(off, [b"x\r\n"])
     off.retire(off.path("incoming", small))
-    assert os.listdir(spool.recycle) == []
+    assert messages_in_recycle(spool, big, small) == []
     assert spool.list_ids("incoming") == []
     with pytest.raises(FileNotFoundError):
         spool.retire(spool.path("incoming", small))
     # The caller's size (the envelope's data_size) decides without a stat.
     hinted = store(spool, [b"x\r\n"])
     spool.retire(spool.path("incoming", hinted), size=10**6)
-    assert os.listdir(spool.recycle) == []
+    assert messages_in_recycle(spool, hinted) == []
     kept = store(spool, [b"x\r\n"])
     spool.retire(spool.path("incoming", kept), size=3)
-    assert os.listdir(spool.recycle) == [kept]
+    assert messages_in_recycle(spool, kept) == [kept]
 
 
 def test_recycle_is_trimmed_to_its_size(tmp_path):
@@ -279,7 +299,8 @@ def test_recycle_is_trimmed_to_its_size(tmp_path):
 
 def test_start_up_recovery_empties_recycle_when_recycling_is_off(tmp_path):
     spool = recycling(tmp_path, 10)
-    spool.retire(spool.path("incoming", store(spool, [b"x\r\n"])))
-    assert len(os.listdir(spool.recycle)) == 1
+    mid = store(spool, [b"x\r\n"])
+    spool.retire(spool.path("incoming", mid))
+    assert messages_in_recycle(spool, mid) == [mid]
     Spool(spool.root, 0).recover_all(lambda pid: False)
     assert os.listdir(spool.recycle) == []

@@ -144,3 +144,118 @@ def test_full_disk_fails_with_enospc(store, small_fs: Path) -> None:
     assert info.value.errno == errno.ENOSPC
     assert info.value.filename == str(small_fs / "tmp" / "1-a")
     assert os.listdir(small_fs / "incoming") == []
+
+
+@pytest.fixture(params=LEGS)
+def write_all(request: pytest.FixtureRequest):
+    return pkg.implementations()[request.param].write_all
+
+
+def test_slot_is_written_in_place_cut_to_length_and_linked(store, dirs) -> None:
+    """A slot keeps its (durable) name: the message gets a second one in incoming/."""
+    tmp, incoming, _ = dirs
+    slot = tmp / "1-slot"
+    slot.write_bytes(b"an older, longer message " * 100)
+    inode = slot.stat().st_ino
+    assert store(-1, b(slot), [b"new\r\n", b"tail"], b(incoming / "a"), b(slot), -1.0) is True
+    assert (incoming / "a").read_bytes() == b"new\r\ntail"
+    assert (incoming / "a").stat().st_ino == inode and slot.stat().st_nlink == 2
+
+
+def test_spilled_slot_descriptor_is_continued_and_linked(store, dirs) -> None:
+    tmp, incoming, _ = dirs
+    slot = tmp / "1-slot"
+    slot.write_bytes(b"")
+    fd = os.open(slot, os.O_RDWR)
+    os.write(fd, b"first half, ")
+    assert store(fd, b(slot), [b"second half"], b(incoming / "a"), b(slot), -1.0) is False
+    assert closed(fd)
+    assert (incoming / "a").read_bytes() == b"first half, second half"
+    assert slot.stat().st_nlink == 2
+
+
+def test_missing_slot_fails_without_creating_one(store, dirs) -> None:
+    """A slot's name was made durable before use: a new file in its place would have a name
+    nobody flushed, so a vanished slot is an error, never a silent creation."""
+    tmp, incoming, _ = dirs
+    slot = tmp / "1-gone"
+    with pytest.raises(FileNotFoundError) as info:
+        store(-1, b(slot), [b"m"], b(incoming / "a"), b(slot), -1.0)
+    assert info.value.filename == str(slot)
+    assert os.listdir(tmp) == [] and os.listdir(incoming) == []
+
+
+def test_write_all_continues_at_the_offset_past_iov_max(write_all, dirs) -> None:
+    tmp, _, _ = dirs
+    parts = [b"%05d" % i for i in range(3000)]  # more buffers than one writev takes
+    fd = os.open(tmp / "f", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, b"head:")
+        write_all(fd, parts + [b""])
+        assert os.lseek(fd, 0, os.SEEK_CUR) == 5 + 15000
+    finally:
+        os.close(fd)
+    assert (tmp / "f").read_bytes() == b"head:" + b"".join(parts)
+
+
+def test_write_all_failure_is_an_oserror_with_its_errno(write_all) -> None:
+    r, w = os.pipe()
+    os.close(w)
+    try:
+        with pytest.raises(OSError) as info:
+            write_all(r, [b"x"])
+        assert info.value.errno == errno.EBADF
+    finally:
+        os.close(r)
+
+
+@pytest.fixture(params=LEGS)
+def twin(request: pytest.FixtureRequest):
+    return pkg.implementations()[request.param]
+
+
+def test_make_slots_takes_sources_or_creates_and_fsyncs(twin, dirs) -> None:
+    tmp, _, recycle = dirs
+    (recycle / "r1").write_bytes(b"old message")
+    paths = [b(tmp / f"1-b-{i}") for i in range(3)]
+    sources = [b(recycle / "r1"), b(recycle / "gone"), None]
+    fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        twin.make_slots(fd, paths, sources)
+    finally:
+        os.close(fd)
+    assert os.listdir(recycle) == []
+    assert (tmp / "1-b-0").read_bytes() == b"old message"
+    assert (tmp / "1-b-1").read_bytes() == b"" and (tmp / "1-b-2").read_bytes() == b""
+    assert stat.S_IMODE((tmp / "1-b-2").stat().st_mode) == 0o600
+
+
+def test_make_slots_failure_names_the_path(twin, dirs) -> None:
+    tmp, _, _ = dirs
+    (tmp / "1-b-1").write_bytes(b"")  # taken already: O_EXCL fails
+    fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(FileExistsError) as info:
+            twin.make_slots(fd, [b(tmp / "1-b-0"), b(tmp / "1-b-1")], [None, None])
+    finally:
+        os.close(fd)
+    assert info.value.filename == str(tmp / "1-b-1")
+    assert (tmp / "1-b-0").exists()  # made before the failure: the caller's to remove
+
+
+def test_sync_and_unlink_skips_missing_and_needs_the_sync(twin, dirs) -> None:
+    tmp, incoming, _ = dirs
+    for name in ("a", "b"):
+        (tmp / name).write_bytes(b"")
+    fd = os.open(incoming, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        twin.sync_and_unlink(fd, [b(tmp / "a"), b(tmp / "missing"), b(tmp / "b")])
+    finally:
+        os.close(fd)
+    assert os.listdir(tmp) == []
+    (tmp / "c").write_bytes(b"")
+    closed_fd = os.open(incoming, os.O_RDONLY | os.O_DIRECTORY)
+    os.close(closed_fd)
+    with pytest.raises(OSError) as info:
+        twin.sync_and_unlink(closed_fd, [b(tmp / "c")])  # the fsync fails: nothing is removed
+    assert info.value.errno == errno.EBADF and (tmp / "c").exists()
