@@ -2,7 +2,8 @@
 
 A warning names something that is likely a mistake: an open relay (``mynetworks`` wider than
 the networks of this host's own interfaces, or 0.0.0.0/0, ::/0), a listener on a public address
-without TLS, SMTP AUTH allowed without TLS, and a copied file whose relative ``base_dir`` now
+without TLS, SMTP AUTH allowed without TLS, an open-file limit too low for
+``smtp.max_connections``, and a copied file whose relative ``base_dir`` now
 resolves the spool, mail and pidfile to places that do not exist. Nothing here changes or
 creates a file.
 """
@@ -15,6 +16,22 @@ import socket
 from typing import Any
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def files_needed(max_connections: int) -> int:
+    """Open files one receiver may need: any receiver may hold every connection for a moment
+    (its share is a target, not a cap), plus a spilled message file each, plus its own."""
+    return 2 * max_connections + 256
+
+
+def open_file_limit() -> int:
+    """The hard RLIMIT_NOFILE a receiver could raise itself to (root may raise it further)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or os.geteuid() == 0:
+        return 1 << 30
+    return int(hard)
 
 
 def host_networks() -> list[IPNetwork]:
@@ -74,6 +91,13 @@ def config_warnings(cfg: Any, base_dir_relative: bool = False,
         if lst.mode == "submission" and lst.tls.enabled is False and not auth.allow_plaintext:
             out.append(f"{where}: listeners[{i}].tls: submission listener {lst.address} has "
                        "TLS off, so it can never offer AUTH (allow_plaintext is false)")
+    needed = files_needed(cfg.smtp.max_connections)
+    limit = open_file_limit()
+    if limit < needed:
+        out.append(f"{where}: smtp.max_connections: {cfg.smtp.max_connections} connections "
+                   f"need about {needed} open files per receiver, but the hard limit here is "
+                   f"{limit}; raise it (LimitNOFILE= in the systemd unit, ulimit -Hn, "
+                   "/etc/security/limits.conf) or lower smtp.max_connections")
     if base_dir_relative:
         absent = [f"{name} {path}" for name, path in resolved_paths(cfg)
                   if name in ("spool", "mail", "pidfile") and path.startswith("/")

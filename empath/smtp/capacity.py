@@ -235,12 +235,6 @@ def share_of(max_connections: int, receivers: int) -> int:
     return max(1, -(-max_connections // max(1, receivers)))
 
 
-def files_needed(max_connections: int) -> int:
-    """Open files one receiver may need: any receiver may hold every connection for a moment
-    (its share is a target, not a cap), plus a spilled message file each, plus its own."""
-    return 2 * max_connections + 256
-
-
 def raise_file_limit(needed: int) -> tuple[int, int]:
     """Raise RLIMIT_NOFILE's soft limit toward ``needed`` (and the hard one if allowed);
     returns the (soft, hard) limits now in force."""

@@ -22,6 +22,7 @@ from typing import Any
 
 from empath import cluster, passwords
 from empath import modules as hooks
+from empath.config.checks import files_needed
 from empath.observe import audit, metrics, tracing
 from empath.smtp import capacity, params
 from empath.smtp import replies as R
@@ -608,7 +609,7 @@ async def serve(ctx: Any) -> None:
     receiver = Receiver(ctx)
     loop = asyncio.get_running_loop()
     receiver.writer = receiver.spool.open_receiver_writer()
-    needed = capacity.files_needed(ctx.config.smtp.max_connections)
+    needed = files_needed(ctx.config.smtp.max_connections)
     soft, _hard = capacity.raise_file_limit(needed)
     if soft < needed:
         log.warning("the open-file limit is %d, under the %d that smtp.max_connections (%d) "

@@ -424,3 +424,16 @@ def test_the_embedded_default_always_resolves_to_the_state_directory(
     assert defaults.state_dir() == expected
 
 
+
+
+def test_an_open_file_limit_too_low_for_max_connections_warns(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from empath.config import checks
+
+    cfg = load_config(str(write(tmp_path, "smtp: {max_connections: 5000}\n")))
+    monkeypatch.setattr(checks, "open_file_limit", lambda: 4096)
+    [warning] = [w for w in checks.config_warnings(cfg, own=[]) if "max_connections" in w]
+    assert "5000 connections need about 10256 open files per receiver" in warning
+    assert "hard limit here is 4096" in warning
+    monkeypatch.setattr(checks, "open_file_limit", lambda: 1 << 20)
+    assert not [w for w in checks.config_warnings(cfg, own=[]) if "max_connections" in w]
