@@ -1,6 +1,7 @@
 """The spool and delivery paths that save work per message, through the real daemon: a
 delivered message's file goes to recycle/ and the next message received is written into that
-same inode (nothing of the old content left) and delivered intact (with
+same inode (nothing of the old content left) and delivered intact (on the tmp/ path; with slots
+the inode comes back as a slot, and nothing old reaches a delivered message) (with
 ``spool.recycle_files: 0`` nothing is kept); ``spool.sync: filesystem`` receives and delivers;
 a delivery connection is reused for the next message."""
 
@@ -30,7 +31,8 @@ def send(d: EmpathDaemon, rcpt: str, body: bytes) -> None:
 
 def test_delivered_file_is_recycled_and_overwritten_by_the_next_message(
         daemon_factory: Any) -> None:
-    d: EmpathDaemon = daemon_factory()
+    # The tmp/ write path (with slots, the default, a recycled file becomes a slot: below).
+    d: EmpathDaemon = daemon_factory({"spool": {"sync": "filesystem"}})
     spool = Spool(str(d.spool_path))
     first = b"Subject: first\r\n\r\n" + b"the first message, longer than the next.\r\n" * 200
     send(d, "alice@localhost", first)
@@ -58,6 +60,39 @@ def test_delivered_file_is_recycled_and_overwritten_by_the_next_message(
     d.wait_for(lambda: len(maildir_files(d, "bob")) == 1, 20, "the second delivery")
     delivered = maildir_files(d, "bob")[0].read_bytes()
     assert delivered.endswith(second) and b"the first message" not in delivered
+
+
+def test_delivered_file_becomes_a_slot_and_holds_no_stale_message(
+        daemon_factory: Any) -> None:
+    """With slots (``spool.sync: file``), a receiver's slot thread takes recycled files as the
+    slots it prepares: the delivered message's inode comes back as a slot, and the messages
+    written into slots afterwards carry nothing of the old content."""
+    d: EmpathDaemon = daemon_factory()
+    spool = Spool(str(d.spool_path))
+    slots = os.path.join(spool.root, "slots")
+    spool.set_frozen(True)
+    first = b"Subject: first\r\n\r\n" + b"the first message, longer than the next.\r\n" * 200
+    send(d, "alice@localhost", first)
+    [mid] = spool.list_ids("incoming")
+    inode = os.stat(spool.path("incoming", mid)).st_ino
+    spool.set_frozen(False)
+    waker = Waker(spool)
+    waker.wake()
+    d.wait_for(lambda: len(maildir_files(d, "alice")) == 1, 20, "the first delivery")
+
+    def reused() -> bool:
+        names = [os.path.join(slots, n) for n in os.listdir(slots)]
+        names += [os.path.join(spool.recycle, n) for n in os.listdir(spool.recycle)]
+        return any(os.stat(n).st_ino == inode for n in names if os.path.exists(n))
+
+    # Into recycle/, and from there the slot threads take it (either place is reuse).
+    d.wait_for(reused, 10, "the delivered file's inode in recycle/ or slots/")
+    for i in range(5):
+        send(d, "bob@localhost", f"Subject: second {i}\r\n\r\nshort\r\n".encode())
+    d.wait_for(lambda: len(maildir_files(d, "bob")) == 5, 20, "the next deliveries")
+    for delivered in maildir_files(d, "bob"):
+        assert b"the first message" not in delivered.read_bytes()
+    waker.close()
 
 
 def test_recycling_off_keeps_nothing(daemon_factory: Any) -> None:
