@@ -24,6 +24,7 @@ from empath.smtp import capacity
 from empath.smtp import session as S
 from empath.spool import Spool
 from empath.spool.dedup import DedupStore
+from empath.spool.records import recipient_domain
 
 if TYPE_CHECKING:
     from empath.smtp.server import SMTPProtocol
@@ -238,7 +239,7 @@ def message_priority(rules: Any, envelope: S.Envelope, listener: str,
                      auth_user: str | None) -> int:
     """The priority of the first rule that matches (every key it sets must match), else 0."""
     sender = envelope.sender.lower()
-    domains = {r["address"].rpartition("@")[2].lower() for r in envelope.recipients}
+    domains = {recipient_domain(r["address"]) for r in envelope.recipients}
     for rule in rules:
         if rule.sender is not None and not (
                 sender == rule.sender or (rule.sender.startswith("@")

@@ -28,7 +28,7 @@ from empath.smtp import replies as R
 from empath.smtp import session as S
 from empath.smtp.received import received_header
 from empath.smtp.receiver import Receiver, message_id, message_priority
-from empath.spool import SpoolError, new_message_id
+from empath.spool import SpoolError, new_message_id, records
 from empath.spool.layout import is_disk_full
 
 log = logging.getLogger("empath.smtp")
@@ -388,22 +388,18 @@ class SMTPProtocol(asyncio.Protocol):
             log.warning("%s: not DKIM-signed: %s", self.queue_id, exc)
             return None
 
-    def _envelope_record(self, env: S.Envelope) -> dict[str, Any]:
+    def _envelope_record(self, env: S.Envelope) -> records.Envelope:
         session = self.session
         assert session is not None and self.hook_ctx is not None
-        return {
-            "id": self.queue_id,
-            "sender": env.sender,
-            "recipients": env.recipients,
-            "params": env.params(),
-            "client": {"ip": self.peer[0], "port": self.peer[1], "helo": session.helo,
-                       "esmtp": session.esmtp, "tls": self.tls_info,
-                       "listener": str(self.listener.address), "auth": session.auth_user},
-            "received_at": time.time(),
-            "metadata": self.hook_ctx.metadata,
-            "priority": self.priority,
-            **self.trace.envelope_keys(),
-        }
+        client = records.new_client(
+            ip=self.peer[0], port=self.peer[1], helo=session.helo, esmtp=session.esmtp,
+            tls=dict(self.tls_info) if self.tls_info is not None else None,
+            listener=str(self.listener.address), auth=session.auth_user)
+        return records.new_envelope(
+            message_id=self.queue_id, sender=env.sender, recipients=env.recipients,
+            params=env.params(), client=client, received_at=time.time(),
+            metadata=self.hook_ctx.metadata, priority=self.priority,
+            trace=self.trace.envelope_keys())
 
     async def _check(self, ev: S.Check) -> None:
         session, r, ctx = self.session, self.receiver, self.hook_ctx
