@@ -179,8 +179,7 @@ class Empath:
         message_id = new_message_id()
         uid = os.getuid()
         data, env = sendmail.build(opts, message, self.cfg, uid=uid, user=f"embed:{uid}",
-                                   message_id=message_id, now=time.time())
-        env["client"]["listener"] = "embed"
+                                   message_id=message_id, now=time.time(), listener="embed")
         spool = Spool(self.cfg.spool.path)
         spool.create_tree()
         return store_message(spool, data, env)

@@ -20,7 +20,8 @@ import time
 from typing import Any
 
 from empath.ctl.common import EXIT_FAILED, EXIT_OK, CtlError, add_spool_options, error, open_queue
-from empath.spool.queue import QueueEntry, QueueError, open_recipients
+from empath.spool.queue import QueueEntry, QueueError
+from empath.spool.records import open_recipients
 
 MARKS = {"active": "*", "held": "!", "failed": "#", "corrupt": "?"}
 HEADER = (f"{'-Queue ID-':<27} {'--Size--':>8} {'----Arrival Time----':<20}  "

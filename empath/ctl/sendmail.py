@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from empath.ctl import submission as sub
+from empath.spool import records
 
 EX_OK, EX_USAGE, EX_DATAERR, EX_SOFTWARE = 0, 64, 65, 70
 EX_TEMPFAIL, EX_NOPERM, EX_CONFIG = 75, 77, 78
@@ -204,7 +205,8 @@ def local_domain(cfg: Any) -> str:
 
 
 def build(opts: Options, raw: bytes, cfg: Any, *, uid: int, user: str,
-          message_id: str, now: float) -> tuple[bytes, dict[str, Any]]:
+          message_id: str, now: float,
+          listener: str = "sendmail") -> tuple[bytes, records.Envelope]:
     """Queue data and envelope for one submission (SubmissionError when it cannot be)."""
     hostname = str(cfg.hostname)
     domain = local_domain(cfg)
@@ -233,7 +235,7 @@ def build(opts: Options, raw: bytes, cfg: Any, *, uid: int, user: str,
                                recipients=recipients, date=date) + msg.to_bytes()
     env = sub.envelope(message_id=message_id, sender=sender, recipients=recipients, data=data,
                        notify=opts.notify, ret=opts.ret, envid=opts.envid, uid=uid, user=user,
-                       now=now)
+                       now=now, listener=listener)
     return data, env
 
 
@@ -309,7 +311,7 @@ def submit(opts: Options, cfg: Any) -> int:
     return EX_OK
 
 
-def env_recipients(env: dict[str, Any]) -> list[str]:
+def env_recipients(env: records.Envelope) -> list[str]:
     return [str(r["address"]) for r in env["recipients"]]
 
 

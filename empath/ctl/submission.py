@@ -11,7 +11,8 @@ from __future__ import annotations
 import email.utils
 import re
 from dataclasses import dataclass, field
-from typing import Any
+
+from empath.spool import records
 
 RECIPIENT_HEADERS = ("to", "cc", "bcc")
 RESENT_HEADERS = ("resent-to", "resent-cc", "resent-bcc")
@@ -160,18 +161,14 @@ def received_header(*, hostname: str, uid: int, message_id: str, recipients: lis
 
 def envelope(*, message_id: str, sender: str, recipients: list[str], data: bytes,
              notify: list[str] | None, ret: str | None, envid: str | None, uid: int,
-             user: str, now: float) -> dict[str, Any]:
+             user: str, now: float, listener: str = "sendmail") -> records.Envelope:
     """The envelope in the receiver's format (docs/SPOOL.md, "Envelope")."""
     utf8 = not (sender.isascii() and all(r.isascii() for r in recipients))
     eight_bit = not data.isascii()
-    return {
-        "id": message_id,
-        "sender": sender,
-        "recipients": [{"address": r, "orcpt": None, "notify": notify} for r in recipients],
-        "params": {"body": "8BITMIME" if eight_bit else "7BIT", "smtputf8": utf8,
-                   "size": None, "ret": ret, "envid": envid},
-        "client": {"ip": None, "port": None, "helo": None, "esmtp": False, "tls": None,
-                   "listener": "sendmail", "auth": None, "uid": uid, "user": user},
-        "received_at": now,
-        "metadata": {},
-    }
+    return records.new_envelope(
+        message_id=message_id, sender=sender,
+        recipients=[records.new_recipient(r, notify=notify) for r in recipients],
+        params=records.new_params(body="8BITMIME" if eight_bit else "7BIT", smtputf8=utf8,
+                                  ret=ret, envid=envid),
+        client=records.new_client(listener=listener, uid=uid, user=user),
+        received_at=now)

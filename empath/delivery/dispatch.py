@@ -34,16 +34,13 @@ from empath.delivery.strategies import (
 )
 from empath.delivery.strategy import DeliveryRequest, DeliveryResult, DeliveryStrategy, load_class
 from empath.spool import MessageSource
+from empath.spool.records import recipient_domain
 
 log = logging.getLogger("empath.delivery")
 
 DEFAULT_STRATEGY_TIMEOUT = 600.0  # seconds, for a domain without delivery.domains settings
 # Called with one group's outcomes and route record, and whether other groups still run.
 OnGroupDone = Callable[[dict[str, RecipientOutcome], dict[str, Any], bool], Awaitable[None]]
-
-
-def recipient_domain(address: str) -> str:
-    return address.rpartition("@")[2].lower() if "@" in address else ""
 
 
 class Dispatcher:

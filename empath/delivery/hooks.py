@@ -31,10 +31,10 @@ from typing import Any
 
 from empath import modules as hooks
 from empath.config.types import parse_address
-from empath.delivery.dispatch import recipient_domain
 from empath.delivery.errors import LocalSystemError
 from empath.delivery.state import DEFERRED, FAILED, RecipientOutcome
 from empath.spool import MessageSource
+from empath.spool.records import recipient_domain
 
 log = logging.getLogger("empath.delivery")
 

@@ -50,6 +50,7 @@ from empath.delivery.errors import (
 )
 from empath.delivery.state import RecipientOutcome
 from empath.spool import MessageSource
+from empath.spool.records import new_route
 
 log = logging.getLogger("empath.delivery.lmtp")
 
@@ -229,8 +230,8 @@ class LMTPTransport:
             log.exception("%s: LMTP delivery failed unexpectedly", envelope.get("id"))
             local = LocalSystemError.make("local", reason=type(exc).__name__)
             outcomes = {r["address"]: local.outcome() for r in rcpts}
-        info = {"domain": domain or "(local)", "transport": "lmtp", "server": self.label,
-                "duration": round(time.monotonic() - started, 6)}
+        info = new_route(domain, "lmtp", round(time.monotonic() - started, 6),
+                         server=self.label)
         return outcomes, info
 
     async def _deliver(self, envelope: dict[str, Any], rcpts: list[dict[str, Any]],

@@ -82,6 +82,7 @@ from empath.delivery.strategy import NEXT_HOP
 from empath.delivery.tls import DISABLED, OPPORTUNISTIC, TLSContexts, TLSPolicy, policy_for
 from empath.observe import deliveries, tracing
 from empath.spool import MessageSource
+from empath.spool.records import new_route
 
 log = logging.getLogger("empath.delivery.smtp")
 
@@ -213,10 +214,8 @@ class RemoteTransport:
         """Deliver ``source`` to ``rcpts`` (all in ``domain``); outcomes and a route record."""
         domain = domain.lower()
         started = time.monotonic()
-        info: dict[str, Any] = {"domain": domain, "transport": "smtp", "server": None,
-                                "ip": None, "port": None, "tls": None, "dsn": None,
-                                "mx_index": None, "dnssec": None, "dane": None,
-                                "duration": 0.0}
+        info = new_route(domain, "smtp", server=None, ip=None, port=None, tls=None, dsn=None,
+                         mx_index=None, dnssec=None, dane=None)
         try:
             self.breakers.check(domain)  # open: no need to wait for a slot
             async with self.limits.slot(domain):

@@ -11,11 +11,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from empath.delivery.retry import retry_delay
+from empath.spool import records
 
+# Statuses and the open-recipient rule live with the record (empath/spool/records.py).
 PENDING, DELIVERED, DEFERRED, FAILED, EXPIRED = (
-    "pending", "delivered", "deferred", "failed", "expired")
-OPEN_STATUSES = (PENDING, DEFERRED)
-CLOSED_STATUSES = (DELIVERED, FAILED, EXPIRED)
+    records.PENDING, records.DELIVERED, records.DEFERRED, records.FAILED, records.EXPIRED)
+OPEN_STATUSES, CLOSED_STATUSES = records.OPEN_STATUSES, records.CLOSED_STATUSES
+open_recipients, recipient_domain = records.open_recipients, records.recipient_domain
 HISTORY_LIMIT = 100  # attempt records kept per message; the oldest are dropped first
 # Why a deferred recipient expired (``recipients[].expired_by``).
 BY_TIME, BY_ATTEMPTS = "message_expiration", "max_attempts"
@@ -90,15 +92,6 @@ def envelope_problem(envelope: dict[str, Any], data_length: int | None = None) -
     if not isinstance(envelope.get("attempts", []), list):
         return "envelope has a malformed attempt history"
     return None
-
-
-def open_recipients(envelope: dict[str, Any]) -> list[dict[str, Any]]:
-    return [r for r in envelope["recipients"] if r.get("status", PENDING) in OPEN_STATUSES]
-
-
-def recipient_domain(address: str) -> str:
-    """The lower-cased domain of an address ("" for a bare local part)."""
-    return address.rpartition("@")[2].lower() if "@" in address else ""
 
 
 def route_for(address: str, routes: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -18,6 +18,7 @@ from empath.delivery.errors import LocalSystemError
 from empath.delivery.state import RecipientOutcome
 from empath.delivery.strategy import NEXT_HOP, DeliveryRequest, DeliveryResult, DeliveryStrategy
 from empath.spool import MessageSource
+from empath.spool.records import new_route
 
 log = logging.getLogger("empath.delivery")
 
@@ -88,8 +89,7 @@ class MaildirStrategy(DeliveryStrategy):
         results = await asyncio.gather(*(self._copy(request.envelope, addr, request.source)
                                          for addr in request.addresses))
         out = dict(zip(request.addresses, results, strict=True))
-        route = {"domain": request.domain or "(local)", "transport": "maildir",
-                 "duration": round(time.monotonic() - started, 6)}
+        route = new_route(request.domain, "maildir", round(time.monotonic() - started, 6))
         return DeliveryResult(out, route)
 
     async def _copy(self, envelope: dict[str, Any], addr: str,

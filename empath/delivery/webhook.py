@@ -54,6 +54,7 @@ import orjson
 from empath.delivery.errors import DeliveryError, LocalSystemError, TemporaryError
 from empath.delivery.state import DEFERRED, DELIVERED, FAILED, RecipientOutcome
 from empath.spool import MessageSource
+from empath.spool.records import new_route
 
 log = logging.getLogger("empath.delivery.webhook")
 
@@ -246,8 +247,8 @@ class WebhookTransport:
             log.exception("%s: webhook delivery to %s failed unexpectedly",
                           envelope.get("id"), label)
             outcome = LocalSystemError.make("local", reason=type(exc).__name__).outcome()
-        info = {"domain": domain, "transport": "webhook", "server": label, "status": status,
-                "duration": round(time.monotonic() - started, 6)}
+        info = new_route(domain, "webhook", round(time.monotonic() - started, 6),
+                         server=label, status=status)
         return {r["address"]: outcome for r in rcpts}, info
 
     async def _post(self, settings: Any, label: str, envelope: dict[str, Any],

@@ -52,7 +52,7 @@ from empath.delivery import bounce, limits, state
 from empath.delivery.dispatch import Dispatcher, OnGroupDone
 from empath.delivery.hooks import DeliveryHooks
 from empath.observe import audit, deliveries, metrics, tracing
-from empath.spool import CorruptFile, Spool, WakeListener, new_message_id, read_queue_file
+from empath.spool import CorruptFile, Spool, WakeListener, new_message_id, read_queue_file, records
 from empath.spool.layout import is_disk_full
 from empath.spool.submit import store_message
 
@@ -775,16 +775,12 @@ class DeliveryWorker:
                                    size_limit=self.cfg.delivery.bounce_size_limit)
         notice_id = new_message_id()
         to = envelope["sender"]
-        notice = {
-            "id": notice_id, "sender": "",
-            "recipients": [{"address": to, "orcpt": None, "notify": None}],
-            "params": {"body": "8BITMIME", "smtputf8": not to.isascii(), "size": len(data),
-                       "ret": None, "envid": None},
-            "client": {"ip": None, "port": None, "helo": hostname, "esmtp": False, "tls": None,
-                       "listener": "notice", "auth": None},
-            "received_at": time.time(), "metadata": {}, "notice_of": envelope["id"],
-            "notice_kind": kind,
-        }
+        notice = records.new_envelope(
+            message_id=notice_id, sender="", recipients=[records.new_recipient(to)],
+            params=records.new_params(body="8BITMIME", smtputf8=not to.isascii(),
+                                      size=len(data)),
+            client=records.new_client(listener="notice", helo=hostname),
+            received_at=time.time(), notice_of=envelope["id"], notice_kind=kind)
         store_message(self.spool, data, notice)
         return notice_id
 

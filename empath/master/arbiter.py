@@ -25,7 +25,8 @@ import select
 import signal
 import socket
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from empath import logsetup, observe
@@ -85,16 +86,59 @@ class SetupError(Exception):
     """The master cannot start (a listener cannot be bound, the spool is unusable...)."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Generation:
-    """What a reload replaced, kept until the new generation runs: if it cannot even start,
-    the master goes back to this instead of halting."""
+    """One configuration and what the master runs for it: the children's number, the
+    configuration, the listening sockets (SMTP and admin) and how many children of each kind.
+
+    The arbiter never changes one of these in place; reload, rollback, a change of the
+    receiver count and stop each replace it whole (``successor``, ``revived``,
+    ``with_receivers``, ``stopped``), so the four can never disagree. A reload keeps the one
+    it replaced until the new one runs: if that cannot even start, the master goes back to
+    it instead of halting."""
 
     number: int
     cfg: Any
-    listeners: list[Listener]
-    wanted: dict[str, int]
-    admin_listeners: list[Listener]
+    listeners: tuple[Listener, ...] = ()
+    admin_listeners: tuple[Listener, ...] = ()
+    wanted: Mapping[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def first(cls, cfg: Any) -> Generation:
+        """Generation 1 of a starting master, before its sockets are bound."""
+        return cls(1, cfg, wanted=_wanted(cfg))
+
+    def bound(self, listeners: list[Listener], admin_listeners: list[Listener]) -> Generation:
+        """The same generation with its sockets (bound at start-up)."""
+        return replace(self, listeners=tuple(listeners), admin_listeners=tuple(admin_listeners))
+
+    def successor(self, cfg: Any, listeners: list[Listener],
+                  admin_listeners: list[Listener]) -> Generation:
+        """The next generation, for a reloaded configuration and its sockets."""
+        return Generation(self.number + 1, cfg, tuple(listeners), tuple(admin_listeners),
+                          _wanted(cfg))
+
+    def revived(self, number: int) -> Generation:
+        """This (previous) generation brought back by a rollback under a fresh ``number``,
+        so that the children of the failed one no longer count as current."""
+        return replace(self, number=number)
+
+    def with_receivers(self, count: int) -> Generation:
+        """The same generation with ``count`` receivers (SIGTTIN/SIGTTOU)."""
+        return replace(self, wanted={**self.wanted, "receiver": count})
+
+    def stopped(self) -> Generation:
+        """The same generation once the master closed its sockets to stop."""
+        return replace(self, listeners=(), admin_listeners=())
+
+    def sockets(self) -> list[Listener]:
+        return [*self.listeners, *self.admin_listeners]
+
+    def left_behind(self, new: Generation) -> list[Listener]:
+        """This generation's sockets that ``new`` does not use (closed once no child of an
+        older generation runs)."""
+        keep = new.sockets()
+        return [lst for lst in self.sockets() if lst not in keep]
 
 
 class Arbiter:
@@ -102,17 +146,14 @@ class Arbiter:
 
     def __init__(self, cfg: Any, *, pidfile: Pidfile | None = None,
                  report_fd: int | None = None) -> None:
-        self.cfg = cfg
+        # The running generation, swapped whole (see Generation); ``cfg``, ``listeners``,
+        # ``admin_listeners``, ``wanted`` and ``generation`` read it.
+        self.current = Generation.first(cfg)
         self.pidfile = pidfile
         self.report_fd = report_fd  # where ``empath start`` waits for "ready" or "error ..."
         self.pid = os.getpid()
-        self.generation = 1
         self.children: dict[int, Child] = {}
-        self.listeners: list[Listener] = []
         self.removed_listeners: list[Listener] = []
-        # The admin process's /metrics and /health sockets (observe.admin_endpoints order).
-        self.admin_listeners: list[Listener] = []
-        self.wanted = _wanted(cfg)
         self.respawn = RespawnPolicy()
         self.signals: queue.SimpleQueue[int] = queue.SimpleQueue()
         self.wakeup: tuple[int, int] | None = None
@@ -139,6 +180,27 @@ class Arbiter:
         # The outcome of the last reload: time, generation, ok (None while the new generation
         # boots) and the reason it failed; in the status file (empath status, /health).
         self.last_reload: dict[str, Any] | None = None
+
+    @property
+    def cfg(self) -> Any:
+        return self.current.cfg
+
+    @property
+    def generation(self) -> int:
+        return self.current.number
+
+    @property
+    def listeners(self) -> list[Listener]:
+        return list(self.current.listeners)
+
+    @property
+    def admin_listeners(self) -> list[Listener]:
+        """The admin process's /metrics and /health sockets (observe.admin_endpoints order)."""
+        return list(self.current.admin_listeners)
+
+    @property
+    def wanted(self) -> Mapping[str, int]:
+        return self.current.wanted
 
     # -- start-up ----------------------------------------------------------------------------
     def run(self) -> int:
@@ -171,8 +233,14 @@ class Arbiter:
             log.warning("SECURITY WARNING: %s", warning)
         self._install_signals()
         try:
-            self.listeners = bind_all([lc.address for lc in self.cfg.listeners], [])
-            self.admin_listeners = bind_all(_admin_addresses(self.cfg), [])
+            listeners = bind_all([lc.address for lc in self.cfg.listeners], [])
+            try:
+                admin_listeners = bind_all(_admin_addresses(self.cfg), [])
+            except ListenError:
+                for lst in listeners:
+                    lst.close()
+                raise
+            self.current = self.current.bound(listeners, admin_listeners)
         except ListenError as exc:
             raise SetupError(str(exc)) from None
         for lst in self.listeners:
@@ -323,7 +391,8 @@ class Arbiter:
             log.info("reopened log files")
         elif sig in (signal.SIGTTIN, signal.SIGTTOU):
             step = 1 if sig == signal.SIGTTIN else -1
-            self.wanted["receiver"] = max(1, min(MAX_RECEIVERS, self.wanted["receiver"] + step))
+            self.current = self.current.with_receivers(
+                max(1, min(MAX_RECEIVERS, self.wanted["receiver"] + step)))
             log.info("receivers: %d", self.wanted["receiver"])
             self.status_changed = True
 
@@ -392,7 +461,7 @@ class Arbiter:
                     os.close(fd)
         for other in self.children.values():
             other.heartbeat.close()
-        for lst in self.listeners + self.admin_listeners + self.removed_listeners:
+        for lst in self.current.sockets() + self.removed_listeners:
             if lst.sock not in keep:
                 lst.close()
         if self.report_fd is not None:
@@ -629,19 +698,12 @@ class Arbiter:
         for lst in listeners:
             if lst not in self.listeners:
                 log.info("listening on %s", lst.bound)
-        self.previous = Generation(self.generation, self.cfg, self.listeners, dict(self.wanted),
-                                   self.admin_listeners)
-        self.removed_listeners += [lst for lst in self.listeners if lst not in listeners]
-        self.removed_listeners += [lst for lst in self.admin_listeners
-                                   if lst not in admin_listeners]
-        self.listeners = listeners
-        self.admin_listeners = admin_listeners
-        self.cfg = new
-        self._log_admin_listeners(self.previous.admin_listeners)
+        self.previous, self.current = self.current, self.current.successor(new, listeners,
+                                                                           admin_listeners)
+        self.removed_listeners += self.previous.left_behind(self.current)
+        self._log_admin_listeners(list(self.previous.admin_listeners))
         self._prepare_metrics_dir()
-        self.generation += 1
         self.reloaded_at = time.monotonic()
-        self.wanted = _wanted(new)
         self.respawn.reset()
         log.info("configuration reloaded; starting generation %d", self.generation)
         self.last_reload = {"time": time.time(), "generation": self.generation, "ok": None,
@@ -702,17 +764,13 @@ class Arbiter:
         for rec in list(self.children.values()):
             if rec.generation == self.generation:
                 self._retire(rec)
-        keep = prev.listeners + prev.admin_listeners
+        keep = prev.sockets()
         self.removed_listeners = ([lst for lst in self.removed_listeners if lst not in keep]
-                                  + [lst for lst in self.listeners + self.admin_listeners
-                                     if lst not in keep])
-        self.listeners = prev.listeners
-        self.admin_listeners = prev.admin_listeners
+                                  + self.current.left_behind(prev))
         if prev.cfg.log != self.cfg.log:
             self._configure_log(prev.cfg.log)
-        self.cfg, self.wanted = prev.cfg, prev.wanted
         # A fresh number: children of the failed generation must not count as current.
-        self.generation += 1
+        self.current = prev.revived(self.generation + 1)
         for rec in old:
             rec.generation = self.generation
         self.previous = None
@@ -745,9 +803,9 @@ class Arbiter:
             rec.retiring = True
         self._signal_all(sig)
         # The children hold their own copies: the port stays open until the last one exits.
-        for lst in self.listeners + self.admin_listeners + self.removed_listeners:
+        for lst in self.current.sockets() + self.removed_listeners:
             lst.close()
-        self.listeners, self.admin_listeners, self.removed_listeners = [], [], []
+        self.current, self.removed_listeners = self.current.stopped(), []
         self.status_changed = True
 
     def _stop_progress(self) -> bool:
@@ -768,7 +826,7 @@ class Arbiter:
         return False
 
     def _cleanup(self) -> None:
-        for lst in self.listeners + self.admin_listeners + self.removed_listeners:
+        for lst in self.current.sockets() + self.removed_listeners:
             lst.close()
         self.status.remove()
         for rec in self.children.values():

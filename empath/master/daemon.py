@@ -29,6 +29,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from empath.spool.layout import pid_alive
+
 log = logging.getLogger("empath.master")
 
 MASTER_TITLE = "empath: master"
@@ -54,26 +56,8 @@ def process_running(pid: int) -> bool:
         import psutil  # type: ignore[import-untyped,unused-ignore]
 
         return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
-    except ImportError:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-    except Exception:  # psutil.NoSuchProcess, AccessDenied on a process we cannot inspect
-        return _exists(pid)
-
-
-def _exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    except Exception:  # no psutil; NoSuchProcess, AccessDenied on a process we cannot inspect
+        return pid_alive(pid)
 
 
 def is_empath_master(pid: int) -> bool:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from empath.smtp.replies import Reply
+from empath.spool.records import Params, Recipient, new_params
 
 
 @dataclass(frozen=True)
@@ -101,15 +102,15 @@ class Envelope:
     """One transaction: sender, recipients and their ESMTP parameters."""
 
     sender: str = ""
-    recipients: list[dict[str, Any]] = field(default_factory=list)
+    recipients: list[Recipient] = field(default_factory=list)
     body: str | None = None
     smtputf8: bool = False
     size: int | None = None
     ret: str | None = None
     envid: str | None = None
 
-    def params(self) -> dict[str, Any]:
-        return {"body": self.body, "smtputf8": self.smtputf8, "size": self.size,
-                "ret": self.ret, "envid": self.envid}
+    def params(self) -> Params:
+        return new_params(body=self.body, smtputf8=self.smtputf8, size=self.size,
+                          ret=self.ret, envid=self.envid)
 
 

@@ -14,6 +14,7 @@ from empath._speedups import CommandSyntaxError
 from empath.smtp import replies as R
 from empath.smtp.events import Envelope
 from empath.smtp.replies import Reply
+from empath.spool.records import Recipient, new_recipient
 
 NOTIFY_VALUES = frozenset({"SUCCESS", "FAILURE", "DELAY"})
 MAX_ENVID = 100  # RFC 3461 §4.4
@@ -60,10 +61,10 @@ def mail_param(env: Envelope, name: str, value: str | None, max_size: int) -> Re
     return None
 
 
-def recipient(address: str, params: dict[str, str | None]) -> dict[str, Any] | Reply:
+def recipient(address: str, params: dict[str, str | None]) -> Recipient | Reply:
     """The recipient record ``{"address", "orcpt", "notify"}``, or the refusal of a bad
     parameter."""
-    rcpt: dict[str, Any] = {"address": address, "orcpt": None, "notify": None}
+    rcpt = new_recipient(address)
     for name, value in params.items():
         if name == "NOTIFY":
             # RFC 3461 §4.1: NEVER alone, or a list of SUCCESS, FAILURE, DELAY.

@@ -13,7 +13,7 @@ import logging
 import os
 import ssl
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from empath import dkim as dkim_signing
 from empath import modules as hooks
@@ -24,9 +24,20 @@ from empath.smtp import capacity
 from empath.smtp import session as S
 from empath.spool import Spool
 from empath.spool.dedup import DedupStore
+from empath.spool.records import recipient_domain
 
-if TYPE_CHECKING:
-    from empath.smtp.server import SMTPProtocol
+
+class Connection(Protocol):
+    """What the receiver's sweep and shutdown need of a connection (server.SMTPProtocol);
+    this module imports nothing of server.py."""
+
+    deadline: float  # monotonic time its current timeout passes
+    end_of_life: float  # monotonic time its whole lifetime passes
+
+    def timed_out(self) -> None: ...
+
+    def close_for_shutdown(self) -> None: ...
+
 
 FREE_SPACE_CHECK = 1.0  # seconds a free-space reading is trusted
 
@@ -42,7 +53,7 @@ class Receiver:
         self.cfg = cfg
         self.spool = Spool(cfg.spool.path, cfg.spool.recycle_files, cfg.spool.sync)
         self.modules = hooks.load_modules(cfg.smtp.modules)
-        self.connections: set[SMTPProtocol] = set()
+        self.connections: set[Connection] = set()
         # Connection counts of the whole daemon, and this receiver's share of the accepts.
         self.table = capacity.ConnectionTable()
         self.gate = capacity.AcceptGate(capacity.share_of(cfg.smtp.max_connections,
@@ -238,7 +249,7 @@ def message_priority(rules: Any, envelope: S.Envelope, listener: str,
                      auth_user: str | None) -> int:
     """The priority of the first rule that matches (every key it sets must match), else 0."""
     sender = envelope.sender.lower()
-    domains = {r["address"].rpartition("@")[2].lower() for r in envelope.recipients}
+    domains = {recipient_domain(r["address"]) for r in envelope.recipients}
     for rule in rules:
         if rule.sender is not None and not (
                 sender == rule.sender or (rule.sender.startswith("@")

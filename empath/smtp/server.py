@@ -6,7 +6,9 @@ carries out the session's events: replies are written, message data is streamed 
 spool writer, a finished message is committed (fsync, rename, group-committed directory fsync)
 before its 250 is released, module hooks are awaited, STARTTLS is begun with ``loop.start_tls``.
 This module owns transports, timers, back-pressure and connection limits; it never parses SMTP
-(session.py does) and never builds a spool path (empath.spool does).
+(session.py does), never decides whether a message is accepted (acceptance.py does: free space,
+hooks, duplicates, priority, DKIM, the envelope record, audit) and never builds a spool path
+(empath.spool does).
 """
 
 from __future__ import annotations
@@ -24,13 +26,13 @@ from empath import cluster, passwords
 from empath import modules as hooks
 from empath.config.checks import files_needed
 from empath.observe import audit, metrics, tracing
-from empath.smtp import capacity, params
+from empath.smtp import capacity
 from empath.smtp import replies as R
 from empath.smtp import session as S
+from empath.smtp.acceptance import Acceptance, Arrival, module_reply
 from empath.smtp.received import received_header
-from empath.smtp.receiver import Receiver, message_id, message_priority
-from empath.spool import SpoolError, new_message_id
-from empath.spool.layout import is_disk_full
+from empath.smtp.receiver import Receiver
+from empath.spool import new_message_id
 
 log = logging.getLogger("empath.smtp")
 
@@ -64,7 +66,6 @@ class SMTPProtocol(asyncio.Protocol):
         self.paused = False
         self.closed = False
         self.hook_ctx: hooks.HookContext | None = None
-        self.priority = 0
         self.digest: Any = None  # with dedup: hash of the client's data, and its head
         self.head = b""
         self.peer = ("", 0)
@@ -210,8 +211,8 @@ class SMTPProtocol(asyncio.Protocol):
                 self._spawn(self._authenticate(ev))  # type: ignore[arg-type]
             elif kind is S.Close:
                 self._close()
-        if self.receiver.stopping and self.session is not None and not self.closed:
-            self._maybe_close_for_shutdown()
+        if self.receiver.stopping:
+            self.close_for_shutdown()
 
     def _start_message(self, envelope: S.Envelope | None) -> None:
         session = self.session
@@ -230,8 +231,10 @@ class SMTPProtocol(asyncio.Protocol):
         session, message, r = self.session, self.message, self.receiver
         assert session is not None and message is not None and self.hook_ctx is not None
         self.deadline = time.monotonic() + r.cfg.smtp.timeouts.data_termination
+        policy = Acceptance(r, self._arrival(session), self.hook_ctx, self.trace, message,
+                            self.head, self.digest)
         try:
-            reply = await self._store(envelope, message)
+            reply = await policy.store(envelope)
         except Exception:
             # Anything unforeseen (a parser's RecursionError, a module's bad value): the
             # message is not stored, the client hears 451 and may retry, the session goes on.
@@ -245,9 +248,9 @@ class SMTPProtocol(asyncio.Protocol):
         if reply is None:
             log.info("%s: from=<%s> size=%d nrcpt=%d client=[%s]", self.queue_id,
                      envelope.sender, message.size, len(envelope.recipients), self.peer[0])
-            self._received(envelope, message.size)
+            policy.received(envelope, message.size)
         else:
-            self._refused(reply)
+            policy.refused(reply)
         if self.closed:
             return
         self.deadline = time.monotonic() + r.cfg.smtp.timeouts.command
@@ -258,153 +261,12 @@ class SMTPProtocol(asyncio.Protocol):
         self._resume_reading()
         self._handle(events)
 
-    async def _store(self, envelope: S.Envelope, message: Any) -> R.Reply | None:
-        """Modules, duplicate check, priority, DKIM, then the durable commit: None once the
-        message is stored, else the reply that refuses it (the message is then aborted)."""
-        session, r = self.session, self.receiver
-        assert session is not None and self.hook_ctx is not None
-        reply = None
-        try:
-            if not r.space_ok():
-                reply = R.NO_STORAGE
-            elif any("on_data" in m.hooks for m in r.modules):
-                # data_termination bounds the modules; the spool write below is never cut
-                # short (a message is stored and acknowledged, or refused, never half-done).
-                rej = await asyncio.wait_for(
-                    hooks.run_hook(r.modules, "on_data", self.hook_ctx, envelope),
-                    r.cfg.smtp.timeouts.data_termination)
-                reply = _module_reply(rej)
-        except hooks.ModuleError:
-            reply = R.MODULE_ERROR
-        except TimeoutError:
-            log.error("%s: on_data module hooks did not answer within %gs", self.queue_id,
-                      r.cfg.smtp.timeouts.data_termination)
-            reply = R.MODULE_ERROR
-        dedup_key = self._dedup_key(envelope) if r.dedup is not None else None
-        if reply is None and dedup_key is not None:
-            assert r.dedup is not None
-            original = await r.dedup.claim_shared(dedup_key, self.queue_id)
-            if original is not None:
-                log.info("%s: duplicate of %s suppressed (from=<%s>)", self.queue_id, original,
-                         envelope.sender)
-                self._duplicate(envelope, original)
-                reply, dedup_key = R.DUPLICATE.format(queue_id=original), None
-        if reply is not None:
-            message.abort()
-            return reply
-        try:
-            self._set_priority(envelope)
-            if r.signer is not None and session.trusted:
-                await message.add_header(self._dkim_header)
-            await message.commit(self._envelope_record(envelope))
-        except SpoolError as exc:
-            log.error("%s: not stored: %s", self.queue_id, exc)
-            reply = R.NO_STORAGE if is_disk_full(exc) else R.SPOOL_ERROR
-        except BaseException:
-            reply = R.SPOOL_ERROR
-            raise
-        finally:
-            if reply is not None and dedup_key is not None and r.dedup is not None:
-                r.dedup.release(dedup_key)
-        return reply
-
-    def _received(self, envelope: S.Envelope, size: int) -> None:
-        """Count a stored message, and record it in the audit log."""
-        _metrics.messages_received.inc()
-        _metrics.received_bytes.inc(size)
-        _metrics.message_size.observe(size)
-        if _audit.enabled:
-            session = self.session
-            assert session is not None
-            _audit.write("received", self.queue_id, sender=envelope.sender,
-                         recipients=[r["address"] for r in envelope.recipients], size=size,
-                         client_ip=self.peer[0], client_port=self.peer[1], helo=session.helo,
-                         tls=self.tls_info, listener=str(self.listener.address),
-                         auth=session.auth_user)
-
-    def _duplicate(self, envelope: S.Envelope, original: str) -> None:
-        """Record a suppressed copy in the audit log: acknowledged, not stored."""
-        if _audit.enabled:
-            _audit.write("duplicate", self.queue_id, original=original, sender=envelope.sender,
-                         recipients=[r["address"] for r in envelope.recipients],
-                         client_ip=self.peer[0], client_port=self.peer[1])
-
-    def _refused(self, reply: R.Reply) -> None:
-        """A message not stored after its data: counted, and logged with its queue id."""
-        if reply.code < 400:
-            reason = "duplicate"
-        elif reply is R.NO_STORAGE:
-            reason = "no_storage"
-        elif reply is R.SPOOL_ERROR:
-            reason = "spool_error"
-        else:
-            reason = "module"
-        _metrics.refused[reason].inc()
-        if reason != "duplicate":  # already logged, with the id of the original
-            log.info("%s: refused after data: %s", self.queue_id, reply.line.decode().strip())
-
-    def _dedup_key(self, envelope: S.Envelope) -> str | None:
-        """Message-ID + sender + recipients + data hash; None without a Message-ID."""
-        mid = message_id(self.head)
-        if mid is None:
-            return None
-        rcpts = ",".join(sorted(r["address"].lower() for r in envelope.recipients))
-        material = b"\0".join([mid, envelope.sender.lower().encode(), rcpts.encode(),
-                                self.digest.hexdigest().encode()])
-        return hashlib.sha256(material).hexdigest()[:40]
-
-    def _set_priority(self, envelope: S.Envelope) -> None:
-        """The first matching ``priority.rules`` entry, or a module's ctx.priority, moves the
-        message's place in incoming/ (its file's mtime) by priority x step."""
-        assert self.session is not None and self.hook_ctx is not None and self.message
-        cfg = self.receiver.cfg
-        prio = self.hook_ctx.priority
-        if prio is None:
-            prio = message_priority(cfg.priority.rules, envelope, str(self.listener.address),
-                                    self.session.auth_user)
-        self.priority = prio
-        if prio:
-            self.message.mtime = time.time() - prio * cfg.priority.step
-
-    def _dkim_header(self, message: bytes) -> bytes | None:
-        """Thread side: the DKIM-Signature for mail whose From: domain has a key and is one
-        the client may sign for: an authenticated user only for the domains it may send as
-        (params.domain_owned, the rule of require_sender_match); a mynetworks client for
-        every domain in dkim.domains."""
-        signer = self.receiver.signer
-        session = self.session
-        assert signer is not None and session is not None
-        user = session.auth_user
-        key = signer.key_for(message)
-        if key is None:
-            return None
-        if user is not None and not params.domain_owned(key.domain, user,
-                                                        self.settings.local_domains):
-            log.warning("%s: not DKIM-signed: user %s may not send as %s", self.queue_id,
-                        user, key.domain)
-            return None
-        try:
-            return signer.sign(message, key)
-        except Exception as exc:  # a message dkimpy cannot parse still goes out unsigned
-            log.warning("%s: not DKIM-signed: %s", self.queue_id, exc)
-            return None
-
-    def _envelope_record(self, env: S.Envelope) -> dict[str, Any]:
-        session = self.session
-        assert session is not None and self.hook_ctx is not None
-        return {
-            "id": self.queue_id,
-            "sender": env.sender,
-            "recipients": env.recipients,
-            "params": env.params(),
-            "client": {"ip": self.peer[0], "port": self.peer[1], "helo": session.helo,
-                       "esmtp": session.esmtp, "tls": self.tls_info,
-                       "listener": str(self.listener.address), "auth": session.auth_user},
-            "received_at": time.time(),
-            "metadata": self.hook_ctx.metadata,
-            "priority": self.priority,
-            **self.trace.envelope_keys(),
-        }
+    def _arrival(self, session: S.ServerSession) -> Arrival:
+        """The connection's facts as the acceptance policy sees them now."""
+        return Arrival(queue_id=self.queue_id, ip=self.peer[0], port=self.peer[1],
+                       listener=str(self.listener.address), tls=self.tls_info,
+                       helo=session.helo, esmtp=session.esmtp, auth_user=session.auth_user,
+                       trusted=session.trusted, local_domains=self.settings.local_domains)
 
     async def _check(self, ev: S.Check) -> None:
         session, r, ctx = self.session, self.receiver, self.hook_ctx
@@ -419,7 +281,7 @@ class SMTPProtocol(asyncio.Protocol):
                                            ev.value.params())
             else:
                 rej = await hooks.run_hook(r.modules, "on_rcpt_to", ctx, ev.value)
-            reply = _module_reply(rej)
+            reply = module_reply(rej)
         except hooks.ModuleError:
             reply = R.MODULE_ERROR
         if self.closed:
@@ -465,7 +327,7 @@ class SMTPProtocol(asyncio.Protocol):
         assert self.hook_ctx is not None
         try:
             rej = await hooks.run_hook(self.receiver.modules, "on_connect", self.hook_ctx)
-            reply = _module_reply(rej)
+            reply = module_reply(rej)
         except hooks.ModuleError:
             reply = R.MODULE_ERROR
         if self.closed:
@@ -587,16 +449,13 @@ class SMTPProtocol(asyncio.Protocol):
                      else R.TIMEOUT.format(hostname=self.receiver.cfg.hostname))
         self._drop_message()
 
-    def _maybe_close_for_shutdown(self) -> None:
+    def close_for_shutdown(self) -> None:
         """While draining: idle sessions get 421 now, busy ones after their transaction."""
         session = self.session
-        assert session is not None
+        if session is None or self.closed:
+            return
         if session.phase in (S.GREET, S.READY) and not self.paused:
             self._refuse(R.SHUTTING_DOWN.format(hostname=self.receiver.cfg.hostname))
-
-
-def _module_reply(rej: hooks.Reject | None) -> R.Reply | None:
-    return None if rej is None else R.Reply(rej.code, rej.enhanced, rej.text)
 
 
 async def serve(ctx: Any) -> None:
@@ -632,8 +491,7 @@ async def serve(ctx: Any) -> None:
         receiver.stopping = True
         gate.close()
         for proto in list(receiver.connections):
-            if proto.session is not None and not proto.closed:
-                proto._maybe_close_for_shutdown()
+            proto.close_for_shutdown()
         deadline = time.monotonic() + ctx.shutdown_timeout
         while receiver.connections and time.monotonic() < deadline:
             await asyncio.sleep(0.05)

@@ -48,6 +48,7 @@ from empath.smtp.events import (
 from empath.smtp.params import client_is_trusted
 from empath.smtp.replies import Reply
 from empath.smtp.sasl import MAX_RESPONSE, SaslError, SaslExchange
+from empath.spool.records import Recipient
 
 __all__ = ["ALLOWED", "Authenticate", "Check", "Close", "Data", "DataAbort", "DataEnd", "DataStart",
            "Envelope", "Event", "Send", "ServerSession", "Settings", "StartTLS",
@@ -114,7 +115,7 @@ class ServerSession:
         self._chunk_failed: Reply | None = None
         self._hops: HopCounter | None = None  # Received: fields of the message coming in
         self._eol: LineEndings | None = None  # bare CR/LF in BDAT content
-        self._pending_rcpt: dict[str, Any] | None = None
+        self._pending_rcpt: Recipient | None = None
 
     # -- public API ------------------------------------------------------------------------
     def start(self) -> list[Event]:

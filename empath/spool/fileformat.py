@@ -17,6 +17,7 @@ and a reader treats a ``D`` as authoritative whatever the recipient's status say
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +47,7 @@ class MessageSource:
     length: int
 
 
-def done_marks(envelope: dict[str, Any]) -> bytes:
+def done_marks(envelope: Mapping[str, Any]) -> bytes:
     """The done marks of ``envelope``'s recipients as they stand (``D`` for delivered)."""
     recipients = envelope.get("recipients")
     if not isinstance(recipients, list):
@@ -55,7 +56,7 @@ def done_marks(envelope: dict[str, Any]) -> bytes:
                     else MARK_OPEN for r in recipients)
 
 
-def encode_envelope(envelope: dict[str, Any]) -> bytes:
+def encode_envelope(envelope: Mapping[str, Any]) -> bytes:
     """The envelope as JSON, its done marks as the last member (whatever ``envelope`` holds
     under DONE_KEY is replaced by the marks of its recipients' statuses)."""
     fields = {k: v for k, v in envelope.items() if k != DONE_KEY}
@@ -125,7 +126,7 @@ def mark_delivered(path: str, recipients: int, indexes: list[int]) -> bool:
         os.close(fd)
 
 
-def encode_tail(envelope: dict[str, Any], data_length: int) -> bytes:
+def encode_tail(envelope: Mapping[str, Any], data_length: int) -> bytes:
     """Envelope JSON plus trailer, to be written right after ``data_length`` bytes of data."""
     body = encode_envelope(envelope)
     trailer = b"\n%s %010d %016d\n" % (MAGIC, len(body), data_length)

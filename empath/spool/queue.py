@@ -29,6 +29,7 @@ from typing import Any
 from empath.spool.fileformat import CorruptFile, read_queue_file
 from empath.spool.ids import id_time, is_valid_id
 from empath.spool.layout import Spool, pid_alive
+from empath.spool.records import open_recipients, recipient_domain
 from empath.spool.wake import RESCAN, Waker
 
 # operator name -> directory of Spool.state_dir ("active" is per worker, handled apart)
@@ -36,7 +37,6 @@ STATE_DIRS = {"pending": "incoming", "deferred": "deferred", "held": "hold",
               "failed": "failed", "corrupt": "corrupt"}
 STATUS_OF_DIR = {d: status for status, d in STATE_DIRS.items()}
 STATUSES = ("pending", "active", "deferred", "held", "failed", "corrupt")
-OPEN = ("pending", "deferred")  # recipient statuses still waiting for delivery
 
 FORCE_WAIT = 60.0  # default seconds `hold --force` waits for an attempt in progress to end
 BURY_GRACE = 1.0  # seconds a forced delete of a claimed message watches for its return
@@ -417,16 +417,6 @@ def _names(path: str) -> list[str]:
         return os.listdir(path)
     except (FileNotFoundError, NotADirectoryError):
         return []
-
-
-def recipient_domain(address: str) -> str:
-    return address.rpartition("@")[2].lower() if "@" in address else ""
-
-
-def open_recipients(envelope: dict[str, Any] | None) -> list[dict[str, Any]]:
-    if envelope is None:
-        return []
-    return [r for r in envelope.get("recipients", []) if r.get("status", "pending") in OPEN]
 
 
 def matches(entry: QueueEntry, domain: str | None = None, sender: str | None = None,

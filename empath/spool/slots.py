@@ -38,7 +38,7 @@ import os
 import threading
 import zlib
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from empath._speedups import make_slots, sync_and_unlink
 from empath.spool import fileformat
@@ -52,7 +52,7 @@ RECYCLE_MAX_SIZE = 64 * 1024  # larger files are unlinked: recycle/ would hold t
 log = logging.getLogger("empath.spool")
 
 SLOTS_DIR = "slots"
-CHECK_KEY = "slot_check"
+CHECK_KEY: Final = "slot_check"
 _READ = 1 << 20
 
 

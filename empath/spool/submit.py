@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any
 
 from empath._speedups import store_file
 from empath.spool import fileformat
 from empath.spool.layout import Spool
+from empath.spool.records import Envelope
 from empath.spool.wake import Waker
 
 
-def store_message(spool: Spool, data: bytes, envelope: dict[str, Any],
+def store_message(spool: Spool, data: bytes, envelope: Envelope,
                   wake: bool = True) -> str:
     """Make ``data`` with ``envelope`` durable in incoming/; returns the queue id."""
     message_id = str(envelope["id"])

@@ -42,6 +42,7 @@ from empath._speedups import store_file, write_all
 from empath.observe import metrics
 from empath.spool import fileformat
 from empath.spool.layout import Spool, SpoolError, syncfs
+from empath.spool.records import Envelope
 from empath.spool.slots import CHECK_KEY, SlotPool, data_check, release, slot_seed
 from empath.spool.threads import SpoolThreads
 from empath.spool.wake import Waker
@@ -189,7 +190,7 @@ class IncomingMessage:
             self._buffered += len(header)
         self._size += len(header)
 
-    async def commit(self, envelope: dict[str, Any]) -> None:
+    async def commit(self, envelope: Envelope) -> None:
         """Return once the message is durable (in incoming/, or complete in its slot: see the
         module docstring); SpoolError otherwise."""
         if self._error is not None:
@@ -218,7 +219,7 @@ class IncomingMessage:
         writer.metrics.spool_write.observe(write_seconds)
         writer.metrics.spool_commit.observe(time.monotonic() - started)
 
-    def _store(self, envelope: dict[str, Any], slot: bytes | None) -> float:
+    def _store(self, envelope: Envelope, slot: bytes | None) -> float:
         """Thread side: finish the file (a slot, a recycled file or a new one), fdatasync,
         link (a slot) or rename it into incoming/; the seconds it took. One call of the
         compiled ``store_file``, which holds no GIL from the first syscall to the last."""

@@ -1,0 +1,131 @@
+"""The envelope, recipient and route records (empath/spool/records.py): their keys are the
+ones docs/SPOOL.md documents, every writer's constructor produces them, they survive the
+queue file's encoding, and the recipient rules are answered once."""
+
+from __future__ import annotations
+
+import re
+import typing
+from pathlib import Path
+
+import pytest
+
+from empath.ctl import submission
+from empath.delivery import state
+from empath.spool import fileformat, records
+from empath.spool.submit import store_message
+
+SPOOL_MD = (Path(__file__).resolve().parents[2] / "docs" / "SPOOL.md").read_text()
+
+
+def keys_of(record: type) -> set[str]:
+    return set(typing.get_type_hints(record))
+
+
+def documented(section: str, stop: str) -> list[str]:
+    """The first-column keys of the tables between two headings of docs/SPOOL.md (a row may
+    name several: "| `ip`, `port` |")."""
+    text = SPOOL_MD[SPOOL_MD.index(section):]
+    text = text[:text.index(stop)]
+    cells = re.findall(r"^\| (`[^|]+`) \|", text, re.M)
+    return [key for cell in cells for key in re.findall(r"`([a-z_\[\]\.]+)`", cell)]
+
+
+def test_envelope_keys_are_the_documented_ones() -> None:
+    keys = documented("### Envelope", "### Done marks")
+    top = {k for k in keys if "." not in k and "[" not in k}
+    per_recipient = {k.split(".", 1)[1] for k in keys if k.startswith("recipients[].")}
+    # Notices carry two keys the prose names (docs/SPOOL.md: "A notice ... plus").
+    assert "`notice_of`" in SPOOL_MD and "`notice_kind`" in SPOOL_MD
+    assert keys_of(records.Envelope) == top | {"notice_of", "notice_kind"}
+    # marked_done is added by the reader of done marks, not written (SPOOL.md "Read").
+    assert keys_of(records.Recipient) == per_recipient | {"address", "orcpt", "notify",
+                                                          "marked_done"}
+
+
+def test_route_keys_are_the_documented_ones() -> None:
+    assert keys_of(records.Route) == set(documented("#### Route records", "\n## "))
+
+
+def test_constructors_build_the_receivers_record() -> None:
+    env = records.new_envelope(
+        message_id="01ABC", sender="a@x.test",
+        recipients=[records.new_recipient("b@y.test", orcpt="rfc822;b@y.test",
+                                          notify=["FAILURE"])],
+        params=records.new_params(body="8BITMIME", smtputf8=False, size=10),
+        client=records.new_client(listener="127.0.0.1:25", ip="127.0.0.9", port=4000,
+                                  helo="h", esmtp=True),
+        received_at=5.0, metadata={"m": 1}, priority=2, trace={"traceparent": "00-x"})
+    # Key order as the receiver always wrote it: readers see the same JSON as before.
+    assert list(env) == ["id", "sender", "recipients", "params", "client", "received_at",
+                         "metadata", "priority", "traceparent"]
+    assert list(env["client"]) == ["ip", "port", "helo", "esmtp", "tls", "listener", "auth"]
+    assert env["recipients"] == [{"address": "b@y.test", "orcpt": "rfc822;b@y.test",
+                                  "notify": ["FAILURE"]}]
+    assert state.envelope_problem(dict(env)) is None
+
+
+def test_optional_keys_are_left_out_unless_given() -> None:
+    env = records.new_envelope(
+        message_id="01ABC", sender="", recipients=[records.new_recipient("b@y.test")],
+        params=records.new_params(body="7BIT", smtputf8=False),
+        client=records.new_client(listener="notice"), received_at=1.0, trace={})
+    assert not {"priority", "traceparent", "notice_of", "notice_kind"} & set(env)
+    assert env["metadata"] == {} and "uid" not in env["client"]
+
+
+def test_submission_envelope_is_the_receivers_format() -> None:
+    env = submission.envelope(message_id="01ABC", sender="u@h", recipients=["a@x", "b@y"],
+                              data=b"Subject: \xc3\xa9\r\n\r\n", notify=["NEVER"], ret="HDRS",
+                              envid="e1", uid=1000, user="u", now=7.0, listener="embed")
+    assert set(env) <= keys_of(records.Envelope)
+    assert env["client"]["listener"] == "embed" and env["client"]["uid"] == 1000
+    assert env["params"] == {"body": "8BITMIME", "smtputf8": False, "size": None,
+                             "ret": "HDRS", "envid": "e1"}
+    assert [r["notify"] for r in env["recipients"]] == [["NEVER"], ["NEVER"]]
+
+
+def test_a_stored_envelope_reads_back_equal(tmp_path: Path) -> None:
+    from empath.spool import Spool, read_queue_file
+
+    spool = Spool(str(tmp_path / "spool"))
+    spool.create_tree()
+    env = submission.envelope(message_id="01JABCDEFGHJKMNPQRSTVWXYZ0", sender="u@h",
+                              recipients=["a@x"], data=b"x\r\n", notify=None, ret=None,
+                              envid=None, uid=1, user="u", now=3.0)
+    mid = store_message(spool, b"x\r\n", env, wake=False)
+    back, _ = read_queue_file(spool.path("incoming", mid))
+    assert back == {**env, "data_size": 3}
+
+
+def test_new_route_puts_duration_last_and_refuses_unknown_keys() -> None:
+    route = records.new_route("", "maildir", 0.5)
+    assert route == {"domain": "(local)", "transport": "maildir", "duration": 0.5}
+    smtp = records.new_route("x.test", "smtp", server=None, ip=None)
+    assert list(smtp) == ["domain", "transport", "server", "ip", "duration"]
+    with pytest.raises(TypeError, match="not a route record key: servr"):
+        records.new_route("x.test", "smtp", servr="mx")
+
+
+def test_open_recipients_and_domains_one_rule_for_all_readers() -> None:
+    env = {"recipients": [{"address": "a@X.test"}, {"address": "b@y", "status": "deferred"},
+                          {"address": "c@z", "status": "delivered"},
+                          {"address": "d@z", "status": "expired"}]}
+    assert [r["address"] for r in records.open_recipients(env)] == ["a@X.test", "b@y"]
+    assert records.open_recipients(None) == [] and records.open_recipients({}) == []
+    # The delivery state module and the operator's queue view use the same functions.
+    from empath.spool import queue
+    assert state.open_recipients is records.open_recipients
+    assert queue.open_recipients is records.open_recipients
+    assert state.recipient_domain is records.recipient_domain
+    assert records.recipient_domain("a@X.Test") == "x.test"
+    assert records.recipient_domain("postmaster") == ""
+
+
+def test_done_marks_close_a_recipient_for_every_reader() -> None:
+    env = {"id": "X", "recipients": [{"address": "a@x"}, {"address": "b@x"}]}
+    encoded = fileformat.encode_envelope(env).replace(b'"done":"--"', b'"done":"D-"')
+    import orjson
+    back = orjson.loads(encoded)
+    fileformat.apply_done_marks(back)
+    assert [r["address"] for r in records.open_recipients(back)] == ["b@x"]
