@@ -201,10 +201,20 @@ def test_a_custom_strategy_from_the_configuration_delivers_defers_and_fails(
     assert "archive database" in status["a@archive.example"]["last"]["text"]
     assert status["nobody@archive.example"]["status"] == "failed"
     db.parent.mkdir()
-    d.wait_for(lambda: db.exists() and not envelopes(d, "deferred"), WAIT,
-               message="the retry stored in SQLite")
-    with sqlite3.connect(db) as conn:
-        rows = conn.execute("SELECT queue_id, sender, recipient, message FROM messages").fetchall()
+
+    def stored() -> list[Any]:
+        if not db.exists():
+            return []
+        with contextlib.closing(sqlite3.connect(db, timeout=5)) as conn:
+            try:
+                return conn.execute("SELECT queue_id, sender, recipient, message "
+                                    "FROM messages").fetchall()
+            except sqlite3.OperationalError:  # the table is not made yet
+                return []
+
+    rows = d.wait_for(stored, WAIT, message="the retry stored in SQLite")
+    d.wait_for(lambda: not envelopes(d, "deferred") and not Spool(str(d.spool_path))
+               .list_ids("incoming"), WAIT, message="the message out of the queue")
     assert [(r[1], r[2]) for r in rows] == [("sender@localhost", "a@archive.example")]
     assert rows[0][0] == env["id"] and b"Subject: archived" in rows[0][3]
     bounce = d.dir / "mail" / "sender" / "new"
