@@ -10,7 +10,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tests.integration.test_cluster import (  # noqa: F401 (dns, redis_server: fixtures)
+    WAIT,
+    dns,
+    fleet,
+    node_config,
+    redis_server,
+    spooled,
+    subjects,
+    thaw,
+)
+from tests.integration.test_limits_e2e import ids_per_worker, spool_messages
 from tests.support.daemon import EmpathDaemon
+from tests.support.dnsserver import DNSServer
+from tests.support.redisserver import RedisServer
+from tests.support.sink import Behaviour, SinkServer
 
 # A module whose only effect is to block the receiver's event loop for a second on SIGUSR2,
 # so a test can order "stop requested" before "connection accepted" inside one receiver.
@@ -56,3 +70,21 @@ def test_connection_accepted_as_a_receiver_stops_is_answered(daemon_factory: Any
         lines
     d.wait_for(lambda: pid not in d.child_pids() and d.settled(), 10, "a new receiver")
     assert "Exception in callback" not in d.log_text()
+
+
+def test_a_lease_is_held_until_a_slow_quit_is_over(daemon_factory: Any, dns: DNSServer,
+                                                   redis_server: RedisServer) -> None:
+    """Fleet leases without connection reuse were released half a second after the delivery
+    (a timer), whether or not the connection's QUIT was over: a server slow to answer QUIT
+    (or a loaded host) saw more connections than ``max_connections``."""
+    with SinkServer(Behaviour(delay=0.05, quit_delay=1.2), host="127.0.0.2") as sink:
+        nodes = fleet(daemon_factory, 2, lambda name: node_config(
+            name, redis_server, dns, sink.port, workers=1,
+            domains={"example.test": {"max_connections": 2}}))
+        for node in nodes:
+            spool_messages(node, ids_per_worker(1, 6), "example.test")
+        thaw(nodes)
+        for node in nodes:
+            node.wait_for(lambda n=node: spooled(n) == 0, WAIT, "every message delivered")
+    assert sink.max_concurrent_sessions <= 2
+    assert sorted(subjects(sink)) == sorted(f"message {i}" for i in range(6) for _ in range(2))
