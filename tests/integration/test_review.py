@@ -6,9 +6,12 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import time
 from pathlib import Path
 from typing import Any
+
+from cryptography import x509
 
 from tests.integration.test_cluster import (  # noqa: F401 (dns, redis_server: fixtures)
     WAIT,
@@ -21,6 +24,7 @@ from tests.integration.test_cluster import (  # noqa: F401 (dns, redis_server: f
     thaw,
 )
 from tests.integration.test_limits_e2e import ids_per_worker, spool_messages
+from tests.support.certs import make_self_signed
 from tests.support.daemon import EmpathDaemon
 from tests.support.dnsserver import DNSServer
 from tests.support.redisserver import RedisServer
@@ -88,3 +92,66 @@ def test_a_lease_is_held_until_a_slow_quit_is_over(daemon_factory: Any, dns: DNS
             node.wait_for(lambda n=node: spooled(n) == 0, WAIT, "every message delivered")
     assert sink.max_concurrent_sessions <= 2
     assert sorted(subjects(sink)) == sorted(f"message {i}" for i in range(6) for _ in range(2))
+
+
+def _served_names(d: EmpathDaemon) -> list[str]:
+    """The DNS names of the certificate the daemon presents after STARTTLS."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with d.smtp() as s:
+        s.ehlo("c")
+        assert s.starttls(context=ctx)[0] == 220
+        der = s.sock.getpeercert(binary_form=True)
+    cert = x509.load_der_x509_certificate(der)
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return list(san.get_values_for_type(x509.DNSName))
+
+
+def _restart(d: EmpathDaemon) -> None:
+    assert d.stop() == 0
+    d.proc = None
+    d.start()
+
+
+def test_generated_tls_pair_is_never_taken_from_another_user(daemon_factory: Any,
+                                                             tmp_path: Path) -> None:
+    """The generated pair was used whenever both paths existed: a link planted at the key
+    path served another user's key (they could decrypt every STARTTLS session); a key made
+    world-readable stayed in use; a changed hostname kept the old name's certificate."""
+    d: EmpathDaemon = daemon_factory({"processes": {"receivers": 1}}, start=False)
+    tls_dir = d.dir / "var" / "tls"
+    tls_dir.mkdir(parents=True, mode=0o700)
+    evil = make_self_signed(tmp_path / "evil", "evil.example")
+    evil_key = Path(evil.key_path).read_bytes()
+    (tls_dir / "selfsigned.crt").symlink_to(evil.cert_path)
+    (tls_dir / "selfsigned.key").symlink_to(evil.key_path)
+    d.start()
+    key_path = tls_dir / "selfsigned.key"
+    assert not key_path.is_symlink() and key_path.stat().st_mode & 0o777 == 0o600
+    assert Path(evil.key_path).read_bytes() == evil_key  # never written through the link
+    assert _served_names(d) == ["test.empath"]
+    assert "are not regular files of the daemon's user: making a new pair" in d.log_text()
+    # A key others may read is taken as known to them: a new pair.
+    first = key_path.read_bytes()
+    key_path.chmod(0o644)
+    _restart(d)
+    assert key_path.read_bytes() != first and key_path.stat().st_mode & 0o777 == 0o600
+    assert "(mode 0644) may be read by other users: making a new pair" in d.log_text()
+    # A new hostname gets a certificate of its own.
+    d.write_config({"hostname": "mx2.test.empath"})
+    _restart(d)
+    assert _served_names(d) == ["mx2.test.empath"]
+    # A directory other users may write in is not used to make a pair in.
+    assert d.stop() == 0
+    d.proc = None
+    for name in ("selfsigned.crt", "selfsigned.key"):
+        (tls_dir / name).unlink()
+    tls_dir.chmod(0o777)
+    d.start()
+    assert "must belong to the daemon's user (or root) and be writable by it alone" \
+        in d.log_text()
+    assert not (tls_dir / "selfsigned.key").exists()
+    with d.smtp() as s:
+        s.ehlo("c")
+        assert not s.has_extn("starttls")
