@@ -3,8 +3,10 @@ running daemon (real processes, real sockets) into the condition that used to fa
 
 from __future__ import annotations
 
+import email
 import os
 import signal
+import smtplib
 import socket
 import ssl
 import time
@@ -13,6 +15,7 @@ from typing import Any
 
 from cryptography import x509
 
+import pytest
 from tests.integration.test_cluster import (  # noqa: F401 (dns, redis_server: fixtures)
     WAIT,
     dns,
@@ -23,6 +26,8 @@ from tests.integration.test_cluster import (  # noqa: F401 (dns, redis_server: f
     subjects,
     thaw,
 )
+from tests.integration.test_extensibility import FAST
+from tests.integration.test_faults import Mounts, mounts, remount  # noqa: F401 (mounts: a fixture)
 from tests.integration.test_limits_e2e import ids_per_worker, spool_messages
 from tests.support.certs import make_self_signed
 from tests.support.daemon import EmpathDaemon
@@ -155,3 +160,89 @@ def test_generated_tls_pair_is_never_taken_from_another_user(daemon_factory: Any
     with d.smtp() as s:
         s.ehlo("c")
         assert not s.has_extn("starttls")
+
+
+def test_receivers_on_a_read_only_spool_answer_451_and_recover(
+        daemon_factory: Any, mounts: Mounts, tmp_path: Path) -> None:
+    """A spool remounted read-only under running receivers, and a receiver started on it (a
+    respawn): every message gets 451 (never a crash, a 250 or a dropped connection), and
+    mail is taken again once the spool is writable, without a restart."""
+    fs = mounts.tmpfs(tmp_path / "spoolfs", size="16m")
+    d: EmpathDaemon = daemon_factory({"processes": {"receivers": 1},
+                                      "spool": {"path": str(fs / "spool")}})
+    remount(fs, "ro")
+    try:
+        with d.smtp() as s:
+            with pytest.raises(smtplib.SMTPDataError) as err:
+                s.sendmail("a@example.org", ["b@localhost"], b"Subject: ro 1\r\n\r\nx\r\n")
+            assert err.value.smtp_code == 451
+        [pid] = d.child_pids("receiver")
+        os.kill(pid, signal.SIGKILL)
+        d.wait_for(lambda: pid not in d.child_pids() and d.settled(), 15, "a new receiver")
+        time.sleep(1.5)  # a receiver that cannot start on the spool has exited by now
+        [new] = d.child_pids("receiver")
+        with d.smtp() as s:
+            code, _ = s.ehlo("c")
+            assert code == 250
+            with pytest.raises(smtplib.SMTPDataError) as err:
+                s.sendmail("a@example.org", ["b@localhost"], b"Subject: ro 2\r\n\r\nx\r\n")
+            assert err.value.smtp_code == 451
+        assert d.child_pids("receiver") == [new]
+    finally:
+        remount(fs, "rw")
+    with d.smtp() as s:
+        assert s.sendmail("a@example.org", ["b@localhost"], b"Subject: rw\r\n\r\nx\r\n") == {}
+
+
+HEADER_MODULE = '''
+class Big:
+    def __init__(self, options):
+        self.report = options["report"]
+
+    def before_delivery(self, ctx):
+        refused = []
+        for value in ("x" * 2000, "y" * 900):
+            try:
+                ctx.add_header("X-Big", value)
+            except ValueError as exc:
+                refused.append(str(exc))
+        for _ in range(200):  # 200 lines of 900 octets: past the total a hook may add
+            try:
+                ctx.add_header("X-Many", "z" * 900)
+            except ValueError as exc:
+                refused.append(str(exc))
+                break
+        with open(self.report, "a") as fh:
+            fh.write(" | ".join(refused) + "\\n")
+
+
+def setup(options):
+    return Big(options)
+'''
+
+
+def test_a_delivery_hook_cannot_add_an_overlong_header_line(daemon_factory: Any,
+                                                            tmp_path: Path) -> None:
+    """``add_header`` took a value of any length: a hook could put a 2,000-octet line on the
+    wire (RFC 5322 allows 998) or megabytes of headers, copied into the spool on every
+    attempt."""
+    (tmp_path / "big_mod.py").write_text(HEADER_MODULE)
+    report = tmp_path / "refused.txt"
+    with SinkServer(host="127.0.0.2") as sink:
+        d: EmpathDaemon = daemon_factory({
+            "smtp": {"modules": [{"name": "big_mod", "options": {"report": str(report)}}]},
+            "delivery": {**FAST, "domains": {"example.test": {
+                "mx_override": f"127.0.0.2:{sink.port}", "tls": "disabled"}}}}, start=False)
+        d.start(env={"PYTHONPATH": str(tmp_path)})
+        with d.smtp() as s:
+            s.sendmail("app@localhost", ["user@example.test"], b"Subject: big\r\n\r\nbody\r\n")
+        [msg] = sink.wait_for_messages(1, WAIT)
+    lines = msg.data.split(b"\r\n")
+    assert max(len(line) for line in lines) <= 998
+    assert b"X-Big: " + b"y" * 900 in lines and b"x" * 999 not in msg.data
+    parsed = email.message_from_bytes(msg.data)
+    [refused] = report.read_text().splitlines()
+    assert "a header line is at most 998 octets (RFC 5322 2.1.1); X-Big would be 2007" \
+        in refused
+    assert "a hook adds at most 65536 octets of headers to a message" in refused
+    assert 60 <= len(parsed.get_all("X-Many")) <= 73
