@@ -246,3 +246,26 @@ def test_a_delivery_hook_cannot_add_an_overlong_header_line(daemon_factory: Any,
         in refused
     assert "a hook adds at most 65536 octets of headers to a message" in refused
     assert 60 <= len(parsed.get_all("X-Many")) <= 73
+
+
+def test_the_last_receiver_accepts_past_its_share(daemon_factory: Any) -> None:
+    """A receiver stops accepting at its share of smtp.max_connections so the kernel hands
+    connections to the others; after SIGTTOU (or with the other receiver dead) there is no
+    other, and clients waited in the accept queue with no greeting while the daemon was
+    under its limit."""
+    d: EmpathDaemon = daemon_factory({"processes": {"receivers": 2},
+                                      "smtp": {"max_connections": 4}})
+    d.signal(signal.SIGTTOU)
+    d.wait_for(lambda: len(d.child_pids("receiver")) == 1, 15, "one receiver left")
+    conns = []
+    try:
+        for _ in range(4):
+            conn = socket.create_connection(d.address, timeout=5)
+            conns.append(conn)
+            assert conn.recv(512).startswith(b"220 ")
+        conn = socket.create_connection(d.address, timeout=5)  # past the daemon's limit
+        conns.append(conn)
+        assert conn.recv(512).startswith(b"421 ")
+    finally:
+        for conn in conns:
+            conn.close()
