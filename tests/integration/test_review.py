@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-
+import psutil
 import pytest
+from cryptography import x509
 from tests.integration.test_cluster import (  # noqa: F401 (dns, redis_server: fixtures)
     WAIT,
     dns,
@@ -30,7 +30,7 @@ from tests.integration.test_extensibility import FAST
 from tests.integration.test_faults import Mounts, mounts, remount  # noqa: F401 (mounts: a fixture)
 from tests.integration.test_limits_e2e import ids_per_worker, spool_messages
 from tests.support.certs import make_self_signed
-from tests.support.daemon import EmpathDaemon
+from tests.support.daemon import EmpathDaemon, wait_for
 from tests.support.dnsserver import DNSServer
 from tests.support.redisserver import RedisServer
 from tests.support.sink import Behaviour, SinkServer
@@ -267,5 +267,35 @@ def test_the_last_receiver_accepts_past_its_share(daemon_factory: Any) -> None:
         conns.append(conn)
         assert conn.recv(512).startswith(b"421 ")
     finally:
+        for conn in conns:
+            conn.close()
+
+
+def test_a_killed_receivers_row_neither_counts_nor_holds_the_gate(daemon_factory: Any) -> None:
+    """A receiver SIGKILLed (the master held back from replacing it) leaves its row in the
+    shared table marked as accepting, with its connections counted: the survivor must not
+    wait for it at its share, nor count the dead connections against the limit."""
+    d: EmpathDaemon = daemon_factory({"processes": {"receivers": 2},
+                                      "smtp": {"max_connections": 4}})
+    victim, survivor = d.child_pids("receiver")
+    held = [socket.create_connection(d.address, timeout=5) for _ in range(4)]
+    for conn in held:
+        assert conn.recv(512).startswith(b"220 ")
+    os.kill(d.master_pid, signal.SIGSTOP)
+    conns: list[socket.socket] = []
+    try:
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: not psutil.pid_exists(victim) or psutil.Process(victim).status()
+                 == psutil.STATUS_ZOMBIE, 10, message="the receiver killed")
+        for conn in held:
+            conn.close()
+        time.sleep(1.5)  # the survivor's sweep (every second) has seen the free lock
+        for _ in range(4):
+            conn = socket.create_connection(d.address, timeout=5)
+            conns.append(conn)
+            assert conn.recv(512).startswith(b"220 ")
+        assert psutil.Process(survivor).is_running()
+    finally:
+        os.kill(d.master_pid, signal.SIGCONT)
         for conn in conns:
             conn.close()
