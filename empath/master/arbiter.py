@@ -46,7 +46,7 @@ ROLES = {"receiver": "empath.smtp.server:serve", "delivery": "empath.delivery.wo
          "admin": "empath.observe.admin:serve"}
 HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
                    signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD)
-MAX_RECEIVERS = 256
+MAX_RECEIVERS = 32  # processes.receivers' maximum: two generations fill smtp/capacity.py's table
 KILL_GRACE = 1.0  # past shutdown_timeout before SIGKILL: children enforce it themselves first
 FAST_STOP_WAIT = 2.0  # after SIGQUIT, before SIGKILL
 # Most a new generation may take to boot before the reload is rolled back (the old one keeps

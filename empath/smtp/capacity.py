@@ -42,7 +42,7 @@ from typing import Any
 
 log = logging.getLogger("empath.smtp")
 
-MAX_ROWS = 64  # receiver processes at once, every generation of a reload included
+MAX_ROWS = 64  # receiver processes at once: processes.receivers (at most 32) twice, in a reload
 BUCKETS = 16384  # counters per hash function in a row's sketch
 HEADER = 2  # words before the sketch: [0] the lock byte's word, 1 while the receiver
 # accepts connections (AcceptGate), [1] open connections

@@ -16,6 +16,9 @@ from typing import Any
 import psutil
 import pytest
 from cryptography import x509
+
+from empath.master.arbiter import MAX_RECEIVERS
+from empath.smtp.capacity import MAX_ROWS
 from tests.integration.test_cluster import (  # noqa: F401 (dns, redis_server: fixtures)
     WAIT,
     dns,
@@ -26,6 +29,7 @@ from tests.integration.test_cluster import (  # noqa: F401 (dns, redis_server: f
     subjects,
     thaw,
 )
+from tests.integration.test_cli import empath
 from tests.integration.test_extensibility import FAST
 from tests.integration.test_faults import Mounts, mounts, remount  # noqa: F401 (mounts: a fixture)
 from tests.integration.test_limits_e2e import ids_per_worker, spool_messages
@@ -299,3 +303,17 @@ def test_a_killed_receivers_row_neither_counts_nor_holds_the_gate(daemon_factory
         os.kill(d.master_pid, signal.SIGCONT)
         for conn in conns:
             conn.close()
+
+
+def test_more_receivers_than_the_connection_table_holds_are_refused(tmp_path: Path) -> None:
+    """``processes.receivers`` took up to 256 while the shared connection table has 64 rows:
+    receivers past the 64th (or past half of it during a reload, when two generations run)
+    could not claim a row and exited at start, over and over, or rolled the reload back."""
+    assert MAX_RECEIVERS * 2 <= MAX_ROWS
+    for count, ok in ((MAX_RECEIVERS, True), (MAX_RECEIVERS + 1, False)):
+        path = tmp_path / f"r{count}.yaml"
+        path.write_text(f"processes:\n  receivers: {count}\n")
+        result = empath("check-config", env={"EMPATH_CONFIG": str(path)})
+        assert (result.returncode == 0) is ok, result.stderr
+        if not ok:
+            assert f"{path}:2: processes.receivers" in result.stderr
