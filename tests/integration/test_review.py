@@ -317,3 +317,39 @@ def test_more_receivers_than_the_connection_table_holds_are_refused(tmp_path: Pa
         assert (result.returncode == 0) is ok, result.stderr
         if not ok:
             assert f"{path}:2: processes.receivers" in result.stderr
+
+
+LOOP_MODULE = '''
+class Loop:
+    def __init__(self, options):
+        self.hop = options["hop"]
+
+    def before_delivery(self, ctx):
+        ctx.route("example.test", self.hop)
+
+
+def setup(options):
+    return Loop(options)
+'''
+
+
+def test_a_hook_routing_to_our_own_listener_is_a_loop(daemon_factory: Any,
+                                                      tmp_path: Path) -> None:
+    """A delivery hook that sends a domain to this daemon's own listener: the route is this
+    host, so the recipients fail at once ("loops back to myself") instead of the message
+    going round through our own receiver."""
+    (tmp_path / "loop_mod.py").write_text(LOOP_MODULE)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    d: EmpathDaemon = daemon_factory({
+        "listeners": [{"address": f"127.0.0.1:{port}"}],
+        "smtp": {"modules": [{"name": "loop_mod", "options": {"hop": f"127.0.0.1:{port}"}}]},
+        "delivery": FAST}, start=False)
+    d.start(env={"PYTHONPATH": str(tmp_path)})
+    with d.smtp() as s:
+        s.sendmail("someone@example.org", ["user@example.test"], b"Subject: loop\r\n\r\nx\r\n")
+    d.wait_for(lambda: "status=failed (554 5.4.6 mail for example.test loops back to myself)"
+               in d.log_text(), WAIT, "the loop detected")
+    time.sleep(1)
+    assert d.log_text().count("from=<someone@example.org>") == 1  # received once, not again
