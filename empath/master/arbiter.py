@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from empath import logsetup, observe
-from empath.config import ConfigError, load_config
+from empath.config import ConfigError, load_config, tlsfiles
 from empath.master import child as child_mod
 from empath.master import preflight, privileges
 from empath.master.child import ChildContext, Heartbeat, run_child
@@ -637,6 +637,11 @@ class Arbiter:
         self.listeners = listeners
         self.admin_listeners = admin_listeners
         self.cfg = new
+        try:  # a new hostname, a key made readable by others: a new self-signed pair
+            tlsfiles.ensure_self_signed(new, log)
+        except OSError as exc:
+            log.error("TLS: cannot write the self-signed certificate in %s: %s", new.tls_dir,
+                      exc.strerror or exc)
         self._log_admin_listeners(self.previous.admin_listeners)
         self._prepare_metrics_dir()
         self.generation += 1

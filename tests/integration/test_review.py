@@ -147,10 +147,12 @@ def test_generated_tls_pair_is_never_taken_from_another_user(daemon_factory: Any
     _restart(d)
     assert key_path.read_bytes() != first and key_path.stat().st_mode & 0o777 == 0o600
     assert "(mode 0644) may be read by other users: making a new pair" in d.log_text()
-    # A new hostname gets a certificate of its own.
+    # A new hostname gets a certificate of its own, at a restart and at a reload.
     d.write_config({"hostname": "mx2.test.empath"})
     _restart(d)
     assert _served_names(d) == ["mx2.test.empath"]
+    d.reload({"hostname": "mx3.test.empath"})
+    d.wait_for(lambda: _served_names(d) == ["mx3.test.empath"], 15, "the new certificate")
     # A directory other users may write in is not used to make a pair in.
     assert d.stop() == 0
     d.proc = None
