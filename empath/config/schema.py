@@ -275,9 +275,10 @@ SCHEMA = Section("", "Empath configuration.", (
             default=[{"address": "127.0.0.1:2525", "mode": "smtp",
                       "tls": {"cert": None, "key": None}}]),
     Section("processes", "How many of each child process the master keeps running.", (
-        Key("receivers", Int(1, 256), 2,
+        Key("receivers", Int(1, 32), 2,
             "SMTP receiver processes sharing the listening sockets (SIGTTIN/SIGTTOU "
-            "add/remove one)."),
+            "add/remove one); at most 32, so that two generations fit the shared "
+            "connection table during a reload."),
         Key("delivery", Int(1, 256), 2, "Delivery worker processes."),
         Key("heartbeat_timeout", Duration(2, 3600), 60.0,
             "A child whose event loop has not reported to the master for this long is "

@@ -7,6 +7,10 @@ forks the receivers when they do not exist yet (an ECDSA P-256 key, mode 0600, w
 current TLS stack accepts and which takes well under a millisecond to make where RSA 2048 takes
 about 100 ms, and a certificate for ``hostname`` valid ten years, as Debian's snakeoil
 certificate); the log says so and how to replace it. ``tls: off`` on a listener turns TLS off there.
+The pair is made again (with a warning saying why) when it is not two regular files of the
+daemon's user (a link another user planted), when others may read the key, or when the
+certificate is for another name than ``hostname``; it is never made in a directory other users
+may write in (an error, and those listeners offer no TLS).
 
 A receiver that cannot load a listener's certificate at run time (a file replaced by a broken
 one since the master checked it) does not exit: :func:`server_context` reports the problem, and
@@ -15,10 +19,13 @@ the receiver serves that listener without STARTTLS (smtps: every TLS handshake f
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import errno
 import logging
 import os
 import ssl
+import stat
 from typing import Any
 
 CERT_NAME = "selfsigned.crt"
@@ -60,10 +67,16 @@ def ensure_self_signed(cfg: Any, log: logging.Logger, owner: tuple[int, int] | N
     if not needs_self_signed(cfg):
         return False
     cert_path, key_path = self_signed_paths(cfg)
-    if os.path.exists(cert_path) and os.path.exists(key_path):
-        return False
-    cert_pem, key_pem = generate_self_signed(cfg.hostname)
     os.makedirs(cfg.tls_dir, mode=0o700, exist_ok=True)
+    owners = {0, os.geteuid()} | ({owner[0]} if owner is not None else set())
+    _check_directory(cfg.tls_dir, owners)
+    problem = _unusable(cert_path, key_path, cfg.hostname, owners)
+    if problem is None:
+        return False
+    if problem != "missing":
+        log.warning("TLS: the generated certificate %s or its key %s %s: making a new pair",
+                    cert_path, key_path, problem)
+    cert_pem, key_pem = generate_self_signed(cfg.hostname)
     _write(key_path, key_pem, 0o600, owner)
     _write(cert_path, cert_pem, 0o644, owner)
     if owner is not None:
@@ -78,7 +91,10 @@ def ensure_self_signed(cfg: Any, log: logging.Logger, owner: tuple[int, int] | N
 
 def _write(path: str, data: bytes, mode: int, owner: tuple[int, int] | None) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)  # a stale one, or a planted link: never written through
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 mode)
     try:
         os.fchmod(fd, mode)
         if owner is not None:
@@ -88,6 +104,43 @@ def _write(path: str, data: bytes, mode: int, owner: tuple[int, int] | None) -> 
     finally:
         os.close(fd)
     os.replace(tmp, path)
+
+
+def _check_directory(path: str, owners: set[int]) -> None:
+    """OSError unless ``path`` belongs to one of ``owners`` and no other user may write in
+    it: another user could plant the key there (or a link to a key of theirs)."""
+    st = os.stat(path)
+    if st.st_uid not in owners or st.st_mode & 0o022:
+        raise OSError(errno.EPERM, f"{path} is owned by uid {st.st_uid} with mode "
+                      f"{stat.S_IMODE(st.st_mode):04o}; it must belong to the daemon's user "
+                      "(or root) and be writable by it alone")
+
+
+def _unusable(cert_path: str, key_path: str, hostname: str, owners: set[int]) -> str | None:
+    """Why the generated pair must be made again, or None when it is fine: missing, not
+    regular files of the daemon's user (a link planted by another user), a key others may
+    read (compromised), a certificate for another hostname (``hostname`` was changed)."""
+    try:
+        cert_st, key_st = os.lstat(cert_path), os.lstat(key_path)
+    except FileNotFoundError:
+        return "missing"
+    for st in (cert_st, key_st):
+        if not stat.S_ISREG(st.st_mode) or st.st_uid not in owners:
+            return "are not regular files of the daemon's user"
+    if key_st.st_mode & 0o077:
+        return f"(mode {stat.S_IMODE(key_st.st_mode):04o}) may be read by other users"
+    from cryptography import x509
+
+    try:
+        with open(cert_path, "rb") as fh:
+            cert = x509.load_pem_x509_certificate(fh.read())
+        names = cert.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    except (ValueError, x509.ExtensionNotFound):
+        return "do not parse"
+    if names != [hostname]:
+        return f"are for {', '.join(names) or 'no name'}, not for the hostname {hostname}"
+    return None
 
 
 def generate_self_signed(hostname: str) -> tuple[bytes, bytes]:

@@ -39,6 +39,8 @@ from empath.spool.records import recipient_domain
 log = logging.getLogger("empath.delivery")
 
 DELIVERY_HOOKS = ("before_delivery", "after_delivery", "on_notice")
+MAX_HEADER_LINE = 998  # octets of a header line without its CRLF (RFC 5322 §2.1.1)
+MAX_ADDED_HEADERS = 65536  # octets one hook may add to a message in one attempt
 _HEADER_NAME = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"
                          b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
@@ -87,6 +89,14 @@ class DeliveryContext:
             raise ValueError(f"{name!r} is not a header field name")
         if any(c in value for c in "\r\n\0"):
             raise ValueError("a header value is one line: no CR, LF or NUL")
+        size = len(raw) + 2 + len(value.encode())
+        if size > MAX_HEADER_LINE:
+            raise ValueError(f"a header line is at most {MAX_HEADER_LINE} octets "
+                             f"(RFC 5322 2.1.1); {name} would be {size}")
+        added = sum(len(n) + len(v.encode()) + 4 for n, v in self.added_headers)
+        if added + size + 2 > MAX_ADDED_HEADERS:
+            raise ValueError(f"a hook adds at most {MAX_ADDED_HEADERS} octets of headers "
+                             "to a message")
         self.added_headers.append((name, value))
 
     def _decide(self, address: str, outcome: RecipientOutcome) -> None:

@@ -4,7 +4,10 @@ Owns connection reuse: a healthy connection is kept per (host, ip, port, TLS pol
 requirement) for ``connection_reuse.max_idle`` seconds and at most ``max_messages`` messages;
 ``take`` hands one back only after it answered RSET (RFC 5321 §4.1.1.5), otherwise it is
 dropped. Closing (QUIT) happens in the background, and ``close`` waits for all of it at worker
-shutdown. The pool never opens a connection itself and never touches the spool.
+shutdown; a delivery within ``quits_awaited`` waits for the QUITs it started, so a connection
+limit it holds (delivery/limits.py ``slot``, a fleet lease) covers its connections until they
+are closed, however slow the server is to answer QUIT. The pool never opens a connection
+itself and never touches the spool.
 
 Each idle connection has one timer, cancelled when the connection is taken. A timer that
 fires before ``max_idle`` has passed by the clock (event-loop timers may fire a fraction of a
@@ -17,6 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from typing import Any
 
 from empath.delivery.connection import SMTPConnection
@@ -24,6 +30,23 @@ from empath.delivery.dane import DaneRequirement
 from empath.delivery.tls import TLSPolicy
 
 PoolKey = tuple[str, str, int, TLSPolicy, DaneRequirement | None]
+
+# The QUITs started by the current delivery (set by quits_awaited), or None.
+_QUITS: ContextVar[set[asyncio.Task[None]] | None] = ContextVar("empath_pool_quits",
+                                                                 default=None)
+
+
+@asynccontextmanager
+async def quits_awaited() -> AsyncIterator[None]:
+    """Leave only once every QUIT started within (by this task) is over."""
+    quits: set[asyncio.Task[None]] = set()
+    token = _QUITS.set(quits)
+    try:
+        yield
+    finally:
+        _QUITS.reset(token)
+        if quits:  # conn.quit never raises and is bounded by the quit timeout
+            await asyncio.wait(quits)
 
 
 class ConnectionPool:
@@ -92,6 +115,9 @@ class ConnectionPool:
     def quit_later(self, conn: SMTPConnection) -> None:
         task = asyncio.ensure_future(conn.quit())
         self._closing.add(task)
+        waiting = _QUITS.get()
+        if waiting is not None:
+            waiting.add(task)
         task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:

@@ -76,7 +76,7 @@ from empath.delivery.errors import (
 from empath.delivery.limits import DestinationLimits
 from empath.delivery.mtasts import PolicyCache, StsCheck
 from empath.delivery.mtasts_fetch import PolicyFetcher
-from empath.delivery.pool import ConnectionPool, PoolKey
+from empath.delivery.pool import ConnectionPool, PoolKey, quits_awaited
 from empath.delivery.state import RecipientOutcome
 from empath.delivery.strategy import NEXT_HOP
 from empath.delivery.tls import DISABLED, OPPORTUNISTIC, TLSContexts, TLSPolicy, policy_for
@@ -218,7 +218,8 @@ class RemoteTransport:
                          mx_index=None, dnssec=None, dane=None)
         try:
             self.breakers.check(domain)  # open: no need to wait for a slot
-            async with self.limits.slot(domain):
+            # The slot is held until the connection's QUIT is over, not only the delivery.
+            async with self.limits.slot(domain), quits_awaited():
                 outcomes = await self._deliver_admitted(domain, envelope, rcpts, source, info)
         except CircuitOpen as err:  # the worker logs the deferral of each recipient
             info["breaker"] = "open"

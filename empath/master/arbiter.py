@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from empath import logsetup, observe
-from empath.config import ConfigError, load_config
+from empath.config import ConfigError, load_config, tlsfiles
 from empath.master import child as child_mod
 from empath.master import preflight, privileges
 from empath.master.child import ChildContext, Heartbeat, run_child
@@ -47,7 +47,7 @@ ROLES = {"receiver": "empath.smtp.server:serve", "delivery": "empath.delivery.wo
          "admin": "empath.observe.admin:serve"}
 HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
                    signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD)
-MAX_RECEIVERS = 256
+MAX_RECEIVERS = 32  # processes.receivers' maximum: two generations fill smtp/capacity.py's table
 KILL_GRACE = 1.0  # past shutdown_timeout before SIGKILL: children enforce it themselves first
 FAST_STOP_WAIT = 2.0  # after SIGQUIT, before SIGKILL
 # Most a new generation may take to boot before the reload is rolled back (the old one keeps
@@ -701,6 +701,11 @@ class Arbiter:
         self.previous, self.current = self.current, self.current.successor(new, listeners,
                                                                            admin_listeners)
         self.removed_listeners += self.previous.left_behind(self.current)
+        try:  # a new hostname, a key made readable by others: a new self-signed pair
+            tlsfiles.ensure_self_signed(new, log)
+        except OSError as exc:
+            log.error("TLS: cannot write the self-signed certificate in %s: %s", new.tls_dir,
+                      exc.strerror or exc)
         self._log_admin_listeners(list(self.previous.admin_listeners))
         self._prepare_metrics_dir()
         self.reloaded_at = time.monotonic()

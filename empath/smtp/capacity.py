@@ -42,9 +42,10 @@ from typing import Any
 
 log = logging.getLogger("empath.smtp")
 
-MAX_ROWS = 64  # receiver processes at once, every generation of a reload included
+MAX_ROWS = 64  # receiver processes at once: processes.receivers (at most 32) twice, in a reload
 BUCKETS = 16384  # counters per hash function in a row's sketch
-HEADER = 2  # words before the sketch: [0] the lock byte's word, [1] open connections
+HEADER = 2  # words before the sketch: [0] the lock byte's word, 1 while the receiver
+# accepts connections (AcceptGate), [1] open connections
 ROW_WORDS = HEADER + 2 * BUCKETS
 ROW_BYTES = ROW_WORDS * 4
 
@@ -125,11 +126,27 @@ class ConnectionTable:
         """Zero the rows of receivers that died (counts left, lock free); every second."""
         words = self.words
         for row in range(MAX_ROWS):
-            if row != self.row and words[row * ROW_WORDS + 1] \
+            if row != self.row and (words[row * ROW_WORDS] or words[row * ROW_WORDS + 1]) \
                     and _lock(self._fd, row, fcntl.F_WRLCK):
                 # A dead receiver's counts: take its row long enough to clear it.
                 self._zero(row)
                 _lock(self._fd, row, fcntl.F_UNLCK)
+
+    def set_accepting(self, accepting: bool) -> None:
+        """Say whether this receiver takes connections (its gate is open)."""
+        self.words[self.base] = int(accepting)
+
+    def others_accepting(self) -> bool:
+        """Whether another live receiver takes connections; a dead one's row is cleared."""
+        words = self.words
+        for row in range(MAX_ROWS):
+            if row == self.row or not words[row * ROW_WORDS]:
+                continue
+            if not _lock(self._fd, row, fcntl.F_WRLCK):
+                return True  # its lock is held: alive
+            self._zero(row)
+            _lock(self._fd, row, fcntl.F_UNLCK)
+        return False
 
     # -- this receiver's connections --------------------------------------------------------
     def opened(self, ip: str) -> tuple[int, int, int]:
@@ -178,10 +195,16 @@ class AcceptGate:
 
     Each asyncio server is given a duplicate of the master's socket: closing it stops this
     process's accepts and nobody else's, and a new duplicate starts them again.
+
+    A receiver stops at its share only while another live receiver accepts (the table's
+    ``others_accepting``): after SIGTTOU, or with the others dead, the share counted at start
+    would leave clients in the accept queue with no one to take them. Two receivers reaching
+    their shares at once may both stop; the next sweep (a second) opens one again.
     """
 
-    def __init__(self, share: int) -> None:
+    def __init__(self, share: int, table: ConnectionTable | None = None) -> None:
         self.share = share
+        self.table = table
         self.open = True
         self._specs: list[tuple[Any, Any, Any]] = []  # (socket, protocol factory, ssl context)
         self._servers: list[asyncio.AbstractServer] = []
@@ -190,6 +213,11 @@ class AcceptGate:
     async def serve(self, sock: socket.socket, factory: Any, ssl_ctx: Any) -> None:
         self._specs.append((sock, factory, ssl_ctx))
         self._servers.append(await self._listen(sock, factory, ssl_ctx))
+        self._accepting(True)
+
+    def _accepting(self, accepting: bool) -> None:
+        if self.table is not None:
+            self.table.set_accepting(accepting)
 
     @staticmethod
     async def _listen(sock: socket.socket, factory: Any, ssl_ctx: Any) -> asyncio.AbstractServer:
@@ -202,9 +230,11 @@ class AcceptGate:
         At its share a receiver stops accepting, unless the whole daemon is at ``limit``: then
         someone has to accept, to answer 421 at once rather than leave clients waiting in the
         accept queue for minutes."""
-        wanted = own < self.share or total >= limit
+        wanted = own < self.share or total >= limit or (
+            self.table is not None and not self.table.others_accepting())
         if self.open and not wanted:
             self.open = False
+            self._accepting(False)
             for server in self._servers:
                 server.close()
             self._servers = []
@@ -215,6 +245,7 @@ class AcceptGate:
         try:
             self._servers = [await self._listen(*spec) for spec in self._specs]
             self.open = True
+            self._accepting(True)
         except OSError as exc:  # the socket was closed under us (shutting down)
             log.warning("could not resume accepting connections: %s", exc)
         finally:
@@ -228,6 +259,8 @@ class AcceptGate:
             server.close()
         self._servers = []
         self.open = False
+        with contextlib.suppress(ValueError):  # the table may be closed already
+            self._accepting(False)
 
 
 def share_of(max_connections: int, receivers: int) -> int:

@@ -57,7 +57,8 @@ class Receiver:
         # Connection counts of the whole daemon, and this receiver's share of the accepts.
         self.table = capacity.ConnectionTable()
         self.gate = capacity.AcceptGate(capacity.share_of(cfg.smtp.max_connections,
-                                                          getattr(ctx, "count", 1)))
+                                                          getattr(ctx, "count", 1)),
+                                        self.table)
         self.stopping = False
         self.writer: Any = None
         self.data_block = cfg.smtp.timeouts.data_block

@@ -490,6 +490,10 @@ async def serve(ctx: Any) -> None:
     finally:
         receiver.stopping = True
         gate.close()
+        # A connection accepted in the loop's last turn before the close has its
+        # connection_made still queued: let it run (it is answered 421) before the
+        # connections are counted, or the process would exit and close it unanswered.
+        await asyncio.sleep(0)
         for proto in list(receiver.connections):
             proto.close_for_shutdown()
         deadline = time.monotonic() + ctx.shutdown_timeout
