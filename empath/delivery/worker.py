@@ -108,6 +108,7 @@ class DeliveryWorker:
         # The listing of deferred/ being read (slice by slice), and the time it has cost.
         self._scan: Iterator[os.DirEntry[str]] | None = None
         self._scan_cost = 0.0
+        self._scan_read = 0
         # Claims whose state update failed (a rename or unlink the file system refused):
         # id -> (monotonic retry time, the work that retries it). See _strand.
         self._stranded: dict[str, tuple[float, Work]] = {}
@@ -353,6 +354,7 @@ class DeliveryWorker:
         self._stop_scan()
         self._due.clear()
         self._scan_cost = 0.0
+        self._scan_read = 0
         self._next_deferred_scan = math.inf  # until this listing ends (or a rescan is asked)
         try:
             self._scan = os.scandir(self.spool.state_dir("deferred"))
@@ -371,6 +373,9 @@ class DeliveryWorker:
         # Listing a huge deferred/ costs seconds: never more than LISTING_SHARE of the time.
         wait = max(self.cfg.delivery.queue_scan_interval, self._scan_cost / LISTING_SHARE)
         self._next_deferred_scan = time.monotonic() + wait
+        log.log(logging.INFO if self._scan_read > SCAN_SLICE else logging.DEBUG,
+                "deferred/ listed: %d message(s) in %.2fs of work; next listing in %.0fs",
+                self._scan_read, self._scan_cost, wait)
 
     def _scan_slice(self, now: float, count: int) -> bool:
         """Read up to ``count`` more files of the listing into the schedule (due time =
@@ -397,6 +402,7 @@ class DeliveryWorker:
                 finished = False
                 break
         self._due.add(batch)
+        self._scan_read += len(batch)
         self._scan_cost += time.monotonic() - started
         if finished:
             self._end_scan()
