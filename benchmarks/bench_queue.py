@@ -89,17 +89,34 @@ def timed(args: list[str]) -> tuple[float, dict[str, Any]]:
     return time.monotonic() - started, json.loads(r.stdout)
 
 
-def wait_listed(daemon: EmpathDaemon, workers: int, count: int,
-                limit: float) -> list[float]:
-    """Seconds of work of each worker's first complete listing of ``count`` messages."""
+def wait_listed(daemon: EmpathDaemon, workers: int, count: int, limit: float,
+                log_from: int) -> list[float]:
+    """Seconds of work of each worker's first complete listing of ``count`` messages (in the
+    log from offset ``log_from`` on: this run's part)."""
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
-        found = [float(m.group(2)) for m in LISTED.finditer(daemon.log_text())
+        found = [float(m.group(2)) for m in LISTED.finditer(log_since(daemon, log_from))
                  if int(m.group(1)) >= count]
         if len(found) >= workers:
             return found[:workers]
         time.sleep(0.2)
     return []
+
+
+def log_size(daemon: EmpathDaemon) -> int:
+    try:
+        return os.path.getsize(daemon.log_path)
+    except FileNotFoundError:
+        return 0
+
+
+def log_since(daemon: EmpathDaemon, offset: int) -> str:
+    try:
+        with open(daemon.log_path, "rb") as fh:
+            fh.seek(offset)
+            return fh.read().decode(errors="replace")
+    except FileNotFoundError:
+        return ""
 
 
 def wait_idle(pid: int, limit: float) -> None:
@@ -135,6 +152,7 @@ def run_one(count: int, cache: str, full_max: int) -> dict[str, Any]:
         overrides["log"] = {"level": "info"}
         overrides["listeners"] = [{"address": f"127.0.0.1:{port}"}]
         daemon = EmpathDaemon(os.path.join(base, "daemon"), overrides)
+        log_from = log_size(daemon)
         started = time.monotonic()
         daemon.start(wait=False)
         try:
@@ -150,7 +168,7 @@ def run_one(count: int, cache: str, full_max: int) -> dict[str, Any]:
                                    "--spool", spool])
             workers = daemon.child_pids("delivery")
             # A listing of one slice is logged at debug level only: nothing to wait for.
-            listed = wait_listed(daemon, len(workers), count, 600) if count > 2000 else []
+            listed = wait_listed(daemon, len(workers), count, 600, log_from) if count > 2000 else []
             wait_idle(daemon.master_pid, 60)
             mem = empathd.memory(daemon.master_pid)
             idle_s, _ = timed([EMPATHCTL, "queue", "stats", "--json", "--spool", spool])
@@ -161,7 +179,8 @@ def run_one(count: int, cache: str, full_max: int) -> dict[str, Any]:
             empathd.stop_empath(daemon)
     return {"deferred": count, "accepted_s": round(accepted, 3),
             "delivered_s": None if delivered is None else round(delivered, 3),
-            "stats_s": round(stats_s, 3), "stats_idle_s": round(idle_s, 3), "stats_detail": stats["detail"],
+            "stats_s": round(stats_s, 3), "stats_idle_s": round(idle_s, 3),
+            "stats_detail": stats["detail"],
             "stats_deferred": stats["states"]["deferred"]["messages"],
             "stats_full_s": None if full_s is None else round(full_s, 3),
             "worker_listing_s": listed, "listing": listing_cost(spool), **mem}
@@ -172,7 +191,8 @@ def report(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         print(f"\n{r['deferred']:,} deferred: 250 at {r['accepted_s']:.2f}s, delivered at "
               f"{r['delivered_s']}s after launch; queue stats {r['stats_s']:.2f}s while the "
-              f"workers list, {r['stats_idle_s']:.2f}s idle ({r['stats_detail']}, {r['stats_deferred']:,} deferred)"
+              f"workers list, {r['stats_idle_s']:.2f}s idle ({r['stats_detail']}, "
+              f"{r['stats_deferred']:,} deferred)"
               + (f", --full {r['stats_full_s']:.2f}s" if r["stats_full_s"] is not None else ""))
         print(f"  workers' listing of deferred/: {r['worker_listing_s']} s of work; from here: "
               f"names {r['listing']['names_s']}s, names+stat {r['listing']['names_and_stat_s']}s")
