@@ -176,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds between refreshes (default 2)")
     sp.add_argument("--count", type=int, default=None, metavar="N",
                     help="with --watch, stop after N refreshes")
+    sp.add_argument("--full", action="store_true",
+                    help="bytes and destinations even of a queue of more than 10,000 messages "
+                         "(reads every queue file)")
     return parser
 
 

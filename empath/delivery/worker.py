@@ -27,6 +27,13 @@ A message whose running destination deliveries all wait for a destination's conn
 or rate token holds no delivery slot (``limits.Ticket``): up to ``WAITING_PER_SLOT`` such
 messages per slot are kept besides ``max_parallel_deliveries`` delivering ones.
 
+Due times of ``deferred/`` are kept in a compact schedule (``schedule.py``, ~34 bytes a
+message), rebuilt from a listing every ``queue_scan_interval``. The listing is read in slices
+of ``SCAN_SLICE`` files between other work, so a worker started on a deferred queue of a
+million messages claims and delivers new mail from ``incoming/`` while it is still reading
+``deferred/``; the entries read so far are claimed as they come due meanwhile. Like the
+listing of ``incoming/``, it takes no more than ``LISTING_SHARE`` of the worker's time.
+
 Timers run on the monotonic clock. Due times in ``deferred/`` are wall-clock mtimes: when the
 wall clock jumps back (against the monotonic clock) by more than ``CLOCK_JUMP``, the worker
 moves the due times of its shard's deferred files back by the jump, so the jump does not
@@ -38,19 +45,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import heapq
 import logging
+import math
 import os
 import random
 import time
 import zlib
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 from empath import cluster
 from empath.delivery import bounce, limits, state
 from empath.delivery.dispatch import Dispatcher, OnGroupDone
 from empath.delivery.hooks import DeliveryHooks
+from empath.delivery.schedule import DueSchedule
 from empath.observe import audit, deliveries, metrics, tracing
 from empath.spool import CorruptFile, Spool, WakeListener, new_message_id, read_queue_file, records
 from empath.spool.layout import is_disk_full
@@ -70,6 +78,7 @@ WAITING_PER_SLOT = 10
 FAULT_PROBE_INTERVAL = 1.0  # seconds between probes of a spool that refused a write
 FAILED_SWEEP_MAX = 60.0  # seconds between two sweeps of failed/ at most
 CLOCK_JUMP = 5.0  # a wall-clock step (against the monotonic clock) beyond this is a jump
+SCAN_SLICE = 2000  # files of deferred/ read between two turns of the event loop
 Work = Callable[[], Coroutine[Any, Any, None]]
 
 
@@ -95,7 +104,11 @@ class DeliveryWorker:
         self._listing: list[str] = []
         self._listing_pos = 0
         self._relist_at = 0.0  # monotonic time before which incoming/ is not listed again
-        self._due: list[tuple[float, str]] = []  # heap of (due time, id) from the last scan
+        self._due = DueSchedule()  # deferred/ as last listed (entries not yet claimed)
+        # The listing of deferred/ being read (slice by slice), and the time it has cost.
+        self._scan: Iterator[os.DirEntry[str]] | None = None
+        self._scan_cost = 0.0
+        self._scan_read = 0
         # Claims whose state update failed (a rename or unlink the file system refused):
         # id -> (monotonic retry time, the work that retries it). See _strand.
         self._stranded: dict[str, tuple[float, Work]] = {}
@@ -132,8 +145,13 @@ class DeliveryWorker:
                 if listener is None and self._spool_writable():
                     listener = self._listen()
                 self._check_clock()
+                scanning = False
                 if self._active_lock is not None and not self.spool.is_frozen():
+                    scanning = self._advance_scan()
                     self._fill()
+                if scanning:
+                    await asyncio.sleep(0)  # the rest of deferred/ after other work
+                    continue
                 timeout = interval
                 now_mono = time.monotonic()
                 nexts = [due for due, _ in self._stranded.values()]
@@ -141,13 +159,15 @@ class DeliveryWorker:
                     nexts.append(self._relist_at)
                 if self._fault is not None:
                     nexts.append(self._probe_at)
-                if self._due:
-                    nexts.append(now_mono + self._due[0][0] - time.time())
+                next_due = self._due.next_due()
+                if next_due is not None:
+                    nexts.append(now_mono + next_due - time.time())
                 if nexts:
                     timeout = max(0.05, min(interval, min(nexts) - now_mono))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake_or_stop(), timeout)
         finally:
+            self._stop_scan()
             if listener is not None:
                 listener.close()
             await self._drain()
@@ -312,39 +332,87 @@ class DeliveryWorker:
 
     def _fill_deferred(self) -> None:
         now = time.time()
-        if time.monotonic() >= self._next_deferred_scan:
-            self._scan_deferred(now)
         if time.monotonic() >= self._next_failed_sweep:
             self._sweep_failed(now)
-        while self._due and self._due[0][0] <= now and self._free() > 0:
-            _, message_id = heapq.heappop(self._due)
+        while self._free() > 0:
+            message_id = self._due.pop_due(now)
+            if message_id is None:
+                break
             self._claim(message_id, "deferred")
 
-    def _scan_deferred(self, now: float) -> None:
-        """Rebuild the heap of due times from deferred/ (mtime = next attempt)."""
-        due: list[tuple[float, str]] = []
+    def _advance_scan(self) -> bool:
+        """Start a listing of deferred/ when one is due (a new one replaces one being read),
+        then read one slice of it; True while the listing is unfinished."""
+        if time.monotonic() >= self._next_deferred_scan:
+            self._start_scan()
+        if self._scan is None:
+            return False
+        return not self._scan_slice(time.time(), SCAN_SLICE)
+
+    def _start_scan(self) -> None:
+        """Begin a new listing of deferred/: the schedule is rebuilt from it as it is read."""
+        self._stop_scan()
+        self._due.clear()
+        self._scan_cost = 0.0
+        self._scan_read = 0
+        self._next_deferred_scan = math.inf  # until this listing ends (or a rescan is asked)
         try:
-            entries = os.scandir(self.spool.state_dir("deferred"))
+            self._scan = os.scandir(self.spool.state_dir("deferred"))
         except FileNotFoundError:
-            entries = None
-        if entries is not None:
-            with entries:
-                for entry in entries:
-                    try:
-                        mtime = entry.stat().st_mtime
-                    except FileNotFoundError:
-                        continue
-                    if mtime - now > self.horizon:
-                        log.warning("%s: due %s, further ahead than any retry delay (the "
-                                    "clock moved back?); due now", entry.name,
-                                    time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(mtime)))
-                        mtime = now
-                    if not self._own(entry.name):
-                        mtime += FOREIGN_GRACE * 5
-                    due.append((mtime, entry.name))
-        heapq.heapify(due)
-        self._due = due
-        self._next_deferred_scan = time.monotonic() + self.cfg.delivery.queue_scan_interval
+            self._end_scan()
+
+    def _stop_scan(self) -> None:
+        if self._scan is not None:
+            close = getattr(self._scan, "close", None)
+            if close is not None:
+                close()
+            self._scan = None
+
+    def _end_scan(self) -> None:
+        self._stop_scan()
+        # Listing a huge deferred/ costs seconds: never more than LISTING_SHARE of the time.
+        wait = max(self.cfg.delivery.queue_scan_interval, self._scan_cost / LISTING_SHARE)
+        self._next_deferred_scan = time.monotonic() + wait
+        log.log(logging.INFO if self._scan_read > SCAN_SLICE else logging.DEBUG,
+                "deferred/ listed: %d message(s) in %.2fs of work; next listing in %.0fs",
+                self._scan_read, self._scan_cost, wait)
+
+    def _scan_slice(self, now: float, count: int) -> bool:
+        """Read up to ``count`` more files of the listing into the schedule (due time =
+        mtime); True when the listing is finished."""
+        started = time.monotonic()
+        entries = self._scan
+        assert entries is not None
+        batch: list[tuple[float, str]] = []
+        finished = True
+        for entry in entries:
+            try:
+                mtime = entry.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            if mtime - now > self.horizon:
+                log.warning("%s: due %s, further ahead than any retry delay (the "
+                            "clock moved back?); due now", entry.name,
+                            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(mtime)))
+                mtime = now
+            if not self._own(entry.name):
+                mtime += FOREIGN_GRACE * 5
+            batch.append((mtime, entry.name))
+            if len(batch) >= count:
+                finished = False
+                break
+        self._due.add(batch)
+        self._scan_read += len(batch)
+        self._scan_cost += time.monotonic() - started
+        if finished:
+            self._end_scan()
+        return finished
+
+    def _scan_deferred(self, now: float) -> None:
+        """Rebuild the schedule from deferred/ at once (mtime = next attempt)."""
+        self._start_scan()
+        while self._scan is not None and not self._scan_slice(now, SCAN_SLICE):
+            pass
 
     def _sweep_failed(self, now: float) -> None:
         """Drop double bounces (failed/, null sender) of this shard older than

@@ -480,3 +480,50 @@ def test_usage_errors_exit_2(spool: Spool, args: list[str]) -> None:
     except SystemExit as exc:  # argparse's own usage errors
         code = int(exc.code or 0)
     assert code == 2
+
+
+def test_stats_of_a_large_queue_count_names_and_full_reads_every_file(
+        spool: Spool, queue: Queue, monkeypatch: pytest.MonkeyPatch) -> None:
+    from empath.ctl import stats as stats_module
+
+    old = put(spool, "deferred", at=NOW - 500)
+    put(spool, "incoming", at=NOW - 10)
+    put(spool, "active", at=NOW - 20, slot=os.getpid())
+    put(spool, "hold", rcpts=("x@other.org",), at=NOW - 30)
+    (Path(spool.state_dir("deferred")) / "not-a-queue-id").write_bytes(b"junk")
+    monkeypatch.setattr(stats_module, "FULL_LIMIT", 3)
+    opened: list[str] = []
+    real_open, real_stat = os.open, os.stat
+
+    def spy_open(path: Any, *args: Any, **kw: Any) -> Any:
+        opened.append(str(path))
+        return real_open(path, *args, **kw)
+
+    def spy_stat(path: Any, *args: Any, **kw: Any) -> Any:
+        opened.append(str(path))
+        return real_stat(path, *args, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "open", spy_open)
+        m.setattr(os, "stat", spy_stat)
+        counted = stats_module.collect(queue)
+        files = [p for p in opened if os.path.basename(p) != "freeze"]
+        assert files == []  # no queue file opened or stat'ed
+        stats_module.collect(queue, full=True)
+        files = [p for p in opened if os.path.basename(p) != "freeze"]
+        assert len(files) >= 4  # the spies see the reads of a full count
+    assert counted["detail"] == "counts" and counted["domains"] is None
+    assert counted["total"] == {"messages": 4, "bytes": None}
+    assert {s: v["messages"] for s, v in counted["states"].items()} == {
+        "pending": 1, "active": 1, "deferred": 1, "held": 1, "failed": 0, "corrupt": 0}
+    assert counted["oldest"]["id"] == old and counted["oldest"]["status"] == "deferred"
+    assert counted["oldest"]["age"] >= time.time() - NOW + 499
+    text = "\n".join(stats_module.render(counted))
+    assert text.startswith("queue: 4 message(s), bytes not counted")
+    assert "not counted (more than 3 messages" in text
+    full = stats_module.collect(queue, full=True)
+    assert full["detail"] == "full" and full["total"]["bytes"] > 0
+    assert full["domains"]["example.net"]["messages"] == 3
+    assert full["oldest"]["id"] == old
+    monkeypatch.setattr(stats_module, "FULL_LIMIT", 4)
+    assert stats_module.collect(queue)["detail"] == "full"  # small enough: read in full
