@@ -79,12 +79,17 @@ DNSSEC_MODES = ("off", "log", "enforce")
 WEBHOOK_FORMATS = ("json", "multipart")
 
 
-class _WebhookURL(Str):
-    """An http:// or https:// URL with a host and no credentials in it (webhook.url)."""
+class _URL(Str):
+    """A URL of one of ``schemes`` with a host, no port 0, and no secret written in it (a
+    secret in the URL would sit in the configuration, its copies and the logs)."""
 
-    def __init__(self) -> None:
+    def __init__(self, schemes: tuple[str, ...], describe: str, secret_error: str,
+                 user_allowed: bool = False) -> None:
         super().__init__()
-        self.describe = "an http:// or https:// URL"
+        self.schemes = schemes
+        self.describe = describe
+        self.secret_error = secret_error
+        self.user_allowed = user_allowed  # a user name without a password is no secret
 
     def convert(self, value: Any, ctx: Any) -> Any:
         text = super().convert(value, ctx)
@@ -93,15 +98,27 @@ class _WebhookURL(Str):
             port = parts.port  # ValueError when it is not a number from 0 to 65535
         except ValueError as exc:
             raise ValueError(f"{text!r} is not {self.describe}: {exc}") from None
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        if parts.scheme not in self.schemes or not parts.hostname:
             raise ValueError(f"{text!r} is not {self.describe} with a host")
-        if parts.username is not None or parts.password is not None:
-            raise ValueError("no credentials in the URL: they would sit in the configuration "
-                             "and the logs; the receiver checks webhook.secret_file's "
-                             "signature instead")
+        if parts.password is not None or (parts.username is not None and not self.user_allowed):
+            raise ValueError(self.secret_error)
         if port == 0:
             raise ValueError(f"{text!r}: port 0")
         return text
+
+
+def _webhook_url() -> _URL:
+    """webhook.url: http:// or https://, no credentials."""
+    return _URL(("http", "https"), "an http:// or https:// URL",
+                "no credentials in the URL: they would sit in the configuration and the logs; "
+                "the receiver checks webhook.secret_file's signature instead")
+
+
+def _redis_url() -> _URL:
+    """cluster.url: redis:// or rediss:// (TLS), no password."""
+    return _URL(("redis", "rediss"), "a redis:// or rediss:// URL",
+                "no password in the URL: it would sit in the configuration and the logs; use "
+                "cluster.password_file", user_allowed=True)
 
 
 class _Strategy(Str):
@@ -110,30 +127,6 @@ class _Strategy(Str):
     def __init__(self) -> None:
         super().__init__(pattern=r"^(smtp|webhook|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$")
         self.describe = "smtp, webhook or package.module:Class"
-
-
-class _RedisURL(Str):
-    """A redis:// or rediss:// (TLS) URL with a host and no password in it (cluster.url)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.describe = "a redis:// or rediss:// URL"
-
-    def convert(self, value: Any, ctx: Any) -> Any:
-        text = super().convert(value, ctx)
-        try:
-            parts = urlsplit(text)
-            port = parts.port  # ValueError when it is not a number from 0 to 65535
-        except ValueError as exc:
-            raise ValueError(f"{text!r} is not {self.describe}: {exc}") from None
-        if parts.scheme not in ("redis", "rediss") or not parts.hostname:
-            raise ValueError(f"{text!r} is not {self.describe} with a host")
-        if parts.password is not None:
-            raise ValueError("no password in the URL: it would sit in the configuration and "
-                             "the logs; use cluster.password_file")
-        if port == 0:
-            raise ValueError(f"{text!r}: port 0")
-        return text
 
 
 class _DNSSECMode(Str):
@@ -196,7 +189,7 @@ DOMAIN_POLICY = (
     Section("webhook", "The HTTP endpoint of strategy webhook (docs/WEBHOOKS.md). 2xx: "
             "delivered; 408, 429, 5xx, 3xx, timeouts and connection errors: retried on the "
             "normal schedule; any other 4xx: failed (bounced).", (
-                Key("url", _WebhookURL(), None,
+                Key("url", _webhook_url(), None,
                     "http:// or https:// URL the messages are POSTed to (https: verified "
                     "against delivery.tls.ca_file, else the system store; no redirects "
                     "followed); required with strategy webhook.", nullable=True),
@@ -633,7 +626,7 @@ SCHEMA = Section("", "Empath configuration.", (
             "each with its own spool, share their per-destination connection and rate limits, "
             "circuit breakers and the duplicate window through one Redis server. Off while "
             "url is null (no Redis client is even loaded).", (
-        Key("url", _RedisURL(), None,
+        Key("url", _redis_url(), None,
             "redis://host:port or rediss://host:port (TLS) of the Redis server; null: this "
             "node stands alone.", nullable=True),
         Key("password_file", Path(), None,
