@@ -276,10 +276,12 @@ def test_tmp_files_of_a_killed_child_are_swept(daemon_factory: Factory) -> None:
 
 
 def test_silent_child_is_killed_and_replaced(daemon_factory: Factory) -> None:
-    d: EmpathDaemon = daemon_factory({"processes": {"heartbeat_timeout": "2s"}})
+    # 4 s: a replacement must beat within it even on a loaded machine (a child that starts
+    # more slowly than the timeout is itself taken for silent and replaced again).
+    d: EmpathDaemon = daemon_factory({"processes": {"heartbeat_timeout": "4s"}})
     victim = d.child_pids("receiver")[0]
     os.kill(victim, signal.SIGSTOP)
-    d.wait_for(lambda: victim not in d.child_pids() and d.settled(), 10,
+    d.wait_for(lambda: victim not in d.child_pids() and d.settled(), 30,
                "the silent child's replacement")
     assert f"(pid {victim}) silent for" in d.log_text()
     assert not running(victim)
