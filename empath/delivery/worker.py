@@ -58,11 +58,11 @@ from empath import cluster
 from empath.delivery import bounce, limits, state
 from empath.delivery.dispatch import Dispatcher, OnGroupDone
 from empath.delivery.hooks import DeliveryHooks
+from empath.delivery.notices import Notices
 from empath.delivery.schedule import DueSchedule
 from empath.observe import audit, deliveries, metrics, tracing
-from empath.spool import CorruptFile, Spool, WakeListener, new_message_id, read_queue_file, records
+from empath.spool import CorruptFile, Spool, WakeListener, read_queue_file
 from empath.spool.layout import is_disk_full
-from empath.spool.submit import store_message
 
 log = logging.getLogger("empath.delivery")
 
@@ -131,6 +131,7 @@ class DeliveryWorker:
         self._active_lock: int | None = None  # flock on active/<pid>/ (Spool.lock_active)
         self.metrics = metrics.current()  # no-ops unless serve() enabled them
         self.audit = audit.current()
+        self.notices = Notices(self.cfg, self.spool, self.metrics, self.audit, self.hooks)
 
     def _own(self, message_id: str) -> bool:
         return zlib.crc32(message_id.encode()) % self.shards == self.shard
@@ -720,14 +721,14 @@ class DeliveryWorker:
         """Notices, then the next state of a message whose attempt is recorded in
         ``envelope``: deferred/, removed, or (a double bounce) dropped or kept in failed/."""
         d = self.cfg.delivery
-        if not await self._send_notices(envelope, source) and decision.action != "defer":
+        if not await self.notices.send_due(envelope, source) and decision.action != "defer":
             # A notice could not be spooled (disk full?): keep the message, with its state
             # recorded, and try the notice again later instead of losing it.
             decision = state.Decision("defer", now + d.retry_base_delay)
             envelope["next_retry_at"] = decision.next_retry_at
         if decision.action == "defer":
             due = decision.next_retry_at or now
-            await self._maybe_warn_delay(envelope, source, now)
+            await self.notices.maybe_warn_delay(envelope, source, now)
             await asyncio.to_thread(self.spool.rewrite, path, envelope, due)
             self.spool.move(path, "deferred", message_id)
             log.info("%s: deferred until %s", message_id,
@@ -782,75 +783,6 @@ class DeliveryWorker:
             log.info("%s: to=<%s>, attempt=%d, server=%s, status=%s%s (%s)", message_id,
                      rcpt["address"], attempt, last.get("server") or "none",
                      rcpt.get("status"), extra, reply)
-
-    async def _send_notices(self, envelope: dict[str, Any], source: Any) -> bool:
-        """Spool the failure and success notices this attempt made due; False if one failed.
-
-        One notice of each kind per attempt, covering every recipient it concerns (so a
-        message whose recipients all fail at once gets one bounce listing them all).
-        """
-        ok = True
-        for kind, recipients in bounce.due_notices(envelope).items():
-            try:
-                notice_id = await asyncio.to_thread(self._spool_notice, envelope, recipients,
-                                                    kind, source)
-            except OSError as exc:
-                log.error("%s: cannot spool the %s notice: %s", envelope["id"], kind, exc)
-                ok = False
-                continue
-            bounce.mark_notified(recipients, kind)
-            if self.hooks:
-                await self.hooks.notice(envelope, kind, notice_id,
-                                        [r["address"] for r in recipients])
-            deliveries.notice_spooled(self.metrics, self.audit, envelope, kind, notice_id,
-                                      recipients)
-            label = "non-delivery" if kind == bounce.FAILURE_NOTICE else "delivery"
-            log.info("%s: sender %s notification: %s", envelope["id"], label, notice_id)
-        return ok
-
-    async def _maybe_warn_delay(self, envelope: dict[str, Any], source: Any, now: float) -> None:
-        """Send one delay notice once a message has waited delay_warning (RFC 3461 DELAY).
-
-        The notice is spooled before the envelope that records it is rewritten: a crash in
-        between can repeat a warning, never lose a message.
-        """
-        after = self.cfg.delivery.delay_warning
-        received = float(envelope.get("received_at", now))
-        if (not after or envelope.get("delay_notified") or not bounce.should_report(envelope)
-                or now - received < after):
-            return
-        expires = received + self.cfg.delivery.message_expiration
-        waiting = [dict(r, will_retry_until=expires) for r in state.open_recipients(envelope)
-                   if bounce.wants(r, "DELAY")]
-        if waiting:
-            try:
-                notice_id = await asyncio.to_thread(self._spool_notice, envelope, waiting,
-                                                    "delayed", source)
-            except OSError as exc:
-                log.error("%s: cannot spool the delay notice: %s", envelope["id"], exc)
-                return
-            deliveries.notice_spooled(self.metrics, self.audit, envelope, "delayed", notice_id,
-                                      waiting)
-            log.info("%s: sender delay notification: %s", envelope["id"], notice_id)
-        envelope["delay_notified"] = True
-
-    def _spool_notice(self, envelope: dict[str, Any], recipients: list[dict[str, Any]],
-                      kind: str, source: Any) -> str:
-        """Build a DSN about ``recipients`` and store it durably as a new message from the
-        null sender (RFC 3461 §6.2: notices are sent with MAIL FROM:<>)."""
-        hostname = self.cfg.hostname
-        data = bounce.build_report(envelope, recipients, kind, source, hostname=hostname,
-                                   size_limit=self.cfg.delivery.bounce_size_limit)
-        notice_id = new_message_id()
-        to = envelope["sender"]
-        notice = records.new_envelope(
-            message_id=notice_id, sender="", recipients=[records.new_recipient(to)],
-            params=records.new_params(body="8BITMIME", smtputf8=not to.isascii(),
-                                      size=len(data)),
-            client=records.new_client(listener="notice", helo=hostname),
-            received_at=time.time(), notice_of=envelope["id"], notice_kind=kind)
-        store_message(self.spool, data, notice)
-        return notice_id
 
     async def _remove(self, message_id: str, path: str, envelope: dict[str, Any] | None,
                       why: str) -> None:

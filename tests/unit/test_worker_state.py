@@ -232,7 +232,7 @@ def test_a_notice_that_cannot_be_spooled_keeps_the_message(tmp_path: Path) -> No
         raise OSError(errno.ENOSPC, "No space left on device")
 
     worker.dispatcher.deliver = fails  # type: ignore[method-assign]
-    worker._spool_notice = no_space  # type: ignore[method-assign]
+    worker.notices.spool = no_space  # type: ignore[method-assign]
     asyncio.run(worker._process(qid, path))
     deferred = worker.spool.path("deferred", qid)
     env = read_envelope(deferred)
@@ -240,7 +240,7 @@ def test_a_notice_that_cannot_be_spooled_keeps_the_message(tmp_path: Path) -> No
     assert env["attempt_count"] == 1 and worker.spool.list_ids("incoming") == []
     assert env["next_retry_at"] == pytest.approx(os.stat(deferred).st_mtime, abs=0.01)
     # Later, with space again: the bounce goes out without a new delivery attempt.
-    del worker._spool_notice
+    del worker.notices.spool
     path = worker.spool.claim(qid, "deferred", worker.slot)
     assert path is not None
     asyncio.run(worker._process(qid, path))
