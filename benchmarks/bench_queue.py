@@ -119,17 +119,6 @@ def log_since(daemon: EmpathDaemon, offset: int) -> str:
         return ""
 
 
-def wait_idle(pid: int, limit: float) -> None:
-    deadline = time.monotonic() + limit
-    last = empathd.cpu_seconds([pid])
-    while time.monotonic() < deadline:
-        time.sleep(1)
-        now = empathd.cpu_seconds([pid])
-        if now - last < 0.02:
-            return
-        last = now
-
-
 def listing_cost(spool: str) -> dict[str, float]:
     path = os.path.join(spool, "deferred")
     started = time.monotonic()
@@ -169,7 +158,7 @@ def run_one(count: int, cache: str, full_max: int) -> dict[str, Any]:
             workers = daemon.child_pids("delivery")
             # A listing of one slice is logged at debug level only: nothing to wait for.
             listed = wait_listed(daemon, len(workers), count, 600, log_from) if count > 2000 else []
-            wait_idle(daemon.master_pid, 60)
+            empathd.wait_idle(daemon.master_pid, 60)
             mem = empathd.memory(daemon.master_pid)
             idle_s, _ = timed([EMPATHCTL, "queue", "stats", "--json", "--spool", spool])
             kinds = {c["pid"]: c["kind"] for c in daemon.children()}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import Any
 
 import psutil
@@ -114,3 +115,16 @@ def cpu_seconds(pids: list[int]) -> float:
             except psutil.NoSuchProcess:
                 continue
     return total
+
+
+def wait_idle(pid: int, limit: float) -> None:
+    """Until the process tree under ``pid`` uses under 20 ms of CPU in a second (or ``limit``
+    seconds pass): start-up work done before a measurement."""
+    deadline = time.monotonic() + limit
+    last = cpu_seconds([pid])
+    while time.monotonic() < deadline:
+        time.sleep(1)
+        now = cpu_seconds([pid])
+        if now - last < 0.02:
+            return
+        last = now

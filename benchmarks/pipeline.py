@@ -416,7 +416,7 @@ class Bench:
                 # Both workers have listed deferred/ at start; wait past one more scan
                 # (queue_scan_interval 10 s) and until the processes are idle.
                 time.sleep(12)
-                self.wait_idle(daemon.master_pid, 30)
+                empathd.wait_idle(daemon.master_pid, 30)
                 mem = empathd.memory(daemon.master_pid)
             finally:
                 empathd.stop_empath(daemon)
@@ -427,16 +427,6 @@ class Bench:
                      f"PSS {mem['pss_mib']:7.1f} MiB  USS {mem['uss_mib']:7.1f} MiB  "
                      f"({len(mem['processes'])} processes)")
         self.results["memory"] = rows
-
-    def wait_idle(self, pid: int, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        last = empathd.cpu_seconds([pid])
-        while time.monotonic() < deadline:
-            time.sleep(1)
-            now = empathd.cpu_seconds([pid])
-            if now - last < 0.02:
-                return
-            last = now
 
     # -- plumbing ------------------------------------------------------------------------------
     def stop_everything(self) -> None:

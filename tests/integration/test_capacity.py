@@ -93,14 +93,21 @@ def test_a_full_receiver_leaves_new_clients_to_one_with_room(daemon_factory: Any
             c.close()
 
 
-def test_the_per_address_limit_counts_every_receiver(daemon_factory: Any) -> None:
+def at_the_address_limit(daemon_factory: Any, source: str
+                         ) -> tuple[EmpathDaemon, int, int, list[Client]]:
+    """A daemon whose per-address limit (2) ``source`` fills, both connections held by the
+    first receiver (the second stopped meanwhile)."""
     d = frozen(daemon_factory, {"max_connections": 100, "max_connections_per_ip": 2})
     first, second = d.child_pids("receiver")
-    clients = []
+    with stopped(second):
+        clients = [Client(d, source) for _ in range(2)]
+        assert all(c.greeting().startswith(b"220 ") for c in clients)
+    return d, first, second, clients
+
+
+def test_the_per_address_limit_counts_every_receiver(daemon_factory: Any) -> None:
+    d, first, second, clients = at_the_address_limit(daemon_factory, "127.0.0.7")
     try:
-        with stopped(second):
-            clients = [Client(d, "127.0.0.7") for _ in range(2)]
-            assert all(c.greeting().startswith(b"220 ") for c in clients)
         with stopped(first):
             # The second receiver has no connection from 127.0.0.7 of its own: the limit is
             # the daemon's, so it refuses the third all the same.
@@ -128,13 +135,8 @@ def holder_or_closed(d: EmpathDaemon, client: Client) -> int | None:
 def test_a_killed_receiver_stops_counting(daemon_factory: Any) -> None:
     """A receiver killed outright leaves its row in the shared table; the survivors clear it,
     so its connections do not hold the per-address limit forever."""
-    d = frozen(daemon_factory, {"max_connections": 100, "max_connections_per_ip": 2})
-    first, second = d.child_pids("receiver")
-    clients = []
+    d, first, _second, clients = at_the_address_limit(daemon_factory, "127.0.0.9")
     try:
-        with stopped(second):
-            clients = [Client(d, "127.0.0.9") for _ in range(2)]
-            assert all(c.greeting().startswith(b"220 ") for c in clients)
         os.kill(first, signal.SIGKILL)
         d.wait_for(lambda: first not in d.child_pids("receiver")
                    and len(d.child_pids("receiver")) == 2, message="a new receiver")
