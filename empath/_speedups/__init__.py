@@ -27,6 +27,7 @@ from empath._speedups.errors import CommandSyntaxError
 
 __all__ = [
     "FALLBACK_REASON",
+    "StorePool",
     "IMPLEMENTATION",
     "CommandSyntaxError",
     "DataReader",
@@ -59,6 +60,7 @@ def _namespace(name: str, cmdparse: object, datareader: object,
         write_all=spoolio.write_all,  # type: ignore[attr-defined]
         make_slots=spoolio.make_slots,  # type: ignore[attr-defined]
         sync_and_unlink=spoolio.sync_and_unlink,  # type: ignore[attr-defined]
+        StorePool=spoolio.StorePool,  # type: ignore[attr-defined]
     )
     for attr in _CMDPARSE_NAMES:
         setattr(ns, attr, getattr(cmdparse, attr))
@@ -126,6 +128,7 @@ store_file = _ACTIVE.store_file
 write_all = _ACTIVE.write_all
 make_slots = _ACTIVE.make_slots
 sync_and_unlink = _ACTIVE.sync_and_unlink
+StorePool = _ACTIVE.StorePool
 
 
 class _Implementations(Mapping[str, SimpleNamespace]):

@@ -28,15 +28,27 @@ unlink.
 ``write_all(fd, parts)`` is step 2 alone, at the descriptor's offset (a message spilled to its
 file as it arrives); OSError on failure.
 
-``make_slots(dir_fd, paths, sources)`` makes a batch of slots: for each path, rename its source
-(a recycled file's path, or None) to it, or, when there is none or that rename fails (another
-receiver took the file), create it (O_CREAT|O_EXCL, 0600); then fsync ``dir_fd`` (the slots'
-directory). OSError (naming the path when a creation failed) leaves the paths made so far for
-the caller to remove.
+``make_slots(dir_fd, paths, sources)`` makes a batch of slots: ``sources`` are candidates
+(recycled files' paths, None entries skipped, as many as the caller likes), taken in order: for
+each path, the next candidate whose rename to it succeeds is used (a failed rename means
+another receiver took that file: the next one is tried); once the candidates are used up, the
+path is created (O_CREAT|O_EXCL, 0600). Then fsync ``dir_fd`` (the slots' directory). Returns
+how many candidates were tried: the rest are untouched, the caller's to offer again. OSError
+(naming the path when a creation failed) leaves the paths made so far for the caller to
+remove.
 
 ``sync_and_unlink(dir_fd, paths)`` fsyncs ``dir_fd``, then (only if that succeeded) unlinks every
 path, a missing one included without complaint; OSError with the first other errno after trying
 them all.
+
+``StorePool(threads)`` runs ``store`` calls in threads of its own: ``submit(token, fd, tmp,
+parts, dest, reuse, mtime, datasync=True)`` queues one call (the caller must not change
+``parts`` until it has finished; a descriptor is closed on every path, as by ``store``);
+``fileno()`` is an eventfd that becomes readable once calls have finished since the last
+``completed()``, which returns them as ``(token, errno or 0, reused, seconds)`` in the order
+they finished; ``close()`` finishes every queued call and stops the threads. The compiled
+twin's threads are C threads that never take the GIL: a receiver's event loop hands a message
+over and gets it back without the lock handoffs and wake-ups a Python thread costs.
 
 The compiled twin runs each of these whole without the GIL.
 """
@@ -45,8 +57,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
+import signal
+import threading
+import time
 
-__all__ = ["make_slots", "store", "sync_and_unlink", "write_all"]
+__all__ = ["StorePool", "make_slots", "store", "sync_and_unlink", "write_all"]
 
 _NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 _REUSED = os.O_WRONLY | os.O_CLOEXEC
@@ -64,21 +80,27 @@ def write_all(fd: int, parts: list[bytes]) -> None:
             views[0] = views[0][n:]
 
 
-def make_slots(dir_fd: int, paths: list[bytes], sources: list[bytes | None]) -> None:
-    if len(sources) != len(paths):
-        raise ValueError("paths and sources differ in length")
-    for path, source in zip(paths, sources, strict=True):
-        if source is not None:
-            try:
-                os.rename(source, path)
-                continue
-            except OSError:
-                pass
+def make_slots(dir_fd: int, paths: list[bytes], sources: list[bytes | None]) -> int:
+    used = 0
+    for path in paths:
+        renamed = False
+        while used < len(sources) and not renamed:
+            source = sources[used]
+            used += 1
+            if source is not None:
+                try:
+                    os.rename(source, path)
+                    renamed = True
+                except OSError:
+                    pass
+        if renamed:
+            continue
         try:
             os.close(os.open(path, _NEW, 0o600))
         except OSError as exc:
             raise OSError(exc.errno, os.strerror(exc.errno or 0), os.fsdecode(path)) from None
     os.fsync(dir_fd)
+    return used
 
 
 def sync_and_unlink(dir_fd: int, paths: list[bytes]) -> None:
@@ -138,3 +160,69 @@ def store(fd: int, tmp: bytes, parts: list[bytes], dest: bytes, reuse: bytes | N
             raise OSError(exc.errno, os.strerror(exc.errno or 0), os.fsdecode(tmp)) from None
         raise
     return reused
+
+
+class StorePool:
+    def __init__(self, threads: int) -> None:
+        if threads < 1:
+            raise ValueError("a StorePool needs at least one thread")
+        self._calls: queue.SimpleQueue[tuple[int, int, bytes, list[bytes], bytes,
+                                             bytes | None, float, bool] | None]
+        self._calls = queue.SimpleQueue()
+        self._done: list[tuple[int, int, bool, float]] = []
+        self._lock = threading.Lock()
+        self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._closed = False
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        try:
+            self._threads = [threading.Thread(target=self._work, name="spool-store", daemon=True)
+                             for _ in range(threads)]
+            for t in self._threads:
+                t.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+    def fileno(self) -> int:
+        return self._efd
+
+    def submit(self, token: int, fd: int, tmp: bytes, parts: list[bytes], dest: bytes,
+               reuse: bytes | None, mtime: float, datasync: bool = True) -> None:
+        if self._closed:
+            if fd >= 0:
+                os.close(fd)
+            raise RuntimeError("StorePool is closed")
+        self._calls.put((token, fd, tmp, parts, dest, reuse, mtime, datasync))
+
+    def _work(self) -> None:
+        while True:
+            call = self._calls.get()
+            if call is None:
+                return
+            token, fd, tmp, parts, dest, reuse, mtime, datasync = call
+            started = time.monotonic()
+            err, reused = 0, False
+            try:
+                reused = store(fd, tmp, parts, dest, reuse, mtime, datasync)
+            except OSError as exc:
+                err = exc.errno or 0
+            with self._lock:
+                first = not self._done
+                self._done.append((token, err, reused, time.monotonic() - started))
+            if first:
+                os.eventfd_write(self._efd, 1)
+
+    def completed(self) -> list[tuple[int, int, bool, float]]:
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._efd)
+        with self._lock:
+            done, self._done = self._done, []
+        return done
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for _ in self._threads:
+            self._calls.put(None)
+        for t in self._threads:
+            t.join()

@@ -73,6 +73,7 @@ class Spool:
         self._reusable: list[str] = []
         self._relist_lock = threading.Lock()
         self._relist_at = 0.0
+        self._candidates_at = 0.0
         self.active = os.path.join(self.root, "active")
         self.control = os.path.join(self.root, "control")
         self.wake_dir = os.path.join(self.control, "wake")
@@ -347,9 +348,26 @@ class Spool:
                 if not self._relist():
                     return None
 
+    def recycled_candidates(self, count: int) -> list[bytes]:
+        """Up to ``count`` paths of files in recycle/ for a batch of slots to claim (by
+        rename: a name another receiver took first fails, and the next is tried), from a
+        fresh listing each time (a list kept between batches goes stale as the other
+        receivers take its files). After a listing that found none, none is made again
+        before RELIST_INTERVAL."""
+        now = time.monotonic()
+        if self.recycle_files <= 0 or now < self._candidates_at:
+            return []
+        names = [n for n in _listdir(self.recycle) if is_valid_id(n)]
+        if not names:
+            self._candidates_at = now + RELIST_INTERVAL
+            return []
+        prefix = os.fsencode(self.recycle) + b"/"
+        return [prefix + os.fsencode(n) for n in random.sample(names, min(count, len(names)))]
+
     def _relist(self) -> bool:
-        """Refill the names to reuse from recycle/ (not more often than RELIST_INTERVAL);
-        whether there are any. Shuffled so that receivers do not all race for the same name."""
+        """Refill the names to reuse from recycle/; whether there are any. After a listing
+        that found none, not again before RELIST_INTERVAL. Shuffled so that receivers do not
+        all race for the same name."""
         if self.recycle_files <= 0:
             return False
         with self._relist_lock:
@@ -358,8 +376,9 @@ class Spool:
             now = time.monotonic()
             if now < self._relist_at:
                 return False
-            self._relist_at = now + RELIST_INTERVAL
             names = [n for n in _listdir(self.recycle) if is_valid_id(n)]
+            if not names:
+                self._relist_at = now + RELIST_INTERVAL
             random.shuffle(names)
             self._reusable.extend(names)
             return bool(names)

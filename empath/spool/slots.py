@@ -161,7 +161,8 @@ class SlotPool:
         """``count`` new slots (files of recycle/ where there are some), their names durable
         when this returns: one compiled call without the GIL."""
         made = [self.prefix + new_message_id().encode() for _ in range(count)]
-        sources = [self.spool.take_recycled() for _ in range(count)]
+        # Twice as many candidates as slots: another receiver may have taken some first.
+        sources = self.spool.recycled_candidates(2 * count)
         try:
             make_slots(self._dir_fd, made, sources)
         except OSError:

@@ -3,8 +3,10 @@
 Per message (``spool.sync: file``, the default): take a slot — a file in ``slots/`` whose name
 the slot thread made durable ahead of use, a batch at a time (see slots.py) — write data +
 envelope + trailer into it in place (one writev for a message held in memory), fdatasync,
-close, link it into ``incoming/``: in a worker thread, in one compiled call without the GIL, so
-sessions never wait behind each other's flush and the kernel can overlap them. The fdatasync is
+close, link it into ``incoming/``: one compiled call in a thread of the ``StorePool``, C
+threads that never take the GIL (the loop hands the call over and reads an eventfd when calls
+have finished), so sessions never wait behind each other's flush, the kernel can overlap them,
+and no GIL handoff is paid per message. The fdatasync is
 the only flush the 250 waits for: the slot's name was durable before the write and stays until
 the slot thread has flushed incoming/ (then it removes the slot names of a whole batch), so the
 link needs no flush of its own. The envelope carries ``slot_check`` so that recovery after a
@@ -38,7 +40,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from empath._speedups import store_file, write_all
+from empath._speedups import StorePool, store_file, write_all
 from empath.observe import metrics
 from empath.spool import fileformat
 from empath.spool.layout import Spool, SpoolError, syncfs
@@ -75,13 +77,52 @@ class ReceiverWriter:
         self._pool = SpoolThreads(self._loop, threads, sync_fd=self._dir_fd,
                                   on_synced=self._waker.wake,
                                   sync=os.fsync if self.datasync else syncfs)
+        # A message written into a slot: one call of the compiled store in a thread that
+        # never takes the GIL, its end reported through an eventfd the loop reads.
+        self._stores: StorePool | None = None
+        self._storing: dict[int, tuple[asyncio.Future[float], IncomingMessage]] = {}
+        self._tokens = 0
+        if self.slots is not None:
+            self._stores = StorePool(threads)
+            self._loop.add_reader(self._stores.fileno(), self._stored)
         # Write and commit latency histograms (no-ops when metrics are off).
         self.metrics = metrics.current()
 
     def begin(self, message_id: str) -> IncomingMessage:
         return IncomingMessage(self, message_id)
 
+    def store_in_slot(self, message: IncomingMessage, fd: int, tmp: bytes, parts: list[bytes],
+                      dest: bytes, mtime: float) -> asyncio.Future[float]:
+        """Store ``message`` in its slot ``tmp`` (``fd`` open on it, or -1); the future's
+        result is the seconds the store took (OSError when it failed)."""
+        assert self._stores is not None
+        self._tokens += 1
+        fut: asyncio.Future[float] = self._loop.create_future()
+        self._storing[self._tokens] = (fut, message)
+        try:
+            self._stores.submit(self._tokens, fd, tmp, parts, dest, tmp, mtime, True)
+        except BaseException:
+            del self._storing[self._tokens]
+            raise
+        return fut
+
+    def _stored(self) -> None:
+        """The eventfd: settle every store that finished."""
+        assert self._stores is not None
+        for token, err, _reused, seconds in self._stores.completed():
+            fut, message = self._storing.pop(token)
+            if err == 0:
+                message._linked()  # even when nobody waits any more: the file is queued
+                if not fut.done():
+                    fut.set_result(seconds)
+            elif not fut.done():
+                fut.set_exception(OSError(err, os.strerror(err), os.fsdecode(message._tmp)))
+
     def close(self) -> None:
+        if self._stores is not None:
+            self._loop.remove_reader(self._stores.fileno())
+            self._stores.close()
+            self._stored()
         self._pool.shutdown()
         if self.slots is not None:
             self.slots.close()
@@ -204,8 +245,11 @@ class IncomingMessage:
         sync_dir = slot is None and not self._slot
         started = time.monotonic()
         try:
-            write_seconds = await writer._pool.submit(self._store, envelope, slot,
-                                                      sync_dir=sync_dir)
+            if sync_dir or writer._stores is None:
+                write_seconds = await writer._pool.submit(self._store, envelope, slot,
+                                                          sync_dir=sync_dir)
+            else:
+                write_seconds = await writer.store_in_slot(self, *self._prepare(envelope, slot))
         except OSError as exc:
             if self._tmp:  # the file write failed: nothing reached incoming/
                 self._discard()
@@ -219,41 +263,57 @@ class IncomingMessage:
         writer.metrics.spool_write.observe(write_seconds)
         writer.metrics.spool_commit.observe(time.monotonic() - started)
 
+    def _prepare(self, envelope: Envelope, slot: bytes | None
+                 ) -> tuple[int, bytes, list[bytes], bytes, float]:
+        """The arguments of the store into a slot (this message's, or ``slot``): the
+        descriptor (-1 when none is open), the slot, the parts with the tail, the incoming/
+        path and the mtime. Sets the slot check."""
+        fd, self._fd = self._fd, -1  # the store closes it in every case
+        chunks, self._chunks = self._chunks, []
+        if fd >= 0:
+            envelope[CHECK_KEY] = data_check(self._check, chunks)
+        else:
+            assert slot is not None
+            self._tmp, self._slot = slot, True
+            envelope[CHECK_KEY] = data_check(slot_seed(os.path.basename(slot)), chunks)
+        chunks.append(fileformat.encode_tail(envelope, self._size))
+        if _FAULT == "torn":
+            _torn(fd, self._tmp, chunks)
+        return (fd, self._tmp, chunks, self._writer.incoming_prefix + self.id.encode(),
+                -1.0 if self.mtime is None else self.mtime)
+
+    def _linked(self) -> None:
+        """The store into the slot is done: the message is in incoming/ (the loop thread)."""
+        if self._writer.slots is not None:
+            if _FAULT == "lose-link":  # as a power cut that lost the unflushed link
+                os.unlink(self._writer.incoming_prefix + self.id.encode())
+            else:
+                self._writer.slots.linked(self._tmp)
+        self._tmp = b""
+
     def _store(self, envelope: Envelope, slot: bytes | None) -> float:
-        """Thread side: finish the file (a slot, a recycled file or a new one), fdatasync,
-        link (a slot) or rename it into incoming/; the seconds it took. One call of the
-        compiled ``store_file``, which holds no GIL from the first syscall to the last."""
+        """Thread side, for a message outside a slot (or when the compiled pool is not in
+        use): finish the file (a slot, a recycled file or a new one), fdatasync, link (a
+        slot) or rename it into incoming/; the seconds it took. One call of the compiled
+        ``store_file``, which holds no GIL from the first syscall to the last."""
         writer = self._writer
         started = time.monotonic()
+        if self._slot or slot is not None:
+            fd, tmp, chunks, dest, mtime = self._prepare(envelope, slot)
+            store_file(fd, tmp, chunks, dest, tmp, mtime, writer.datasync)
+            self._linked()
+            return time.monotonic() - started
         fd, self._fd = self._fd, -1  # store_file closes it in every case
         chunks, self._chunks = self._chunks, []
-        reuse = None
-        if fd >= 0:
-            if self._slot:
-                reuse = self._tmp  # reuse == tmp: a slot, linked into incoming/
-                envelope[CHECK_KEY] = data_check(self._check, chunks)
-        elif slot is not None:
-            self._tmp, self._slot, reuse = slot, True, slot  # reuse == tmp: in place
-            envelope[CHECK_KEY] = data_check(slot_seed(os.path.basename(slot)), chunks)
-        else:
-            self._tmp = writer.tmp_prefix + self.id.encode()
-            reuse = writer.spool.take_recycled()
+        self._tmp = writer.tmp_prefix + self.id.encode()
+        reuse = writer.spool.take_recycled() if fd < 0 else None
         chunks.append(fileformat.encode_tail(envelope, self._size))
-        dest = writer.incoming_prefix + self.id.encode()
-        if _FAULT == "torn" and self._slot:
-            _torn(fd, self._tmp, chunks)
-        # fdatasync covers the data and the size; a slot's name was durable before (the slot
-        # thread removes it once incoming/ is flushed), a tmp file's rename is made durable by
-        # the directory fsync of the group commit. A priority mtime is a scheduling hint, not
+        # fdatasync covers the data and the size; a tmp file's rename is made durable by the
+        # directory fsync of the group commit. A priority mtime is a scheduling hint, not
         # state: fdatasync may not persist it, and a message that loses its place after a
         # crash is merely delivered in arrival order.
-        store_file(fd, self._tmp, chunks, dest, reuse,
+        store_file(fd, self._tmp, chunks, writer.incoming_prefix + self.id.encode(), reuse,
                    -1.0 if self.mtime is None else self.mtime, writer.datasync)
-        if self._slot and writer.slots is not None:
-            if _FAULT == "lose-link":  # as a power cut that lost the unflushed link
-                os.unlink(dest)
-            else:
-                writer.slots.linked(self._tmp)
         self._tmp = b""
         return time.monotonic() - started
 

@@ -70,6 +70,7 @@ def test_a_slot_message_is_acknowledged_after_one_flush(spool: Spool,
 
     # the twins: their os.* calls are visible
     monkeypatch.setattr(writer_module, "store_file", spoolio_py.store)
+    monkeypatch.setattr(writer_module, "StorePool", spoolio_py.StorePool)
     monkeypatch.setattr(slots_module, "sync_and_unlink", spoolio_py.sync_and_unlink)
     monkeypatch.setattr(slots_module, "make_slots", spoolio_py.make_slots)
     monkeypatch.setattr(os, "fdatasync", lambda fd: (events.append(("fdatasync", where(fd))),

@@ -132,6 +132,7 @@ def test_sync_modes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str) 
     calls: list[str] = []
     real_fdatasync, real_fsync, real_syncfs = os.fdatasync, os.fsync, layout.syncfs
     monkeypatch.setattr(writer_module, "store_file", spoolio_py.store)  # os.* calls, visible
+    monkeypatch.setattr(writer_module, "StorePool", spoolio_py.StorePool)
     monkeypatch.setattr(os, "fdatasync", lambda fd: (calls.append("fdatasync"),
                                                      real_fdatasync(fd))[1])
     monkeypatch.setattr(threads_module.os, "fsync", lambda fd: (calls.append("fsync"),

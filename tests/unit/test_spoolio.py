@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 import stat
 import subprocess
 from collections.abc import Iterator
@@ -230,6 +231,24 @@ def test_make_slots_takes_sources_or_creates_and_fsyncs(twin, dirs) -> None:
     assert stat.S_IMODE((tmp / "1-b-2").stat().st_mode) == 0o600
 
 
+def test_make_slots_skips_candidates_taken_by_others_and_returns_how_many_it_tried(
+        twin, dirs) -> None:
+    tmp, _, recycle = dirs
+    for name in ("r1", "r2", "r3", "r4"):
+        (recycle / name).write_bytes(name.encode())
+    # "gone" was taken by another receiver between its listing and this rename.
+    sources = [b(recycle / n) for n in ("gone", "r1", "gone2", "r2", "r3", "r4")]
+    paths = [b(tmp / f"1-b-{i}") for i in range(2)]
+    fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        used = twin.make_slots(fd, paths, sources)
+    finally:
+        os.close(fd)
+    assert used == 4  # gone, r1, gone2, r2: r3 and r4 were not tried
+    assert (tmp / "1-b-0").read_bytes() == b"r1" and (tmp / "1-b-1").read_bytes() == b"r2"
+    assert sorted(os.listdir(recycle)) == ["r3", "r4"]
+
+
 def test_make_slots_failure_names_the_path(twin, dirs) -> None:
     tmp, _, _ = dirs
     (tmp / "1-b-1").write_bytes(b"")  # taken already: O_EXCL fails
@@ -259,3 +278,73 @@ def test_sync_and_unlink_skips_missing_and_needs_the_sync(twin, dirs) -> None:
     with pytest.raises(OSError) as info:
         twin.sync_and_unlink(closed_fd, [b(tmp / "c")])  # the fsync fails: nothing is removed
     assert info.value.errno == errno.EBADF and (tmp / "c").exists()
+
+
+def _drain(pool, count: int) -> list[tuple[int, int, bool, float]]:
+    """Wait on the pool's eventfd until ``count`` calls have been reported (at most 10 s)."""
+    import selectors
+
+    got: list[tuple[int, int, bool, float]] = []
+    with selectors.DefaultSelector() as sel:
+        sel.register(pool.fileno(), selectors.EVENT_READ)
+        deadline = time.monotonic() + 10
+        while len(got) < count and time.monotonic() < deadline:
+            sel.select(1)
+            got += pool.completed()
+    return got
+
+
+def test_store_pool_runs_stores_and_reports_each_under_its_token(twin, dirs) -> None:
+    tmp, incoming, _ = dirs
+    pool = twin.StorePool(3)
+    try:
+        for i in range(20):
+            pool.submit(i, -1, b(tmp / f"t{i}"), [b"line %d\r\n" % i, b"end"],
+                        b(incoming / f"m{i}"), None, -1.0, True)
+        # a store that fails: its directory does not exist
+        pool.submit(99, -1, b(tmp / "nodir" / "x"), [b"x"], b(incoming / "y"), None, -1.0)
+        got = _drain(pool, 21)
+    finally:
+        pool.close()
+    assert sorted(t for t, *_ in got) == [*range(20), 99]
+    errors = {t: err for t, err, _, seconds in got if err}
+    assert errors == {99: errno.ENOENT}
+    assert all(seconds >= 0 for *_, seconds in got)
+    assert sorted(os.listdir(incoming)) == sorted(f"m{i}" for i in range(20))
+    assert (incoming / "m7").read_bytes() == b"line 7\r\nend"
+    assert os.listdir(tmp) == []  # every file renamed into incoming/
+
+
+def test_store_pool_links_a_slot_and_closes_a_given_descriptor(twin, dirs) -> None:
+    tmp, incoming, _ = dirs
+    slot = tmp / "1-b-slot"
+    slot.write_bytes(b"an older, longer message in a recycled file")
+    spilled = tmp / "1-b-spilled"
+    fd = os.open(spilled, os.O_RDWR | os.O_CREAT, 0o600)
+    os.write(fd, b"first part, ")
+    pool = twin.StorePool(1)
+    try:
+        pool.submit(1, -1, b(slot), [b"new"], b(incoming / "m"), b(slot), -1.0, True)
+        pool.submit(2, fd, b(spilled), [b"second"], b(incoming / "n"), b(spilled), -1.0)
+        got = sorted(_drain(pool, 2))
+    finally:
+        pool.close()
+    assert [(t, err) for t, err, *_ in got] == [(1, 0), (2, 0)]
+    # opened in place and cut to the new message; linked, keeping the slot's name
+    assert (incoming / "m").read_bytes() == b"new" and slot.stat().st_nlink == 2
+    assert (incoming / "n").read_bytes() == b"first part, second"
+    with pytest.raises(OSError) as info:
+        os.fstat(fd)  # closed by the store
+    assert info.value.errno == errno.EBADF
+
+
+def test_store_pool_close_finishes_queued_stores(twin, dirs) -> None:
+    tmp, incoming, _ = dirs
+    pool = twin.StorePool(2)
+    for i in range(50):
+        pool.submit(i, -1, b(tmp / f"t{i}"), [b"x"], b(incoming / f"m{i}"), None, -1.0, False)
+    pool.close()
+    assert len(pool.completed()) == 50 and len(os.listdir(incoming)) == 50
+    with pytest.raises(RuntimeError):
+        pool.submit(51, -1, b(tmp / "late"), [b"x"], b(incoming / "late"), None, -1.0)
+    assert not (incoming / "late").exists()
