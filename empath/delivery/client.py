@@ -1,12 +1,15 @@
 """The SMTP client's protocol core, sans I/O: replies in, commands and verdicts out.
 
 Owns the client side of the SMTP grammar: parsing replies (multi-line, RFC 2034 enhanced status
-codes), reading EHLO keywords, building MAIL/RCPT commands with their ESMTP parameters (SIZE,
-BODY, SMTPUTF8, DSN), sequencing one transaction's envelope in lock-step or pipelined (RFC 2920)
-order, dot-stuffing message data across block boundaries, and classifying the outcome per
-recipient: from one reply after the data (SMTP) or from one reply per accepted recipient
-(LMTP, RFC 2033 §4.2). ``empath/delivery/connection.py`` and ``lmtp.py`` feed it bytes from
-a socket.
+codes), the session set-up (``Handshake``: greeting, EHLO or HELO, STARTTLS and what each
+refusal or failed TLS handshake means under the TLS policy and DANE), reading EHLO keywords,
+building MAIL/RCPT/BDAT commands with their ESMTP parameters (SIZE, BODY, SMTPUTF8, DSN),
+sequencing one transaction's envelope in lock-step or pipelined (RFC 2920) order, dot-stuffing
+message data across block boundaries, and classifying the outcome per recipient: from one
+reply after the data (SMTP) or from one reply per accepted recipient (LMTP, RFC 2033 §4.2).
+``empath/delivery/connection.py`` and ``lmtp.py`` feed it bytes from a socket and carry out
+its steps (the TLS handshake included); ``tests/unit/test_client_pair.py`` drives it against
+the receiver's ``ServerSession`` in memory.
 
 Replies are matched to commands strictly, as Postfix does: ``ReplyChannel`` counts the replies
 the client asked for, and a reply nobody asked for, or any byte still unread when the next
@@ -398,7 +401,8 @@ class Handshake:
 
     @property
     def expecting(self) -> str:
-        """The stage of the current wait, for its timeout (``banner``, ``ehlo``, ...)."""
+        """The stage of the reply awaited, for its timeout (``banner``, ``ehlo``,
+        ``starttls``; ``quit`` once the handshake is over)."""
         return _STAGE.get(self.phase, "quit")
 
     def receive(self, reply: Reply, *, unread: bool = False) -> Step:
