@@ -37,9 +37,7 @@ from empath.delivery.client import (
     QUIT,
     RSET,
     BeginTLS,
-    CertificateUnverified,
     Command,
-    DANEFailure,
     DotStuffer,
     Extensions,
     Handshake,
@@ -50,8 +48,6 @@ from empath.delivery.client import (
     Reply,
     ReplyChannel,
     Step,
-    TLSHandshakeError,
-    TLSPolicyFailure,
     Transaction,
     bdat_command,
     check_chunk_reply,
@@ -77,12 +73,6 @@ log = logging.getLogger("empath.delivery.smtp")
 
 BLOCK_SIZE = 64 * 1024  # bytes read from the queue file and written per step
 READ_SIZE = 64 * 1024
-
-
-# The handshake's failures are decided in client.py; callers import them from here too.
-__all__ = ["CertificateUnverified", "ConnectFailure", "DANEFailure", "ProtocolFailure",
-           "SMTPConnection", "TLSHandshakeError", "TLSPolicyFailure", "connect_stream",
-           "open_connection"]
 
 
 class ConnectFailure(TemporaryError):
@@ -175,12 +165,10 @@ async def _open(hs: Handshake, ip: str, port: int, contexts: TLSContexts,
     try:
         async with asyncio.timeout(timeouts.connect):
             reader, writer = await connect_stream(ip, port)
-    except TimeoutError:
+    except OSError as exc:  # TimeoutError included
+        reason = "timed out" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
         raise ConnectFailure.make("connect", server=f"{hs.server}[{ip}]:{port}",
-                                  reason="timed out") from None
-    except OSError as exc:
-        raise ConnectFailure.make("connect", server=f"{hs.server}[{ip}]:{port}",
-                                  reason=exc.strerror or str(exc)) from None
+                                  reason=reason) from None
     conn = SMTPConnection(reader, writer, server=hs.server, ip=ip, port=port,
                           timeouts=timeouts)
     conn.tls_verify_error = hs.verify_error
