@@ -1,31 +1,24 @@
 """One SMTP client connection: the asyncio layer around the protocol core in ``client.py``.
 
-Owns the socket side of a session with one server address: connect, greeting, EHLO (HELO when
-EHLO is refused), STARTTLS as the TLS policy says, then any number of transactions (RSET
-between them) and QUIT. Every wait has its own timeout from ``delivery.timeouts`` (RFC 5321
-§4.5.3.2). Message data is streamed from the queue file in blocks, dot-stuffed on the way, so a
-large message is never held in memory.
-
-With a DANE requirement (``dane.py``) STARTTLS is mandatory and the server's certificate chain
-is matched against the TLSA records right after the handshake, before any transaction; a
-DANE-TA match makes ``open_connection`` connect once more, with the matched certificates as
-the only trust anchors, so that OpenSSL verifies the chain up to them (RFC 7672 §3.1.2).
-
-Under an enforced MTA-STS policy (``TLSPolicy`` mode ``mta-sts``) STARTTLS and a verified
-certificate are mandatory, with texts that name the policy. Every completed handshake is
-counted in ``empath_tls_sessions_out_total`` (a no-op call when metrics are off).
+Moves the bytes of a session with one server address: connect; the set-up that
+``client.Handshake`` decides (greeting, EHLO/HELO, STARTTLS per the TLS policy and DANE: here
+its commands are sent, its replies read and the TLS handshake run when it says so; a DANE-TA
+match connects once more, the matched certificates the only trust anchors, RFC 7672 §3.1.2);
+then transactions (RSET between them) and QUIT. Every wait has its own timeout from
+``delivery.timeouts`` (RFC 5321 §4.5.3.2). Message data is streamed from the queue file in
+blocks, dot-stuffed on the way, never held whole in memory. Completed TLS handshakes are
+counted in ``empath_tls_sessions_out_total``.
 
 ``open_connection`` raises a DeliveryError when the session cannot be set up (the caller tries
 the next host); ``SMTPConnection.deliver`` never raises for a server's verdict or a broken
 connection: it returns one outcome per recipient and marks the connection ``broken``.
 
-Every byte the server sends goes into the connection's ``ReplyChannel`` (``client.py``) the
-moment it arrives (``_ChannelReader``), whether or not a reply is being waited for; each
-command declares how many replies it asks for. A reply out of turn, or unread data when a
-command is sent, is a ``ProtocolFailure``: the connection is closed, never pooled, and every
-recipient of the transaction is deferred, even one a reply seemed to refuse (replies out of
-turn cannot be matched to recipients). A recipient counts as delivered only on the 2xx reply
-to the final dot (or to ``BDAT ... LAST``).
+Every byte the server sends goes into the connection's ``ReplyChannel`` the moment it arrives
+(``_ChannelReader``), whether or not a reply is being waited for; each command declares how
+many replies it asks for. A reply out of turn, or unread data when a command is sent, is a
+``ProtocolFailure``: the connection is closed, never pooled, and every recipient of the
+transaction is deferred. A recipient counts as delivered only on the 2xx reply to the final
+dot (or to ``BDAT ... LAST``).
 
 Reads the queue file only through the MessageSource it is given; never builds a spool path.
 """
@@ -41,26 +34,29 @@ from collections.abc import Callable
 from typing import Any
 
 from empath.delivery.client import (
+    QUIT,
+    RSET,
+    BeginTLS,
+    Command,
     DotStuffer,
     Extensions,
+    Handshake,
     ProtocolError,
+    ProtocolFailure,
+    Ready,
+    Reconnect,
     Reply,
     ReplyChannel,
+    Step,
     Transaction,
+    bdat_command,
     check_chunk_reply,
     mail_command,
     needs_smtputf8,
+    outcomes_after_error,
     rcpt_command,
-    reply_outcome,
 )
-from empath.delivery.dane import (
-    ENCRYPTED,
-    NEEDS_ANCHOR,
-    VERIFIED,
-    DaneRequirement,
-    Verdict,
-    check_chain,
-)
+from empath.delivery.dane import DaneRequirement, Verdict
 from empath.delivery.errors import (
     DeliveryError,
     LocalSystemError,
@@ -79,40 +75,8 @@ BLOCK_SIZE = 64 * 1024  # bytes read from the queue file and written per step
 READ_SIZE = 64 * 1024
 
 
-class TLSPolicyFailure(TemporaryError):
-    """The TLS policy (required, MTA-STS enforce) was not met by a server that answered: no
-    STARTTLS offered, STARTTLS refused, or (the subclass) a failed handshake."""
-
-
-class TLSHandshakeError(TLSPolicyFailure):
-    """STARTTLS was accepted but the handshake failed; the connection is unusable.
-
-    Under an opportunistic policy the caller reconnects to the same host without TLS."""
-
-
-class CertificateUnverified(TLSHandshakeError):
-    """The handshake failed only because the certificate did not verify (untrusted issuer,
-    wrong name, expired). Under an opportunistic policy the caller reconnects with TLS that
-    does not verify, never in plain: opportunistic means encrypt whenever offered."""
-
-    def __init__(self, code: int, enhanced: str | None, text: str,
-                 server: str | None = None) -> None:
-        super().__init__(code, enhanced, text, server)
-        self.reason = ""
-
-
-class DANEFailure(TemporaryError):
-    """DANE applies to the host and was not satisfied (no STARTTLS, a failed handshake, a
-    certificate matching no TLSA record). Never retried in plain: the next host is tried."""
-
-
 class ConnectFailure(TemporaryError):
     """No TCP connection could be made (refused, unreachable, timed out): no session."""
-
-
-class ProtocolFailure(TemporaryError):
-    """The server broke the protocol (a malformed reply, a reply out of turn, data nobody
-    asked for): nothing it said in this transaction is trusted, everyone is deferred."""
 
 
 class _ChannelReader(asyncio.StreamReader):
@@ -171,22 +135,6 @@ async def connect_stream(ip: str, port: int) -> tuple[_ChannelReader, asyncio.St
     return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
 
 
-class _HandshakeFailed(Exception):
-    """The TLS handshake failed; the argument says why."""
-
-
-class _VerifyFailed(_HandshakeFailed):
-    """The TLS handshake failed on certificate verification alone."""
-
-
-class _NeedsAnchor(Exception):
-    """The chain holds certificates matching DANE-TA records: connect again trusting them."""
-
-    def __init__(self, anchors: tuple[bytes, ...]) -> None:
-        super().__init__("DANE-TA")
-        self.anchors = anchors
-
-
 @tracing.connect
 async def open_connection(*, server: str, ip: str, port: int, helo: str, domain: str,
                           policy: TLSPolicy, contexts: TLSContexts, timeouts: Any,
@@ -197,41 +145,38 @@ async def open_connection(*, server: str, ip: str, port: int, helo: str, domain:
 
     ``verify_error``: the certificate is known not to verify (a first connection said why);
     the session is encrypted without verification and records the reason."""
-    try:
-        return await _open(server=server, ip=ip, port=port, helo=helo, domain=domain,
-                           policy=policy, contexts=contexts, timeouts=timeouts,
-                           try_tls=try_tls, dane=dane, anchors=(), verify_error=verify_error)
-    except _NeedsAnchor as need:
-        # DANE-TA: the same server again, the matched certificates as the only anchors.
-        return await _open(server=server, ip=ip, port=port, helo=helo, domain=domain,
-                           policy=policy, contexts=contexts, timeouts=timeouts,
-                           try_tls=try_tls, dane=dane, anchors=need.anchors)
+
+    def handshake(anchors: tuple[bytes, ...]) -> Handshake:
+        return Handshake(helo, policy, server=server, domain=domain, try_tls=try_tls,
+                         dane=dane, anchors=anchors, verify_error=verify_error)
+
+    conn, again = await _open(handshake(()), ip, port, contexts, timeouts)
+    if again is None:
+        return conn
+    await conn.quit()  # over TLS already; nothing else was said
+    # DANE-TA: the same server again, the matched certificates as the only anchors (a
+    # handshake that trusts anchors never asks for others).
+    conn, _ = await _open(handshake(again.anchors), ip, port, contexts, timeouts)
+    return conn
 
 
-async def _open(*, server: str, ip: str, port: int, helo: str, domain: str,
-                policy: TLSPolicy, contexts: TLSContexts, timeouts: Any, try_tls: bool,
-                dane: DaneRequirement | None, anchors: tuple[bytes, ...],
-                verify_error: str | None = None) -> SMTPConnection:
+async def _open(hs: Handshake, ip: str, port: int, contexts: TLSContexts,
+                timeouts: Any) -> tuple[SMTPConnection, Reconnect | None]:
     try:
         async with asyncio.timeout(timeouts.connect):
             reader, writer = await connect_stream(ip, port)
-    except TimeoutError:
-        raise ConnectFailure.make("connect", server=f"{server}[{ip}]:{port}",
-                                  reason="timed out") from None
-    except OSError as exc:
-        raise ConnectFailure.make("connect", server=f"{server}[{ip}]:{port}",
-                                  reason=exc.strerror or str(exc)) from None
-    conn = SMTPConnection(reader, writer, server=server, ip=ip, port=port, timeouts=timeouts)
-    conn.tls_verify_error = verify_error
+    except OSError as exc:  # TimeoutError included
+        reason = "timed out" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
+        raise ConnectFailure.make("connect", server=f"{hs.server}[{ip}]:{port}",
+                                  reason=reason) from None
+    conn = SMTPConnection(reader, writer, server=hs.server, ip=ip, port=port,
+                          timeouts=timeouts)
+    conn.tls_verify_error = hs.verify_error
     try:
-        await conn.handshake(helo, domain, policy, contexts, try_tls, dane, anchors)
-    except _NeedsAnchor:
-        await conn.quit()  # over TLS already; nothing else was said
-        raise
+        return conn, await conn.handshake(hs, contexts)
     except BaseException:
         conn.abort()
         raise
-    return conn
 
 
 class SMTPConnection:
@@ -330,155 +275,79 @@ class SMTPConnection:
         await self._send(line, stage)
         return await self._read(stage)
 
-    def _fail(self, reply: Reply) -> DeliveryError:
-        return error_for_reply(reply.code, reply.enhanced, reply.text, self.server)
+    # -- session set-up: client.Handshake decides, this moves the bytes ------------------
+    async def handshake(self, hs: Handshake, contexts: TLSContexts) -> Reconnect | None:
+        """Carry out ``hs`` until the session is ready for MAIL (None), or must be made again
+        (``Reconnect``: DANE-TA); a DeliveryError when there is no session."""
+        step = self._decide(hs, await self._read(hs.expecting))
+        while not isinstance(step, Ready):
+            if isinstance(step, Command):
+                await self._send(step.command, step.stage)
+                step = self._decide(hs, await self._read(step.stage))
+            elif isinstance(step, BeginTLS):
+                step = await self._start_tls(hs, step, contexts)
+            elif isinstance(step, Reconnect):
+                return step
+            else:
+                self.broken = True
+                raise step.error
+        self.extensions = step.extensions
+        self.tls_failure = hs.tls_failure
+        self.dane = hs.verdict
+        if self.dane is not None:
+            log.debug("%s: DANE %s", self.label, self.dane.description)
+        return None
 
-    # -- session set-up -------------------------------------------------------------------
-    async def handshake(self, helo: str, domain: str, policy: TLSPolicy,
-                        contexts: TLSContexts, try_tls: bool,
-                        dane: DaneRequirement | None = None,
-                        anchors: tuple[bytes, ...] = ()) -> None:
-        banner = await self._read("banner")
-        if banner.code != 220:
-            # 421/554 greetings: this host will not talk to us; the caller tries the next.
-            raise self._fail(banner)
-        self.extensions = await self._ehlo(helo)
-        if dane is None and not (policy.wants_tls and try_tls):
-            return
-        if not self.extensions.has("STARTTLS"):
-            if dane is not None:  # RFC 7672 §2.2: TLSA records mean STARTTLS is a must
-                raise DANEFailure.make("dane_no_starttls", server=self.server)
-            if policy.requires_tls:
-                kind = "mta_sts_no_starttls" if policy.is_mta_sts else "tls_not_offered"
-                raise TLSPolicyFailure.make(kind, server=self.server, domain=domain)
-            self.tls_failure = "STARTTLS not offered"
-            return
-        reply = await self._command(b"STARTTLS\r\n", "starttls")
-        if reply.code != 220:
-            if dane is not None:
-                raise DANEFailure.make("dane_tls_failed", server=self.server,
-                                       reason=f"STARTTLS refused: {reply}")
-            if policy.requires_tls:
-                kind = "mta_sts_tls_failed" if policy.is_mta_sts else "tls_failed"
-                raise TLSPolicyFailure.make(kind, server=self.server, domain=domain,
-                                            reason=f"STARTTLS refused: {reply}")
-            self.tls_failure = f"STARTTLS refused: {reply}"
-            return  # opportunistic: the session goes on in plain (RFC 3207 §4)
-        if dane is not None:
-            await self._start_dane(dane, contexts, anchors)
-        else:
-            await self._start_tls(domain, policy, contexts)
-        # RFC 3207 §4.2: all knowledge from before TLS is discarded; EHLO again.
-        self.extensions = await self._ehlo(helo)
-
-    async def _ehlo(self, helo: str) -> Extensions:
-        reply = await self._command(f"EHLO {helo}\r\n".encode(), "ehlo")
-        if reply.code == 250:
-            return Extensions.from_reply(reply)
-        if not reply.is_permanent or reply.code == 421:
-            raise self._fail(reply)
-        # RFC 5321 §3.2: a server that refuses EHLO may still speak HELO.
-        reply = await self._command(f"HELO {helo}\r\n".encode(), "ehlo")
-        if reply.code != 250:
-            raise self._fail(reply)
-        return Extensions()
-
-    def _injected(self) -> bool:
-        """Anything the server sent after its 220 arrived in plain text and could be an
-        injected reply (the STARTTLS command-injection class of bugs)."""
-        return self.channel.pending or self.channel.error is not None
-
-    async def _start_dane(self, dane: DaneRequirement, contexts: TLSContexts,
-                          anchors: tuple[bytes, ...]) -> None:
-        """The handshake under DANE, then the TLSA match, before anything else is said."""
-        if self._injected():
-            self.broken = True
-            raise DANEFailure.make("dane_tls_failed", server=self.server,
-                                   reason="data sent before the TLS handshake")
+    def _decide(self, hs: Handshake, reply: Reply) -> Step:
+        # Anything still unread after a reply arrived unasked (after a 220 to STARTTLS, in
+        # plain text: a possible injected reply).
+        unread = self.channel.pending or self.channel.error is not None
         try:
-            context = contexts.dane_context(anchors)
+            return hs.receive(reply, unread=unread)
+        except ProtocolError as exc:
+            raise self._protocol_failure(exc) from None
+
+    async def _start_tls(self, hs: Handshake, step: BeginTLS, contexts: TLSContexts) -> Step:
+        """The TLS handshake on this connection, its result reported to ``hs``. SNI, and the
+        name checked when the context checks one, is the MX host (RFC 7672 §8.1 for DANE)."""
+        try:
+            context = (contexts.dane_context(step.anchors) if step.dane
+                       else contexts.context(hs.policy))
         except (OSError, ssl.SSLError) as exc:
             raise LocalSystemError.make("local", reason=f"TLS context: {exc}") from None
-        try:
-            await self._handshake_tls(context)
-        except _HandshakeFailed as exc:
-            reason = str(exc)
-            if anchors:
-                reason = f"chain does not verify to its DANE-TA trust anchor: {reason}"
-            raise DANEFailure.make("dane_tls_failed", server=self.server,
-                                   reason=reason) from None
-        ssl_object = self.writer.get_extra_info("ssl_object")
-        chain = peer_chain(ssl_object, verified=bool(anchors))
-        verdict = check_chain(dane, chain, anchored=bool(anchors))
-        if verdict.status == NEEDS_ANCHOR:
-            raise _NeedsAnchor(verdict.anchors)
-        if verdict.status not in (VERIFIED, ENCRYPTED):
-            self.broken = True
-            raise DANEFailure.make("dane_mismatch", server=self.server, reason=verdict.reason)
-        self.dane = verdict
-        log.debug("%s: DANE %s", self.label, verdict.description)
-
-    async def _start_tls(self, domain: str, policy: TLSPolicy, contexts: TLSContexts) -> None:
-        # The STARTTLS command-injection class of bugs: refuse the session.
-        kind = ("mta_sts_tls_failed" if policy.is_mta_sts
-                else "tls_failed" if policy.requires_tls else "tls_handshake")
-        if self._injected():
-            self.broken = True
-            raise TLSHandshakeError.make(kind, server=self.server, domain=domain,
-                                         reason="data sent before the TLS handshake")
-        try:
-            context = contexts.context(policy)
-        except (OSError, ssl.SSLError) as exc:
-            raise LocalSystemError.make("local", reason=f"TLS context: {exc}") from None
-        if not policy.verify and self.tls_verify_error is None:
-            warn_unverified(domain, self.server, self.ip)
-        try:
-            await self._handshake_tls(context)
-        except _VerifyFailed as exc:
-            err = CertificateUnverified.make(kind, server=self.server, domain=domain,
-                                             reason=str(exc))
-            err.reason = str(exc)
-            raise err from None
-        except _HandshakeFailed as exc:
-            raise TLSHandshakeError.make(kind, server=self.server, domain=domain,
-                                         reason=str(exc)) from None
-        if self.tls is not None:  # the verification result goes into the attempt history
-            self.tls["verified"] = "yes" if policy.verify else "no"
-            if self.tls_verify_error is not None:
-                self.tls["verify_error"] = self.tls_verify_error
-
-    async def _handshake_tls(self, context: ssl.SSLContext) -> None:
-        """The TLS handshake on this connection (_HandshakeFailed when it fails; the connection
-        is then unusable). SNI, and the name checked when the context checks one, is the MX
-        host (RFC 7672 §8.1 for DANE)."""
+        if step.warn_unverified:
+            warn_unverified(hs.domain, self.server, self.ip)
         plain = self.writer.transport
         try:
             async with asyncio.timeout(self.timeouts.starttls):
                 await self.writer.start_tls(context, server_hostname=self.server,
                                             ssl_handshake_timeout=self.timeouts.starttls)
         except ssl.SSLCertVerificationError as exc:
-            if self.writer.transport is None:
-                plain.abort()
-            self.broken = True
-            raise _VerifyFailed(exc.verify_message or str(exc)) from None
+            reason, unverified = exc.verify_message or str(exc), True
         except (TimeoutError, OSError, ssl.SSLError, ConnectionError, AttributeError) as exc:
             # AttributeError: the stock asyncio loop's start_tls returns None when the peer
             # hangs up mid-handshake and StreamWriter.start_tls trips over it (uvloop does
             # not); either way the plain transport must still be closed.
-            if self.writer.transport is None:
-                plain.abort()
-            self.broken = True
             reason = "timed out" if isinstance(exc, TimeoutError) else str(exc) or repr(exc)
-            raise _HandshakeFailed(reason) from None
-        self.tls = describe(self.writer.get_extra_info("ssl_object"))
-        if self.tls is not None:
-            metrics.current().tls_sessions_out.labels(self.tls["version"]).inc()
+            unverified = False
+        else:
+            ssl_object = self.writer.get_extra_info("ssl_object")
+            self.tls = describe(ssl_object)
+            if self.tls is not None:
+                metrics.current().tls_sessions_out.labels(self.tls["version"]).inc()
+                self.tls.update(hs.tls_notes)  # for the attempt history
+            chain = peer_chain(ssl_object, verified=bool(step.anchors)) if step.dane else []
+            return hs.tls_established(chain)
+        if self.writer.transport is None:
+            plain.abort()
+        self.broken = True
+        return hs.tls_failed(reason, unverified=unverified)
 
     # -- transactions ---------------------------------------------------------------------
     async def reset(self) -> bool:
         """RSET before reusing the connection (RFC 5321 §4.1.1.5); False if it is unusable."""
         try:
-            reply = await self._command(b"RSET\r\n", "mail")
+            reply = await self._command(RSET, "mail")
         except DeliveryError:
             return False
         except BaseException:
@@ -529,11 +398,11 @@ class SMTPConnection:
         try:
             outcomes.update(await self._transaction(txn, source))
         except ProtocolError as exc:
-            outcomes.update(_outcomes_after_error(txn, self._protocol_failure(exc),
-                                                  self.server))
+            outcomes.update(outcomes_after_error(txn, self._protocol_failure(exc),
+                                                 self.server))
         except DeliveryError as err:
             self.broken = True
-            outcomes.update(_outcomes_after_error(txn, err, self.server))
+            outcomes.update(outcomes_after_error(txn, err, self.server))
         except BaseException:
             self.abort()  # cancelled mid-transaction: the session is in no reusable state
             raise
@@ -564,7 +433,7 @@ class SMTPConnection:
         while not txn.finished:
             reply = await self._read(txn.expecting)
             if reply.code == 421:
-                raise self._fail(reply)
+                raise error_for_reply(reply.code, reply.enhanced, reply.text, self.server)
             follow = txn.receive(reply)
             if follow:
                 await self._send(follow, txn.expecting)
@@ -599,11 +468,10 @@ class SMTPConnection:
     async def _send_bdat(self, source: MessageSource) -> Reply:
         """RFC 3030 §2: BINARYMIME data as BDAT chunks, each answered before the next."""
         if source.length == 0:
-            return await self._command(b"BDAT 0 LAST\r\n", "data_termination")
+            return await self._command(bdat_command(0, True), "data_termination")
         reply: Reply | None = None
         for block, last in self._blocks(source):
-            head = b"BDAT %d%s\r\n" % (len(block), b" LAST" if last else b"")
-            await self._send(head + block, "data_block")
+            await self._send(bdat_command(len(block), last) + block, "data_block")
             reply = await self._read("data_termination" if last else "data_block")
             check_chunk_reply(reply)
             if not reply.is_positive:
@@ -616,7 +484,7 @@ class SMTPConnection:
         """QUIT politely (RFC 5321 §4.1.1.10), then close; never raises."""
         if not self.broken:
             with contextlib.suppress(DeliveryError):
-                await self._send(b"QUIT\r\n", "quit")
+                await self._send(QUIT, "quit")
                 await self._read("quit")
         self.abort()
 
@@ -625,25 +493,3 @@ class SMTPConnection:
         self.gauge_entry.close()
         with contextlib.suppress(Exception):
             self.writer.transport.abort()
-
-
-def _outcomes_after_error(txn: Transaction, err: DeliveryError,
-                          server: str) -> dict[str, RecipientOutcome]:
-    """The connection failed mid-transaction: replies already final stand, the rest get ``err``.
-
-    A 5xx to MAIL or to a recipient's RCPT is the server's last word for them; everyone else
-    is retried (the message may or may not have arrived: RFC 1047's duplicate window). After
-    a ProtocolFailure no reply is trusted and everyone is retried.
-    """
-    if isinstance(err, ProtocolFailure):
-        return {addr: err.outcome() for addr, _ in txn.rcpts}
-    out: dict[str, RecipientOutcome] = {}
-    mail = txn.mail_reply
-    for index, (addr, _) in enumerate(txn.rcpts):
-        if mail is not None and mail.is_permanent:
-            out[addr] = reply_outcome(mail, server)
-        elif index < len(txn.rcpt_replies) and txn.rcpt_replies[index].is_permanent:
-            out[addr] = reply_outcome(txn.rcpt_replies[index], server)
-        else:
-            out[addr] = err.outcome()
-    return out

@@ -55,15 +55,13 @@ from typing import Any
 from empath.config.types import parse_address
 from empath.delivery import dnssec
 from empath.delivery.breaker import REACHED, UNKNOWN, UNREACHABLE, CircuitBreakers, CircuitOpen
-from empath.delivery.connection import (
+from empath.delivery.client import (
     CertificateUnverified,
-    ConnectFailure,
     DANEFailure,
-    SMTPConnection,
     TLSHandshakeError,
     TLSPolicyFailure,
-    open_connection,
 )
+from empath.delivery.connection import ConnectFailure, SMTPConnection, open_connection
 from empath.delivery.dane import DaneRequirement, requirement
 from empath.delivery.dns import MXResolver
 from empath.delivery.dnssec import RouteSecurity

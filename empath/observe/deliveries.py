@@ -114,8 +114,8 @@ def tls_failure(err: Exception) -> None:
 
 
 def tls_failure_reason(err: Exception) -> str | None:
-    # Imported here: connection.py imports this module.
-    from empath.delivery.connection import DANEFailure, TLSHandshakeError, TLSPolicyFailure
+    # Imported here: the delivery side imports this module.
+    from empath.delivery.client import DANEFailure, TLSHandshakeError, TLSPolicyFailure
 
     if isinstance(err, DANEFailure):
         return "dane"

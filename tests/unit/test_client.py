@@ -1,12 +1,11 @@
 """The SMTP client's sans-IO core (empath/delivery/client.py): bytes in, commands and verdicts out.
 
-The last tests wire the client core to the receiver's own sans-IO session (pair-style, no
-sockets): what one side writes, the other reads.
+The client core against the receiver's own sans-IO session (pair-style, no sockets) is in
+test_client_pair.py.
 """
 
 from __future__ import annotations
 
-import random
 import re
 
 import pytest
@@ -27,7 +26,6 @@ from empath.delivery.client import (
     rcpt_command,
 )
 from empath.delivery.state import DEFERRED, DELIVERED, FAILED
-from empath.smtp import session as S
 
 # -- replies -------------------------------------------------------------------------------
 
@@ -433,73 +431,3 @@ def test_stuffing_is_independent_of_block_boundaries(parts: list[bytes],
     data = b"".join(parts) + b"\r\n"
     cuts = [c for c in cuts if c <= len(data)]
     assert stuff_in_blocks(data, cuts) == reference_stuffing(data)
-
-
-# -- pair-style: the client core against the receiver's session ----------------------------
-class Pair:
-    """Client core on one side, empath.smtp.session.ServerSession on the other."""
-
-    def __init__(self) -> None:
-        settings_ = S.Settings(hostname="mx.test", local_domains=frozenset({"x.test"}))
-        self.server = S.ServerSession(settings_)
-        self.parser = ReplyParser()
-        self.replies: list[Reply] = []
-        self.writes: list[bytes] = []
-        self.stored: list[tuple[S.Envelope, bytes]] = []
-        self._data: list[bytes] = []
-        self.handle(self.server.start())
-
-    def handle(self, events: list[S.Event]) -> None:
-        for ev in events:
-            if isinstance(ev, S.Send):
-                self.replies += self.parser.feed(ev.data)
-            elif isinstance(ev, S.DataStart):
-                self._data = []
-            elif isinstance(ev, S.Data):
-                self._data.append(ev.chunk)
-            elif isinstance(ev, S.DataEnd):
-                self.stored.append((ev.envelope, b"".join(self._data)))
-                self.handle(self.server.message_stored(f"Q{len(self.stored)}"))
-
-    def send(self, data: bytes) -> None:
-        self.writes.append(data)
-        self.handle(self.server.feed(data))
-
-    def next_reply(self) -> Reply:
-        return self.replies.pop(0)
-
-
-def test_pair_pipelined_transaction_with_dsn_and_a_refused_recipient() -> None:
-    pair = Pair()
-    assert pair.next_reply().code == 220
-    pair.send(b"EHLO client.test\r\n")
-    ext = Extensions.from_reply(pair.next_reply())
-    assert ext.has("PIPELINING") and ext.has("DSN")
-    env = {**envelope(body="8BITMIME", ret="HDRS", envid="env 1"), "sender": "s@a.test"}
-    rcpts = [{"address": "u@x.test", "orcpt": "rfc822;U+1@x.test", "notify": ["FAILURE"]},
-             {"address": "v@elsewhere.test", "orcpt": None, "notify": None}]
-    txn = Transaction(mail_command(env, 50, ext),
-                      [(r["address"], rcpt_command(r, ext)) for r in rcpts],
-                      pipelining=ext.has("PIPELINING"))
-    pair.send(txn.start())
-    assert len(pair.writes) == 2  # EHLO, then the whole envelope in one write
-    while not txn.finished:
-        txn.receive(pair.next_reply())
-    assert txn.send_message and txn.accepted == ["u@x.test"]
-    body = b"Subject: t\r\n\r\n.leading dot\r\n..two\r\n.\r\nend\r\n"
-    rng = random.Random(7)
-    stuffer = DotStuffer()
-    pos = 0
-    while pos < len(body):
-        step = rng.randint(1, 7)
-        pair.send(stuffer.feed(body[pos:pos + step]))
-        pos += step
-    pair.send(stuffer.finish())
-    out = txn.outcomes(pair.next_reply(), "mx.test")
-    assert out["u@x.test"].status == DELIVERED
-    assert out["v@elsewhere.test"].status == FAILED  # relay denied by the receiver
-    [(stored_env, data)] = pair.stored
-    assert data == body
-    assert stored_env.envid == "env 1" and stored_env.ret == "HDRS"
-    assert stored_env.recipients[0]["orcpt"] == "rfc822;U+1@x.test"
-    assert stored_env.recipients[0]["notify"] == ["FAILURE"]

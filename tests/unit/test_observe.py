@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from empath import logsetup
 from empath.config import Address
-from empath.delivery.connection import DANEFailure, TLSHandshakeError, TLSPolicyFailure
+from empath.delivery.client import DANEFailure, TLSHandshakeError, TLSPolicyFailure
 from empath.delivery.errors import TemporaryError
 from empath.observe import admin_enabled, admin_endpoints, deliveries, tracing
 from empath.observe.audit import AuditLog, read_records, redact
