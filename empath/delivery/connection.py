@@ -79,6 +79,12 @@ class ConnectFailure(TemporaryError):
     """No TCP connection could be made (refused, unreachable, timed out): no session."""
 
 
+class StaleConnection(Exception):
+    """A connection taken from the pool without RSET (``unverified``) failed before the first
+    reply of its transaction: the server had closed it (or spoke while it was idle), and took
+    nothing of this message. The caller delivers on a new connection."""
+
+
 class _ChannelReader(asyncio.StreamReader):
     """A StreamReader whose bytes go straight into a ReplyChannel as they arrive.
 
@@ -199,6 +205,11 @@ class SMTPConnection:
         self._broken = False
         self.messages = 0
         self.idle_since = time.monotonic()
+        self.replies_read = 0
+        self.last_code = 0
+        # Taken from the pool without RSET: until a reply of its next transaction arrives,
+        # a failure means the server was gone (StaleConnection), not that it refused.
+        self.unverified = False
         self.gauge_entry = deliveries.connection_opened(server)  # open connections gauge
 
     @property
@@ -217,6 +228,20 @@ class SMTPConnection:
     # -- reading and writing --------------------------------------------------------------
     async def _read(self, stage: str) -> Reply:
         """The next reply, within the timeout of ``stage``; failures mark the connection."""
+        try:
+            reply = self.channel.next()  # already here (pipelined replies come together)
+            if reply is None:
+                reply = await self._wait_reply(stage)
+        except ProtocolError as exc:
+            raise self._protocol_failure(exc) from None
+        self.replies_read += 1
+        self.last_code = reply.code
+        deliveries.remote_reply(stage, reply.code, reply.enhanced)
+        if reply.code == 421:
+            self.broken = True  # RFC 5321 §3.8: the server is closing the channel
+        return reply
+
+    async def _wait_reply(self, stage: str) -> Reply:
         try:
             async with asyncio.timeout(getattr(self.timeouts, stage)):
                 while (reply := self.channel.next()) is None:
@@ -238,9 +263,6 @@ class SMTPConnection:
         except DeliveryError:
             self.broken = True
             raise
-        deliveries.remote_reply(stage, reply.code, reply.enhanced)
-        if reply.code == 421:
-            self.broken = True  # RFC 5321 §3.8: the server is closing the channel
         return reply
 
     def _protocol_failure(self, exc: ProtocolError) -> ProtocolFailure:
@@ -261,6 +283,9 @@ class SMTPConnection:
             raise self._protocol_failure(self.channel.error)
         try:
             self.writer.write(data)
+            if not self.writer.transport.get_write_buffer_size():
+                await self.writer.drain()  # all sent: returns at once (or raises if lost)
+                return
             async with asyncio.timeout(getattr(self.timeouts, stage)):
                 await self.writer.drain()
         except TimeoutError:
@@ -390,6 +415,7 @@ class SMTPConnection:
         if not todo:
             return outcomes
         self.messages += 1
+        seen = self.replies_read
         ext = self.extensions
         binary = (envelope.get("params") or {}).get("body") == "BINARYMIME"
         txn = Transaction(mail_command(envelope, size, ext),
@@ -397,16 +423,20 @@ class SMTPConnection:
                           pipelining=ext.has("PIPELINING"), use_data=not binary)
         try:
             outcomes.update(await self._transaction(txn, source))
-        except ProtocolError as exc:
-            outcomes.update(outcomes_after_error(txn, self._protocol_failure(exc),
-                                                 self.server))
-        except DeliveryError as err:
+        except (ProtocolError, DeliveryError) as exc:
+            err = (self._protocol_failure(exc) if isinstance(exc, ProtocolError) else exc)
             self.broken = True
+            # Nothing heard, or only a 421 to MAIL (the server closing the idle channel):
+            # nothing of this message was taken.
+            if self.unverified and (self.replies_read == seen or (
+                    self.replies_read == seen + 1 and self.last_code == 421)):
+                raise StaleConnection(f"{self.label}: {err}") from None
             outcomes.update(outcomes_after_error(txn, err, self.server))
         except BaseException:
             self.abort()  # cancelled mid-transaction: the session is in no reusable state
             raise
         finally:
+            self.unverified = False
             self.idle_since = time.monotonic()
         return outcomes
 
@@ -459,11 +489,14 @@ class SMTPConnection:
         """The message, dot-stuffed, then the final dot, which asks for ``finals`` replies
         (one for SMTP, one per accepted recipient for LMTP)."""
         stuffer = DotStuffer()
-        for block, _ in self._blocks(source):
+        last = b""
+        for block, final in self._blocks(source):
             out = stuffer.feed(block)
-            if out:
+            if final:
+                last = out  # sent with the final dot: one write for a small message
+            elif out:
                 await self._write(out, "data_block")
-        await self._send(stuffer.finish(), "data_block", finals)  # ends with the final dot
+        await self._send(last + stuffer.finish(), "data_block", finals)  # ends with the dot
 
     async def _send_bdat(self, source: MessageSource) -> Reply:
         """RFC 3030 §2: BINARYMIME data as BDAT chunks, each answered before the next."""

@@ -1,13 +1,16 @@
 """Idle SMTP connections of one delivery worker, kept for the next message to the same server.
 
 Owns connection reuse: a healthy connection is kept per (host, ip, port, TLS policy, DANE
-requirement) for ``connection_reuse.max_idle`` seconds and at most ``max_messages`` messages;
-``take`` hands one back only after it answered RSET (RFC 5321 §4.1.1.5), otherwise it is
-dropped. Closing (QUIT) happens in the background, and ``close`` waits for all of it at worker
-shutdown; a delivery within ``quits_awaited`` waits for the QUITs it started, so a connection
-limit it holds (delivery/limits.py ``slot``, a fleet lease) covers its connections until they
-are closed, however slow the server is to answer QUIT. The pool never opens a connection
-itself and never touches the spool.
+requirement) for ``connection_reuse.max_idle`` seconds and at most ``max_messages`` messages.
+``take`` hands back a connection idle for less than HOT_REUSE seconds as it is (a finished
+transaction leaves the server ready for the next MAIL, RFC 5321 §3.3; the connection is marked
+``unverified``, and if it turns out closed before its first reply the caller delivers on a new
+one: connection.StaleConnection); one idle for longer only after it answered RSET (RFC 5321
+§4.1.1.5), otherwise it is dropped. Closing (QUIT) happens in the background, and ``close``
+waits for all of it at worker shutdown; a delivery within ``quits_awaited`` waits for the
+QUITs it started, so a connection limit it holds (delivery/limits.py ``slot``, a fleet lease)
+covers its connections until they are closed, however slow the server is to answer QUIT. The
+pool never opens a connection itself and never touches the spool.
 
 Each idle connection has one timer, cancelled when the connection is taken. A timer that
 fires before ``max_idle`` has passed by the clock (event-loop timers may fire a fraction of a
@@ -30,6 +33,10 @@ from empath.delivery.dane import DaneRequirement
 from empath.delivery.tls import TLSPolicy
 
 PoolKey = tuple[str, str, int, TLSPolicy, DaneRequirement | None]
+
+# Seconds idle below which a connection is reused without RSET: a burst of messages to one
+# server costs one round trip less per message.
+HOT_REUSE = 1.0
 
 # The QUITs started by the current delivery (set by quits_awaited), or None.
 _QUITS: ContextVar[set[asyncio.Task[None]] | None] = ContextVar("empath_pool_quits",
@@ -58,7 +65,7 @@ class ConnectionPool:
         self._closed = False
 
     async def take(self, key: PoolKey) -> SMTPConnection | None:
-        """An idle connection for ``key`` that answers RSET, or None."""
+        """An idle connection for ``key`` (one idle for a while must answer RSET), or None."""
         pool = self._idle.get(key, [])
         while pool:
             conn = pool.pop()
@@ -70,6 +77,9 @@ class ConnectionPool:
                 self.quit_later(conn)
                 pool = self._idle.get(key, [])
                 continue
+            if time.monotonic() - conn.idle_since < HOT_REUSE and not conn.channel.pending:
+                conn.unverified = True
+                return conn
             if await conn.reset():
                 return conn
             conn.abort()

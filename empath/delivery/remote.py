@@ -61,7 +61,12 @@ from empath.delivery.client import (
     TLSHandshakeError,
     TLSPolicyFailure,
 )
-from empath.delivery.connection import ConnectFailure, SMTPConnection, open_connection
+from empath.delivery.connection import (
+    ConnectFailure,
+    SMTPConnection,
+    StaleConnection,
+    open_connection,
+)
 from empath.delivery.dane import DaneRequirement, requirement
 from empath.delivery.dns import MXResolver
 from empath.delivery.dnssec import RouteSecurity
@@ -406,11 +411,33 @@ class RemoteTransport:
                     sts.fill(info)
                 # Whether NOTIFY/ORCPT went on: the next hop then owns success notices.
                 info["dsn"] = conn.extensions.has("DSN")
+                key: PoolKey = (conn.server, conn.ip, conn.port, host_policy, dane)
                 try:
                     outcomes = await conn.deliver(envelope, rcpts, source)
-                finally:
-                    self.pool.release(conn, (conn.server, conn.ip, conn.port, host_policy,
-                                             dane))
+                except StaleConnection as stale:
+                    # A pooled connection reused without RSET had been closed: the server
+                    # took nothing of this message. Once more, on a new connection.
+                    log.info("%s: %s; delivering on a new connection", envelope.get("id"),
+                             stale)
+                    self.pool.release(conn, key)  # broken: closed
+                    try:
+                        conn = await self._connection(domain, host_policy, host, ip, port,
+                                                      dane, pooled=False)
+                    except DeliveryError as err:
+                        log.info("%s: %s[%s]:%d for %s: %s", envelope.get("id"), host, ip,
+                                 port, domain, err)
+                        errors.append(err)
+                        continue
+                    info["tls"] = conn.tls
+                    try:
+                        outcomes = await conn.deliver(envelope, rcpts, source)
+                    finally:
+                        self.pool.release(conn, key)
+                    return outcomes
+                except BaseException:
+                    self.pool.release(conn, key)
+                    raise
+                self.pool.release(conn, key)
                 return outcomes
         raise _final_error(errors, domain)
 
@@ -460,10 +487,11 @@ class RemoteTransport:
 
     # -- connections ----------------------------------------------------------------------
     async def _connection(self, domain: str, policy: TLSPolicy, host: str, ip: str,
-                          port: int, dane: DaneRequirement | None) -> SMTPConnection:
-        """An idle connection to this server that answers RSET, or a new one."""
+                          port: int, dane: DaneRequirement | None,
+                          pooled: bool = True) -> SMTPConnection:
+        """An idle connection to this server from the pool (``pooled``), or a new one."""
         key: PoolKey = (host, ip, port, policy, dane)
-        conn = await self.pool.take(key)
+        conn = await self.pool.take(key) if pooled else None
         if conn is not None:
             return conn
 

@@ -253,13 +253,41 @@ def deliver_sequence(cfg: Any, count: int, source: Any, pause: float = 0.0) -> l
     return uvloop.run(go())
 
 
-def test_connection_reused_with_rset_between_messages(world: MailWorld) -> None:
+def test_connection_reused_hot_without_rset_and_with_rset_after_a_pause(
+        world: MailWorld, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Messages back to back go on one connection without RSET between them (the finished
+    transaction left the server ready for MAIL); after a pause of HOT_REUSE or more the
+    connection must answer RSET before it is reused."""
+    from empath.delivery import pool
+
     assert deliver_sequence(world.config(), 3, world.source(MESSAGE)) == [DELIVERED] * 3
     sink = world.sink("127.0.0.2")
     [session] = sink.sessions
     verbs = session.verbs()
+    assert verbs.count("EHLO") == 1 and verbs.count("MAIL") == 3 and "RSET" not in verbs
+    assert verbs[-1] == "QUIT"  # QUIT at close()
+
+    monkeypatch.setattr(pool, "HOT_REUSE", 0.05)
+    assert deliver_sequence(world.config(), 3, world.source(MESSAGE),
+                            pause=0.2) == [DELIVERED] * 3
+    [_, paused] = sink.sessions
+    verbs = paused.verbs()
     assert verbs.count("EHLO") == 1 and verbs.count("MAIL") == 3 and verbs.count("RSET") == 2
-    assert verbs.index("RSET") < len(verbs) - 1 and verbs[-1] == "QUIT"  # QUIT at close()
+    assert verbs.index("RSET") < verbs.index("MAIL", verbs.index("MAIL") + 1)
+
+
+@pytest.mark.parametrize("last_word", [None, (421, "4.4.2 idle too long, closing")])
+def test_a_reused_connection_found_closed_delivers_once_on_a_new_one(
+        world: MailWorld, last_word: tuple[int, str] | None) -> None:
+    """The server drops each connection at its second MAIL, silently or after a 421 (as one
+    that closed an idle connection just as it was reused): every message is delivered once,
+    on a new connection, none deferred."""
+    sink = world.sink("127.0.0.2")
+    sink.behaviour = Behaviour(drop_at_mail=2, drop_reply=last_word)
+    assert deliver_sequence(world.config(), 3, world.source(MESSAGE)) == [DELIVERED] * 3
+    assert len(sink.wait_for_messages(3)) == 3
+    assert [s.verbs().count("MAIL") for s in sink.sessions] == [2, 2, 1]
+    assert len(sink.messages) == 3
 
 
 def test_connection_carries_at_most_max_messages(world: MailWorld) -> None:
@@ -277,7 +305,12 @@ def test_idle_connection_closed_after_max_idle(world: MailWorld) -> None:
     assert sessions[0].verbs()[-1] == "QUIT"  # closed by the idle timer, politely
 
 
-def test_dead_idle_connection_is_replaced(world: MailWorld) -> None:
+def test_dead_idle_connection_is_replaced(world: MailWorld,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connection idle for HOT_REUSE or more answers RSET with 421: a new one is used."""
+    from empath.delivery import pool
+
+    monkeypatch.setattr(pool, "HOT_REUSE", 0.0)
     cfg = world.config()
     source = world.source(MESSAGE)
     sink = world.sink("127.0.0.2")

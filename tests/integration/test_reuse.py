@@ -131,11 +131,10 @@ def test_delivery_connection_is_reused_for_the_next_message(daemon_factory: Any)
             send(d, f"ann{i}@example.net", f"Subject: {i}\r\n\r\nbody {i}\r\n".encode())
             sink.wait_for_messages(i + 1, timeout=20)
         # Five messages, one after the other: two connections (max_messages 3), each with one
-        # EHLO, and RSET between the transactions of a connection.
+        # EHLO (RSET between transactions only after a pause: tests/integration/test_remote.py).
         verbs = [s.verbs() for s in sink.sessions]
         assert len(verbs) == 2, verbs
         assert [v.count("MAIL") for v in verbs] == [3, 2]
         assert [v.count("EHLO") for v in verbs] == [1, 1]
-        assert verbs[0].count("RSET") >= 2
     finally:
         sink.stop()

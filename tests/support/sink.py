@@ -65,6 +65,7 @@ class _Session:
         self.buffer = bytearray()
         self.batch = 0
         self.tls = False
+        self.mails = 0  # MAIL commands in this session
         self.reset()
 
     def reset(self) -> None:
@@ -169,6 +170,11 @@ class _Session:
         return True
 
     async def do_MAIL(self, arg: str) -> bool:
+        self.mails += 1
+        if self.b.drop_at_mail and self.mails == self.b.drop_at_mail:
+            if self.b.drop_reply is not None:
+                await self.reply(self.b.drop_reply)
+            return False  # closed
         addr, params = split_path(arg)
         limit = self.b.size
         declared = [p for p in params.split() if p.upper().startswith("SIZE=")]

@@ -41,6 +41,10 @@ class Behaviour:
     quit_delay: float | None = None  # before the QUIT reply; None: delay
     disconnect_after_data_bytes: int | None = None  # drop the connection mid-DATA
     after_final: bytes = b""  # sent raw right after the final reply (a stray reply, say)
+    # Drop the connection, without a reply, at this session's n-th MAIL (0: never): a server
+    # that closed an idle connection just as the client reused it.
+    drop_at_mail: int = 0
+    drop_reply: ReplySpec | None = None  # said before that drop (421, say); None: nothing
 
     @property
     def offers_starttls(self) -> bool:
