@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 from empath.config.types import (
     Bool,
+    Context,
     Domain,
     Duration,
     Float,
@@ -41,6 +42,9 @@ class Key:
     # What the generated conf/empath.yaml writes, when it differs from the default.
     sample: Any = field(default=None)
     has_sample: bool = False
+    # Null in the file, but never in the loaded configuration: load_config fills it in
+    # (hostname: this machine's name), so its type (config/typed.py) is not optional.
+    filled_at_load: bool = False
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,8 @@ class Section:
     sample: Any = None
     # ``tls: off`` (or false) for the whole section: its defaults with this Bool key false.
     off_key: str | None = None
+    # The name of its class in config/typed.py (else made from its dotted name).
+    type_name: str | None = None
 
     def child(self, name: str) -> Key | Section | None:
         for c in self.children:
@@ -91,7 +97,7 @@ class _URL(Str):
         self.secret_error = secret_error
         self.user_allowed = user_allowed  # a user name without a password is no secret
 
-    def convert(self, value: Any, ctx: Any) -> Any:
+    def convert(self, value: Any, ctx: Context) -> Any:
         text = super().convert(value, ctx)
         try:
             parts = urlsplit(text)
@@ -135,7 +141,7 @@ class _DNSSECMode(Str):
     def __init__(self) -> None:
         super().__init__(DNSSEC_MODES)
 
-    def convert(self, value: Any, ctx: Any) -> Any:
+    def convert(self, value: Any, ctx: Context) -> Any:
         return super().convert("off" if value is False else value, ctx)
 
 
@@ -236,7 +242,7 @@ SCHEMA = Section("", "Empath configuration.", (
            "directory. The shipped file uses the checkout (..).", ".."),
     Key("hostname", Str(), None,
         "Name used in the SMTP greeting, Received: headers, EHLO and bounces; null: this "
-        "machine's fully qualified name.", nullable=True),
+        "machine's fully qualified name.", nullable=True, filled_at_load=True),
     Key("user", Str(), None,
         "User to run as after binding the listeners (the master must start as root); null: "
         "stay as the starting user.", nullable=True),
@@ -264,7 +270,7 @@ SCHEMA = Section("", "Empath configuration.", (
         Key("syslog_socket", Path(), "/dev/log", "The syslog daemon's Unix socket."),
     )),
     Section("listeners", "SMTP listeners; the master binds them all before forking.",
-            LISTENER, many=True,
+            LISTENER, many=True, type_name="ListenerConfig",
             default=[{"address": "127.0.0.1:2525", "mode": "smtp",
                       "tls": {"cert": None, "key": None}}]),
     Section("processes", "How many of each child process the master keeps running.", (
@@ -361,7 +367,7 @@ SCHEMA = Section("", "Empath configuration.", (
         Section("modules", "Modules called on SMTP events (docs/MODULES.md), in order.", (
             Key("name", Str(), None, "Importable module path, e.g. empath.modules.blocklist."),
             Key("options", Mapping(), {}, "Options passed to the module's setup()."),
-        ), many=True, default=[]),
+        ), many=True, default=[], type_name="ModuleConfig"),
     )),
     Section("local_delivery", "Delivery for local_domains.", (
         Key("maildir_root", Path(), "var/mail",
@@ -507,7 +513,7 @@ SCHEMA = Section("", "Empath configuration.", (
                         "Most policies cached per worker (each for its max_age)."),
                 )),
         Section("domains", "Per-destination-domain settings.", DOMAIN_POLICY,
-                keyed_by=Domain(), default={},
+                keyed_by=Domain(), default={}, type_name="DomainPolicyConfig",
                 sample=DOMAINS_SAMPLE),
     )),
     Section("priority", "Delivery order. Workers take waiting messages oldest first; a "
@@ -526,7 +532,7 @@ SCHEMA = Section("", "Empath configuration.", (
                 nullable=True),
             Key("priority", Priority(), None,
                 "The priority: high (5), normal (0), low (-5), or a number from -100 to 100."),
-        ), many=True, default=[]),
+        ), many=True, default=[], type_name="PriorityRuleConfig"),
     )),
     Section("dkim", "DKIM signing (RFC 6376, 8463) of mail from trusted clients, at receipt.", (
         Key("canonicalization", Str(("relaxed/relaxed", "relaxed/simple", "simple/relaxed",
@@ -545,7 +551,7 @@ SCHEMA = Section("", "Empath configuration.", (
                         "Private key file (empathctl dkim keygen writes one)."),
                     Key("algorithm", Str(("rsa-sha256", "ed25519-sha256")), "rsa-sha256",
                         "Signature algorithm of the key."),
-                ), keyed_by=Domain(), default={},
+                ), keyed_by=Domain(), default={}, type_name="DkimDomainConfig",
                 sample="# example.com:\n#   selector: s2026\n"
                        "#   key: /etc/empath/dkim/example.com.s2026.key\n"
                        "#   algorithm: rsa-sha256\n"),

@@ -40,6 +40,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from empath.config.typed import DeliveryTimeoutsConfig
 from empath.delivery.client import (
     DotStuffer,
     Extensions,
@@ -189,7 +190,8 @@ class _NeedsAnchor(Exception):
 
 @tracing.connect
 async def open_connection(*, server: str, ip: str, port: int, helo: str, domain: str,
-                          policy: TLSPolicy, contexts: TLSContexts, timeouts: Any,
+                          policy: TLSPolicy, contexts: TLSContexts,
+                          timeouts: DeliveryTimeoutsConfig,
                           try_tls: bool = True,
                           dane: DaneRequirement | None = None,
                           verify_error: str | None = None) -> SMTPConnection:
@@ -209,7 +211,8 @@ async def open_connection(*, server: str, ip: str, port: int, helo: str, domain:
 
 
 async def _open(*, server: str, ip: str, port: int, helo: str, domain: str,
-                policy: TLSPolicy, contexts: TLSContexts, timeouts: Any, try_tls: bool,
+                policy: TLSPolicy, contexts: TLSContexts, timeouts: DeliveryTimeoutsConfig,
+                try_tls: bool,
                 dane: DaneRequirement | None, anchors: tuple[bytes, ...],
                 verify_error: str | None = None) -> SMTPConnection:
     try:
@@ -238,7 +241,7 @@ class SMTPConnection:
     """A live session with one server, ready for transactions after ``handshake``."""
 
     def __init__(self, reader: _ChannelReader, writer: asyncio.StreamWriter, *,
-                 server: str, ip: str, port: int, timeouts: Any) -> None:
+                 server: str, ip: str, port: int, timeouts: DeliveryTimeoutsConfig) -> None:
         self.reader = reader
         self.writer = writer
         self.channel = reader.channel

@@ -51,6 +51,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import orjson
 
+from empath.config.typed import Config
 from empath.delivery.errors import DeliveryError, LocalSystemError, TemporaryError
 from empath.delivery.state import DEFERRED, DELIVERED, FAILED, RecipientOutcome
 from empath.spool import MessageSource
@@ -193,7 +194,7 @@ def read_secret(path: str) -> bytes:
 class WebhookTransport:
     """Delivery of webhook domains for one delivery worker: one HTTP session for them all."""
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: Config) -> None:
         self.ca_file: str | None = cfg.delivery.tls.ca_file
         self._http: aiohttp.ClientSession | None = None
         self._secrets: dict[str, bytes] = {}

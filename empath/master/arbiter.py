@@ -31,6 +31,8 @@ from typing import Any
 
 from empath import logsetup, observe
 from empath.config import ConfigError, load_config, tlsfiles
+from empath.config.typed import Config, LogConfig
+from empath.config.types import Address
 from empath.master import child as child_mod
 from empath.master import preflight, privileges
 from empath.master.child import ChildContext, Heartbeat, run_child
@@ -98,13 +100,13 @@ class Generation:
     it instead of halting."""
 
     number: int
-    cfg: Any
+    cfg: Config
     listeners: tuple[Listener, ...] = ()
     admin_listeners: tuple[Listener, ...] = ()
     wanted: Mapping[str, int] = field(default_factory=dict)
 
     @classmethod
-    def first(cls, cfg: Any) -> Generation:
+    def first(cls, cfg: Config) -> Generation:
         """Generation 1 of a starting master, before its sockets are bound."""
         return cls(1, cfg, wanted=_wanted(cfg))
 
@@ -112,7 +114,7 @@ class Generation:
         """The same generation with its sockets (bound at start-up)."""
         return replace(self, listeners=tuple(listeners), admin_listeners=tuple(admin_listeners))
 
-    def successor(self, cfg: Any, listeners: list[Listener],
+    def successor(self, cfg: Config, listeners: list[Listener],
                   admin_listeners: list[Listener]) -> Generation:
         """The next generation, for a reloaded configuration and its sockets."""
         return Generation(self.number + 1, cfg, tuple(listeners), tuple(admin_listeners),
@@ -144,7 +146,7 @@ class Generation:
 class Arbiter:
     """The master process of one empath instance."""
 
-    def __init__(self, cfg: Any, *, pidfile: Pidfile | None = None,
+    def __init__(self, cfg: Config, *, pidfile: Pidfile | None = None,
                  report_fd: int | None = None) -> None:
         # The running generation, swapped whole (see Generation); ``cfg``, ``listeners``,
         # ``admin_listeners``, ``wanted`` and ``generation`` read it.
@@ -182,7 +184,7 @@ class Arbiter:
         self.last_reload: dict[str, Any] | None = None
 
     @property
-    def cfg(self) -> Any:
+    def cfg(self) -> Config:
         return self.current.cfg
 
     @property
@@ -721,7 +723,7 @@ class Arbiter:
                             "error": reason}
         self.status_changed = True
 
-    def _configure_log(self, log_cfg: Any) -> None:
+    def _configure_log(self, log_cfg: LogConfig) -> None:
         try:
             logsetup.configure(log_cfg)
         except OSError as exc:  # checked before; the file system may have changed since
@@ -842,18 +844,18 @@ class Arbiter:
             multiproc.remove(self.metrics_dir)
 
 
-def _wanted(cfg: Any) -> dict[str, int]:
+def _wanted(cfg: Config) -> dict[str, int]:
     """How many children of each kind the configuration asks for (one admin process when
     metrics or health checks are configured)."""
     return {"receiver": cfg.processes.receivers, "delivery": cfg.processes.delivery,
             "admin": 1 if observe.admin_enabled(cfg) else 0}
 
 
-def _admin_addresses(cfg: Any) -> list[Any]:
+def _admin_addresses(cfg: Config) -> list[Address]:
     return [address for address, _ in observe.admin_endpoints(cfg)]
 
 
-def _warn_loose_keys(cfg: Any) -> None:
+def _warn_loose_keys(cfg: Config) -> None:
     """A TLS private key readable by other users is worth a warning (it still works)."""
     for lc in cfg.listeners:
         key = lc.tls.key
