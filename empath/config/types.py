@@ -11,6 +11,7 @@ import ipaddress
 import re
 from dataclasses import dataclass
 from typing import Any, NamedTuple
+from urllib.parse import urlsplit
 
 
 class Address(NamedTuple):
@@ -278,6 +279,52 @@ class Mapping(ValueType):
         if not isinstance(value, dict):
             raise ValueError(f"must be {self.describe}")
         return value
+
+
+class URL(Str):
+    """A URL of one of ``schemes`` with a host, no port 0, and no secret written in it (a
+    secret in the URL would sit in the configuration, its copies and the logs)."""
+
+    def __init__(self, schemes: tuple[str, ...], describe: str, secret_error: str,
+                 user_allowed: bool = False) -> None:
+        super().__init__()
+        self.schemes = schemes
+        self.describe = describe
+        self.secret_error = secret_error
+        self.user_allowed = user_allowed  # a user name without a password is no secret
+
+    def convert(self, value: Any, ctx: Context) -> Any:
+        text = super().convert(value, ctx)
+        try:
+            parts = urlsplit(text)
+            port = parts.port  # ValueError when it is not a number from 0 to 65535
+        except ValueError as exc:
+            raise ValueError(f"{text!r} is not {self.describe}: {exc}") from None
+        if parts.scheme not in self.schemes or not parts.hostname:
+            raise ValueError(f"{text!r} is not {self.describe} with a host")
+        if parts.password is not None or (parts.username is not None and not self.user_allowed):
+            raise ValueError(self.secret_error)
+        if port == 0:
+            raise ValueError(f"{text!r}: port 0")
+        return text
+
+
+class StrategyName(Str):
+    """smtp | webhook | package.module:Class (a DeliveryStrategy subclass, checked at load)."""
+
+    def __init__(self) -> None:
+        super().__init__(pattern=r"^(smtp|webhook|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$")
+        self.describe = "smtp, webhook or package.module:Class"
+
+
+class DNSSECMode(Str):
+    """off | log | enforce; YAML 1.1 reads a bare ``off`` as false, so false is off too."""
+
+    def __init__(self) -> None:
+        super().__init__(("off", "log", "enforce"))
+
+    def convert(self, value: Any, ctx: Context) -> Any:
+        return super().convert("off" if value is False else value, ctx)
 
 
 # -- parsing helpers, also used outside the loader -----------------------------------------

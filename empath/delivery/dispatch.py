@@ -22,7 +22,7 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from empath.config.typed import Config, DomainPolicyConfig
+from empath.config.typed import Config, DomainPolicyConfig, DomainPolicyWebhookConfig
 from empath.config.types import normalize_domain
 from empath.delivery import limits
 from empath.delivery.errors import LocalSystemError
@@ -64,7 +64,7 @@ class Dispatcher:
                 return None
         return policy
 
-    def webhook_settings(self, domain: str) -> Any | None:
+    def webhook_settings(self, domain: str) -> DomainPolicyWebhookConfig | None:
         """The ``webhook`` settings of a domain whose strategy is webhook, else None."""
         policy = self.policy(domain)
         if policy is None or policy.strategy != "webhook":
