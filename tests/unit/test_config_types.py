@@ -13,6 +13,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+import pytest
 from mypy import api as mypy_api
 
 from empath.config import load_config, typed
@@ -165,9 +166,11 @@ def test_the_types_are_true_of_what_the_loader_returns(tmp_path: Path) -> None:
                                                            "DkimDomainConfig", "ModuleConfig"}
 
 
-def test_the_checker_catches_misspelt_keys_and_wrong_types(tmp_path: Path) -> None:
+def test_the_checker_catches_misspelt_keys_and_wrong_types(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """mypy (strict, as tools/lint runs it) on code that reads the configuration: each
     mistake is an error on its line, and the correct reads pass."""
+    monkeypatch.chdir(REPO)  # mypy finds empath/ there, installed or not
     bad = tmp_path / "bad.py"
     bad.write_text(textwrap.dedent("""\
         from empath.config import Config
