@@ -24,6 +24,7 @@ from typing import Any
 import empath
 from empath import logsetup
 from empath.config import ConfigError, defaults
+from empath.config.typed import Config
 
 log = logging.getLogger("empath.master")
 
@@ -74,7 +75,7 @@ def _refuse_without_speedups() -> bool:
     return problem is not None
 
 
-def _starting(cfg: Any) -> None:
+def _starting(cfg: Config) -> None:
     """The master's first log lines (configuration, speedups), and the self-signed TLS
     certificate if a listener needs one that does not exist yet."""
     from empath import _speedups
@@ -186,7 +187,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     return 0
 
 
-def _daemon_main(cfg: Any, report_fd: int) -> int:
+def _daemon_main(cfg: Config, report_fd: int) -> int:
     from empath.master.arbiter import Arbiter
     from empath.master.daemon import Pidfile, PidfileError, report
 

@@ -20,11 +20,12 @@ import base64
 import email.utils
 import os
 from dataclasses import dataclass
-from typing import Any
 
 import dkim
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+from empath.config.typed import DkimConfig
 
 # RFC 6376 §5.4.1: the header fields worth signing.
 DEFAULT_HEADERS = ("from", "to", "cc", "subject", "date", "message-id", "reply-to",
@@ -96,7 +97,7 @@ def from_domain(message: bytes) -> str | None:
 class Signer:
     """The keys of ``dkim.domains``, loaded once per receiver process."""
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: DkimConfig) -> None:
         self.keys = {domain: load_key(domain, d.selector, d.algorithm, d.key)
                      for domain, d in cfg.domains.items()}
         header, body = cfg.canonicalization.split("/")

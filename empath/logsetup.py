@@ -32,6 +32,7 @@ from typing import Any
 
 import orjson
 
+from empath.config.typed import LogConfig
 from empath.spool.ids import is_valid_id
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
@@ -188,7 +189,7 @@ _stdio_file: str | None = None
 _reopen_hooks: list[Callable[[], None]] = []
 
 
-def configure(log_cfg: Any) -> None:
+def configure(log_cfg: LogConfig) -> None:
     """``setup_logging`` from the configuration's ``log`` section."""
     setup_logging(log_cfg.file, log_cfg.level, fmt=log_cfg.format, syslog=log_cfg.syslog,
                   syslog_socket=log_cfg.syslog_socket)
@@ -280,7 +281,7 @@ def reopen_logs() -> None:
             logging.getLogger("empath").exception("reopening a file on SIGUSR1 failed")
 
 
-def check_log_file(log_cfg: Any) -> str | None:
+def check_log_file(log_cfg: LogConfig) -> str | None:
     """Why the ``log`` section's file cannot be used (its directory cannot be created, or the
     file cannot be opened for appending), or None. Opens nothing else and writes nothing."""
     file = log_cfg.file

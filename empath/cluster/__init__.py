@@ -15,7 +15,10 @@ and the behaviour when Redis is down.
 from __future__ import annotations
 
 import socket
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from empath.config.typed import Config
+from empath.master.child import ChildContext
 
 if TYPE_CHECKING:
     from empath.cluster.fleet import Fleet
@@ -23,13 +26,13 @@ if TYPE_CHECKING:
 _current: Fleet | None = None
 
 
-def enabled(cfg: Any) -> bool:
+def enabled(cfg: Config) -> bool:
     """Whether ``cfg`` configures fleet mode."""
     cluster = getattr(cfg, "cluster", None)
     return cluster is not None and cluster.url is not None
 
 
-def node_name(cfg: Any) -> str:
+def node_name(cfg: Config) -> str:
     """This node's name in the fleet: ``cluster.node_name``, else the host name."""
     return str(cfg.cluster.node_name or socket.gethostname())
 
@@ -39,7 +42,7 @@ def current() -> Fleet | None:
     return _current
 
 
-async def start(ctx: Any) -> Fleet | None:
+async def start(ctx: ChildContext) -> Fleet | None:
     """Join the fleet from a child process (a receiver or delivery worker): connect, install
     the backends, start the background loop. None (and nothing imported) without a cluster."""
     global _current

@@ -52,6 +52,7 @@ import redis.exceptions
 
 import empath
 from empath.cluster import node_name, scripts
+from empath.config.typed import Config
 from empath.delivery import breaker as breaker_mod
 from empath.delivery import limits as limits_mod
 from empath.delivery.limits import QUIT_GRACE
@@ -83,7 +84,7 @@ class Unavailable(Exception):
     """Redis cannot be used now: the caller falls back to its local share."""
 
 
-def connection_options(cfg: Any) -> dict[str, Any]:
+def connection_options(cfg: Config) -> dict[str, Any]:
     """Keyword arguments for ``redis.Redis.from_url`` (sync or asyncio) from ``cfg.cluster``."""
     c = cfg.cluster
     options: dict[str, Any] = {"db": c.db, "socket_timeout": c.timeout,
@@ -118,7 +119,7 @@ class _Bucket:
 
 
 class Fleet:
-    def __init__(self, cfg: Any, kind: str, index: int = 1, count: int = 1) -> None:
+    def __init__(self, cfg: Config, kind: str, index: int = 1, count: int = 1) -> None:
         c = cfg.cluster
         self.cfg = cfg
         self.kind, self.index, self.count = kind, index, count
@@ -128,6 +129,7 @@ class Fleet:
         self.heartbeat = float(c.heartbeat)
         # A few connections per process, shared by every coroutine (one waits for a free
         # one at most cluster.timeout); each script is one short round trip.
+        assert c.url is not None  # fleet mode: cluster.url is set
         pool = aioredis.BlockingConnectionPool.from_url(
             c.url, max_connections=POOL_SIZE, timeout=c.timeout, **connection_options(cfg))
         self.redis: Any = aioredis.Redis(connection_pool=pool)

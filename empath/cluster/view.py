@@ -16,17 +16,19 @@ from typing import Any
 
 from empath.cluster import node_name
 from empath.cluster.fleet import ALIVE_HEARTBEATS, connection_options
+from empath.config.typed import Config
 
 SCAN_COUNT = 500
 
 
-def client(cfg: Any) -> Any:
+def client(cfg: Config) -> Any:
     import redis
 
+    assert cfg.cluster.url is not None  # fleet mode: cluster.url is set
     return redis.Redis.from_url(cfg.cluster.url, **connection_options(cfg))
 
 
-def _domain_limits(cfg: Any, domain: str) -> tuple[int, int | None]:
+def _domain_limits(cfg: Config, domain: str) -> tuple[int, int | None]:
     own = (cfg.delivery.domains or {}).get(domain)
     connections = (own.max_connections if own is not None and own.max_connections
                    else cfg.delivery.max_connections)
@@ -34,7 +36,7 @@ def _domain_limits(cfg: Any, domain: str) -> tuple[int, int | None]:
     return connections, rate or cfg.delivery.rate_limits.default
 
 
-def fleet_view(cfg: Any, redis_client: Any = None) -> dict[str, Any]:
+def fleet_view(cfg: Config, redis_client: Any = None) -> dict[str, Any]:
     """The fleet's nodes and shared limits as a JSON-ready document."""
     r = redis_client or client(cfg)
     prefix = cfg.cluster.key_prefix
@@ -91,7 +93,7 @@ def fleet_view(cfg: Any, redis_client: Any = None) -> dict[str, Any]:
             "destinations": dict(sorted(destinations.items()))}
 
 
-def redis_check(cfg: Any, redis_client: Any = None) -> tuple[bool, str]:
+def redis_check(cfg: Config, redis_client: Any = None) -> tuple[bool, str]:
     """Whether Redis answers a PING from here, and a line saying so."""
     started = time.monotonic()
     try:

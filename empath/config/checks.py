@@ -13,7 +13,8 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
-from typing import Any
+
+from empath.config.typed import Config
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -32,6 +33,15 @@ def open_file_limit() -> int:
     if hard == resource.RLIM_INFINITY or os.geteuid() == 0:
         return 1 << 30
     return int(hard)
+
+
+def _within(net: IPNetwork, other: IPNetwork) -> bool:
+    """``net`` lies inside ``other`` (False across IPv4 and IPv6)."""
+    if isinstance(net, ipaddress.IPv4Network) and isinstance(other, ipaddress.IPv4Network):
+        return net.subnet_of(other)
+    if isinstance(net, ipaddress.IPv6Network) and isinstance(other, ipaddress.IPv6Network):
+        return net.subnet_of(other)
+    return False
 
 
 def host_networks() -> list[IPNetwork]:
@@ -61,7 +71,7 @@ def _public_host(host: str) -> bool:
     return not ip.is_loopback
 
 
-def config_warnings(cfg: Any, base_dir_relative: bool = False,
+def config_warnings(cfg: Config, base_dir_relative: bool = False,
                     own: list[IPNetwork] | None = None) -> list[str]:
     """Each warning as ``file: key: text`` (the configuration is valid; these may be
     mistakes)."""
@@ -73,8 +83,7 @@ def config_warnings(cfg: Any, base_dir_relative: bool = False,
         if net.prefixlen == 0:
             out.append(f"{where}: {key}: {net} lets every address on the Internet relay "
                        "through this server (an open relay)")
-        elif not any(net.version == o.version and net.subnet_of(o)
-                     for o in own):
+        elif not any(_within(net, o) for o in own):
             out.append(f"{where}: {key}: {net} is wider than this host's own networks "
                        f"({', '.join(str(o) for o in own if o.version == net.version)}): "
                        "everyone in it may relay through this server")
@@ -109,7 +118,7 @@ def config_warnings(cfg: Any, base_dir_relative: bool = False,
     return out
 
 
-def resolved_paths(cfg: Any) -> list[tuple[str, str]]:
+def resolved_paths(cfg: Config) -> list[tuple[str, str]]:
     """(what, where) of the spool, mail, pidfile, logs and TLS files, as absolute paths."""
     out = [("spool", os.path.abspath(cfg.spool.path))]
     ld = cfg.local_delivery

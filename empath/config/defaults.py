@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from empath.config.typed import Config
 
 SYSTEM_CONFIG = "/etc/empath/empath.yaml"
 EMBEDDED = str(Path(__file__).resolve().parent / "default.yaml")
@@ -51,7 +54,7 @@ def describe(path: str) -> str:
 
 
 def load(given: str | None = None, warnings: list[str] | None = None,
-         check_contents: bool = True) -> Any:
+         check_contents: bool = True) -> Config:
     """Load the resolved configuration (ConfigError when it is invalid)."""
     from empath.config.loader import load_config
 

@@ -4,9 +4,11 @@ Every problem is a ConfigError whose text names the file, the line and the dotte
 ``conf/empath.yaml:12: smtp.max_recipients: must be an integer from 1 to 100000``. The result
 is a tree of read-only ``Namespace`` objects whose attribute names are the YAML keys
 (``cfg.smtp.timeouts.command``, ``cfg.listeners[0].address.port``,
-``cfg.delivery.domains["example.com"].mx_override``). Every mistake in a file is reported in one
-run (``ConfigErrors``). Loading has no side effect beyond reading the file (and checking that
-files it names exist, and that certificate/key pairs and DKIM keys load).
+``cfg.delivery.domains["example.com"].mx_override``), typed as ``config.typed.Config`` (the
+Protocols generated from the schema), so the type checker knows every key and its type. Every
+mistake in a file is reported in one run (``ConfigErrors``). Loading has no side effect beyond
+reading the file (and checking that files it names exist, and that certificate/key pairs and
+DKIM keys load).
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ import importlib.util
 import os
 import socket
 import ssl
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, cast
 
 import yaml
 
 from empath.config.schema import SCHEMA, Key, Section
+from empath.config.typed import Config, DkimDomainConfig
 from empath.config.types import Context, ListOf, Path
 
 
@@ -79,9 +82,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
     return value
-
-
-Config = Namespace  # the root namespace; ``config_file`` is added by load_config
 
 
 class ConfigErrors(ConfigError):
@@ -266,7 +266,7 @@ def _find_node(root: yaml.Node | None, dotted: str) -> yaml.Node | None:
 
 
 def load_config(path: str, *, base_dir: str | None = None,
-                warnings: list[str] | None = None, check_contents: bool = True) -> Namespace:
+                warnings: list[str] | None = None, check_contents: bool = True) -> Config:
     """Read, validate and convert the configuration file at ``path``.
 
     Every problem is found in one pass: one ConfigError when there is one, a ConfigErrors
@@ -298,7 +298,7 @@ def load_config(path: str, *, base_dir: str | None = None,
     cfg = loader.section(SCHEMA, root, "")
     walked_clean = not loader.errors
     try:
-        _check(cfg, loader, root, check_contents)
+        _check(cast(Config, cfg), loader, root, check_contents)
     except (TypeError, AttributeError, ValueError):
         if walked_clean:
             raise
@@ -311,7 +311,7 @@ def load_config(path: str, *, base_dir: str | None = None,
     values["config_file"] = os.path.abspath(path)
     if values["hostname"] is None:
         values["hostname"] = socket.getfqdn()
-    result = Namespace(values)
+    result = cast(Config, Namespace(values))
     if warnings is not None:
         from empath.config.checks import config_warnings
 
@@ -320,7 +320,7 @@ def load_config(path: str, *, base_dir: str | None = None,
     return result
 
 
-def _check(cfg: Namespace, loader: _Loader, root: yaml.Node | None,
+def _check(cfg: Config, loader: _Loader, root: yaml.Node | None,
            check_contents: bool = True) -> None:
     """Rules across keys: things a single value's type cannot say (each problem recorded)."""
 
@@ -420,7 +420,7 @@ def tls_pair_problem(cert: str, key: str) -> str | None:
     return None
 
 
-def dkim_key_problem(domain: str, entry: Any) -> str | None:
+def dkim_key_problem(domain: str, entry: DkimDomainConfig) -> str | None:
     """Why a DKIM signing key cannot be used (None: it can)."""
     from empath.dkim import DkimError, load_key
 
@@ -441,7 +441,7 @@ def dkim_key_problem(domain: str, entry: Any) -> str | None:
     return None
 
 
-def _check_webhooks(cfg: Namespace, fail: Any) -> None:
+def _check_webhooks(cfg: Config, fail: Callable[[str, str], None]) -> None:
     """``strategy: webhook`` needs a URL, a secret file that exists, and a domain that is not
     delivered locally (local_domains go to Maildir or LMTP whatever their strategy)."""
     local = set(cfg.local_domains)
@@ -459,7 +459,7 @@ def _check_webhooks(cfg: Namespace, fail: Any) -> None:
             fail(f"{key}.webhook.secret_file", f"no such file: {secret}")
 
 
-def _check_strategies(cfg: Namespace, fail: Any) -> None:
+def _check_strategies(cfg: Config, fail: Callable[[str, str], None]) -> None:
     """A ``package.module:Class`` strategy must import and be a DeliveryStrategy."""
     from empath.delivery.strategy import BUILTIN, StrategyError, load_class
 

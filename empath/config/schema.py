@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 from empath.config.types import (
+    URL,
     Bool,
+    DNSSECMode,
     Domain,
     Duration,
     Float,
@@ -25,6 +26,7 @@ from empath.config.types import (
     Priority,
     Size,
     Str,
+    StrategyName,
     ValueType,
 )
 
@@ -41,6 +43,9 @@ class Key:
     # What the generated conf/empath.yaml writes, when it differs from the default.
     sample: Any = field(default=None)
     has_sample: bool = False
+    # Null in the file, but never in the loaded configuration: load_config fills it in
+    # (hostname: this machine's name), so its type (config/typed.py) is not optional.
+    filled_at_load: bool = False
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,8 @@ class Section:
     sample: Any = None
     # ``tls: off`` (or false) for the whole section: its defaults with this Bool key false.
     off_key: str | None = None
+    # The name of its class in config/typed.py (else made from its dotted name).
+    type_name: str | None = None
 
     def child(self, name: str) -> Key | Section | None:
         for c in self.children:
@@ -75,68 +82,21 @@ SYSLOG_FACILITIES = ("mail", "daemon", "user", "local0", "local1", "local2", "lo
                      "local4", "local5", "local6", "local7")
 TLS_POLICIES = ("opportunistic", "required", "disabled", "dane")
 _POLICY_CHOICES = TLS_POLICIES
-DNSSEC_MODES = ("off", "log", "enforce")
 WEBHOOK_FORMATS = ("json", "multipart")
 
 
-class _URL(Str):
-    """A URL of one of ``schemes`` with a host, no port 0, and no secret written in it (a
-    secret in the URL would sit in the configuration, its copies and the logs)."""
-
-    def __init__(self, schemes: tuple[str, ...], describe: str, secret_error: str,
-                 user_allowed: bool = False) -> None:
-        super().__init__()
-        self.schemes = schemes
-        self.describe = describe
-        self.secret_error = secret_error
-        self.user_allowed = user_allowed  # a user name without a password is no secret
-
-    def convert(self, value: Any, ctx: Any) -> Any:
-        text = super().convert(value, ctx)
-        try:
-            parts = urlsplit(text)
-            port = parts.port  # ValueError when it is not a number from 0 to 65535
-        except ValueError as exc:
-            raise ValueError(f"{text!r} is not {self.describe}: {exc}") from None
-        if parts.scheme not in self.schemes or not parts.hostname:
-            raise ValueError(f"{text!r} is not {self.describe} with a host")
-        if parts.password is not None or (parts.username is not None and not self.user_allowed):
-            raise ValueError(self.secret_error)
-        if port == 0:
-            raise ValueError(f"{text!r}: port 0")
-        return text
-
-
-def _webhook_url() -> _URL:
+def _webhook_url() -> URL:
     """webhook.url: http:// or https://, no credentials."""
-    return _URL(("http", "https"), "an http:// or https:// URL",
-                "no credentials in the URL: they would sit in the configuration and the logs; "
-                "the receiver checks webhook.secret_file's signature instead")
+    return URL(("http", "https"), "an http:// or https:// URL",
+               "no credentials in the URL: they would sit in the configuration and the logs; "
+               "the receiver checks webhook.secret_file's signature instead")
 
 
-def _redis_url() -> _URL:
+def _redis_url() -> URL:
     """cluster.url: redis:// or rediss:// (TLS), no password."""
-    return _URL(("redis", "rediss"), "a redis:// or rediss:// URL",
-                "no password in the URL: it would sit in the configuration and the logs; use "
-                "cluster.password_file", user_allowed=True)
-
-
-class _Strategy(Str):
-    """smtp | webhook | package.module:Class (a DeliveryStrategy subclass, checked at load)."""
-
-    def __init__(self) -> None:
-        super().__init__(pattern=r"^(smtp|webhook|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$")
-        self.describe = "smtp, webhook or package.module:Class"
-
-
-class _DNSSECMode(Str):
-    """off | log | enforce; YAML 1.1 reads a bare ``off`` as false, so false is off too."""
-
-    def __init__(self) -> None:
-        super().__init__(DNSSEC_MODES)
-
-    def convert(self, value: Any, ctx: Any) -> Any:
-        return super().convert("off" if value is False else value, ctx)
+    return URL(("redis", "rediss"), "a redis:// or rediss:// URL",
+               "no password in the URL: it would sit in the configuration and the logs; use "
+               "cluster.password_file", user_allowed=True)
 
 
 LISTENER = (
@@ -164,7 +124,7 @@ DOMAIN_POLICY = (
         "DANE is mandatory (RFC 7672): only MX hosts whose DNSSEC-validated TLSA records "
         "authenticate their certificate get the mail, anything less is a temporary failure. "
         "null: the default.", nullable=True),
-    Key("dnssec", _DNSSECMode(), None,
+    Key("dnssec", DNSSECMode(), None,
         "DNSSEC mode for this domain's lookups (off | log | enforce, as delivery.dns.dnssec); "
         "null: the default.", nullable=True),
     Key("accept_invalid_certs", Bool(), None,
@@ -176,7 +136,7 @@ DOMAIN_POLICY = (
     Key("rate_limit", Int(1), None,
         "Most messages per minute to this domain, all delivery workers together; null: the "
         "default.", nullable=True),
-    Key("strategy", _Strategy(), "smtp",
+    Key("strategy", StrategyName(), "smtp",
         "How this domain's mail is delivered: smtp (its MX hosts, or mx_override), "
         "webhook: one HTTP POST per message to webhook.url (docs/WEBHOOKS.md; the other "
         "keys here are for SMTP and do not apply), or package.module:Class, a "
@@ -236,7 +196,7 @@ SCHEMA = Section("", "Empath configuration.", (
            "directory. The shipped file uses the checkout (..).", ".."),
     Key("hostname", Str(), None,
         "Name used in the SMTP greeting, Received: headers, EHLO and bounces; null: this "
-        "machine's fully qualified name.", nullable=True),
+        "machine's fully qualified name.", nullable=True, filled_at_load=True),
     Key("user", Str(), None,
         "User to run as after binding the listeners (the master must start as root); null: "
         "stay as the starting user.", nullable=True),
@@ -264,7 +224,7 @@ SCHEMA = Section("", "Empath configuration.", (
         Key("syslog_socket", Path(), "/dev/log", "The syslog daemon's Unix socket."),
     )),
     Section("listeners", "SMTP listeners; the master binds them all before forking.",
-            LISTENER, many=True,
+            LISTENER, many=True, type_name="ListenerConfig",
             default=[{"address": "127.0.0.1:2525", "mode": "smtp",
                       "tls": {"cert": None, "key": None}}]),
     Section("processes", "How many of each child process the master keeps running.", (
@@ -361,7 +321,7 @@ SCHEMA = Section("", "Empath configuration.", (
         Section("modules", "Modules called on SMTP events (docs/MODULES.md), in order.", (
             Key("name", Str(), None, "Importable module path, e.g. empath.modules.blocklist."),
             Key("options", Mapping(), {}, "Options passed to the module's setup()."),
-        ), many=True, default=[]),
+        ), many=True, default=[], type_name="ModuleConfig"),
     )),
     Section("local_delivery", "Delivery for local_domains.", (
         Key("maildir_root", Path(), "var/mail",
@@ -455,7 +415,7 @@ SCHEMA = Section("", "Empath configuration.", (
             Key("cache_ttl", Duration(0), 300.0, "Longest time an answer is cached "
                 "(the record's TTL wins when shorter)."),
             Key("cache_size", Int(0, 10000000), 10000, "Most cached answers."),
-            Key("dnssec", _DNSSECMode(), "off",
+            Key("dnssec", DNSSECMode(), "off",
                 "DNSSEC: the resolver must then be a validating resolver reached over a path "
                 "you trust (a local unbound); its AD bit says whether an answer was validated. "
                 "off: not consulted, no DANE. log: every MX, A/AAAA and TLSA lookup is judged "
@@ -507,7 +467,7 @@ SCHEMA = Section("", "Empath configuration.", (
                         "Most policies cached per worker (each for its max_age)."),
                 )),
         Section("domains", "Per-destination-domain settings.", DOMAIN_POLICY,
-                keyed_by=Domain(), default={},
+                keyed_by=Domain(), default={}, type_name="DomainPolicyConfig",
                 sample=DOMAINS_SAMPLE),
     )),
     Section("priority", "Delivery order. Workers take waiting messages oldest first; a "
@@ -526,7 +486,7 @@ SCHEMA = Section("", "Empath configuration.", (
                 nullable=True),
             Key("priority", Priority(), None,
                 "The priority: high (5), normal (0), low (-5), or a number from -100 to 100."),
-        ), many=True, default=[]),
+        ), many=True, default=[], type_name="PriorityRuleConfig"),
     )),
     Section("dkim", "DKIM signing (RFC 6376, 8463) of mail from trusted clients, at receipt.", (
         Key("canonicalization", Str(("relaxed/relaxed", "relaxed/simple", "simple/relaxed",
@@ -545,7 +505,7 @@ SCHEMA = Section("", "Empath configuration.", (
                         "Private key file (empathctl dkim keygen writes one)."),
                     Key("algorithm", Str(("rsa-sha256", "ed25519-sha256")), "rsa-sha256",
                         "Signature algorithm of the key."),
-                ), keyed_by=Domain(), default={},
+                ), keyed_by=Domain(), default={}, type_name="DkimDomainConfig",
                 sample="# example.com:\n#   selector: s2026\n"
                        "#   key: /etc/empath/dkim/example.com.s2026.key\n"
                        "#   algorithm: rsa-sha256\n"),

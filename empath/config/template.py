@@ -173,6 +173,13 @@ def render_reference() -> str:
         "the daemon refuses to start, and a reload keeps the running configuration.",
         "`empath check-config -c FILE` runs the same validation.",
         "",
+        "The same table gives the code its types: `empath/config/typed.py`, generated from it by",
+        "`empath/config/typegen.py`, declares each section as a read-only `Protocol` whose",
+        "properties have the Python type of each value (a duration is a `float` of seconds, a size",
+        "an `int` of bytes, `host:port` an `Address`, a list a tuple, a key with choices a",
+        "`Literal`, a nullable key `X | None`), so mypy rejects a misspelt key or a misused value",
+        "(docs/ARCHITECTURE.md, \"Configuration\").",
+        "",
         "| key | type | default | meaning |",
         "|---|---|---|---|",
     ]

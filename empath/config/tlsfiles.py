@@ -26,28 +26,29 @@ import logging
 import os
 import ssl
 import stat
-from typing import Any
+
+from empath.config.typed import Config, ListenerConfig
 
 CERT_NAME = "selfsigned.crt"
 KEY_NAME = "selfsigned.key"
 VALID_DAYS = 3650
 
 
-def self_signed_paths(cfg: Any) -> tuple[str, str]:
+def self_signed_paths(cfg: Config) -> tuple[str, str]:
     """(certificate, key) of the generated self-signed pair."""
     return (os.path.join(cfg.tls_dir, CERT_NAME), os.path.join(cfg.tls_dir, KEY_NAME))
 
 
-def listener_pair(cfg: Any, listener: Any) -> tuple[str, str] | None:
+def listener_pair(cfg: Config, listener: ListenerConfig) -> tuple[str, str] | None:
     """The (certificate, key) a listener serves, or None when its TLS is off."""
     if not listener.tls.enabled:
         return None
-    if listener.tls.cert is not None:
+    if listener.tls.cert is not None and listener.tls.key is not None:  # both or neither
         return (listener.tls.cert, listener.tls.key)
     return self_signed_paths(cfg)
 
 
-def needs_self_signed(cfg: Any) -> bool:
+def needs_self_signed(cfg: Config) -> bool:
     """Whether some listener has TLS on without a certificate of its own."""
     return any(lst.tls.enabled and lst.tls.cert is None for lst in cfg.listeners)
 
@@ -59,7 +60,7 @@ def server_context(cert: str, key: str) -> ssl.SSLContext:
     return ctx
 
 
-def ensure_self_signed(cfg: Any, log: logging.Logger, owner: tuple[int, int] | None = None
+def ensure_self_signed(cfg: Config, log: logging.Logger, owner: tuple[int, int] | None = None
                        ) -> bool:
     """Create the self-signed pair if a listener needs it and it does not exist yet; True
     when it was created. ``owner`` (uid, gid) is given the files when the daemon will run as

@@ -11,6 +11,7 @@ import ipaddress
 import re
 from dataclasses import dataclass
 from typing import Any, NamedTuple
+from urllib.parse import urlsplit
 
 
 class Address(NamedTuple):
@@ -45,6 +46,11 @@ class ValueType:
     def convert(self, value: Any, ctx: Context) -> Any:
         raise NotImplementedError
 
+    def annotation(self) -> str:
+        """The Python type of a converted value, as written in the generated
+        ``empath/config/typed.py`` (``config.typegen``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no annotation")
+
     def render(self, value: Any) -> str:
         """The YAML text of a default value, for the generated configuration file."""
         import json
@@ -68,6 +74,11 @@ class Str(ValueType):
         self.lower = lower
         self.describe = ("one of " + ", ".join(choices)) if choices else "a string"
 
+    def annotation(self) -> str:
+        if self.choices is None:
+            return "str"
+        return "Literal[" + ", ".join(f'"{c}"' for c in self.choices) + "]"
+
     def convert(self, value: Any, ctx: Context) -> Any:
         if isinstance(value, bool) or not isinstance(value, str | int | float):
             raise ValueError(f"must be {self.describe}")
@@ -84,6 +95,9 @@ class Str(ValueType):
 class Bool(ValueType):
     describe = "true or false"
 
+    def annotation(self) -> str:
+        return "bool"
+
     def convert(self, value: Any, ctx: Context) -> Any:
         if not isinstance(value, bool):
             raise ValueError(f"must be {self.describe}")
@@ -94,6 +108,9 @@ class Int(ValueType):
     def __init__(self, minimum: int | None = None, maximum: int | None = None) -> None:
         self.minimum, self.maximum = minimum, maximum
         self.describe = "an integer" + _range_text(minimum, maximum)
+
+    def annotation(self) -> str:
+        return "int"
 
     def convert(self, value: Any, ctx: Context) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -124,6 +141,9 @@ class Float(ValueType):
         self.minimum, self.maximum = minimum, maximum
         self.describe = "a number" + _range_text(minimum, maximum)
 
+    def annotation(self) -> str:
+        return "float"
+
     def convert(self, value: Any, ctx: Context) -> Any:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ValueError(f"must be {self.describe}")
@@ -137,6 +157,9 @@ class Duration(ValueType):
     def __init__(self, minimum: float = 0.0, maximum: float | None = None) -> None:
         self.minimum, self.maximum = minimum, maximum
         self.describe = "a duration such as 30s, 5m, 24h or 5d" + _range_text(minimum, maximum)
+
+    def annotation(self) -> str:
+        return "float"  # seconds
 
     def convert(self, value: Any, ctx: Context) -> Any:
         seconds = parse_duration(value)
@@ -153,6 +176,9 @@ class Size(ValueType):
     def __init__(self, minimum: int = 0, maximum: int | None = None) -> None:
         self.minimum, self.maximum = minimum, maximum
         self.describe = "a size such as 512KiB, 35MB or a number of bytes"
+
+    def annotation(self) -> str:
+        return "int"  # bytes
 
     def convert(self, value: Any, ctx: Context) -> Any:
         size = parse_size(value)
@@ -175,6 +201,9 @@ class HostPort(ValueType):
         self.describe = "host:port" + (f" (port defaults to {default_port})"
                                        if default_port else "")
 
+    def annotation(self) -> str:
+        return "Address"
+
     def convert(self, value: Any, ctx: Context) -> Any:
         if not isinstance(value, str):
             raise ValueError(f"must be {self.describe}, as a string")
@@ -186,6 +215,9 @@ class Path(ValueType):
 
     describe = "a path"
 
+    def annotation(self) -> str:
+        return "str"  # absolute, normalized
+
     def convert(self, value: Any, ctx: Context) -> Any:
         import os
 
@@ -196,6 +228,9 @@ class Path(ValueType):
 
 class Network(ValueType):
     describe = "an IP network such as 127.0.0.0/8 or ::1/128"
+
+    def annotation(self) -> str:
+        return "IPv4Network | IPv6Network"
 
     def convert(self, value: Any, ctx: Context) -> Any:
         try:
@@ -210,6 +245,9 @@ class Network(ValueType):
 class Domain(ValueType):
     describe = "a domain name"
 
+    def annotation(self) -> str:
+        return "str"  # lower-case ASCII (IDNA), no final dot
+
     def convert(self, value: Any, ctx: Context) -> Any:
         if not isinstance(value, str):
             raise ValueError(f"must be {self.describe}")
@@ -221,6 +259,9 @@ class ListOf(ValueType):
         self.item = item
         self.describe = f"a list of {item.describe}"
 
+    def annotation(self) -> str:
+        return f"tuple[{self.item.annotation()}, ...]"  # the loader makes lists tuples
+
     def convert(self, value: Any, ctx: Context) -> Any:
         # A list's items are converted by the loader, which knows their lines.
         raise NotImplementedError
@@ -231,10 +272,59 @@ class Mapping(ValueType):
 
     describe = "a mapping"
 
+    def annotation(self) -> str:
+        return "Mapping[str, Any]"  # free-form, as written
+
     def convert(self, value: Any, ctx: Context) -> Any:
         if not isinstance(value, dict):
             raise ValueError(f"must be {self.describe}")
         return value
+
+
+class URL(Str):
+    """A URL of one of ``schemes`` with a host, no port 0, and no secret written in it (a
+    secret in the URL would sit in the configuration, its copies and the logs)."""
+
+    def __init__(self, schemes: tuple[str, ...], describe: str, secret_error: str,
+                 user_allowed: bool = False) -> None:
+        super().__init__()
+        self.schemes = schemes
+        self.describe = describe
+        self.secret_error = secret_error
+        self.user_allowed = user_allowed  # a user name without a password is no secret
+
+    def convert(self, value: Any, ctx: Context) -> Any:
+        text = super().convert(value, ctx)
+        try:
+            parts = urlsplit(text)
+            port = parts.port  # ValueError when it is not a number from 0 to 65535
+        except ValueError as exc:
+            raise ValueError(f"{text!r} is not {self.describe}: {exc}") from None
+        if parts.scheme not in self.schemes or not parts.hostname:
+            raise ValueError(f"{text!r} is not {self.describe} with a host")
+        if parts.password is not None or (parts.username is not None and not self.user_allowed):
+            raise ValueError(self.secret_error)
+        if port == 0:
+            raise ValueError(f"{text!r}: port 0")
+        return text
+
+
+class StrategyName(Str):
+    """smtp | webhook | package.module:Class (a DeliveryStrategy subclass, checked at load)."""
+
+    def __init__(self) -> None:
+        super().__init__(pattern=r"^(smtp|webhook|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$")
+        self.describe = "smtp, webhook or package.module:Class"
+
+
+class DNSSECMode(Str):
+    """off | log | enforce; YAML 1.1 reads a bare ``off`` as false, so false is off too."""
+
+    def __init__(self) -> None:
+        super().__init__(("off", "log", "enforce"))
+
+    def convert(self, value: Any, ctx: Context) -> Any:
+        return super().convert("off" if value is False else value, ctx)
 
 
 # -- parsing helpers, also used outside the loader -----------------------------------------

@@ -28,8 +28,9 @@ import pwd
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
+from empath.config.typed import Config
 from empath.ctl import submission as sub
 from empath.spool import records
 
@@ -194,7 +195,7 @@ def read_message(stream: BinaryIO, dot_ends_input: bool, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def local_domain(cfg: Any) -> str:
+def local_domain(cfg: Config) -> str:
     """The domain given to bare recipient names: the hostname when it is a local domain, else
     the first local domain (so ``root`` is delivered here), else the hostname."""
     hostname = str(cfg.hostname)
@@ -204,7 +205,7 @@ def local_domain(cfg: Any) -> str:
     return domains[0]
 
 
-def build(opts: Options, raw: bytes, cfg: Any, *, uid: int, user: str,
+def build(opts: Options, raw: bytes, cfg: Config, *, uid: int, user: str,
           message_id: str, now: float,
           listener: str = "sendmail") -> tuple[bytes, records.Envelope]:
     """Queue data and envelope for one submission (SubmissionError when it cannot be)."""
@@ -277,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     return submit(opts, cfg)
 
 
-def submit(opts: Options, cfg: Any) -> int:
+def submit(opts: Options, cfg: Config) -> int:
     """Read, build and store one message; the sendmail exit status."""
     from empath.spool import Spool, new_message_id
     from empath.spool.submit import store_message

@@ -36,8 +36,9 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
+from empath.config.typed import DeliveryConfig
 from empath.delivery.errors import TemporaryError
 from empath.observe import metrics
 
@@ -99,7 +100,7 @@ def _shared() -> SharedBreakers | None:
 class CircuitBreakers:
     """The breakers of every destination domain one worker delivers to."""
 
-    def __init__(self, delivery_cfg: Any, clock: Callable[[], float] = time.monotonic,
+    def __init__(self, delivery_cfg: DeliveryConfig, clock: Callable[[], float] = time.monotonic,
                  wall: Callable[[], float] = time.time) -> None:
         self.delivery = delivery_cfg
         self.clock = clock

@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from empath.config.typed import DeliveryTimeoutsConfig
 from empath.delivery.client import (
     QUIT,
     RSET,
@@ -143,7 +144,8 @@ async def connect_stream(ip: str, port: int) -> tuple[_ChannelReader, asyncio.St
 
 @tracing.connect
 async def open_connection(*, server: str, ip: str, port: int, helo: str, domain: str,
-                          policy: TLSPolicy, contexts: TLSContexts, timeouts: Any,
+                          policy: TLSPolicy, contexts: TLSContexts,
+                          timeouts: DeliveryTimeoutsConfig,
                           try_tls: bool = True,
                           dane: DaneRequirement | None = None,
                           verify_error: str | None = None) -> SMTPConnection:
@@ -167,7 +169,7 @@ async def open_connection(*, server: str, ip: str, port: int, helo: str, domain:
 
 
 async def _open(hs: Handshake, ip: str, port: int, contexts: TLSContexts,
-                timeouts: Any) -> tuple[SMTPConnection, Reconnect | None]:
+                timeouts: DeliveryTimeoutsConfig) -> tuple[SMTPConnection, Reconnect | None]:
     try:
         async with asyncio.timeout(timeouts.connect):
             reader, writer = await connect_stream(ip, port)
@@ -189,7 +191,7 @@ class SMTPConnection:
     """A live session with one server, ready for transactions after ``handshake``."""
 
     def __init__(self, reader: _ChannelReader, writer: asyncio.StreamWriter, *,
-                 server: str, ip: str, port: int, timeouts: Any) -> None:
+                 server: str, ip: str, port: int, timeouts: DeliveryTimeoutsConfig) -> None:
         self.reader = reader
         self.writer = writer
         self.channel = reader.channel

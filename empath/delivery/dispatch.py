@@ -22,6 +22,7 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from empath.config.typed import Config, DomainPolicyConfig, DomainPolicyWebhookConfig
 from empath.config.types import normalize_domain
 from empath.delivery import limits
 from empath.delivery.errors import LocalSystemError
@@ -44,7 +45,7 @@ OnGroupDone = Callable[[dict[str, RecipientOutcome], dict[str, Any], bool], Awai
 
 
 class Dispatcher:
-    def __init__(self, cfg: Any, share: tuple[int, int] = (1, 1)) -> None:
+    def __init__(self, cfg: Config, share: tuple[int, int] = (1, 1)) -> None:
         self.cfg = cfg
         self.share = share  # (index, count) of this worker among the delivery workers
         self.local_domains = {d.lower() for d in cfg.local_domains}
@@ -52,7 +53,7 @@ class Dispatcher:
         # first use and kept for the worker's life (connections, sessions, caches).
         self.strategies: dict[str, DeliveryStrategy] = {}
 
-    def policy(self, domain: str) -> Any | None:
+    def policy(self, domain: str) -> DomainPolicyConfig | None:
         """The ``delivery.domains`` entry of a domain (by its A-label too), else None."""
         policies = self.cfg.delivery.domains or {}
         policy = policies.get(domain)
@@ -63,7 +64,7 @@ class Dispatcher:
                 return None
         return policy
 
-    def webhook_settings(self, domain: str) -> Any | None:
+    def webhook_settings(self, domain: str) -> DomainPolicyWebhookConfig | None:
         """The ``webhook`` settings of a domain whose strategy is webhook, else None."""
         policy = self.policy(domain)
         if policy is None or policy.strategy != "webhook":

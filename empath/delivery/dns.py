@@ -49,6 +49,7 @@ import dns.name
 import dns.rdatatype
 import dns.resolver
 
+from empath.config.typed import DeliveryDnsConfig
 from empath.delivery.dane import TLSARecord
 from empath.delivery.errors import DeliveryError, PermanentError, TemporaryError
 from empath.observe import metrics, tracing
@@ -153,7 +154,7 @@ def _is_ip(host: str) -> bool:
     return True
 
 
-def build_resolver(dns_cfg: Any) -> dns.asyncresolver.Resolver:
+def build_resolver(dns_cfg: DeliveryDnsConfig) -> dns.asyncresolver.Resolver:
     """dnspython's async resolver for ``delivery.dns``: the configured server or the system's."""
     if dns_cfg.resolver is None:
         resolver = dns.asyncresolver.Resolver(configure=True)
@@ -161,7 +162,7 @@ def build_resolver(dns_cfg: Any) -> dns.asyncresolver.Resolver:
         host, port = dns_cfg.resolver.host, dns_cfg.resolver.port
         if not _is_ip(host):
             # Once, at start-up: dnspython wants an address for its nameserver.
-            host = socket.getaddrinfo(host, port, proto=socket.IPPROTO_UDP)[0][4][0]
+            host = str(socket.getaddrinfo(host, port, proto=socket.IPPROTO_UDP)[0][4][0])
         resolver = dns.asyncresolver.Resolver(configure=False)
         resolver.nameservers = [host]
         resolver.port = port
@@ -187,7 +188,7 @@ def _checking_disabled(resolver: dns.asyncresolver.Resolver) -> dns.asyncresolve
 class MXResolver:
     """Resolves MX hosts and their addresses; one per delivery worker."""
 
-    def __init__(self, dns_cfg: Any, *, rng: random.Random | None = None,
+    def __init__(self, dns_cfg: DeliveryDnsConfig, *, rng: random.Random | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  resolver: dns.asyncresolver.Resolver | None = None,
                  detect_bogus: bool | None = None) -> None:

@@ -28,8 +28,9 @@ Never builds a query itself (``dns.py`` does) and never touches a socket.
 from __future__ import annotations
 
 from collections.abc import Awaitable
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
+from empath.config.typed import DeliveryConfig
 from empath.delivery.errors import DeliveryError, TemporaryError
 
 OFF, LOG, ENFORCE = "off", "log", "enforce"
@@ -46,7 +47,7 @@ class _Resolver(Protocol):
     async def proven_insecure(self, name: str) -> bool | None: ...
 
 
-def mode_for(delivery_cfg: Any, domain: str) -> str:
+def mode_for(delivery_cfg: DeliveryConfig, domain: str) -> str:
     """The DNSSEC mode for ``domain``: its own ``dnssec`` first, then ``delivery.dns``'s;
     at least ``log`` when its TLS policy is ``dane``."""
     mode = str(delivery_cfg.dns.dnssec)

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from empath import modules as hooks
+from empath.config.typed import Config
 from empath.config.types import parse_address
 from empath.delivery.errors import LocalSystemError
 from empath.delivery.state import DEFERRED, FAILED, RecipientOutcome
@@ -135,7 +136,7 @@ class DeliveryHooks:
         self.timeout = timeout
 
     @classmethod
-    def load(cls, cfg: Any) -> DeliveryHooks:
+    def load(cls, cfg: Config) -> DeliveryHooks:
         return cls(hooks.load_modules(cfg.smtp.modules), cfg.delivery.timeouts.hooks)
 
     def __bool__(self) -> bool:

@@ -51,6 +51,7 @@ from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
 from typing import Any, Protocol
 
+from empath.config.typed import DeliveryConfig
 from empath.observe import metrics
 
 RATE_LIMITERS_KEPT = 1000  # beyond this many, limiters with a full bucket are dropped
@@ -195,7 +196,7 @@ class RateLimiter:
 class DestinationLimits:
     """This worker's share of every destination's connection and rate limits."""
 
-    def __init__(self, delivery_cfg: Any, share: tuple[int, int] = (1, 1)) -> None:
+    def __init__(self, delivery_cfg: DeliveryConfig, share: tuple[int, int] = (1, 1)) -> None:
         self.delivery = delivery_cfg
         self.index, self.count = share
         self._slots: dict[str, asyncio.Semaphore] = {}

@@ -31,6 +31,7 @@ import logging
 import time
 from typing import Any
 
+from empath.config.typed import Config, DeliveryTimeoutsConfig
 from empath.delivery.client import (
     Extensions,
     ProtocolError,
@@ -60,7 +61,8 @@ def server_label(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def open_lmtp(host: str, port: int, *, name: str, timeouts: Any) -> LMTPConnection:
+async def open_lmtp(host: str, port: int, *, name: str,
+                    timeouts: DeliveryTimeoutsConfig) -> LMTPConnection:
     """Connect to the LMTP server and bring the session to MAIL-ready (greeting, LHLO).
 
     Raises TemporaryError for anything that goes wrong: refused, timed out, or a greeting
@@ -204,8 +206,9 @@ class LMTPConnection(SMTPConnection):
 class LMTPTransport:
     """Delivery of local recipients to the configured LMTP server, for one worker."""
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: Config) -> None:
         address = cfg.local_delivery.lmtp
+        assert address is not None  # made only when local_delivery.lmtp is set
         self.host: str = address.host
         self.port: int = address.port
         self.label = server_label(self.host, self.port)

@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import socket
 import ssl
-from typing import Any
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 
+from empath.config.typed import DeliveryMtaStsConfig
 from empath.delivery.dns import MXResolver
 from empath.delivery.errors import DeliveryError
 
@@ -66,7 +66,8 @@ class _DeliveryResolver(AbstractResolver):
 class PolicyFetcher:
     """Fetches policy files for one delivery worker."""
 
-    def __init__(self, mta_sts_cfg: Any, tls_ca_file: str | None, resolver: MXResolver) -> None:
+    def __init__(self, mta_sts_cfg: DeliveryMtaStsConfig, tls_ca_file: str | None,
+                 resolver: MXResolver) -> None:
         self.port = int(mta_sts_cfg.port)
         self.timeout = float(mta_sts_cfg.timeout)
         self.ca_file = mta_sts_cfg.ca_file or tls_ca_file

@@ -13,6 +13,7 @@ import logging
 import time
 from typing import Any
 
+from empath.config.typed import Config
 from empath.delivery import bounce, state
 from empath.delivery.hooks import DeliveryHooks
 from empath.observe import deliveries
@@ -25,7 +26,7 @@ log = logging.getLogger("empath.delivery")
 class Notices:
     """The notices of one delivery worker."""
 
-    def __init__(self, cfg: Any, queue: Spool, metrics: Any, audit: Any,
+    def __init__(self, cfg: Config, queue: Spool, metrics: Any, audit: Any,
                  hooks: DeliveryHooks) -> None:
         self.cfg = cfg
         self.queue = queue

@@ -26,8 +26,8 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
-from typing import Any
 
+from empath.config.typed import DeliveryConnectionReuseConfig
 from empath.delivery.connection import SMTPConnection
 from empath.delivery.dane import DaneRequirement
 from empath.delivery.tls import TLSPolicy
@@ -57,7 +57,7 @@ async def quits_awaited() -> AsyncIterator[None]:
 
 
 class ConnectionPool:
-    def __init__(self, reuse_cfg: Any) -> None:
+    def __init__(self, reuse_cfg: DeliveryConnectionReuseConfig) -> None:
         self.reuse = reuse_cfg
         self._idle: dict[PoolKey, list[SMTPConnection]] = {}
         self._timers: dict[SMTPConnection, asyncio.TimerHandle] = {}

@@ -49,9 +49,11 @@ import ipaddress
 import logging
 import socket
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from empath.config.typed import Config, DeliveryConfig, ListenerConfig
 from empath.config.types import parse_address
 from empath.delivery import dnssec
 from empath.delivery.breaker import REACHED, UNKNOWN, UNREACHABLE, CircuitBreakers, CircuitOpen
@@ -142,7 +144,7 @@ class OwnAddresses:
     that would loop back here. A listener on 0.0.0.0 or :: stands for every local address;
     one on port 0 (a port picked at start-up) cannot be matched and is left out."""
 
-    def __init__(self, listeners: Any) -> None:
+    def __init__(self, listeners: Iterable[ListenerConfig] | None) -> None:
         self.endpoints: list[tuple[str, int]] = []
         for listener in listeners or ():
             host, port = listener.address.host, int(listener.address.port)
@@ -153,7 +155,7 @@ class OwnAddresses:
                 hosts = [host]
             except ValueError:  # a name: what it stands for, once, at start-up
                 try:
-                    hosts = sorted({info[4][0] for info in socket.getaddrinfo(host, port)})
+                    hosts = sorted({str(info[4][0]) for info in socket.getaddrinfo(host, port)})
                 except OSError:
                     hosts = []
             self.endpoints.extend((h, port) for h in hosts)
@@ -181,7 +183,7 @@ class RemoteTransport:
     ``share`` is ``(index, count)``: this worker's 1-based position among the ``count``
     delivery workers; per-destination limits are divided accordingly (``limits.py``)."""
 
-    def __init__(self, cfg: Any, *, resolver: MXResolver | None = None,
+    def __init__(self, cfg: Config, *, resolver: MXResolver | None = None,
                  share: tuple[int, int] = (1, 1)) -> None:
         self.cfg = cfg
         self.delivery = cfg.delivery
@@ -525,7 +527,7 @@ class RemoteTransport:
             return conn
 
 
-def _dnssec_anywhere(delivery_cfg: Any) -> bool:
+def _dnssec_anywhere(delivery_cfg: DeliveryConfig) -> bool:
     """Whether any domain (or the default) consults DNSSEC: then SERVFAILs are checked for
     bogus answers."""
     if dnssec.mode_for(delivery_cfg, "") != dnssec.OFF:

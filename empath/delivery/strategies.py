@@ -13,6 +13,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from empath.config.typed import Config
 from empath.delivery import local
 from empath.delivery.errors import LocalSystemError
 from empath.delivery.state import RecipientOutcome
@@ -25,7 +26,7 @@ log = logging.getLogger("empath.delivery")
 class SMTPStrategy(DeliveryStrategy):
     name = "smtp"
 
-    def __init__(self, cfg: Any, options: Mapping[str, Any] | None = None,
+    def __init__(self, cfg: Config, options: Mapping[str, Any] | None = None,
                  share: tuple[int, int] = (1, 1)) -> None:
         super().__init__(cfg, options)
         from empath.delivery.remote import RemoteTransport
@@ -48,7 +49,7 @@ class SMTPStrategy(DeliveryStrategy):
 class WebhookStrategy(DeliveryStrategy):
     name = "webhook"
 
-    def __init__(self, cfg: Any, options: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, cfg: Config, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(cfg, options)
         from empath.delivery.webhook import WebhookTransport
 
@@ -67,7 +68,7 @@ class WebhookStrategy(DeliveryStrategy):
 class LMTPStrategy(DeliveryStrategy):
     name = "lmtp"
 
-    def __init__(self, cfg: Any, options: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, cfg: Config, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(cfg, options)
         from empath.delivery.lmtp import LMTPTransport
 

@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from empath.config.typed import Config
 from empath.delivery.state import DEFERRED, DELIVERED, FAILED, RecipientOutcome
 from empath.spool import MessageSource
 
@@ -76,7 +77,7 @@ class DeliveryStrategy(ABC):
     #: Name in logs and route records (``transport``).
     name = "custom"
 
-    def __init__(self, cfg: Any, options: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, cfg: Config, options: Mapping[str, Any] | None = None) -> None:
         self.cfg = cfg
         self.options = dict(options or {})
 

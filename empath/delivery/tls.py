@@ -40,6 +40,8 @@ import ssl
 from dataclasses import dataclass
 from typing import Any
 
+from empath.config.typed import DeliveryConfig
+
 log = logging.getLogger("empath.delivery.tls")
 
 OPPORTUNISTIC, REQUIRED, DISABLED, DANE = "opportunistic", "required", "disabled", "dane"
@@ -80,7 +82,7 @@ class TLSPolicy:
 MTA_STS_ENFORCE = TLSPolicy(MTA_STS, verify=True)
 
 
-def policy_for(delivery_cfg: Any, domain: str) -> TLSPolicy:
+def policy_for(delivery_cfg: DeliveryConfig, domain: str) -> TLSPolicy:
     """The TLS policy for ``domain``: its own settings first, then the global ones."""
     tls_cfg = delivery_cfg.tls
     mode = tls_cfg.default_policy

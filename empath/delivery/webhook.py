@@ -51,6 +51,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import orjson
 
+from empath.config.typed import Config, DomainPolicyWebhookConfig
 from empath.delivery.errors import DeliveryError, LocalSystemError, TemporaryError
 from empath.delivery.state import DEFERRED, DELIVERED, FAILED, RecipientOutcome
 from empath.spool import MessageSource
@@ -193,7 +194,7 @@ def read_secret(path: str) -> bytes:
 class WebhookTransport:
     """Delivery of webhook domains for one delivery worker: one HTTP session for them all."""
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: Config) -> None:
         self.ca_file: str | None = cfg.delivery.tls.ca_file
         self._http: aiohttp.ClientSession | None = None
         self._secrets: dict[str, bytes] = {}
@@ -224,12 +225,13 @@ class WebhookTransport:
             session, self._http = self._http, None
             await session.close()
 
-    async def deliver(self, domain: str, settings: Any, envelope: dict[str, Any],
-                      rcpts: list[dict[str, Any]], source: MessageSource
+    async def deliver(self, domain: str, settings: DomainPolicyWebhookConfig,
+                      envelope: dict[str, Any], rcpts: list[dict[str, Any]], source: MessageSource
                       ) -> tuple[dict[str, RecipientOutcome], dict[str, Any]]:
         """POST ``source`` for ``rcpts`` to ``settings.url``; one outcome per recipient (the
         same for all) and a route record. Never raises but for cancellation."""
         started = time.monotonic()
+        assert settings.url is not None  # the loader requires it with strategy webhook
         label = server_label(settings.url)
         status: int | None = None
         try:
@@ -251,7 +253,7 @@ class WebhookTransport:
                          server=label, status=status)
         return {r["address"]: outcome for r in rcpts}, info
 
-    async def _post(self, settings: Any, label: str, envelope: dict[str, Any],
+    async def _post(self, settings: DomainPolicyWebhookConfig, label: str, envelope: dict[str, Any],
                     rcpts: list[dict[str, Any]], source: MessageSource) -> tuple[int, str]:
         """Send the request: the status and the text of the answer, else a DeliveryError."""
         document = envelope_document(envelope, rcpts)
@@ -263,6 +265,7 @@ class WebhookTransport:
         if settings.secret_file is not None:
             headers[SIGNATURE_HEADER] = await self._signature(settings.secret_file, timestamp,
                                                               body)
+        assert settings.url is not None  # the loader requires it with strategy webhook
         try:
             async with self._session().post(
                     settings.url, data=body.stream(), headers=headers, allow_redirects=False,

@@ -60,6 +60,7 @@ from empath.delivery.dispatch import Dispatcher, OnGroupDone
 from empath.delivery.hooks import DeliveryHooks
 from empath.delivery.notices import Notices
 from empath.delivery.schedule import DueSchedule
+from empath.master.child import ChildContext
 from empath.observe import audit, deliveries, metrics, tracing
 from empath.spool import CorruptFile, Spool, WakeListener, read_queue_file
 from empath.spool.layout import is_disk_full
@@ -83,7 +84,7 @@ Work = Callable[[], Coroutine[Any, Any, None]]
 
 
 class DeliveryWorker:
-    def __init__(self, ctx: Any) -> None:
+    def __init__(self, ctx: ChildContext) -> None:
         self.ctx = ctx
         self.cfg = ctx.config
         self.spool = Spool(self.cfg.spool.path, self.cfg.spool.recycle_files)
@@ -830,7 +831,7 @@ class DeliveryWorker:
                                                       "finished earlier"))
 
 
-async def serve(ctx: Any) -> None:
+async def serve(ctx: ChildContext) -> None:
     """Run one delivery worker until ctx.stopping is set."""
     instruments = metrics.init(ctx.config)
     audit.init(ctx.config)

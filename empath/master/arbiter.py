@@ -12,6 +12,16 @@ backoff), write the status file if anything changed.
 The master does no mail work and never imports the children's roles: a child imports its
 ``serve`` after the fork, so a broken role fails in the child (exit status 3) and the master
 halts instead of respawning it forever.
+
+The arbiter keeps the loop, the signals, and the children: starting, watching (heartbeats),
+retiring, reaping, stopping. Beside it: ``generation.py`` (the running configuration and its
+sockets as one value, replaced whole), ``reload.py`` (SIGHUP: validation, the swap, and the
+rollback of a generation that does not boot), ``startup.py`` (spool, audit log, metrics
+directory, preloading before privileges are dropped), ``housekeeping.py`` (claims and tmp/
+files of children that are gone, throttled fault logging), ``respawn.py`` (backoff and boot
+failures) and ``child.py`` (what runs in a forked child). What the arbiter keeps true: signal
+handlers only enqueue; every child it started is reaped, and a delivery worker's claims are
+requeued once it is gone; the generation is only ever replaced whole.
 """
 
 from __future__ import annotations
@@ -26,20 +36,23 @@ import signal
 import socket
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
 from typing import Any
 
-from empath import logsetup, observe
-from empath.config import ConfigError, load_config, tlsfiles
+from empath import logsetup
+from empath.config.typed import Config
 from empath.master import child as child_mod
-from empath.master import preflight, privileges
+from empath.master import preflight, privileges, startup
 from empath.master.child import ChildContext, Heartbeat, run_child
 from empath.master.daemon import Pidfile, StatusFile, report, sd_notify, status_path
+from empath.master.generation import Generation, admin_addresses
+from empath.master.housekeeping import FAULT_RETRY, LogThrottle, SpoolKeeper
 from empath.master.listeners import Listener, ListenError, bind_all
+from empath.master.reload import Reloader
 from empath.master.respawn import KINDS, Child, RespawnPolicy
+from empath.master.startup import SetupError
 from empath.observe import multiproc
 from empath.smtp import capacity
-from empath.spool import Spool, pid_alive
+from empath.spool import Spool
 
 log = logging.getLogger("empath.master")
 
@@ -50,101 +63,17 @@ HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
 MAX_RECEIVERS = 32  # processes.receivers' maximum: two generations fill smtp/capacity.py's table
 KILL_GRACE = 1.0  # past shutdown_timeout before SIGKILL: children enforce it themselves first
 FAST_STOP_WAIT = 2.0  # after SIGQUIT, before SIGKILL
-# Most a new generation may take to boot before the reload is rolled back (the old one keeps
-# serving until then): generous, as children boot in well under a second on an idle host.
-NEW_GENERATION_WAIT = 30.0
 READY_WAIT = 10.0  # most start-up waits for the first children to boot before reporting ready
-ORPHAN_SWEEP_INTERVAL = 10.0
-FAULT_RETRY = 2.0  # after a spool operation failed (EROFS, ENOSPC, EIO...), try again this soon
-FAULT_LOG_INTERVAL = 60.0  # most one log line a minute per kind of failing operation
-
-
-class LogThrottle:
-    """At most one log line per ``interval`` for each kind of recurring failure; the next
-    line says how many were held back. A full or read-only disk must not flood the log."""
-
-    def __init__(self, interval: float = FAULT_LOG_INTERVAL) -> None:
-        self.interval = interval
-        self.last: dict[str, float] = {}
-        self.held: dict[str, int] = {}
-
-    def error(self, kind: str, message: str, *args: Any) -> None:
-        now = time.monotonic()
-        if now - self.last.get(kind, -self.interval) < self.interval:
-            self.held[kind] = self.held.get(kind, 0) + 1
-            return
-        held = self.held.pop(kind, 0)
-        self.last[kind] = now
-        log.error(message + (f" ({held} more like it not logged)" if held else ""), *args)
 
 
 class HaltError(Exception):
     """Respawning cannot help (children fail to boot); the master stops."""
 
 
-class SetupError(Exception):
-    """The master cannot start (a listener cannot be bound, the spool is unusable...)."""
-
-
-@dataclass(frozen=True)
-class Generation:
-    """One configuration and what the master runs for it: the children's number, the
-    configuration, the listening sockets (SMTP and admin) and how many children of each kind.
-
-    The arbiter never changes one of these in place; reload, rollback, a change of the
-    receiver count and stop each replace it whole (``successor``, ``revived``,
-    ``with_receivers``, ``stopped``), so the four can never disagree. A reload keeps the one
-    it replaced until the new one runs: if that cannot even start, the master goes back to
-    it instead of halting."""
-
-    number: int
-    cfg: Any
-    listeners: tuple[Listener, ...] = ()
-    admin_listeners: tuple[Listener, ...] = ()
-    wanted: Mapping[str, int] = field(default_factory=dict)
-
-    @classmethod
-    def first(cls, cfg: Any) -> Generation:
-        """Generation 1 of a starting master, before its sockets are bound."""
-        return cls(1, cfg, wanted=_wanted(cfg))
-
-    def bound(self, listeners: list[Listener], admin_listeners: list[Listener]) -> Generation:
-        """The same generation with its sockets (bound at start-up)."""
-        return replace(self, listeners=tuple(listeners), admin_listeners=tuple(admin_listeners))
-
-    def successor(self, cfg: Any, listeners: list[Listener],
-                  admin_listeners: list[Listener]) -> Generation:
-        """The next generation, for a reloaded configuration and its sockets."""
-        return Generation(self.number + 1, cfg, tuple(listeners), tuple(admin_listeners),
-                          _wanted(cfg))
-
-    def revived(self, number: int) -> Generation:
-        """This (previous) generation brought back by a rollback under a fresh ``number``,
-        so that the children of the failed one no longer count as current."""
-        return replace(self, number=number)
-
-    def with_receivers(self, count: int) -> Generation:
-        """The same generation with ``count`` receivers (SIGTTIN/SIGTTOU)."""
-        return replace(self, wanted={**self.wanted, "receiver": count})
-
-    def stopped(self) -> Generation:
-        """The same generation once the master closed its sockets to stop."""
-        return replace(self, listeners=(), admin_listeners=())
-
-    def sockets(self) -> list[Listener]:
-        return [*self.listeners, *self.admin_listeners]
-
-    def left_behind(self, new: Generation) -> list[Listener]:
-        """This generation's sockets that ``new`` does not use (closed once no child of an
-        older generation runs)."""
-        keep = new.sockets()
-        return [lst for lst in self.sockets() if lst not in keep]
-
-
 class Arbiter:
     """The master process of one empath instance."""
 
-    def __init__(self, cfg: Any, *, pidfile: Pidfile | None = None,
+    def __init__(self, cfg: Config, *, pidfile: Pidfile | None = None,
                  report_fd: int | None = None) -> None:
         # The running generation, swapped whole (see Generation); ``cfg``, ``listeners``,
         # ``admin_listeners``, ``wanted`` and ``generation`` read it.
@@ -153,7 +82,6 @@ class Arbiter:
         self.report_fd = report_fd  # where ``empath start`` waits for "ready" or "error ..."
         self.pid = os.getpid()
         self.children: dict[int, Child] = {}
-        self.removed_listeners: list[Listener] = []
         self.respawn = RespawnPolicy()
         self.signals: queue.SimpleQueue[int] = queue.SimpleQueue()
         self.wakeup: tuple[int, int] | None = None
@@ -162,11 +90,9 @@ class Arbiter:
         self.stop_killed = False
         self.exit_code = 0
         self.error: str | None = None  # why the master failed or halted, for the CLI
-        self.reloaded_at = 0.0
-        self.previous: Generation | None = None
+        self.reloads = Reloader(self)  # SIGHUP: the generation swap and its rollback
         self.started = time.monotonic()
         self.ready_reported = False
-        self.next_orphan_sweep = 0.0
         self.spool = Spool(cfg.spool.path, cfg.spool.recycle_files)
         self.status = StatusFile(status_path(cfg.pidfile))
         self.status_changed = True
@@ -177,12 +103,10 @@ class Arbiter:
         self.beacon: Heartbeat | None = None
         self.metrics_dir: str | None = None
         self.faults = LogThrottle()
-        # The outcome of the last reload: time, generation, ok (None while the new generation
-        # boots) and the reason it failed; in the status file (empath status, /health).
-        self.last_reload: dict[str, Any] | None = None
+        self.keeper = SpoolKeeper(self.spool, self.faults)
 
     @property
-    def cfg(self) -> Any:
+    def cfg(self) -> Config:
         return self.current.cfg
 
     @property
@@ -235,7 +159,7 @@ class Arbiter:
         try:
             listeners = bind_all([lc.address for lc in self.cfg.listeners], [])
             try:
-                admin_listeners = bind_all(_admin_addresses(self.cfg), [])
+                admin_listeners = bind_all(admin_addresses(self.cfg), [])
             except ListenError:
                 for lst in listeners:
                     lst.close()
@@ -245,29 +169,18 @@ class Arbiter:
             raise SetupError(str(exc)) from None
         for lst in self.listeners:
             log.info("listening on %s", lst.bound)
-        self._log_admin_listeners([])
-        _warn_loose_keys(self.cfg)
-        try:
-            self.spool.create_tree()
-        except OSError as exc:
-            raise SetupError(f"spool {self.spool.root}: {exc.strerror or exc}") from None
-        try:
-            moved = self.spool.recover_all(pid_alive)
-        except OSError as exc:  # the periodic sweep tries again
-            log.error("start-up recovery failed: %s; retrying in the background",
-                      exc.strerror or exc)
-            moved = 0
-        if moved:
-            log.info("start-up recovery requeued %d message(s)", moved)
-        self._prepare_metrics_dir()
-        audit_log = self._prepare_audit_log()
+        self.log_admin_listeners([])
+        startup.warn_loose_keys(self.cfg)
+        startup.prepare_spool(self.spool)
+        self.prepare_metrics_dir()
+        audit_log = startup.prepare_audit_log(self.cfg)
         if ident is not None and privileges.needs_switch(ident):
             files = [p for p in (logsetup.current_log_file(),
                                  self.pidfile.path if self.pidfile else None,
                                  self.status.path, audit_log) if p]
             privileges.hand_over(ident, self.spool.root, files,
                                  dirs=[self.metrics_dir] if self.metrics_dir else [])
-            _preload_roles()
+            startup.preload_roles(ROLES.values())
             privileges.drop(ident)
         # The receivers' shared connection counts (smtp/capacity.py): made once, kept across
         # reloads, so every generation's receivers count together.
@@ -277,38 +190,14 @@ class Arbiter:
         self.beacon = Heartbeat(self.heartbeat_dir)
         log.info("master %d started (config %s)", self.pid, self.cfg.config_file)
 
-    def _prepare_metrics_dir(self) -> None:
-        """With metrics on: the multiprocess directory, emptied and exported before any fork
-        (observe/multiproc.py). A failure leaves metrics off rather than the master down."""
-        if self.metrics_dir is not None or not observe.metrics_enabled(self.cfg):
-            return
-        try:
-            self.metrics_dir = multiproc.prepare(self.cfg, self.spool.root, self.spool.control)
-        except OSError as exc:
-            log.error("metrics: cannot prepare the multiprocess directory: %s; metrics are "
-                      "off", exc.strerror or exc)
-            return
-        log.info("metrics: per-process files in %s", self.metrics_dir)
+    def prepare_metrics_dir(self) -> None:
+        """Metrics on: make the multiprocess directory once (kept across reloads)."""
+        if self.metrics_dir is None:
+            self.metrics_dir = startup.prepare_metrics_dir(self.cfg, self.spool)
 
-    def _prepare_audit_log(self) -> str | None:
-        """Create the audit log (so it can be handed over to ``user``); its path or None."""
-        path: str | None = self.cfg.audit.log_path
-        if path is None:
-            return None
-        try:
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                             0o640))
-        except OSError as exc:
-            raise SetupError(f"audit log {path}: {exc.strerror or exc}") from None
-        return path
-
-    def _log_admin_listeners(self, known: list[Listener]) -> None:
+    def log_admin_listeners(self, known: list[Listener]) -> None:
         """Log where /metrics and /health are served (those not in ``known`` only)."""
-        for (_, roles), lst in zip(observe.admin_endpoints(self.cfg), self.admin_listeners,
-                                   strict=False):
-            if lst not in known:
-                log.info("%s on http://%s/", " and ".join(sorted(roles)), lst.bound)
+        startup.log_admin_listeners(self.cfg, self.admin_listeners, known)
 
     def _install_signals(self) -> None:
         read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -333,9 +222,9 @@ class Arbiter:
                 self._reap()
                 if self.stopping is None:
                     self._check_heartbeats()
-                    self._retire_old_generation()
-                    self._close_removed_listeners()
-                    self._sweep_orphan_claims()
+                    self.reloads.settle()
+                    self.reloads.close_left_behind()
+                    self.keeper.sweep_orphans(self.children)
                     self._spawn_missing()
                     self._report_ready()
                 elif self._stop_progress():
@@ -380,7 +269,7 @@ class Arbiter:
         if self.stopping and sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
             log.info("stopping: %s ignored", signal.Signals(sig).name)
         elif sig == signal.SIGHUP:
-            self.reload()
+            self.reloads.reload()
         elif sig in (signal.SIGTERM, signal.SIGINT):
             self.begin_stop(graceful=True)
         elif sig == signal.SIGQUIT:
@@ -411,7 +300,7 @@ class Arbiter:
                     self._spawn(kind, index, want)
             for c in current:
                 if c.index > want:
-                    self._retire(c)
+                    self.retire(c)
 
     def _spawn(self, kind: str, index: int, count: int) -> None:
         socks = {"receiver": self.listeners, "admin": self.admin_listeners}.get(kind, [])
@@ -461,7 +350,7 @@ class Arbiter:
                     os.close(fd)
         for other in self.children.values():
             other.heartbeat.close()
-        for lst in self.current.sockets() + self.removed_listeners:
+        for lst in self.current.sockets() + self.reloads.left_behind:
             if lst.sock not in keep:
                 lst.close()
         if self.report_fd is not None:
@@ -489,11 +378,7 @@ class Arbiter:
         level = logging.INFO if expected and clean else logging.WARNING
         log.log(level, "%s, generation %d, %s", rec.name, rec.generation,
                 child_mod.describe_exit(code))
-        if rec.kind == "delivery":
-            # Its claims in active/<pid>/ go back to incoming/ (a clean exit leaves none).
-            self._requeue_claims(rec.pid)
-        # Its half-written tmp/ files: the pid is reaped, so nothing can rename them now.
-        self._sweep_tmp(lambda pid: pid == rec.pid)
+        self.keeper.child_gone(rec.pid, delivery=rec.kind == "delivery")
         if self.metrics_dir is not None:
             # Its live gauges go; its counters stay in the sum (they never go backwards).
             try:
@@ -503,10 +388,10 @@ class Arbiter:
                                   exc.strerror or exc)
         if expected or rec.generation != self.generation:
             return
-        if not rec.booted and self.previous is not None and rec.kind != "admin":
+        if not rec.booted and self.reloads.previous is not None and rec.kind != "admin":
             # A reload's new child died before it was ready: the old generation still serves;
             # go back to it rather than retire it for children that cannot run.
-            if self._roll_back(f"{rec.kind} {rec.index} of generation {rec.generation} "
+            if self.reloads.roll_back(f"{rec.kind} {rec.index} of generation {rec.generation} "
                                f"{child_mod.describe_exit(code)} before it was ready"):
                 return
         # An admin process that cannot start costs metrics and health checks, not mail: it
@@ -548,7 +433,7 @@ class Arbiter:
         with contextlib.suppress(ProcessLookupError):
             os.kill(rec.pid, signal.SIGKILL)
 
-    def _retire(self, rec: Child) -> None:
+    def retire(self, rec: Child) -> None:
         """Ask a child to finish its work and exit; SIGKILL it if it takes too long."""
         rec.retiring = True
         rec.kill_at = time.monotonic() + self.cfg.shutdown_timeout + KILL_GRACE
@@ -561,44 +446,6 @@ class Arbiter:
         for rec in self.children.values():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(rec.pid, sig)
-
-    def _sweep_orphan_claims(self) -> None:
-        """Requeue claims of delivery workers that died outside our watch (children of a
-        previous master that were still draining when this one started)."""
-        now = time.monotonic()
-        if now < self.next_orphan_sweep:
-            return
-        self.next_orphan_sweep = now + ORPHAN_SWEEP_INTERVAL
-        try:
-            slots = self.spool.active_slots()
-        except OSError as exc:
-            slots = []
-            self._spool_fault("list active/", exc)
-        for slot in slots:
-            if slot not in self.children:  # claims whose owner's lock is free
-                self._requeue_claims(slot)
-        # tmp/ files of writers that died outside our watch (a previous master's children,
-        # a killed empath-sendmail).
-        self._sweep_tmp(lambda pid: pid not in self.children and not pid_alive(pid))
-
-    def _requeue_claims(self, slot: int) -> None:
-        """Requeue a gone worker's claims; on a file system error, log (rate-limited) and
-        let the sweep try again soon: the claims stay where they are meanwhile."""
-        try:
-            self.spool.recover_unowned(slot)
-        except OSError as exc:
-            self._spool_fault(f"requeue the claims of delivery worker {slot}", exc)
-
-    def _sweep_tmp(self, dead: Any) -> None:
-        try:
-            self.spool.sweep_tmp(dead)
-        except OSError as exc:
-            self._spool_fault("sweep tmp/", exc)
-
-    def _spool_fault(self, what: str, exc: OSError) -> None:
-        self.faults.error(what, "cannot %s: %s; retrying every %gs", what,
-                          exc.strerror or exc, FAULT_RETRY)
-        self.next_orphan_sweep = min(self.next_orphan_sweep, time.monotonic() + FAULT_RETRY)
 
     def _report_ready(self) -> None:
         if self.ready_reported:
@@ -628,169 +475,15 @@ class Arbiter:
             "generation": self.generation,
             "state": "stopping" if self.stopping else "running",
             "listeners": [str(lst.bound) for lst in self.listeners],
-            "admin_listeners": self._admin_status(),
+            "admin_listeners": startup.admin_status(self.cfg, self.admin_listeners),
             "children": [{"pid": c.pid, "kind": c.kind, "index": c.index, "count": c.count,
                           "generation": c.generation, "booted": c.booted,
                           "retiring": c.retiring}
                          for c in sorted(self.children.values(),
                                          key=lambda c: (c.generation, c.kind, c.index))],
             "started_at": self.started_at,
-            "last_reload": self.last_reload,
+            "last_reload": self.reloads.last,
         })
-
-    def _admin_status(self) -> dict[str, str | None]:
-        """Where /metrics and /health are served (bound addresses), None when off."""
-        out: dict[str, str | None] = {observe.METRICS: None, observe.HEALTH: None}
-        for (_, roles), lst in zip(observe.admin_endpoints(self.cfg), self.admin_listeners,
-                                   strict=False):
-            for role in roles:
-                out[role] = str(lst.bound)
-        return out
-
-    # -- reload --------------------------------------------------------------------------------
-    def reload(self) -> None:
-        """Re-read the configuration; start a new generation of children with it (the old one
-        is stopped once the new one runs). An invalid file changes nothing."""
-        sd_notify("RELOADING=1")
-        try:
-            self._reload()
-        finally:
-            sd_notify("READY=1")
-
-    def _reload(self) -> None:
-        try:
-            new = load_config(self.cfg.config_file)
-        except ConfigError as exc:
-            self._reload_refused(str(exc))
-            return
-        except Exception as exc:
-            log.exception("reload failed")
-            self._reload_refused(f"unexpected error: {exc}")
-            return
-        if new.spool.path != self.cfg.spool.path:
-            # The old generation's claims live in the old spool: moving takes a restart.
-            self._reload_refused("spool.path changed; that takes a restart")
-            return
-        # What the children would load (log file, certificates, DKIM keys) is loaded here
-        # first: a broken file refuses the reload instead of breaking the new children.
-        problems = preflight.runtime_problems(new)
-        if problems:
-            self._reload_refused("; ".join(problems))
-            return
-        try:
-            listeners = bind_all([lc.address for lc in new.listeners], self.listeners)
-        except ListenError as exc:
-            self._reload_refused(str(exc))
-            return
-        try:
-            admin_listeners = bind_all(_admin_addresses(new), self.admin_listeners)
-        except ListenError as exc:
-            for lst in listeners:
-                if lst not in self.listeners:
-                    lst.close()
-            self._reload_refused(str(exc))
-            return
-        for key in ("pidfile", "user", "group"):
-            if getattr(new, key) != getattr(self.cfg, key):
-                log.warning("reload: %s changed; that takes a restart", key)
-        if new.log != self.cfg.log:
-            self._configure_log(new.log)
-        for lst in listeners:
-            if lst not in self.listeners:
-                log.info("listening on %s", lst.bound)
-        self.previous, self.current = self.current, self.current.successor(new, listeners,
-                                                                           admin_listeners)
-        self.removed_listeners += self.previous.left_behind(self.current)
-        try:  # a new hostname, a key made readable by others: a new self-signed pair
-            tlsfiles.ensure_self_signed(new, log)
-        except OSError as exc:
-            log.error("TLS: cannot write the self-signed certificate in %s: %s", new.tls_dir,
-                      exc.strerror or exc)
-        self._log_admin_listeners(list(self.previous.admin_listeners))
-        self._prepare_metrics_dir()
-        self.reloaded_at = time.monotonic()
-        self.respawn.reset()
-        log.info("configuration reloaded; starting generation %d", self.generation)
-        self.last_reload = {"time": time.time(), "generation": self.generation, "ok": None,
-                            "error": None}
-        self.status_changed = True
-
-    def _reload_refused(self, reason: str) -> None:
-        log.error("reload failed, keeping the running configuration: %s", reason)
-        self.last_reload = {"time": time.time(), "generation": self.generation, "ok": False,
-                            "error": reason}
-        self.status_changed = True
-
-    def _configure_log(self, log_cfg: Any) -> None:
-        try:
-            logsetup.configure(log_cfg)
-        except OSError as exc:  # checked before; the file system may have changed since
-            log.error("cannot switch logging to %s: %s; logging stays as it was",
-                      log_cfg.file, exc.strerror or exc)
-
-    def _retire_old_generation(self) -> None:
-        """Once every child of the new generation has booted, stop the old one; a new
-        generation that has not booted within NEW_GENERATION_WAIT is rolled back instead:
-        the working generation is never retired for one that does not run."""
-        old = [c for c in self.children.values()
-               if c.generation < self.generation and not c.retiring]
-        if not old:
-            return
-        new = [c for c in self.children.values() if c.generation == self.generation]
-        complete = len(new) >= sum(self.wanted.values()) and all(c.booted for c in new)
-        if complete:
-            for rec in old:
-                self._retire(rec)
-            if self.last_reload is not None and self.last_reload["ok"] is None:
-                self.last_reload["ok"] = True
-                log.info("generation %d runs; generation %d stopping", self.generation,
-                         old[0].generation)
-            self.previous = None
-            self.status_changed = True
-        elif time.monotonic() - self.reloaded_at > NEW_GENERATION_WAIT:
-            if not self._roll_back(f"generation {self.generation} did not boot within "
-                                   f"{NEW_GENERATION_WAIT:g}s"):
-                for rec in old:
-                    self._retire(rec)
-
-    def _roll_back(self, reason: str) -> bool:
-        """The new generation cannot run (``reason``): go back to the previous configuration,
-        whose children still run, instead of halting. False when there is nothing to go back
-        to (start-up, or the old generation is already stopping)."""
-        prev = self.previous
-        old = [c for c in self.children.values()
-               if prev is not None and c.generation == prev.number and not c.retiring]
-        if prev is None or not old:
-            return False
-        log.critical("reload failed: %s; going back to the configuration of generation %d",
-                     reason, prev.number)
-        self.last_reload = {"time": time.time(), "generation": self.generation, "ok": False,
-                            "error": reason}
-        for rec in list(self.children.values()):
-            if rec.generation == self.generation:
-                self._retire(rec)
-        keep = prev.sockets()
-        self.removed_listeners = ([lst for lst in self.removed_listeners if lst not in keep]
-                                  + self.current.left_behind(prev))
-        if prev.cfg.log != self.cfg.log:
-            self._configure_log(prev.cfg.log)
-        # A fresh number: children of the failed generation must not count as current.
-        self.current = prev.revived(self.generation + 1)
-        for rec in old:
-            rec.generation = self.generation
-        self.previous = None
-        self.respawn.reset()
-        self.status_changed = True
-        return True
-
-    def _close_removed_listeners(self) -> None:
-        if self.removed_listeners and not any(c.generation < self.generation
-                                              for c in self.children.values()):
-            for lst in self.removed_listeners:
-                log.info("closed listener %s", lst.bound)
-                lst.close()
-            self.removed_listeners = []
-            self.status_changed = True
 
     # -- stopping ------------------------------------------------------------------------------
     def begin_stop(self, graceful: bool) -> None:
@@ -808,9 +501,9 @@ class Arbiter:
             rec.retiring = True
         self._signal_all(sig)
         # The children hold their own copies: the port stays open until the last one exits.
-        for lst in self.current.sockets() + self.removed_listeners:
+        for lst in self.current.sockets() + self.reloads.drop_left_behind():
             lst.close()
-        self.current, self.removed_listeners = self.current.stopped(), []
+        self.current = self.current.stopped()
         self.status_changed = True
 
     def _stop_progress(self) -> bool:
@@ -831,7 +524,7 @@ class Arbiter:
         return False
 
     def _cleanup(self) -> None:
-        for lst in self.current.sockets() + self.removed_listeners:
+        for lst in self.current.sockets() + self.reloads.drop_left_behind():
             lst.close()
         self.status.remove()
         for rec in self.children.values():
@@ -840,52 +533,3 @@ class Arbiter:
             self.beacon.close()
         if self.metrics_dir is not None and not self.children:
             multiproc.remove(self.metrics_dir)
-
-
-def _wanted(cfg: Any) -> dict[str, int]:
-    """How many children of each kind the configuration asks for (one admin process when
-    metrics or health checks are configured)."""
-    return {"receiver": cfg.processes.receivers, "delivery": cfg.processes.delivery,
-            "admin": 1 if observe.admin_enabled(cfg) else 0}
-
-
-def _admin_addresses(cfg: Any) -> list[Any]:
-    return [address for address, _ in observe.admin_endpoints(cfg)]
-
-
-def _warn_loose_keys(cfg: Any) -> None:
-    """A TLS private key readable by other users is worth a warning (it still works)."""
-    for lc in cfg.listeners:
-        key = lc.tls.key
-        if key is None:
-            continue
-        with contextlib.suppress(OSError):
-            mode = os.stat(key).st_mode & 0o777
-            if mode & 0o077:
-                log.warning("TLS key %s is readable by others (mode %03o); chmod 600 it",
-                            key, mode)
-
-
-# Modules the roles import on first use (not at the top of their own modules).
-PRELOAD = ("uvloop", "concurrent.futures.thread", "empath.delivery.remote", "empath.delivery.lmtp",
-           "encodings.idna")
-
-
-def _preload_roles() -> None:
-    """Import the children's code while still privileged.
-
-    After the switch to ``user`` the children can only import what that user may read; the
-    Python installation (or a virtualenv's base) may not be readable by it, as with an
-    interpreter under a private home directory. Modules already imported here are inherited by
-    every forked child. A role that fails to import is left to fail in the child, where the
-    boot-failure rule reports it.
-    """
-    import importlib
-
-    for target in [*ROLES.values(), *PRELOAD]:
-        module = target.partition(":")[0]
-        try:
-            importlib.import_module(module)
-        except Exception as exc:  # reported by the child that needs it
-            log.warning("preloading %s failed: %s", module, exc)
-

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from empath import logsetup
+from empath.config.typed import Config
 
 log = logging.getLogger("empath.child")
 
@@ -67,7 +68,7 @@ HANDLED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1
 class ChildContext:
     """What a child's ``serve(ctx)`` gets from the master."""
 
-    config: Any  # the validated configuration (empath.config.Namespace)
+    config: Config  # the validated configuration
     kind: str  # "receiver", "delivery" or "admin"
     index: int  # 1-based position among its kind
     count: int  # how many of its kind there were when it was started

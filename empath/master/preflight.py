@@ -14,12 +14,12 @@ be created, empty, as the daemon would create it).
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from empath import logsetup
+from empath.config.typed import Config
 
 
-def runtime_problems(cfg: Any) -> list[str]:
+def runtime_problems(cfg: Config) -> list[str]:
     """Why the children could not run with ``cfg`` (one line per problem); [] when none."""
     problems: list[str] = []
     log_problem = logsetup.check_log_file(cfg.log)
@@ -28,7 +28,7 @@ def runtime_problems(cfg: Any) -> list[str]:
     return problems
 
 
-def security_warnings(cfg: Any) -> list[str]:
+def security_warnings(cfg: Config) -> list[str]:
     """Settings that work but that an operator should change."""
     warnings = []
     if cfg.user is None and os.geteuid() == 0:

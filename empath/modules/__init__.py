@@ -21,9 +21,11 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
+
+from empath.config.typed import ModuleConfig
 
 log = logging.getLogger("empath.modules")
 
@@ -69,7 +71,7 @@ class LoadedModule:
     hooks: dict[str, Callable[..., Any]]
 
 
-def load_modules(entries: Any) -> list[LoadedModule]:
+def load_modules(entries: Iterable[ModuleConfig]) -> list[LoadedModule]:
     """Import and set up every module of ``smtp.modules``; errors name the module."""
     loaded = []
     for entry in entries:

@@ -15,16 +15,17 @@ admin process runs; it imports neither aiohttp nor prometheus_client.
 
 from __future__ import annotations
 
-from typing import Any
+from empath.config.typed import Config
+from empath.config.types import Address
 
 METRICS, HEALTH = "metrics", "health"
 
 
-def admin_endpoints(cfg: Any) -> list[tuple[Any, frozenset[str]]]:
+def admin_endpoints(cfg: Config) -> list[tuple[Address, frozenset[str]]]:
     """The addresses the admin process listens on, each with what it serves (``metrics``,
     ``health`` or both when both are configured on one address), in a fixed order: the master
     binds them in this order and the admin process reads them back the same way."""
-    out: list[tuple[Any, frozenset[str]]] = []
+    out: list[tuple[Address, frozenset[str]]] = []
     for role, address in ((METRICS, cfg.metrics.listen_addr), (HEALTH, cfg.health.listen_addr)):
         if address is None:
             continue
@@ -37,12 +38,12 @@ def admin_endpoints(cfg: Any) -> list[tuple[Any, frozenset[str]]]:
     return out
 
 
-def admin_enabled(cfg: Any) -> bool:
+def admin_enabled(cfg: Config) -> bool:
     """Whether the master runs an admin process (metrics or health checks configured)."""
     return bool(admin_endpoints(cfg))
 
 
-def metrics_enabled(cfg: Any) -> bool:
+def metrics_enabled(cfg: Config) -> bool:
     """Whether the children keep metric values: for /metrics, and for the health checks,
     whose delivery success rate reads the delivery counters."""
     return cfg.metrics.listen_addr is not None or cfg.health.listen_addr is not None

@@ -36,6 +36,7 @@ from typing import Any
 
 from aiohttp import web
 
+from empath.master.child import ChildContext
 from empath.observe import HEALTH, METRICS, admin_endpoints, health
 from empath.observe.multiproc import ENV
 from empath.spool import Spool
@@ -48,7 +49,7 @@ DELIVERY_SAMPLES = 30  # samples of the delivery counters per health.delivery_wi
 
 
 class Admin:
-    def __init__(self, ctx: Any) -> None:
+    def __init__(self, ctx: ChildContext) -> None:
         self.ctx = ctx
         self.cfg = ctx.config
         self.spool = Spool(self.cfg.spool.path)
@@ -133,7 +134,7 @@ class Admin:
             await asyncio.sleep(SAMPLE_INTERVAL)
 
 
-async def serve(ctx: Any) -> None:
+async def serve(ctx: ChildContext) -> None:
     """Run the admin process until ctx.stopping is set."""
     admin = Admin(ctx)
     runners = []

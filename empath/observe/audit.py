@@ -26,6 +26,8 @@ from typing import Any
 
 import orjson
 
+from empath.config.typed import Config
+
 log = logging.getLogger("empath.audit")
 
 ERROR_INTERVAL = 60.0  # seconds between two log lines about failing audit writes
@@ -149,7 +151,7 @@ def _lines(path: str) -> Iterator[bytes]:
 _process_log: AuditLog = AuditLog(None)
 
 
-def init(cfg: Any) -> AuditLog:
+def init(cfg: Config) -> AuditLog:
     """This process's audit log (call once, in the child); reopened with the log files."""
     global _process_log
     from empath import logsetup

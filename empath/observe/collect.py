@@ -29,6 +29,7 @@ from prometheus_client.registry import Collector
 
 import empath
 from empath._speedups import IMPLEMENTATION
+from empath.config.typed import Config
 from empath.master.daemon import StatusFile
 from empath.observe import domains
 from empath.observe.multiproc import DOMAIN_STATE
@@ -220,7 +221,7 @@ class ProcessesCollector(Collector):
         yield from families.values()
 
 
-def build_registry(cfg: Any, spool: Spool, status_file: str | None) -> CollectorRegistry:
+def build_registry(cfg: Config, spool: Spool, status_file: str | None) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if path and os.path.isdir(path):

@@ -29,6 +29,7 @@ from typing import Any
 import empath
 from empath import cluster
 from empath._speedups import IMPLEMENTATION
+from empath.config.typed import Config
 from empath.master.daemon import StatusFile
 from empath.spool import Spool, pid_alive
 from empath.spool.queue import state_counts
@@ -135,9 +136,10 @@ def attempt_counts(path: str) -> tuple[float, float]:
 class DNSProbe:
     """Whether the delivery resolver answers: a lookup of ``name`` (type A) now and then."""
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: Config) -> None:
         from empath.delivery.dns import build_resolver
 
+        assert cfg.health.dns_probe_name is not None  # made only when a probe is configured
         self.name = cfg.health.dns_probe_name
         self.timeout = float(cfg.health.dns_probe_timeout)
         self.resolver = build_resolver(cfg.delivery.dns)
@@ -184,7 +186,7 @@ def _live(pid: int) -> bool:
     return pid > 0 and pid_alive(pid)
 
 
-def ready_checks(cfg: Any, spool: Spool, status: dict[str, Any] | None,
+def ready_checks(cfg: Config, spool: Spool, status: dict[str, Any] | None,
                  counts: dict[str, int], extra: tuple[Check, ...] = ()) -> list[Check]:
     checks = []
     bound = (status or {}).get("listeners") or []
@@ -214,7 +216,7 @@ def ready_checks(cfg: Any, spool: Spool, status: dict[str, Any] | None,
     return checks
 
 
-def _spool_check(cfg: Any, spool: Spool) -> Check:
+def _spool_check(cfg: Config, spool: Spool) -> Check:
     try:
         spool.probe_writable()
     except OSError as exc:
@@ -231,7 +233,7 @@ def _spool_check(cfg: Any, spool: Spool) -> Check:
     return Check("spool", True, f"writable, {free} bytes free")
 
 
-def ready(cfg: Any, spool: Spool, status_file: str | None,
+def ready(cfg: Config, spool: Spool, status_file: str | None,
           extra: tuple[Check, ...] = ()) -> tuple[bool, dict[str, Any]]:
     """(ready?, JSON body) for /health/ready; ``extra``: the delivery and DNS checks."""
     status = StatusFile.read(status_file) if status_file else None
@@ -242,7 +244,7 @@ def ready(cfg: Any, spool: Spool, status_file: str | None,
                         "checks": {c.name: c.as_json() for c in checks}}
 
 
-def detailed(cfg: Any, spool: Spool, status_file: str | None,
+def detailed(cfg: Config, spool: Spool, status_file: str | None,
              master: Check, extra: tuple[Check, ...] = (),
              figures: dict[str, Any] | None = None) -> dict[str, Any]:
     """/health/detailed: the checks plus per-process state, queue counts, uptime, version,
@@ -280,14 +282,16 @@ def detailed(cfg: Any, spool: Spool, status_file: str | None,
 _redis: dict[str, Any] = {}  # fleet mode: the admin process's Redis client, made once
 
 
-def _cluster_check(cfg: Any) -> Check:
+def _cluster_check(cfg: Config) -> Check:
     """Fleet mode: Redis answers (not part of readiness: without it the nodes go on at their
     shares of the limits)."""
     from empath.cluster import view
 
-    client = _redis.get(cfg.cluster.url)
+    url = cfg.cluster.url
+    assert url is not None  # checked only in fleet mode
+    client = _redis.get(url)
     if client is None:
-        client = _redis[cfg.cluster.url] = view.client(cfg)
+        client = _redis[url] = view.client(cfg)
     ok, detail = view.redis_check(cfg, client)
     return Check("cluster", ok, detail)
 

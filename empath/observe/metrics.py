@@ -31,6 +31,7 @@ import contextlib
 import os
 from typing import Any
 
+from empath.config.typed import Config
 from empath.observe import metrics_enabled
 from empath.observe.multiproc import ENV
 
@@ -421,7 +422,7 @@ def _enhanced_ok(enhanced: str) -> bool:
 _current = Instruments(False)
 
 
-def init(cfg: Any) -> Instruments:
+def init(cfg: Config) -> Instruments:
     """Build this process's instruments (call once, in the child, after the fork, from its
     running event loop: the batched updates are flushed from it)."""
     global _current

@@ -34,7 +34,8 @@ import os
 import pwd
 import stat
 import tempfile
-from typing import Any
+
+from empath.config.typed import Config
 
 log = logging.getLogger("empath.master")
 
@@ -52,7 +53,7 @@ def default_dir(spool_root: str, control_dir: str) -> str:
     return os.path.join(control_dir, "metrics")
 
 
-def prepare(cfg: Any, spool_root: str, control_dir: str) -> str:
+def prepare(cfg: Config, spool_root: str, control_dir: str) -> str:
     """Create (or check) and empty the directory, export it to the environment (children
     inherit it); returns its path. OSError when it cannot be made or is not ours."""
     owners = _owners(cfg)
@@ -95,7 +96,7 @@ def make_private_dir(path: str, owners: frozenset[int]) -> None:
         os.close(fd)
 
 
-def _owners(cfg: Any) -> frozenset[int]:
+def _owners(cfg: Config) -> frozenset[int]:
     """This process's user, and the configured ``user`` (who owns the directory after a
     previous run handed it over)."""
     uids = {os.geteuid()}

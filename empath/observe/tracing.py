@@ -54,6 +54,8 @@ import os
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from empath.config.typed import Config, ListenerConfig
+
 T = TypeVar("T")
 
 ENVELOPE_KEY = "traceparent"
@@ -66,7 +68,7 @@ def enabled() -> bool:
     return _tracer is not None
 
 
-def init(cfg: Any) -> bool:
+def init(cfg: Config) -> bool:
     """Start tracing in this process when ``tracing.enabled`` (True if it started)."""
     global _tracer, _provider
     tcfg = getattr(cfg, "tracing", None)
@@ -208,7 +210,7 @@ class SessionTrace:
         self.span.end()
 
 
-def session(ip: str, port: int, listener: Any) -> SessionTrace | _Off:
+def session(ip: str, port: int, listener: ListenerConfig) -> SessionTrace | _Off:
     """The tracing of a new SMTP connection (``OFF`` while tracing is off)."""
     tracer = _tracer
     if tracer is None:

@@ -13,13 +13,16 @@ import logging
 import os
 import ssl
 import time
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 from empath import dkim as dkim_signing
 from empath import modules as hooks
 from empath import passwords
 from empath.config import tlsfiles
+from empath.config.typed import Config, ListenerConfig, PriorityRuleConfig
 from empath.delivery.local import KnownUsers
+from empath.master.child import ChildContext
 from empath.smtp import capacity
 from empath.smtp import session as S
 from empath.spool import Spool
@@ -47,7 +50,7 @@ log = logging.getLogger("empath.smtp")
 class Receiver:
     """Per-process state shared by all connections of one receiver."""
 
-    def __init__(self, ctx: Any) -> None:
+    def __init__(self, ctx: ChildContext) -> None:
         self.ctx = ctx
         cfg = ctx.config
         self.cfg = cfg
@@ -73,7 +76,7 @@ class Receiver:
         self._free_checked = 0.0
         self._free_ok = True
         self.local_users = known_users(cfg)
-        self.base_settings = dict(
+        self.base_settings: dict[str, Any] = dict(
             hostname=cfg.hostname, banner=cfg.smtp.banner,
             max_message_size=cfg.smtp.max_message_size,
             max_recipients=cfg.smtp.max_recipients,
@@ -85,7 +88,8 @@ class Receiver:
             relay_domains=frozenset(cfg.relay_domains), local_users=self.local_users,
             hooks=hooks.stages(self.modules))
 
-    def listener_settings(self, listener: Any) -> tuple[S.Settings, ssl.SSLContext | None]:
+    def listener_settings(self, listener: ListenerConfig
+                          ) -> tuple[S.Settings, ssl.SSLContext | None]:
         """A listener's session settings and TLS context (config/tlsfiles.py): its own
         certificate, else the generated self-signed one, else none with ``tls: off``. A pair
         that does not load is an ERROR, not an exit: the listener goes on without STARTTLS
@@ -213,7 +217,7 @@ class Receiver:
         self.gate.update(len(self.connections), self.table.total(), self.cfg.smtp.max_connections)
 
 
-def known_users(cfg: Any) -> KnownUsers:
+def known_users(cfg: Config) -> KnownUsers:
     """The RCPT check for local domains (delivery/local.py KnownUsers) from
     ``local_delivery``: unknown_users null rejects unknown users unless every listener is on
     a loopback address (the embedded default configuration accepts any user)."""
@@ -246,7 +250,7 @@ def message_id(head: bytes) -> bytes | None:
     return None
 
 
-def message_priority(rules: Any, envelope: S.Envelope, listener: str,
+def message_priority(rules: Iterable[PriorityRuleConfig], envelope: S.Envelope, listener: str,
                      auth_user: str | None) -> int:
     """The priority of the first rule that matches (every key it sets must match), else 0."""
     sender = envelope.sender.lower()

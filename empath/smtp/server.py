@@ -25,6 +25,8 @@ from typing import Any
 from empath import cluster, passwords
 from empath import modules as hooks
 from empath.config.checks import files_needed
+from empath.config.typed import ListenerConfig
+from empath.master.child import ChildContext
 from empath.observe import audit, metrics, tracing
 from empath.smtp import capacity
 from empath.smtp import replies as R
@@ -49,7 +51,7 @@ _audit = audit.current()
 class SMTPProtocol(asyncio.Protocol):
     """One SMTP connection: transport + ServerSession + the message being received."""
 
-    def __init__(self, receiver: Receiver, listener: Any, settings: S.Settings,
+    def __init__(self, receiver: Receiver, listener: ListenerConfig, settings: S.Settings,
                  tls_context: ssl.SSLContext | None) -> None:
         self.receiver = receiver
         self.listener = listener
@@ -458,7 +460,7 @@ class SMTPProtocol(asyncio.Protocol):
             self._refuse(R.SHUTTING_DOWN.format(hostname=self.receiver.cfg.hostname))
 
 
-async def serve(ctx: Any) -> None:
+async def serve(ctx: ChildContext) -> None:
     """Run one receiver process until ctx.stopping is set, then drain its sessions."""
     global _metrics, _audit
     _metrics = metrics.init(ctx.config)
@@ -479,7 +481,7 @@ async def serve(ctx: Any) -> None:
         settings, tls = receiver.listener_settings(listener)
         ssl_ctx = tls if listener.mode == "smtps" else None
 
-        def factory(listener: Any = listener, settings: S.Settings = settings,
+        def factory(listener: ListenerConfig = listener, settings: S.Settings = settings,
                     tls: ssl.SSLContext | None = tls) -> SMTPProtocol:
             return SMTPProtocol(receiver, listener, settings, tls)
 

@@ -11,13 +11,14 @@ from typing import Any
 import pytest
 import yaml
 
-from empath.config import load_config
-from empath.master.arbiter import Arbiter, Generation
+from empath.config import Config, load_config
+from empath.master.arbiter import Arbiter
+from empath.master.generation import Generation
 from empath.master.listeners import Listener, bind_all
 
 
 def config(tmp_path: Path, name: str, hosts: list[str], receivers: int,
-           metrics: bool = False) -> Any:
+           metrics: bool = False) -> Config:
     conf = tmp_path / f"{name}.yaml"
     conf.write_text(yaml.safe_dump({
         "base_dir": str(tmp_path), "hostname": "mta.test", "spool": {"path": "spool"},
@@ -35,7 +36,7 @@ def opened() -> Iterator[list[Listener]]:
         lst.close()
 
 
-def bind(cfg: Any, keep: list[Listener], opened: list[Listener]) -> list[Listener]:
+def bind(cfg: Config, keep: list[Listener], opened: list[Listener]) -> list[Listener]:
     out = bind_all([lc.address for lc in cfg.listeners], keep)
     opened += [lst for lst in out if lst not in opened]
     return out
@@ -97,3 +98,48 @@ def test_the_arbiter_reads_its_generation_and_cannot_change_a_part_alone(
             setattr(arbiter, part, None)
     arbiter.current = arbiter.current.with_receivers(3).revived(7)
     assert (arbiter.generation, arbiter.wanted["receiver"]) == (7, 3)
+
+
+def rewrite(cfg: Config, **changes: Any) -> None:
+    """Change keys of the file ``cfg`` was loaded from (the next reload reads them)."""
+    path = Path(cfg.config_file)
+    data = yaml.safe_load(path.read_text())
+    data.update(changes)
+    path.write_text(yaml.safe_dump(data))
+
+
+def test_a_reload_that_moves_the_spool_is_refused_and_changes_nothing(tmp_path: Path) -> None:
+    cfg = config(tmp_path, "a", ["127.0.0.1"], receivers=2)
+    arbiter = Arbiter(cfg)
+    before = arbiter.current
+    rewrite(cfg, spool={"path": "elsewhere"})
+    arbiter.reloads.reload()
+    assert arbiter.current is before and arbiter.reloads.previous is None
+    last = arbiter.reloads.last
+    assert last is not None and (last["ok"], last["generation"]) == (False, 1)
+    assert "spool.path changed" in last["error"]
+
+
+def test_a_valid_reload_swaps_the_generation_and_closes_old_sockets_once_unused(
+        tmp_path: Path, opened: list[Listener]) -> None:
+    cfg = config(tmp_path, "a", ["127.0.0.1"], receivers=2)
+    arbiter = Arbiter(cfg)
+    arbiter.current = arbiter.current.bound(bind(cfg, [], opened), [])
+    [old_socket] = arbiter.listeners
+    rewrite(cfg, listeners=[{"address": "127.0.0.2:0", "tls": "off"}],
+            processes={"receivers": 3, "delivery": 1})
+    arbiter.reloads.reload()
+    opened += arbiter.listeners
+    assert (arbiter.generation, arbiter.wanted["receiver"]) == (2, 3)
+    assert [lst.bound.host for lst in arbiter.listeners] == ["127.0.0.2"]
+    previous = arbiter.reloads.previous
+    assert previous is not None and previous.number == 1
+    assert arbiter.reloads.last is not None and arbiter.reloads.last["ok"] is None
+    # The old socket stays open while an older generation might still use it; with no child
+    # of an older generation left, it is closed.
+    assert arbiter.reloads.left_behind == [old_socket]
+    arbiter.reloads.close_left_behind()
+    assert arbiter.reloads.left_behind == [] and old_socket.sock.fileno() == -1
+    # No child of generation 1 runs: there is nothing to roll back to.
+    assert not arbiter.reloads.roll_back("generation 2 did not boot")
+    assert arbiter.generation == 2
