@@ -248,9 +248,9 @@ SCHEMA = Section("", "Empath configuration.", (
             "flushes and less CPU, but it also flushes everything else written to that "
             "filesystem, so use it only for a spool on a filesystem of its own."),
         Key("recycle_files", Int(0, 1_000_000), 1000,
-            "Files of delivered messages (up to 64 KiB each) kept in recycle/ for receivers "
-            "to overwrite with new messages, so a message costs no inode allocation; "
-            "0 unlinks them at once."),
+            "Files of delivered messages kept in recycle/ for receivers to overwrite with "
+            "new messages, so a message costs no inode allocation (those over 64 KiB are "
+            "emptied first); 0 unlinks them at once."),
     )),
     Key("local_domains", ListOf(Domain()), ["localhost"],
         "Domains delivered here (local_delivery)."),

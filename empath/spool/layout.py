@@ -300,20 +300,25 @@ class Spool:
     # -- recycled files ----------------------------------------------------------------------
     def retire(self, path: str, size: int | None = None) -> None:
         """Take a finished message out of the queue: one rename into recycle/ (receivers
-        reuse the file for new messages) when recycling is on and the file is at most
-        RECYCLE_MAX_SIZE, otherwise an unlink. FileNotFoundError when the file is gone.
+        reuse the file for new messages) when recycling is on, otherwise an unlink.
+        FileNotFoundError when the file is gone.
 
         Either way it is one atomic step: the message is in its state or out of the queue.
         The content stays in the recycled file until a receiver overwrites it with a new
         message (and cuts it to that length): 0600, owned by the spool's user, like the
-        queue itself. Every ``recycle_files // 2`` retirements recycle/ is trimmed back to
-        ``recycle_files``. ``size``: the message's data size when the caller knows it (the
-        envelope's ``data_size``), which spares a stat.
+        queue itself. A file larger than RECYCLE_MAX_SIZE is renamed to ``<id>.cut`` (a name
+        no receiver takes), emptied, and only then named ``<id>``: recycle/ never holds the
+        space of large messages, and a large message still costs no inode allocation (which
+        on ext4 after many deletions is the dearest part of a new file). Every
+        ``recycle_files // 2`` retirements recycle/ is trimmed back to ``recycle_files``.
+        ``size``: the message's data size when the caller knows it (the envelope's
+        ``data_size``), which spares a stat.
         """
-        if self.recycle_files > 0 and (os.stat(path).st_size if size is None
-                                       else size) <= RECYCLE_MAX_SIZE:
+        if self.recycle_files > 0:
+            big = (os.stat(path).st_size if size is None else size) > RECYCLE_MAX_SIZE
+            name = os.path.basename(path)
             try:
-                os.rename(path, os.path.join(self.recycle, os.path.basename(path)))
+                self.recycle_file(path, name, big)
             except FileNotFoundError:
                 raise
             except OSError:  # recycle/ missing or refused: unlinking still finishes it
@@ -326,12 +331,31 @@ class Spool:
                 return
         os.unlink(path)
 
+    def recycle_file(self, path: str, name: str, big: bool) -> None:
+        """Rename ``path`` to recycle/``name``; a ``big`` file is emptied on the way, under a
+        name receivers do not take (OSError from the first rename; after it, the file is out
+        of ``path`` whatever happens)."""
+        final = os.path.join(self.recycle, name)
+        if not big:
+            os.rename(path, final)
+            return
+        cut = final + ".cut"
+        os.rename(path, cut)
+        try:
+            os.truncate(cut, 0)
+            os.rename(cut, final)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(cut)
+
     def trim_recycled(self) -> int:
         """Unlink files beyond ``recycle_files`` from recycle/ (all of them when recycling is
         off); how many."""
         names = _listdir(self.recycle)
+        # Names no receiver takes (a ``.cut`` left by a crash) always go.
+        keep = [n for n in names if is_valid_id(n)][:max(self.recycle_files, 0)]
         removed = 0
-        for name in names[max(self.recycle_files, 0):]:
+        for name in set(names).difference(keep):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self.recycle, name))
                 removed += 1

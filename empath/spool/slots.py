@@ -47,7 +47,7 @@ from empath.spool.ids import is_valid_id, new_message_id
 if TYPE_CHECKING:
     from empath.spool.layout import Spool
 
-RECYCLE_MAX_SIZE = 64 * 1024  # larger files are unlinked: recycle/ would hold their space
+RECYCLE_MAX_SIZE = 64 * 1024  # larger files are emptied before they are recycled
 
 log = logging.getLogger("empath.spool")
 
@@ -188,18 +188,17 @@ class SlotPool:
 
 
 def release(spool: Spool, path: bytes | str) -> None:
-    """Give up a slot that holds no message: into recycle/ (under its id) when it is small
-    enough to be recycled and has no other name, else removed."""
+    """Give up a slot that holds no message: into recycle/ (under its id, emptied first when
+    larger than RECYCLE_MAX_SIZE) when it has no other name, else removed."""
     path = os.fsdecode(path)
     ulid = os.path.basename(path).rpartition("-")[2]
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return
-    if (spool.recycle_files > 0 and st.st_size <= RECYCLE_MAX_SIZE and st.st_nlink == 1
-            and is_valid_id(ulid)):
+    if spool.recycle_files > 0 and st.st_nlink == 1 and is_valid_id(ulid):
         try:
-            os.rename(path, os.path.join(spool.recycle, ulid))
+            spool.recycle_file(path, ulid, st.st_size > RECYCLE_MAX_SIZE)
             return
         except OSError:
             pass

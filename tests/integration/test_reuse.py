@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from empath.spool import Spool, read_data, read_queue_file
 from empath.spool.wake import Waker
 from tests.support.daemon import EmpathDaemon
@@ -62,16 +64,18 @@ def test_delivered_file_is_recycled_and_overwritten_by_the_next_message(
     assert delivered.endswith(second) and b"the first message" not in delivered
 
 
+@pytest.mark.parametrize("lines", [200, 3000])  # about 9 kB, and 130 kB (emptied first)
 def test_delivered_file_becomes_a_slot_and_holds_no_stale_message(
-        daemon_factory: Any) -> None:
+        daemon_factory: Any, lines: int) -> None:
     """With slots (``spool.sync: file``), a receiver's slot thread takes recycled files as the
     slots it prepares: the delivered message's inode comes back as a slot, and the messages
-    written into slots afterwards carry nothing of the old content."""
+    written into slots afterwards carry nothing of the old content. A message over 64 KiB
+    comes back too, its file emptied in recycle/."""
     d: EmpathDaemon = daemon_factory()
     spool = Spool(str(d.spool_path))
     slots = os.path.join(spool.root, "slots")
     spool.set_frozen(True)
-    first = b"Subject: first\r\n\r\n" + b"the first message, longer than the next.\r\n" * 200
+    first = b"Subject: first\r\n\r\n" + b"the first message, longer than the next.\r\n" * lines
     send(d, "alice@localhost", first)
     [mid] = spool.list_ids("incoming")
     inode = os.stat(spool.path("incoming", mid)).st_ino

@@ -264,24 +264,42 @@ def test_retired_message_is_recycled_and_reused_by_the_next_one(tmp_path):
     assert os.stat(new_path).st_mode & 0o777 == 0o600
 
 
-def test_large_or_unrecycled_messages_are_unlinked(tmp_path):
+def test_large_messages_are_emptied_when_recycled_and_unrecycled_ones_unlinked(tmp_path):
     spool = recycling(tmp_path, 10)
     big = store(spool, [b"x" * 70_000 + b"\r\n"])
+    inode = os.stat(spool.path("incoming", big)).st_ino
     spool.retire(spool.path("incoming", big))
+    # The inode is kept (no allocation for the next message), its 70 kB are not.
+    assert messages_in_recycle(spool, big) == [big]
+    recycled = os.path.join(spool.recycle, big)
+    assert os.stat(recycled).st_ino == inode and os.stat(recycled).st_size == 0
+    assert not [n for n in os.listdir(spool.recycle) if n.endswith(".cut")]
     off = Spool(spool.root, 0)
     small = store(off, [b"x\r\n"])
     off.retire(off.path("incoming", small))
-    assert messages_in_recycle(spool, big, small) == []
+    assert messages_in_recycle(spool, small) == []
     assert spool.list_ids("incoming") == []
     with pytest.raises(FileNotFoundError):
         spool.retire(spool.path("incoming", small))
     # The caller's size (the envelope's data_size) decides without a stat.
     hinted = store(spool, [b"x\r\n"])
     spool.retire(spool.path("incoming", hinted), size=10**6)
-    assert messages_in_recycle(spool, hinted) == []
+    assert os.stat(os.path.join(spool.recycle, hinted)).st_size == 0
     kept = store(spool, [b"x\r\n"])
     spool.retire(spool.path("incoming", kept), size=3)
     assert messages_in_recycle(spool, kept) == [kept]
+    assert os.stat(os.path.join(spool.recycle, kept)).st_size > 0
+
+
+def test_a_cut_file_left_in_recycle_is_never_reused_and_trimmed(tmp_path):
+    """A crash between the rename to ``<id>.cut`` and its truncation leaves a full file
+    there: receivers never take it (not a queue id), and the next trim removes it."""
+    spool = recycling(tmp_path, 10)
+    leftover = os.path.join(spool.recycle, new_message_id() + ".cut")
+    with open(leftover, "wb") as fh:
+        fh.write(b"an old message " * 10_000)
+    assert spool.take_recycled() is None and spool.recycled_candidates(4) == []
+    assert spool.trim_recycled() == 1 and not os.path.exists(leftover)
 
 
 def test_recycle_is_trimmed_to_its_size(tmp_path):
