@@ -82,7 +82,7 @@ from empath.delivery.strategy import NEXT_HOP
 from empath.delivery.tls import DISABLED, OPPORTUNISTIC, TLSContexts, TLSPolicy, policy_for
 from empath.observe import deliveries, tracing
 from empath.spool import MessageSource
-from empath.spool.records import new_route
+from empath.spool.records import Envelope, Recipient, Route, new_route
 
 log = logging.getLogger("empath.delivery.smtp")
 
@@ -208,9 +208,9 @@ class RemoteTransport:
 
     # -- the public contract --------------------------------------------------------------
     @tracing.route
-    async def deliver(self, domain: str, envelope: dict[str, Any], rcpts: list[dict[str, Any]],
+    async def deliver(self, domain: str, envelope: Envelope, rcpts: list[Recipient],
                       source: MessageSource
-                      ) -> tuple[dict[str, RecipientOutcome], dict[str, Any]]:
+                      ) -> tuple[dict[str, RecipientOutcome], Route]:
         """Deliver ``source`` to ``rcpts`` (all in ``domain``); outcomes and a route record."""
         domain = domain.lower()
         started = time.monotonic()
@@ -236,9 +236,9 @@ class RemoteTransport:
         info["duration"] = round(time.monotonic() - started, 6)
         return outcomes, info
 
-    async def _deliver_admitted(self, domain: str, envelope: dict[str, Any],
-                                rcpts: list[dict[str, Any]], source: MessageSource,
-                                info: dict[str, Any]) -> dict[str, RecipientOutcome]:
+    async def _deliver_admitted(self, domain: str, envelope: Envelope,
+                                rcpts: list[Recipient], source: MessageSource,
+                                info: Route) -> dict[str, RecipientOutcome]:
         """With a connection slot held: the breaker's word, the rate limit, the delivery."""
         probe = self.breakers.admit(domain)
         if probe:
@@ -288,7 +288,7 @@ class RemoteTransport:
                       state)
 
     async def _mta_sts(self, domain: str, route: _Route, policy: TLSPolicy,
-                       info: dict[str, Any]) -> StsCheck | None:
+                       info: Route) -> StsCheck | None:
         """The MTA-STS check of this delivery, or None (disabled, not applicable, no policy);
         ``info`` gets ``mta_sts`` when the feature is on."""
         if self.policies is None:
@@ -307,9 +307,9 @@ class RemoteTransport:
             info["mta_sts_result"] = None
         return check
 
-    async def _deliver_routed(self, domain: str, envelope: dict[str, Any],
-                              rcpts: list[dict[str, Any]], source: MessageSource,
-                              info: dict[str, Any], reach: _Reach
+    async def _deliver_routed(self, domain: str, envelope: Envelope,
+                              rcpts: list[Recipient], source: MessageSource,
+                              info: Route, reach: _Reach
                               ) -> dict[str, RecipientOutcome]:
         security = RouteSecurity(self.resolver, dnssec.mode_for(self.delivery, domain))
         if security.active:
@@ -333,7 +333,8 @@ class RemoteTransport:
                 errors.append(TemporaryError.make("mx_limit", domain=domain, limit=limit))
                 break
             states = [mx_state] if mx_state else []
-            info.update(server=host, ip=None, port=port, mx_index=mx_index, dane=None)
+            info.update({"server": host, "ip": None, "port": port, "mx_index": mx_index,
+                         "dane": None})
             try:
                 addresses, dane = await self._prepare_host(domain, policy, host, port, mx_state,
                                                            security, states,
@@ -374,7 +375,7 @@ class RemoteTransport:
                 if tried >= address_limit or sessions >= session_limit:
                     break
                 tried += 1
-                info.update(server=host, ip=ip, port=port, mx_index=mx_index)
+                info.update({"server": host, "ip": ip, "port": port, "mx_index": mx_index})
                 try:
                     conn = await self._connection(domain, host_policy, host, ip, port, dane)
                 except DeliveryError as err:

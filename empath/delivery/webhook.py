@@ -54,7 +54,7 @@ import orjson
 from empath.delivery.errors import DeliveryError, LocalSystemError, TemporaryError
 from empath.delivery.state import DEFERRED, DELIVERED, FAILED, RecipientOutcome
 from empath.spool import MessageSource
-from empath.spool.records import new_route
+from empath.spool.records import Envelope, Recipient, Route, new_route
 
 log = logging.getLogger("empath.delivery.webhook")
 
@@ -93,7 +93,7 @@ def server_label(url: str) -> str:
     return f"{shown}:{parts.port}" if parts.port is not None else shown
 
 
-def envelope_document(envelope: dict[str, Any], rcpts: list[dict[str, Any]]) -> dict[str, Any]:
+def envelope_document(envelope: Envelope, rcpts: list[Recipient]) -> dict[str, Any]:
     """The envelope fields a request carries (docs/WEBHOOKS.md), without the message."""
     return {"id": envelope.get("id"), "sender": envelope.get("sender", ""),
             "recipients": [r["address"] for r in rcpts],
@@ -224,9 +224,9 @@ class WebhookTransport:
             session, self._http = self._http, None
             await session.close()
 
-    async def deliver(self, domain: str, settings: Any, envelope: dict[str, Any],
-                      rcpts: list[dict[str, Any]], source: MessageSource
-                      ) -> tuple[dict[str, RecipientOutcome], dict[str, Any]]:
+    async def deliver(self, domain: str, settings: Any, envelope: Envelope,
+                      rcpts: list[Recipient], source: MessageSource
+                      ) -> tuple[dict[str, RecipientOutcome], Route]:
         """POST ``source`` for ``rcpts`` to ``settings.url``; one outcome per recipient (the
         same for all) and a route record. Never raises but for cancellation."""
         started = time.monotonic()
@@ -251,8 +251,8 @@ class WebhookTransport:
                          server=label, status=status)
         return {r["address"]: outcome for r in rcpts}, info
 
-    async def _post(self, settings: Any, label: str, envelope: dict[str, Any],
-                    rcpts: list[dict[str, Any]], source: MessageSource) -> tuple[int, str]:
+    async def _post(self, settings: Any, label: str, envelope: Envelope,
+                    rcpts: list[Recipient], source: MessageSource) -> tuple[int, str]:
         """Send the request: the status and the text of the answer, else a DeliveryError."""
         document = envelope_document(envelope, rcpts)
         body = (multipart_body(document, source) if settings.format == "multipart"

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from empath.config import load_config
+from empath.delivery import attempt as attempt_module
 from empath.delivery import state
 from empath.delivery import worker as worker_module
 from empath.delivery.retry import retry_delay
@@ -144,24 +145,6 @@ def test_history_is_bounded():
     assert env["attempts"][0]["number"] == 6 and env["attempt_count"] == state.HISTORY_LIMIT + 5
 
 
-@pytest.mark.parametrize("env,problem", [
-    ({"id": "X", "sender": "s", "recipients": [{"address": "a"}]}, None),
-    ({"id": "X", "recipients": [{"address": "a"}]}, "no sender"),
-    ({"id": "X", "sender": "s"}, "no recipients"),
-    ({"id": "X", "sender": "s", "recipients": []}, "no recipients"),
-    ({"id": "X", "sender": "s", "recipients": ["a"]}, "without an address"),
-    ({"id": "X", "sender": "s", "recipients": [{"address": "a", "notify": "NEVER"}]},
-     "NOTIFY"),
-    ({"id": "X", "sender": "s", "recipients": [{"address": "a"}], "received_at": "x"},
-     "received_at"),
-    ({"id": "X", "sender": "s", "recipients": [{"address": "a"}], "attempts": {}},
-     "history"),
-])
-def test_envelope_problem(env, problem):
-    found = state.envelope_problem(env)
-    assert (found is None) if problem is None else (problem in (found or ""))
-
-
 def test_retry_delay_is_pure_and_capped():
     rng = random.Random(1)
     assert [retry_delay(n, 60.0, 600.0, 0.0, rng) for n in (0, 1, 2, 3, 4, 5, 99)] == [
@@ -261,7 +244,7 @@ def test_a_foreign_envelope_goes_to_corrupt(tmp_path: Path) -> None:
 
 def test_a_finished_message_that_cannot_be_removed_is_retried_without_redelivery(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(worker_module, "REMOVE_RETRIES", 1)
+    monkeypatch.setattr(attempt_module, "REMOVE_RETRIES", 1)
     worker = _worker(tmp_path)
     qid, path = _queue(worker)
     calls = []
@@ -300,8 +283,8 @@ def test_a_due_time_beyond_any_retry_delay_counts_as_due_now(tmp_path: Path) -> 
         os.utime(path, (due, due))
         worker.spool.move(path, "deferred", qid)
         ids[name] = qid
-    worker._scan_deferred(now)
-    due = {mid: at for at, mid in worker._due.entries()}
+    worker.deferred.scan_all(now)
+    due = {mid: at for at, mid in worker.deferred.schedule.entries()}
     assert due[ids["far"]] == pytest.approx(now, abs=1e-5)
     assert due[ids["near"]] == pytest.approx(now + 3600, abs=1)
 
