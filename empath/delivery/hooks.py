@@ -53,7 +53,7 @@ class DeliveryContext:
     sender: str
     recipients: list[str]  # the open recipients of this attempt
     attempt: int
-    metadata: dict[str, Any]  # this module's own, saved with the envelope
+    metadata: dict[str, Any]  # this module's own (free-form JSON), saved with the envelope
     source: MessageSource | None = None  # the message as queued (message_headers())
     decided: dict[str, RecipientOutcome] = field(default_factory=dict)
     next_hops: dict[str, str] = field(default_factory=dict)

@@ -45,7 +45,7 @@ import time
 from binascii import b2a_base64
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -54,7 +54,7 @@ import orjson
 from empath.delivery.errors import DeliveryError, LocalSystemError, TemporaryError
 from empath.delivery.state import DEFERRED, DELIVERED, FAILED, RecipientOutcome
 from empath.spool import MessageSource
-from empath.spool.records import Envelope, Recipient, Route, new_route
+from empath.spool.records import Envelope, Params, Recipient, Route, new_route
 
 log = logging.getLogger("empath.delivery.webhook")
 
@@ -93,9 +93,19 @@ def server_label(url: str) -> str:
     return f"{shown}:{parts.port}" if parts.port is not None else shown
 
 
-def envelope_document(envelope: Envelope, rcpts: list[Recipient]) -> dict[str, Any]:
+class EnvelopeDocument(TypedDict):
     """The envelope fields a request carries (docs/WEBHOOKS.md), without the message."""
-    return {"id": envelope.get("id"), "sender": envelope.get("sender", ""),
+
+    id: str
+    sender: str
+    recipients: list[str]
+    params: Params | dict[str, Any]  # {} when the envelope has none
+    received_at: float | None
+
+
+def envelope_document(envelope: Envelope, rcpts: list[Recipient]) -> EnvelopeDocument:
+    """The envelope fields a request carries (docs/WEBHOOKS.md), without the message."""
+    return {"id": envelope["id"], "sender": envelope.get("sender", ""),
             "recipients": [r["address"] for r in rcpts],
             "params": envelope.get("params") or {},
             "received_at": envelope.get("received_at")}
@@ -147,13 +157,13 @@ class RequestBody:
             yield chunk
 
 
-def json_body(document: dict[str, Any], source: MessageSource) -> RequestBody:
+def json_body(document: EnvelopeDocument, source: MessageSource) -> RequestBody:
     """``document`` with ``"message": "<base64 of the message>"`` added as its last member."""
     head = orjson.dumps(document)
     return RequestBody(head[:-1] + b',"message":"', b'"}', source, True, "application/json")
 
 
-def multipart_body(document: dict[str, Any], source: MessageSource,
+def multipart_body(document: EnvelopeDocument, source: MessageSource,
                    boundary: str | None = None) -> RequestBody:
     """multipart/form-data (RFC 7578): ``envelope`` (JSON), then ``message`` (raw, binary: no
     Content-Transfer-Encoding, §4.7). The boundary is 128 random bits, so it occurs in no

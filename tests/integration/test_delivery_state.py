@@ -171,6 +171,9 @@ def test_a_double_bounce_is_kept_for_failed_retention_then_dropped_with_an_audit
     daemon.wait_for(lambda: spool.list_ids("failed") == [queue_id], WAIT,
                     message="the double bounce in failed/")
     daemon.wait_for(lambda: not queued(spool), WAIT, message="the double bounce dropped")
+    # The record is written right after the unlink: wait for it rather than race it.
+    daemon.wait_for(lambda: any(r["event"] == "dropped" for r in audit(daemon)), WAIT,
+                    message="the dropped record")
     dropped = [r for r in audit(daemon) if r["event"] == "dropped"]
     assert [r["id"] for r in dropped] == [queue_id]
     assert dropped[0]["recipients"] == [f"gone@{HEALTHY}"]
