@@ -104,13 +104,17 @@ class MessageAttempts:
             self.spool.remove(path)
         except FileNotFoundError:
             return
-        except (OSError, CorruptFile) as exc:
+        except CorruptFile as exc:
+            # As from any other state: set aside for an operator, not swept again and again.
+            self._corrupt(path, message_id, str(exc))
+            return
+        except OSError as exc:
             log.error("%s: cannot drop the undeliverable notice: %s", message_id, exc)
             with contextlib.suppress(OSError):
                 self.spool.move(path, "failed", message_id)
             return
-        failed = [r.get("address") for r in envelope.get("recipients", [])
-                  if isinstance(r, dict) and r.get("status") != state.DELIVERED]
+        failed = [r["address"] for r in envelope["recipients"]
+                  if r.get("status") != state.DELIVERED]
         log.warning("%s: undeliverable message from the null sender (a double bounce) "
                     "dropped", message_id)
         self.audit.write("dropped", message_id, sender="", recipients=failed,

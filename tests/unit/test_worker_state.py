@@ -383,3 +383,31 @@ def test_an_outcome_that_cannot_be_recorded_is_held_and_never_delivered_again(
     env = read_envelope(worker.spool.path("deferred", qid))
     assert [r["status"] for r in env["recipients"]] == ["delivered", "deferred"]
     assert env["attempt_count"] == 1
+
+
+def test_a_malformed_file_in_failed_goes_to_corrupt_and_a_good_one_is_dropped(
+        tmp_path: Path) -> None:
+    """The sweep of failed/ reads each expired double bounce like any reader: one whose
+    envelope delivery cannot use goes to corrupt/ (audit record naming the key) instead of
+    back to failed/ at every sweep; a good one is dropped with its audit record."""
+    worker = _worker(tmp_path)
+    records = []
+    worker.audit.write = (  # type: ignore[method-assign]
+        lambda event, mid, **kw: records.append((event, mid, kw)))
+    long_ago = time.time() - 10 * 86400  # failed_retention is a day by default
+    ids = {}
+    for name, rcpt in (("good", {"address": "u@b.example", "status": "failed"}),
+                       ("bad", {"address": "u@b.example", "status": "bounced"})):
+        qid, path = _queue(worker, sender="", recipients=[rcpt])
+        os.utime(path, (long_ago, long_ago))
+        worker.spool.move(path, "failed", qid)
+        ids[name] = qid
+    worker._sweep_failed(time.time())
+    assert worker.spool.list_ids("failed") == []
+    assert worker.spool.list_ids("corrupt") == [ids["bad"]]
+    assert worker.spool.find(ids["good"]) is None
+    events = {mid: (event, kw) for event, mid, kw in records}
+    assert events[ids["good"]][0] == "dropped"
+    assert events[ids["good"]][1]["recipients"] == ["u@b.example"]
+    assert events[ids["bad"]][0] == "corrupt"
+    assert "unknown status 'bounced' (recipients[0].status)" in events[ids["bad"]][1]["reason"]
