@@ -257,23 +257,24 @@ def _is_number(value: object) -> bool:
 
 
 def _check_recipient(index: int, rcpt: object) -> None:
-    key = f"recipients[{index}]"
+    # Messages are built only on failure: this runs for every recipient of every read.
     if not isinstance(rcpt, dict) or not isinstance(rcpt.get("address"), str):
-        raise EnvelopeError(f"envelope has a recipient without an address ({key}.address)")
+        raise EnvelopeError(
+            f"envelope has a recipient without an address (recipients[{index}].address)")
     notify = rcpt.get("notify")
     if notify is not None and not isinstance(notify, list):
-        raise EnvelopeError(f"envelope has a malformed NOTIFY ({key}.notify)")
+        raise EnvelopeError(f"envelope has a malformed NOTIFY (recipients[{index}].notify)")
     status = rcpt.get("status", PENDING)
     if status not in STATUSES:
-        raise EnvelopeError(
-            f"envelope has a recipient with an unknown status {status!r} ({key}.status)")
+        raise EnvelopeError(f"envelope has a recipient with an unknown status {status!r} "
+                            f"(recipients[{index}].status)")
     if "attempts" in rcpt and not _is_int(rcpt["attempts"]):
-        raise EnvelopeError(
-            f"envelope has a recipient with a malformed attempt count ({key}.attempts)")
+        raise EnvelopeError(f"envelope has a recipient with a malformed attempt count "
+                            f"(recipients[{index}].attempts)")
     if "last" in rcpt and not isinstance(rcpt["last"], dict):
         if rcpt["last"] is not None:
-            raise EnvelopeError(
-                f"envelope has a recipient with a malformed last result ({key}.last)")
+            raise EnvelopeError(f"envelope has a recipient with a malformed last result "
+                                f"(recipients[{index}].last)")
         del rcpt["last"]  # null: no result yet, as if absent (readers use .get("last", {}))
 
 

@@ -43,6 +43,40 @@ def test_envelope_keys_are_the_documented_ones() -> None:
                                                           "marked_done"}
 
 
+def _row(key: str) -> str:
+    """The meaning cell of the docs/SPOOL.md table row of ``key``."""
+    [line] = [ln for ln in SPOOL_MD.splitlines() if ln.startswith(f"| `{key}` |")]
+    return line.split("|")[2]
+
+
+def _keys(text: str) -> set[str]:
+    """The keys in backquotes, leaving out what is in parentheses (transport names...)."""
+    return set(re.findall(r"`([a-z_]+)`", re.sub(r"\([^)]*\)", "", text)))
+
+
+def test_attempt_and_last_result_keys_are_the_documented_ones() -> None:
+    assert keys_of(records.LastResult) == _keys(_row("recipients[].last"))
+    assert keys_of(records.Attempt) == _keys(_row("attempts"))
+    per_recipient = re.search(r"\(per recipient: ([^)]*)\)", _row("attempts"))
+    assert per_recipient is not None
+    assert keys_of(records.Result) == set(re.findall(r"`([a-z_]+)`", per_recipient[1]))
+    assert keys_of(records.AttemptInfo) <= keys_of(records.Attempt)
+
+
+def test_record_attempt_writes_the_typed_records() -> None:
+    env = records.parse_envelope(
+        {"id": "X", "sender": "s", "recipients": [records.new_recipient("a@y.test")]})
+    route = records.new_route("y.test", "smtp", 0.5, server="mx.y.test", dsn=True)
+    state.record_attempt(env, {"a@y.test": state.RecipientOutcome(
+        "delivered", 250, "2.0.0", "ok", "mx.y.test")}, {"duration": 0.5, "routes": [route]},
+        7.0)
+    [attempt] = env["attempts"]
+    assert set(attempt) == keys_of(records.Attempt)
+    assert set(attempt["results"]["a@y.test"]) == keys_of(records.Result)
+    assert set(env["recipients"][0]["last"]) == keys_of(records.LastResult)
+    assert env["recipients"][0]["last"]["next_hop_dsn"] is True
+
+
 def test_route_keys_are_the_documented_ones() -> None:
     assert keys_of(records.Route) == set(documented("#### Route records", "\n## "))
 
