@@ -41,8 +41,8 @@ class Result(TypedDict):
 class LastResult(TypedDict, total=False):
     """A recipient's last result (``recipients[].last``): the reply, and how the recipient
     was carried, which a success notice depends on (RFC 3461 §5.2.2, §6.2). The worker
-    writes every key but ``transport`` and ``next_hop_dsn`` (``state.record_attempt``);
-    readers use ``.get``, so ``rcpt.get("last", {})`` is one."""
+    writes the reply's keys always, ``transport`` and ``next_hop_dsn`` when the route says
+    (``state.record_attempt``); readers use ``.get``, so ``rcpt.get("last", {})`` is one."""
 
     at: float
     code: int | None
