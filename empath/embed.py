@@ -45,6 +45,8 @@ class EmbedError(RuntimeError):
 
 
 class Empath:
+    # ``config`` is the YAML configuration as a dict: free-form here, validated by the
+    # schema when the daemon loads it.
     def __init__(self, config: dict[str, Any], directory: str | os.PathLike[str]) -> None:
         self.dir = Path(directory).resolve()
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -124,7 +126,7 @@ class Empath:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def status(self) -> dict[str, Any] | None:
+    def status(self) -> dict[str, Any] | None:  # the master's status file, as JSON
         path = Path(self.cfg.pidfile).parent / "empath.status.json"
         try:
             data: dict[str, Any] = json.loads(path.read_bytes())

@@ -152,10 +152,8 @@ def cmd_view(args: argparse.Namespace) -> int:
         raise CtlError(f"{args.id}: kept moving while being read; try again")
     now = time.time()
     record = view_record(entry, now, headers, body if args.body else None)
-    if audit_path:
-        record["audit"] = events
     if args.json:
-        emit_json(record)
+        emit_json({**record, "audit": events} if audit_path else record)
         return EXIT_OK
     print("\n".join(view_lines(record, now)))
     if audit_path:

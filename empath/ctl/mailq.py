@@ -17,11 +17,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Any
 
 from empath.ctl.common import EXIT_FAILED, EXIT_OK, CtlError, add_spool_options, error, open_queue
 from empath.spool.queue import QueueEntry, QueueError
-from empath.spool.records import open_recipients
+from empath.spool.records import Recipient, open_recipients
 
 MARKS = {"active": "*", "held": "!", "failed": "#", "corrupt": "?"}
 HEADER = (f"{'-Queue ID-':<27} {'--Size--':>8} {'----Arrival Time----':<20}  "
@@ -29,7 +28,7 @@ HEADER = (f"{'-Queue ID-':<27} {'--Size--':>8} {'----Arrival Time----':<20}  "
 INDENT = " " * (27 + 1 + 8 + 1 + 20 + 2)
 
 
-def reason(rcpt: dict[str, Any]) -> str | None:
+def reason(rcpt: Recipient) -> str | None:
     last = rcpt.get("last")
     if not isinstance(last, dict) or rcpt.get("status", "pending") == "pending":
         return None
@@ -40,18 +39,17 @@ def reason(rcpt: dict[str, Any]) -> str | None:
 
 
 def entry_lines(entry: QueueEntry) -> list[str]:
-    env = entry.envelope or {}
-    size = int(env.get("data_size", entry.file_size))
+    env = entry.envelope
+    size = int(env.get("data_size", entry.file_size)) if env else entry.file_size
     arrival = time.strftime("%a %b %d %H:%M:%S", time.localtime(entry.arrival))
-    sender = env.get("sender", "?") if entry.envelope is not None else "(unreadable)"
+    sender = env.get("sender", "?") if env is not None else "(unreadable)"
     first = (f"{entry.id + MARKS.get(entry.status, ''):<27} {size:>8} {arrival:<20}  "
              f"{sender or 'MAILER-DAEMON'}")
     lines = [first]
-    if entry.envelope is None:
+    if env is None:
         lines.append(f"({entry.error})")
         return lines
-    waiting = (env.get("recipients", []) if entry.status == "failed"
-               else open_recipients(entry.envelope))
+    waiting = env["recipients"] if entry.status == "failed" else open_recipients(env)
     groups: dict[str | None, list[str]] = {}
     for r in waiting:
         groups.setdefault(reason(r), []).append(str(r.get("address", "")))
@@ -69,7 +67,8 @@ def render(entries: list[QueueEntry]) -> str:
     for entry in entries:
         out.extend(entry_lines(entry))
         out.append("")
-    total = sum(int((e.envelope or {}).get("data_size", e.file_size)) for e in entries)
+    total = sum(int(e.envelope.get("data_size", e.file_size)) if e.envelope else e.file_size
+                for e in entries)
     n = len(entries)
     out.append(f"-- {(total + 1023) // 1024} Kbytes in {n} Request{'s' if n != 1 else ''}.")
     return "\n".join(out) + "\n"

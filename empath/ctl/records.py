@@ -9,13 +9,50 @@ except ``message_parts``, which reads the message data.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, TypedDict
 
 from empath.ctl.common import format_age, format_size
 from empath.spool import MessageSource, read_data
 from empath.spool.queue import QueueEntry
+from empath.spool.records import Envelope, LastResult, Recipient
 
 FINAL_FAILURES = ("deferred", "failed", "expired")
+
+
+class RecipientRecord(TypedDict):
+    """One recipient in ``queue list --json``."""
+
+    address: str
+    status: str
+    attempts: int
+    last: LastResult | None
+
+
+class ListRecord(TypedDict):
+    """One message as ``queue list --json`` prints it (docs/OPERATIONS.md, "JSON output")."""
+
+    id: str
+    status: str
+    worker: int | None
+    arrival: float
+    age: float
+    size: int
+    file_size: int
+    sender: str | None
+    recipients: list[RecipientRecord]
+    attempts: int
+    next_retry_at: float | None
+    last_error: str | None
+    error: str | None
+
+
+class ViewRecord(ListRecord):
+    """``queue view --json``: the list record plus path, envelope, headers (and body)."""
+
+    path: str
+    envelope: Envelope | None
+    headers: list[list[str]]
+    body: str | None
 
 
 def stamp(when: float | None) -> str:
@@ -24,16 +61,16 @@ def stamp(when: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
 
 
-def recipient_record(rcpt: dict[str, Any]) -> dict[str, Any]:
+def recipient_record(rcpt: Recipient) -> RecipientRecord:
     return {"address": rcpt.get("address", ""), "status": rcpt.get("status", "pending"),
             "attempts": int(rcpt.get("attempts", 0)), "last": rcpt.get("last")}
 
 
-def last_error(envelope: dict[str, Any] | None) -> str | None:
+def last_error(envelope: Envelope | None) -> str | None:
     """The newest result of a recipient not delivered: ``451 4.3.0 text (server)``."""
     if envelope is None:
         return None
-    newest: dict[str, Any] | None = None
+    newest: LastResult | None = None
     for r in envelope.get("recipients", []):
         last = r.get("last")
         if r.get("status") in FINAL_FAILURES and isinstance(last, dict):
@@ -49,7 +86,7 @@ def last_error(envelope: dict[str, Any] | None) -> str | None:
     return text
 
 
-def entry_record(entry: QueueEntry, now: float) -> dict[str, Any]:
+def entry_record(entry: QueueEntry, now: float) -> ListRecord:
     """One message as ``queue list --json`` prints it."""
     env = entry.envelope
     return {
@@ -72,8 +109,8 @@ def entry_record(entry: QueueEntry, now: float) -> dict[str, Any]:
 
 def message_parts(entry: QueueEntry) -> tuple[list[list[str]], bytes]:
     """Header fields ([name, unfolded value]) and the raw body of a message."""
-    env = entry.envelope or {}
-    length = int(env.get("data_size", 0))
+    env = entry.envelope
+    length = int(env.get("data_size", 0)) if env is not None else 0
     data = read_data(MessageSource(entry.path, 0, length)) if length else b""
     head, sep, body = data.partition(b"\r\n\r\n")
     if not sep:
@@ -90,16 +127,12 @@ def message_parts(entry: QueueEntry) -> tuple[list[list[str]], bytes]:
 
 
 def view_record(entry: QueueEntry, now: float, headers: list[list[str]],
-                body: bytes | None) -> dict[str, Any]:
+                body: bytes | None) -> ViewRecord:
     """``queue view --json``: the list record plus path, envelope, headers (and body)."""
-    record = entry_record(entry, now)
-    record.update({
-        "path": entry.path,
-        "envelope": entry.envelope,
-        "headers": headers,
-        "body": None if body is None else body.decode("utf-8", "replace"),
-    })
-    return record
+    view = ViewRecord(**entry_record(entry, now), path=entry.path, envelope=entry.envelope,
+                      headers=headers,
+                      body=None if body is None else body.decode("utf-8", "replace"))
+    return view
 
 
 # -- text ------------------------------------------------------------------------------------
@@ -107,14 +140,14 @@ LIST_HEADER = (f"{'ID':<26}  {'STATUS':<8}  {'AGE':>6}  {'SIZE':>6}  {'TRIES':>5
                f"{'NEXT RETRY':<10}  SENDER")
 
 
-def next_retry_text(record: dict[str, Any], now: float) -> str:
+def next_retry_text(record: ListRecord, now: float) -> str:
     due = record["next_retry_at"]
     if due is None:
         return "-"
     return "now" if due <= now else "in " + format_age(due - now)
 
 
-def list_lines(record: dict[str, Any], now: float) -> list[str]:
+def list_lines(record: ListRecord, now: float) -> list[str]:
     """A message as two or more lines of ``queue list``: a summary, then its recipients."""
     sender = "-" if record["sender"] is None else f"<{record['sender']}>"
     lines = [f"{record['id']:<26}  {record['status']:<8}  {format_age(record['age']):>6}  "
@@ -132,9 +165,9 @@ def list_lines(record: dict[str, Any], now: float) -> list[str]:
     return lines
 
 
-def view_lines(record: dict[str, Any], now: float) -> list[str]:
+def view_lines(record: ViewRecord, now: float) -> list[str]:
     """``queue view`` as text."""
-    env: dict[str, Any] = record["envelope"] or {}
+    env = record["envelope"]
     status = record["status"]
     if record["worker"] is not None:
         status += f" (claimed by delivery worker {record['worker']})"
@@ -148,15 +181,15 @@ def view_lines(record: dict[str, Any], now: float) -> list[str]:
         f"size:        {record['size']} bytes (queue file {record['file_size']} bytes)",
         f"file:        {record['path']}",
     ]
-    if record["error"]:
+    if record["error"] or env is None:
         out.append(f"error:       {record['error']}")
         return out
-    client = env.get("client") or {}
+    client = env.get("client", {})
     out += [
         f"sender:      <{env.get('sender', '')}>",
         "client:      " + ", ".join(f"{k}={_short(v)}" for k, v in client.items()),
         "params:      " + ", ".join(f"{k}={_short(v)}"
-                                    for k, v in (env.get("params") or {}).items()),
+                                    for k, v in env.get("params", {}).items()),
         f"attempts:    {env.get('attempt_count', 0)}",
         "recipients:",
     ]
@@ -165,21 +198,21 @@ def view_lines(record: dict[str, Any], now: float) -> list[str]:
                    f"attempts={r.get('attempts', 0)} notify={_short(r.get('notify'))} "
                    f"orcpt={_short(r.get('orcpt'))}")
         last = r.get("last")
-        if isinstance(last, dict):
+        if last is not None:
             out.append(f"            last {stamp(last.get('at'))}: {last.get('code') or ''} "
                        f"{last.get('enhanced') or ''} {last.get('text', '')} "
                        f"[{last.get('server') or '-'}]")
-    history = env.get("attempts") or []
+    history = env.get("attempts", [])
     out.append(f"history:     {len(history)} attempt(s) recorded")
     for a in history:
         out.append(f"  #{a.get('number', '?')} {stamp(a.get('at'))} "
                    f"({float(a.get('duration') or 0):.2f}s)")
-        for route in a.get("routes") or []:
+        for route in a.get("routes", []):
             out.append("     route " + ", ".join(f"{k}={_short(v)}" for k, v in route.items()))
-        for addr, res in (a.get("results") or {}).items():
+        for addr, res in a.get("results", {}).items():
             out.append(f"     {addr}: {res.get('status')} {res.get('code') or ''} "
                        f"{res.get('enhanced') or ''} {res.get('text', '')}")
-    metadata = env.get("metadata") or {}
+    metadata = env.get("metadata", {})
     out.append("metadata:" + ("" if metadata else "    -"))
     for module, data in metadata.items():
         out.append(f"  {module}: {_short(data)}")
@@ -191,7 +224,7 @@ def view_lines(record: dict[str, Any], now: float) -> list[str]:
     return out
 
 
-def audit_lines(events: list[dict[str, Any]]) -> list[str]:
+def audit_lines(events: list[dict[str, Any]]) -> list[str]:  # audit records: free-form
     """The audit records of one message (``queue view``), one line each, oldest first."""
     out = [f"audit:       {len(events)} record(s)"]
     for ev in events:

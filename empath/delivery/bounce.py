@@ -35,6 +35,7 @@ from typing import Any
 from empath.delivery.errors import REPLIES
 from empath.delivery.state import BY_TIME, DELIVERED, EXPIRED, FAILED
 from empath.spool import MessageSource
+from empath.spool.records import Envelope, LastResult, Recipient
 
 # RFC 3461 §4.1: absent NOTIFY means the MTA's default; like most MTAs, failures are reported
 # and delays are reported too (RFC 3461 §4.1 allows DELAY by default).
@@ -105,7 +106,7 @@ _OWN_VERDICTS = [(code, enhanced, _template(text)) for code, enhanced, text in R
 _LOCAL_SERVERS = (None, "", "maildir")
 
 
-def wants(recipient: dict[str, Any], kind: str) -> bool:
+def wants(recipient: Recipient, kind: str) -> bool:
     """Whether this recipient's NOTIFY asks for a notice of ``kind`` (FAILURE, DELAY, SUCCESS)."""
     notify = recipient.get("notify")
     if not notify:
@@ -113,31 +114,31 @@ def wants(recipient: dict[str, Any], kind: str) -> bool:
     return kind in notify and "NEVER" not in notify
 
 
-def should_report(envelope: dict[str, Any]) -> bool:
+def should_report(envelope: Envelope) -> bool:
     """No notice about a message from the null sender: that is how bounce loops end."""
     return bool(envelope.get("sender"))
 
 
-def success_action(recipient: dict[str, Any]) -> str | None:
+def success_action(recipient: Recipient) -> str | None:
     """The Action of a success notice for a delivered recipient; None when none is ours.
 
     SMTP: ``relayed`` to a next hop without DSN; nothing when it offered DSN (it received
     NOTIFY and ORCPT and reports from now on). Any other transport is final delivery.
     """
-    last = recipient.get("last") or {}
+    last = recipient.get("last", {})
     if last.get("transport") == "smtp":
         return None if last.get("next_hop_dsn") else "relayed"
     return "delivered"
 
 
-def due_notices(envelope: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+def due_notices(envelope: Envelope) -> dict[str, list[Recipient]]:
     """Recipients owed a failure or success notice that has not been sent yet.
 
     A recipient whose final status needs no notice (NOTIFY, the null sender, a DSN-capable
     next hop) is marked ``dsn: "none"`` here at once; the others are returned by kind and
     marked with ``mark_notified`` once their notice is durable in the spool.
     """
-    due: dict[str, list[dict[str, Any]]] = {FAILURE_NOTICE: [], SUCCESS_NOTICE: []}
+    due: dict[str, list[Recipient]] = {FAILURE_NOTICE: [], SUCCESS_NOTICE: []}
     reporting = should_report(envelope)
     for rcpt in envelope["recipients"]:
         if "dsn" in rcpt:
@@ -156,12 +157,12 @@ def due_notices(envelope: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     return {kind: rcpts for kind, rcpts in due.items() if rcpts}
 
 
-def mark_notified(recipients: list[dict[str, Any]], kind: str) -> None:
+def mark_notified(recipients: list[Recipient], kind: str) -> None:
     for rcpt in recipients:
         rcpt["dsn"] = "failed" if kind == FAILURE_NOTICE else success_action(rcpt) or "none"
 
 
-def is_own_verdict(last: dict[str, Any]) -> bool:
+def is_own_verdict(last: LastResult) -> bool:
     """True when a recipient's last result is this MTA's own verdict, not a server reply."""
     if last.get("server") in _LOCAL_SERVERS:
         return True
@@ -169,8 +170,8 @@ def is_own_verdict(last: dict[str, Any]) -> bool:
     return any(code == c and enhanced == e and rx.match(text) for c, e, rx in _OWN_VERDICTS)
 
 
-def _status_of(rcpt: dict[str, Any], action: str) -> str:
-    last = rcpt.get("last") or {}
+def _status_of(rcpt: Recipient, action: str) -> str:
+    last = rcpt.get("last", {})
     enhanced = last.get("enhanced")
     if rcpt.get("status") == EXPIRED and (rcpt.get("expired_by") == BY_TIME
                                            or not str(enhanced or "").startswith("4.")):
@@ -183,7 +184,7 @@ def _status_of(rcpt: dict[str, Any], action: str) -> str:
     return {"failed": "5.0.0", "delayed": "4.0.0"}.get(action, "2.0.0")
 
 
-def _remote_mta(last: dict[str, Any]) -> str | None:
+def _remote_mta(last: LastResult) -> str | None:
     """The name of the server that replied: ``mx.example.com`` from ``mx.example.com``,
     ``mx.example.com[192.0.2.1]:25``, ``192.0.2.1:24`` or ``[2001:db8::1]:24``."""
     server = last.get("server")
@@ -199,7 +200,7 @@ def _remote_mta(last: dict[str, Any]) -> str | None:
     return _clean(name) or None
 
 
-def _diagnostic(last: dict[str, Any]) -> str | None:
+def _diagnostic(last: LastResult) -> str | None:
     text = _clean(last.get("text", ""))
     if last.get("code") and not is_own_verdict(last):
         # RFC 3464 §2.3.6: the server's reply, code first (RFC 3463 code included).
@@ -208,13 +209,13 @@ def _diagnostic(last: dict[str, Any]) -> str | None:
     return f"x-empath;{text}" if text else None
 
 
-def _action_of(rcpt: dict[str, Any], kind: str) -> str:
+def _action_of(rcpt: Recipient, kind: str) -> str:
     if kind == SUCCESS_NOTICE:
         return success_action(rcpt) or "delivered"
     return kind
 
 
-def _recipient_block(rcpt: dict[str, Any], action: str) -> str:
+def _recipient_block(rcpt: Recipient, action: str, retry_until: float | None) -> str:
     lines = []
     orcpt = rcpt.get("orcpt")
     if orcpt:
@@ -223,7 +224,7 @@ def _recipient_block(rcpt: dict[str, Any], action: str) -> str:
     lines.append(f"Final-Recipient: rfc822;{_clean(rcpt['address'])}")
     lines.append(f"Action: {action}")
     lines.append(f"Status: {_status_of(rcpt, action)}")
-    last = rcpt.get("last") or {}
+    last = rcpt.get("last", {})
     remote = _remote_mta(last)
     if remote:
         lines.append(f"Remote-MTA: dns;{remote}")
@@ -232,13 +233,13 @@ def _recipient_block(rcpt: dict[str, Any], action: str) -> str:
         lines.append(f"Diagnostic-Code: {diagnostic}")
     if last.get("at"):
         lines.append(f"Last-Attempt-Date: {email.utils.formatdate(last['at'])}")
-    if action == "delayed" and rcpt.get("will_retry_until"):
-        lines.append(f"Will-Retry-Until: {email.utils.formatdate(rcpt['will_retry_until'])}")
+    if action == "delayed" and retry_until:
+        lines.append(f"Will-Retry-Until: {email.utils.formatdate(retry_until)}")
     return "\r\n".join(lines) + "\r\n"
 
 
-def _human_line(rcpt: dict[str, Any], action: str) -> str:
-    last = rcpt.get("last") or {}
+def _human_line(rcpt: Recipient, action: str) -> str:
+    last = rcpt.get("last", {})
     reason = _clean(last.get("text", "")) or action
     if rcpt.get("status") == EXPIRED:
         limit = ("it was too long in the queue" if rcpt.get("expired_by") == BY_TIME
@@ -260,15 +261,17 @@ def _original_part(source: MessageSource, full: bool, size_limit: int) -> tuple[
     return "text/rfc822-headers", headers
 
 
-def build_report(envelope: dict[str, Any], recipients: list[dict[str, Any]], kind: str,
+def build_report(envelope: Envelope, recipients: list[Recipient], kind: str,
                  source: MessageSource, *, hostname: str, now: float | None = None,
-                 size_limit: int = BOUNCE_SIZE_LIMIT) -> bytes:
+                 size_limit: int = BOUNCE_SIZE_LIMIT, retry_until: float | None = None
+                 ) -> bytes:
     """The whole notice (headers and body, CRLF) about ``recipients``.
 
     ``kind`` is "failed", "delayed" or "success"; in a success notice each recipient's
     Action is ``delivered`` or ``relayed`` (``success_action``). The original message is
     returned whole only in a failure notice with RET=FULL (RFC 3461 §4.3); otherwise, and
-    above ``size_limit`` octets, its headers.
+    above ``size_limit`` octets, its headers. ``retry_until``: in a delay notice, when the
+    message expires (Will-Retry-Until).
     """
     if kind not in _SUBJECTS:
         raise ValueError(f"unknown notice kind {kind!r}")
@@ -280,7 +283,7 @@ def build_report(envelope: dict[str, Any], recipients: list[dict[str, Any]], kin
     for rcpt, action in actions:
         human += f"\r\n{_human_line(rcpt, action)}"
     human += "\r\n"
-    params = envelope.get("params") or {}
+    params = envelope.get("params", {})
     per_message = [f"Reporting-MTA: dns;{hostname}"]
     if params.get("envid"):
         per_message.append(f"Original-Envelope-Id: {_clean(params['envid'])}")
@@ -289,7 +292,7 @@ def build_report(envelope: dict[str, Any], recipients: list[dict[str, Any]], kin
         per_message.append(f"Arrival-Date: {email.utils.formatdate(envelope['received_at'])}")
     status = "\r\n".join(per_message) + "\r\n"
     for rcpt, action in actions:
-        status += "\r\n" + _recipient_block(rcpt, action)
+        status += "\r\n" + _recipient_block(rcpt, action, retry_until)
     full = (params.get("ret") or "").upper() == "FULL" and kind == "failed"
     ctype, original = _original_part(source, full, size_limit)
     if kind != "failed":

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import re
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -559,7 +559,7 @@ def _is_ascii(text: str) -> bool:
     return text.isascii()
 
 
-def needs_smtputf8(envelope: dict[str, Any]) -> bool:
+def needs_smtputf8(envelope: Mapping[str, Any]) -> bool:
     """Whether the message itself needs SMTPUTF8: declared at submission, or a UTF-8 sender.
 
     The declaration is trusted rather than scanning the headers: a client asks for SMTPUTF8
@@ -569,7 +569,7 @@ def needs_smtputf8(envelope: dict[str, Any]) -> bool:
     return bool(params.get("smtputf8")) or not _is_ascii(envelope.get("sender") or "")
 
 
-def mail_command(envelope: dict[str, Any], size: int, ext: Extensions) -> bytes:
+def mail_command(envelope: Mapping[str, Any], size: int, ext: Extensions) -> bytes:
     """``MAIL FROM:<sender>`` with the parameters this server understands."""
     params = envelope.get("params") or {}
     args = []
@@ -596,7 +596,7 @@ def mail_command(envelope: dict[str, Any], size: int, ext: Extensions) -> bytes:
     return _command(f"MAIL FROM:<{sender}>", args)
 
 
-def rcpt_command(rcpt: dict[str, Any], ext: Extensions) -> bytes:
+def rcpt_command(rcpt: Mapping[str, Any], ext: Extensions) -> bytes:
     """``RCPT TO:<address>`` with NOTIFY and ORCPT when the server offers DSN (RFC 3461 §4)."""
     args = []
     if ext.has("DSN"):

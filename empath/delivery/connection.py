@@ -30,7 +30,7 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from empath.config.typed import DeliveryTimeoutsConfig
@@ -382,7 +382,7 @@ class SMTPConnection:
             raise
         return reply.code == 250
 
-    def _precheck(self, envelope: dict[str, Any], rcpts: list[dict[str, Any]],
+    def _precheck(self, envelope: Mapping[str, Any], rcpts: Sequence[Mapping[str, Any]],
                   size: int) -> tuple[DeliveryError | None, dict[str, RecipientOutcome]]:
         """Verdicts reached from the EHLO keywords alone, before any command is sent."""
         ext = self.extensions
@@ -406,7 +406,7 @@ class SMTPConnection:
         return None, refused
 
     @tracing.transaction
-    async def deliver(self, envelope: dict[str, Any], rcpts: list[dict[str, Any]],
+    async def deliver(self, envelope: Mapping[str, Any], rcpts: Sequence[Mapping[str, Any]],
                       source: MessageSource) -> dict[str, RecipientOutcome]:
         """One transaction for ``rcpts``; one outcome per recipient, never an exception."""
         size = source.length

@@ -20,7 +20,6 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from empath.config.typed import Config, DomainPolicyConfig, DomainPolicyWebhookConfig
 from empath.config.types import normalize_domain
@@ -35,13 +34,13 @@ from empath.delivery.strategies import (
 )
 from empath.delivery.strategy import DeliveryRequest, DeliveryResult, DeliveryStrategy, load_class
 from empath.spool import MessageSource
-from empath.spool.records import recipient_domain
+from empath.spool.records import Envelope, Recipient, Route, recipient_domain
 
 log = logging.getLogger("empath.delivery")
 
 DEFAULT_STRATEGY_TIMEOUT = 600.0  # seconds, for a domain without delivery.domains settings
 # Called with one group's outcomes and route record, and whether other groups still run.
-OnGroupDone = Callable[[dict[str, RecipientOutcome], dict[str, Any], bool], Awaitable[None]]
+OnGroupDone = Callable[[dict[str, RecipientOutcome], Route, bool], Awaitable[None]]
 
 
 class Dispatcher:
@@ -104,11 +103,11 @@ class Dispatcher:
             except Exception:
                 log.exception("closing delivery strategy %s failed", strategy.name)
 
-    async def deliver(self, envelope: dict[str, Any], recipients: list[dict[str, Any]],
+    async def deliver(self, envelope: Envelope, recipients: list[Recipient],
                       source: MessageSource, next_hops: dict[str, str] | None = None,
                       on_done: OnGroupDone | None = None
-                      ) -> tuple[dict[str, RecipientOutcome], list[dict[str, Any]]]:
-        groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+                      ) -> tuple[dict[str, RecipientOutcome], list[Route]]:
+        groups: dict[str, list[Recipient]] = defaultdict(list)
         for rcpt in recipients:
             groups[recipient_domain(rcpt["address"])].append(rcpt)
         attempt = int(envelope.get("attempt_count") or 0) + 1
@@ -127,7 +126,7 @@ class Dispatcher:
                                             (next_hops or {}).get(domain)))
                 for domain, rcpts in groups.items()]
         outcomes: dict[str, RecipientOutcome] = {}
-        infos: list[dict[str, Any]] = []
+        infos: list[Route] = []
         # One domain (most messages): awaited in this task, without a task of its own.
         results = [await jobs[0]] if len(jobs) == 1 else await asyncio.gather(*jobs)
         for result in results:
@@ -170,7 +169,7 @@ class Dispatcher:
                 log.error("%s: %s for %s", request.queue_id, reason, ", ".join(missing))
             local = LocalSystemError.make("local", reason=reason).outcome()
             outcomes.update(dict.fromkeys(missing, local))
-        route = dict(result.route) or {"domain": domain or "(local)", "transport": name}
+        route = result.route.copy() or Route(domain=domain or "(local)", transport=name)
         route.setdefault("transport", name)
         route.setdefault("domain", domain or "(local)")
         route.setdefault("duration", round(time.monotonic() - started, 6))

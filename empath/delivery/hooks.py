@@ -35,7 +35,7 @@ from empath.config.types import parse_address
 from empath.delivery.errors import LocalSystemError
 from empath.delivery.state import DEFERRED, FAILED, RecipientOutcome
 from empath.spool import MessageSource
-from empath.spool.records import recipient_domain
+from empath.spool.records import Envelope, Recipient, recipient_domain
 
 log = logging.getLogger("empath.delivery")
 
@@ -54,7 +54,7 @@ class DeliveryContext:
     sender: str
     recipients: list[str]  # the open recipients of this attempt
     attempt: int
-    metadata: dict[str, Any]  # this module's own, saved with the envelope
+    metadata: dict[str, Any]  # this module's own (free-form JSON), saved with the envelope
     source: MessageSource | None = None  # the message as queued (message_headers())
     decided: dict[str, RecipientOutcome] = field(default_factory=dict)
     next_hops: dict[str, str] = field(default_factory=dict)
@@ -114,7 +114,7 @@ def _one_line(text: str) -> str:
 class Plan:
     """What ``before_delivery`` left for the attempt."""
 
-    recipients: list[dict[str, Any]]  # still to be handed to the strategies
+    recipients: list[Recipient]  # still to be handed to the strategies
     decided: dict[str, RecipientOutcome]
     next_hops: dict[str, str]
     source: MessageSource
@@ -142,7 +142,7 @@ class DeliveryHooks:
     def __bool__(self) -> bool:
         return bool(self.modules)
 
-    def _context(self, module: hooks.LoadedModule, envelope: dict[str, Any],
+    def _context(self, module: hooks.LoadedModule, envelope: Envelope,
                  recipients: list[str], source: MessageSource | None = None
                  ) -> DeliveryContext:
         saved = envelope.setdefault("metadata", {})
@@ -154,7 +154,7 @@ class DeliveryHooks:
                                mine, source)
 
     @staticmethod
-    def _keep(module: hooks.LoadedModule, envelope: dict[str, Any],
+    def _keep(module: hooks.LoadedModule, envelope: Envelope,
               ctx: DeliveryContext) -> None:
         saved = envelope.setdefault("metadata", {})
         if ctx.metadata:
@@ -172,7 +172,7 @@ class DeliveryHooks:
         if inspect.isawaitable(result):
             await asyncio.wait_for(result, self.timeout)
 
-    async def before(self, envelope: dict[str, Any], recipients: list[dict[str, Any]],
+    async def before(self, envelope: Envelope, recipients: list[Recipient],
                      source: MessageSource, tmp_path: str) -> Plan:
         """Run every ``before_delivery``; a hook that fails defers the whole attempt."""
         addresses = [r["address"] for r in recipients]
@@ -209,18 +209,18 @@ class DeliveryHooks:
                          hop)
         return plan
 
-    async def after(self, envelope: dict[str, Any],
+    async def after(self, envelope: Envelope,
                     outcomes: dict[str, RecipientOutcome]) -> None:
         view = {a: {"status": o.status, "code": o.code, "enhanced": o.enhanced,
                     "text": o.text, "server": o.server} for a, o in outcomes.items()}
         await self._each(envelope, "after_delivery", list(outcomes), view)
 
-    async def notice(self, envelope: dict[str, Any], kind: str, notice_id: str,
+    async def notice(self, envelope: Envelope, kind: str, notice_id: str,
                      recipients: list[str]) -> None:
         await self._each(envelope, "on_notice", recipients,
                          {"kind": kind, "id": notice_id, "recipients": list(recipients)})
 
-    async def _each(self, envelope: dict[str, Any], hook: str, recipients: list[str],
+    async def _each(self, envelope: Envelope, hook: str, recipients: list[str],
                     arg: Any) -> None:
         for module in self.modules:
             ctx = self._context(module, envelope, recipients)

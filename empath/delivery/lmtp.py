@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
 
 from empath.config.typed import Config, DeliveryTimeoutsConfig
 from empath.delivery.client import (
@@ -51,7 +50,7 @@ from empath.delivery.errors import (
 )
 from empath.delivery.state import RecipientOutcome
 from empath.spool import MessageSource
-from empath.spool.records import new_route
+from empath.spool.records import Envelope, Recipient, Route, new_route
 
 log = logging.getLogger("empath.delivery.lmtp")
 
@@ -109,7 +108,7 @@ class LMTPConnection(SMTPConnection):
         return TemporaryError.make("connect", server=self.server,
                                    reason=f"session refused: {reply}")
 
-    def _not_transferable(self, envelope: dict[str, Any], size: int) -> DeliveryError | None:
+    def _not_transferable(self, envelope: Envelope, size: int) -> DeliveryError | None:
         """A verdict for the whole message from the LHLO keywords, before any command.
 
         Unlike SMTP, a message declared SMTPUTF8 is not refused when the server lacks the
@@ -119,13 +118,13 @@ class LMTPConnection(SMTPConnection):
         limit = self.extensions.size_limit
         if limit is not None and size > limit:
             return PermanentError.make("too_big", server=self.server, size=size, limit=limit)
-        body = (envelope.get("params") or {}).get("body")
+        body = envelope.get("params", {}).get("body")
         if body == "BINARYMIME" and not (
                 self.extensions.has("BINARYMIME") and self.extensions.has("CHUNKING")):
             return PermanentError.make("needs_binarymime", server=self.server)
         return None
 
-    async def deliver(self, envelope: dict[str, Any], rcpts: list[dict[str, Any]],
+    async def deliver(self, envelope: Envelope, rcpts: list[Recipient],
                       source: MessageSource) -> dict[str, RecipientOutcome]:
         """One transaction for ``rcpts``; one outcome per recipient, never an exception."""
         refused = self._not_transferable(envelope, source.length)
@@ -133,7 +132,7 @@ class LMTPConnection(SMTPConnection):
             return {r["address"]: refused.outcome() for r in rcpts}
         self.messages += 1
         ext = self.extensions
-        binary = (envelope.get("params") or {}).get("body") == "BINARYMIME"
+        binary = envelope.get("params", {}).get("body") == "BINARYMIME"
         txn = Transaction(mail_command(envelope, source.length, ext),
                           [(r["address"], rcpt_command(r, ext)) for r in rcpts],
                           pipelining=ext.has("PIPELINING"), use_data=not binary)
@@ -216,9 +215,9 @@ class LMTPTransport:
         self.timeouts = cfg.delivery.timeouts
         self._slots = asyncio.Semaphore(cfg.delivery.max_connections)
 
-    async def deliver(self, domain: str, envelope: dict[str, Any], rcpts: list[dict[str, Any]],
+    async def deliver(self, domain: str, envelope: Envelope, rcpts: list[Recipient],
                       source: MessageSource
-                      ) -> tuple[dict[str, RecipientOutcome], dict[str, Any]]:
+                      ) -> tuple[dict[str, RecipientOutcome], Route]:
         """Deliver ``source`` to ``rcpts``; one outcome each, and a route record."""
         started = time.monotonic()
         try:
@@ -237,7 +236,7 @@ class LMTPTransport:
                          server=self.label)
         return outcomes, info
 
-    async def _deliver(self, envelope: dict[str, Any], rcpts: list[dict[str, Any]],
+    async def _deliver(self, envelope: Envelope, rcpts: list[Recipient],
                        source: MessageSource) -> dict[str, RecipientOutcome]:
         conn = await open_lmtp(self.host, self.port, name=self.name, timeouts=self.timeouts)
         try:

@@ -43,6 +43,7 @@ from typing import Any
 
 from empath.delivery.errors import DeliveryError, TemporaryError
 from empath.delivery.tls import MTA_STS_ENFORCE, TLSPolicy
+from empath.spool import records
 
 log = logging.getLogger("empath.delivery.mtasts")
 
@@ -295,7 +296,7 @@ class StsCheck:
         log.warning("%s: MTA-STS policy of %s (mode testing) would refuse this delivery: %s; "
                     "delivering anyway", log_prefix, self.domain, self.failure)
 
-    def fill(self, info: dict[str, Any]) -> None:
+    def fill(self, info: records.Route) -> None:
         """The ``mta_sts_result`` and ``mta_sts_failure`` of the route record."""
         info["mta_sts_result"] = self.result
         if self.failure:

@@ -17,7 +17,7 @@ from empath.config.typed import Config
 from empath.delivery import bounce, state
 from empath.delivery.hooks import DeliveryHooks
 from empath.observe import deliveries
-from empath.spool import Spool, new_message_id, records
+from empath.spool import MessageSource, Spool, new_message_id, records
 from empath.spool.submit import store_message
 
 log = logging.getLogger("empath.delivery")
@@ -34,7 +34,7 @@ class Notices:
         self.audit = audit
         self.hooks = hooks
 
-    async def send_due(self, envelope: dict[str, Any], source: Any) -> bool:
+    async def send_due(self, envelope: records.Envelope, source: MessageSource) -> bool:
         """Spool the failure and success notices this attempt made due; False if one failed.
 
         One notice of each kind per attempt, covering every recipient it concerns (so a
@@ -59,7 +59,8 @@ class Notices:
             log.info("%s: sender %s notification: %s", envelope["id"], label, notice_id)
         return ok
 
-    async def maybe_warn_delay(self, envelope: dict[str, Any], source: Any, now: float) -> None:
+    async def maybe_warn_delay(self, envelope: records.Envelope, source: MessageSource,
+                               now: float) -> None:
         """Send one delay notice once a message has waited delay_warning (RFC 3461 DELAY).
 
         The notice is spooled before the envelope that records it is rewritten: a crash in
@@ -71,12 +72,11 @@ class Notices:
                 or now - received < after):
             return
         expires = received + self.cfg.delivery.message_expiration
-        waiting = [dict(r, will_retry_until=expires) for r in state.open_recipients(envelope)
-                   if bounce.wants(r, "DELAY")]
+        waiting = [r for r in state.open_recipients(envelope) if bounce.wants(r, "DELAY")]
         if waiting:
             try:
                 notice_id = await asyncio.to_thread(self.spool, envelope, waiting,
-                                                    "delayed", source)
+                                                    "delayed", source, expires)
             except OSError as exc:
                 log.error("%s: cannot spool the delay notice: %s", envelope["id"], exc)
                 return
@@ -85,13 +85,15 @@ class Notices:
             log.info("%s: sender delay notification: %s", envelope["id"], notice_id)
         envelope["delay_notified"] = True
 
-    def spool(self, envelope: dict[str, Any], recipients: list[dict[str, Any]],
-                      kind: str, source: Any) -> str:
+    def spool(self, envelope: records.Envelope, recipients: list[records.Recipient],
+              kind: str, source: MessageSource, retry_until: float | None = None) -> str:
         """Build a DSN about ``recipients`` and store it durably as a new message from the
-        null sender (RFC 3461 §6.2: notices are sent with MAIL FROM:<>)."""
+        null sender (RFC 3461 §6.2: notices are sent with MAIL FROM:<>). ``retry_until``:
+        when a delayed message expires."""
         hostname = self.cfg.hostname
         data = bounce.build_report(envelope, recipients, kind, source, hostname=hostname,
-                                   size_limit=self.cfg.delivery.bounce_size_limit)
+                                   size_limit=self.cfg.delivery.bounce_size_limit,
+                                   retry_until=retry_until)
         notice_id = new_message_id()
         to = envelope["sender"]
         notice = records.new_envelope(

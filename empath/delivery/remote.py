@@ -51,7 +51,6 @@ import socket
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 from empath.config.typed import Config, DeliveryConfig, ListenerConfig
 from empath.config.types import parse_address
@@ -87,7 +86,7 @@ from empath.delivery.strategy import NEXT_HOP
 from empath.delivery.tls import DISABLED, OPPORTUNISTIC, TLSContexts, TLSPolicy, policy_for
 from empath.observe import deliveries, tracing
 from empath.spool import MessageSource
-from empath.spool.records import new_route
+from empath.spool.records import Envelope, Recipient, Route, new_route
 
 log = logging.getLogger("empath.delivery.smtp")
 
@@ -213,9 +212,9 @@ class RemoteTransport:
 
     # -- the public contract --------------------------------------------------------------
     @tracing.route
-    async def deliver(self, domain: str, envelope: dict[str, Any], rcpts: list[dict[str, Any]],
+    async def deliver(self, domain: str, envelope: Envelope, rcpts: list[Recipient],
                       source: MessageSource
-                      ) -> tuple[dict[str, RecipientOutcome], dict[str, Any]]:
+                      ) -> tuple[dict[str, RecipientOutcome], Route]:
         """Deliver ``source`` to ``rcpts`` (all in ``domain``); outcomes and a route record."""
         domain = domain.lower()
         started = time.monotonic()
@@ -241,9 +240,9 @@ class RemoteTransport:
         info["duration"] = round(time.monotonic() - started, 6)
         return outcomes, info
 
-    async def _deliver_admitted(self, domain: str, envelope: dict[str, Any],
-                                rcpts: list[dict[str, Any]], source: MessageSource,
-                                info: dict[str, Any]) -> dict[str, RecipientOutcome]:
+    async def _deliver_admitted(self, domain: str, envelope: Envelope,
+                                rcpts: list[Recipient], source: MessageSource,
+                                info: Route) -> dict[str, RecipientOutcome]:
         """With a connection slot held: the breaker's word, the rate limit, the delivery."""
         probe = self.breakers.admit(domain)
         if probe:
@@ -293,7 +292,7 @@ class RemoteTransport:
                       state)
 
     async def _mta_sts(self, domain: str, route: _Route, policy: TLSPolicy,
-                       info: dict[str, Any]) -> StsCheck | None:
+                       info: Route) -> StsCheck | None:
         """The MTA-STS check of this delivery, or None (disabled, not applicable, no policy);
         ``info`` gets ``mta_sts`` when the feature is on."""
         if self.policies is None:
@@ -312,9 +311,9 @@ class RemoteTransport:
             info["mta_sts_result"] = None
         return check
 
-    async def _deliver_routed(self, domain: str, envelope: dict[str, Any],
-                              rcpts: list[dict[str, Any]], source: MessageSource,
-                              info: dict[str, Any], reach: _Reach
+    async def _deliver_routed(self, domain: str, envelope: Envelope,
+                              rcpts: list[Recipient], source: MessageSource,
+                              info: Route, reach: _Reach
                               ) -> dict[str, RecipientOutcome]:
         security = RouteSecurity(self.resolver, dnssec.mode_for(self.delivery, domain))
         if security.active:
@@ -338,7 +337,8 @@ class RemoteTransport:
                 errors.append(TemporaryError.make("mx_limit", domain=domain, limit=limit))
                 break
             states = [mx_state] if mx_state else []
-            info.update(server=host, ip=None, port=port, mx_index=mx_index, dane=None)
+            info.update({"server": host, "ip": None, "port": port, "mx_index": mx_index,
+                         "dane": None})
             try:
                 addresses, dane = await self._prepare_host(domain, policy, host, port, mx_state,
                                                            security, states,
@@ -379,7 +379,7 @@ class RemoteTransport:
                 if tried >= address_limit or sessions >= session_limit:
                     break
                 tried += 1
-                info.update(server=host, ip=ip, port=port, mx_index=mx_index)
+                info.update({"server": host, "ip": ip, "port": port, "mx_index": mx_index})
                 try:
                     conn = await self._connection(domain, host_policy, host, ip, port, dane)
                 except DeliveryError as err:

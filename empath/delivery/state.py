@@ -1,14 +1,14 @@
 """Delivery state kept in the envelope: per-recipient status and the attempt history.
 
-Pure functions over the envelope dict; no clocks (``now`` is passed in), no files. What they
-record is what a restarted daemon and ``empathctl`` read back (docs/SPOOL.md, "Delivery state").
+Pure functions over the envelope (``records.Envelope``, checked by ``records.parse_envelope``
+when the file was read); no clocks (``now`` is passed in), no files. What they record is what
+a restarted daemon and ``empathctl`` read back (docs/SPOOL.md, "Delivery state").
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any
 
 from empath.delivery.retry import retry_delay
 from empath.spool import records
@@ -42,59 +42,7 @@ class Decision:
     next_retry_at: float | None = None
 
 
-_STATUSES = (PENDING, DELIVERED, DEFERRED, FAILED, EXPIRED)
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def envelope_problem(envelope: dict[str, Any], data_length: int | None = None) -> str | None:
-    """Why ``envelope`` cannot be delivered as it is (a damaged or foreign file), or None.
-
-    read_queue_file only proves the file is complete and its envelope a JSON object with an
-    id; delivery also needs a sender and recipients, and every value it reads and writes
-    back must have its type: without this check a file with a malformed value would fail
-    every attempt (or every state update) forever instead of going to corrupt/.
-    ``data_length``: the data length the file's trailer gives (``data_size`` must match).
-    """
-    if not isinstance(envelope.get("sender"), str):
-        return "envelope has no sender"
-    recipients = envelope.get("recipients")
-    if not isinstance(recipients, list) or not recipients:
-        return "envelope has no recipients"
-    for rcpt in recipients:
-        if not isinstance(rcpt, dict) or not isinstance(rcpt.get("address"), str):
-            return "envelope has a recipient without an address"
-        if rcpt.get("notify") is not None and not isinstance(rcpt["notify"], list):
-            return "envelope has a malformed NOTIFY"
-        if rcpt.get("status", PENDING) not in _STATUSES:
-            return f"envelope has a recipient with an unknown status {rcpt.get('status')!r}"
-        if "attempts" in rcpt and (not isinstance(rcpt["attempts"], int)
-                                   or isinstance(rcpt["attempts"], bool)):
-            return "envelope has a recipient with a malformed attempt count"
-        if rcpt.get("last") is not None and not isinstance(rcpt["last"], dict):
-            return "envelope has a recipient with a malformed last result"
-    for key in ("received_at", "attempt_count"):
-        if key in envelope and not _number(envelope[key]):
-            return f"envelope has a malformed {key}"
-    if envelope.get("next_retry_at") is not None and not _number(envelope["next_retry_at"]):
-        return "envelope has a malformed next_retry_at"
-    if "data_size" in envelope:
-        size = envelope["data_size"]
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            return f"envelope has a malformed data_size {size!r}"
-        if data_length is not None and size != data_length:
-            return (f"envelope's data_size {size} differs from the file's data length "
-                    f"{data_length}")
-    if not isinstance(envelope.get("params", {}), dict):
-        return "envelope has malformed params"
-    if not isinstance(envelope.get("attempts", []), list):
-        return "envelope has a malformed attempt history"
-    return None
-
-
-def route_for(address: str, routes: list[dict[str, Any]]) -> dict[str, Any] | None:
+def route_for(address: str, routes: list[records.Route]) -> records.Route | None:
     """The route record of this attempt that carried ``address`` (routes are per domain)."""
     domain = recipient_domain(address) or "(local)"
     for route in routes:
@@ -103,8 +51,8 @@ def route_for(address: str, routes: list[dict[str, Any]]) -> dict[str, Any] | No
     return None
 
 
-def record_attempt(envelope: dict[str, Any], outcomes: dict[str, RecipientOutcome],
-                   info: dict[str, Any], now: float) -> None:
+def record_attempt(envelope: records.Envelope, outcomes: dict[str, RecipientOutcome],
+                   info: records.AttemptInfo, now: float) -> None:
     """Apply one attempt's outcomes to the recipients and append it to the history.
 
     Besides the reply, ``last`` keeps how the recipient was carried (``transport``, and
@@ -118,7 +66,7 @@ def record_attempt(envelope: dict[str, Any], outcomes: dict[str, RecipientOutcom
             continue
         rcpt["status"] = outcome.status
         rcpt["attempts"] = rcpt.get("attempts", 0) + 1
-        last: dict[str, Any] = {"at": now, "code": outcome.code, "enhanced": outcome.enhanced,
+        last: records.LastResult = {"at": now, "code": outcome.code, "enhanced": outcome.enhanced,
                                 "text": outcome.text, "server": outcome.server}
         route = route_for(rcpt["address"], routes)
         if route is not None:
@@ -139,7 +87,7 @@ def record_attempt(envelope: dict[str, Any], outcomes: dict[str, RecipientOutcom
         del history[: len(history) - HISTORY_LIMIT]
 
 
-def decide(envelope: dict[str, Any], now: float, *, max_attempts: int, base: float,
+def decide(envelope: records.Envelope, now: float, *, max_attempts: int, base: float,
            maximum: float, jitter: float, expiration: float,
            rng: random.Random | None = None) -> Decision:
     """What to do with the message now that an attempt is recorded.

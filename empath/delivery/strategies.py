@@ -19,7 +19,7 @@ from empath.delivery.errors import LocalSystemError
 from empath.delivery.state import RecipientOutcome
 from empath.delivery.strategy import NEXT_HOP, DeliveryRequest, DeliveryResult, DeliveryStrategy
 from empath.spool import MessageSource
-from empath.spool.records import new_route
+from empath.spool.records import Envelope, new_route
 
 log = logging.getLogger("empath.delivery")
 
@@ -93,7 +93,7 @@ class MaildirStrategy(DeliveryStrategy):
         route = new_route(request.domain, "maildir", round(time.monotonic() - started, 6))
         return DeliveryResult(out, route)
 
-    async def _copy(self, envelope: dict[str, Any], addr: str,
+    async def _copy(self, envelope: Envelope, addr: str,
                     source: MessageSource) -> RecipientOutcome:
         try:
             res = await asyncio.to_thread(

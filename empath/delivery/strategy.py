@@ -32,6 +32,7 @@ from typing import Any
 from empath.config.typed import Config
 from empath.delivery.state import DEFERRED, DELIVERED, FAILED, RecipientOutcome
 from empath.spool import MessageSource
+from empath.spool.records import Envelope, Recipient, Route
 
 BUILTIN = ("smtp", "webhook")
 # A delivery hook's next hop for this attempt ("host:port"), read by remote.py's routing: set
@@ -45,8 +46,8 @@ class DeliveryRequest:
     """One domain's share of one delivery attempt."""
 
     domain: str
-    envelope: dict[str, Any]
-    recipients: list[dict[str, Any]]  # each {"address", "notify", "orcpt", ...}
+    envelope: Envelope
+    recipients: list[Recipient]
     source: MessageSource
     attempt: int = 1
     # host:port to use instead of the domain's MX hosts for this attempt (delivery hooks).
@@ -68,7 +69,7 @@ class DeliveryRequest:
 @dataclass
 class DeliveryResult:
     outcomes: dict[str, RecipientOutcome]
-    route: dict[str, Any] = field(default_factory=dict)
+    route: Route = field(default_factory=lambda: Route())
 
 
 class DeliveryStrategy(ABC):

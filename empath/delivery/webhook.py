@@ -45,7 +45,7 @@ import time
 from binascii import b2a_base64
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -55,7 +55,7 @@ from empath.config.typed import Config, DomainPolicyWebhookConfig
 from empath.delivery.errors import DeliveryError, LocalSystemError, TemporaryError
 from empath.delivery.state import DEFERRED, DELIVERED, FAILED, RecipientOutcome
 from empath.spool import MessageSource
-from empath.spool.records import new_route
+from empath.spool.records import Envelope, Params, Recipient, Route, new_route
 
 log = logging.getLogger("empath.delivery.webhook")
 
@@ -94,9 +94,19 @@ def server_label(url: str) -> str:
     return f"{shown}:{parts.port}" if parts.port is not None else shown
 
 
-def envelope_document(envelope: dict[str, Any], rcpts: list[dict[str, Any]]) -> dict[str, Any]:
+class EnvelopeDocument(TypedDict):
     """The envelope fields a request carries (docs/WEBHOOKS.md), without the message."""
-    return {"id": envelope.get("id"), "sender": envelope.get("sender", ""),
+
+    id: str
+    sender: str
+    recipients: list[str]
+    params: Params | dict[str, Any]  # {} when the envelope has none
+    received_at: float | None
+
+
+def envelope_document(envelope: Envelope, rcpts: list[Recipient]) -> EnvelopeDocument:
+    """The envelope fields a request carries (docs/WEBHOOKS.md), without the message."""
+    return {"id": envelope["id"], "sender": envelope.get("sender", ""),
             "recipients": [r["address"] for r in rcpts],
             "params": envelope.get("params") or {},
             "received_at": envelope.get("received_at")}
@@ -148,13 +158,13 @@ class RequestBody:
             yield chunk
 
 
-def json_body(document: dict[str, Any], source: MessageSource) -> RequestBody:
+def json_body(document: EnvelopeDocument, source: MessageSource) -> RequestBody:
     """``document`` with ``"message": "<base64 of the message>"`` added as its last member."""
     head = orjson.dumps(document)
     return RequestBody(head[:-1] + b',"message":"', b'"}', source, True, "application/json")
 
 
-def multipart_body(document: dict[str, Any], source: MessageSource,
+def multipart_body(document: EnvelopeDocument, source: MessageSource,
                    boundary: str | None = None) -> RequestBody:
     """multipart/form-data (RFC 7578): ``envelope`` (JSON), then ``message`` (raw, binary: no
     Content-Transfer-Encoding, §4.7). The boundary is 128 random bits, so it occurs in no
@@ -225,9 +235,9 @@ class WebhookTransport:
             session, self._http = self._http, None
             await session.close()
 
-    async def deliver(self, domain: str, settings: DomainPolicyWebhookConfig,
-                      envelope: dict[str, Any], rcpts: list[dict[str, Any]], source: MessageSource
-                      ) -> tuple[dict[str, RecipientOutcome], dict[str, Any]]:
+    async def deliver(self, domain: str, settings: DomainPolicyWebhookConfig, envelope: Envelope,
+                      rcpts: list[Recipient], source: MessageSource
+                      ) -> tuple[dict[str, RecipientOutcome], Route]:
         """POST ``source`` for ``rcpts`` to ``settings.url``; one outcome per recipient (the
         same for all) and a route record. Never raises but for cancellation."""
         started = time.monotonic()
@@ -253,8 +263,9 @@ class WebhookTransport:
                          server=label, status=status)
         return {r["address"]: outcome for r in rcpts}, info
 
-    async def _post(self, settings: DomainPolicyWebhookConfig, label: str, envelope: dict[str, Any],
-                    rcpts: list[dict[str, Any]], source: MessageSource) -> tuple[int, str]:
+    async def _post(self, settings: DomainPolicyWebhookConfig, label: str,
+                    envelope: Envelope, rcpts: list[Recipient],
+                    source: MessageSource) -> tuple[int, str]:
         """Send the request: the status and the text of the answer, else a DeliveryError."""
         document = envelope_document(envelope, rcpts)
         body = (multipart_body(document, source) if settings.format == "multipart"

@@ -1,89 +1,61 @@
-"""The delivery worker process: claim, deliver, record, then remove, defer or finish.
+"""The delivery worker process: the loop that claims messages and hands each to an attempt.
 
 Each worker owns ``active/<pid>/``. It claims work by renaming a file there from ``incoming/``
 (woken by the receivers) or from ``deferred/`` (when the file's mtime, its due time, has
-passed). Work is sharded by a hash of the queue id, so two workers rarely race for one file; a
-file of another shard is taken too once it has waited a while, so a busy or dead worker delays
-nothing for long. A lost race is an ENOENT and is normal.
+passed: ``deferred.py`` keeps those due times). Work is sharded by a hash of the queue id, so
+two workers rarely race for one file; a file of another shard is taken too once it has waited
+a while, so a busy or dead worker delays nothing for long. A lost race is an ENOENT and is
+normal. What happens to one claimed message (read, attempt, record, then deferred/, removed
+or failed/) is ``attempt.py``'s; this module owns the loop, the claims, the sweep of
+``failed/``, the spool-fault mode and the retry of state updates that failed. It never builds
+a spool path itself.
 
-All state lives in the queue file: after an attempt the envelope is rewritten (tmp, fsync,
-rename over itself) and the file renamed on to ``deferred/`` while recipients are still open,
-unlinked once every recipient is closed, or, when some failed and the sender is the null
-sender (a double bounce: nobody to tell), dropped with an audit record after
-``delivery.failed_retention`` (kept in ``failed/`` until then). Delivery status
-notifications (``bounce.py``) are spooled as new messages before the envelope that records
-them is written or the message removed. A file that cannot be read, or whose envelope cannot
-be delivered, goes to ``corrupt/`` (log line and audit record). This module never builds a
-spool path itself.
-
-While other destinations of a message still run, each destination's delivered recipients are
-recorded at once in the queue file's done marks (one byte each, written in place: no new
-space), so a stop, reload or crash resends only to destinations that had not finished. When
-even that cannot be written (a read-only or failing spool) the outcome stays in memory, the
-message is held in this worker (never retried from an envelope that does not know what was
-delivered), claiming stops, and both resume once the spool takes writes again.
+Listing ``incoming/`` costs time in proportion to its size: the worker works through its
+last listing and lists again only when that is used up or has aged, and never spends more
+than ``LISTING_SHARE`` of its time listing.
 
 A message whose running destination deliveries all wait for a destination's connection slot
 or rate token holds no delivery slot (``limits.Ticket``): up to ``WAITING_PER_SLOT`` such
 messages per slot are kept besides ``max_parallel_deliveries`` delivering ones.
 
-Due times of ``deferred/`` are kept in a compact schedule (``schedule.py``, ~34 bytes a
-message), rebuilt from a listing every ``queue_scan_interval``. The listing is read in slices
-of ``SCAN_SLICE`` files between other work, so a worker started on a deferred queue of a
-million messages claims and delivers new mail from ``incoming/`` while it is still reading
-``deferred/``; the entries read so far are claimed as they come due meanwhile. Like the
-listing of ``incoming/``, it takes no more than ``LISTING_SHARE`` of the worker's time.
-
-Timers run on the monotonic clock. Due times in ``deferred/`` are wall-clock mtimes: when the
-wall clock jumps back (against the monotonic clock) by more than ``CLOCK_JUMP``, the worker
-moves the due times of its shard's deferred files back by the jump, so the jump does not
-stall them.
+When the spool refuses a write (a read-only or failing file system), claiming stops until a
+probe write succeeds (every ``FAULT_PROBE_INTERVAL``); a claimed message whose state update
+failed is kept in this worker and its update retried (``_strand``), never left in
+``active/<pid>/`` until the worker exits. Timers run on the monotonic clock.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
-import math
 import os
 import random
 import time
 import zlib
-from collections.abc import Callable, Coroutine, Iterator
-from typing import Any
 
 from empath import cluster
-from empath.delivery import bounce, limits, state
-from empath.delivery.dispatch import Dispatcher, OnGroupDone
+from empath.delivery import limits
+from empath.delivery.attempt import MessageAttempts, Work
+from empath.delivery.deferred import LISTING_SHARE, DeferredQueue
+from empath.delivery.dispatch import Dispatcher
 from empath.delivery.hooks import DeliveryHooks
 from empath.delivery.notices import Notices
-from empath.delivery.schedule import DueSchedule
 from empath.master.child import ChildContext
-from empath.observe import audit, deliveries, metrics, tracing
-from empath.spool import CorruptFile, Spool, WakeListener, read_queue_file
-from empath.spool.layout import is_disk_full
+from empath.observe import audit, metrics, tracing
+from empath.spool import Spool, WakeListener
 
 log = logging.getLogger("empath.delivery")
 
 FOREIGN_GRACE = 2.0  # seconds a file of another shard waits before this worker takes it
-# Listing incoming/ costs time in proportion to its size: a worker works through its last
-# listing and lists again only when that is used up or has aged, and never spends more than
-# this share of its time listing (a backlog of 800,000 files takes about a second to list).
-LISTING_SHARE = 0.1
-REMOVE_RETRIES = 5
 # Messages that only wait for destination limits, per delivery slot, kept claimed besides
 # the delivering ones (Postfix keeps up to qmgr_message_active_limit in its active queue).
 WAITING_PER_SLOT = 10
 FAULT_PROBE_INTERVAL = 1.0  # seconds between probes of a spool that refused a write
 FAILED_SWEEP_MAX = 60.0  # seconds between two sweeps of failed/ at most
-CLOCK_JUMP = 5.0  # a wall-clock step (against the monotonic clock) beyond this is a jump
-SCAN_SLICE = 2000  # files of deferred/ read between two turns of the event loop
-Work = Callable[[], Coroutine[Any, Any, None]]
 
 
-class DeliveryWorker:
+class DeliveryWorker(MessageAttempts):
     def __init__(self, ctx: ChildContext) -> None:
         self.ctx = ctx
         self.cfg = ctx.config
@@ -105,27 +77,22 @@ class DeliveryWorker:
         self._listing: list[str] = []
         self._listing_pos = 0
         self._relist_at = 0.0  # monotonic time before which incoming/ is not listed again
-        self._due = DueSchedule()  # deferred/ as last listed (entries not yet claimed)
-        # The listing of deferred/ being read (slice by slice), and the time it has cost.
-        self._scan: Iterator[os.DirEntry[str]] | None = None
-        self._scan_cost = 0.0
-        self._scan_read = 0
         # Claims whose state update failed (a rename or unlink the file system refused):
         # id -> (monotonic retry time, the work that retries it). See _strand.
         self._stranded: dict[str, tuple[float, Work]] = {}
         # Why the spool refused a write (claiming stops until a probe succeeds), or None.
         self._fault: str | None = None
         self._probe_at = 0.0
-        self._clock_offset = time.time() - time.monotonic()
         self._strays_seen: set[str] = set()
         self._held: set[str] = set()  # stranded ids whose outcome is held in memory
         self._next_failed_sweep = 0.0
         d = self.cfg.delivery
-        # No due time this worker sets lies further ahead than this (state.decide caps the
-        # delay at retry_max_delay, jitter included); one that does was set by a clock that
-        # has since moved back, and counts as due now.
-        self.horizon: float = d.retry_max_delay * (1 + d.retry_jitter_factor) + 1.0
-        self._next_deferred_scan = 0.0  # monotonic
+        # No due time this worker sets lies further ahead than this horizon (state.decide
+        # caps the delay at retry_max_delay, jitter included).
+        self.deferred = DeferredQueue(
+            self.spool, scan_interval=d.queue_scan_interval,
+            horizon=d.retry_max_delay * (1 + d.retry_jitter_factor) + 1.0, own=self._own,
+            foreign_delay=FOREIGN_GRACE * 5)
         # Per-destination limits are divided among the workers (limits.py): pass our share.
         self.dispatcher = Dispatcher(self.cfg, share=(ctx.index, ctx.count))
         self.hooks = DeliveryHooks.load(self.cfg)
@@ -137,7 +104,6 @@ class DeliveryWorker:
     def _own(self, message_id: str) -> bool:
         return zlib.crc32(message_id.encode()) % self.shards == self.shard
 
-    # -- the loop -------------------------------------------------------------------------
     async def run(self) -> None:
         listener: WakeListener | None = None
         interval = self.cfg.delivery.queue_scan_interval
@@ -146,10 +112,10 @@ class DeliveryWorker:
                 self.wake.clear()
                 if listener is None and self._spool_writable():
                     listener = self._listen()
-                self._check_clock()
+                self.deferred.check_clock()
                 scanning = False
                 if self._active_lock is not None and not self.spool.is_frozen():
-                    scanning = self._advance_scan()
+                    scanning = self.deferred.advance()
                     self._fill()
                 if scanning:
                     await asyncio.sleep(0)  # the rest of deferred/ after other work
@@ -161,7 +127,7 @@ class DeliveryWorker:
                     nexts.append(self._relist_at)
                 if self._fault is not None:
                     nexts.append(self._probe_at)
-                next_due = self._due.next_due()
+                next_due = self.deferred.schedule.next_due()
                 if next_due is not None:
                     nexts.append(now_mono + next_due - time.time())
                 if nexts:
@@ -169,7 +135,7 @@ class DeliveryWorker:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake_or_stop(), timeout)
         finally:
-            self._stop_scan()
+            self.deferred.stop()
             if listener is not None:
                 listener.close()
             await self._drain()
@@ -191,7 +157,7 @@ class DeliveryWorker:
 
     def _rescan_deferred(self) -> None:
         """An operator made deferred messages due (empathctl queue retry/flush)."""
-        self._next_deferred_scan = 0.0
+        self.deferred.rescan()
 
     async def _wake_or_stop(self) -> None:
         stop = asyncio.ensure_future(self.ctx.stopping.wait())
@@ -229,7 +195,6 @@ class DeliveryWorker:
         kept = self.capacity * (1 + WAITING_PER_SLOT) - len(self.inflight)
         return min(self.capacity - busy, kept)
 
-    # -- spool faults and clock jumps ---------------------------------------------------------
     def _spool_fault(self, why: str) -> None:
         """The spool refused a write: stop claiming until a probe write succeeds."""
         if self._fault is None:
@@ -254,26 +219,6 @@ class DeliveryWorker:
         self._fault = None
         self._stranded = {k: (now, work) for k, (_, work) in self._stranded.items()}
         return True
-
-    def _check_clock(self) -> None:
-        """Detect a wall-clock jump against the monotonic clock; after a backward one, move
-        this shard's future due times back by the jump (they were set by the old clock)."""
-        offset = time.time() - time.monotonic()
-        jump = offset - self._clock_offset
-        if abs(jump) <= CLOCK_JUMP:
-            return
-        self._clock_offset = offset
-        log.warning("the wall clock jumped by %+.0fs; re-reading deferred due times", jump)
-        self._next_deferred_scan = 0.0
-        if jump < 0:
-            try:
-                moved = self.spool.shift_due_times(jump, time.time(), self._own)
-            except OSError as exc:
-                log.error("cannot move due times back: %s", exc)
-                return
-            if moved:
-                log.warning("moved the due times of %d deferred message(s) back by %.0fs",
-                            moved, -jump)
 
     def _fill(self) -> None:
         if not self._spool_writable():
@@ -337,84 +282,10 @@ class DeliveryWorker:
         if time.monotonic() >= self._next_failed_sweep:
             self._sweep_failed(now)
         while self._free() > 0:
-            message_id = self._due.pop_due(now)
+            message_id = self.deferred.schedule.pop_due(now)
             if message_id is None:
                 break
             self._claim(message_id, "deferred")
-
-    def _advance_scan(self) -> bool:
-        """Start a listing of deferred/ when one is due (a new one replaces one being read),
-        then read one slice of it; True while the listing is unfinished."""
-        if time.monotonic() >= self._next_deferred_scan:
-            self._start_scan()
-        if self._scan is None:
-            return False
-        return not self._scan_slice(time.time(), SCAN_SLICE)
-
-    def _start_scan(self) -> None:
-        """Begin a new listing of deferred/: the schedule is rebuilt from it as it is read."""
-        self._stop_scan()
-        self._due.clear()
-        self._scan_cost = 0.0
-        self._scan_read = 0
-        self._next_deferred_scan = math.inf  # until this listing ends (or a rescan is asked)
-        try:
-            self._scan = os.scandir(self.spool.state_dir("deferred"))
-        except FileNotFoundError:
-            self._end_scan()
-
-    def _stop_scan(self) -> None:
-        if self._scan is not None:
-            close = getattr(self._scan, "close", None)
-            if close is not None:
-                close()
-            self._scan = None
-
-    def _end_scan(self) -> None:
-        self._stop_scan()
-        # Listing a huge deferred/ costs seconds: never more than LISTING_SHARE of the time.
-        wait = max(self.cfg.delivery.queue_scan_interval, self._scan_cost / LISTING_SHARE)
-        self._next_deferred_scan = time.monotonic() + wait
-        log.log(logging.INFO if self._scan_read > SCAN_SLICE else logging.DEBUG,
-                "deferred/ listed: %d message(s) in %.2fs of work; next listing in %.0fs",
-                self._scan_read, self._scan_cost, wait)
-
-    def _scan_slice(self, now: float, count: int) -> bool:
-        """Read up to ``count`` more files of the listing into the schedule (due time =
-        mtime); True when the listing is finished."""
-        started = time.monotonic()
-        entries = self._scan
-        assert entries is not None
-        batch: list[tuple[float, str]] = []
-        finished = True
-        for entry in entries:
-            try:
-                mtime = entry.stat().st_mtime
-            except FileNotFoundError:
-                continue
-            if mtime - now > self.horizon:
-                log.warning("%s: due %s, further ahead than any retry delay (the "
-                            "clock moved back?); due now", entry.name,
-                            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(mtime)))
-                mtime = now
-            if not self._own(entry.name):
-                mtime += FOREIGN_GRACE * 5
-            batch.append((mtime, entry.name))
-            if len(batch) >= count:
-                finished = False
-                break
-        self._due.add(batch)
-        self._scan_read += len(batch)
-        self._scan_cost += time.monotonic() - started
-        if finished:
-            self._end_scan()
-        return finished
-
-    def _scan_deferred(self, now: float) -> None:
-        """Rebuild the schedule from deferred/ at once (mtime = next attempt)."""
-        self._start_scan()
-        while self._scan is not None and not self._scan_slice(now, SCAN_SLICE):
-            pass
 
     def _sweep_failed(self, now: float) -> None:
         """Drop double bounces (failed/, null sender) of this shard older than
@@ -434,26 +305,6 @@ class DeliveryWorker:
                 return
             if path is not None:
                 self._drop_double_bounce(message_id, path, None)
-
-    def _drop_double_bounce(self, message_id: str, path: str,
-                            envelope: dict[str, Any] | None) -> None:
-        try:
-            if envelope is None:
-                envelope, _ = read_queue_file(path)
-            self.spool.remove(path)
-        except FileNotFoundError:
-            return
-        except (OSError, CorruptFile) as exc:
-            log.error("%s: cannot drop the undeliverable notice: %s", message_id, exc)
-            with contextlib.suppress(OSError):
-                self.spool.move(path, "failed", message_id)
-            return
-        failed = [r.get("address") for r in envelope.get("recipients", [])
-                  if isinstance(r, dict) and r.get("status") != state.DELIVERED]
-        log.warning("%s: undeliverable message from the null sender (a double bounce) "
-                    "dropped", message_id)
-        self.audit.write("dropped", message_id, sender="", recipients=failed,
-                         reason="double bounce", notice_of=envelope.get("notice_of"))
 
     def _claim(self, message_id: str, from_state: str) -> None:
         if message_id in self.inflight:
@@ -502,7 +353,6 @@ class DeliveryWorker:
             log.info("%s: stopping while it waits for a destination; requeued", message_id)
             task.cancel()
 
-    # -- claims whose state update failed ---------------------------------------------------
     def _strand(self, message_id: str, work: Work) -> None:
         """Retry a failed state update of a claimed message later, in this worker.
 
@@ -525,310 +375,10 @@ class DeliveryWorker:
             del self._stranded[message_id]
             self._start(message_id, work)
 
-    async def _resume(self, message_id: str, path: str) -> None:
-        try:
-            envelope, _ = read_queue_file(path)
-        except FileNotFoundError:
-            return
-        except CorruptFile as exc:
-            self._corrupt(path, message_id, str(exc))
-            return
-        due = envelope.get("next_retry_at")
-        if (not state.open_recipients(envelope) or not isinstance(due, (int, float))
-                or due <= time.time()):
-            await self._process(message_id, path)  # due (or finished): an ordinary pass
-            return
-        try:
-            os.utime(path, (due, due))
-            self.spool.move(path, "deferred", message_id)
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            log.error("%s: still cannot move to deferred/: %s", message_id, exc)
-            self._strand(message_id, lambda: self._resume(message_id, path))
-            return
-        log.info("%s: deferred until %s", message_id,
-                 time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(due)))
-
     def _finished(self, message_id: str) -> None:
         self.inflight.pop(message_id, None)
         self._tickets.pop(message_id, None)
         self.wake.set()
-
-    # -- one message ----------------------------------------------------------------------
-    def _corrupt(self, path: str, message_id: str, reason: str) -> None:
-        """Move a file that cannot be delivered as it is to corrupt/: log line, audit record."""
-        self.spool.mark_corrupt(path, message_id, reason)
-        self.audit.write("corrupt", message_id, reason=reason)
-
-    async def _process(self, message_id: str, path: str,
-                       ticket: limits.Ticket | None = None) -> None:
-        limits.track(ticket)
-        try:
-            envelope, source = read_queue_file(path)
-        except CorruptFile as exc:
-            self._corrupt(path, message_id, str(exc))
-            return
-        except FileNotFoundError:
-            return
-        problem = state.envelope_problem(envelope, source.length)
-        if problem is None and envelope.get("id") != message_id:
-            problem = f"envelope id {envelope.get('id')!r} does not match the file name"
-        if problem is not None:
-            self._corrupt(path, message_id, problem)
-            return
-        try:
-            await self._attempt(message_id, path, envelope, source)
-        except FileNotFoundError as exc:
-            if os.path.exists(path):
-                self._set_aside(message_id, path)
-            else:
-                # An operator deleted the claimed file (empathctl queue delete --force); the
-                # spool's rewrite refuses to bring it back.
-                log.info("%s: removed by an operator during the attempt (%s)", message_id,
-                         exc.strerror or exc)
-        except Exception:
-            # A bug or a system error must not lose the message, nor spin on it: it waits
-            # retry_base_delay in deferred/ (its file as it was before this attempt, with
-            # the done marks of what this attempt delivered: see _attempt).
-            self._set_aside(message_id, path)
-
-    def _set_aside(self, message_id: str, path: str) -> None:
-        due = time.time() + self.cfg.delivery.retry_base_delay
-        log.exception("%s: delivery attempt failed unexpectedly; retried after %s", message_id,
-                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(due)))
-        try:
-            os.utime(path, (due, due))
-            self.spool.move(path, "deferred", message_id)
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            log.error("%s: cannot set the message aside (%s); tried again in %gs",
-                      message_id, exc, self.cfg.delivery.retry_base_delay)
-            if not is_disk_full(exc) and exc.errno != errno.EXDEV:
-                self._spool_fault(f"{message_id}: cannot move to deferred/: {exc}")
-            self._strand(message_id, lambda: self._resume(message_id, path))
-
-    async def _mark_delivered(self, message_id: str, path: str, envelope: dict[str, Any],
-                              indexes: list[int]) -> bool:
-        """Record recipients ``indexes`` delivered in the queue file's done marks, in place
-        (no new space needed); False when that failed or the file has no marks."""
-        try:
-            done = await asyncio.to_thread(self.spool.mark_delivered, path,
-                                           len(envelope["recipients"]), indexes)
-        except FileNotFoundError:
-            return False
-        except (OSError, CorruptFile, ValueError) as exc:
-            log.error("%s: cannot record %d delivered recipient(s) in place: %s", message_id,
-                      len(indexes), exc)
-            if isinstance(exc, OSError) and not is_disk_full(exc):
-                self._spool_fault(f"{message_id}: cannot write the queue file: {exc}")
-            return False
-        if not done:
-            log.info("%s: the queue file has no done marks (written by an older version); "
-                     "delivered recipients are recorded with the attempt", message_id)
-        return done
-
-    @tracing.delivery_attempt
-    async def _attempt(self, message_id: str, path: str, envelope: dict[str, Any],
-                       source: Any) -> None:
-        """One delivery attempt for the open recipients, then notices, then the next state.
-
-        Order matters for "nothing vanishes": notices are durable in incoming/ before the
-        envelope that records them is rewritten, and before the message is removed. A crash
-        in between repeats a notice, never loses one.
-
-        Order matters for "never twice" too: a destination that finishes while others still
-        run has its delivered recipients marked done in the file at once. If recording the
-        attempt fails, delivered recipients not yet marked are marked then; if even that
-        fails the outcome is held in memory (``_record``) instead of leaving the file to be
-        retried from an envelope that does not know what was delivered.
-        """
-        recipients = state.open_recipients(envelope)
-        outcomes: dict[str, state.RecipientOutcome] = {}
-        routes: list[dict[str, Any]] = []
-        marked: set[int] = set()  # delivered in this attempt and marked done in the file
-        unmarked: set[int] = set()  # delivered in this attempt, not marked
-        now = time.time()
-        if recipients:  # none: a restart after every recipient closed (notices left to send)
-            started = now
-            opened = {id(r) for r in recipients}
-
-            def delivered(result: dict[str, state.RecipientOutcome]) -> set[int]:
-                return {i for i, r in enumerate(envelope["recipients"])
-                        if id(r) in opened and (o := result.get(r["address"])) is not None
-                        and o.status == state.DELIVERED}
-
-            async def group_done(result: dict[str, state.RecipientOutcome],
-                                 _info: dict[str, Any], others_running: bool) -> None:
-                done = sorted(delivered(result))
-                # The last group needs no mark: the attempt is recorded right after it.
-                if done and others_running and await self._mark_delivered(
-                        message_id, path, envelope, done):
-                    marked.update(done)
-
-            outcomes, routes = await self._deliver(message_id, envelope, recipients, source,
-                                                   group_done)
-            unmarked = delivered(outcomes) - marked
-            now = time.time()
-            info = {"duration": round(now - started, 6), "routes": routes}
-            state.record_attempt(envelope, outcomes, info, now)
-        d = self.cfg.delivery
-        decision = state.decide(
-            envelope, now, max_attempts=d.max_attempts, base=d.retry_base_delay,
-            maximum=d.retry_max_delay, jitter=d.retry_jitter_factor,
-            expiration=d.message_expiration, rng=self.rng)
-        self._log_outcomes(message_id, envelope, outcomes)
-        deliveries.attempt_done(self.metrics, self.audit, envelope,
-                                {r["address"] for r in recipients}, routes)
-        try:
-            await self._conclude(message_id, path, envelope, source, decision, now)
-        except Exception as exc:
-            if isinstance(exc, FileNotFoundError) and not os.path.exists(path):
-                raise  # removed by an operator: _process says so
-            if unmarked and not await self._mark_delivered(message_id, path, envelope,
-                                                           sorted(unmarked)):
-                self._hold(message_id, path, envelope, source, decision, now, exc)
-                return
-            raise  # the file knows what was delivered: _process sets it aside
-
-    def _hold(self, message_id: str, path: str, envelope: dict[str, Any], source: Any,
-              decision: state.Decision, now: float, exc: BaseException) -> None:
-        """Keep an attempt's outcome in memory until the spool can record it."""
-        log.error("%s: cannot record the attempt (%s); its outcome is kept in memory and "
-                  "recorded when the spool takes writes again (never retried meanwhile)",
-                  message_id, exc)
-        self._held.add(message_id)
-        self._strand(message_id,
-                     lambda: self._record(message_id, path, envelope, source, decision, now))
-
-    async def _record(self, message_id: str, path: str, envelope: dict[str, Any],
-                      source: Any, decision: state.Decision, now: float) -> None:
-        """Record an attempt held in memory (see _hold)."""
-        self._held.discard(message_id)
-        try:
-            await self._conclude(message_id, path, envelope, source, decision, now)
-        except FileNotFoundError:
-            log.info("%s: removed by an operator while its outcome was held", message_id)
-        except Exception as exc:
-            if isinstance(exc, OSError) and not is_disk_full(exc):
-                self._spool_fault(f"{message_id}: cannot record the attempt: {exc}")
-            self._hold(message_id, path, envelope, source, decision, now, exc)
-        else:
-            log.info("%s: the attempt held in memory is recorded", message_id)
-
-    async def _conclude(self, message_id: str, path: str, envelope: dict[str, Any],
-                        source: Any, decision: state.Decision, now: float) -> None:
-        """Notices, then the next state of a message whose attempt is recorded in
-        ``envelope``: deferred/, removed, or (a double bounce) dropped or kept in failed/."""
-        d = self.cfg.delivery
-        if not await self.notices.send_due(envelope, source) and decision.action != "defer":
-            # A notice could not be spooled (disk full?): keep the message, with its state
-            # recorded, and try the notice again later instead of losing it.
-            decision = state.Decision("defer", now + d.retry_base_delay)
-            envelope["next_retry_at"] = decision.next_retry_at
-        if decision.action == "defer":
-            due = decision.next_retry_at or now
-            await self.notices.maybe_warn_delay(envelope, source, now)
-            await asyncio.to_thread(self.spool.rewrite, path, envelope, due)
-            self.spool.move(path, "deferred", message_id)
-            log.info("%s: deferred until %s", message_id,
-                     time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(due)))
-        elif decision.action == "remove":
-            await self._remove(message_id, path, envelope, "all recipients delivered")
-        elif not bounce.should_report(envelope):
-            # From the null sender: no notice (no loops), and not silently gone either.
-            if d.failed_retention <= 0:
-                self._drop_double_bounce(message_id, path, envelope)
-                return
-            await asyncio.to_thread(self.spool.rewrite, path, envelope, time.time())
-            self.spool.move(path, "failed", message_id)
-            log.warning("%s: undeliverable message from the null sender; kept in failed/ "
-                        "for %gs", message_id, d.failed_retention)
-        else:
-            await self._remove(message_id, path, envelope, "every recipient done")
-
-    async def _deliver(self, message_id: str, envelope: dict[str, Any],
-                       recipients: list[dict[str, Any]], source: Any,
-                       on_done: OnGroupDone | None = None
-                       ) -> tuple[dict[str, state.RecipientOutcome], list[dict[str, Any]]]:
-        """The delivery hooks' before_delivery, the strategies, then after_delivery."""
-        if not self.hooks:
-            return await self.dispatcher.deliver(envelope, recipients, source, on_done=on_done)
-        plan = await self.hooks.before(envelope, recipients, source,
-                                       self.spool.tmp_path(f"hook-{message_id}"))
-        outcomes = dict(plan.decided)
-        routes: list[dict[str, Any]] = []
-        try:
-            if plan.recipients:
-                done, routes = await self.dispatcher.deliver(envelope, plan.recipients,
-                                                             plan.source, plan.next_hops,
-                                                             on_done)
-                outcomes.update(done)
-        finally:
-            plan.cleanup()
-        await self.hooks.after(envelope, outcomes)
-        return outcomes, routes
-
-    def _log_outcomes(self, message_id: str, envelope: dict[str, Any],
-                      outcomes: dict[str, state.RecipientOutcome]) -> None:
-        attempt = envelope.get("attempt_count", 0)
-        for rcpt in envelope["recipients"]:
-            outcome = outcomes.get(rcpt["address"])
-            if outcome is None and rcpt.get("status") != state.EXPIRED:
-                continue
-            last = rcpt.get("last") or {}
-            reply = " ".join(str(part) for part in (last.get("code"), last.get("enhanced"),
-                                                     last.get("text")) if part)
-            extra = f" ({rcpt['expired_by']})" if rcpt.get("expired_by") else ""
-            log.info("%s: to=<%s>, attempt=%d, server=%s, status=%s%s (%s)", message_id,
-                     rcpt["address"], attempt, last.get("server") or "none",
-                     rcpt.get("status"), extra, reply)
-
-    async def _remove(self, message_id: str, path: str, envelope: dict[str, Any] | None,
-                      why: str) -> None:
-        """Unlink a finished message, retrying; never let it be delivered twice.
-
-        When it stays, its final state is recorded (rewrite, else done marks in place) and
-        only the unlink is retried later; when even that fails the state is held in memory
-        (``envelope`` travels with the retry, and a stop tries it once more)."""
-        for attempt in range(REMOVE_RETRIES):
-            try:
-                self.spool.retire(path, None if envelope is None
-                                  else envelope.get("data_size"))
-                log.info("%s: removed (%s)", message_id, why)
-                self._held.discard(message_id)
-                return
-            except FileNotFoundError:
-                self._held.discard(message_id)
-                return
-            except OSError as exc:
-                self.metrics.spool_delete_failures.inc()
-                log.error("%s: cannot remove finished message (try %d): %s",
-                          message_id, attempt + 1, exc)
-                if not is_disk_full(exc):
-                    self._spool_fault(f"{message_id}: cannot remove: {exc}")
-                await asyncio.sleep(0.2 * (attempt + 1))
-        # Still there: record the final state so a restart finds nothing left to send, and
-        # try the unlink (only the unlink) again later.
-        held = None
-        if envelope is not None:
-            try:
-                await asyncio.to_thread(self.spool.rewrite, path, envelope, None)
-            except OSError as exc:
-                done = [i for i, r in enumerate(envelope["recipients"])
-                        if r.get("status") == state.DELIVERED]
-                if not done or not await self._mark_delivered(message_id, path, envelope,
-                                                              done):
-                    log.critical("%s: finished but neither removable nor recordable (%s); "
-                                 "its state is held in memory", message_id, exc)
-                    held = envelope
-        if held is not None:
-            self._held.add(message_id)
-        else:
-            self._held.discard(message_id)
-        self._strand(message_id, lambda: self._remove(message_id, path, held,
-                                                      "finished earlier"))
 
 
 async def serve(ctx: ChildContext) -> None:

@@ -27,13 +27,14 @@ from empath.delivery.state import DEFERRED, EXPIRED, FAILED, recipient_domain, r
 from empath.observe import metrics, tracing
 from empath.observe.audit import AuditLog
 from empath.observe.metrics import REASON_CLASSES, Instruments
+from empath.spool.records import Envelope, Recipient, Route
 
 AUDIT_EVENTS = {"delivered": "delivered", "deferred": "deferred", "failed": "bounced",
                 "expired": "expired"}
 
 
-def attempt_done(metrics: Instruments, audit: AuditLog, envelope: dict[str, Any],
-                 attempted: set[str], routes: list[dict[str, Any]]) -> None:
+def attempt_done(metrics: Instruments, audit: AuditLog, envelope: Envelope,
+                 attempted: set[str], routes: list[Route]) -> None:
     """Report one attempt. ``attempted``: the recipients that were open when it began (so a
     recipient closed by an earlier attempt is not reported again)."""
     for route in routes:
@@ -58,8 +59,8 @@ def attempt_done(metrics: Instruments, audit: AuditLog, envelope: dict[str, Any]
             (metrics.deferrals if result == DEFERRED else metrics.bounces)[reason].inc()
         if not audit.enabled:
             continue
-        last = rcpt.get("last") or {}
-        route = route_for(address, routes) or {}
+        last = rcpt.get("last", {})
+        route = route_for(address, routes) or Route()
         audit.write(
             AUDIT_EVENTS[result], envelope["id"], sender=envelope.get("sender"),
             recipient=address, destination=domain, attempt=number,
@@ -71,8 +72,8 @@ def attempt_done(metrics: Instruments, audit: AuditLog, envelope: dict[str, Any]
             expired_by=rcpt.get("expired_by") if result == EXPIRED else None)
 
 
-def notice_spooled(metrics: Instruments, audit: AuditLog, envelope: dict[str, Any],
-                   kind: str, notice_id: str, recipients: list[dict[str, Any]]) -> None:
+def notice_spooled(metrics: Instruments, audit: AuditLog, envelope: Envelope,
+                   kind: str, notice_id: str, recipients: list[Recipient]) -> None:
     """A delivery status notification about ``recipients`` of ``envelope`` was spooled as
     message ``notice_id`` (to the original sender)."""
     counter = metrics.notices.get(kind)
@@ -84,11 +85,11 @@ def notice_spooled(metrics: Instruments, audit: AuditLog, envelope: dict[str, An
                     recipients=[str(r.get("address")) for r in recipients])
 
 
-def reason_class(rcpt: dict[str, Any], result: str) -> str:
+def reason_class(rcpt: Recipient, result: str) -> str:
     """Why ``rcpt`` was deferred or bounced, as a bounded label (metrics.REASONS)."""
     if result == EXPIRED:
         return "expired"
-    enhanced = (rcpt.get("last") or {}).get("enhanced") or ""
+    enhanced = (rcpt.get("last", {})).get("enhanced") or ""
     return REASON_CLASSES.get(enhanced.split(".")[1] if enhanced.count(".") == 2 else "",
                               "unspecified")
 

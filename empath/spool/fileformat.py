@@ -23,6 +23,8 @@ from typing import Any
 
 import orjson
 
+from empath.spool import records
+
 MAGIC = b"EMPATH1"
 # "\n" MAGIC " " envelope-length(10) " " data-length(16) "\n"
 TRAILER_SIZE = 1 + len(MAGIC) + 1 + 10 + 1 + 16 + 1
@@ -150,12 +152,25 @@ def decode_trailer(trailer: bytes, file_size: int) -> tuple[int, int]:
     return env_len, data_len
 
 
-def read_queue_file(path: str) -> tuple[dict[str, Any], MessageSource]:
-    """Read the envelope of the queue file at ``path``.
+def read_queue_file(path: str) -> tuple[records.Envelope, MessageSource]:
+    """Read the envelope of the queue file at ``path``, checked (``records.parse_envelope``).
 
     Raises FileNotFoundError when the file is gone (another process moved it) and CorruptFile
-    when it is not a complete queue file.
+    when it is not a complete queue file or its envelope is not one delivery can use (the
+    message names the key).
     """
+    envelope, source = read_unchecked(path)
+    try:
+        return records.parse_envelope(envelope, source.length), source
+    except records.EnvelopeError as exc:
+        raise CorruptFile(str(exc)) from None
+
+
+def read_unchecked(path: str) -> tuple[dict[str, Any], MessageSource]:
+    """The envelope of the queue file at ``path`` as its JSON says, only known to be an
+    object with an id: for the spool's own upkeep (slot recovery, ``rewrite``), which keeps
+    a file whose values delivery would refuse and leaves it to the worker to set aside.
+    Raises like read_queue_file."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         size = os.fstat(fd).st_size
@@ -181,8 +196,8 @@ def read_queue_file(path: str) -> tuple[dict[str, Any], MessageSource]:
     return envelope, MessageSource(path, 0, data_len)
 
 
-def read_envelope(path: str) -> dict[str, Any]:
-    """The envelope dict of the queue file at ``path`` (see read_queue_file)."""
+def read_envelope(path: str) -> records.Envelope:
+    """The envelope of the queue file at ``path`` (see read_queue_file)."""
     return read_queue_file(path)[0]
 
 

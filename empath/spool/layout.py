@@ -34,7 +34,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from empath.spool import fileformat
@@ -214,7 +214,15 @@ class Spool:
         os.rename(src, dest)
         return dest
 
-    def rewrite(self, path: str, envelope: dict[str, Any], mtime: float | None = None) -> None:
+    def defer(self, src: str, message_id: str, due: float) -> str:
+        """Move a claimed queue file to ``deferred/``, due at ``due`` (Unix time): a deferred
+        file's mtime is its due time. Not fsynced: after a crash the message is retried at
+        the due time its envelope was last written with, or at once."""
+        os.utime(src, (due, due))
+        return self.move(src, "deferred", message_id)
+
+    def rewrite(self, path: str, envelope: Mapping[str, Any],
+                mtime: float | None = None) -> None:
         """Replace the envelope of the queue file at ``path`` atomically.
 
         The data is copied by the kernel into a new file beside the tmp files, the new envelope
@@ -225,7 +233,7 @@ class Spool:
         operator who deleted the message meanwhile (``empathctl queue delete --force``) is never
         undone by a rename that would bring the file back. FileNotFoundError then.
         """
-        _, source = fileformat.read_queue_file(path)
+        _, source = fileformat.read_unchecked(path)
         tmp = self.tmp_path(envelope["id"])
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)

@@ -29,7 +29,7 @@ from typing import Any
 from empath.spool.fileformat import CorruptFile, read_queue_file
 from empath.spool.ids import id_time, is_valid_id
 from empath.spool.layout import Spool, pid_alive
-from empath.spool.records import open_recipients, recipient_domain
+from empath.spool.records import Envelope, open_recipients, recipient_domain
 from empath.spool.wake import RESCAN, Waker
 
 # operator name -> directory of Spool.state_dir ("active" is per worker, handled apart)
@@ -59,7 +59,7 @@ class QueueEntry:
     file_size: int
     mtime: float  # for a deferred message, the due time of its next attempt
     ctime: float  # last rename or rewrite: for an active message, about when it was claimed
-    envelope: dict[str, Any] | None
+    envelope: Envelope | None
     error: str | None = None  # why the envelope could not be read
 
     @property
@@ -190,7 +190,7 @@ class Queue:
         if cache is not None and key in cache:
             entry = cache[key]
         else:
-            envelope: dict[str, Any] | None = None
+            envelope: Envelope | None = None
             error: str | None = None
             if status == "corrupt":
                 error = "moved to corrupt/ as unreadable"
@@ -460,7 +460,7 @@ def queue_stats(entries: list[QueueEntry], now: float, frozen: bool) -> dict[str
         states[e.status]["bytes"] += e.file_size
         if oldest is None or e.arrival < oldest.arrival:
             oldest = e
-        rcpts = [r for r in (e.envelope or {}).get("recipients", [])
+        rcpts = [r for r in (e.envelope["recipients"] if e.envelope else [])
                  if r.get("status", "pending") != "delivered"]
         per_message: set[str] = set()
         for r in rcpts:

@@ -210,7 +210,7 @@ def check_slot(path: str) -> dict[str, Any] | None:
     """The envelope of the complete message in the slot at ``path``, or None when it holds
     none (its trailer, envelope or ``slot_check`` does not match)."""
     try:
-        envelope, source = fileformat.read_queue_file(path)
+        envelope, source = fileformat.read_unchecked(path)
     except (fileformat.CorruptFile, OSError):
         return None
     expected = envelope.get(CHECK_KEY)

@@ -171,6 +171,9 @@ def test_a_double_bounce_is_kept_for_failed_retention_then_dropped_with_an_audit
     daemon.wait_for(lambda: spool.list_ids("failed") == [queue_id], WAIT,
                     message="the double bounce in failed/")
     daemon.wait_for(lambda: not queued(spool), WAIT, message="the double bounce dropped")
+    # The record is written right after the unlink: wait for it rather than race it.
+    daemon.wait_for(lambda: any(r["event"] == "dropped" for r in audit(daemon)), WAIT,
+                    message="the dropped record")
     dropped = [r for r in audit(daemon) if r["event"] == "dropped"]
     assert [r["id"] for r in dropped] == [queue_id]
     assert dropped[0]["recipients"] == [f"gone@{HEALTHY}"]
@@ -194,29 +197,56 @@ def test_a_double_bounce_is_dropped_at_once_with_no_retention(
 
 
 # -- C: malformed envelope values -------------------------------------------------------------
+# Each planted file, and the key its refusal must name (records.parse_envelope).
+MALFORMED: dict[str, tuple[dict[str, Any], str]] = {
+    "bad size": ({}, "malformed data_size"),  # data_size rewritten to "many" below
+    "rcpts a string": ({"recipients": f"r@{HEALTHY}"},
+                       "envelope has no recipients (recipients: a str, not a list)"),
+    "no address": ({"recipients": [{"address": f"r@{HEALTHY}"}, {"orcpt": None}]},
+                   "envelope has a recipient without an address (recipients[1].address)"),
+    "bad status": ({"recipients": [{"address": f"r@{HEALTHY}", "status": "sent"}]},
+                   "unknown status 'sent' (recipients[0].status)"),
+    "no sender": ({"sender": None}, "envelope has no sender (sender)"),
+}
+
+
 def test_a_malformed_envelope_value_goes_to_corrupt_once_with_an_audit_record(
         daemon_factory: DaemonFactory, sinks: tuple[SinkServer, SinkServer]) -> None:
+    """Queue files whose envelope delivery cannot use, planted in incoming/ before the
+    daemon starts: each goes to corrupt/ once, with a log line and an audit record naming
+    the key that is wrong, and nothing is sent; a good message beside them is delivered."""
     stall, healthy = sinks
     daemon = daemon_factory(config(stall, healthy), start=False)
     spool = Spool(str(daemon.spool_path))
     spool.create_tree()
-    queue_id = new_message_id()
-    data = b"From: <s@client.test>\r\nSubject: bad size\r\n\r\nHello.\r\n"
-    envelope = {"id": queue_id, "sender": "s@client.test",
-                "recipients": [{"address": f"r@{HEALTHY}", "orcpt": None, "notify": None}],
-                "params": {}, "client": {}, "received_at": 1.0e9, "metadata": {}}
-    store_message(spool, data, envelope, wake=False)
-    path = spool.path("incoming", queue_id)
+    planted: dict[str, str] = {}
+    for subject, (over, _) in MALFORMED.items():
+        queue_id = new_message_id()
+        data = f"From: <s@client.test>\r\nSubject: {subject}\r\n\r\nHello.\r\n".encode()
+        envelope = {"id": queue_id, "sender": "s@client.test",
+                    "recipients": [{"address": f"r@{HEALTHY}", "orcpt": None, "notify": None}],
+                    "params": {}, "client": {}, "received_at": 1.0e9, "metadata": {}}
+        envelope.update(over)
+        envelope = {k: v for k, v in envelope.items() if v is not None}
+        store_message(spool, data, envelope, wake=False)
+        planted[queue_id] = subject
+    [bad_size] = [mid for mid, subject in planted.items() if subject == "bad size"]
+    path = spool.path("incoming", bad_size)
     spool.rewrite(path, dict(read_envelope(path), data_size="many"))
     daemon.start()
-    daemon.wait_for(lambda: spool.list_ids("corrupt") == [queue_id], WAIT,
-                    message="the file in corrupt/")
-    records = [r for r in audit(daemon) if r["event"] == "corrupt"]
-    assert [r["id"] for r in records] == [queue_id]
-    assert "malformed data_size" in records[0]["reason"]
-    assert f"{queue_id}: moved to corrupt/: envelope has a malformed data_size" \
-           in daemon.log_text()
-    assert copies(healthy, "bad size") == 0 and not queued(spool)
+    good = send(daemon, "good", [f"r@{HEALTHY}"])
+    daemon.wait_for(lambda: sorted(spool.list_ids("corrupt")) == sorted(planted), WAIT,
+                    message="every planted file in corrupt/")
+    daemon.wait_for(lambda: copies(healthy, "good") == 1, WAIT, message="the good message")
+    records = {r["id"]: r for r in audit(daemon) if r["event"] == "corrupt"}
+    assert sorted(records) == sorted(planted)  # one record each
+    log_text = daemon.log_text()
+    for queue_id, subject in planted.items():
+        named = MALFORMED[subject][1]
+        assert named in records[queue_id]["reason"], (subject, records[queue_id])
+        assert f"{queue_id}: moved to corrupt/: {records[queue_id]['reason']}" in log_text
+        assert copies(healthy, subject) == 0, subject
+    assert good not in records and not queued(spool)
 
 
 # -- F: files in incoming/ that are not queue files -------------------------------------------

@@ -81,8 +81,9 @@ def test_ret_full_returns_whole_message(source):
 
 def test_delay_report_action_and_retry_until(source):
     e = env()
-    rcpt = dict(e["recipients"][1], status="deferred", will_retry_until=1.7e9 + 86400)
-    msg = parse(bounce.build_report(e, [rcpt], "delayed", source, hostname="mta.test"))
+    rcpt = dict(e["recipients"][1], status="deferred")
+    msg = parse(bounce.build_report(e, [rcpt], "delayed", source, hostname="mta.test",
+                                    retry_until=1.7e9 + 86400))
     r = msg.get_payload()[1].get_payload()[1]
     assert r["Action"] == "delayed" and r["Status"] == "4.0.0"
     assert r["Will-Retry-Until"]

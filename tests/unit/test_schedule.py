@@ -1,5 +1,5 @@
 """The delivery worker's schedule of deferred messages (empath/delivery/schedule.py) and the
-worker's listing of deferred/ into it, slice by slice."""
+worker's listing of deferred/ into it, slice by slice (empath/delivery/deferred.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from empath.delivery import deferred as deferred_module
 from empath.delivery import worker as worker_module
 from empath.delivery.schedule import RECORD, DueSchedule
 from empath.spool import new_message_id
@@ -97,8 +98,8 @@ def test_due_times_before_the_epoch_or_far_ahead_keep_their_order() -> None:
 def test_an_entry_costs_under_100_bytes() -> None:
     rng = random.Random(1)
     entries = _entries(100_000, rng)
-    slices = [entries[i:i + worker_module.SCAN_SLICE]
-              for i in range(0, len(entries), worker_module.SCAN_SLICE)]
+    slices = [entries[i:i + deferred_module.SCAN_SLICE]
+              for i in range(0, len(entries), deferred_module.SCAN_SLICE)]
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
@@ -123,42 +124,43 @@ def _defer(worker: worker_module.DeliveryWorker, due: float) -> str:
 
 def test_the_listing_is_read_in_slices_and_read_entries_are_usable_meanwhile(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(worker_module, "SCAN_SLICE", 3)
+    monkeypatch.setattr(deferred_module, "SCAN_SLICE", 3)
     worker = _worker(tmp_path)
     now = time.time()
     due_ids = {_defer(worker, now - 60 - i) for i in range(7)}
     later = {_defer(worker, now + 3600) for _ in range(3)}
-    worker._next_deferred_scan = 0.0
+    worker.deferred.next_scan = 0.0
     slices = 0
-    while worker._advance_scan():  # True while unfinished
+    while worker.deferred.advance():  # True while unfinished
         slices += 1
         assert slices < 20
         # What has been read is already in the schedule, before the listing ends.
-        assert len(worker._due) == 3 * slices
-    assert slices == 3 and worker._scan is None and len(worker._due) == 10
-    assert worker._next_deferred_scan > time.monotonic()  # next listing one interval later
-    due = [worker._due.pop_due(time.time()) for _ in range(7)]
-    assert set(due) == due_ids and worker._due.pop_due(time.time()) is None
-    assert {mid for _, mid in worker._due.entries()} == later
+        assert len(worker.deferred.schedule) == 3 * slices
+    assert slices == 3 and not worker.deferred.scanning and len(worker.deferred.schedule) == 10
+    assert worker.deferred.next_scan > time.monotonic()  # next listing one interval later
+    due = [worker.deferred.schedule.pop_due(time.time()) for _ in range(7)]
+    assert set(due) == due_ids and worker.deferred.schedule.pop_due(time.time()) is None
+    assert {mid for _, mid in worker.deferred.schedule.entries()} == later
 
 
 def test_a_rescan_asked_for_during_a_listing_starts_it_again(tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch
                                                             ) -> None:
-    monkeypatch.setattr(worker_module, "SCAN_SLICE", 2)
+    monkeypatch.setattr(deferred_module, "SCAN_SLICE", 2)
     worker = _worker(tmp_path)
     now = time.time()
     ids = {_defer(worker, now + 600 + i) for i in range(5)}
-    worker._next_deferred_scan = 0.0
-    assert worker._advance_scan() and len(worker._due) == 2
+    worker.deferred.next_scan = 0.0
+    assert worker.deferred.advance() and len(worker.deferred.schedule) == 2
     made_due = sorted(ids)[0]
     os.utime(worker.spool.path("deferred", made_due), (now - 1, now - 1))
     worker._rescan_deferred()  # empathctl queue retry
-    assert worker._advance_scan() and len(worker._due) == 2  # started again, one slice read
-    while worker._advance_scan():
+    # Started again, one slice read.
+    assert worker.deferred.advance() and len(worker.deferred.schedule) == 2
+    while worker.deferred.advance():
         pass
-    assert {mid for _, mid in worker._due.entries()} == ids
-    assert worker._due.pop_due(time.time()) == made_due
+    assert {mid for _, mid in worker.deferred.schedule.entries()} == ids
+    assert worker.deferred.schedule.pop_due(time.time()) == made_due
 
 
 def test_a_backward_clock_jump_moves_due_times_back_and_relists(tmp_path: Path) -> None:
@@ -166,16 +168,16 @@ def test_a_backward_clock_jump_moves_due_times_back_and_relists(tmp_path: Path) 
     now = time.time()
     soon = _defer(worker, now + 600)
     past = _defer(worker, now - 30)
-    worker._scan_deferred(now)
-    assert worker._due.next_due() == pytest.approx(now - 30, abs=1e-3)
+    worker.deferred.scan_all(now)
+    assert worker.deferred.schedule.next_due() == pytest.approx(now - 30, abs=1e-3)
     # The wall clock stood an hour ahead when these due times were set, and is now right.
-    worker._clock_offset += 3600
-    worker._check_clock()
-    assert worker._next_deferred_scan == 0.0
-    while worker._advance_scan():
+    worker.deferred.clock_offset += 3600
+    worker.deferred.check_clock()
+    assert worker.deferred.next_scan == 0.0
+    while worker.deferred.advance():
         pass
-    due = {mid: at for at, mid in worker._due.entries()}
+    due = {mid: at for at, mid in worker.deferred.schedule.entries()}
     assert due[past] == pytest.approx(now - 30, abs=1e-3)  # already due: untouched
     assert due[soon] == pytest.approx(now, abs=2)  # moved back by the jump, not before now
-    assert worker._due.pop_due(time.time() + 1) == past
-    assert worker._due.pop_due(time.time() + 1) == soon
+    assert worker.deferred.schedule.pop_due(time.time() + 1) == past
+    assert worker.deferred.schedule.pop_due(time.time() + 1) == soon

@@ -45,7 +45,7 @@ def slot_file(spool: Spool, pid: int, data: bytes, *, boot: str = EARLIER,
     mid = new_message_id()
     name = f"{pid}-{boot}-{new_message_id()}"
     check = zlib.crc32(data, slot_seed(seed_name or name))
-    tail = fileformat.encode_tail({"id": mid, "sender": "", "recipients": [],
+    tail = fileformat.encode_tail({"id": mid, "sender": "", "recipients": [{"address": "a@x"}],
                                    "data_size": len(data), CHECK_KEY: check}, len(data))
     if zero_first_block:
         data = bytes(4096) + data[4096:]
@@ -87,7 +87,7 @@ def test_a_slot_message_is_acknowledged_after_one_flush(spool: Spool,
             events.clear()
             msg = writer.begin(new_message_id())
             msg.write(b"Subject: x\r\n\r\nbody\r\n")
-            await msg.commit({"id": msg.id, "sender": "", "recipients": []})
+            await msg.commit({"id": msg.id, "sender": "", "recipients": [{"address": "a@x"}]})
             during = list(events)
             links = os.stat(spool.path("incoming", msg.id)).st_nlink
             return msg.id, during, links
@@ -212,7 +212,7 @@ def test_spilled_message_in_small_writes_with_a_header_added(spool: Spool,
             for i in range(0, len(body), 200):
                 msg.write(body[i:i + 200])
             await msg.add_header(header)
-            await msg.commit({"id": msg.id, "sender": "", "recipients": []})
+            await msg.commit({"id": msg.id, "sender": "", "recipients": [{"address": "a@x"}]})
             return msg.id
         finally:
             writer.close()

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from empath.config import load_config
+from empath.delivery import attempt as attempt_module
 from empath.delivery import state
 from empath.delivery import worker as worker_module
 from empath.delivery.retry import retry_delay
@@ -144,24 +145,6 @@ def test_history_is_bounded():
     assert env["attempts"][0]["number"] == 6 and env["attempt_count"] == state.HISTORY_LIMIT + 5
 
 
-@pytest.mark.parametrize("env,problem", [
-    ({"id": "X", "sender": "s", "recipients": [{"address": "a"}]}, None),
-    ({"id": "X", "recipients": [{"address": "a"}]}, "no sender"),
-    ({"id": "X", "sender": "s"}, "no recipients"),
-    ({"id": "X", "sender": "s", "recipients": []}, "no recipients"),
-    ({"id": "X", "sender": "s", "recipients": ["a"]}, "without an address"),
-    ({"id": "X", "sender": "s", "recipients": [{"address": "a", "notify": "NEVER"}]},
-     "NOTIFY"),
-    ({"id": "X", "sender": "s", "recipients": [{"address": "a"}], "received_at": "x"},
-     "received_at"),
-    ({"id": "X", "sender": "s", "recipients": [{"address": "a"}], "attempts": {}},
-     "history"),
-])
-def test_envelope_problem(env, problem):
-    found = state.envelope_problem(env)
-    assert (found is None) if problem is None else (problem in (found or ""))
-
-
 def test_retry_delay_is_pure_and_capped():
     rng = random.Random(1)
     assert [retry_delay(n, 60.0, 600.0, 0.0, rng) for n in (0, 1, 2, 3, 4, 5, 99)] == [
@@ -261,7 +244,7 @@ def test_a_foreign_envelope_goes_to_corrupt(tmp_path: Path) -> None:
 
 def test_a_finished_message_that_cannot_be_removed_is_retried_without_redelivery(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(worker_module, "REMOVE_RETRIES", 1)
+    monkeypatch.setattr(attempt_module, "REMOVE_RETRIES", 1)
     worker = _worker(tmp_path)
     qid, path = _queue(worker)
     calls = []
@@ -300,8 +283,8 @@ def test_a_due_time_beyond_any_retry_delay_counts_as_due_now(tmp_path: Path) -> 
         os.utime(path, (due, due))
         worker.spool.move(path, "deferred", qid)
         ids[name] = qid
-    worker._scan_deferred(now)
-    due = {mid: at for at, mid in worker._due.entries()}
+    worker.deferred.scan_all(now)
+    due = {mid: at for at, mid in worker.deferred.schedule.entries()}
     assert due[ids["far"]] == pytest.approx(now, abs=1e-5)
     assert due[ids["near"]] == pytest.approx(now + 3600, abs=1)
 
@@ -400,3 +383,31 @@ def test_an_outcome_that_cannot_be_recorded_is_held_and_never_delivered_again(
     env = read_envelope(worker.spool.path("deferred", qid))
     assert [r["status"] for r in env["recipients"]] == ["delivered", "deferred"]
     assert env["attempt_count"] == 1
+
+
+def test_a_malformed_file_in_failed_goes_to_corrupt_and_a_good_one_is_dropped(
+        tmp_path: Path) -> None:
+    """The sweep of failed/ reads each expired double bounce like any reader: one whose
+    envelope delivery cannot use goes to corrupt/ (audit record naming the key) instead of
+    back to failed/ at every sweep; a good one is dropped with its audit record."""
+    worker = _worker(tmp_path)
+    records = []
+    worker.audit.write = (  # type: ignore[method-assign]
+        lambda event, mid, **kw: records.append((event, mid, kw)))
+    long_ago = time.time() - 10 * 86400  # failed_retention is a day by default
+    ids = {}
+    for name, rcpt in (("good", {"address": "u@b.example", "status": "failed"}),
+                       ("bad", {"address": "u@b.example", "status": "bounced"})):
+        qid, path = _queue(worker, sender="", recipients=[rcpt])
+        os.utime(path, (long_ago, long_ago))
+        worker.spool.move(path, "failed", qid)
+        ids[name] = qid
+    worker._sweep_failed(time.time())
+    assert worker.spool.list_ids("failed") == []
+    assert worker.spool.list_ids("corrupt") == [ids["bad"]]
+    assert worker.spool.find(ids["good"]) is None
+    events = {mid: (event, kw) for event, mid, kw in records}
+    assert events[ids["good"]][0] == "dropped"
+    assert events[ids["good"]][1]["recipients"] == ["u@b.example"]
+    assert events[ids["bad"]][0] == "corrupt"
+    assert "unknown status 'bounced' (recipients[0].status)" in events[ids["bad"]][1]["reason"]
