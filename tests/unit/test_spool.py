@@ -253,7 +253,8 @@ def test_retired_message_is_recycled_and_reused_by_the_next_one(tmp_path):
     for name in os.listdir(spool.recycle):
         if name != first:
             os.unlink(os.path.join(spool.recycle, name))
-    spool._relist_at = 0.0  # the first store found recycle/ empty: no relisting for 50 ms
+    # the first store found recycle/ empty: no relisting for 50 ms
+    spool._relist_at = spool._candidates_at = 0.0
     second = store(spool, [b"Subject: two\r\n\r\nshort\r\n"])
     assert messages_in_recycle(spool, first) == [] and os.listdir(spool.tmp) == []
     new_path = spool.path("incoming", second)
