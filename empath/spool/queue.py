@@ -30,7 +30,6 @@ from empath.spool.fileformat import CorruptFile, read_queue_file
 from empath.spool.ids import id_time, is_valid_id
 from empath.spool.layout import Spool, pid_alive
 from empath.spool.records import open_recipients, recipient_domain
-from empath.spool.wake import RESCAN, Waker
 
 # operator name -> directory of Spool.state_dir ("active" is per worker, handled apart)
 STATE_DIRS = {"pending": "incoming", "deferred": "deferred", "held": "hold",
@@ -378,6 +377,8 @@ class Queue:
 
     def wake(self) -> None:
         """One datagram to every delivery worker: look at the spool now, deferred/ included."""
+        from empath.spool.wake import RESCAN, Waker  # asyncio: only the commands that wake
+
         waker = Waker(self.spool)
         try:
             waker.wake(RESCAN)
