@@ -7,9 +7,10 @@ each refresh is appended, and with ``--json`` each is one line of JSON. The numb
 
 Bytes and destinations cost a stat and a read of every queue file: a queue of a million
 messages takes minutes to read. So a queue of more than ``FULL_LIMIT`` messages is counted
-from its directory listings alone (names, no stat, no read: about a second for a million),
-the oldest message found from its id (ids sort by arrival), and bytes and destinations are
-left out (null) unless ``--full`` asks for them.
+from its directory listings alone (names, no stat, no read: about half a second of kernel time
+for a million), the oldest message found from its id (ids sort by arrival), and bytes and
+destinations are left out (null) unless ``--full`` asks for them. The count of a directory
+unchanged since it was last listed is reused from ``control/counts`` (empath/spool/counts.py).
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -102,7 +103,8 @@ class StateCounts:
             state: {"stamp": list(st), "messages": c.messages, "oldest": c.oldest}
             for state, (st, c) in sorted(self._known.items())}}
         target = self.spool.counts_file
-        tmp = os.path.join(os.path.dirname(target), f".counts-{os.getpid()}")
+        tmp = os.path.join(os.path.dirname(target),
+                           f".counts-{os.getpid()}-{threading.get_ident()}")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
                          | os.O_CLOEXEC, 0o600)

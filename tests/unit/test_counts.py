@@ -184,3 +184,34 @@ def test_a_spool_that_refuses_the_write_still_gets_its_counts(
     assert not os.path.exists(spool.control)
     os.rmdir(spool.state_dir("hold"))
     assert c.count("hold") == DirCount(0, None)  # a missing state directory holds nothing
+
+
+def test_state_counts_of_metrics_and_health_reuse_unchanged_directories(
+        tmp_path: Path, quick_settle: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """queue.state_counts (every metrics scrape, health check and fleet heartbeat) lists only
+    the directories that changed, and its numbers stay exact as messages move."""
+    from empath.spool.queue import state_counts
+
+    spool = _spool(tmp_path)
+    deferred = _add(spool, "deferred", 6)
+    held = _add(spool, "hold", 2)
+    _wait_settle()
+    listed: list[str] = []
+    real_listdir = os.listdir
+
+    def spy(path: str) -> list[str]:
+        if os.path.basename(path) != "active":  # (active/ is listed for its slots)
+            listed.append(os.path.basename(path))
+        return real_listdir(path)
+
+    monkeypatch.setattr(counts_mod.os, "listdir", spy)
+    want = {"pending": 0, "active": 0, "deferred": 6, "held": 2, "failed": 0, "corrupt": 0}
+    assert state_counts(spool) == (want, min(deferred))
+    assert sorted(listed) == ["corrupt", "deferred", "failed", "hold", "incoming"]
+    listed.clear()
+    assert state_counts(spool) == (want, min(deferred))
+    assert listed == []
+    os.rename(spool.path("hold", held[0]), spool.path("incoming", held[0]))
+    want.update(pending=1, held=1)
+    assert state_counts(spool) == (want, min(deferred + held[:1]))
+    assert sorted(listed) == ["hold", "incoming"]
