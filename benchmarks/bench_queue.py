@@ -9,9 +9,9 @@ one failed attempt, due in a day), then:
    gives the seconds from launching ``empath run`` to its 250 and to its arrival at the sink;
 2. ``empathctl queue stats --json`` is timed while the daemon runs and its workers are still
    listing ``deferred/`` (and ``--full`` when N is at most ``--full-max``), and again once they
-   are idle: first with no ``control/counts`` (so it lists every state directory), then again
-   (reusing the counts of the directories that did not change: empath/spool/counts.py); each
-   with its wall time and the CPU time (user + system) it took;
+   are idle: each time first with no ``control/counts`` (so it lists every state directory),
+   then again (reusing the counts of the directories that did not change:
+   empath/spool/counts.py); each with its wall time and the CPU time (user + system) it took;
 3. once both delivery workers have logged the end of their listing of ``deferred/`` (with the
    seconds of work it took) and the processes are idle: RSS, PSS and USS of every process;
 4. the cost of listing ``deferred/`` from this process: names only, and names with a stat each.
@@ -168,6 +168,7 @@ def run_one(count: int, cache: str, full_max: int) -> dict[str, Any]:
             delivered = arrivals[0] - started if arrivals else None
             daemon.wait_settled(60)
             listing = timed_stats(spool, forget=True)
+            listing_reused = timed_stats(spool)
             full_s = None
             if count <= full_max:
                 full_s = timed_stats(spool, "--full")["wall_s"]
@@ -186,11 +187,13 @@ def run_one(count: int, cache: str, full_max: int) -> dict[str, Any]:
     return {"deferred": count, "accepted_s": round(accepted, 3),
             "delivered_s": None if delivered is None else round(delivered, 3),
             "stats_s": listing["wall_s"], "stats_cpu_s": listing["cpu_s"],
+            "stats_listing_reused_s": listing_reused["wall_s"],
+            "stats_listing_reused_cpu_s": listing_reused["cpu_s"],
             "stats_idle_s": idle["wall_s"], "stats_idle_cpu_s": idle["cpu_s"],
             "stats_reused_s": reused["wall_s"], "stats_reused_cpu_s": reused["cpu_s"],
             "stats_detail": listing["doc"]["detail"],
             "stats_deferred": [d["doc"]["states"]["deferred"]["messages"]
-                               for d in (listing, idle, reused)],
+                               for d in (listing, listing_reused, idle, reused)],
             "stats_full_s": None if full_s is None else round(full_s, 3),
             "worker_listing_s": listed, "listing": listing_cost(spool), **mem}
 
@@ -199,8 +202,10 @@ def report(rows: list[dict[str, Any]]) -> None:
     base = rows[0] if rows and rows[0]["deferred"] == 0 else None
     for r in rows:
         print(f"\n{r['deferred']:,} deferred: 250 at {r['accepted_s']:.2f}s, delivered at "
-              f"{r['delivered_s']}s after launch; queue stats {r['stats_s']:.2f}s "
-              f"({r['stats_cpu_s']:.2f}s CPU) while the workers list, idle "
+              f"{r['delivered_s']}s after launch; queue stats while the workers list "
+              f"{r['stats_s']:.2f}s ({r['stats_cpu_s']:.2f}s CPU) listing and "
+              f"{r['stats_listing_reused_s']:.2f}s ({r['stats_listing_reused_cpu_s']:.2f}s CPU) "
+              "reusing control/counts, idle "
               f"{r['stats_idle_s']:.2f}s ({r['stats_idle_cpu_s']:.2f}s CPU) listing and "
               f"{r['stats_reused_s']:.2f}s ({r['stats_reused_cpu_s']:.2f}s CPU) reusing "
               f"control/counts ({r['stats_detail']}, deferred counted: "
