@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -106,13 +107,17 @@ class StateCounts:
         tmp = os.path.join(os.path.dirname(target),
                            f".counts-{os.getpid()}-{threading.get_ident()}")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+            # A new file, never one found at that name (a link planted for root to write
+            # through, or one left by a killed process with this pid): unlink, then O_EXCL.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                          | os.O_CLOEXEC, 0o600)
             try:
                 os.write(fd, orjson.dumps(doc))
             finally:
                 os.close(fd)
-            os.rename(tmp, target)
+            os.rename(tmp, target)  # replaces the name, whatever it was: nothing is followed
         except OSError:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
@@ -124,10 +129,19 @@ def _load(path: str) -> dict[str, tuple[Stamp, DirCount]]:
     """The recorded counts; empty when the file is missing, unreadable or malformed (each
     malformed state entry is dropped alone)."""
     try:
-        with open(path, "rb") as fh:
-            doc: Any = orjson.loads(fh.read(1 << 20))
+        # Only a regular file, not through a link: a FIFO there must not hang root's
+        # empathctl, nor a symlink make it read another file.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return {}
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return {}
+        doc: Any = orjson.loads(os.read(fd, 1 << 20))
     except (OSError, orjson.JSONDecodeError):
         return {}
+    finally:
+        os.close(fd)
     if not isinstance(doc, dict) or doc.get("version") != VERSION:
         return {}
     states = doc.get("states")

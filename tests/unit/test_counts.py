@@ -215,3 +215,48 @@ def test_state_counts_of_metrics_and_health_reuse_unchanged_directories(
     want.update(pending=1, held=1)
     assert state_counts(spool) == (want, min(deferred + held[:1]))
     assert sorted(listed) == ["hold", "incoming"]
+
+
+def test_links_and_fifos_planted_in_control_are_neither_followed_nor_waited_for(
+        tmp_path: Path, quick_settle: None) -> None:
+    """The spool's user may plant names in control/ for root's empathctl: a FIFO or a symlink
+    at control/counts is not read (a FIFO would hang the command), and a symlink or hard
+    link at the temporary name is replaced, never written through."""
+    import threading
+
+    spool = _spool(tmp_path)
+    ids = _add(spool, "deferred", 3)
+    _wait_settle()
+    st = os.stat(spool.state_dir("deferred"))
+    doctored = {"version": 1, "states": {"deferred": {
+        "stamp": [st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size],
+        "messages": 999, "oldest": ids[0]}}}
+    elsewhere = tmp_path / "elsewhere.json"
+    elsewhere.write_text(json.dumps(doctored))
+
+    os.symlink(elsewhere, spool.counts_file)
+    assert StateCounts(spool).count("deferred").messages == 3  # not read through the link
+    os.unlink(spool.counts_file)
+
+    os.mkfifo(spool.counts_file)
+    result: list[int] = []
+    reader = threading.Thread(
+        target=lambda: result.append(StateCounts(spool).count("deferred").messages))
+    reader.start()
+    reader.join(10)
+    assert not reader.is_alive() and result == [3]
+    os.unlink(spool.counts_file)
+
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"root's file\n")
+    tmp = Path(spool.control) / f".counts-{os.getpid()}-{threading.get_ident()}"
+    for plant in (os.symlink, os.link):
+        plant(victim, tmp)
+        c = StateCounts(spool)
+        assert c.count("deferred").messages == 3
+        c.save()
+        assert victim.read_bytes() == b"root's file\n"
+        assert not tmp.exists()
+        assert Path(spool.counts_file).is_file() and not Path(spool.counts_file).is_symlink()
+        assert StateCounts(spool).count("deferred") == DirCount(3, min(ids))
+        os.unlink(spool.counts_file)
