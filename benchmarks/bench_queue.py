@@ -9,7 +9,9 @@ one failed attempt, due in a day), then:
    gives the seconds from launching ``empath run`` to its 250 and to its arrival at the sink;
 2. ``empathctl queue stats --json`` is timed while the daemon runs and its workers are still
    listing ``deferred/`` (and ``--full`` when N is at most ``--full-max``), and again once they
-   are idle;
+   are idle: each time first with no ``control/counts`` (so it lists every state directory),
+   then again (reusing the counts of the directories that did not change:
+   empath/spool/counts.py); each with its wall time and the CPU time (user + system) it took;
 3. once both delivery workers have logged the end of their listing of ``deferred/`` (with the
    seconds of work it took) and the processes are idle: RSS, PSS and USS of every process;
 4. the cost of listing ``deferred/`` from this process: names only, and names with a stat each.
@@ -23,9 +25,11 @@ runs (a million files take minutes to write); a run only adds and delivers its o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
+import resource
 import smtplib
 import subprocess
 import sys
@@ -89,6 +93,19 @@ def timed(args: list[str]) -> tuple[float, dict[str, Any]]:
     return time.monotonic() - started, json.loads(r.stdout)
 
 
+def timed_stats(spool: str, *extra: str, forget: bool = False) -> dict[str, Any]:
+    """One ``empathctl queue stats --json`` run: wall and CPU seconds, and its document.
+    ``forget``: remove control/counts first, so that every state directory is listed."""
+    if forget:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(spool, "control", "counts"))
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wall, doc = timed([EMPATHCTL, "queue", "stats", "--json", *extra, "--spool", spool])
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "doc": doc}
+
+
 def wait_listed(daemon: EmpathDaemon, workers: int, count: int, limit: float,
                 log_from: int) -> list[float]:
     """Seconds of work of each worker's first complete listing of ``count`` messages (in the
@@ -150,17 +167,18 @@ def run_one(count: int, cache: str, full_max: int) -> dict[str, Any]:
             arrivals = [t for t, what, _ in sink.journal if what == "stored"]
             delivered = arrivals[0] - started if arrivals else None
             daemon.wait_settled(60)
-            stats_s, stats = timed([EMPATHCTL, "queue", "stats", "--json", "--spool", spool])
+            listing = timed_stats(spool, forget=True)
+            listing_reused = timed_stats(spool)
             full_s = None
             if count <= full_max:
-                full_s, _ = timed([EMPATHCTL, "queue", "stats", "--json", "--full",
-                                   "--spool", spool])
+                full_s = timed_stats(spool, "--full")["wall_s"]
             workers = daemon.child_pids("delivery")
             # A listing of one slice is logged at debug level only: nothing to wait for.
             listed = wait_listed(daemon, len(workers), count, 600, log_from) if count > 2000 else []
             empathd.wait_idle(daemon.master_pid, 60)
             mem = empathd.memory(daemon.master_pid)
-            idle_s, _ = timed([EMPATHCTL, "queue", "stats", "--json", "--spool", spool])
+            idle = timed_stats(spool, forget=True)
+            reused = timed_stats(spool)
             kinds = {c["pid"]: c["kind"] for c in daemon.children()}
             for row in mem["processes"]:
                 row["kind"] = kinds.get(row["pid"], "master")
@@ -168,9 +186,14 @@ def run_one(count: int, cache: str, full_max: int) -> dict[str, Any]:
             empathd.stop_empath(daemon)
     return {"deferred": count, "accepted_s": round(accepted, 3),
             "delivered_s": None if delivered is None else round(delivered, 3),
-            "stats_s": round(stats_s, 3), "stats_idle_s": round(idle_s, 3),
-            "stats_detail": stats["detail"],
-            "stats_deferred": stats["states"]["deferred"]["messages"],
+            "stats_s": listing["wall_s"], "stats_cpu_s": listing["cpu_s"],
+            "stats_listing_reused_s": listing_reused["wall_s"],
+            "stats_listing_reused_cpu_s": listing_reused["cpu_s"],
+            "stats_idle_s": idle["wall_s"], "stats_idle_cpu_s": idle["cpu_s"],
+            "stats_reused_s": reused["wall_s"], "stats_reused_cpu_s": reused["cpu_s"],
+            "stats_detail": listing["doc"]["detail"],
+            "stats_deferred": [d["doc"]["states"]["deferred"]["messages"]
+                               for d in (listing, listing_reused, idle, reused)],
             "stats_full_s": None if full_s is None else round(full_s, 3),
             "worker_listing_s": listed, "listing": listing_cost(spool), **mem}
 
@@ -179,9 +202,14 @@ def report(rows: list[dict[str, Any]]) -> None:
     base = rows[0] if rows and rows[0]["deferred"] == 0 else None
     for r in rows:
         print(f"\n{r['deferred']:,} deferred: 250 at {r['accepted_s']:.2f}s, delivered at "
-              f"{r['delivered_s']}s after launch; queue stats {r['stats_s']:.2f}s while the "
-              f"workers list, {r['stats_idle_s']:.2f}s idle ({r['stats_detail']}, "
-              f"{r['stats_deferred']:,} deferred)"
+              f"{r['delivered_s']}s after launch; queue stats while the workers list "
+              f"{r['stats_s']:.2f}s ({r['stats_cpu_s']:.2f}s CPU) listing and "
+              f"{r['stats_listing_reused_s']:.2f}s ({r['stats_listing_reused_cpu_s']:.2f}s CPU) "
+              "reusing control/counts, idle "
+              f"{r['stats_idle_s']:.2f}s ({r['stats_idle_cpu_s']:.2f}s CPU) listing and "
+              f"{r['stats_reused_s']:.2f}s ({r['stats_reused_cpu_s']:.2f}s CPU) reusing "
+              f"control/counts ({r['stats_detail']}, deferred counted: "
+              f"{', '.join(f'{n:,}' for n in r['stats_deferred'])})"
               + (f", --full {r['stats_full_s']:.2f}s" if r["stats_full_s"] is not None else ""))
         print(f"  workers' listing of deferred/: {r['worker_listing_s']} s of work; from here: "
               f"names {r['listing']['names_s']}s, names+stat {r['listing']['names_and_stat_s']}s")

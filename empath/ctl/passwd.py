@@ -13,7 +13,6 @@ import getpass
 import sys
 
 from empath.ctl.common import EXIT_OK, EXIT_USAGE, CtlError, load_settings
-from empath.passwords import set_password
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_passwd(args: argparse.Namespace) -> int:
+    # Imported here: empath.passwords hashes a dummy password when loaded (argon2id, a
+    # deliberately slow second or so), which every other empathctl command must not pay.
+    from empath.passwords import set_password
+
     path = args.file
     if path is None:
         path = load_settings(args.config).smtp.auth.password_file

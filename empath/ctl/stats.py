@@ -7,15 +7,15 @@ each refresh is appended, and with ``--json`` each is one line of JSON. The numb
 
 Bytes and destinations cost a stat and a read of every queue file: a queue of a million
 messages takes minutes to read. So a queue of more than ``FULL_LIMIT`` messages is counted
-from its directory listings alone (names, no stat, no read: about a second for a million),
-the oldest message found from its id (ids sort by arrival), and bytes and destinations are
-left out (null) unless ``--full`` asks for them.
+from its directory listings alone (names, no stat, no read: about half a second of kernel time
+for a million), the oldest message found from its id (ids sort by arrival), and bytes and
+destinations are left out (null) unless ``--full`` asks for them. The count of a directory
+unchanged since it was last listed is reused from ``control/counts`` (empath/spool/counts.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from typing import Any
@@ -30,7 +30,8 @@ from empath.ctl.common import (
     open_queue,
 )
 from empath.ctl.records import stamp
-from empath.spool.ids import id_time, is_valid_id
+from empath.spool.counts import DirCount, StateCounts
+from empath.spool.ids import id_time
 from empath.spool.queue import STATE_DIRS, STATUSES, Queue, QueueEntry, queue_stats
 
 TOP_DOMAINS = 20  # destinations shown in text; --json has all of them
@@ -51,29 +52,29 @@ def collect(queue: Queue, cache: dict[tuple[str, int, int, int], QueueEntry] | N
 
 def count_by_name(queue: Queue) -> dict[str, Any]:
     """Messages per state from the directory listings alone (no stat, no read of any queue
-    file); bytes and domains null. A message that moves while the states are listed may be
-    counted twice or not at all."""
+    file); bytes and domains null. The count of a directory unchanged since it was last
+    listed is taken from ``control/counts`` (empath.spool.counts) instead of listing it
+    again. A message that moves while the states are counted may be counted twice or not at
+    all."""
     spool = queue.spool
     now = time.time()
+    counts = StateCounts(spool)
     states: dict[str, dict[str, int | None]] = {}
     oldest: tuple[str, str] | None = None  # (id, status)
     for status in STATUSES:
         try:
             if status == "active":
                 names = [mid for _, mid in spool.list_active()]
+                found = DirCount(len(names), min(names) if names else None)
             else:
-                names = [n for n in os.listdir(spool.state_dir(STATE_DIRS[status]))
-                         if is_valid_id(n)]
-        except FileNotFoundError:
-            names = []
+                found = counts.count(STATE_DIRS[status])
         except PermissionError as exc:
             raise CtlError(f"permission denied reading {exc.filename or spool.root} (run as "
                            "the spool's owner or root)") from None
-        states[status] = {"messages": len(names), "bytes": None}
-        if names:
-            first = min(names)
-            if oldest is None or first < oldest[0]:
-                oldest = (first, status)
+        states[status] = {"messages": found.messages, "bytes": None}
+        if found.oldest is not None and (oldest is None or found.oldest < oldest[0]):
+            oldest = (found.oldest, status)
+    counts.save()
     total = sum(s["messages"] or 0 for s in states.values())
     return {
         "generated_at": now,

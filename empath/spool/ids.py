@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections.abc import Iterable
 
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _VALID = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
@@ -29,6 +30,12 @@ def new_message_id(now: float | None = None) -> str:
 def is_valid_id(text: str) -> bool:
     """True when ``text`` is a well-formed queue id (and so safe inside a path)."""
     return bool(_VALID.match(text))
+
+
+def valid_ids(names: Iterable[str]) -> list[str]:
+    """The names that are well-formed queue ids (as ``is_valid_id``), in their order: one C
+    call per name, for listings of a million."""
+    return list(filter(_VALID.match, names))
 
 
 def id_time(message_id: str) -> float:

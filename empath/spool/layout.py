@@ -19,8 +19,9 @@ rename(2) within the one filesystem (see docs/SPOOL.md for the table of transiti
     slots/          files whose names a receiver made durable ahead of use
                     ("<pid>-<boot>-<ulid>"); a message is written into one and linked into
                     incoming/, the slot's name removed later (empath/spool/slots.py)
-    control/        ``freeze`` flag, ``wake/<pid>`` datagram sockets of delivery workers, and
-                    ``auth-failures/<ip>`` (times of failed AUTHs, for throttling)
+    control/        ``freeze`` flag, ``wake/<pid>`` datagram sockets of delivery workers,
+                    ``auth-failures/<ip>`` (times of failed AUTHs, for throttling), and
+                    ``counts`` (messages per state as last listed, see counts.py)
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ class Spool:
         self.control = os.path.join(self.root, "control")
         self.wake_dir = os.path.join(self.control, "wake")
         self.freeze_flag = os.path.join(self.control, "freeze")
+        self.counts_file = os.path.join(self.control, "counts")  # see counts.py
 
     # -- paths ------------------------------------------------------------------------------
     def state_dir(self, state: str) -> str:

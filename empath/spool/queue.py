@@ -26,11 +26,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from empath.spool.counts import StateCounts
 from empath.spool.fileformat import CorruptFile, read_queue_file
 from empath.spool.ids import id_time, is_valid_id
 from empath.spool.layout import Spool, pid_alive
 from empath.spool.records import Envelope, open_recipients, recipient_domain
-from empath.spool.wake import RESCAN, Waker
 
 # operator name -> directory of Spool.state_dir ("active" is per worker, handled apart)
 STATE_DIRS = {"pending": "incoming", "deferred": "deferred", "held": "hold",
@@ -378,6 +378,8 @@ class Queue:
 
     def wake(self) -> None:
         """One datagram to every delivery worker: look at the spool now, deferred/ included."""
+        from empath.spool.wake import RESCAN, Waker  # asyncio: only the commands that wake
+
         waker = Waker(self.spool)
         try:
             waker.wake(RESCAN)
@@ -396,14 +398,20 @@ class Queue:
 def state_counts(spool: Spool) -> tuple[dict[str, int], str | None]:
     """Messages per operator state (all six keys) from the directory listings alone, without
     reading a file, and the oldest id waiting for delivery (pending, active, deferred).
-    Cheap enough for every metrics scrape and health check."""
+    Cheap enough for every metrics scrape and health check: a directory unchanged since it
+    was last listed is not listed again (``control/counts``, empath/spool/counts.py)."""
     counts = dict.fromkeys(STATUSES, 0)
     waiting: list[str] = []
+    known = StateCounts(spool)
     for status, directory in STATE_DIRS.items():
-        ids = [n for n in _names(spool.state_dir(directory)) if is_valid_id(n)]
-        counts[status] = len(ids)
-        if status in ("pending", "deferred") and ids:
-            waiting.append(min(ids))
+        try:
+            found = known.count(directory)
+        except NotADirectoryError:
+            continue
+        counts[status] = found.messages
+        if status in ("pending", "deferred") and found.oldest is not None:
+            waiting.append(found.oldest)
+    known.save()
     for slot in spool.active_slots():
         ids = [n for n in _names(spool.active_dir(slot)) if is_valid_id(n)]
         counts["active"] += len(ids)
