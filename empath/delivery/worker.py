@@ -27,7 +27,6 @@ failed is kept in this worker and its update retried (``_strand``), never left i
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import random
@@ -55,6 +54,47 @@ FAULT_PROBE_INTERVAL = 1.0  # seconds between probes of a spool that refused a w
 FAILED_SWEEP_MAX = 60.0  # seconds between two sweeps of failed/ at most
 
 
+class Wake:
+    """What the worker loop sleeps on between rounds: set by a receiver's wake-up, a free
+    delivery slot or a stop. A sleep costs one future and one timer (an event awaited
+    together with the stop event cost two tasks per round, at every message received)."""
+
+    __slots__ = ("_set", "_waiter")
+
+    def __init__(self) -> None:
+        self._set = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def set(self) -> None:
+        self._set = True
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def clear(self) -> None:
+        self._set = False
+
+    def is_set(self) -> bool:
+        return self._set
+
+    async def sleep(self, timeout: float) -> None:
+        """Until set (at once if it is) or ``timeout`` seconds have passed."""
+        if self._set:
+            return
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        timer = loop.call_later(timeout, _wake_up, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+
+def _wake_up(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 class DeliveryWorker(MessageAttempts):
     def __init__(self, ctx: ChildContext) -> None:
         self.ctx = ctx
@@ -70,7 +110,7 @@ class DeliveryWorker(MessageAttempts):
         self.inflight: dict[str, asyncio.Task[None]] = {}
         self._blocked = 0  # inflight messages whose deliveries all wait for destinations
         self._tickets: dict[str, limits.Ticket] = {}
-        self.wake = asyncio.Event()
+        self.wake = Wake()
         self.rng = random.Random()
         self._foreign_seen: dict[str, float] = {}
         # incoming/ as last listed (in delivery order) and how far this worker has got in it.
@@ -107,6 +147,7 @@ class DeliveryWorker(MessageAttempts):
     async def run(self) -> None:
         listener: WakeListener | None = None
         interval = self.cfg.delivery.queue_scan_interval
+        stop_watch = asyncio.ensure_future(self._wake_on_stop())
         try:
             while not self.ctx.stopping.is_set():
                 self.wake.clear()
@@ -132,9 +173,9 @@ class DeliveryWorker(MessageAttempts):
                     nexts.append(now_mono + next_due - time.time())
                 if nexts:
                     timeout = max(0.05, min(interval, min(nexts) - now_mono))
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake_or_stop(), timeout)
+                await self.wake.sleep(timeout)
         finally:
+            stop_watch.cancel()
             self.deferred.stop()
             if listener is not None:
                 listener.close()
@@ -159,14 +200,9 @@ class DeliveryWorker(MessageAttempts):
         """An operator made deferred messages due (empathctl queue retry/flush)."""
         self.deferred.rescan()
 
-    async def _wake_or_stop(self) -> None:
-        stop = asyncio.ensure_future(self.ctx.stopping.wait())
-        woke = asyncio.ensure_future(self.wake.wait())
-        try:
-            await asyncio.wait({stop, woke}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stop.cancel()
-            woke.cancel()
+    async def _wake_on_stop(self) -> None:
+        await self.ctx.stopping.wait()
+        self.wake.set()
 
     async def _drain(self) -> None:
         """Let in-flight deliveries finish (the child enforces shutdown_timeout), try held

@@ -50,6 +50,7 @@ from empath.spool.threads import SpoolThreads
 from empath.spool.wake import Waker
 
 SPILL_THRESHOLD = 256 * 1024
+FROZEN_RECHECK = 0.1  # seconds a look at the freeze flag is trusted for
 _NEW_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 _SLOT_FLAGS = os.O_RDWR | os.O_CLOEXEC
 _FAULT = os.environ.get("EMPATH_SPOOL_FAULT", "")
@@ -74,8 +75,10 @@ class ReceiverWriter:
         # and the directory fsync (and slots would save nothing).
         self.datasync = spool.sync != "filesystem"
         self.slots = SlotPool(spool) if self.datasync else None
+        self._frozen = False
+        self._frozen_until = 0.0  # loop time until which _frozen is taken as true
         self._pool = SpoolThreads(self._loop, threads, sync_fd=self._dir_fd,
-                                  on_synced=self._waker.wake,
+                                  on_synced=self._wake,
                                   sync=os.fsync if self.datasync else syncfs)
         # A message written into a slot: one call of the compiled store in a thread that
         # never takes the GIL, its end reported through an eventfd the loop reads.
@@ -137,8 +140,15 @@ class ReceiverWriter:
             self._loop.call_soon(self._wake)
 
     def _wake(self) -> None:
+        """Wake the delivery workers, unless the queue is frozen (``empathctl queue
+        unfreeze`` wakes them itself): looked up at most every FROZEN_RECHECK seconds."""
         self._wake_pending = False
-        self._waker.wake()
+        now = self._loop.time()
+        if now >= self._frozen_until:
+            self._frozen = self.spool.is_frozen()
+            self._frozen_until = now + FROZEN_RECHECK
+        if not self._frozen:
+            self._waker.wake()
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await self._pool.submit(fn, *args)

@@ -18,6 +18,7 @@ import pytest
 
 from empath.spool import Spool, read_data, read_queue_file
 from tests.integration.test_dkim import dns_txt, keygen
+from tests.integration.test_observability import ctl
 from tests.support.daemon import EmpathDaemon
 from tests.support.dnsserver import DNSServer
 
@@ -170,3 +171,43 @@ def test_kill_9_of_the_daemon_requeues_nothing_from_slots(daemon_factory: Any) -
     bodies = sorted(data.rpartition(b"\r\n\r\n")[2] for _, data in queued(d))
     assert bodies == sorted(b"message %d\r\n" % i for i in range(20))
     assert all(state == "incoming" for state, _ in queued(d))
+
+
+def test_receivers_wake_no_worker_while_delivery_is_frozen(daemon_factory: Any) -> None:
+    """A receipt wakes every delivery worker (a datagram to control/wake/<pid>), unless the
+    queue is frozen: then nobody would deliver, and a wake-up per message only costs the
+    workers CPU. ``empathctl queue unfreeze`` wakes them itself."""
+    d: EmpathDaemon = daemon_factory()
+    spool = Spool(str(d.spool_path))
+    ear = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # stands in for a worker
+    ear.bind(spool.wake_socket_path(os.getpid()))
+    ear.settimeout(1.0)
+    body = b"Subject: x\r\n\r\nbody\r\n"
+
+    def woken(within: float) -> list[bytes]:
+        got: list[bytes] = []
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            try:
+                got.append(ear.recv(16))
+            except TimeoutError:
+                pass
+        return got
+
+    try:
+        time.sleep(2.5)  # past the receivers' re-read of the list of worker sockets
+        with d.smtp() as s:
+            s.sendmail("a@example.org", ["alice@localhost"], body)
+        assert b"!" in woken(3.0)  # a thawed queue: woken for new mail
+        spool.set_frozen(True)
+        time.sleep(0.5)  # past the receivers' trust in their last look at the flag
+        with d.smtp() as s:
+            for _ in range(3):
+                s.sendmail("a@example.org", ["alice@localhost"], body)
+        assert woken(1.5) == []
+        assert len(spool.list_ids("incoming")) == 3  # received all the same
+        assert ctl(d, "queue", "unfreeze").returncode == 0
+        assert woken(3.0)  # by empathctl
+        d.wait_for(lambda: spool.list_ids("incoming") == [], 20, "delivery after unfreeze")
+    finally:
+        ear.close()
