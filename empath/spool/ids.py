@@ -16,15 +16,26 @@ _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _VALID = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
 
 
+# Every pair of base32 digits, indexed by the 10 bits they encode.
+_PAIRS = [a + b for a in _ALPHABET for b in _ALPHABET]
+_last: tuple[int, str] = (-1, "")  # the last time part made: (ms, digits), one object
+
+
 def new_message_id(now: float | None = None) -> str:
     """Return a fresh id; ``now`` (seconds) fixes the time part, for tests."""
+    global _last
     ms = int((time.time() if now is None else now) * 1000)
-    value = (ms << 80) | int.from_bytes(os.urandom(10), "big")
-    out = []
-    for _ in range(26):
-        out.append(_ALPHABET[value & 31])
-        value >>= 5
-    return "".join(reversed(out))
+    pairs = _PAIRS
+    last_ms, time_part = _last
+    if ms != last_ms:  # the time part: 48 bits as ten digits, the first two bits zero
+        time_part = "".join([pairs[(ms >> 40) & 1023], pairs[(ms >> 30) & 1023],
+                             pairs[(ms >> 20) & 1023], pairs[(ms >> 10) & 1023],
+                             pairs[ms & 1023]])
+        _last = (ms, time_part)
+    r = int.from_bytes(os.urandom(10), "big")
+    return "".join([time_part, pairs[r >> 70], pairs[(r >> 60) & 1023],
+                    pairs[(r >> 50) & 1023], pairs[(r >> 40) & 1023], pairs[(r >> 30) & 1023],
+                    pairs[(r >> 20) & 1023], pairs[(r >> 10) & 1023], pairs[r & 1023]])
 
 
 def is_valid_id(text: str) -> bool:
