@@ -39,12 +39,15 @@ class ConfigError(Exception):
 
 
 class Namespace:
-    """A read-only mapping with attribute access, one per configuration section."""
+    """A read-only mapping with attribute access, one per configuration section. The values
+    are also the instance's attributes (its ``__dict__``), so reading one costs what reading
+    any attribute costs: the hot paths read configuration per command and per message."""
 
-    __slots__ = ("_values",)
+    __slots__ = ("_values", "__dict__")
 
     def __init__(self, values: dict[str, Any]) -> None:
         object.__setattr__(self, "_values", values)
+        self.__dict__.update(values)
 
     def __getattr__(self, name: str) -> Any:
         try:
