@@ -478,6 +478,8 @@ class Handshake:
         return self._greeted(Extensions())
 
     def _on_starttls(self, reply: Reply, unread: bool) -> Step:
+        if reply.code == 421:  # RFC 5321 §3.8: the server closes the channel, whatever TLS
+            return self._refused(reply)
         if reply.code != 220:
             reason = f"STARTTLS refused: {reply}"
             if self.dane is not None:

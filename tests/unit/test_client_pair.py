@@ -338,6 +338,20 @@ def test_starttls_answered_454_under_opportunistic_goes_on_in_plain() -> None:
     assert transact(wire, txn, b"hi\r\n")["u@x.test"].status == DELIVERED
 
 
+@pytest.mark.parametrize("policy", [OPP, REQ])
+def test_starttls_answered_421_ends_the_session_under_every_policy(policy: TLSPolicy) -> None:
+    """421 says the server is closing the channel (RFC 5321 §3.8): no plain-text session
+    follows, even under opportunistic TLS; the error is the server's, so the next MX is
+    tried."""
+    def closing(data: bytes) -> bytes:
+        data = offer_starttls(data)
+        return data.replace(b"454 4.7.0 TLS not available", b"421 4.3.2 shutting down")
+    wire = Wire(tamper=closing)
+    err = error_of(drive(wire, handshake(policy)))
+    assert type(err) is TemporaryError and err.code == 421 and "shutting down" in str(err)
+    assert wire.writes == [EHLO, STARTTLS]  # nothing sent after the 421
+
+
 @pytest.mark.parametrize("injected", [b"250 2.0.0 injected\r\n", b"250-PIPELI"])
 @pytest.mark.parametrize(("policy", "dane", "kind"), [
     (OPP, False, TLSHandshakeError), (REQ, False, TLSHandshakeError),
