@@ -112,6 +112,12 @@ def _chown_entries(directory: str, ident: Identity, subdirs: bool) -> None:
             if subdirs and _chown_nofollow(entry.path, ident):
                 _chown_entries(entry.path, ident, subdirs=False)
         elif entry.is_file(follow_symlinks=False):
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if st.st_uid == ident.uid and st.st_gid == ident.gid:
+                continue  # already the user's (a restart): one lstat, not four calls
             _chown_nofollow(entry.path, ident)
 
 

@@ -374,6 +374,30 @@ def test_privileges_drop_in_a_forked_process(tmp_path: Path) -> None:
     assert tmp_path.stat().st_uid == 0
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch users")
+def test_hand_over_changes_only_queue_files_not_yet_the_users(tmp_path: Path) -> None:
+    """A restart finds a big queue already the user's: those files are only looked at (no
+    chown, so their ctime stays), while a file root wrote, or one with root's group, is
+    handed over."""
+    from empath.master import privileges
+
+    ident = privileges.lookup("nobody", None)
+    assert ident is not None
+    deferred = tmp_path / "spool" / "deferred"
+    deferred.mkdir(parents=True)
+    theirs, roots, half = (deferred / n for n in ("theirs", "roots", "half"))
+    for path in (theirs, roots, half):
+        path.write_bytes(b"x")
+    os.chown(theirs, ident.uid, ident.gid)
+    os.chown(half, ident.uid, 0)
+    before = theirs.stat().st_ctime_ns
+    time.sleep(0.05)
+    privileges.hand_over(ident, str(tmp_path / "spool"), [])
+    assert theirs.stat().st_ctime_ns == before
+    for path in (theirs, roots, half):
+        assert (path.stat().st_uid, path.stat().st_gid) == (ident.uid, ident.gid)
+
+
 def _readable_as_nobody(paths: list[str]) -> bool:
     probe = subprocess.run(
         ["su", "nobody", "-s", "/bin/sh", "-c",
