@@ -50,6 +50,9 @@ from empath.spool.threads import SpoolThreads
 from empath.spool.wake import Waker
 
 SPILL_THRESHOLD = 256 * 1024
+# C threads of the StorePool: a store waits for a free one only when more messages than this
+# are being flushed at once by one receiver (a thread that waits in fdatasync costs no CPU).
+STORE_THREADS = 64
 FROZEN_RECHECK = 0.1  # seconds a look at the freeze flag is trusted for
 _NEW_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 _SLOT_FLAGS = os.O_RDWR | os.O_CLOEXEC
@@ -86,7 +89,7 @@ class ReceiverWriter:
         self._storing: dict[int, tuple[asyncio.Future[float], IncomingMessage]] = {}
         self._tokens = 0
         if self.slots is not None:
-            self._stores = StorePool(threads)
+            self._stores = StorePool(max(threads, STORE_THREADS))
             self._loop.add_reader(self._stores.fileno(), self._stored)
         # Write and commit latency histograms (no-ops when metrics are off).
         self.metrics = metrics.current()
