@@ -286,6 +286,13 @@ SCHEMA = Section("", "Empath configuration.", (
             "Received: header fields an incoming message may carry; a message with more is "
             "in a mail loop and is refused after its data with 554 5.4.6 (Postfix: "
             "hopcount_limit)."),
+        Key("in_flow_delay", Duration(0, 60), 1.0,
+            "When delivery falls behind (more than in_flow_backlog messages not yet claimed "
+            "by a delivery worker), each MAIL FROM waits up to this long for the backlog to "
+            "drop, as Postfix's in_flow_delay: senders slow down instead of the queue "
+            "growing. 0: off."),
+        Key("in_flow_backlog", Int(1, 10_000_000), 1000,
+            "Messages waiting in incoming/ above which in_flow_delay applies."),
         Key("greeting_delay", Duration(0, 60), 0.0,
             "Wait this long before the 220 greeting; a client that talks first is "
             "rejected with 554 (early talker). 0 still rejects bytes sent before the greeting."),

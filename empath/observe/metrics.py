@@ -175,6 +175,8 @@ class Instruments:
         self.tls_in_failures = n
         self.spool_write = n
         self.spool_commit = n
+        self.in_flow_waits = n
+        self.in_flow_seconds = n
         self.attempts = dict.fromkeys(RESULTS, n)
         self.domain_attempts = n
         self.delivery_duration = n
@@ -265,6 +267,12 @@ class Instruments:
             "empath_spool_commit_seconds", "From the final dot until the message is durable "
             "(spool write plus the group-committed fsync of incoming/)",
             buckets=SPOOL_BUCKETS, registry=None)
+        self.in_flow_waits = counter(
+            "empath_smtp_in_flow_waits", "MAIL FROM commands that waited because delivery "
+            "fell behind (smtp.in_flow_delay)")
+        self.in_flow_seconds = counter(
+            "empath_smtp_in_flow_wait_seconds", "Seconds MAIL FROM commands waited for "
+            "delivery to catch up (smtp.in_flow_delay)")
         attempts = counter("empath_delivery_attempts",
                            "Delivery attempts per recipient, by result", ("result",))
         self.attempts = {r: attempts.labels(r) for r in RESULTS}
@@ -343,6 +351,11 @@ class Instruments:
                 setattr(self, name, self._batched(value))
 
     # -- hot-path helpers ---------------------------------------------------------------------
+    def in_flow_wait(self, seconds: float) -> None:
+        """A MAIL FROM waited ``seconds`` for delivery to catch up (smtp/inflow.py)."""
+        self.in_flow_waits.inc()
+        self.in_flow_seconds.inc(seconds)
+
     def count_replies(self, data: bytes) -> None:
         """Count the SMTP replies in ``data`` (one Send: a reply, or a pipelined batch) by the
         first digit of each reply's last line ("250 ..." after any "250-..." lines)."""

@@ -25,6 +25,7 @@ from empath.delivery.local import KnownUsers
 from empath.master.child import ChildContext
 from empath.smtp import capacity
 from empath.smtp import session as S
+from empath.smtp.inflow import InFlow
 from empath.spool import Spool
 from empath.spool.dedup import DedupStore
 from empath.spool.records import recipient_domain
@@ -65,6 +66,8 @@ class Receiver:
         self.stopping = False
         self.writer: Any = None
         self.data_block = cfg.smtp.timeouts.data_block
+        self.inflow = InFlow(self.spool.state_dir("incoming"), cfg.smtp.in_flow_delay,
+                             cfg.smtp.in_flow_backlog)
         self.signer = dkim_signing.Signer(cfg.dkim) if cfg.dkim.domains else None
         window = cfg.smtp.dedup_window
         self.dedup = DedupStore(self.spool, window) if window else None

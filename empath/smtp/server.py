@@ -132,6 +132,7 @@ class SMTPProtocol(asyncio.Protocol):
             return
         session = self.session
         assert session is not None
+        session.hold_mail = self.receiver.inflow.congested
         try:
             self._handle(session.feed(data))
         except Exception:
@@ -278,6 +279,9 @@ class SMTPProtocol(asyncio.Protocol):
                 ctx.helo = ev.value
                 rej = await hooks.run_hook(r.modules, "on_helo", ctx, ev.value)
             elif ev.stage == "mail_from":
+                waited = await r.inflow.wait()
+                if waited:
+                    _metrics.in_flow_wait(waited)
                 ctx.metadata = {}
                 rej = await hooks.run_hook(r.modules, "on_mail_from", ctx, ev.value.sender,
                                            ev.value.params())
@@ -487,9 +491,11 @@ async def serve(ctx: ChildContext) -> None:
 
         await gate.serve(sock, factory, ssl_ctx)
     sweeper = loop.create_task(_sweep(receiver))
+    receiver.inflow.start()
     try:
         await ctx.stopping.wait()
     finally:
+        receiver.inflow.stop()
         receiver.stopping = True
         gate.close()
         # A connection accepted in the loop's last turn before the close has its

@@ -101,6 +101,9 @@ class ServerSession:
         self.envelope: Envelope | None = None
         self.errors = 0
         self.commands = 0  # complete command lines seen (the server's command timeout)
+        # Set by the server while delivery falls behind (smtp/inflow.py): MAIL FROM pauses
+        # with a Check, as for a module's on_mail_from.
+        self.hold_mail = False
         self.auth_user: str | None = None
         self._sasl: SaslExchange | None = None
         self._buf = b""
@@ -353,7 +356,7 @@ class ServerSession:
                 self._reply(problem)
                 return
         self._new_envelope = env
-        if "mail_from" in self.settings.hooks:
+        if self.hold_mail or "mail_from" in self.settings.hooks:
             self._pause("mail_from", env)
         else:
             self._finish_mail(None)
