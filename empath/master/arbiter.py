@@ -318,6 +318,7 @@ class Arbiter:
             self.respawn.delay((kind, index), FAULT_RETRY)
             return
         mask = child_mod.block_signals()
+        child_mod.freeze_heap()  # before the fork: the child's collector never touches it
         try:
             pid = os.fork()
         except OSError as exc:
