@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import time
@@ -48,6 +49,8 @@ from empath.spool.records import Envelope
 from empath.spool.slots import CHECK_KEY, SlotPool, data_check, release, slot_seed
 from empath.spool.threads import SpoolThreads
 from empath.spool.wake import Waker
+
+log = logging.getLogger("empath.spool")
 
 SPILL_THRESHOLD = 256 * 1024
 # C threads of the StorePool: a store waits for a free one only when more messages than this
@@ -118,7 +121,11 @@ class ReceiverWriter:
         for token, err, _reused, seconds in self._stores.completed():
             fut, message = self._storing.pop(token)
             if err == 0:
-                message._linked()  # even when nobody waits any more: the file is queued
+                try:  # even when nobody waits any more: the file is queued
+                    message._linked()
+                except Exception:  # the other stores of the batch must still be answered
+                    log.exception("%s: stored, but its slot could not be released",
+                                  message.id)
                 if not fut.done():
                     fut.set_result(seconds)
             elif not fut.done():
