@@ -4,8 +4,8 @@ Moves the bytes of a session with one server address: connect; the set-up that
 ``client.Handshake`` decides (greeting, EHLO/HELO, STARTTLS per the TLS policy and DANE: here
 its commands are sent, its replies read and the TLS handshake run when it says so; a DANE-TA
 match connects once more, the matched certificates the only trust anchors, RFC 7672 §3.1.2);
-then transactions (RSET before one on a connection idle for a while: pool.py) and QUIT. Every wait has its own timeout from
-``delivery.timeouts`` (RFC 5321 §4.5.3.2). Message data is streamed from the queue file in
+then transactions (RSET before one on a connection idle for a while: pool.py) and QUIT.
+Every wait has its own timeout from ``delivery.timeouts`` (RFC 5321 §4.5.3.2). Message data is streamed from the queue file in
 blocks, dot-stuffed on the way, never held whole in memory. Completed TLS handshakes are
 counted in ``empath_tls_sessions_out_total``.
 
