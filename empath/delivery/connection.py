@@ -5,9 +5,9 @@ Moves the bytes of a session with one server address: connect; the set-up that
 its commands are sent, its replies read and the TLS handshake run when it says so; a DANE-TA
 match connects once more, the matched certificates the only trust anchors, RFC 7672 §3.1.2);
 then transactions (RSET before one on a connection idle for a while: pool.py) and QUIT.
-Every wait has its own timeout from ``delivery.timeouts`` (RFC 5321 §4.5.3.2). Message data is streamed from the queue file in
-blocks, dot-stuffed on the way, never held whole in memory. Completed TLS handshakes are
-counted in ``empath_tls_sessions_out_total``.
+Every wait has its own timeout from ``delivery.timeouts`` (RFC 5321 §4.5.3.2). Message data
+is streamed from the queue file in blocks, dot-stuffed on the way, never held whole in
+memory. Completed TLS handshakes are counted in ``empath_tls_sessions_out_total``.
 
 ``open_connection`` raises a DeliveryError when the session cannot be set up (the caller tries
 the next host); ``SMTPConnection.deliver`` never raises for a server's verdict or a broken
