@@ -77,8 +77,9 @@ class ConnectionPool:
                 self.quit_later(conn)
                 pool = self._idle.get(key, [])
                 continue
-            if time.monotonic() - conn.idle_since < HOT_REUSE and not conn.channel.pending:
-                conn.unverified = True
+            conn.unverified = (time.monotonic() - conn.idle_since < HOT_REUSE
+                               and not conn.channel.pending)
+            if conn.unverified:
                 return conn
             if await conn.reset():
                 return conn
