@@ -431,9 +431,16 @@ def test_stats_text_and_json(world: World) -> None:
 def test_stats_watch_redraws_in_a_terminal(world: World) -> None:
     world.deferred()
     master, slave = pty.openpty()
+    def as_from_a_shell() -> None:
+        # Ctrl-C must reach the command as from a shell, whatever another test left the
+        # signal mask of this test process at (a blocked SIGINT is inherited through exec).
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
     proc = subprocess.Popen([EMPATHCTL, "queue", "stats", "--watch", "--interval", "0.2",
                              "-c", str(world.daemon.config_path)],
-                            stdin=subprocess.DEVNULL, stdout=slave, stderr=subprocess.PIPE)
+                            stdin=subprocess.DEVNULL, stdout=slave, stderr=subprocess.PIPE,
+                            preexec_fn=as_from_a_shell)
     os.close(slave)
     out = b""
     deadline = time.monotonic() + 10
@@ -450,7 +457,11 @@ def test_stats_watch_redraws_in_a_terminal(world: World) -> None:
             if ready:
                 with contextlib.suppress(OSError):  # EIO once the child has closed it
                     out += os.read(master, 65536)
-        assert proc.wait(1) == 0
+        if proc.poll() is None:  # say why before failing
+            status = open(f"/proc/{proc.pid}/status").read()
+            pytest.fail("empathctl --watch still runs 10 s after SIGINT: " + " ".join(
+                line for line in status.splitlines() if line.startswith(("State", "Sig"))))
+        assert proc.returncode == 0
     finally:
         if proc.poll() is None:
             proc.kill()
