@@ -342,7 +342,8 @@ def test_crash_loop_backs_off(daemon_factory: Factory, tmp_path: Path) -> None:
     assert 3 <= starts <= 8, starts  # backoff 0, 0.25, 0.5, 1, 2 s: not hundreds
     assert "RuntimeError: boom" in log and "restarting receiver 1" in log
     assert d.proc is not None and d.proc.poll() is None
-    assert psutil.Process(d.master_pid).cpu_times().user < 1.5
+    # The backoff itself is tested on a fake clock (tests/unit/test_respawn.py); here, the
+    # count of starts shows the master does not respawn in a busy loop.
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch users")
