@@ -265,10 +265,9 @@ class IncomingMessage:
         sync_dir = slot is None and not self._slot
         started = time.monotonic()
         try:
-            if sync_dir or writer._stores is None:
-                write_seconds = await writer._pool.submit(self._store, envelope, slot,
-                                                          sync_dir=sync_dir)
-            else:
+            if sync_dir:  # no slot: tmp/, rename, the group commit
+                write_seconds = await writer._pool.submit(self._store, envelope, sync_dir=True)
+            else:  # a slot (there are slots, and a StorePool, only with spool.sync: file)
                 write_seconds = await writer.store_in_slot(self, *self._prepare(envelope, slot))
         except OSError as exc:
             if self._tmp:  # the file write failed: nothing reached incoming/
@@ -311,18 +310,13 @@ class IncomingMessage:
                 self._writer.slots.linked(self._tmp)
         self._tmp = b""
 
-    def _store(self, envelope: Envelope, slot: bytes | None) -> float:
-        """Thread side, for a message outside a slot (or when the compiled pool is not in
-        use): finish the file (a slot, a recycled file or a new one), fdatasync, link (a
-        slot) or rename it into incoming/; the seconds it took. One call of the compiled
-        ``store_file``, which holds no GIL from the first syscall to the last."""
+    def _store(self, envelope: Envelope) -> float:
+        """Thread side, for a message outside a slot: finish the file (a spilled one, a
+        recycled file or a new one), fdatasync, rename it into incoming/; the seconds it
+        took. One call of the compiled ``store_file``, which holds no GIL from the first
+        syscall to the last."""
         writer = self._writer
         started = time.monotonic()
-        if self._slot or slot is not None:
-            fd, tmp, chunks, dest, mtime = self._prepare(envelope, slot)
-            store_file(fd, tmp, chunks, dest, tmp, mtime, writer.datasync)
-            self._linked()
-            return time.monotonic() - started
         fd, self._fd = self._fd, -1  # store_file closes it in every case
         chunks, self._chunks = self._chunks, []
         self._tmp = writer.tmp_prefix + self.id.encode()
