@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from empath.spool import fileformat
-from empath.spool.ids import is_valid_id
+from empath.spool.ids import is_valid_id, valid_ids
 from empath.spool.slots import RECYCLE_MAX_SIZE, forget_recycled_after_restart, recover_slots
 
 if TYPE_CHECKING:
@@ -363,7 +363,7 @@ class Spool:
         off); how many."""
         names = _listdir(self.recycle)
         # Names no receiver takes (a ``.cut`` left by a crash) always go.
-        keep = [n for n in names if is_valid_id(n)][:max(self.recycle_files, 0)]
+        keep = valid_ids(names)[:max(self.recycle_files, 0)]
         removed = 0
         for name in set(names).difference(keep):
             with contextlib.suppress(FileNotFoundError):
@@ -391,7 +391,7 @@ class Spool:
         now = time.monotonic()
         if self.recycle_files <= 0 or now < self._candidates_at:
             return []
-        names = [n for n in _listdir(self.recycle) if is_valid_id(n)]
+        names = valid_ids(_listdir(self.recycle))
         if not names:
             self._candidates_at = now + RELIST_INTERVAL
             return []
@@ -410,7 +410,7 @@ class Spool:
             now = time.monotonic()
             if now < self._relist_at:
                 return False
-            names = [n for n in _listdir(self.recycle) if is_valid_id(n)]
+            names = valid_ids(_listdir(self.recycle))
             if not names:
                 self._relist_at = now + RELIST_INTERVAL
             random.shuffle(names)

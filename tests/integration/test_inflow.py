@@ -11,6 +11,7 @@ from typing import Any
 
 from empath.spool import Spool
 from tests.integration.test_observability import ctl
+from tests.integration.test_spool_writes import frozen
 from tests.support.daemon import EmpathDaemon
 
 BODY = b"Subject: x\r\n\r\nbody\r\n"
@@ -18,12 +19,8 @@ BODY = b"Subject: x\r\n\r\nbody\r\n"
 
 def frozen_with_backlog(daemon_factory: Any, delay: str) -> tuple[EmpathDaemon, Spool]:
     """A daemon with delivery frozen and three messages waiting: over a backlog limit of 2."""
-    d: EmpathDaemon = daemon_factory({"smtp": {"in_flow_delay": delay, "in_flow_backlog": 2}},
-                                     start=False)
+    d = frozen(daemon_factory, {"smtp": {"in_flow_delay": delay, "in_flow_backlog": 2}})
     spool = Spool(str(d.spool_path))
-    spool.create_tree()
-    spool.set_frozen(True)
-    d.start()
     with d.smtp() as s:
         for _ in range(3):
             assert s.sendmail("a@example.org", ["alice@localhost"], BODY) == {}
