@@ -18,6 +18,7 @@ import asyncio
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,8 +110,7 @@ class Acceptance:
                 await message.add_header(self._dkim_header)
             await message.commit(self.envelope_record(envelope))
         except SpoolError as exc:
-            log.error("%s: not stored: %s", queue_id, exc)
-            reply = R.NO_STORAGE if is_disk_full(exc) else R.SPOOL_ERROR
+            reply = self._spool_failure(exc)
         except BaseException:
             reply = R.SPOOL_ERROR
             raise
@@ -118,6 +118,36 @@ class Acceptance:
             if reply is not None and dedup_key is not None and r.dedup is not None:
                 r.dedup.release(dedup_key)
         return reply
+
+    def store_soon(self, envelope: Envelope, done: Callable[[R.Reply | None], None]) -> bool:
+        """store() without a coroutine, for the common message: no ``on_data`` module, no
+        duplicate suppression, no DKIM signature to compute, and a slot ready for it. Then
+        ``done(None)`` once it is stored, or ``done(reply)`` when it is refused, is called
+        from the loop (never from inside this call), and True is returned; else False, and
+        store() must be awaited."""
+        r, message = self.receiver, self.message
+        if r.dedup is not None or (r.signer is not None and self.arrival.trusted) \
+                or any("on_data" in m.hooks for m in r.modules):
+            return False
+        loop = asyncio.get_running_loop()
+        if not r.space_ok():
+            message.abort()
+            loop.call_soon(done, R.NO_STORAGE)
+            return True
+        self._set_priority(envelope)
+
+        def committed(error: SpoolError | None) -> None:
+            done(None if error is None else self._spool_failure(error))
+
+        try:
+            return bool(message.commit_soon(self.envelope_record(envelope), committed))
+        except SpoolError as exc:
+            loop.call_soon(done, self._spool_failure(exc))
+            return True
+
+    def _spool_failure(self, exc: SpoolError) -> R.Reply:
+        log.error("%s: not stored: %s", self.arrival.queue_id, exc)
+        return R.NO_STORAGE if is_disk_full(exc) else R.SPOOL_ERROR
 
     def received(self, envelope: Envelope, size: int) -> None:
         """Count a stored message, and record it in the audit log."""

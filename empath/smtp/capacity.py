@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import hashlib
 import logging
@@ -37,6 +38,7 @@ import mmap
 import os
 import resource
 import socket
+import ssl
 import struct
 from typing import Any
 
@@ -148,6 +150,22 @@ class ConnectionTable:
             _lock(self._fd, row, fcntl.F_UNLCK)
         return False
 
+    def own(self) -> int:
+        """This receiver's open connections."""
+        return int(self.words[self.base + 1])
+
+    def fewest_elsewhere(self) -> int | None:
+        """The fewest open connections of another receiver that takes connections (None:
+        no other does). Plain reads: a dead receiver's row may count until its sweep."""
+        words = self.words
+        fewest = None
+        for start in range(0, MAX_ROWS * ROW_WORDS, ROW_WORDS):
+            if start != self.base and words[start]:
+                count = words[start + 1]
+                if fewest is None or count < fewest:
+                    fewest = count
+        return fewest
+
     # -- this receiver's connections --------------------------------------------------------
     def opened(self, ip: str) -> tuple[int, int, int]:
         """Count a new connection; returns (daemon total, this address's count, own total)."""
@@ -207,8 +225,11 @@ class AcceptGate:
         self.table = table
         self.open = True
         self._specs: list[tuple[Any, Any, Any]] = []  # (socket, protocol factory, ssl context)
-        self._servers: list[asyncio.AbstractServer] = []
+        self._servers: list[Acceptor] = []
         self._resuming: asyncio.Task[None] | None = None
+        # Connections accepted whose set-up (transport, TLS handshake, connection_made) is
+        # under way: referenced until done, and waited for when the receiver stops.
+        self.setting_up: set[asyncio.Task[Any]] = set()
 
     async def serve(self, sock: socket.socket, factory: Any, ssl_ctx: Any) -> None:
         self._specs.append((sock, factory, ssl_ctx))
@@ -219,10 +240,8 @@ class AcceptGate:
         if self.table is not None:
             self.table.set_accepting(accepting)
 
-    @staticmethod
-    async def _listen(sock: socket.socket, factory: Any, ssl_ctx: Any) -> asyncio.AbstractServer:
-        loop = asyncio.get_running_loop()
-        return await loop.create_server(factory, sock=sock.dup(), ssl=ssl_ctx, backlog=1024)
+    async def _listen(self, sock: socket.socket, factory: Any, ssl_ctx: Any) -> Acceptor:
+        return Acceptor(sock, factory, ssl_ctx, self.table, self.setting_up)
 
     def update(self, own: int, total: int, limit: int) -> None:
         """Called whenever this receiver's connection count changes, and every second.
@@ -262,6 +281,13 @@ class AcceptGate:
         with contextlib.suppress(ValueError):  # the table may be closed already
             self._accepting(False)
 
+    async def settle(self, timeout: float) -> None:
+        """After close(): wait (at most ``timeout`` seconds) until every connection already
+        accepted has been set up, so each is answered (a 421 while stopping) rather than
+        closed unanswered when the process exits."""
+        if self.setting_up:
+            await asyncio.wait(list(self.setting_up), timeout=timeout)
+
 
 def share_of(max_connections: int, receivers: int) -> int:
     """One receiver's share of the daemon's connections (rounded up: never fewer in total)."""
@@ -282,3 +308,95 @@ def raise_file_limit(needed: int) -> tuple[int, int]:
     with contextlib.suppress(ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+ACCEPT_BATCH = 4  # connections taken per wake-up of one receiver's loop
+# A receiver with more than ACCEPT_SLACK connections over another accepting receiver leaves
+# new connections to it for ACCEPT_DEFER seconds, then takes a batch whatever the counts.
+ACCEPT_SLACK = 2
+ACCEPT_DEFER = 0.005
+ACCEPT_PAUSE = 1.0  # seconds without accepting after the process ran out of descriptors
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+class Acceptor:
+    """This receiver's accepts on one listening socket (a duplicate of the master's), a few
+    per turn of the event loop.
+
+    Every receiver watches the same accept queue. An event loop that took every waiting
+    connection at once (as a server from ``loop.create_server`` does) would take a whole
+    burst, say the 100 connections a client opens together, while the other receivers get
+    none, and one process would then carry all of their mail. Taking ACCEPT_BATCH per turn
+    leaves the rest to the other receivers' loops, which are woken too: a burst is shared
+    out evenly between idle receivers, and a busy receiver (slower turns) takes fewer.
+
+    Connections that arrive one at a time wake every receiver, and the first to run takes
+    each; so a receiver with more than ACCEPT_SLACK connections over another accepting
+    receiver stands back for ACCEPT_DEFER seconds (the other takes them), and then takes a
+    batch whatever the counts: a stuck receiver delays new clients by that much at most."""
+
+    def __init__(self, sock: socket.socket, factory: Any, ssl_ctx: Any,
+                 table: ConnectionTable | None = None,
+                 setting_up: set[asyncio.Task[Any]] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._table = table
+        self._deferred = False
+        self._sock = sock.dup()
+        self._sock.setblocking(False)
+        self._factory, self._ssl = factory, ssl_ctx
+        self._open = True
+        self._tasks: set[asyncio.Task[Any]] = set() if setting_up is None else setting_up
+        self._loop.add_reader(self._sock.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        table = self._table
+        if self._deferred:
+            self._deferred = False  # deferred once already: this batch is taken
+        elif table is not None:
+            fewest = table.fewest_elsewhere()
+            if fewest is not None and table.own() > fewest + ACCEPT_SLACK:
+                # Another receiver with fewer connections is woken too: let it take these.
+                self._deferred = True
+                self._loop.remove_reader(self._sock.fileno())
+                self._loop.call_later(ACCEPT_DEFER, self._resume)
+                return
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _addr = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _OUT_OF_RESOURCES:
+                    log.error("cannot accept connections: %s; pausing for %gs",
+                              exc.strerror, ACCEPT_PAUSE)
+                    self._loop.remove_reader(self._sock.fileno())
+                    self._loop.call_later(ACCEPT_PAUSE, self._resume)
+                    return
+                continue  # ECONNABORTED and the like: that client is gone
+            with contextlib.suppress(OSError):
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            task = self._loop.create_task(self._connect(conn))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _connect(self, conn: socket.socket) -> None:
+        try:
+            await self._loop.connect_accepted_socket(self._factory, conn, ssl=self._ssl)
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            # A client that fails the TLS handshake of an smtps listener, or is gone.
+            log.debug("connection not set up: %s", exc)
+            conn.close()
+        except Exception:
+            log.exception("connection not set up")
+            conn.close()
+
+    def _resume(self) -> None:
+        if self._open:
+            self._loop.add_reader(self._sock.fileno(), self._accept)
+
+    def close(self) -> None:
+        """Accept no more here (connections already taken go on)."""
+        if self._open:
+            self._open = False
+            self._loop.remove_reader(self._sock.fileno())
+            self._sock.close()

@@ -76,7 +76,8 @@ class SMTPProtocol(asyncio.Protocol):
         # done, so none is garbage-collected mid-flight, and any error they end with is
         # logged and closes the connection (_task_done).
         self.tasks: set[asyncio.Task[None]] = set()
-        self.committing: asyncio.Task[None] | None = None
+        # The message's commit while it runs (a task, or a future its callback settles).
+        self.committing: asyncio.Future[None] | None = None
 
     # -- asyncio callbacks -----------------------------------------------------------------
     def connection_made(self, transport: Any) -> None:
@@ -193,8 +194,7 @@ class SMTPProtocol(asyncio.Protocol):
                 self._start_message(ev.envelope)  # type: ignore[union-attr]
             elif kind is S.DataEnd:
                 self._pause_reading()
-                self.committing = self._spawn(
-                    self._commit(ev.envelope))  # type: ignore[union-attr,arg-type]
+                self._commit(ev.envelope)  # type: ignore[union-attr,arg-type]
             elif kind is S.DataAbort:
                 if self.message is not None:
                     self.message.abort()
@@ -230,22 +230,61 @@ class SMTPProtocol(asyncio.Protocol):
             session, self.peer[0], r.cfg.hostname, self.queue_id, self.tls_info, envelope))
         self.deadline = time.monotonic() + r.cfg.smtp.timeouts.data_init
 
-    async def _commit(self, envelope: S.Envelope) -> None:
+    def _commit(self, envelope: S.Envelope) -> None:
+        """Store the message: its 250 (or refusal) is sent by _committed, straight from the
+        callback that sees the store finish when Acceptance.store_soon can take it, else
+        at the end of a task that awaits Acceptance.store."""
         session, message, r = self.session, self.message, self.receiver
         assert session is not None and message is not None and self.hook_ctx is not None
         self.deadline = time.monotonic() + r.cfg.smtp.timeouts.data_termination
         policy = Acceptance(r, self._arrival(session), self.hook_ctx, self.trace, message,
                             self.head, self.digest)
+        pending: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def done(reply: R.Reply | None) -> None:
+            if self.committing is pending:
+                self.committing = None
+            pending.set_result(None)
+            try:
+                self._committed(envelope, message, policy, reply)
+            except Exception:  # as _task_done does for the task's path
+                log.exception("unexpected error in a session with [%s]", self.peer[0])
+                self._fail_connection()
+
+        try:
+            soon = policy.store_soon(envelope, done)
+        except Exception:
+            self._unexpected(envelope, message)
+            asyncio.get_running_loop().call_soon(done, R.SPOOL_ERROR)
+            soon = True
+        if soon:
+            self.committing = pending
+        else:
+            self.committing = self._spawn(self._store(envelope, policy))
+
+    async def _store(self, envelope: S.Envelope, policy: Acceptance) -> None:
+        message = self.message
         try:
             reply = await policy.store(envelope)
         except Exception:
-            # Anything unforeseen (a parser's RecursionError, a module's bad value): the
-            # message is not stored, the client hears 451 and may retry, the session goes on.
-            log.exception("%s: not stored: unexpected error (from=<%s> client=[%s])",
-                          self.queue_id, envelope.sender, self.peer[0])
+            self._unexpected(envelope, message)
             reply = R.SPOOL_ERROR
-            with contextlib.suppress(Exception):
-                message.abort()
+        self._committed(envelope, message, policy, reply)
+
+    def _unexpected(self, envelope: S.Envelope, message: Any) -> None:
+        """Anything unforeseen while storing (a parser's RecursionError, a module's bad
+        value): the message is not stored, the client hears 451 and may retry, the session
+        goes on."""
+        log.exception("%s: not stored: unexpected error (from=<%s> client=[%s])",
+                      self.queue_id, envelope.sender, self.peer[0])
+        with contextlib.suppress(Exception):
+            message.abort()
+
+    def _committed(self, envelope: S.Envelope, message: Any, policy: Acceptance,
+                   reply: R.Reply | None) -> None:
+        """The message is stored (``reply`` None) or refused: count it, log it, answer."""
+        session, r = self.session, self.receiver
+        assert session is not None and self.hook_ctx is not None
         self.message = None
         self.trace.message_done(message.size, None if reply is None else reply.code)
         if reply is None:
@@ -498,9 +537,10 @@ async def serve(ctx: ChildContext) -> None:
         receiver.inflow.stop()
         receiver.stopping = True
         gate.close()
-        # A connection accepted in the loop's last turn before the close has its
-        # connection_made still queued: let it run (it is answered 421) before the
-        # connections are counted, or the process would exit and close it unanswered.
+        # A connection accepted in the loop's last turns before the close may not have
+        # run connection_made yet: let it run (it is answered 421) before the connections
+        # are counted, or the process would exit and close it unanswered.
+        await gate.settle(ctx.shutdown_timeout)
         await asyncio.sleep(0)
         for proto in list(receiver.connections):
             proto.close_for_shutdown()

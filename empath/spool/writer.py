@@ -52,6 +52,13 @@ from empath.spool.wake import Waker
 
 log = logging.getLogger("empath.spool")
 
+# Called in the loop when a store into a slot has finished: (seconds it took, None), or
+# (0.0, the OSError that failed it).
+Stored = Callable[[float, OSError | None], None]
+# Called in the loop once a message committed with commit_soon is durable (None), or not
+# (the SpoolError).
+Committed = Callable[[SpoolError | None], None]
+
 SPILL_THRESHOLD = 256 * 1024
 # C threads of the StorePool: a store waits for a free one only when more messages than this
 # are being flushed at once by one receiver (a thread that waits in fdatasync costs no CPU).
@@ -89,7 +96,7 @@ class ReceiverWriter:
         # A message written into a slot: one call of the compiled store in a thread that
         # never takes the GIL, its end reported through an eventfd the loop reads.
         self._stores: StorePool | None = None
-        self._storing: dict[int, tuple[asyncio.Future[float], IncomingMessage]] = {}
+        self._storing: dict[int, tuple[Stored, IncomingMessage]] = {}
         self._tokens = 0
         if self.slots is not None:
             self._stores = StorePool(max(threads, STORE_THREADS))
@@ -100,36 +107,40 @@ class ReceiverWriter:
     def begin(self, message_id: str) -> IncomingMessage:
         return IncomingMessage(self, message_id)
 
-    def store_in_slot(self, message: IncomingMessage, fd: int, tmp: bytes, parts: list[bytes],
-                      dest: bytes, mtime: float) -> asyncio.Future[float]:
-        """Store ``message`` in its slot ``tmp`` (``fd`` open on it, or -1); the future's
-        result is the seconds the store took (OSError when it failed)."""
+    def store_in_slot(self, message: IncomingMessage, done: Stored, fd: int, tmp: bytes,
+                      parts: list[bytes], dest: bytes, mtime: float) -> None:
+        """Store ``message`` in its slot ``tmp`` (``fd`` open on it, or -1); ``done(seconds,
+        None)`` or ``done(0.0, OSError)`` is called in the loop, from the eventfd's callback,
+        when the store has finished."""
         assert self._stores is not None
         self._tokens += 1
-        fut: asyncio.Future[float] = self._loop.create_future()
-        self._storing[self._tokens] = (fut, message)
+        self._storing[self._tokens] = (done, message)
         try:
             self._stores.submit(self._tokens, fd, tmp, parts, dest, tmp, mtime, True)
         except BaseException:
             del self._storing[self._tokens]
             raise
-        return fut
 
     def _stored(self) -> None:
-        """The eventfd: settle every store that finished."""
+        """The eventfd: settle every store that finished, each in turn, right here (not a
+        loop turn later through a future): a message's 250 goes out as soon as it is
+        durable."""
         assert self._stores is not None
         for token, err, _reused, seconds in self._stores.completed():
-            fut, message = self._storing.pop(token)
+            done, message = self._storing.pop(token)
+            failure = None
             if err == 0:
                 try:  # even when nobody waits any more: the file is queued
                     message._linked()
                 except Exception:  # the other stores of the batch must still be answered
                     log.exception("%s: stored, but its slot could not be released",
                                   message.id)
-                if not fut.done():
-                    fut.set_result(seconds)
-            elif not fut.done():
-                fut.set_exception(OSError(err, os.strerror(err), os.fsdecode(message._tmp)))
+            else:
+                failure = OSError(err, os.strerror(err), os.fsdecode(message._tmp))
+            try:
+                done(seconds, failure)
+            except Exception:  # one session's failure must not keep the others' replies
+                log.exception("%s: error after its store", message.id)
 
     def close(self) -> None:
         if self._stores is not None:
@@ -257,30 +268,92 @@ class IncomingMessage:
         if self._error is not None:
             raise SpoolError(self._error.errno or 0, f"spool write failed: {self._error}")
         writer = self._writer
+        slot = self._slot_for_commit()
+        if slot is not None or self._slot:
+            fut: asyncio.Future[None] = writer._loop.create_future()
+
+            def settle(error: SpoolError | None) -> None:
+                if fut.done():
+                    return
+                if error is None:
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(error)
+
+            self._commit_in_slot(envelope, slot, settle)
+            await fut
+            return
+        # No slot: tmp/, rename, and a wait for the group commit's directory fsync.
         envelope["data_size"] = self._size
-        slot = None
-        if self._fd < 0 and writer.slots is not None:
-            slot = writer.slots.take()
-        # Only a message outside a slot waits for its rename to be flushed (the group commit).
-        sync_dir = slot is None and not self._slot
         started = time.monotonic()
         try:
-            if sync_dir:  # no slot: tmp/, rename, the group commit
-                write_seconds = await writer._pool.submit(self._store, envelope, sync_dir=True)
-            else:  # a slot (there are slots, and a StorePool, only with spool.sync: file)
-                write_seconds = await writer.store_in_slot(self, *self._prepare(envelope, slot))
+            write_seconds = await writer._pool.submit(self._store, envelope, sync_dir=True)
         except OSError as exc:
-            if self._tmp:  # the file write failed: nothing reached incoming/
-                self._discard()
-            else:  # the directory fsync failed: take the message back, it was not durable
-                with contextlib.suppress(OSError):
-                    os.unlink(writer.spool.path("incoming", self.id))
-            raise SpoolError(exc.errno or 0, f"spool write failed: {exc}") from exc
-        if not sync_dir:
+            raise self._failed(exc) from exc
+        self._observe(started, write_seconds)
+
+    def commit_soon(self, envelope: Envelope, done: Committed) -> bool:
+        """commit() without a coroutine, when the message goes into a slot: the store is
+        started now and ``done(None)`` (durable) or ``done(SpoolError)`` is called from the
+        loop's callback that sees the store finish, so the 250 costs no extra loop turns.
+        False, with nothing done, when no slot is ready (then await commit())."""
+        if self._error is not None:
+            return False
+        slot = self._slot_for_commit()
+        if slot is None and not self._slot:
+            return False
+        self._commit_in_slot(envelope, slot, done)
+        return True
+
+    def _slot_for_commit(self) -> bytes | None:
+        """A slot for a message held in memory (None when there is none, or the message was
+        spilled: it is in a slot already when self._slot)."""
+        slots = self._writer.slots
+        if self._fd < 0 and slots is not None:
+            return slots.take()
+        return None
+
+    def _commit_in_slot(self, envelope: Envelope, slot: bytes | None,
+                        done: Committed) -> None:
+        """Hand the store into ``slot`` (or the slot already being written) to the StorePool;
+        ``done`` is called when it has finished. A failure to hand it over is raised."""
+        writer = self._writer
+        envelope["data_size"] = self._size
+        started = time.monotonic()
+
+        def stored(seconds: float, failure: OSError | None) -> None:
+            if failure is not None:
+                done(self._failed(failure))
+                return
             writer.wake_soon()
+            self._observe(started, seconds)
+            done(None)
+
+        try:
+            writer.store_in_slot(self, stored, *self._prepare(envelope, slot))
+        except OSError as exc:
+            raise self._failed(exc) from exc
+
+    def _failed(self, exc: OSError) -> SpoolError:
+        """A failed store: nothing of it is left in the spool (as far as the disk lets us:
+        a slot that cannot be removed, on a read-only spool, is one recovery discards as
+        incomplete); the error to raise."""
+        if self._tmp:  # the file write failed: nothing reached incoming/
+            try:
+                self._discard()
+            except OSError as cleanup:
+                log.warning("%s: not stored, and its file could not be removed: %s",
+                            self.id, cleanup)
+        else:  # the directory fsync failed: take the message back, it was not durable
+            with contextlib.suppress(OSError):
+                os.unlink(self._writer.spool.path("incoming", self.id))
+        return SpoolError(exc.errno or 0, f"spool write failed: {exc}")
+
+    def _observe(self, started: float, write_seconds: float) -> None:
         # Observed here, in the event loop: the instruments are not thread-safe.
-        writer.metrics.spool_write.observe(write_seconds)
-        writer.metrics.spool_commit.observe(time.monotonic() - started)
+        metrics_ = self._writer.metrics
+        metrics_.spool_write.observe(write_seconds)
+        metrics_.spool_commit.observe(time.monotonic() - started)
 
     def _prepare(self, envelope: Envelope, slot: bytes | None
                  ) -> tuple[int, bytes, list[bytes], bytes, float]:

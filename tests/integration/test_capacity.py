@@ -93,6 +93,45 @@ def test_a_full_receiver_leaves_new_clients_to_one_with_room(daemon_factory: Any
             c.close()
 
 
+def test_connections_arriving_one_at_a_time_are_shared_between_receivers(
+        daemon_factory: Any) -> None:
+    """Every receiver is woken for each new connection and the first to run took it, so one
+    receiver could end up with all of a client's long sessions (100 against 0 was seen) and
+    carry all of their mail on one core. A receiver with more connections than another
+    leaves the next ones to it (capacity.Acceptor)."""
+    d = frozen(daemon_factory, {"max_connections": 200, "max_connections_per_ip": 200})
+    first, second = d.child_pids("receiver")
+    clients: list[Client] = []
+    try:
+        for _ in range(30):  # one at a time: each is accepted and greeted before the next
+            clients.append(Client(d))
+            assert clients[-1].greeting().startswith(b"220 ")
+        held = [holder(d, c) for c in clients]
+        counts = {pid: held.count(pid) for pid in (first, second)}
+        assert min(counts.values()) >= 10, counts
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_a_stopped_receiver_does_not_hold_back_new_clients(daemon_factory: Any) -> None:
+    """The receiver with more connections stands back only for a moment: with the other
+    receiver stopped (as a stuck one would be) every new client is still greeted, by the
+    one that runs."""
+    d = frozen(daemon_factory, {"max_connections": 200, "max_connections_per_ip": 200})
+    first, second = d.child_pids("receiver")
+    clients: list[Client] = []
+    try:
+        with stopped(second):
+            for _ in range(12):
+                clients.append(Client(d))
+                assert clients[-1].greeting(timeout=5).startswith(b"220 ")
+            assert {holder(d, c) for c in clients} == {first}
+    finally:
+        for c in clients:
+            c.close()
+
+
 def at_the_address_limit(daemon_factory: Any, source: str
                          ) -> tuple[EmpathDaemon, int, int, list[Client]]:
     """A daemon whose per-address limit (2) ``source`` fills, both connections held by the
