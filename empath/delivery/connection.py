@@ -1,7 +1,7 @@
-"""One SMTP client connection: the asyncio layer around the protocol core in ``client.py``.
+"""One SMTP client connection: asyncio around the sans-IO ``handshake.py`` and ``client.py``.
 
 Moves the bytes of a session with one server address: connect; the set-up that
-``client.Handshake`` decides (greeting, EHLO/HELO, STARTTLS per the TLS policy and DANE: here
+``handshake.Handshake`` decides (greeting, EHLO/HELO, STARTTLS per the TLS policy and DANE: here
 its commands are sent, its replies read and the TLS handshake run when it says so; a DANE-TA
 match connects once more, the matched certificates the only trust anchors, RFC 7672 §3.1.2);
 then transactions (RSET before one on a connection idle for a while: pool.py) and QUIT.
@@ -37,18 +37,12 @@ from empath.config.typed import DeliveryTimeoutsConfig
 from empath.delivery.client import (
     QUIT,
     RSET,
-    BeginTLS,
-    Command,
     DotStuffer,
     Extensions,
-    Handshake,
     ProtocolError,
     ProtocolFailure,
-    Ready,
-    Reconnect,
     Reply,
     ReplyChannel,
-    Step,
     Transaction,
     bdat_command,
     check_chunk_reply,
@@ -64,6 +58,14 @@ from empath.delivery.errors import (
     PermanentError,
     TemporaryError,
     error_for_reply,
+)
+from empath.delivery.handshake import (
+    BeginTLS,
+    Command,
+    Handshake,
+    Ready,
+    Reconnect,
+    Step,
 )
 from empath.delivery.state import RecipientOutcome
 from empath.delivery.tls import TLSContexts, TLSPolicy, describe, peer_chain, warn_unverified
@@ -302,7 +304,7 @@ class SMTPConnection:
         await self._send(line, stage)
         return await self._read(stage)
 
-    # -- session set-up: client.Handshake decides, this moves the bytes ------------------
+    # -- session set-up: handshake.Handshake decides, this moves the bytes ---------------
     async def handshake(self, hs: Handshake, contexts: TLSContexts) -> Reconnect | None:
         """Carry out ``hs`` until the session is ready for MAIL (None), or must be made again
         (``Reconnect``: DANE-TA); a DeliveryError when there is no session."""

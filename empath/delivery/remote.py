@@ -56,12 +56,6 @@ from empath.config.typed import Config, DeliveryConfig, ListenerConfig
 from empath.config.types import parse_address
 from empath.delivery import dnssec
 from empath.delivery.breaker import REACHED, UNKNOWN, UNREACHABLE, CircuitBreakers, CircuitOpen
-from empath.delivery.client import (
-    CertificateUnverified,
-    DANEFailure,
-    TLSHandshakeError,
-    TLSPolicyFailure,
-)
 from empath.delivery.connection import (
     ConnectFailure,
     SMTPConnection,
@@ -76,6 +70,12 @@ from empath.delivery.errors import (
     LocalSystemError,
     PermanentError,
     TemporaryError,
+)
+from empath.delivery.handshake import (
+    CertificateUnverified,
+    DANEFailure,
+    TLSHandshakeError,
+    TLSPolicyFailure,
 )
 from empath.delivery.limits import DestinationLimits
 from empath.delivery.mtasts import PolicyCache, StsCheck

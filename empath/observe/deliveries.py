@@ -116,7 +116,7 @@ def tls_failure(err: Exception) -> None:
 
 def tls_failure_reason(err: Exception) -> str | None:
     # Imported here: the delivery side imports this module.
-    from empath.delivery.client import DANEFailure, TLSHandshakeError, TLSPolicyFailure
+    from empath.delivery.handshake import DANEFailure, TLSHandshakeError, TLSPolicyFailure
 
     if isinstance(err, DANEFailure):
         return "dane"

@@ -1,6 +1,6 @@
 """The delivery client's sans-IO core against the receiver's sans-IO session, in memory.
 
-h11-style pair tests: ``client.Handshake`` and ``client.Transaction`` on one side,
+h11-style pair tests: ``handshake.Handshake`` and ``client.Transaction`` on one side,
 ``empath.smtp.session.ServerSession`` on the other, the client's bytes fed to the session and
 the session's bytes fed to the client's ``ReplyChannel`` (as ``connection.py`` feeds it from
 a socket), no sockets and no clock. A ``tamper`` function stands between the session's output
@@ -23,23 +23,12 @@ import pytest
 from empath.delivery.client import (
     QUIT,
     RSET,
-    BeginTLS,
-    CertificateUnverified,
-    Command,
-    DANEFailure,
     DotStuffer,
     Extensions,
-    Fail,
-    Handshake,
     ProtocolError,
     ProtocolFailure,
-    Ready,
-    Reconnect,
     Reply,
     ReplyChannel,
-    Step,
-    TLSHandshakeError,
-    TLSPolicyFailure,
     Transaction,
     bdat_command,
     check_chunk_reply,
@@ -49,6 +38,19 @@ from empath.delivery.client import (
 )
 from empath.delivery.dane import VERIFIED, TLSARecord, requirement
 from empath.delivery.errors import PermanentError, TemporaryError, error_for_reply
+from empath.delivery.handshake import (
+    BeginTLS,
+    CertificateUnverified,
+    Command,
+    DANEFailure,
+    Fail,
+    Handshake,
+    Ready,
+    Reconnect,
+    Step,
+    TLSHandshakeError,
+    TLSPolicyFailure,
+)
 from empath.delivery.state import DEFERRED, DELIVERED, FAILED, RecipientOutcome
 from empath.delivery.tls import DISABLED, MTA_STS_ENFORCE, OPPORTUNISTIC, REQUIRED, TLSPolicy
 from empath.smtp import session as S

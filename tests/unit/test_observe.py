@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 
 from empath import logsetup
 from empath.config import Address
-from empath.delivery.client import DANEFailure, TLSHandshakeError, TLSPolicyFailure
 from empath.delivery.errors import TemporaryError
+from empath.delivery.handshake import DANEFailure, TLSHandshakeError, TLSPolicyFailure
 from empath.observe import admin_enabled, admin_endpoints, deliveries, tracing
 from empath.observe.audit import AuditLog, read_records, redact
 from empath.observe.deliveries import reason_class, tls_failure_reason
