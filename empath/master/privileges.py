@@ -145,7 +145,7 @@ def hand_over_spool(ident: Identity, spool_root: str, force: bool = False) -> Sp
         return SpoolHandOver(walked, changed)
     _write_stamp(spool.handed_over, stamp, ident)
     where = (f"every spool directory (no stamp of a hand-over to {stamp})" if recorded != stamp
-             else ", ".join(f"{name}/" for name in walked) + " (not yet the user's)")
+             else ", ".join(f"{name or '.'}/" for name in walked) + " (not yet the user's)")
     log.info("spool handed over to %s (uid %d, gid %d): the entries of %s checked, %d "
              "file(s) were not the user's", ident.user, ident.uid, ident.gid, where, changed)
     return SpoolHandOver(walked, changed)
