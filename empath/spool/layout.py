@@ -53,6 +53,7 @@ log = logging.getLogger("empath.spool")
 QUEUE_STATES = ("incoming", "deferred", "hold", "failed", "corrupt")
 ALL_DIRS = ("tmp", "incoming", "active", "deferred", "hold", "failed", "corrupt", "recycle",
             "slots", "control", "control/wake", "control/auth-failures")
+HANDED_OVER = "handed-over"  # in control/: see master/privileges.py
 RELIST_INTERVAL = 0.05  # a receiver lists recycle/ at most this often when it found none
 
 
@@ -85,7 +86,7 @@ class Spool:
         self.counts_file = os.path.join(self.control, "counts")  # see counts.py
         # The stamp of the last completed hand-over (master/privileges.py); a worker that
         # meets a queue file not its own removes it, so the next start walks the queue.
-        self.handed_over = os.path.join(self.control, "handed-over")
+        self.handed_over = os.path.join(self.control, HANDED_OVER)
         # Delivery side: ids already reported as not this process's (logged once each).
         self._not_ours: set[str] = set()
 

@@ -168,3 +168,27 @@ def test_sendmail_run_as_root_queues_a_file_the_user_can_deliver(
     assert read_stamp(spool.handed_over) == STAMP
     restart(d)
     assert d.log_text().count("queue files not walked") == 1
+
+
+def test_a_control_directory_replaced_by_a_symlink_leads_the_hand_over_nowhere(
+        daemon_factory: DaemonFactory, sink: SinkServer, base: Path) -> None:  # noqa: F811
+    # The unprivileged user owns the spool: before a restart as root it can replace control/
+    # with a link to a directory of someone else, hoping root chowns control/wake/ or writes
+    # the stamp there.
+    victim = base / "victim"
+    for path in (victim, victim / "wake", victim / "auth-failures"):
+        path.mkdir()
+    (victim / "counts").write_text("someone else's\n")
+    for path in (victim, victim / "wake", victim / "auth-failures", victim / "counts"):
+        os.chown(path, 4244, 4244)
+    spool = Spool(str(base / "spool"))
+    spool.create_tree()
+    shutil.rmtree(spool.control)
+    os.symlink(victim, spool.control)
+    d = daemon_factory(as_nobody(sink, base), start=False)
+    d.start(wait=False)
+    d.wait_for(lambda: "cannot record the hand-over" in d.log_text(), WAIT, "the hand-over")
+    assert not (victim / "handed-over").exists()
+    for path in (victim, victim / "wake", victim / "auth-failures", victim / "counts"):
+        assert owner(str(path)) == 4244, path
+    assert not [p for p in victim.iterdir() if owner(str(p)) == NOBODY]
