@@ -43,7 +43,8 @@ STAMP = f"{NOBODY}:{NOBODY}"
 
 @pytest.fixture
 def base() -> Iterator[Path]:
-    """A directory under /tmp that "nobody" can reach (pytest's own is private to root)."""
+    """A directory under /tmp that "nobody" can reach (pytest's own is private to root).
+    Asked for first, so that it is removed after the daemons are killed."""
     path = Path(tempfile.mkdtemp(prefix="empath-handover-"))
     path.chmod(0o755)
     try:
@@ -69,7 +70,7 @@ def owner(path: str) -> int:
 
 
 def test_a_spool_left_by_a_run_as_root_is_handed_over_and_its_mail_delivered(
-        daemon_factory: DaemonFactory, sink: SinkServer, base: Path) -> None:  # noqa: F811
+        base: Path, daemon_factory: DaemonFactory, sink: SinkServer) -> None:  # noqa: F811
     d = daemon_factory(as_nobody(sink, base))
     spool = Spool(str(base / "spool"))
     assert read_stamp(spool.handed_over) == STAMP
@@ -99,7 +100,7 @@ def test_a_spool_left_by_a_run_as_root_is_handed_over_and_its_mail_delivered(
 
 
 def test_a_restart_with_the_stamp_walks_no_queue_file(
-        daemon_factory: DaemonFactory, sink: SinkServer, base: Path) -> None:  # noqa: F811
+        base: Path, daemon_factory: DaemonFactory, sink: SinkServer) -> None:  # noqa: F811
     spool = Spool(str(base / "spool"))
     seed_deferred(spool, 20000, time.time() + 86400)  # written by root, due in a day
     # (A due time beyond the longest retry delay would count as set by a clock gone wrong.)
@@ -150,7 +151,7 @@ def test_a_restart_with_the_stamp_walks_no_queue_file(
 
 
 def test_sendmail_run_as_root_queues_a_file_the_user_can_deliver(
-        daemon_factory: DaemonFactory, sink: SinkServer, base: Path) -> None:  # noqa: F811
+        base: Path, daemon_factory: DaemonFactory, sink: SinkServer) -> None:  # noqa: F811
     d = daemon_factory(as_nobody(sink, base))
     spool = Spool(str(base / "spool"))
     spool.set_frozen(True)  # to see the file before a worker takes it
@@ -171,7 +172,7 @@ def test_sendmail_run_as_root_queues_a_file_the_user_can_deliver(
 
 
 def test_a_control_directory_replaced_by_a_symlink_leads_the_hand_over_nowhere(
-        daemon_factory: DaemonFactory, sink: SinkServer, base: Path) -> None:  # noqa: F811
+        base: Path, daemon_factory: DaemonFactory, sink: SinkServer) -> None:  # noqa: F811
     # The unprivileged user owns the spool: before a restart as root it can replace control/
     # with a link to a directory of someone else, hoping root chowns control/wake/ or writes
     # the stamp there.
