@@ -2,6 +2,7 @@
 
     empathctl queue list|view|retry|flush|delete|hold|release|freeze|unfreeze|stats ...
     empathctl cluster status [--json]
+    empathctl spool set-permissions [-c CONFIG | --spool PATH --user USER [--group G]]
 
 ``hold`` and ``release`` take ids, or select with ``--all``, ``--domain``, ``--sender`` and
 ``--older-than``; ``list --limit N`` shows the oldest N. A change to more than 1,000 messages
@@ -84,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     from empath.ctl import cluster
 
     cluster.add_arguments(p)
+    p = top.add_parser("spool", help="the spool itself: hand its files over to the "
+                       "daemon's user")
+    from empath.ctl import spoolperms
+
+    spoolperms.add_arguments(p)
     q = top.add_parser("queue", help="list, inspect and change queued messages",
                        description="Queue management. Statuses: pending (incoming/), active "
                        "(claimed by a delivery worker), deferred, held, failed, corrupt.")

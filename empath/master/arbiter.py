@@ -182,6 +182,8 @@ class Arbiter:
                                  dirs=[self.metrics_dir] if self.metrics_dir else [])
             startup.preload_roles(ROLES.values())
             privileges.drop(ident)
+        else:
+            privileges.note_running_identity(self.spool.root)
         # The receivers' shared connection counts (smtp/capacity.py): made once, kept across
         # reloads, so every generation's receivers count together.
         capacity.create_shared_table()

@@ -21,7 +21,10 @@ rename(2) within the one filesystem (see docs/SPOOL.md for the table of transiti
                     incoming/, the slot's name removed later (empath/spool/slots.py)
     control/        ``freeze`` flag, ``wake/<pid>`` datagram sockets of delivery workers,
                     ``auth-failures/<ip>`` (times of failed AUTHs, for throttling), and
-                    ``counts`` (messages per state as last listed, see counts.py)
+                    ``counts`` (messages per state as last listed, see counts.py),
+                    ``handed-over`` ("<uid>:<gid>" of the last completed start-up hand-over
+                    to ``user``: while it holds, a start does not walk the queue files,
+                    empath/master/privileges.py)
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ log = logging.getLogger("empath.spool")
 QUEUE_STATES = ("incoming", "deferred", "hold", "failed", "corrupt")
 ALL_DIRS = ("tmp", "incoming", "active", "deferred", "hold", "failed", "corrupt", "recycle",
             "slots", "control", "control/wake", "control/auth-failures")
+HANDED_OVER = "handed-over"  # in control/: see master/privileges.py
 RELIST_INTERVAL = 0.05  # a receiver lists recycle/ at most this often when it found none
 
 
@@ -80,6 +84,11 @@ class Spool:
         self.wake_dir = os.path.join(self.control, "wake")
         self.freeze_flag = os.path.join(self.control, "freeze")
         self.counts_file = os.path.join(self.control, "counts")  # see counts.py
+        # The stamp of the last completed hand-over (master/privileges.py); a worker that
+        # meets a queue file not its own removes it, so the next start walks the queue.
+        self.handed_over = os.path.join(self.control, HANDED_OVER)
+        # Delivery side: ids already reported as not this process's (logged once each).
+        self._not_ours: set[str] = set()
 
     # -- paths ------------------------------------------------------------------------------
     def state_dir(self, state: str) -> str:
@@ -202,13 +211,44 @@ class Spool:
 
     # -- transitions -------------------------------------------------------------------------
     def claim(self, message_id: str, from_state: str, slot: int) -> str | None:
-        """Move a message into ``active/<slot>/``; None when another process won the race."""
+        """Move a message into ``active/<slot>/``; None when another process won the race,
+        or when this process is not root and the file is not its own (see ``_not_owned``):
+        such a file is left where it is and claimed at a later listing once it is."""
+        src = self.path(from_state, message_id)
+        if os.geteuid() != 0 and self._not_owned(src, from_state, message_id):
+            return None
         dest = self.active_path(slot, message_id)
         try:
-            os.rename(self.path(from_state, message_id), dest)
+            os.rename(src, dest)
         except FileNotFoundError:
             return None
         return dest
+
+    def _not_owned(self, src: str, state: str, message_id: str) -> bool:
+        """True when the queue file at ``src`` is not this process's: root put it there (a
+        copy, a restore) after the last hand-over to ``user``. A worker could not read it, nor
+        set its due time, and must not take it for a corrupt file; it stays in ``state``, is
+        reported once, and the hand-over stamp is removed so that the next start as root
+        hands the queue over again (``empathctl spool set-permissions`` does it at once)."""
+        try:
+            owner = os.lstat(src).st_uid
+        except FileNotFoundError:
+            return False  # the rename says so
+        if owner == os.geteuid():
+            if self._not_ours:
+                self._not_ours.discard(message_id)
+            return False
+        if message_id not in self._not_ours:
+            if len(self._not_ours) > 10000:
+                self._not_ours.clear()
+            self._not_ours.add(message_id)
+            log.error("%s/%s is owned by uid %d, not by this process (uid %d): left there, "
+                      "not delivered, until it is handed over (`empathctl spool "
+                      "set-permissions` as root, or a restart of the daemon as root)", state,
+                      message_id, owner, os.geteuid())
+        with contextlib.suppress(OSError):
+            os.unlink(self.handed_over)
+        return True
 
     def move(self, src: str, state: str, message_id: str) -> str:
         """Rename a queue file into ``state``; returns the new path."""
