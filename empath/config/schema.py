@@ -247,10 +247,11 @@ SCHEMA = Section("", "Empath configuration.", (
             "filesystem. filesystem: no per-file sync, one syncfs(2) per batch; fewer "
             "flushes and less CPU, but it also flushes everything else written to that "
             "filesystem, so use it only for a spool on a filesystem of its own."),
-        Key("recycle_files", Int(0, 1_000_000), 1000,
+        Key("recycle_files", Int(0, 1_000_000), 4000,
             "Files of delivered messages kept in recycle/ for receivers to overwrite with "
             "new messages, so a message costs no inode allocation (those over 64 KiB are "
-            "emptied first); 0 unlinks them at once."),
+            "emptied first, so at most 64 KiB of disk each); 0 unlinks them at once. Enough "
+            "for the receivers' ready slots (1,024 each) and a second of peak traffic."),
     )),
     Key("local_domains", ListOf(Domain()), ["localhost"],
         "Domains delivered here (local_delivery)."),
