@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib
 import os
 import platform
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from types import SimpleNamespace
 
 from empath._speedups import cmdparse_py, datareader_py, spoolio_py
@@ -41,6 +41,7 @@ __all__ = [
     "required_error",
     "split_command",
     "status_line",
+    "list_names",
     "store_file",
     "sync_and_unlink",
     "write_all",
@@ -61,6 +62,7 @@ def _namespace(name: str, cmdparse: object, datareader: object,
         make_slots=spoolio.make_slots,  # type: ignore[attr-defined]
         sync_and_unlink=spoolio.sync_and_unlink,  # type: ignore[attr-defined]
         StorePool=spoolio.StorePool,  # type: ignore[attr-defined]
+        list_names=spoolio.list_names,  # type: ignore[attr-defined]
     )
     for attr in _CMDPARSE_NAMES:
         setattr(ns, attr, getattr(cmdparse, attr))
@@ -129,6 +131,7 @@ write_all = _ACTIVE.write_all
 make_slots = _ACTIVE.make_slots
 sync_and_unlink = _ACTIVE.sync_and_unlink
 StorePool = _ACTIVE.StorePool
+list_names: Callable[..., list[str]] = _ACTIVE.list_names
 
 
 class _Implementations(Mapping[str, SimpleNamespace]):

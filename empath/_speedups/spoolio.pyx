@@ -16,7 +16,24 @@ from posix.types cimport off_t
 
 import os
 
-__all__ = ["StorePool", "make_slots", "store", "sync_and_unlink", "write_all"]
+__all__ = ["StorePool", "list_names", "make_slots", "store", "sync_and_unlink", "write_all"]
+
+cdef extern from "<dirent.h>" nogil:
+    ctypedef struct DIR:
+        pass
+    struct dirent:
+        char d_name[256]
+    DIR *opendir(const char *name)
+    dirent *readdir(DIR *dirp)
+    int closedir(DIR *dirp)
+
+cdef extern from "<string.h>" nogil:
+    size_t strlen(const char *s)
+    void *memcpy(void *dest, const void *src, size_t n)
+
+cdef extern from "<stdlib.h>" nogil:
+    void *realloc(void *ptr, size_t size)
+
 
 cdef extern from "<errno.h>" nogil:
     int errno
@@ -162,6 +179,59 @@ cdef const char **_paths(list items) except NULL:
     except BaseException:
         PyMem_Free(out)
         raise
+    return out
+
+
+def list_names(path, Py_ssize_t limit=-1):
+    """See spoolio_py.list_names. The whole readdir loop runs without the GIL: os.listdir
+    and os.scandir release and take it back once per entry, and a thread listing a large
+    directory then convoys with the event loop thread (each of its turns waits for the GIL)."""
+    cdef bytes raw = os.fsencode(path)
+    cdef const char *c_path = raw
+    cdef DIR *d
+    cdef dirent *e
+    cdef char *buf = NULL
+    cdef char *grown
+    cdef size_t used = 0, cap = 0, n
+    cdef Py_ssize_t count = 0
+    cdef int err = 0
+    cdef const char *name
+    with nogil:
+        d = opendir(c_path)
+        if d == NULL:
+            err = errno
+        else:
+            while limit < 0 or count < limit:
+                e = readdir(d)
+                if e == NULL:
+                    break
+                name = e.d_name
+                if name[0] == 46 and (name[1] == 0 or (name[1] == 46 and name[2] == 0)):
+                    continue  # "." and ".."
+                n = strlen(name) + 1
+                if used + n > cap:
+                    cap = (used + n) * 2 + 4096
+                    grown = <char *>realloc(buf, cap)
+                    if grown == NULL:
+                        err = 12  # ENOMEM
+                        break
+                    buf = grown
+                memcpy(buf + used, name, n)
+                used += n
+                count += 1
+            closedir(d)
+    if err:
+        free(buf)
+        raise OSError(err, os.strerror(err), os.fsdecode(raw))
+    out = []
+    cdef size_t at = 0
+    try:
+        while at < used:
+            n = strlen(buf + at)
+            out.append(os.fsdecode(buf[at:at + n]))
+            at += n + 1
+    finally:
+        free(buf)
     return out
 
 

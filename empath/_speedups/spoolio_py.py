@@ -162,6 +162,20 @@ def store(fd: int, tmp: bytes, parts: list[bytes], dest: bytes, reuse: bytes | N
     return reused
 
 
+
+def list_names(path: str | bytes, limit: int = -1) -> list[str]:
+    """The names in directory ``path`` (not ``.`` nor ``..``), in directory order, at most
+    ``limit`` of them (all when negative); OSError as os.listdir."""
+    if limit < 0:
+        return os.listdir(os.fsdecode(path))
+    out: list[str] = []
+    with os.scandir(os.fsdecode(path)) as entries:
+        for entry in entries:
+            if len(out) >= limit:
+                break
+            out.append(entry.name)
+    return out
+
 class StorePool:
     def __init__(self, threads: int) -> None:
         if threads < 1:

@@ -67,7 +67,7 @@ class Receiver:
         self.writer: Any = None
         self.data_block = cfg.smtp.timeouts.data_block
         self.inflow = InFlow(self.spool.state_dir("incoming"), cfg.smtp.in_flow_delay,
-                             cfg.smtp.in_flow_backlog)
+                             cfg.smtp.in_flow_backlog, cfg.smtp.in_flow_lag)
         self.signer = dkim_signing.Signer(cfg.dkim) if cfg.dkim.domains else None
         window = cfg.smtp.dedup_window
         self.dedup = DedupStore(self.spool, window) if window else None

@@ -513,6 +513,7 @@ async def serve(ctx: ChildContext) -> None:
     receiver = Receiver(ctx)
     loop = asyncio.get_running_loop()
     receiver.writer = receiver.spool.open_receiver_writer()
+    receiver.writer.on_settled = receiver.inflow.store_settled
     needed = files_needed(ctx.config.smtp.max_connections)
     soft, _hard = capacity.raise_file_limit(needed)
     if soft < needed:

@@ -39,6 +39,7 @@ from typing import Any
 
 import orjson
 
+from empath._speedups import list_names
 from empath.spool.ids import is_valid_id, valid_ids
 from empath.spool.layout import QUEUE_STATES, Spool
 
@@ -84,7 +85,7 @@ class StateCounts:
             return known[1]
         self.listed.append(state)
         try:
-            ids = valid_ids(os.listdir(path))
+            ids = valid_ids(list_names(path))
         except FileNotFoundError:
             return DirCount(0, None)
         found = DirCount(len(ids), min(ids) if ids else None)

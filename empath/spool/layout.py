@@ -41,6 +41,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
+from empath._speedups import list_names
 from empath.spool import fileformat
 from empath.spool.ids import is_valid_id, valid_ids
 from empath.spool.slots import RECYCLE_MAX_SIZE, forget_recycled_after_restart, recover_slots
@@ -148,7 +149,7 @@ class Spool:
         """Ids in ``state``, oldest first (ids sort by arrival). Names that are no queue ids
         are appended to ``strays`` when given."""
         try:
-            names = os.listdir(self.state_dir(state))
+            names = list_names(self.state_dir(state))
         except FileNotFoundError:
             return []
         if strays is not None:
@@ -193,7 +194,7 @@ class Spool:
         out: list[tuple[int, str]] = []
         for s in slots:
             try:
-                out.extend((s, n) for n in os.listdir(self.active_dir(s)) if is_valid_id(n))
+                out.extend((s, n) for n in list_names(self.active_dir(s)) if is_valid_id(n))
             except FileNotFoundError:
                 continue
         return sorted(out, key=lambda item: item[1])
@@ -644,7 +645,7 @@ def pid_alive(pid: int) -> bool:
 
 def _listdir(path: str) -> list[str]:
     try:
-        return os.listdir(path)
+        return list_names(path)
     except FileNotFoundError:
         return []
 

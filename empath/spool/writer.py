@@ -103,6 +103,9 @@ class ReceiverWriter:
             self._loop.add_reader(self._stores.fileno(), self._stored)
         # Write and commit latency histograms (no-ops when metrics are off).
         self.metrics = metrics.current()
+        # Told, for each store into a slot, how late the loop settled it after the store
+        # itself ended (seconds): the receiver's in-flow control (smtp/inflow.py).
+        self.on_settled: Callable[[float], None] | None = None
 
     def begin(self, message_id: str) -> IncomingMessage:
         return IncomingMessage(self, message_id)
@@ -327,6 +330,8 @@ class IncomingMessage:
                 return
             writer.wake_soon()
             self._observe(started, seconds)
+            if writer.on_settled is not None:
+                writer.on_settled(time.monotonic() - started - seconds)
             done(None)
 
         try:

@@ -6,11 +6,12 @@ already past MAIL FROM is not held."""
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from typing import Any
 
 from empath.spool import Spool
-from tests.integration.test_observability import ctl
+from tests.integration.test_observability import ctl, scrape, value
 from tests.integration.test_spool_writes import frozen
 from tests.support.daemon import EmpathDaemon
 
@@ -82,3 +83,73 @@ def test_mail_from_waits_at_most_the_delay_and_mail_is_still_accepted(
     with d.smtp(timeout=30) as s:
         assert s.sendmail("b@example.org", ["alice@localhost"], BODY) == {}
     assert len(spool.list_ids("incoming")) == 4  # still behind: the wait ended by its cap
+
+
+# A module whose on_data hook keeps the receiver's event loop busy (a blocking call, as a slow
+# module would): the other sessions' finished stores are settled late, as on a receiver whose
+# CPU share cannot keep up with its sessions.
+BUSY_MODULE = '''
+import time
+
+
+class Busy:
+    def __init__(self, options):
+        pass
+
+    def on_data(self, ctx, envelope):
+        time.sleep(0.03)
+
+
+def setup(options):
+    return Busy(options)
+'''
+
+
+def busy_receiver(daemon_factory: Any, tmp_path: Any, lag: str) -> EmpathDaemon:
+    (tmp_path / "busy_mod.py").write_text(BUSY_MODULE)
+    d: EmpathDaemon = daemon_factory({
+        "processes": {"receivers": 1},
+        "metrics": {"listen_addr": "127.0.0.1:0"},
+        "smtp": {"modules": [{"name": "busy_mod"}], "in_flow_lag": lag,
+                 "in_flow_delay": "5s"}}, start=False)
+    return d.start(env={"PYTHONPATH": str(tmp_path)})
+
+
+def send_concurrently(d: EmpathDaemon, sessions: int, each: int) -> list[str]:
+    """``each`` messages over each of ``sessions`` connections at once; the errors."""
+    errors: list[str] = []
+
+    def one(n: int) -> None:
+        try:
+            with d.smtp(timeout=60) as s:
+                for i in range(each):
+                    body = f"Subject: busy {n}.{i}\r\n\r\nbody\r\n".encode()
+                    refused = s.sendmail("a@example.org", ["alice@localhost"], body)
+                    if refused:
+                        errors.append(f"{n}.{i}: {refused}")
+        except Exception as exc:  # reported, and asserted empty below
+            errors.append(f"{n}: {exc!r}")
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in range(sessions)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return errors
+
+
+def test_a_saturated_receiver_holds_new_transactions_at_mail_from(daemon_factory: Any,
+                                                                   tmp_path: Any) -> None:
+    """While the loop settles finished stores later than in_flow_lag, a new MAIL FROM waits for
+    transactions under way to finish (counted as an in-flow wait); every message is still
+    accepted, none refused or lost."""
+    d = busy_receiver(daemon_factory, tmp_path, "1ms")
+    assert send_concurrently(d, sessions=6, each=5) == []
+    assert value(scrape(d), "empath_smtp_in_flow_waits_total") > 0
+
+
+def test_with_in_flow_lag_off_a_busy_loop_holds_nothing(daemon_factory: Any,
+                                                       tmp_path: Any) -> None:
+    d = busy_receiver(daemon_factory, tmp_path, "0s")
+    assert send_concurrently(d, sessions=6, each=5) == []
+    assert value(scrape(d), "empath_smtp_in_flow_waits_total") == 0

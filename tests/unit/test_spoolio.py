@@ -348,3 +348,20 @@ def test_store_pool_close_finishes_queued_stores(twin, dirs) -> None:
     with pytest.raises(RuntimeError):
         pool.submit(51, -1, b(tmp / "late"), [b"x"], b(incoming / "late"), None, -1.0)
     assert not (incoming / "late").exists()
+
+
+def test_list_names_is_os_listdir_bounded(twin, tmp_path: Path) -> None:
+    """Every name (a name that is not UTF-8 too, as os.listdir gives it), no . nor .., at
+    most ``limit``; a missing directory is FileNotFoundError naming it."""
+    names = {"a", "01ABCDEF", "caf\u00e9", os.fsdecode(b"raw-\xff"), "x" * 255}
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "sub").mkdir()
+    assert sorted(twin.list_names(str(tmp_path))) == sorted(os.listdir(tmp_path))
+    assert set(twin.list_names(os.fsencode(tmp_path))) == names | {"sub"}
+    part = twin.list_names(str(tmp_path), 2)
+    assert len(part) == 2 and set(part) <= names | {"sub"}
+    assert twin.list_names(str(tmp_path), 0) == []
+    with pytest.raises(FileNotFoundError) as err:
+        twin.list_names(str(tmp_path / "gone"))
+    assert err.value.filename == str(tmp_path / "gone")
