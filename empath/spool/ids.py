@@ -3,6 +3,9 @@
 An id is a ULID-style string: 48 bits of milliseconds since the epoch and 80 random bits, in
 Crockford base32. Sorting ids sorts messages by arrival, so directory listings need no stat() to
 come out in order, and an id is never reused (postsuper documents the races that reused ids cause).
+Within one millisecond a process counts up from its first random part (ULID's monotonic mode),
+so its ids of that millisecond sort in the order they were made too: a session's messages keep
+their order in incoming/ however fast they come.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ _VALID = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
 
 # Every pair of base32 digits, indexed by the 10 bits they encode.
 _PAIRS = [a + b for a in _ALPHABET for b in _ALPHABET]
-_last: tuple[int, str] = (-1, "")  # the last time part made: (ms, digits), one object
+# The last id's millisecond, its digits and its random part: one object, swapped whole.
+_last: tuple[int, str, int] = (-1, "", 0)
 
 
 def new_message_id(now: float | None = None) -> str:
@@ -26,13 +30,16 @@ def new_message_id(now: float | None = None) -> str:
     global _last
     ms = int((time.time() if now is None else now) * 1000)
     pairs = _PAIRS
-    last_ms, time_part = _last
+    last_ms, time_part, r = _last
     if ms != last_ms:  # the time part: 48 bits as ten digits, the first two bits zero
         time_part = "".join([pairs[(ms >> 40) & 1023], pairs[(ms >> 30) & 1023],
                              pairs[(ms >> 20) & 1023], pairs[(ms >> 10) & 1023],
                              pairs[ms & 1023]])
-        _last = (ms, time_part)
-    r = int.from_bytes(os.urandom(10), "big")
+        # 79 random bits: the count up within the millisecond never wraps.
+        r = int.from_bytes(os.urandom(10), "big") >> 1
+    else:
+        r += 1
+    _last = (ms, time_part, r)
     return "".join([time_part, pairs[r >> 70], pairs[(r >> 60) & 1023],
                     pairs[(r >> 50) & 1023], pairs[(r >> 40) & 1023], pairs[(r >> 30) & 1023],
                     pairs[(r >> 20) & 1023], pairs[(r >> 10) & 1023], pairs[r & 1023]])

@@ -118,18 +118,18 @@ def test_a_change_during_the_listing_is_not_recorded(
     spool = _spool(tmp_path)
     _add(spool, "deferred", 4)
     _wait_settle()
-    real_listdir = os.listdir
+    real_listdir = counts_mod.list_names
 
-    def listdir_then_change(path: str) -> list[str]:
-        names = real_listdir(path)
+    def listdir_then_change(path: str, limit: int = -1) -> list[str]:
+        names = real_listdir(path, limit)
         _add(spool, "deferred", 1)  # a worker defers a message right after the listing
         return names
 
-    monkeypatch.setattr(counts_mod.os, "listdir", listdir_then_change)
+    monkeypatch.setattr(counts_mod, "list_names", listdir_then_change)
     c = StateCounts(spool)
     assert c.count("deferred").messages == 4  # what the listing saw
     c.save()
-    monkeypatch.setattr(counts_mod.os, "listdir", real_listdir)
+    monkeypatch.setattr(counts_mod, "list_names", real_listdir)
     assert not os.path.exists(spool.counts_file)
     assert StateCounts(spool).count("deferred").messages == 5
 
@@ -197,14 +197,14 @@ def test_state_counts_of_metrics_and_health_reuse_unchanged_directories(
     held = _add(spool, "hold", 2)
     _wait_settle()
     listed: list[str] = []
-    real_listdir = os.listdir
+    real_listdir = counts_mod.list_names
 
-    def spy(path: str) -> list[str]:
+    def spy(path: str, limit: int = -1) -> list[str]:
         if os.path.basename(path) != "active":  # (active/ is listed for its slots)
             listed.append(os.path.basename(path))
-        return real_listdir(path)
+        return real_listdir(path, limit)
 
-    monkeypatch.setattr(counts_mod.os, "listdir", spy)
+    monkeypatch.setattr(counts_mod, "list_names", spy)
     want = {"pending": 0, "active": 0, "deferred": 6, "held": 2, "failed": 0, "corrupt": 0}
     assert state_counts(spool) == (want, min(deferred))
     assert sorted(listed) == ["corrupt", "deferred", "failed", "hold", "incoming"]

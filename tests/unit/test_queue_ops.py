@@ -447,14 +447,16 @@ def test_unreadable_state_directory_is_a_clear_error(spool: Spool, queue: Queue,
     """Tests run as root, which reads anything: an EACCES from listdir is simulated."""
     from empath.ctl import cli
 
-    real = os.listdir
+    from empath.spool import layout
 
-    def listdir(path: Any = ".") -> list[str]:
+    real = layout.list_names
+
+    def listdir(path: Any = ".", limit: int = -1) -> list[str]:
         if str(path).endswith("deferred"):
             raise PermissionError(13, "Permission denied", str(path))
-        return real(path)
+        return real(path, limit)
 
-    monkeypatch.setattr(os, "listdir", listdir)
+    monkeypatch.setattr(layout, "list_names", listdir)
     with pytest.raises(QueueError, match="permission denied reading .*deferred"):
         queue.scan()
     assert cli.main(["queue", "list", "--spool", spool.root]) == 1

@@ -82,7 +82,24 @@ def test_ids_are_the_ulid_encoding_of_time_and_80_random_bits(monkeypatch):
         ms = rng.choice([0, 1, 2**48 - 1, rng.randrange(2**48)])
         rnd = rng.choice([0, 2**80 - 1, rng.randrange(2**80)])
         monkeypatch.setattr(ids.os, "urandom", lambda n, rnd=rnd: rnd.to_bytes(n, "big"))
-        assert ids.new_message_id((ms + 0.5) / 1000) == plain(ms, rnd)
+        monkeypatch.setattr(ids, "_last", (-1, "", 0))  # a millisecond of its own
+        # 79 of the random bits: room to count up within the millisecond.
+        assert ids.new_message_id((ms + 0.5) / 1000) == plain(ms, rnd >> 1)
+
+
+def test_ids_of_one_millisecond_keep_the_order_they_were_made_in(monkeypatch):
+    """A session's messages may come within one millisecond; their ids (and so their order in
+    incoming/ when mtimes tie) must follow the order they arrived in, not random parts."""
+    from empath.spool import ids
+
+    made = [new_message_id(1_700_000_000.0004) for _ in range(500)]
+    assert made == sorted(made) and len(set(made)) == 500
+    assert {id_time(m) for m in made} == {1_700_000_000.0}
+    later = new_message_id(1_700_000_000.0014)  # the next millisecond: random again
+    assert later > made[-1]
+    monkeypatch.setattr(ids, "_last", (-1, "", 0))
+    first = [new_message_id(1_700_000_000.0004) for _ in range(2)]
+    assert first[0][10:] != made[0][10:]  # a new random start, not a fixed sequence
 
 
 def test_commit_makes_a_complete_file_in_incoming(spool):
