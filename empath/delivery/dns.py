@@ -33,6 +33,7 @@ Never connects to a mail server, never touches the spool.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import random
 import socket
@@ -146,6 +147,7 @@ def _negative_ttl(response: Any) -> float:
     return NEGATIVE_TTL_DEFAULT
 
 
+@functools.lru_cache(maxsize=1024)
 def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)

@@ -145,6 +145,7 @@ class OwnAddresses:
 
     def __init__(self, listeners: Iterable[ListenerConfig] | None) -> None:
         self.endpoints: list[tuple[str, int]] = []
+        self._known: dict[tuple[str, int], bool] = {}
         for listener in listeners or ():
             host, port = listener.address.host, int(listener.address.port)
             if not port:
@@ -160,6 +161,17 @@ class OwnAddresses:
             self.endpoints.extend((h, port) for h in hosts)
 
     def is_me(self, ip: str, port: int) -> bool:
+        """Whether ``ip``:``port`` is one of this host's listeners (remembered per address:
+        asked for every message sent)."""
+        key = (ip, port)
+        known = self._known.get(key)
+        if known is None:
+            if len(self._known) >= 4096:
+                self._known.clear()
+            known = self._known[key] = self._is_me(ip, port)
+        return known
+
+    def _is_me(self, ip: str, port: int) -> bool:
         try:
             target = ipaddress.ip_address(ip)
         except ValueError:

@@ -152,9 +152,11 @@ class Spool:
             names = list_names(self.state_dir(state))
         except FileNotFoundError:
             return []
-        if strays is not None:
+        ids = valid_ids(names)
+        if strays is not None and len(ids) != len(names):
             strays.extend(n for n in names if not is_valid_id(n))
-        return sorted(n for n in names if is_valid_id(n))
+        ids.sort()
+        return ids
 
     list_state = list_ids
 
