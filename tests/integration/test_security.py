@@ -38,9 +38,13 @@ def test_spool_files_are_0600_and_directories_0700(daemon_factory: Any) -> None:
             assert mode == 0o700, f"{root}/{name} has mode {mode:o}"
         for name in files:
             path = os.path.join(root, name)
-            if stat.S_ISSOCK(os.stat(path).st_mode):
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                continue  # used or removed meanwhile (the slot thread keeps working)
+            if stat.S_ISSOCK(st.st_mode):
                 continue  # wake-up sockets: the directory's 0700 is what guards them
-            mode = stat.S_IMODE(os.stat(path).st_mode)
+            mode = stat.S_IMODE(st.st_mode)
             assert mode == 0o600, f"{path} has mode {mode:o}"
     assert Spool(str(d.spool_path)).list_ids("incoming")
 
