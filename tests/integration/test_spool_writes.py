@@ -17,6 +17,7 @@ import dkim
 import pytest
 
 from empath.spool import Spool, read_data, read_queue_file
+from empath.spool.slots import SLOTS_BATCH
 from tests.integration.test_dkim import dns_txt, keygen
 from tests.integration.test_observability import ctl
 from tests.support.daemon import EmpathDaemon
@@ -105,13 +106,14 @@ def test_large_message_from_a_trusted_client_is_signed(daemon_factory: Any,
 
 def slots_ready(d: EmpathDaemon) -> None:
     """Wait until every receiver has slots ready (else a message takes the tmp/ path): more
-    than one batch (64) of files, as a batch is handed out only after its fsync."""
+    than one batch (SLOTS_BATCH) of files, as a batch is handed out only after its fsync, and
+    the next is begun only after that."""
     slots = d.spool_path / "slots"
 
     def ready() -> bool:
         owners = collections.Counter(name.partition("-")[0] for name in os.listdir(slots))
         pids = d.child_pids("receiver")
-        return bool(pids) and all(owners[str(pid)] > 64 for pid in pids)
+        return bool(pids) and all(owners[str(pid)] > SLOTS_BATCH for pid in pids)
 
     d.wait_for(ready, 20, message="every receiver to have slots")
 
