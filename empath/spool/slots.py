@@ -48,11 +48,14 @@ if TYPE_CHECKING:
     from empath.spool.layout import Spool
 
 RECYCLE_MAX_SIZE = 64 * 1024  # larger files are emptied before they are recycled
-# Slots a receiver keeps ready: refilled below SLOTS_LOW, up to SLOTS_HIGH, SLOTS_BATCH names
-# per fsync(slots/). About half a second of one receiver's peak rate: a message that finds
-# none ready takes the slower path (tmp/, rename, a directory fsync), and at 100 sessions
-# 128-256 ready slots ran out in bursts, for up to a sixth of the messages.
-SLOTS_LOW, SLOTS_HIGH, SLOTS_BATCH = 512, 1024, 256
+# Slots a receiver keeps ready to start with: refilled below SLOTS_LOW, up to SLOTS_HIGH,
+# SLOTS_BATCH names per fsync(slots/). A message that finds none ready takes the slower path
+# (tmp/, rename, a directory fsync), and each time that happens the pool doubles, up to
+# SLOTS_MAX ready (about half a second of one receiver's peak rate): at 100 sessions end to
+# end 128-256 ready slots ran out in bursts, for up to a sixth of the messages, while an
+# idle daemon needs no more than the first few.
+SLOTS_LOW, SLOTS_HIGH, SLOTS_BATCH = 128, 256, 64
+SLOTS_MAX = 1024
 
 log = logging.getLogger("empath.spool")
 
@@ -116,14 +119,24 @@ class SlotPool:
         self._thread.start()
 
     def take(self) -> bytes | None:
-        """The path of a ready slot (taken: nobody else gets it), or None."""
+        """The path of a ready slot (taken: nobody else gets it), or None (then the pool
+        grows)."""
         try:
             slot = self._ready.popleft()
         except IndexError:
             slot = None
+            self._grow()
         if len(self._ready) < self.low:
             self._want.set()
         return slot
+
+    def _grow(self) -> None:
+        """None was ready: keep twice as many, up to SLOTS_MAX (read by the slot thread at
+        its next batch; plain assignments)."""
+        if self.high < SLOTS_MAX:
+            self.high = min(2 * self.high, SLOTS_MAX)
+            self.low = self.high // 2
+            self.batch = max(self.batch, self.high // 4)
 
     def linked(self, slot: bytes) -> None:
         """The message in ``slot`` is linked into incoming/: remove the slot's name once

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 import zlib
 from pathlib import Path
 
@@ -16,6 +17,10 @@ from empath.spool import slots as slots_module
 from empath.spool import writer as writer_module
 from empath.spool.slots import (
     CHECK_KEY,
+    SLOTS_HIGH,
+    SLOTS_LOW,
+    SLOTS_MAX,
+    SlotPool,
     boot_tag,
     check_slot,
     forget_recycled_after_restart,
@@ -227,3 +232,29 @@ def test_spilled_message_in_small_writes_with_a_header_added(spool: Spool,
     assert recover_slots(spool, lambda pid: True) == 1
     data = read_data(read_queue_file(spool.path("incoming", mid))[1])
     assert data == b"X-Signed: %d\r\n" % zlib.crc32(body) + body
+
+
+def test_a_pool_that_runs_dry_grows_up_to_its_limit(spool: Spool) -> None:
+    """A message that finds no ready slot takes the slower path; each such miss doubles the
+    pool (up to SLOTS_MAX), which the slot thread then fills."""
+    pool = SlotPool(spool)
+    deadline = time.monotonic() + 60
+
+    def filled() -> None:
+        while pool.ready() < pool.high and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert pool.ready() == pool.high
+
+    try:
+        assert (pool.low, pool.high) == (SLOTS_LOW, SLOTS_HIGH)
+        sizes = []
+        while len(sizes) < 4:
+            filled()  # the thread is idle: nothing is added behind the test's back
+            pool._ready.clear()  # as if a burst had taken every ready slot
+            assert pool.take() is None
+            sizes.append(pool.high)
+        assert sizes == [min(SLOTS_HIGH * 2 ** (i + 1), SLOTS_MAX) for i in range(4)]
+        assert pool.low == SLOTS_MAX // 2 and pool.batch == SLOTS_MAX // 4
+        filled()  # the thread filled the grown pool
+    finally:
+        pool.close()
