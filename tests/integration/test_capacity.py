@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import signal
 import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -192,3 +194,34 @@ def test_the_open_file_limit_is_raised_to_what_the_connections_need(
     [pid] = d.child_pids("receiver")
     soft, _hard = psutil.Process(pid).rlimit(psutil.RLIMIT_NOFILE)
     assert soft >= 2 * 3000
+
+
+def test_out_of_descriptors_a_receiver_pauses_accepting_and_takes_the_clients_later(
+        daemon_factory: Any) -> None:
+    """EMFILE from accept (the process at its open-file limit): the receiver logs it, stops
+    accepting for a second instead of spinning on the ready socket, and the clients that
+    waited in the accept queue are greeted once descriptors are free again."""
+    d = frozen(daemon_factory, {"max_connections": 200, "max_connections_per_ip": 200},
+               receivers=1)
+    [pid] = d.child_pids("receiver")
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    in_use = len(os.listdir(f"/proc/{pid}/fd"))
+    clients: list[Client] = []
+    try:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (in_use, hard))  # no descriptor left
+        clients = [Client(d) for _ in range(3)]  # connected by the kernel, not accepted
+        d.wait_for(lambda: "cannot accept connections" in d.log_text(), 10,
+                   "the receiver to report it is out of descriptors")
+        cpu_before = psutil.Process(pid).cpu_times()
+        time.sleep(0.5)
+        cpu = psutil.Process(pid).cpu_times()
+        # Paused, not spinning on the readable listening socket.
+        assert (cpu.user + cpu.system) - (cpu_before.user + cpu_before.system) < 0.25
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+        assert all(c.greeting(timeout=10).startswith(b"220 ") for c in clients)
+        assert {holder(d, c) for c in clients} == {pid}
+    finally:
+        with contextlib.suppress(OSError):
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+        for c in clients:
+            c.close()
