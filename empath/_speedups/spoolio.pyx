@@ -27,6 +27,9 @@ cdef extern from "<dirent.h>" nogil:
     dirent *readdir(DIR *dirp)
     int closedir(DIR *dirp)
 
+cdef extern from "Python.h":
+    object PyUnicode_DecodeFSDefaultAndSize(const char *s, Py_ssize_t size)
+
 cdef extern from "<string.h>" nogil:
     size_t strlen(const char *s)
     void *memcpy(void *dest, const void *src, size_t n)
@@ -228,7 +231,7 @@ def list_names(path, Py_ssize_t limit=-1):
     try:
         while at < used:
             n = strlen(buf + at)
-            out.append(os.fsdecode(buf[at:at + n]))
+            out.append(PyUnicode_DecodeFSDefaultAndSize(buf + at, n))  # as os.listdir
             at += n + 1
     finally:
         free(buf)

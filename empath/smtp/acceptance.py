@@ -79,7 +79,7 @@ class Acceptance:
         try:
             if not r.space_ok():
                 reply = R.NO_STORAGE
-            elif any("on_data" in m.hooks for m in r.modules):
+            elif r.data_hooks:
                 # data_termination bounds the modules; the spool write below is never cut
                 # short (a message is stored and acknowledged, or refused, never half-done).
                 rej = await asyncio.wait_for(
@@ -127,7 +127,7 @@ class Acceptance:
         store() must be awaited."""
         r, message = self.receiver, self.message
         if r.dedup is not None or (r.signer is not None and self.arrival.trusted) \
-                or any("on_data" in m.hooks for m in r.modules):
+                or r.data_hooks:
             return False
         loop = asyncio.get_running_loop()
         if not r.space_ok():

@@ -336,8 +336,7 @@ class Acceptor:
     batch whatever the counts: a stuck receiver delays new clients by that much at most."""
 
     def __init__(self, sock: socket.socket, factory: Any, ssl_ctx: Any,
-                 table: ConnectionTable | None = None,
-                 setting_up: set[asyncio.Task[Any]] | None = None) -> None:
+                 table: ConnectionTable | None, setting_up: set[asyncio.Task[Any]]) -> None:
         self._loop = asyncio.get_running_loop()
         self._table = table
         self._deferred = False
@@ -345,7 +344,7 @@ class Acceptor:
         self._sock.setblocking(False)
         self._factory, self._ssl = factory, ssl_ctx
         self._open = True
-        self._tasks: set[asyncio.Task[Any]] = set() if setting_up is None else setting_up
+        self._tasks = setting_up  # the gate's: tasks outlive this acceptor's close()
         self._loop.add_reader(self._sock.fileno(), self._accept)
 
     def _accept(self) -> None:

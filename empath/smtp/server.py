@@ -48,6 +48,18 @@ _metrics = metrics.current()
 _audit = audit.current()
 
 
+class _Storing:
+    """``SMTPProtocol.committing`` while a store begun without a task runs: like a task that
+    is not done (the store's callback replaces it with None)."""
+
+    @staticmethod
+    def done() -> bool:
+        return False
+
+
+STORING = _Storing()
+
+
 class SMTPProtocol(asyncio.Protocol):
     """One SMTP connection: transport + ServerSession + the message being received."""
 
@@ -76,8 +88,9 @@ class SMTPProtocol(asyncio.Protocol):
         # done, so none is garbage-collected mid-flight, and any error they end with is
         # logged and closes the connection (_task_done).
         self.tasks: set[asyncio.Task[None]] = set()
-        # The message's commit while it runs (a task, or a future its callback settles).
-        self.committing: asyncio.Future[None] | None = None
+        # The message's commit while it runs: its task, or STORING while a store started by
+        # Acceptance.store_soon has not called back.
+        self.committing: asyncio.Task[None] | _Storing | None = None
 
     # -- asyncio callbacks -----------------------------------------------------------------
     def connection_made(self, transport: Any) -> None:
@@ -239,12 +252,10 @@ class SMTPProtocol(asyncio.Protocol):
         self.deadline = time.monotonic() + r.cfg.smtp.timeouts.data_termination
         policy = Acceptance(r, self._arrival(session), self.hook_ctx, self.trace, message,
                             self.head, self.digest)
-        pending: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
         def done(reply: R.Reply | None) -> None:
-            if self.committing is pending:
+            if self.committing is STORING:
                 self.committing = None
-            pending.set_result(None)
             try:
                 self._committed(envelope, message, policy, reply)
             except Exception:  # as _task_done does for the task's path
@@ -258,7 +269,7 @@ class SMTPProtocol(asyncio.Protocol):
             asyncio.get_running_loop().call_soon(done, R.SPOOL_ERROR)
             soon = True
         if soon:
-            self.committing = pending
+            self.committing = STORING
         else:
             self.committing = self._spawn(self._store(envelope, policy))
 

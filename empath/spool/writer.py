@@ -271,19 +271,17 @@ class IncomingMessage:
         if self._error is not None:
             raise SpoolError(self._error.errno or 0, f"spool write failed: {self._error}")
         writer = self._writer
-        slot = self._slot_for_commit()
-        if slot is not None or self._slot:
-            fut: asyncio.Future[None] = writer._loop.create_future()
+        fut: asyncio.Future[None] = writer._loop.create_future()
 
-            def settle(error: SpoolError | None) -> None:
-                if fut.done():
-                    return
-                if error is None:
-                    fut.set_result(None)
-                else:
-                    fut.set_exception(error)
+        def settle(error: SpoolError | None) -> None:
+            if fut.done():
+                return
+            if error is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(error)
 
-            self._commit_in_slot(envelope, slot, settle)
+        if self.commit_soon(envelope, settle):
             await fut
             return
         # No slot: tmp/, rename, and a wait for the group commit's directory fsync.
@@ -329,9 +327,9 @@ class IncomingMessage:
                 done(self._failed(failure))
                 return
             writer.wake_soon()
-            self._observe(started, seconds)
+            late = self._observe(started, seconds) - seconds
             if writer.on_settled is not None:
-                writer.on_settled(time.monotonic() - started - seconds)
+                writer.on_settled(late)
             done(None)
 
         try:
@@ -354,11 +352,14 @@ class IncomingMessage:
                 os.unlink(self._writer.spool.path("incoming", self.id))
         return SpoolError(exc.errno or 0, f"spool write failed: {exc}")
 
-    def _observe(self, started: float, write_seconds: float) -> None:
-        # Observed here, in the event loop: the instruments are not thread-safe.
+    def _observe(self, started: float, write_seconds: float) -> float:
+        """Record the write and the whole commit; the commit's seconds. Observed here, in
+        the event loop: the instruments are not thread-safe."""
         metrics_ = self._writer.metrics
+        commit_seconds = time.monotonic() - started
         metrics_.spool_write.observe(write_seconds)
-        metrics_.spool_commit.observe(time.monotonic() - started)
+        metrics_.spool_commit.observe(commit_seconds)
+        return commit_seconds
 
     def _prepare(self, envelope: Envelope, slot: bytes | None
                  ) -> tuple[int, bytes, list[bytes], bytes, float]:
