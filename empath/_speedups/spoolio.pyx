@@ -101,8 +101,14 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_cond_signal(pthread_cond_t *cond)
     int pthread_cond_broadcast(pthread_cond_t *cond)
 
+cdef extern from "<sched.h>" nogil:
+    struct sched_param:
+        int sched_priority
+    int sched_setscheduler(int pid, int policy, const sched_param *param)
+
 cdef enum:
     IOV_BATCH = 1024
+    LINUX_SCHED_BATCH = 3  # SCHED_BATCH (linux/sched.h), which <sched.h> hides without _GNU_SOURCE
 
 
 cdef struct Job:
@@ -415,6 +421,9 @@ cdef void *_pool_thread(void *arg) noexcept nogil:
     cdef bint wake
     cdef double started
     cdef unsigned long long one = 1
+    cdef sched_param param
+    param.sched_priority = 0
+    sched_setscheduler(0, LINUX_SCHED_BATCH, &param)
     while True:
         pthread_mutex_lock(&p.lock)
         while p.head == NULL and not p.stopping:

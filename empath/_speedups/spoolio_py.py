@@ -208,6 +208,10 @@ class StorePool:
         self._calls.put((token, fd, tmp, parts, dest, reuse, mtime, datasync))
 
     def _work(self) -> None:
+        # As the compiled pool's threads: no wake-up preemption of the loop thread that
+        # hands a store over (os.sched_setscheduler(0) is this thread on Linux).
+        with contextlib.suppress(AttributeError, OSError):
+            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
         while True:
             call = self._calls.get()
             if call is None:

@@ -295,10 +295,11 @@ SCHEMA = Section("", "Empath configuration.", (
         Key("in_flow_backlog", Int(1, 10_000_000), 1000,
             "Messages waiting in incoming/ above which in_flow_delay applies."),
         Key("in_flow_lag", Duration(0, 1), 0.003,
-            "in_flow_delay applies too while a receiver's event loop is saturated: when it "
-            "settles finished spool stores later than this on average, a new MAIL FROM "
-            "waits while the transactions under way finish, so the final dot's 250 stays "
-            "quick. 0: only the backlog counts."),
+            "in_flow_delay applies too while a receiver's event loop is saturated: each "
+            "spool store it settles later than this on average lowers its limit on messages "
+            "under way (each in time raises it), and a MAIL FROM over the limit waits until "
+            "one is answered, so the final dot's 250 stays quick. 0: only the backlog "
+            "counts."),
         Key("greeting_delay", Duration(0, 60), 0.0,
             "Wait this long before the 220 greeting; a client that talks first is "
             "rejected with 554 (early talker). 0 still rejects bytes sent before the greeting."),

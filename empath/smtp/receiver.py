@@ -58,6 +58,7 @@ class Receiver:
         self.spool = Spool(cfg.spool.path, cfg.spool.recycle_files, cfg.spool.sync)
         self.modules = hooks.load_modules(cfg.smtp.modules)
         self.data_hooks = any("on_data" in m.hooks for m in self.modules)
+        self.mail_hooks = any("on_mail_from" in m.hooks for m in self.modules)
         self.connections: set[Connection] = set()
         # Connection counts of the whole daemon, and this receiver's share of the accepts.
         self.table = capacity.ConnectionTable()

@@ -91,6 +91,9 @@ class SMTPProtocol(asyncio.Protocol):
         # The message's commit while it runs: its task, or STORING while a store started by
         # Acceptance.store_soon has not called back.
         self.committing: asyncio.Task[None] | _Storing | None = None
+        # Whether this connection counts in the in-flow's messages under way (from DATA to
+        # the message's reply, its abort, or the connection's end).
+        self.under_way = False
 
     # -- asyncio callbacks -----------------------------------------------------------------
     def connection_made(self, transport: Any) -> None:
@@ -181,6 +184,8 @@ class SMTPProtocol(asyncio.Protocol):
                 and self.session.phase != S.WAIT:
             self.message.abort()
             self.message = None
+        if self.committing is None:
+            self._no_longer_under_way()
 
     def pause_writing(self) -> None:
         self._pause_reading()
@@ -209,6 +214,7 @@ class SMTPProtocol(asyncio.Protocol):
                 self._pause_reading()
                 self._commit(ev.envelope)  # type: ignore[union-attr,arg-type]
             elif kind is S.DataAbort:
+                self._no_longer_under_way()
                 if self.message is not None:
                     self.message.abort()
                     self.message = None
@@ -218,7 +224,10 @@ class SMTPProtocol(asyncio.Protocol):
                                  ev.reply.line.decode().strip())  # type: ignore[union-attr]
             elif kind is S.Check:
                 self._pause_reading()
-                self._spawn(self._check(ev))  # type: ignore[arg-type]
+                if ev.stage == "mail_from" and not self.receiver.mail_hooks:  # type: ignore[union-attr]
+                    self._hold_mail()
+                else:
+                    self._spawn(self._check(ev))  # type: ignore[arg-type]
             elif kind is S.StartTLS:
                 self._pause_reading()
                 self._spawn(self._start_tls())
@@ -236,12 +245,20 @@ class SMTPProtocol(asyncio.Protocol):
         r = self.receiver
         self.queue_id = new_message_id()
         self.trace.message_started(self.queue_id)
+        if not self.under_way:
+            self.under_way = True
+            r.inflow.began()
         self.message = r.writer.begin(self.queue_id)
         if r.dedup is not None:
             self.digest, self.head = hashlib.sha256(), b""
         self.message.write(received_header(
             session, self.peer[0], r.cfg.hostname, self.queue_id, self.tls_info, envelope))
         self.deadline = time.monotonic() + r.cfg.smtp.timeouts.data_init
+
+    def _no_longer_under_way(self) -> None:
+        if self.under_way:
+            self.under_way = False
+            self.receiver.inflow.ended()
 
     def _commit(self, envelope: S.Envelope) -> None:
         """Store the message: its 250 (or refusal) is sent by _committed, straight from the
@@ -297,6 +314,7 @@ class SMTPProtocol(asyncio.Protocol):
         session, r = self.session, self.receiver
         assert session is not None and self.hook_ctx is not None
         self.message = None
+        self._no_longer_under_way()
         self.trace.message_done(message.size, None if reply is None else reply.code)
         if reply is None:
             log.info("%s: from=<%s> size=%d nrcpt=%d client=[%s]", self.queue_id,
@@ -320,6 +338,26 @@ class SMTPProtocol(asyncio.Protocol):
                        listener=str(self.listener.address), tls=self.tls_info,
                        helo=session.helo, esmtp=session.esmtp, auth_user=session.auth_user,
                        trusted=session.trusted, local_domains=self.settings.local_domains)
+
+    def _hold_mail(self) -> None:
+        """A MAIL FROM that only the in-flow control holds (no module sees it): no task,
+        a callback when it may go on."""
+        if self.receiver.inflow.admit(self._mail_admitted):
+            asyncio.get_running_loop().call_soon(self._mail_admitted, 0.0)
+
+    def _mail_admitted(self, waited: float) -> None:
+        if waited:
+            _metrics.in_flow_wait(waited)
+        session, ctx = self.session, self.hook_ctx
+        if self.closed or session is None or ctx is None:
+            return
+        ctx.metadata = {}
+        self._resume_reading()
+        try:
+            self._handle(session.check_done(None))
+        except Exception:
+            log.exception("unexpected error in a session with [%s]", self.peer[0])
+            self._fail_connection()
 
     async def _check(self, ev: S.Check) -> None:
         session, r, ctx = self.session, self.receiver, self.hook_ctx

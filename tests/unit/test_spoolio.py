@@ -365,3 +365,29 @@ def test_list_names_is_os_listdir_bounded(twin, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError) as err:
         twin.list_names(str(tmp_path / "gone"))
     assert err.value.filename == str(tmp_path / "gone")
+
+
+def test_store_pool_threads_never_preempt_the_thread_that_hands_stores_over(twin) -> None:
+    """The pool's threads run as SCHED_BATCH (no wake-up preemption, same CPU share): a
+    store handed over from the event loop does not push the loop thread off its CPU. The
+    thread that made the pool keeps its own policy."""
+    def batch_threads() -> int:
+        count = 0
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                if os.sched_getscheduler(int(tid)) == os.SCHED_BATCH:
+                    count += 1
+            except OSError:
+                continue  # a thread that just ended
+        return count
+
+    before = batch_threads()
+    pool = twin.StorePool(3)
+    try:
+        deadline = time.monotonic() + 5
+        while batch_threads() < before + 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert batch_threads() == before + 3
+        assert os.sched_getscheduler(0) == os.SCHED_OTHER
+    finally:
+        pool.close()
