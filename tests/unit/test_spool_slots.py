@@ -258,3 +258,59 @@ def test_a_pool_that_runs_dry_grows_up_to_its_limit(spool: Spool) -> None:
         filled()  # the thread filled the grown pool
     finally:
         pool.close()
+
+
+def test_the_slot_thread_flushes_in_batches_not_at_every_wake(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each batch of slots costs an fsync(slots/), each removal of linked names an
+    fsync(incoming/): both commit the filesystem's journal, and a store's fdatasync that runs
+    into a commit waits for it. So the thread makes slots only once fewer than ``low`` are
+    ready (not a top-up at each wake) and removes linked names at most every
+    UNLINK_INTERVAL, though it wakes every 10 ms."""
+    makes: list[int] = []
+    syncs: list[int] = []
+    real_make, real_sync = slots_module.make_slots, slots_module.sync_and_unlink
+
+    def make(dir_fd: int, names: list[bytes], sources: list[bytes]) -> None:
+        makes.append(len(names))
+        real_make(dir_fd, names, sources)
+
+    def sync(fd: int, names: list[bytes]) -> None:
+        syncs.append(len(names))
+        real_sync(fd, names)
+
+    monkeypatch.setattr(slots_module, "make_slots", make)
+    monkeypatch.setattr(slots_module, "sync_and_unlink", sync)
+
+    def ready(count: int) -> bool:
+        deadline = time.monotonic() + 10
+        while pool.ready() != count and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return pool.ready() == count
+
+    pool = SlotPool(spool, low=8, high=16, batch=16, interval=0.01)
+    try:
+        assert ready(16)
+        before = len(makes)
+        taken = []
+        for _ in range(8):  # down to 8 ready: not below low, nothing made
+            slot = pool.take()
+            assert slot is not None
+            taken.append(slot)
+            time.sleep(0.02)  # the thread wakes meanwhile
+        assert len(makes) == before and pool.ready() == 8
+        taken.append(pool.take())  # 7 ready: one batch, back to 16
+        assert ready(16) and len(makes) == before + 1
+        for slot in taken:
+            assert slot is not None
+            os.link(slot, os.path.join(spool.state_dir("incoming"), new_message_id()))
+            pool.linked(slot)
+        started = time.monotonic()
+        while any(os.path.exists(os.fsdecode(s)) for s in taken):
+            assert time.monotonic() - started < 5
+            time.sleep(0.01)
+        time.sleep(0.3)
+        # The nine names went in one or two removals, never one per wake (40 wakes here).
+        assert sum(syncs) == 9 and len(syncs) <= 3
+    finally:
+        pool.close()
