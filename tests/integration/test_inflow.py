@@ -153,3 +153,33 @@ def test_with_in_flow_lag_off_a_busy_loop_holds_nothing(daemon_factory: Any,
     d = busy_receiver(daemon_factory, tmp_path, "0s")
     assert send_concurrently(d, sessions=6, each=5) == []
     assert value(scrape(d), "empath_smtp_in_flow_waits_total") == 0
+
+
+def test_sessions_stalled_in_data_do_not_hold_the_others_back(daemon_factory: Any,
+                                                              tmp_path: Any) -> None:
+    """Six clients start a message and then send nothing (slow senders, or an attacker
+    filling the receiver's messages under way) while the loop is late settling stores: the
+    limit on messages under way comes down under them, yet the other sessions' MAIL FROMs
+    still go on within milliseconds of a finished store or of an idle moment, not after
+    in_flow_delay (5 s here; fifteen messages waiting it out one after another per session
+    would take 25 s)."""
+    d = busy_receiver(daemon_factory, tmp_path, "1ms")
+    stalled = []
+    try:
+        for _ in range(6):
+            sock = open_session(d)
+            sock.settimeout(30)
+            sock.sendall(b"MAIL FROM:<slow@example.org>\r\nRCPT TO:<alice@localhost>\r\n"
+                         b"DATA\r\n")
+            replies = b""
+            while b"\r\n354" not in b"\r\n" + replies:
+                replies += read_reply(sock)
+            sock.sendall(b"Subject: slow\r\n\r\nstill typing")  # no end: under way
+            stalled.append(sock)
+        started = time.monotonic()
+        assert send_concurrently(d, sessions=3, each=5) == []
+        assert time.monotonic() - started < 5.0
+        assert value(scrape(d), "empath_smtp_in_flow_waits_total") > 0  # the limit held some
+    finally:
+        for sock in stalled:
+            sock.close()
