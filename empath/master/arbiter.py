@@ -171,7 +171,7 @@ class Arbiter:
             log.info("listening on %s", lst.bound)
         self.log_admin_listeners([])
         startup.warn_loose_keys(self.cfg)
-        startup.prepare_spool(self.spool)
+        startup.create_spool(self.spool)
         self.prepare_metrics_dir()
         audit_log = startup.prepare_audit_log(self.cfg)
         if ident is not None and privileges.needs_switch(ident):
@@ -184,6 +184,7 @@ class Arbiter:
             privileges.drop(ident)
         else:
             privileges.note_running_identity(self.spool.root)
+        startup.recover_spool(self.spool)
         # The receivers' shared connection counts (smtp/capacity.py): made once, kept across
         # reloads, so every generation's receivers count together.
         capacity.create_shared_table()

@@ -26,9 +26,9 @@ from empath.spool.layout import ALL_DIRS, HANDED_OVER, Spool
 
 log = logging.getLogger("empath.master")
 
-# Spool directories whose entries every hand-over walks: the master writes in control/ as
-# root before it drops privileges (control/boot after a reboot), and so does a root-run
-# empathctl (freeze, counts). A few files.
+# Spool directories whose entries every hand-over walks: a root-run empathctl writes in
+# control/ (freeze, counts), and so did masters before the start-up recovery (control/boot
+# after a reboot) ran as the user. A few files.
 ALWAYS_WALKED = frozenset({"control"})
 STAMP = HANDED_OVER  # the name of the hand-over stamp in control/
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC

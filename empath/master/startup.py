@@ -34,13 +34,20 @@ class SetupError(Exception):
     """The master cannot start (a listener cannot be bound, the spool is unusable...)."""
 
 
-def prepare_spool(spool: Spool) -> None:
-    """Create the spool tree (SetupError when it cannot be) and requeue what a previous run
-    left claimed or half-written."""
+def create_spool(spool: Spool) -> None:
+    """Create the spool tree; SetupError when it cannot be (or a directory of it is a
+    symlink: nothing below the spool is followed, Spool.create_tree)."""
     try:
         spool.create_tree()
     except OSError as exc:
-        raise SetupError(f"spool {spool.root}: {exc.strerror or exc}") from None
+        where = f"{exc.filename}: " if exc.filename and exc.filename != spool.root else ""
+        raise SetupError(f"spool {spool.root}: {where}{exc.strerror or exc}") from None
+
+
+def recover_spool(spool: Spool) -> None:
+    """Requeue what a previous run left claimed or half-written. Runs as the daemon's user
+    (after the hand-over and the switch): recovery renames and removes files by path in
+    directories that user owns, which root must not do for it."""
     try:
         moved = spool.recover_all(pid_alive)
     except OSError as exc:  # the periodic sweep tries again

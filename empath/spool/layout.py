@@ -55,8 +55,26 @@ QUEUE_STATES = ("incoming", "deferred", "hold", "failed", "corrupt")
 ALL_DIRS = ("tmp", "incoming", "active", "deferred", "hold", "failed", "corrupt", "recycle",
             "slots", "control", "control/wake", "control/auth-failures")
 HANDED_OVER = "handed-over"  # in control/: see master/privileges.py
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 RELIST_INTERVAL = 0.05  # a receiver lists recycle/ at most this often when it found none
 
+
+
+def _open_or_make_dir(parent: int, name: str, shown: str) -> int:
+    """A descriptor of directory ``name`` in ``parent`` (made 0700 when missing), never
+    through a symlink: NotADirectoryError naming ``shown`` when it is one, or no directory."""
+    for _ in range(2):
+        try:
+            return os.open(name, _DIR_FLAGS, dir_fd=parent)
+        except FileNotFoundError:
+            with contextlib.suppress(FileExistsError):  # made meanwhile: open it
+                os.mkdir(name, 0o700, dir_fd=parent)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise NotADirectoryError(exc.errno, "not a directory (a symlink?): remove "
+                                         "it, Empath makes it again", shown) from None
+            raise
+    return os.open(name, _DIR_FLAGS, dir_fd=parent)
 
 class SpoolError(OSError):
     """A spool operation failed; ``errno`` says why (ENOSPC → 452, anything else → 451)."""
@@ -119,14 +137,37 @@ class Spool:
 
     # -- tree -------------------------------------------------------------------------------
     def create_tree(self) -> None:
-        """Create every directory (0700); fails clearly when the spool is not writable."""
+        """Create every directory (0700); fails clearly when the spool is not writable, or
+        when one of its directories is a symlink or no directory at all.
+
+        Below the spool's own path nothing is followed: each directory is reached from the
+        spool's descriptor one name at a time (O_NOFOLLOW). The spool belongs to the
+        unprivileged ``user`` while a master started as root creates the tree, and that user
+        could have replaced tmp/ with a link to /etc, hoping root creates, writes or removes
+        files there."""
         os.makedirs(self.root, mode=0o700, exist_ok=True)
-        for name in ALL_DIRS:
-            os.makedirs(os.path.join(self.root, name), mode=0o700, exist_ok=True)
-        probe = os.path.join(self.tmp, f".probe-{os.getpid()}")
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.close(fd)
-        os.unlink(probe)
+        # The configured path itself may go through links an administrator made.
+        root = os.open(os.path.realpath(self.root), _DIR_FLAGS)
+        try:
+            for name in ALL_DIRS:
+                fd = os.dup(root)
+                try:
+                    for part in name.split("/"):
+                        below = _open_or_make_dir(fd, part, os.path.join(self.root, name))
+                        os.close(fd)
+                        fd = below
+                finally:
+                    os.close(fd)
+            tmp = os.open("tmp", _DIR_FLAGS, dir_fd=root)
+            try:
+                probe = f".probe-{os.getpid()}"
+                os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+                                 | os.O_CLOEXEC, 0o600, dir_fd=tmp))
+                os.unlink(probe, dir_fd=tmp)
+            finally:
+                os.close(tmp)
+        finally:
+            os.close(root)
 
     def probe_writable(self) -> None:
         """Create, write and remove a small file in tmp/ (health checks); OSError when the

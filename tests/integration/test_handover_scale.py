@@ -171,25 +171,55 @@ def test_sendmail_run_as_root_queues_a_file_the_user_can_deliver(
     assert d.log_text().count("queue files not walked") == 1
 
 
+def refused_with_link(base: Path, daemon_factory: DaemonFactory, sink: SinkServer,  # noqa: F811
+                      state: str, victim: Path) -> tuple[Spool, EmpathDaemon]:
+    """The spool with its directory ``state`` replaced by a link to ``victim``, as the user
+    could leave it: a start as root with ``user`` exits 1 naming the directory."""
+    spool = Spool(str(base / "spool"))
+    spool.create_tree()
+    shutil.rmtree(os.path.join(spool.root, state))
+    os.symlink(victim, os.path.join(spool.root, state))
+    d = daemon_factory(as_nobody(sink, base), start=False)
+    d.start(wait=False)
+    assert d.wait_exit(30) == 1
+    assert f"{os.path.join(spool.root, state)}: not a directory (a symlink?)" in d.log_text()
+    return spool, d
+
+
 def test_a_control_directory_replaced_by_a_symlink_leads_the_hand_over_nowhere(
         base: Path, daemon_factory: DaemonFactory, sink: SinkServer) -> None:  # noqa: F811
     # The unprivileged user owns the spool: before a restart as root it can replace control/
     # with a link to a directory of someone else, hoping root chowns control/wake/ or writes
-    # the stamp there.
+    # the stamp (or control/boot) there. The master refuses the tampered spool, naming it.
     victim = base / "victim"
     for path in (victim, victim / "wake", victim / "auth-failures"):
         path.mkdir()
     (victim / "counts").write_text("someone else's\n")
     for path in (victim, victim / "wake", victim / "auth-failures", victim / "counts"):
         os.chown(path, 4244, 4244)
-    spool = Spool(str(base / "spool"))
-    spool.create_tree()
-    shutil.rmtree(spool.control)
-    os.symlink(victim, spool.control)
-    d = daemon_factory(as_nobody(sink, base), start=False)
-    d.start(wait=False)
-    d.wait_for(lambda: "cannot record the hand-over" in d.log_text(), WAIT, "the hand-over")
-    assert not (victim / "handed-over").exists()
+    refused_with_link(base, daemon_factory, sink, "control", victim)
+    assert not (victim / "handed-over").exists() and not (victim / "boot").exists()
     for path in (victim, victim / "wake", victim / "auth-failures", victim / "counts"):
         assert owner(str(path)) == 4244, path
     assert not [p for p in victim.iterdir() if owner(str(p)) == NOBODY]
+
+
+def test_a_spool_directory_replaced_by_a_symlink_is_refused_and_nothing_removed_there(
+        base: Path, daemon_factory: DaemonFactory, sink: SinkServer) -> None:  # noqa: F811
+    """The user replaces tmp/ with a link to a directory of root's: start-up recovery sweeps
+    tmp/ of files no live process writes (any name not "<pid>-..."), so root running it
+    through the link would remove that directory's files. The master refuses the spool
+    before anything is recovered, and recovery runs as the user anyway (after the switch)."""
+    victim = base / "victim"
+    victim.mkdir()
+    (victim / "passwd").write_text("root:x:0:0\n")
+    (victim / "shadow").write_text("root:*:1::::::\n")
+    spool, d = refused_with_link(base, daemon_factory, sink, "tmp", victim)
+    assert sorted(p.name for p in victim.iterdir()) == ["passwd", "shadow"]
+    # Put right, the same spool starts, handed over, and takes mail.
+    os.unlink(spool.tmp)
+    d.proc = None
+    d.start()
+    assert owner(spool.tmp) == NOBODY
+    with d.smtp() as s:
+        assert s.sendmail("a@example.org", ["rcpt@example.net"], b"Subject: x\r\n\r\nx\r\n") == {}
