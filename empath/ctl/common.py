@@ -9,6 +9,7 @@ This module never changes the spool.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -40,7 +41,18 @@ def add_spool_options(parser: argparse.ArgumentParser) -> None:
 
 
 def load_settings(config: str | None) -> Any:
-    """The validated configuration (``-c``, else the same default as ``empath``)."""
+    """The validated configuration (``-c``, else the same default as ``empath``); read once
+    per process (a command run as root may no longer read it once it acts as the spool's
+    owner)."""
+    if config not in _SETTINGS:
+        _SETTINGS[config] = _load_settings(config)
+    return _SETTINGS[config]
+
+
+_SETTINGS: dict[str | None, Any] = {}
+
+
+def _load_settings(config: str | None) -> Any:
     from empath.config import ConfigError, defaults
 
     try:
@@ -69,9 +81,32 @@ def audit_settings(args: argparse.Namespace) -> tuple[str | None, bool]:
     return audit.log_path, bool(audit.redact_local_parts)
 
 
+def act_as_spool_owner(path: str) -> None:
+    """Run as root on a spool another user owns (the daemon's ``user``): become that user
+    before touching it. The spool's owner can replace its directories with links (control/
+    with a link to /etc, say); as root, ``queue freeze`` would then create a file there, and
+    a listing's cache or a rename go wherever the links lead. As the owner, nothing can be
+    done through them that the owner could not do already."""
+    if os.geteuid() != 0:
+        return
+    try:
+        st = os.stat(os.path.realpath(path))
+    except OSError:
+        return  # Queue.check() says what is wrong with it
+    if st.st_uid == 0:
+        return
+    os.setgroups([])
+    os.setgid(st.st_gid)
+    os.setuid(st.st_uid)
+
+
 def open_queue(args: argparse.Namespace) -> Queue:
-    """The Queue of ``--spool`` or of the configuration's spool, checked to be readable."""
-    queue = Queue(Spool(spool_path(args)))
+    """The Queue of ``--spool`` or of the configuration's spool, checked to be readable; run
+    as root, the rest of the command runs as the spool's owner (``act_as_spool_owner``)."""
+    path = spool_path(args)
+    audit_settings(args)  # the configuration is read (and kept) before acting as the owner
+    act_as_spool_owner(path)
+    queue = Queue(Spool(path))
     try:
         queue.check()
     except QueueError as exc:

@@ -26,9 +26,10 @@ from empath.spool.layout import ALL_DIRS, HANDED_OVER, Spool
 
 log = logging.getLogger("empath.master")
 
-# Spool directories whose entries every hand-over walks: a root-run empathctl writes in
-# control/ (freeze, counts), and so did masters before the start-up recovery (control/boot
-# after a reboot) ran as the user. A few files.
+# Spool directories whose entries every hand-over walks: root wrote files in control/ before
+# empathctl acted as the spool's owner (freeze, counts) and before start-up recovery ran as
+# the user (control/boot after a reboot), and a spool may come from such a version. A few
+# files.
 ALWAYS_WALKED = frozenset({"control"})
 STAMP = HANDED_OVER  # the name of the hand-over stamp in control/
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC

@@ -223,3 +223,31 @@ def test_a_spool_directory_replaced_by_a_symlink_is_refused_and_nothing_removed_
     assert owner(spool.tmp) == NOBODY
     with d.smtp() as s:
         assert s.sendmail("a@example.org", ["rcpt@example.net"], b"Subject: x\r\n\r\nx\r\n") == {}
+
+def test_empathctl_as_root_acts_as_the_spools_owner(
+        base: Path, daemon_factory: DaemonFactory, sink: SinkServer) -> None:  # noqa: F811
+    """Root runs queue commands on the spool the daemon's user owns. That user may have
+    replaced control/ with a link to a directory of root's, hoping `queue freeze` creates a
+    file there as root: empathctl becomes the owner first, so the link leads nowhere it could
+    not go already; on an intact spool the flag is the owner's."""
+    d = daemon_factory(as_nobody(sink, base))
+    spool = Spool(str(base / "spool"))
+    config = str(d.config_path)
+    os.chmod(config, 0o600)  # root's only: read before empathctl acts as the owner
+    frozen = subprocess.run([EMPATHCTL, "queue", "freeze", "-c", config],
+                            capture_output=True, text=True, timeout=60)
+    assert frozen.returncode == 0, frozen.stderr
+    assert owner(spool.freeze_flag) == NOBODY
+    stats = subprocess.run([EMPATHCTL, "queue", "stats", "-c", config],
+                           capture_output=True, text=True, timeout=60)
+    assert stats.returncode == 0, stats.stderr
+    assert d.stop() == 0
+    victim = base / "victim"
+    victim.mkdir()
+    victim.chmod(0o755)  # root's: nobody may look, not write
+    shutil.rmtree(spool.control)
+    os.symlink(victim, spool.control)
+    planted = subprocess.run([EMPATHCTL, "queue", "freeze", "--spool", spool.root],
+                             capture_output=True, text=True, timeout=60)
+    assert planted.returncode != 0 and "permission denied" in planted.stderr, planted.stderr
+    assert list(victim.iterdir()) == []
