@@ -94,10 +94,10 @@ import time
 
 class Busy:
     def __init__(self, options):
-        pass
+        self.seconds = float(options.get("seconds", 0.03))
 
     def on_data(self, ctx, envelope):
-        time.sleep(0.03)
+        time.sleep(self.seconds)
 
 
 def setup(options):
@@ -105,12 +105,15 @@ def setup(options):
 '''
 
 
-def busy_receiver(daemon_factory: Any, tmp_path: Any, lag: str) -> EmpathDaemon:
+def busy_receiver(daemon_factory: Any, tmp_path: Any, lag: str,
+                  block: float = 0.03) -> EmpathDaemon:
+    """One receiver whose loop a module blocks for ``block`` seconds per message."""
     (tmp_path / "busy_mod.py").write_text(BUSY_MODULE)
     d: EmpathDaemon = daemon_factory({
         "processes": {"receivers": 1},
         "metrics": {"listen_addr": "127.0.0.1:0"},
-        "smtp": {"modules": [{"name": "busy_mod"}], "in_flow_lag": lag,
+        "smtp": {"modules": [{"name": "busy_mod", "options": {"seconds": block}}],
+                 "in_flow_lag": lag,
                  "in_flow_delay": "5s"}}, start=False)
     return d.start(env={"PYTHONPATH": str(tmp_path)})
 
@@ -141,12 +144,18 @@ def send_concurrently(d: EmpathDaemon, sessions: int, each: int) -> list[str]:
 def waited_for_some(d: EmpathDaemon, received: int) -> None:
     """Once the metrics count the ``received`` messages (a child hands its counters over
     every quarter of a second), some MAIL FROM has waited."""
+    seen: list[tuple[float, float]] = []
+
     def check() -> bool:
         m = scrape(d)
-        return (value(m, "empath_messages_received_total") == received
-                and value(m, "empath_smtp_in_flow_waits_total") > 0)
+        seen.append((value(m, "empath_messages_received_total"),
+                     value(m, "empath_smtp_in_flow_waits_total")))
+        return seen[-1][0] == received and seen[-1][1] > 0
 
-    d.wait_for(check, 10, f"{received} messages received, some after an in-flow wait")
+    try:
+        d.wait_for(check, 10, f"{received} messages received, some after an in-flow wait")
+    except TimeoutError as exc:
+        raise AssertionError(f"(received, in-flow waits) last seen: {seen[-1:]}") from exc
 
 
 def test_a_saturated_receiver_holds_new_transactions_at_mail_from(daemon_factory: Any,
@@ -172,8 +181,10 @@ def test_sessions_stalled_in_data_do_not_hold_the_others_back(daemon_factory: An
     filling the receiver's messages under way) while the loop is late settling stores: the
     limit on messages under way comes down under them, yet the other sessions' MAIL FROMs
     still go on within milliseconds of a finished store or of an idle moment, not after
-    in_flow_delay (5 s here; fifteen messages waiting it out one after another per session
-    would take 25 s)."""
+    in_flow_delay (5 s here, which a single MAIL FROM waiting it out exceeds). The module
+    blocks the loop 30 ms per message and six sessions send at once: stores finish while it
+    is blocked and are settled late, so the limit comes down, 0.1 per store, from the twelve
+    under way to under the eleven that let the six sessions go on unheld."""
     d = busy_receiver(daemon_factory, tmp_path, "1ms")
     stalled = []
     try:
@@ -188,9 +199,9 @@ def test_sessions_stalled_in_data_do_not_hold_the_others_back(daemon_factory: An
             sock.sendall(b"Subject: slow\r\n\r\nstill typing")  # no end: under way
             stalled.append(sock)
         started = time.monotonic()
-        assert send_concurrently(d, sessions=3, each=5) == []
+        assert send_concurrently(d, sessions=6, each=8) == []
         assert time.monotonic() - started < 5.0
-        waited_for_some(d, received=15)  # the limit held some
+        waited_for_some(d, received=48)  # the limit held some
     finally:
         for sock in stalled:
             sock.close()
