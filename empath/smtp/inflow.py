@@ -22,7 +22,9 @@ settled late lowers it, each settled in time raises it (by LIMIT_STEP, never und
 MIN_UNDER_WAY, unbounded when the loop keeps up), and a MAIL FROM that would start one more
 than the limit waits, in arrival order, until a finished message makes room. Room is given
 at most RELEASE_MAX waiters per finished store, never to a crowd at once: a crowd let in
-together makes the very long turn the limit is there to avoid. When no store has finished
+together makes the very long turn the limit is there to avoid. A waiter let go counts as under
+way until it begins a message, PENDING_TTL at most (its client may leave, or its transaction
+end without data: it must not hold the room for good). When no store has finished
 for IDLE_RELEASE seconds (nothing under way to finish), waiters go on anyway; no MAIL FROM
 waits more than ``in_flow_delay``.
 
@@ -50,6 +52,9 @@ MIN_UNDER_WAY = 4
 LIMIT_STEP = 0.1  # how far each finished store moves the limit
 LIMIT_MAX = 1_000_000.0  # the limit of a loop that keeps up: none in practice
 RELEASE_MAX = 2  # waiters let go per finished store, at most
+# A waiter let go counts as under way until it begins a message, or for this long at most:
+# one whose client left, or whose transaction ended without data, must not hold room forever.
+PENDING_TTL = 0.1
 
 Admitted = Callable[[float], None]  # called with the seconds a MAIL FROM waited
 
@@ -65,7 +70,8 @@ class InFlow:
         self.lag = 0.0  # running average of how late finished stores were settled (seconds)
         self.under_way = 0  # messages between DATA and their reply (or abort)
         self.limit = LIMIT_MAX  # messages under way from which new transactions wait
-        self._pending = 0  # waiters let go that have not begun a message yet
+        # When each waiter let go was (loop time), while it has not begun a message yet.
+        self._let_go: collections.deque[float] = collections.deque()
         self._waiters: collections.deque[tuple[float, Admitted]] = collections.deque()
         self._last_store = 0.0
         self._timer: asyncio.TimerHandle | None = None
@@ -80,14 +86,23 @@ class InFlow:
     def saturated(self) -> bool:
         """As many messages under way as the loop's limit, or others already waiting."""
         return self.lag_limit > 0 and (
-            bool(self._waiters) or self.under_way + self._pending >= self.limit)
+            bool(self._waiters) or self.under_way + self._pending() >= self.limit)
+
+    def _pending(self) -> int:
+        """Waiters let go that may still begin a message (see PENDING_TTL)."""
+        let_go = self._let_go
+        if let_go:
+            oldest = asyncio.get_running_loop().time() - PENDING_TTL
+            while let_go and let_go[0] < oldest:
+                let_go.popleft()
+        return len(let_go)
 
     # -- what the receiver reports -----------------------------------------------------------
     def began(self) -> None:
         """A message began: DATA or a first BDAT was accepted."""
         self.under_way += 1
-        if self._pending:
-            self._pending -= 1
+        if self._let_go:
+            self._let_go.popleft()
 
     def ended(self) -> None:
         """A message under way ended: answered, aborted, or its connection gone."""
@@ -112,7 +127,7 @@ class InFlow:
         self._last_store = asyncio.get_running_loop().time()
         if not self.backlogged:
             self._release(min(RELEASE_MAX,
-                              int(self.limit) - self.under_way - self._pending))
+                              int(self.limit) - self.under_way - self._pending()))
 
     # -- waiting ---------------------------------------------------------------------------
     def admit(self, go_on: Admitted) -> bool:
@@ -148,7 +163,7 @@ class InFlow:
         now = asyncio.get_running_loop().time()
         while count > 0 and self._waiters:
             since, go_on = self._waiters.popleft()
-            self._pending += 1
+            self._let_go.append(now)
             count -= 1
             go_on(now - since)
 
@@ -166,7 +181,7 @@ class InFlow:
             go_on(now - since)
         if not self.backlogged and now - self._last_store >= IDLE_RELEASE:
             self.lag /= 2
-            self._pending = 0
+            self._let_go.clear()
             self._last_store = now
             self._release(max(1, min(RELEASE_MAX, int(self.limit) - self.under_way)))
         if self._waiters:
@@ -184,7 +199,7 @@ class InFlow:
                 handle.cancel()
         self._timer = self._tick_timer = None
         self._release(len(self._waiters))
-        self._pending = 0
+        self._let_go.clear()
 
     def _look(self) -> None:
         was = self.backlogged
@@ -194,7 +209,7 @@ class InFlow:
                 self._release(len(self._waiters))
             else:  # as a finished store would
                 self._release(max(1, min(RELEASE_MAX,
-                                         int(self.limit) - self.under_way - self._pending)))
+                                         int(self.limit) - self.under_way - self._pending())))
         self._timer = asyncio.get_running_loop().call_later(LOOK_INTERVAL, self._look)
 
 

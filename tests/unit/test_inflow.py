@@ -244,3 +244,23 @@ def test_stalled_messages_under_way_do_not_keep_mail_from_waiting(tmp_path: Path
         return loop.time() - started
 
     assert asyncio.run(go()) < 1.0
+
+
+def test_waiters_let_go_that_never_begin_a_message_stop_holding_room(tmp_path: Path) -> None:
+    """A waiter let go counts as under way until it begins a message. One whose client left
+    (or whose transaction ended without data) would otherwise hold that room for good: a
+    client that connects, sends MAIL FROM and leaves while waiting, over and over, would
+    shrink the receiver's room to nothing. After PENDING_TTL it no longer counts."""
+    async def go() -> tuple[int, int]:
+        flow = late_with_eight_under_way(tmp_path)  # limit at the floor, 4
+        w = Waiters(flow)
+        w.add(6)
+        for _ in range(6):  # 8 -> 2 under way: room for two, both let go (never begin)
+            flow.ended()
+            flow.store_settled(0.05)
+        let_go = len(w.gone)
+        await asyncio.sleep(inflow.PENDING_TTL * 1.5)
+        flow.store_settled(0.05)  # room again: 4 - 2 under way
+        return let_go, len(w.gone)
+
+    assert asyncio.run(go()) == (2, 4)
