@@ -37,6 +37,7 @@ class Connection(Protocol):
 
     deadline: float  # monotonic time its current timeout passes
     end_of_life: float  # monotonic time its whole lifetime passes
+    under_way: bool  # counts in the in-flow's messages under way
 
     def timed_out(self) -> None: ...
 
@@ -211,9 +212,14 @@ class Receiver:
         """Close connections whose current timeout, or whole lifetime (a busy client too),
         has passed (one timer for all of them)."""
         now = time.monotonic()
+        under_way = 0
         for proto in list(self.connections):
             if proto.deadline < now or proto.end_of_life < now:
                 proto.timed_out()
+            under_way += proto.under_way
+        # The in-flow count of messages under way, made true again: a path that ends a message
+        # without telling it would otherwise hold the room it took for good.
+        self.inflow.under_way = under_way
         self.table.refresh()
         if not self.stopping:
             self.update_gate()

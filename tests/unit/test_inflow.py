@@ -264,3 +264,21 @@ def test_waiters_let_go_that_never_begin_a_message_stop_holding_room(tmp_path: P
         return let_go, len(w.gone)
 
     assert asyncio.run(go()) == (2, 4)
+
+
+def test_the_receivers_sweep_makes_the_count_under_way_true_again(tmp_path: Path) -> None:
+    """Every second the receiver's sweep counts the connections with a message under way and
+    sets the in-flow's count to it: a path that ended a message without telling the in-flow
+    (a leak) holds its room for a second at most, not for good."""
+    from types import SimpleNamespace
+
+    from empath.smtp.receiver import Receiver
+
+    flow = make(tmp_path)
+    under_way(flow, 9)  # six of them leaked: no connection has them any more
+    far = 1e18
+    conns = [SimpleNamespace(deadline=far, end_of_life=far, under_way=i < 3) for i in range(5)]
+    fake = SimpleNamespace(connections=conns, inflow=flow, stopping=True,
+                           table=SimpleNamespace(refresh=lambda: None))
+    Receiver.sweep(fake)  # type: ignore[arg-type]
+    assert flow.under_way == 3
