@@ -105,6 +105,8 @@ cdef extern from "<sched.h>" nogil:
     struct sched_param:
         int sched_priority
     int sched_setscheduler(int pid, int policy, const sched_param *param)
+    int sched_getscheduler(int pid)
+    enum: SCHED_OTHER
 
 cdef enum:
     IOV_BATCH = 1024
@@ -423,7 +425,8 @@ cdef void *_pool_thread(void *arg) noexcept nogil:
     cdef unsigned long long one = 1
     cdef sched_param param
     param.sched_priority = 0
-    sched_setscheduler(0, LINUX_SCHED_BATCH, &param)
+    if sched_getscheduler(0) == SCHED_OTHER:  # not a policy an administrator chose
+        sched_setscheduler(0, LINUX_SCHED_BATCH, &param)
     while True:
         pthread_mutex_lock(&p.lock)
         while p.head == NULL and not p.stopping:

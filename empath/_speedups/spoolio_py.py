@@ -211,7 +211,8 @@ class StorePool:
         # As the compiled pool's threads: no wake-up preemption of the loop thread that
         # hands a store over (os.sched_setscheduler(0) is this thread on Linux).
         with contextlib.suppress(AttributeError, OSError):
-            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+            if os.sched_getscheduler(0) == os.SCHED_OTHER:  # not one an administrator chose
+                os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
         while True:
             call = self._calls.get()
             if call is None:

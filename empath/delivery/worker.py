@@ -427,7 +427,10 @@ def batch_policy() -> None:
         return
     for tid in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else ["0"]:
         with contextlib.suppress(OSError, ValueError):
-            os.sched_setscheduler(int(tid), os.SCHED_BATCH, os.sched_param(0))
+            # Only from the ordinary policy: one an administrator chose (systemd's
+            # CPUSchedulingPolicy=, chrt) is theirs.
+            if os.sched_getscheduler(int(tid)) == os.SCHED_OTHER:
+                os.sched_setscheduler(int(tid), os.SCHED_BATCH, os.sched_param(0))
 
 
 async def serve(ctx: ChildContext) -> None:

@@ -36,3 +36,19 @@ def test_delivery_workers_and_store_threads_run_as_batch_receivers_loops_do_not(
         assert threads[pid] == os.SCHED_OTHER  # the event loop
         assert sum(1 for p in threads.values() if p == os.SCHED_BATCH) >= 1  # store threads
     assert os.sched_getscheduler(d.master_pid) == os.SCHED_OTHER
+
+
+def test_a_policy_the_administrator_chose_is_kept(daemon_factory: Any) -> None:
+    """Started under SCHED_IDLE (as `chrt --idle 0 empath run` or systemd's
+    CPUSchedulingPolicy=idle would), no thread of the daemon is moved to SCHED_BATCH."""
+    d: EmpathDaemon = daemon_factory({"processes": {"receivers": 1, "delivery": 1}},
+                                     start=False)
+    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    try:
+        d.start()
+    finally:
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    with d.smtp() as s:
+        assert s.sendmail("a@example.org", ["alice@localhost"], b"Subject: x\r\n\r\nx\r\n") == {}
+    for pid in [*d.child_pids("delivery"), *d.child_pids("receiver"), d.master_pid]:
+        assert set(policies(pid).values()) == {os.SCHED_IDLE}, pid
