@@ -8,12 +8,14 @@ a delivery connection is reused for the next message."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from empath.spool import Spool, read_data, read_queue_file
+from empath.spool.layout import RELIST_INTERVAL
 from empath.spool.wake import Waker
 from tests.support.daemon import EmpathDaemon
 
@@ -42,6 +44,8 @@ def test_delivered_file_is_recycled_and_overwritten_by_the_next_message(
     d.wait_for(lambda: len(os.listdir(spool.recycle)) == 1, 10, "the file in recycle/")
     [recycled] = os.listdir(spool.recycle)
     inode = os.stat(os.path.join(spool.recycle, recycled)).st_ino
+    # A receiver that found recycle/ empty looks again only RELIST_INTERVAL later.
+    time.sleep(2 * RELIST_INTERVAL)
 
     spool.set_frozen(True)  # keep the next message in incoming/ to look at it
     second = b"Subject: second\r\n\r\nshort\r\n"
