@@ -10,7 +10,8 @@ message and wait for the busy loop thread every time.
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.ref cimport PyObject, Py_DECREF, Py_INCREF
-from libc.stdlib cimport calloc, free
+from libc.stdlib cimport calloc, free, realloc
+from libc.string cimport memcpy, strcmp, strlen
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.types cimport off_t
 
@@ -30,18 +31,11 @@ cdef extern from "<dirent.h>" nogil:
 cdef extern from "Python.h":
     object PyUnicode_DecodeFSDefaultAndSize(const char *s, Py_ssize_t size)
 
-cdef extern from "<string.h>" nogil:
-    size_t strlen(const char *s)
-    void *memcpy(void *dest, const void *src, size_t n)
-
-cdef extern from "<stdlib.h>" nogil:
-    void *realloc(void *ptr, size_t size)
-
-
 cdef extern from "<errno.h>" nogil:
     int errno
     enum: EINTR
     enum: ENOENT
+    enum: ENOMEM
 
 cdef extern from "<fcntl.h>" nogil:
     int c_open "open"(const char *path, int flags, ...)
@@ -64,9 +58,6 @@ cdef extern from "<unistd.h>" nogil:
 
 cdef extern from "<stdio.h>" nogil:
     int rename(const char *old, const char *new)
-
-cdef extern from "<string.h>" nogil:
-    int strcmp(const char *a, const char *b)
 
 cdef extern from "<sys/uio.h>" nogil:
     cdef struct iovec:
@@ -224,7 +215,7 @@ def list_names(path, Py_ssize_t limit=-1):
                     cap = (used + n) * 2 + 4096
                     grown = <char *>realloc(buf, cap)
                     if grown == NULL:
-                        err = 12  # ENOMEM
+                        err = ENOMEM
                         break
                     buf = grown
                 memcpy(buf + used, name, n)

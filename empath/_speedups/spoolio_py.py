@@ -162,7 +162,6 @@ def store(fd: int, tmp: bytes, parts: list[bytes], dest: bytes, reuse: bytes | N
     return reused
 
 
-
 def list_names(path: str | bytes, limit: int = -1) -> list[str]:
     """The names in directory ``path`` (not ``.`` nor ``..``), in directory order, at most
     ``limit`` of them (all when negative); OSError as os.listdir."""
@@ -175,6 +174,7 @@ def list_names(path: str | bytes, limit: int = -1) -> list[str]:
                 break
             out.append(entry.name)
     return out
+
 
 class StorePool:
     def __init__(self, threads: int) -> None:

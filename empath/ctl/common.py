@@ -9,6 +9,7 @@ This module never changes the spool.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from typing import Any
@@ -40,19 +41,11 @@ def add_spool_options(parser: argparse.ArgumentParser) -> None:
                             "the embedded default)")
 
 
+@functools.cache
 def load_settings(config: str | None) -> Any:
     """The validated configuration (``-c``, else the same default as ``empath``); read once
     per process (a command run as root may no longer read it once it acts as the spool's
     owner)."""
-    if config not in _SETTINGS:
-        _SETTINGS[config] = _load_settings(config)
-    return _SETTINGS[config]
-
-
-_SETTINGS: dict[str | None, Any] = {}
-
-
-def _load_settings(config: str | None) -> Any:
     from empath.config import ConfigError, defaults
 
     try:
@@ -103,8 +96,7 @@ def act_as_spool_owner(path: str) -> None:
 def open_queue(args: argparse.Namespace) -> Queue:
     """The Queue of ``--spool`` or of the configuration's spool, checked to be readable; run
     as root, the rest of the command runs as the spool's owner (``act_as_spool_owner``)."""
-    path = spool_path(args)
-    audit_settings(args)  # the configuration is read (and kept) before acting as the owner
+    path = spool_path(args)  # the configuration, if any, is read (and kept) as root
     act_as_spool_owner(path)
     queue = Queue(Spool(path))
     try:

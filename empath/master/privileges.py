@@ -22,7 +22,7 @@ import pwd
 import stat
 from dataclasses import dataclass
 
-from empath.spool.layout import ALL_DIRS, HANDED_OVER, Spool
+from empath.spool.layout import ALL_DIRS, DIR_NOFOLLOW, HANDED_OVER, Spool, open_dir_below
 
 log = logging.getLogger("empath.master")
 
@@ -32,7 +32,6 @@ log = logging.getLogger("empath.master")
 # files.
 ALWAYS_WALKED = frozenset({"control"})
 STAMP = HANDED_OVER  # the name of the hand-over stamp in control/
-_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NODE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
 # Directories shared with the rest of the system: never chowned, even when a pidfile or log
@@ -246,19 +245,8 @@ def _open_spool_dirs(root: str, names: list[str]) -> dict[str, int]:
     fds: dict[str, int] = {}
     try:
         for name in names:
-            fd: int | None = os.dup(root_fd)
-            for part in name.split("/") if name else []:
-                assert fd is not None
-                try:
-                    below: int | None = os.open(part, _DIR, dir_fd=fd)
-                except OSError:  # ELOOP: a symlink; ENOTDIR, ENOENT
-                    below = None
-                os.close(fd)
-                fd = below
-                if fd is None:
-                    break
-            if fd is not None:
-                fds[name] = fd
+            with contextlib.suppress(OSError):  # ELOOP: a symlink; ENOTDIR, ENOENT
+                fds[name] = open_dir_below(root_fd, name)
     finally:
         os.close(root_fd)
     return fds
@@ -291,8 +279,8 @@ def _chown_entries(directory: int | str, shown: str, ident: Identity, subdirs: b
             if not subdirs:
                 continue
             try:
-                fd = os.open(entry.name, _DIR, dir_fd=at) if at is not None else \
-                    os.open(entry.path, _DIR)
+                fd = os.open(entry.name, DIR_NOFOLLOW, dir_fd=at) if at is not None else \
+                    os.open(entry.path, DIR_NOFOLLOW)
             except OSError:
                 continue
             try:

@@ -77,9 +77,9 @@ class InFlow:
         self._timer: asyncio.TimerHandle | None = None
         self._tick_timer: asyncio.TimerHandle | None = None
 
-    @property
     def congested(self) -> bool:
-        """Whether a MAIL FROM should wait now (it then goes through ``admit``)."""
+        """Whether a MAIL FROM should wait now (it then goes through ``admit``); asked by
+        the session at each MAIL FROM, not per read."""
         return self.backlogged or self.saturated
 
     @property
@@ -96,6 +96,10 @@ class InFlow:
             while let_go and let_go[0] < oldest:
                 let_go.popleft()
         return len(let_go)
+
+    def _room(self) -> int:
+        """Waiters to let go now: the room under the limit, at most RELEASE_MAX."""
+        return min(RELEASE_MAX, int(self.limit) - self.under_way - self._pending())
 
     # -- what the receiver reports -----------------------------------------------------------
     def began(self) -> None:
@@ -126,14 +130,13 @@ class InFlow:
             return
         self._last_store = asyncio.get_running_loop().time()
         if not self.backlogged:
-            self._release(min(RELEASE_MAX,
-                              int(self.limit) - self.under_way - self._pending()))
+            self._release(self._room())
 
     # -- waiting ---------------------------------------------------------------------------
     def admit(self, go_on: Admitted) -> bool:
         """Whether a MAIL FROM may go on now; if not, ``go_on(seconds waited)`` is called
         when it may (from the loop, later)."""
-        if not self.congested:
+        if not self.congested():
             return True
         loop = asyncio.get_running_loop()
         now = loop.time()
@@ -183,7 +186,7 @@ class InFlow:
             self.lag /= 2
             self._let_go.clear()
             self._last_store = now
-            self._release(max(1, min(RELEASE_MAX, int(self.limit) - self.under_way)))
+            self._release(max(1, self._room()))
         if self._waiters:
             self._tick_timer = loop.call_later(IDLE_RELEASE, self._tick)
 
@@ -207,9 +210,8 @@ class InFlow:
         if was and not self.backlogged and self._waiters:
             if self.lag_limit <= 0:
                 self._release(len(self._waiters))
-            else:  # as a finished store would
-                self._release(max(1, min(RELEASE_MAX,
-                                         int(self.limit) - self.under_way - self._pending())))
+            else:  # as a finished store would, one at least
+                self._release(max(1, self._room()))
         self._timer = asyncio.get_running_loop().call_later(LOOK_INTERVAL, self._look)
 
 

@@ -127,6 +127,7 @@ class SMTPProtocol(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.session = S.ServerSession(self.settings, trusted=S.client_is_trusted(
             ip, cfg.mynetworks))
+        self.session.hold_mail = r.inflow.congested
         if self.listener.mode == "smtps":
             self._note_tls(transport)
             self.session.tls_established()
@@ -149,7 +150,6 @@ class SMTPProtocol(asyncio.Protocol):
             return
         session = self.session
         assert session is not None
-        session.hold_mail = self.receiver.inflow.congested
         try:
             self._handle(session.feed(data))
         except Exception:

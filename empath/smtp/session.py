@@ -19,6 +19,7 @@ All state changes are in this module; which command is allowed in which phase is
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from empath._speedups import (
@@ -88,6 +89,10 @@ SEQUENCE_HINTS = {
 }
 
 
+def _never() -> bool:
+    return False
+
+
 class ServerSession:
     """One SMTP connection's protocol state. See the module docstring for the contract."""
 
@@ -101,9 +106,9 @@ class ServerSession:
         self.envelope: Envelope | None = None
         self.errors = 0
         self.commands = 0  # complete command lines seen (the server's command timeout)
-        # Set by the server while delivery falls behind (smtp/inflow.py): MAIL FROM pauses
-        # with a Check, as for a module's on_mail_from.
-        self.hold_mail = False
+        # Asked at each MAIL FROM (the server gives its in-flow control's answer,
+        # smtp/inflow.py): True pauses it with a Check, as for a module's on_mail_from.
+        self.hold_mail: Callable[[], bool] = _never
         self.auth_user: str | None = None
         self._sasl: SaslExchange | None = None
         self._buf = b""
@@ -356,7 +361,7 @@ class ServerSession:
                 self._reply(problem)
                 return
         self._new_envelope = env
-        if self.hold_mail or "mail_from" in self.settings.hooks:
+        if "mail_from" in self.settings.hooks or self.hold_mail():
             self._pause("mail_from", env)
         else:
             self._finish_mail(None)

@@ -55,17 +55,32 @@ QUEUE_STATES = ("incoming", "deferred", "hold", "failed", "corrupt")
 ALL_DIRS = ("tmp", "incoming", "active", "deferred", "hold", "failed", "corrupt", "recycle",
             "slots", "control", "control/wake", "control/auth-failures")
 HANDED_OVER = "handed-over"  # in control/: see master/privileges.py
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+DIR_NOFOLLOW = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 RELIST_INTERVAL = 0.05  # a receiver lists recycle/ at most this often when it found none
 
 
+def open_dir_below(root_fd: int, name: str, make: bool = False, shown: str = "") -> int:
+    """A descriptor of directory ``name`` ("control/wake"; "" the root itself) below
+    ``root_fd``, reached one name at a time and never through a symlink. With ``make``,
+    missing directories are made (0700) and one that is a link or no directory raises
+    NotADirectoryError naming ``shown``; without, OSError as os.open gives it."""
+    fd = os.dup(root_fd)
+    try:
+        for part in name.split("/") if name else []:
+            below = _make_dir(fd, part, shown) if make else os.open(part, DIR_NOFOLLOW,
+                                                                     dir_fd=fd)
+            os.close(fd)
+            fd = below
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
-def _open_or_make_dir(parent: int, name: str, shown: str) -> int:
-    """A descriptor of directory ``name`` in ``parent`` (made 0700 when missing), never
-    through a symlink: NotADirectoryError naming ``shown`` when it is one, or no directory."""
+
+def _make_dir(parent: int, name: str, shown: str) -> int:
     for _ in range(2):
         try:
-            return os.open(name, _DIR_FLAGS, dir_fd=parent)
+            return os.open(name, DIR_NOFOLLOW, dir_fd=parent)
         except FileNotFoundError:
             with contextlib.suppress(FileExistsError):  # made meanwhile: open it
                 os.mkdir(name, 0o700, dir_fd=parent)
@@ -74,7 +89,8 @@ def _open_or_make_dir(parent: int, name: str, shown: str) -> int:
                 raise NotADirectoryError(exc.errno, "not a directory (a symlink?): remove "
                                          "it, Empath makes it again", shown) from None
             raise
-    return os.open(name, _DIR_FLAGS, dir_fd=parent)
+    return os.open(name, DIR_NOFOLLOW, dir_fd=parent)
+
 
 class SpoolError(OSError):
     """A spool operation failed; ``errno`` says why (ENOSPC → 452, anything else → 451)."""
@@ -147,18 +163,11 @@ class Spool:
         files there."""
         os.makedirs(self.root, mode=0o700, exist_ok=True)
         # The configured path itself may go through links an administrator made.
-        root = os.open(os.path.realpath(self.root), _DIR_FLAGS)
+        root = os.open(os.path.realpath(self.root), DIR_NOFOLLOW)
         try:
             for name in ALL_DIRS:
-                fd = os.dup(root)
-                try:
-                    for part in name.split("/"):
-                        below = _open_or_make_dir(fd, part, os.path.join(self.root, name))
-                        os.close(fd)
-                        fd = below
-                finally:
-                    os.close(fd)
-            tmp = os.open("tmp", _DIR_FLAGS, dir_fd=root)
+                os.close(open_dir_below(root, name, True, os.path.join(self.root, name)))
+            tmp = os.open("tmp", DIR_NOFOLLOW, dir_fd=root)
             try:
                 probe = f".probe-{os.getpid()}"
                 os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
