@@ -32,7 +32,6 @@ import logging
 import os
 import random
 import time
-import zlib
 
 from empath import cluster
 from empath.delivery import limits
@@ -44,6 +43,7 @@ from empath.delivery.notices import Notices
 from empath.master.child import ChildContext
 from empath.observe import audit, metrics, tracing
 from empath.spool import Spool, WakeListener
+from empath.spool.ids import shard_of
 
 log = logging.getLogger("empath.delivery")
 
@@ -143,7 +143,7 @@ class DeliveryWorker(MessageAttempts):
         self.notices = Notices(self.cfg, self.spool, self.metrics, self.audit, self.hooks)
 
     def _own(self, message_id: str) -> bool:
-        return zlib.crc32(message_id.encode()) % self.shards == self.shard
+        return shard_of(message_id, self.shards) == self.shard
 
     async def run(self) -> None:
         listener: WakeListener | None = None
@@ -192,7 +192,8 @@ class DeliveryWorker(MessageAttempts):
                 # Held (never read) until the process ends: the claims in active/<pid>/ are
                 # ours, and no recovery moves them while this lock is held.
                 self._active_lock = self.spool.lock_active(self.slot)
-            return WakeListener(self.spool, self.wake.set, on_rescan=self._rescan_deferred)
+            return WakeListener(self.spool, self.wake.set, on_rescan=self._rescan_deferred,
+                                share=(self.shard, self.shards))
         except OSError as exc:
             self._spool_fault(f"cannot set up this worker in the spool: {exc}")
             return None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import time
+import zlib
 from collections.abc import Iterable
 
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -54,6 +55,17 @@ def valid_ids(names: Iterable[str]) -> list[str]:
     """The names that are well-formed queue ids (as ``is_valid_id``), in their order: one C
     call per name, for listings of a million."""
     return list(filter(_VALID.match, names))
+
+
+def id_hash(message_id: str) -> int:
+    """The number that places a message in one delivery worker's share: worker ``i`` of
+    ``n`` (from 0) takes the messages whose ``id_hash % n == i`` (``shard_of``)."""
+    return zlib.crc32(message_id.encode())
+
+
+def shard_of(message_id: str, shards: int) -> int:
+    """Which of ``shards`` delivery workers (from 0) a message belongs to."""
+    return id_hash(message_id) % shards
 
 
 def id_time(message_id: str) -> float:

@@ -619,7 +619,8 @@ class Spool:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(self.tmp, name))
         for name in _listdir(self.wake_dir):
-            if name.isdigit() and not alive(int(name)):
+            pid = name.partition(".")[0]
+            if pid.isdigit() and not alive(int(pid)):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(self.wake_dir, name))
         return moved
@@ -642,13 +643,28 @@ class Spool:
             raise ValueError(f"not an IP address: {ip!r}")
         return os.path.join(self.control, "auth-failures", ip)
 
-    def wake_socket_path(self, pid: int) -> str:
-        return os.path.join(self.wake_dir, str(pid))
+    def wake_socket_path(self, pid: int, share: tuple[int, int] | None = None) -> str:
+        """control/wake/<pid>, or <pid>.<i>.<n> for worker ``i`` of ``n`` (``share``), which
+        receivers wake only for messages of its share (``ids.shard_of``)."""
+        name = str(pid) if share is None else f"{pid}.{share[0]}.{share[1]}"
+        return os.path.join(self.wake_dir, name)
+
+    def wake_sockets(self) -> Iterator[tuple[str, tuple[int, int] | None]]:
+        """(path, share or None) of every worker's wake socket."""
+        for name in _listdir(self.wake_dir):
+            pid, _, rest = name.partition(".")
+            if not pid.isdigit():
+                continue
+            if not rest:
+                yield os.path.join(self.wake_dir, name), None
+                continue
+            index, _, count = rest.partition(".")
+            if index.isdigit() and count.isdigit() and int(index) < int(count):
+                yield os.path.join(self.wake_dir, name), (int(index), int(count))
 
     def wake_socket_paths(self) -> Iterator[str]:
-        for name in _listdir(self.wake_dir):
-            if name.isdigit():
-                yield os.path.join(self.wake_dir, name)
+        for path, _ in self.wake_sockets():
+            yield path
 
 
 _libc = ctypes.CDLL(None, use_errno=True)

@@ -38,7 +38,7 @@ def store_message(spool: Spool, data: bytes, envelope: Envelope,
     if wake:
         waker = Waker(spool)
         try:
-            waker.wake()
+            waker.wake(ids=[message_id])
         finally:
             waker.close()
     return message_id

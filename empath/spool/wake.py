@@ -1,8 +1,13 @@
 """Wake-ups from receivers to delivery workers: one datagram socket per worker.
 
-Each delivery worker binds ``control/wake/<pid>`` (AF_UNIX, SOCK_DGRAM). After a group commit a
-receiver sends one byte to every worker; a full or vanished socket is ignored, because the
-workers also scan the spool on a timer. The datagrams carry no data: the spool is the truth.
+Each delivery worker binds ``control/wake/<pid>.<i>.<n>`` (AF_UNIX, SOCK_DGRAM): it is worker
+``i`` of ``n`` and takes the messages of its share (``ids.shard_of``). After a group commit a
+receiver sends one byte to each worker whose share holds one of the messages committed, and
+only to those: a worker woken for mail it will not take would list incoming/ for nothing. A
+full socket is ignored, because the workers also scan the spool on a timer; a vanished one
+(a worker restarted under a new pid) makes the receiver read the list again at once. The
+datagrams carry no data: the spool is the truth. A socket named ``<pid>`` alone is woken for
+every message (``empathctl`` and older workers).
 
 A socket's path must fit ``sun_path`` (107 bytes); a spool deep in the file system would not,
 so a longer one is reached through a descriptor of ``control/wake`` itself
@@ -16,11 +21,13 @@ import contextlib
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
+from empath.spool.ids import id_hash
 from empath.spool.layout import Spool
 
 _REFRESH = 2.0  # seconds between re-reads of the list of worker sockets
+_REREAD_MIN = 0.1  # seconds between re-reads after a socket refused (a dead worker's stays)
 SUN_PATH_MAX = 107  # bytes of a socket path, without its NUL
 NEW_MAIL = b"!"  # a receiver committed messages to incoming/
 RESCAN = b"D"  # an operator changed due times in deferred/ (retry, flush): rescan it now
@@ -53,18 +60,40 @@ class Waker:
         self._spool = spool
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._sock.setblocking(False)
-        self._targets: list[str] = []
-        self._read_at = 0.0
+        self._targets: list[tuple[str, int, int]] = []  # (address, i, n); n 0: all mail
+        self._read_at = -_REFRESH
         self._short = _Short(spool.wake_dir)
 
-    def wake(self, payload: bytes = NEW_MAIL) -> None:
+    def wake(self, payload: bytes = NEW_MAIL, ids: Iterable[str] | None = None) -> None:
+        """Wake every worker, or with ``ids`` those whose share holds one of the messages."""
+        if ids is not None and not ids:
+            return
         now = time.monotonic()
         if now - self._read_at > _REFRESH:
-            self._targets = [self._short(p) for p in self._spool.wake_socket_paths()]
-            self._read_at = now
-        for path in self._targets:
-            with contextlib.suppress(OSError):
-                self._sock.sendto(payload, path)
+            self._read_targets(now)
+        hashes = None if ids is None else [id_hash(i) for i in ids]
+        if not self._send(payload, hashes) and now - self._read_at > _REREAD_MIN:
+            self._read_targets(now)
+            self._send(payload, hashes)
+
+    def _read_targets(self, now: float) -> None:
+        self._targets = [(self._short(path), *(share or (0, 0)))
+                         for path, share in self._spool.wake_sockets()]
+        self._read_at = now
+
+    def _send(self, payload: bytes, hashes: list[int] | None) -> bool:
+        """Send to the targets; False when one of them is gone (the list is out of date)."""
+        current = True
+        for address, index, count in self._targets:
+            if hashes is not None and count and not any(h % count == index for h in hashes):
+                continue
+            try:
+                self._sock.sendto(payload, address)
+            except (FileNotFoundError, ConnectionRefusedError):
+                current = False
+            except OSError:  # full: that worker has wake-ups waiting already
+                pass
+        return current
 
     def close(self) -> None:
         self._sock.close()
@@ -75,8 +104,11 @@ class WakeListener:
     """Receiver side (one per delivery worker): calls ``callback`` when woken."""
 
     def __init__(self, spool: Spool, callback: Callable[[], None],
-                 on_rescan: Callable[[], None] | None = None) -> None:
-        self._path = spool.wake_socket_path(os.getpid())
+                 on_rescan: Callable[[], None] | None = None,
+                 share: tuple[int, int] | None = None) -> None:
+        """``share``: (i, n) of a worker that takes only its share of the messages; None to
+        be woken for every message."""
+        self._path = spool.wake_socket_path(os.getpid(), share)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._path)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

@@ -81,7 +81,7 @@ class ReceiverWriter:
         self.incoming_prefix = os.fsencode(spool.state_dir("incoming")) + b"/"
         self._dir_fd = os.open(spool.state_dir("incoming"), os.O_RDONLY | os.O_DIRECTORY)
         self._waker = Waker(spool)
-        self._wake_pending = False
+        self._wake_ids: list[str] = []  # stored since the last wake-up
         # Renames into incoming/ from tmp/ are made durable by the pool's group-commit thread;
         # after each of its fsyncs the delivery workers are woken.
         # With spool.sync "filesystem" one syncfs per batch replaces every file's fdatasync
@@ -91,7 +91,7 @@ class ReceiverWriter:
         self._frozen = False
         self._frozen_until = 0.0  # loop time until which _frozen is taken as true
         self._pool = SpoolThreads(self._loop, threads, sync_fd=self._dir_fd,
-                                  on_synced=self._wake,
+                                  on_synced=self._wake_every,
                                   sync=os.fsync if self.datasync else syncfs)
         # A message written into a slot: one call of the compiled store in a thread that
         # never takes the GIL, its end reported through an eventfd the loop reads.
@@ -157,22 +157,30 @@ class ReceiverWriter:
             os.close(self._dir_fd)
         self._waker.close()
 
-    def wake_soon(self) -> None:
-        """Wake the delivery workers once for every message stored until the loop gets to it."""
-        if not self._wake_pending:
-            self._wake_pending = True
+    def wake_soon(self, message_id: str) -> None:
+        """Wake the delivery worker of ``message_id`` once for every message stored until
+        the loop gets to it."""
+        if not self._wake_ids:
             self._loop.call_soon(self._wake)
+        self._wake_ids.append(message_id)
 
-    def _wake(self) -> None:
-        """Wake the delivery workers, unless the queue is frozen (``empathctl queue
-        unfreeze`` wakes them itself): looked up at most every FROZEN_RECHECK seconds."""
-        self._wake_pending = False
+    def _wake_every(self) -> None:
+        """After a directory fsync of the stores without a slot: wake every worker."""
+        self._wake(every=True)
+
+    def _wake(self, every: bool = False) -> None:
+        """Wake the delivery workers of the messages stored (``every``: all of them), unless
+        the queue is frozen (``empathctl queue unfreeze`` wakes them itself): looked up at
+        most every FROZEN_RECHECK seconds."""
+        ids, self._wake_ids = self._wake_ids, []
+        if not ids and not every:
+            return
         now = self._loop.time()
         if now >= self._frozen_until:
             self._frozen = self.spool.is_frozen()
             self._frozen_until = now + FROZEN_RECHECK
         if not self._frozen:
-            self._waker.wake()
+            self._waker.wake(ids=None if every else ids)
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await self._pool.submit(fn, *args)
@@ -326,7 +334,7 @@ class IncomingMessage:
             if failure is not None:
                 done(self._failed(failure))
                 return
-            writer.wake_soon()
+            writer.wake_soon(self.id)
             late = self._observe(started, seconds) - seconds
             if writer.on_settled is not None:
                 writer.on_settled(late)

@@ -17,6 +17,7 @@ import dkim
 import pytest
 
 from empath.spool import Spool, read_data, read_queue_file
+from empath.spool.ids import shard_of
 from empath.spool.slots import SLOTS_BATCH
 from tests.integration.test_dkim import dns_txt, keygen
 from tests.integration.test_observability import ctl
@@ -213,3 +214,54 @@ def test_receivers_wake_no_worker_while_delivery_is_frozen(daemon_factory: Any) 
         d.wait_for(lambda: spool.list_ids("incoming") == [], 20, "delivery after unfreeze")
     finally:
         ear.close()
+
+
+def test_receivers_wake_only_the_worker_of_each_messages_share(daemon_factory: Any) -> None:
+    """Worker i of n takes the messages whose id falls in its share; a receiver wakes that
+    worker only (control/wake/<pid>.<i>.<n>), so the others do not list incoming/ for mail
+    they will leave there. Two sockets stand in for the workers of shares 0 and 1 of 2."""
+    d: EmpathDaemon = daemon_factory()
+    spool = Spool(str(d.spool_path))
+    ears = []
+    wake_dir = os.open(spool.wake_dir, os.O_PATH | os.O_DIRECTORY)
+    for share in range(2):
+        ear = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        name = os.path.basename(spool.wake_socket_path(os.getpid(), (share, 2)))
+        ear.bind(f"/proc/self/fd/{wake_dir}/{name}")  # a deep tmp_path passes sun_path
+        ear.settimeout(0.5)
+        ears.append(ear)
+    os.close(wake_dir)
+
+    def heard(ear: socket.socket) -> bool:
+        try:
+            ear.recv(16)
+        except TimeoutError:
+            return False
+        while True:  # several wake-ups queued are one
+            ear.settimeout(0.05)
+            try:
+                ear.recv(16)
+            except TimeoutError:
+                ear.settimeout(0.5)
+                return True
+
+    body = b"Subject: x\r\n\r\nbody\r\n"
+    shares_seen = set()
+    try:
+        time.sleep(2.5)  # past the receivers' re-read of the list of worker sockets
+        with d.smtp() as s:
+            s.ehlo()
+            for _ in range(12):
+                assert s.mail("a@example.org")[0] == 250
+                assert s.rcpt("alice@localhost")[0] == 250
+                code, text = s.data(body)
+                assert code == 250
+                queue_id = text.decode().rsplit(" ", 1)[1]
+                share = shard_of(queue_id, 2)
+                shares_seen.add(share)
+                assert [heard(ear) for ear in ears] == [i == share for i in range(2)], \
+                    queue_id
+        assert shares_seen == {0, 1}  # 12 ids all of one share: 1 in 2048
+    finally:
+        for ear in ears:
+            ear.close()

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import socket
+import time
 from pathlib import Path
 
 from empath.spool import Spool
-from empath.spool.wake import SUN_PATH_MAX, Waker, WakeListener
+from empath.spool.ids import new_message_id, shard_of
+from empath.spool.wake import RESCAN, SUN_PATH_MAX, WakeListener, Waker
 
 
 def test_a_deep_spool_still_wakes_its_workers(tmp_path: Path) -> None:
@@ -38,3 +42,98 @@ def test_a_deep_spool_still_wakes_its_workers(tmp_path: Path) -> None:
     assert asyncio.run(scenario()) == ["wake"]
     # The socket was bound at its real place, and is gone after close.
     assert list(spool.wake_socket_paths()) == []
+
+
+def _ear(path: str) -> socket.socket:
+    ear = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    ear.bind(path)
+    ear.setblocking(False)
+    return ear
+
+
+def _heard(ear: socket.socket) -> list[bytes]:
+    got: list[bytes] = []
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            got.append(ear.recv(16))
+    return got
+
+
+def _id_of_share(share: int, shares: int) -> str:
+    for _ in range(1000):
+        message_id = new_message_id()
+        if shard_of(message_id, shares) == share:
+            return message_id
+    raise AssertionError("no id of that share")
+
+
+def test_a_receiver_wakes_only_the_worker_whose_share_holds_the_message(
+        tmp_path: Path) -> None:
+    """Woken for mail it will not take, a worker would list incoming/ for nothing: a wake-up
+    with ids reaches the worker of each id's share (and the sockets of no share), not the
+    others; one without ids (empathctl) reaches every worker."""
+    spool = Spool(str(tmp_path / "spool"))
+    spool.create_tree()
+    ears = [_ear(spool.wake_socket_path(4000 + i, (i, 3))) for i in range(3)]
+    every = _ear(spool.wake_socket_path(4100))  # no share: woken for all mail
+    waker = Waker(spool)
+    try:
+        for share in range(3):
+            waker.wake(ids=[_id_of_share(share, 3)])
+            assert [bool(_heard(ear)) for ear in ears] == [i == share for i in range(3)]
+            assert _heard(every) == [b"!"]
+        waker.wake(ids=[_id_of_share(0, 3), _id_of_share(2, 3)])
+        assert [bool(_heard(ear)) for ear in ears] == [True, False, True]
+        assert _heard(every) == [b"!"]
+        waker.wake(RESCAN)
+        assert [_heard(ear) for ear in ears + [every]] == [[RESCAN]] * 4
+        waker.wake(ids=[])
+        assert [_heard(ear) for ear in ears + [every]] == [[]] * 4
+    finally:
+        waker.close()
+        for ear in ears + [every]:
+            ear.close()
+
+
+def test_a_worker_restarted_under_a_new_pid_is_woken_from_its_first_message(
+        tmp_path: Path) -> None:
+    """The list of sockets is read every few seconds; a socket that refuses (its worker is
+    gone) makes the waker read it again at once, so the replacement is not left asleep."""
+    spool = Spool(str(tmp_path / "spool"))
+    spool.create_tree()
+    old_path = spool.wake_socket_path(5000, (0, 1))
+    old = _ear(old_path)
+    waker = Waker(spool)
+    try:
+        waker.wake(ids=[new_message_id()])
+        assert _heard(old) == [b"!"]
+        old.close()  # killed: its socket file stays and refuses
+        new = _ear(spool.wake_socket_path(5001, (0, 1)))
+        time.sleep(0.2)  # re-reads after a refusal are spaced out
+        waker.wake(ids=[new_message_id()])
+        assert _heard(new) == [b"!"]
+        os.unlink(old_path)
+        new.close()
+        os.unlink(spool.wake_socket_path(5001, (0, 1)))
+        newer = _ear(spool.wake_socket_path(5002, (0, 1)))
+        time.sleep(0.2)
+        waker.wake(ids=[new_message_id()])  # the old socket vanished: read again
+        assert _heard(newer) == [b"!"]
+        newer.close()
+    finally:
+        waker.close()
+
+
+def test_start_up_removes_the_wake_sockets_of_workers_that_are_gone(tmp_path: Path) -> None:
+    spool = Spool(str(tmp_path / "spool"))
+    spool.create_tree()
+    gone = 5555
+    for path in (spool.wake_socket_path(gone, (1, 2)), spool.wake_socket_path(gone)):
+        _ear(path).close()
+    mine = _ear(spool.wake_socket_path(os.getpid(), (0, 2)))
+    try:
+        spool.recover_all(lambda pid: pid == os.getpid())
+        assert list(spool.wake_sockets()) == [(spool.wake_socket_path(os.getpid(), (0, 2)),
+                                               (0, 2))]
+    finally:
+        mine.close()
