@@ -125,13 +125,24 @@ class _ChannelReader(asyncio.StreamReader):
             callback, self.on_trouble = self.on_trouble, None
             callback()
 
-    async def arrival(self) -> None:
-        """Until more bytes, the end of the stream or an error arrive."""
-        self._wakeup = asyncio.get_running_loop().create_future()
+    async def arrival(self, deadline: float | None = None) -> None:
+        """Until more bytes, the end of the stream or an error arrive; TimeoutError at
+        ``deadline`` (loop time). One timer, not an ``asyncio.timeout`` scope: this is
+        awaited for every reply of every message."""
+        loop = asyncio.get_running_loop()
+        wakeup = self._wakeup = loop.create_future()
+        timer = None if deadline is None else loop.call_at(deadline, _time_out, wakeup)
         try:
-            await self._wakeup
+            await wakeup
         finally:
             self._wakeup = None
+            if timer is not None:
+                timer.cancel()
+
+
+def _time_out(wakeup: asyncio.Future[None]) -> None:
+    if not wakeup.done():
+        wakeup.set_exception(TimeoutError())
 
 
 async def connect_stream(ip: str, port: int) -> tuple[_ChannelReader, asyncio.StreamWriter]:
@@ -246,15 +257,15 @@ class SMTPConnection:
         return reply
 
     async def _wait_reply(self, stage: str) -> Reply:
+        deadline = asyncio.get_running_loop().time() + getattr(self.timeouts, stage)
         try:
-            async with asyncio.timeout(getattr(self.timeouts, stage)):
-                while (reply := self.channel.next()) is None:
-                    if self.reader.lost is not None:
-                        raise self.reader.lost
-                    if self.channel.eof:
-                        raise TemporaryError.make("lost", server=self.label, stage=stage,
-                                                  reason="closed by the server")
-                    await self.reader.arrival()
+            while (reply := self.channel.next()) is None:
+                if self.reader.lost is not None:
+                    raise self.reader.lost
+                if self.channel.eof:
+                    raise TemporaryError.make("lost", server=self.label, stage=stage,
+                                              reason="closed by the server")
+                await self.reader.arrival(deadline)
         except TimeoutError:
             self.broken = True
             raise TemporaryError.make("timeout", server=self.label, stage=stage) from None
