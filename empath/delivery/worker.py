@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import random
 import time
@@ -118,6 +119,9 @@ class DeliveryWorker(MessageAttempts):
         self._listing: list[str] = []
         self._listing_pos = 0
         self._relist_at = 0.0  # monotonic time before which incoming/ is not listed again
+        self._listed_at = 0.0  # monotonic time of the last listing of incoming/
+        self._mail_pending = True  # woken for new mail since the last listing (or started)
+        self._foreign_due = math.inf  # when a file of another share seen last has waited
         # Claims whose state update failed (a rename or unlink the file system refused):
         # id -> (monotonic retry time, the work that retries it). See _strand.
         self._stranded: dict[str, tuple[float, Work]] = {}
@@ -165,8 +169,8 @@ class DeliveryWorker(MessageAttempts):
                 timeout = interval
                 now_mono = time.monotonic()
                 nexts = [due for due, _ in self._stranded.values()]
-                if self._free() > 0 and self._relist_at > now_mono:
-                    nexts.append(self._relist_at)
+                if self._free() > 0:
+                    nexts.append(self._relist_due())
                 if self._fault is not None:
                     nexts.append(self._probe_at)
                 next_due = self.deferred.schedule.next_due()
@@ -192,11 +196,16 @@ class DeliveryWorker(MessageAttempts):
                 # Held (never read) until the process ends: the claims in active/<pid>/ are
                 # ours, and no recovery moves them while this lock is held.
                 self._active_lock = self.spool.lock_active(self.slot)
-            return WakeListener(self.spool, self.wake.set, on_rescan=self._rescan_deferred,
+            return WakeListener(self.spool, self._woken, on_rescan=self._rescan_deferred,
                                 share=(self.shard, self.shards))
         except OSError as exc:
             self._spool_fault(f"cannot set up this worker in the spool: {exc}")
             return None
+
+    def _woken(self) -> None:
+        """A receiver (or empathctl) put mail of this worker's share in incoming/."""
+        self._mail_pending = True
+        self.wake.set()
 
     def _rescan_deferred(self) -> None:
         """An operator made deferred messages due (empathctl queue retry/flush)."""
@@ -265,7 +274,7 @@ class DeliveryWorker(MessageAttempts):
             self._fill_stranded()
             return
         now_mono = time.monotonic()
-        if now_mono >= self._relist_at:
+        if now_mono >= self._relist_due():
             self._list_incoming(now_mono)
         listing = self._listing
         while self._listing_pos < len(listing) and self._free() > 0:
@@ -274,14 +283,28 @@ class DeliveryWorker(MessageAttempts):
             if not self._own(message_id):
                 first = self._foreign_seen.setdefault(message_id, now_mono)
                 if now_mono - first < FOREIGN_GRACE:
+                    self._foreign_due = min(self._foreign_due, first + FOREIGN_GRACE)
                     continue
             self._claim(message_id, "incoming")
         self._fill_deferred()
         self._fill_stranded()
 
+    def _relist_due(self) -> float:
+        """When incoming/ is to be listed again (monotonic time): for new mail, as soon as
+        LISTING_SHARE allows; when a file of another worker's share seen in the last listing
+        has waited FOREIGN_GRACE; otherwise after ``queue_scan_interval`` (for a file put
+        there without a wake-up). An idle worker lists nothing in between (it listed
+        incoming/ every 50 ms, a round's shortest sleep, whether or not anything had come)."""
+        if self._mail_pending:
+            return self._relist_at
+        due = min(self._listed_at + self.cfg.delivery.queue_scan_interval, self._foreign_due)
+        return max(due, self._relist_at)
+
     def _list_incoming(self, now_mono: float) -> None:
-        """List incoming/ again; the next listing waits until this one is used up (or, with
-        free capacity, for new mail) and at least LISTING_SHARE allows."""
+        """List incoming/ again; the next listing waits for a reason (``_relist_due``) and at
+        least until LISTING_SHARE allows."""
+        self._mail_pending = False
+        self._listed_at = now_mono
         ordered = self.spool.list_ids_by_mtime if self.prioritized else self.spool.list_ids
         strays: list[str] = []
         listing = ordered("incoming", strays=strays)
@@ -294,6 +317,10 @@ class DeliveryWorker(MessageAttempts):
         if self._foreign_seen:
             present = set(listing)
             self._foreign_seen = {k: v for k, v in self._foreign_seen.items() if k in present}
+        # The next file of another share to have waited its grace (those past it are
+        # claimed now, or at the next listing if they cannot be).
+        self._foreign_due = min((first + FOREIGN_GRACE for first in self._foreign_seen.values()
+                                 if first + FOREIGN_GRACE > now_mono), default=math.inf)
 
     def _set_aside_strays(self, names: list[str]) -> None:
         """Files in incoming/ that are not queue ids: reported once, moved to corrupt/."""

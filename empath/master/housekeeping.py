@@ -2,11 +2,12 @@
 that recur.
 
 A delivery worker's claims (``active/<pid>/``) go back to ``incoming/`` once it is reaped or
-found dead, and half-written ``tmp/`` files of writers that are gone are removed: the spool
-functions do the work (``empath/spool/layout.py``), this module decides when. What it keeps
-true: a file system error (EROFS, ENOSPC, EIO...) never stops the master; the claims stay where
-they are and the sweep runs again within ``FAULT_RETRY`` seconds, with at most one log line a
-minute per kind of failure (``LogThrottle``).
+found dead (and the workers are woken for them), and half-written ``tmp/`` files of writers
+that are gone are removed: the spool functions do the work (``empath/spool/layout.py``), this
+module decides when. What it keeps true: a file system error (EROFS, ENOSPC, EIO...) never
+stops the master; the claims stay where they are and the sweep runs again within
+``FAULT_RETRY`` seconds, with at most one log line a minute per kind of failure
+(``LogThrottle``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Callable, Container
 from typing import Any
 
 from empath.spool import Spool, pid_alive
+from empath.spool.wake import Waker
 
 log = logging.getLogger("empath.master")
 
@@ -80,12 +82,20 @@ class SpoolKeeper:
         self.sweep_tmp(lambda pid: pid not in children and not pid_alive(pid))
 
     def requeue_claims(self, slot: int) -> None:
-        """Requeue a gone worker's claims; on a file system error, log (rate-limited) and
-        let the sweep try again soon: the claims stay where they are meanwhile."""
+        """Requeue a gone worker's claims and wake the workers for them; on a file system
+        error, log (rate-limited) and let the sweep try again soon: the claims stay where
+        they are meanwhile."""
         try:
-            self.spool.recover_unowned(slot)
+            moved = self.spool.recover_unowned(slot)
         except OSError as exc:
             self._fault(f"requeue the claims of delivery worker {slot}", exc)
+            return
+        if moved:
+            waker = Waker(self.spool)
+            try:
+                waker.wake()  # every worker: the claims are of any share
+            finally:
+                waker.close()
 
     def sweep_tmp(self, dead: Callable[[int], bool]) -> None:
         try:

@@ -20,6 +20,8 @@ import psutil
 import pytest
 
 from empath.spool import Spool, new_message_id
+from empath.spool.ids import shard_of
+from empath.spool.submit import store_message
 from tests.support.daemon import EmpathDaemon, wait_for
 from tests.support.sink import PRESETS, SinkServer
 
@@ -455,3 +457,106 @@ def test_unknown_user_is_a_start_up_error(daemon_factory: Factory) -> None:
     d.start(wait=False)
     assert d.wait_exit(10) == 1
     assert "no such user 'no-such-user-here'" in d.log_text()
+
+
+def test_a_replaced_delivery_worker_is_woken_for_its_share_at_once(
+        daemon_factory: Factory) -> None:
+    """Receivers wake only the worker whose share holds a message, reading the list of worker
+    sockets every two seconds. A worker killed and replaced leaves a socket that refuses; the
+    receivers then read the list again at once, so the replacement is woken for its first
+    message instead of that message waiting for a later read (or for the other worker to
+    take it as a stranger's after two seconds, or for the ten-second scan)."""
+    with SinkServer() as sink:
+        d: EmpathDaemon = daemon_factory({
+            "processes": {"receivers": 1, "delivery": 2},
+            "delivery": {"smarthost": f"127.0.0.1:{sink.port}",
+                         "tls": {"default_policy": "disabled"}}})
+        spool = Spool(str(d.spool_path))
+
+        def socket_of_share(share: int) -> tuple[int, str] | None:
+            for path, found in spool.wake_sockets():
+                pid = int(os.path.basename(path).partition(".")[0])
+                if found == (share, 2) and pid in d.child_pids("delivery"):
+                    return pid, path
+            return None
+
+        wait_for(lambda: socket_of_share(0) is not None, 10, message="worker 0's socket")
+        old = socket_of_share(0)
+        assert old is not None
+        with d.smtp() as s:  # the receiver has read the list of sockets, with the old one
+            s.sendmail("a@example.org", ["b@example.net"], b"Subject: first\r\n\r\nx\r\n")
+        sink.wait_for_messages(1)
+        os.kill(old[0], signal.SIGKILL)
+        wait_for(lambda: (socket_of_share(0) or old)[0] != old[0], 10,
+                 message="the replacement's socket")
+        delays = []
+        with d.smtp() as s:
+            s.ehlo()
+            while len(delays) < 4:  # four messages of share 0
+                assert s.mail("a@example.org")[0] == 250
+                assert s.rcpt("b@example.net")[0] == 250
+                code, text = s.data(b"Subject: after\r\n\r\nx\r\n")
+                assert code == 250
+                accepted = time.monotonic()
+                count = len(sink.messages)
+                wait_for(lambda: len(sink.messages) > count, 15, message="delivery")
+                if shard_of(text.decode().rsplit(" ", 1)[1], 2) == 0:
+                    delays.append(time.monotonic() - accepted)
+        print("DELAYS", delays, spool.wake_socket_paths and list(spool.wake_sockets()))
+        assert max(delays) < 1.0, delays
+
+
+def _share_worker(d: EmpathDaemon, spool: Spool, share: int) -> int | None:
+    """The pid of the running delivery worker of ``share`` (of 2), by its wake socket."""
+    for path, found in spool.wake_sockets():
+        pid = int(os.path.basename(path).partition(".")[0])
+        if found == (share, 2) and pid in d.child_pids("delivery"):
+            return pid
+    return None
+
+
+def test_a_dead_workers_claims_are_delivered_by_the_other_worker_at_once(
+        daemon_factory: Factory) -> None:
+    """The master requeues a dead worker's claims into incoming/ and wakes every worker: a
+    claim of the other worker's share goes out at once, not at that worker's next scan
+    (queue_scan_interval, 10 s) nor after the replacement's two-second grace for it."""
+    with SinkServer() as sink:
+        d: EmpathDaemon = daemon_factory({
+            "processes": {"receivers": 1, "delivery": 2},
+            "delivery": {"smarthost": f"127.0.0.1:{sink.port}",
+                         "tls": {"default_policy": "disabled"}}})
+        spool = Spool(str(d.spool_path))
+        wait_for(lambda: None not in (_share_worker(d, spool, 0), _share_worker(d, spool, 1)),
+                 10, message="both workers' sockets")
+        victim = _share_worker(d, spool, 0)
+        assert victim is not None
+        message_id = next(i for i in iter(new_message_id, None) if shard_of(i, 2) == 1)
+        spool.set_frozen(True)  # written and moved without a worker taking it
+        time.sleep(0.2)
+        store_message(spool, b"Subject: claimed\r\n\r\nx\r\n", {
+            "id": message_id, "sender": "a@example.org", "params": {},
+            "recipients": [{"address": "b@example.net", "orcpt": None, "notify": None}]},
+            wake=False)
+        os.rename(spool.path("incoming", message_id), spool.active_path(victim, message_id))
+        spool.set_frozen(False)  # by hand: no wake-up
+        killed = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        [got] = sink.wait_for_messages(1, timeout=15)
+        assert time.monotonic() - killed < 1.5
+        assert b"Subject: claimed" in got.data
+
+
+def test_idle_delivery_workers_sleep(daemon_factory: Factory) -> None:
+    """With nothing to do, a delivery worker sleeps until a wake-up, a due time or its scan
+    interval: it listed incoming/ every 50 ms (20 wake-ups a second each, for nothing)."""
+    d: EmpathDaemon = daemon_factory({"processes": {"receivers": 1, "delivery": 2}})
+    time.sleep(1.0)
+
+    def switches(pid: int) -> int:
+        return int(psutil.Process(pid).num_ctx_switches().voluntary)
+
+    workers = d.child_pids("delivery")
+    before = {pid: switches(pid) for pid in workers}
+    time.sleep(3.0)
+    rates = {pid: (switches(pid) - before[pid]) / 3.0 for pid in workers}
+    assert all(rate < 5 for rate in rates.values()), rates

@@ -331,8 +331,21 @@ def test_a_backlog_is_listed_once_and_worked_through_in_order(
     worker._fill()
     assert claimed[-1] != late and listings == ["incoming"]
     worker._relist_at = 0.0
+    worker._fill()  # allowed, but no wake-up and queue_scan_interval not over: no listing
+    assert claimed[-1] != late and listings == ["incoming"]
+    worker._woken()  # the receiver's datagram
+    worker._relist_at = time.monotonic() + 60  # LISTING_SHARE still holds it back
+    worker._fill()
+    assert claimed[-1] != late and listings == ["incoming"]
+    worker._relist_at = 0.0
     worker._fill()
     assert claimed[-1] == late and listings == ["incoming", "incoming"]
+    worker._relist_at = 0.0
+    worker._fill()  # that wake-up is used up
+    assert listings == ["incoming", "incoming"]
+    worker._listed_at -= worker.cfg.delivery.queue_scan_interval  # the scan is due
+    worker._fill()
+    assert listings == ["incoming", "incoming", "incoming"]
 
 
 def test_an_outcome_that_cannot_be_recorded_is_held_and_never_delivered_again(
