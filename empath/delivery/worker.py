@@ -43,7 +43,7 @@ from empath.delivery.hooks import DeliveryHooks
 from empath.delivery.notices import Notices
 from empath.master.child import ChildContext
 from empath.observe import audit, metrics, tracing
-from empath.spool import Spool, WakeListener
+from empath.spool import Spool, WakeListener, Waker
 from empath.spool.ids import shard_of
 
 log = logging.getLogger("empath.delivery")
@@ -230,10 +230,17 @@ class DeliveryWorker(MessageAttempts):
             log.critical("%s: stopping with its delivery outcome still unrecorded (the spool "
                          "refuses writes); recipients it reached may get it again", message_id)
         try:
-            self.spool.recover_active(self.slot)
+            requeued = self.spool.recover_active(self.slot)
         except OSError as exc:
             log.error("cannot requeue the claims of this worker: %s; they are requeued "
                       "when the daemon next starts", exc)
+            return
+        if requeued:  # for the workers of the next generation (a reload)
+            waker = Waker(self.spool)
+            try:
+                waker.wake()
+            finally:
+                waker.close()
 
     def _free(self) -> int:
         """Delivery slots free: messages that only wait for destination limits hold none,
