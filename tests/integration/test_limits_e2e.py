@@ -21,7 +21,7 @@ import pytest
 
 from empath.spool import CorruptFile, Spool, new_message_id, read_envelope
 from empath.spool.submit import store_message
-from tests.integration.test_observability import scrape_when
+from tests.integration.test_observability import ctl, scrape_when
 from tests.support.daemon import EmpathDaemon
 from tests.support.dnsserver import DNSServer
 from tests.support.fixtures import DaemonFactory
@@ -227,3 +227,29 @@ def test_circuit_breaker_stops_trying_a_dead_destination(daemon_factory: DaemonF
         sink_port_keeper.stop()
         if revived is not None:
             revived.stop()
+
+
+def test_a_reload_hands_waiting_claims_to_the_next_generation_at_once(
+        daemon_factory: DaemonFactory, dns: DNSServer) -> None:
+    """On a reload the old worker stops: the messages it holds waiting for a destination's
+    connection go back to incoming/, and it wakes the next generation's workers for them,
+    which would otherwise list incoming/ again only at their scan (queue_scan_interval)."""
+    with SinkServer(Behaviour(delay=0.1), host="127.0.0.2") as sink:
+        daemon = daemon_factory(overrides(dns, sink.port, 1, queue_scan_interval="10s",
+                                          domains={"example.test": {"max_connections": 1}}))
+        spool = Spool(str(daemon.spool_path))
+        frozen(daemon, True)
+        spool_messages(daemon, ids_per_worker(1, 4), "example.test")
+        [worker] = daemon.child_pids("delivery")
+        assert ctl(daemon, "queue", "unfreeze").returncode == 0  # wakes the worker
+        # One message on the destination's only connection, three claimed and waiting for it.
+        daemon.wait_for(lambda: len(spool.list_ids("incoming")) == 0, 10, "all four claimed")
+        assert len(sink.messages) < 3
+        reloaded = time.monotonic()
+        daemon.reload(wait=False)
+        daemon.wait_for(lambda: len(sink.messages) == 4, 30, "four messages at the sink")
+        assert time.monotonic() - reloaded < 7.0
+        assert worker not in daemon.child_pids("delivery")
+        assert sorted(subject for m in sink.messages for subject in
+                      [m.data.split(b"\r\n", 1)[0]]) == [
+            b"Subject: message %d" % n for n in range(4)]
