@@ -300,8 +300,7 @@ class DeliveryWorker(MessageAttempts):
         """When incoming/ is to be listed again (monotonic time): for new mail, as soon as
         LISTING_SHARE allows; when a file of another worker's share seen in the last listing
         has waited FOREIGN_GRACE; otherwise after ``queue_scan_interval`` (for a file put
-        there without a wake-up). An idle worker lists nothing in between (it listed
-        incoming/ every 50 ms, a round's shortest sleep, whether or not anything had come)."""
+        there without a wake-up). An idle worker lists nothing in between: it sleeps."""
         if self._mail_pending:
             return self._relist_at
         due = min(self._listed_at + self.cfg.delivery.queue_scan_interval, self._foreign_due)
