@@ -503,7 +503,7 @@ def test_a_replaced_delivery_worker_is_woken_for_its_share_at_once(
                 if shard_of(text.decode().rsplit(" ", 1)[1], 2) == 0:
                     delays.append(time.monotonic() - accepted)
         print("DELAYS", delays, spool.wake_socket_paths and list(spool.wake_sockets()))
-        assert max(delays) < 1.0, delays
+        assert max(delays) < 3.0, delays  # the scan would take 10 s
 
 
 def _share_worker(d: EmpathDaemon, spool: Spool, share: int) -> int | None:
