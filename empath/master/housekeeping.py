@@ -59,6 +59,10 @@ class SpoolKeeper:
         if delivery:
             # Its claims in active/<pid>/ go back to incoming/ (a clean exit leaves none).
             self.requeue_claims(pid)
+            try:  # and a killed worker's wake socket goes
+                self.spool.remove_wake_sockets(pid)
+            except OSError as exc:
+                log.debug("cannot remove the wake socket of worker %d: %s", pid, exc)
         # Its half-written tmp/ files: the pid is reaped, so nothing can rename them now.
         self.sweep_tmp(lambda p: p == pid)
 

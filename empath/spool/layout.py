@@ -662,6 +662,14 @@ class Spool:
             if index.isdigit() and count.isdigit() and int(index) < int(count):
                 yield os.path.join(self.wake_dir, name), (int(index), int(count))
 
+    def remove_wake_sockets(self, pid: int) -> None:
+        """Remove the wake socket of worker ``pid``, reaped: receivers stop sending to it
+        and read the list of sockets again (a killed worker leaves its socket behind)."""
+        for path, _ in self.wake_sockets():
+            if os.path.basename(path).partition(".")[0] == str(pid):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+
     def wake_socket_paths(self) -> Iterator[str]:
         for path, _ in self.wake_sockets():
             yield path

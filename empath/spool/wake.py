@@ -4,9 +4,10 @@ Each delivery worker binds ``control/wake/<pid>.<i>.<n>`` (AF_UNIX, SOCK_DGRAM):
 ``i`` of ``n`` and takes the messages of its share (``ids.shard_of``). After a group commit a
 receiver sends one byte to each worker whose share holds one of the messages committed, and
 only to those: a worker woken for mail it will not take would list incoming/ for nothing. A
-full socket is ignored, because the workers also scan the spool on a timer; a vanished one
-(a worker restarted under a new pid) makes the receiver read the list again at once. The
-datagrams carry no data: the spool is the truth. A socket named ``<pid>`` alone is woken for
+full socket is ignored (that worker has wake-ups waiting); a vanished or refusing one (a
+worker killed, whose socket the master removes when it reaps it, and restarted under a new
+pid) makes the receiver read the list again at once, and wake every worker if that share
+still has none. The datagrams carry no data: the spool is the truth. A socket named ``<pid>`` alone is woken for
 every message (``empathctl`` and older workers).
 
 A socket's path must fit ``sun_path`` (107 bytes); a spool deep in the file system would not,
@@ -54,46 +55,66 @@ class _Short:
 
 
 class Waker:
-    """Sender side (receivers, empathctl)."""
+    """Sender side (receivers, empathctl, the master)."""
 
     def __init__(self, spool: Spool) -> None:
         self._spool = spool
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._sock.setblocking(False)
         self._targets: list[tuple[str, int, int]] = []  # (address, i, n); n 0: all mail
+        self._counts: set[int] = set()  # the n of the workers as last read
         self._read_at = -_REFRESH
         self._short = _Short(spool.wake_dir)
 
     def wake(self, payload: bytes = NEW_MAIL, ids: Iterable[str] | None = None) -> None:
-        """Wake every worker, or with ``ids`` those whose share holds one of the messages."""
+        """Wake every worker, or with ``ids`` those whose share holds one of the messages.
+
+        A share whose worker is gone (its socket refuses or vanished: killed, restarted
+        under a new pid) makes the list be read again at once, at most every _REREAD_MIN;
+        if that share still has no worker, every worker is woken, and another takes the
+        message once its grace is over (docs/ARCHITECTURE.md)."""
         if ids is not None and not ids:
             return
         now = time.monotonic()
         if now - self._read_at > _REFRESH:
             self._read_targets(now)
         hashes = None if ids is None else [id_hash(i) for i in ids]
-        if not self._send(payload, hashes) and now - self._read_at > _REREAD_MIN:
+        if self._send(payload, hashes):
+            return
+        if now - self._read_at > _REREAD_MIN:
             self._read_targets(now)
-            self._send(payload, hashes)
+            if self._send(payload, hashes):
+                return
+        self._send(payload, None)
 
     def _read_targets(self, now: float) -> None:
         self._targets = [(self._short(path), *(share or (0, 0)))
                          for path, share in self._spool.wake_sockets()]
+        self._counts = {count for _, _, count in self._targets if count}
         self._read_at = now
 
     def _send(self, payload: bytes, hashes: list[int] | None) -> bool:
-        """Send to the targets; False when one of them is gone (the list is out of date)."""
-        current = True
+        """Send to the targets (all, or those of the shares of ``hashes``); False when a
+        share that was to be woken reached no worker. A target that refuses is dropped
+        until the list is read again."""
+        needed = set() if hashes is None else {
+            (h % count, count) for count in self._counts for h in hashes}
+        reached = set()
+        gone: list[str] = []
         for address, index, count in self._targets:
-            if hashes is not None and count and not any(h % count == index for h in hashes):
+            if hashes is not None and count and (index, count) not in needed:
                 continue
             try:
                 self._sock.sendto(payload, address)
             except (FileNotFoundError, ConnectionRefusedError):
-                current = False
+                gone.append(address)
+                continue
             except OSError:  # full: that worker has wake-ups waiting already
                 pass
-        return current
+            reached.add((index, count))
+        if gone:
+            self._targets = [t for t in self._targets if t[0] not in gone]
+        return needed <= reached
 
     def close(self) -> None:
         self._sock.close()

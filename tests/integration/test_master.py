@@ -462,10 +462,10 @@ def test_unknown_user_is_a_start_up_error(daemon_factory: Factory) -> None:
 def test_a_replaced_delivery_worker_is_woken_for_its_share_at_once(
         daemon_factory: Factory) -> None:
     """Receivers wake only the worker whose share holds a message, reading the list of worker
-    sockets every two seconds. A worker killed and replaced leaves a socket that refuses; the
-    receivers then read the list again at once, so the replacement is woken for its first
-    message instead of that message waiting for a later read (or for the other worker to
-    take it as a stranger's after two seconds, or for the ten-second scan)."""
+    sockets every two seconds. A worker killed leaves its socket behind; the master removes
+    it when it reaps the worker, a receiver that finds it gone (or refusing) reads the list
+    again at once, and the replacement is woken for its first message instead of that message
+    waiting for the ten-second scan."""
     with SinkServer() as sink:
         d: EmpathDaemon = daemon_factory({
             "processes": {"receivers": 1, "delivery": 2},
@@ -489,6 +489,7 @@ def test_a_replaced_delivery_worker_is_woken_for_its_share_at_once(
         os.kill(old[0], signal.SIGKILL)
         wait_for(lambda: (socket_of_share(0) or old)[0] != old[0], 10,
                  message="the replacement's socket")
+        wait_for(lambda: not os.path.exists(old[1]), 10, message="the old socket removed")
         delays = []
         with d.smtp() as s:
             s.ehlo()

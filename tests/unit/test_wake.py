@@ -137,3 +137,45 @@ def test_start_up_removes_the_wake_sockets_of_workers_that_are_gone(tmp_path: Pa
                                                (0, 2))]
     finally:
         mine.close()
+
+
+def test_a_share_without_a_live_worker_wakes_every_worker(tmp_path: Path) -> None:
+    """Worker 0 of 2 killed and not yet replaced: a message of its share would wake nobody
+    and wait for a scan. Every worker is woken instead; worker 1 takes the message once its
+    grace for another's share is over. A refusing socket is dropped from the list, so later
+    messages of the live share do not wake worker 1 for nothing."""
+    spool = Spool(str(tmp_path / "spool"))
+    spool.create_tree()
+    dead_path = spool.wake_socket_path(6000, (0, 2))
+    _ear(dead_path).close()  # killed: the socket file stays and refuses
+    live = _ear(spool.wake_socket_path(6001, (1, 2)))
+    waker = Waker(spool)
+    try:
+        waker.wake(ids=[_id_of_share(1, 2)])
+        assert _heard(live) == [b"!"]
+        waker.wake(ids=[_id_of_share(0, 2)])  # the list is fresh: read again at most so often
+        assert _heard(live) == [b"!"]
+        time.sleep(0.2)
+        waker.wake(ids=[_id_of_share(0, 2)])  # read again: still nobody for share 0
+        assert _heard(live) == [b"!"]
+        replacement = _ear(spool.wake_socket_path(6002, (0, 2)))
+        time.sleep(0.2)
+        waker.wake(ids=[_id_of_share(0, 2)])
+        assert _heard(replacement) == [b"!"] and _heard(live) == []
+        for _ in range(3):  # the dead socket is out of the list: nothing refuses, no re-read
+            waker.wake(ids=[_id_of_share(1, 2)])
+            assert _heard(live) == [b"!"] and _heard(replacement) == []
+        replacement.close()
+    finally:
+        waker.close()
+        live.close()
+
+
+def test_the_master_removes_a_reaped_workers_socket(tmp_path: Path) -> None:
+    spool = Spool(str(tmp_path / "spool"))
+    spool.create_tree()
+    for pid, share in ((7000, (0, 2)), (7001, (1, 2)), (70001, None)):
+        _ear(spool.wake_socket_path(pid, share)).close()
+    spool.remove_wake_sockets(7000)
+    assert sorted(os.path.basename(p) for p in spool.wake_socket_paths()) == ["70001",
+                                                                               "7001.1.2"]
