@@ -7,8 +7,8 @@ only to those: a worker woken for mail it will not take would list incoming/ for
 full socket is ignored (that worker has wake-ups waiting); a vanished or refusing one (a
 worker killed, whose socket the master removes when it reaps it, and restarted under a new
 pid) makes the receiver read the list again at once, and wake every worker if that share
-still has none. The datagrams carry no data: the spool is the truth. A socket named ``<pid>`` alone is woken for
-every message (``empathctl`` and older workers).
+still has none. The datagrams carry no data: the spool is the truth. A socket named
+``<pid>`` alone is woken for every message.
 
 A socket's path must fit ``sun_path`` (107 bytes); a spool deep in the file system would not,
 so a longer one is reached through a descriptor of ``control/wake`` itself
