@@ -480,16 +480,16 @@ def test_a_replaced_delivery_worker_is_woken_for_its_share_at_once(
                     return pid, path
             return None
 
-        wait_for(lambda: socket_of_share(0) is not None, 10, message="worker 0's socket")
+        wait_for(lambda: socket_of_share(0) is not None, 30, message="worker 0's socket")
         old = socket_of_share(0)
         assert old is not None
         with d.smtp() as s:  # the receiver has read the list of sockets, with the old one
             s.sendmail("a@example.org", ["b@example.net"], b"Subject: first\r\n\r\nx\r\n")
-        sink.wait_for_messages(1)
+        sink.wait_for_messages(1, timeout=30)
         os.kill(old[0], signal.SIGKILL)
-        wait_for(lambda: (socket_of_share(0) or old)[0] != old[0], 10,
+        wait_for(lambda: (socket_of_share(0) or old)[0] != old[0], 30,
                  message="the replacement's socket")
-        wait_for(lambda: not os.path.exists(old[1]), 10, message="the old socket removed")
+        wait_for(lambda: not os.path.exists(old[1]), 30, message="the old socket removed")
         delays = []
         with d.smtp() as s:
             s.ehlo()
@@ -500,7 +500,7 @@ def test_a_replaced_delivery_worker_is_woken_for_its_share_at_once(
                 assert code == 250
                 accepted = time.monotonic()
                 count = len(sink.messages)
-                wait_for(lambda: len(sink.messages) > count, 15, message="delivery")
+                wait_for(lambda: len(sink.messages) > count, 30, message="delivery")
                 if shard_of(text.decode().rsplit(" ", 1)[1], 2) == 0:
                     delays.append(time.monotonic() - accepted)
         print("DELAYS", delays, spool.wake_socket_paths and list(spool.wake_sockets()))
