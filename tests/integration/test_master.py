@@ -459,6 +459,22 @@ def test_unknown_user_is_a_start_up_error(daemon_factory: Factory) -> None:
     assert "no such user 'no-such-user-here'" in d.log_text()
 
 
+def _relay_to(sink: SinkServer) -> dict[str, Any]:
+    """One receiver and two delivery workers relaying everything to ``sink``."""
+    return {"processes": {"receivers": 1, "delivery": 2},
+            "delivery": {"smarthost": f"127.0.0.1:{sink.port}",
+                         "tls": {"default_policy": "disabled"}}}
+
+
+def _share_worker(d: EmpathDaemon, spool: Spool, share: int) -> tuple[int, str] | None:
+    """(pid, wake socket) of the running delivery worker of ``share`` (of 2)."""
+    for path, found in spool.wake_sockets():
+        pid = int(os.path.basename(path).partition(".")[0])
+        if found == (share, 2) and pid in d.child_pids("delivery"):
+            return pid, path
+    return None
+
+
 def test_a_replaced_delivery_worker_is_woken_for_its_share_at_once(
         daemon_factory: Factory) -> None:
     """Receivers wake only the worker whose share holds a message, reading the list of worker
@@ -467,27 +483,16 @@ def test_a_replaced_delivery_worker_is_woken_for_its_share_at_once(
     again at once, and the replacement is woken for its first message instead of that message
     waiting for the ten-second scan."""
     with SinkServer() as sink:
-        d: EmpathDaemon = daemon_factory({
-            "processes": {"receivers": 1, "delivery": 2},
-            "delivery": {"smarthost": f"127.0.0.1:{sink.port}",
-                         "tls": {"default_policy": "disabled"}}})
+        d: EmpathDaemon = daemon_factory(_relay_to(sink))
         spool = Spool(str(d.spool_path))
-
-        def socket_of_share(share: int) -> tuple[int, str] | None:
-            for path, found in spool.wake_sockets():
-                pid = int(os.path.basename(path).partition(".")[0])
-                if found == (share, 2) and pid in d.child_pids("delivery"):
-                    return pid, path
-            return None
-
-        wait_for(lambda: socket_of_share(0) is not None, 30, message="worker 0's socket")
-        old = socket_of_share(0)
+        wait_for(lambda: _share_worker(d, spool, 0), 30, message="worker 0's socket")
+        old = _share_worker(d, spool, 0)
         assert old is not None
         with d.smtp() as s:  # the receiver has read the list of sockets, with the old one
             s.sendmail("a@example.org", ["b@example.net"], b"Subject: first\r\n\r\nx\r\n")
         sink.wait_for_messages(1, timeout=30)
         os.kill(old[0], signal.SIGKILL)
-        wait_for(lambda: (socket_of_share(0) or old)[0] != old[0], 30,
+        wait_for(lambda: (_share_worker(d, spool, 0) or old)[0] != old[0], 30,
                  message="the replacement's socket")
         wait_for(lambda: not os.path.exists(old[1]), 30, message="the old socket removed")
         delays = []
@@ -507,30 +512,19 @@ def test_a_replaced_delivery_worker_is_woken_for_its_share_at_once(
         assert max(delays) < 3.0, delays  # the scan would take 10 s
 
 
-def _share_worker(d: EmpathDaemon, spool: Spool, share: int) -> int | None:
-    """The pid of the running delivery worker of ``share`` (of 2), by its wake socket."""
-    for path, found in spool.wake_sockets():
-        pid = int(os.path.basename(path).partition(".")[0])
-        if found == (share, 2) and pid in d.child_pids("delivery"):
-            return pid
-    return None
-
-
 def test_a_dead_workers_claims_are_delivered_by_the_other_worker_at_once(
         daemon_factory: Factory) -> None:
     """The master requeues a dead worker's claims into incoming/ and wakes every worker: a
     claim of the other worker's share goes out at once, not at that worker's next scan
     (queue_scan_interval, 10 s) nor after the replacement's two-second grace for it."""
     with SinkServer() as sink:
-        d: EmpathDaemon = daemon_factory({
-            "processes": {"receivers": 1, "delivery": 2},
-            "delivery": {"smarthost": f"127.0.0.1:{sink.port}",
-                         "tls": {"default_policy": "disabled"}}})
+        d: EmpathDaemon = daemon_factory(_relay_to(sink))
         spool = Spool(str(d.spool_path))
         wait_for(lambda: None not in (_share_worker(d, spool, 0), _share_worker(d, spool, 1)),
-                 10, message="both workers' sockets")
-        victim = _share_worker(d, spool, 0)
-        assert victim is not None
+                 30, message="both workers' sockets")
+        found = _share_worker(d, spool, 0)
+        assert found is not None
+        victim = found[0]
         message_id = next(i for i in iter(new_message_id, None) if shard_of(i, 2) == 1)
         spool.set_frozen(True)  # written and moved without a worker taking it
         time.sleep(0.2)
