@@ -43,8 +43,9 @@ from empath.delivery.hooks import DeliveryHooks
 from empath.delivery.notices import Notices
 from empath.master.child import ChildContext
 from empath.observe import audit, metrics, tracing
-from empath.spool import Spool, WakeListener, Waker
+from empath.spool import Spool, WakeListener
 from empath.spool.ids import shard_of
+from empath.spool.wake import wake_workers
 
 log = logging.getLogger("empath.delivery")
 
@@ -236,11 +237,7 @@ class DeliveryWorker(MessageAttempts):
                       "when the daemon next starts", exc)
             return
         if requeued:  # for the workers of the next generation (a reload)
-            waker = Waker(self.spool)
-            try:
-                waker.wake()
-            finally:
-                waker.close()
+            wake_workers(self.spool)
 
     def _free(self) -> int:
         """Delivery slots free: messages that only wait for destination limits hold none,

@@ -18,7 +18,7 @@ from collections.abc import Callable, Container
 from typing import Any
 
 from empath.spool import Spool, pid_alive
-from empath.spool.wake import Waker
+from empath.spool.wake import wake_workers
 
 log = logging.getLogger("empath.master")
 
@@ -95,11 +95,7 @@ class SpoolKeeper:
             self._fault(f"requeue the claims of delivery worker {slot}", exc)
             return
         if moved:
-            waker = Waker(self.spool)
-            try:
-                waker.wake()  # every worker: the claims are of any share
-            finally:
-                waker.close()
+            wake_workers(self.spool)  # every worker: the claims are of any share
 
     def sweep_tmp(self, dead: Callable[[int], bool]) -> None:
         try:

@@ -378,13 +378,9 @@ class Queue:
 
     def wake(self) -> None:
         """One datagram to every delivery worker: look at the spool now, deferred/ included."""
-        from empath.spool.wake import RESCAN, Waker  # asyncio: only the commands that wake
+        from empath.spool.wake import RESCAN, wake_workers  # asyncio: only commands that wake
 
-        waker = Waker(self.spool)
-        try:
-            waker.wake(RESCAN)
-        finally:
-            waker.close()
+        wake_workers(self.spool, RESCAN)
 
     def sync(self) -> None:
         """fsync the state directories changed so far, making the renames durable."""

@@ -16,7 +16,7 @@ from empath._speedups import store_file
 from empath.spool import fileformat
 from empath.spool.layout import Spool
 from empath.spool.records import Envelope
-from empath.spool.wake import Waker
+from empath.spool.wake import wake_workers
 
 
 def store_message(spool: Spool, data: bytes, envelope: Envelope,
@@ -36,11 +36,7 @@ def store_message(spool: Spool, data: bytes, envelope: Envelope,
         raise
     spool.sync_dir("incoming")
     if wake:
-        waker = Waker(spool)
-        try:
-            waker.wake(ids=[message_id])
-        finally:
-            waker.close()
+        wake_workers(spool, ids=[message_id])
     return message_id
 
 

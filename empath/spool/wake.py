@@ -121,6 +121,16 @@ class Waker:
         self._short.close()
 
 
+def wake_workers(spool: Spool, payload: bytes = NEW_MAIL,
+                 ids: Iterable[str] | None = None) -> None:
+    """Wake the delivery workers once, from a process that has no Waker of its own."""
+    waker = Waker(spool)
+    try:
+        waker.wake(payload, ids)
+    finally:
+        waker.close()
+
+
 class WakeListener:
     """Receiver side (one per delivery worker): calls ``callback`` when woken."""
 
