@@ -22,13 +22,13 @@ import contextlib
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection
 
 from empath.spool.ids import id_hash
 from empath.spool.layout import Spool
 
 _REFRESH = 2.0  # seconds between re-reads of the list of worker sockets
-_REREAD_MIN = 0.1  # seconds between re-reads after a socket refused (a dead worker's stays)
+_REREAD_MIN = 0.1  # seconds between re-reads for a share that reached no worker
 SUN_PATH_MAX = 107  # bytes of a socket path, without its NUL
 NEW_MAIL = b"!"  # a receiver committed messages to incoming/
 RESCAN = b"D"  # an operator changed due times in deferred/ (retry, flush): rescan it now
@@ -66,7 +66,7 @@ class Waker:
         self._read_at = -_REFRESH
         self._short = _Short(spool.wake_dir)
 
-    def wake(self, payload: bytes = NEW_MAIL, ids: Iterable[str] | None = None) -> None:
+    def wake(self, payload: bytes = NEW_MAIL, ids: Collection[str] | None = None) -> None:
         """Wake every worker, or with ``ids`` those whose share holds one of the messages.
 
         A share whose worker is gone (its socket refuses or vanished: killed, restarted
@@ -122,7 +122,7 @@ class Waker:
 
 
 def wake_workers(spool: Spool, payload: bytes = NEW_MAIL,
-                 ids: Iterable[str] | None = None) -> None:
+                 ids: Collection[str] | None = None) -> None:
     """Wake the delivery workers once, from a process that has no Waker of its own."""
     waker = Waker(spool)
     try:
