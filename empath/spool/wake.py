@@ -4,11 +4,11 @@ Each delivery worker binds ``control/wake/<pid>.<i>.<n>`` (AF_UNIX, SOCK_DGRAM):
 ``i`` of ``n`` and takes the messages of its share (``ids.shard_of``). After a group commit a
 receiver sends one byte to each worker whose share holds one of the messages committed, and
 only to those: a worker woken for mail it will not take would list incoming/ for nothing. A
-full socket is ignored (that worker has wake-ups waiting); a vanished or refusing one (a
-worker killed, whose socket the master removes when it reaps it, and restarted under a new
-pid) makes the receiver read the list again at once, and wake every worker if that share
-still has none. The datagrams carry no data: the spool is the truth. A socket named
-``<pid>`` alone is woken for every message.
+full socket is ignored (that worker has wake-ups waiting). The list of sockets is read again
+whenever ``control/wake/`` has changed (its mtime: a worker started, or one reaped, whose
+socket the master removes), and a vanished or refusing socket makes the receiver read it
+again at once and wake every worker if that share still has none. The datagrams carry no
+data: the spool is the truth. A socket named ``<pid>`` alone is woken for every message.
 
 A socket's path must fit ``sun_path`` (107 bytes); a spool deep in the file system would not,
 so a longer one is reached through a descriptor of ``control/wake`` itself
@@ -27,8 +27,11 @@ from collections.abc import Callable, Collection
 from empath.spool.ids import id_hash
 from empath.spool.layout import Spool
 
-_REFRESH = 2.0  # seconds between re-reads of the list of worker sockets
+_REFRESH = 2.0  # seconds between re-reads of the list of worker sockets at the latest
 _REREAD_MIN = 0.1  # seconds between re-reads for a share that reached no worker
+# A directory changed this recently (ns) may change again within the same tick of the clock
+# that stamps it, unseen by its mtime: the list read then is read again at the next wake-up.
+_RACY_NS = 50_000_000
 SUN_PATH_MAX = 107  # bytes of a socket path, without its NUL
 NEW_MAIL = b"!"  # a receiver committed messages to incoming/
 RESCAN = b"D"  # an operator changed due times in deferred/ (retry, flush): rescan it now
@@ -64,6 +67,7 @@ class Waker:
         self._targets: list[tuple[str, int, int]] = []  # (address, i, n); n 0: all mail
         self._counts: set[int] = set()  # the n of the workers as last read
         self._read_at = -_REFRESH
+        self._mtime: int | None = None  # control/wake/'s mtime when the list was read
         self._short = _Short(spool.wake_dir)
 
     def wake(self, payload: bytes = NEW_MAIL, ids: Collection[str] | None = None) -> None:
@@ -76,7 +80,7 @@ class Waker:
         if ids is not None and not ids:
             return
         now = time.monotonic()
-        if now - self._read_at > _REFRESH:
+        if now - self._read_at > _REFRESH or self._mtime != self._dir_mtime():
             self._read_targets(now)
         hashes = None if ids is None else [id_hash(i) for i in ids]
         if self._send(payload, hashes):
@@ -87,11 +91,22 @@ class Waker:
                 return
         self._send(payload, None)
 
+    def _dir_mtime(self) -> int | None:
+        """control/wake/'s mtime: a worker's socket made or removed changes it, so a
+        worker started (or restarted) a moment ago is woken for its first message."""
+        try:
+            return os.stat(self._spool.wake_dir).st_mtime_ns
+        except OSError:
+            return None
+
     def _read_targets(self, now: float) -> None:
+        mtime = self._dir_mtime()
         self._targets = [(self._short(path), *(share or (0, 0)))
                          for path, share in self._spool.wake_sockets()]
         self._counts = {count for _, _, count in self._targets if count}
         self._read_at = now
+        racy = mtime is None or time.time_ns() - mtime < _RACY_NS
+        self._mtime = -1 if racy else mtime  # -1: never equal, read again next time
 
     def _send(self, payload: bytes, hashes: list[int] | None) -> bool:
         """Send to the targets (all, or those of the shares of ``hashes``); False when a

@@ -9,6 +9,8 @@ import socket
 import time
 from pathlib import Path
 
+import pytest
+
 from empath.spool import Spool
 from empath.spool.ids import new_message_id, shard_of
 from empath.spool.wake import RESCAN, SUN_PATH_MAX, WakeListener, Waker
@@ -179,3 +181,34 @@ def test_the_master_removes_a_reaped_workers_socket(tmp_path: Path) -> None:
     spool.remove_wake_sockets(7000)
     assert sorted(os.path.basename(p) for p in spool.wake_socket_paths()) == ["70001",
                                                                                "7001.1.2"]
+
+
+def test_a_worker_started_after_the_list_was_read_is_woken_for_the_next_message(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The receivers' list of sockets is read again when control/wake/ changes (its mtime),
+    not only every two seconds: a worker that binds its socket just after a receiver read
+    the list (at start, after a restart or a reload) is woken for the next message of its
+    share. An unchanged directory is not listed again at every wake-up."""
+    spool = Spool(str(tmp_path / "spool"))
+    spool.create_tree()
+    an_hour_ago = time.time_ns() - 3600 * 10**9
+    os.utime(spool.wake_dir, ns=(an_hour_ago, an_hour_ago))
+    reads = []
+    real = spool.wake_sockets
+    monkeypatch.setattr(spool, "wake_sockets", lambda: reads.append(1) or real())
+    first = _ear(spool.wake_socket_path(8000, (1, 2)))
+    os.utime(spool.wake_dir, ns=(an_hour_ago, an_hour_ago))
+    waker = Waker(spool)
+    try:
+        waker.wake(ids=[_id_of_share(1, 2)])
+        assert _heard(first) == [b"!"] and len(reads) == 1
+        for _ in range(5):
+            waker.wake(ids=[_id_of_share(1, 2)])
+        assert len(_heard(first)) == 5 and len(reads) == 1  # no change, no listing
+        late = _ear(spool.wake_socket_path(8001, (0, 2)))  # changes control/wake/'s mtime
+        waker.wake(ids=[_id_of_share(0, 2)])  # at once: no sleep past any interval
+        assert _heard(late) == [b"!"] and _heard(first) == []
+        late.close()
+    finally:
+        waker.close()
+        first.close()
