@@ -248,7 +248,7 @@ def test_receivers_wake_only_the_worker_of_each_messages_share(daemon_factory: A
     body = b"Subject: x\r\n\r\nbody\r\n"
     shares_seen = set()
     try:
-        time.sleep(2.5)  # past the receivers' re-read of the list of worker sockets
+        # No wait: binding changed control/wake/, and the receivers read the list again.
         with d.smtp() as s:
             s.ehlo()
             for _ in range(12):
