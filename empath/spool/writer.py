@@ -83,7 +83,7 @@ class ReceiverWriter:
         self._waker = Waker(spool)
         self._wake_ids: list[str] = []  # stored since the last wake-up
         # Renames into incoming/ from tmp/ are made durable by the pool's group-commit thread;
-        # after each of its fsyncs the delivery workers are woken.
+        # once a message's rename is, the worker of its share is woken (commit).
         # With spool.sync "filesystem" one syncfs per batch replaces every file's fdatasync
         # and the directory fsync (and slots would save nothing).
         self.datasync = spool.sync != "filesystem"
@@ -91,7 +91,6 @@ class ReceiverWriter:
         self._frozen = False
         self._frozen_until = 0.0  # loop time until which _frozen is taken as true
         self._pool = SpoolThreads(self._loop, threads, sync_fd=self._dir_fd,
-                                  on_synced=self._wake_every,
                                   sync=os.fsync if self.datasync else syncfs)
         # A message written into a slot: one call of the compiled store in a thread that
         # never takes the GIL, its end reported through an eventfd the loop reads.
@@ -164,23 +163,17 @@ class ReceiverWriter:
             self._loop.call_soon(self._wake)
         self._wake_ids.append(message_id)
 
-    def _wake_every(self) -> None:
-        """After a directory fsync of the stores without a slot: wake every worker."""
-        self._wake(every=True)
-
-    def _wake(self, every: bool = False) -> None:
-        """Wake the delivery workers of the messages stored (``every``: all of them), unless
-        the queue is frozen (``empathctl queue unfreeze`` wakes them itself): looked up at
-        most every FROZEN_RECHECK seconds."""
+    def _wake(self) -> None:
+        """Wake the delivery workers of the messages stored, unless the queue is frozen
+        (``empathctl queue unfreeze`` wakes them itself): looked up at most every
+        FROZEN_RECHECK seconds."""
         ids, self._wake_ids = self._wake_ids, []
-        if not ids and not every:
-            return
         now = self._loop.time()
         if now >= self._frozen_until:
             self._frozen = self.spool.is_frozen()
             self._frozen_until = now + FROZEN_RECHECK
         if not self._frozen:
-            self._waker.wake(ids=None if every else ids)
+            self._waker.wake(ids=ids)
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await self._pool.submit(fn, *args)
@@ -299,6 +292,7 @@ class IncomingMessage:
             write_seconds = await writer._pool.submit(self._store, envelope, sync_dir=True)
         except OSError as exc:
             raise self._failed(exc) from exc
+        writer.wake_soon(self.id)
         self._observe(started, write_seconds)
 
     def commit_soon(self, envelope: Envelope, done: Committed) -> bool:

@@ -216,11 +216,14 @@ def test_receivers_wake_no_worker_while_delivery_is_frozen(daemon_factory: Any) 
         ear.close()
 
 
-def test_receivers_wake_only_the_worker_of_each_messages_share(daemon_factory: Any) -> None:
+@pytest.mark.parametrize("sync", ["file", "filesystem"])
+def test_receivers_wake_only_the_worker_of_each_messages_share(daemon_factory: Any,
+                                                               sync: str) -> None:
     """Worker i of n takes the messages whose id falls in its share; a receiver wakes that
     worker only (control/wake/<pid>.<i>.<n>), so the others do not list incoming/ for mail
-    they will leave there. Two sockets stand in for the workers of shares 0 and 1 of 2."""
-    d: EmpathDaemon = daemon_factory()
+    they will leave there. Two sockets stand in for the workers of shares 0 and 1 of 2. With
+    ``spool.sync: filesystem`` (no slots: every message through tmp/ and a rename) too."""
+    d: EmpathDaemon = daemon_factory({"spool": {"sync": sync}})
     spool = Spool(str(d.spool_path))
     ears = []
     wake_dir = os.open(spool.wake_dir, os.O_PATH | os.O_DIRECTORY)
