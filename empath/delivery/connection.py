@@ -125,19 +125,18 @@ class _ChannelReader(asyncio.StreamReader):
             callback, self.on_trouble = self.on_trouble, None
             callback()
 
-    async def arrival(self, deadline: float | None = None) -> None:
+    async def arrival(self, deadline: float) -> None:
         """Until more bytes, the end of the stream or an error arrive; TimeoutError at
         ``deadline`` (loop time). One timer, not an ``asyncio.timeout`` scope: this is
         awaited for every reply of every message."""
         loop = asyncio.get_running_loop()
         wakeup = self._wakeup = loop.create_future()
-        timer = None if deadline is None else loop.call_at(deadline, _time_out, wakeup)
+        timer = loop.call_at(deadline, _time_out, wakeup)
         try:
             await wakeup
         finally:
             self._wakeup = None
-            if timer is not None:
-                timer.cancel()
+            timer.cancel()
 
 
 def _time_out(wakeup: asyncio.Future[None]) -> None:

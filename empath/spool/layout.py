@@ -670,10 +670,6 @@ class Spool:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
 
-    def wake_socket_paths(self) -> Iterator[str]:
-        for path, _ in self.wake_sockets():
-            yield path
-
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _syncfs = getattr(_libc, "syncfs", None)

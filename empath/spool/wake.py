@@ -80,13 +80,14 @@ class Waker:
         if ids is not None and not ids:
             return
         now = time.monotonic()
-        if now - self._read_at > _REFRESH or self._mtime != self._dir_mtime():
-            self._read_targets(now)
+        mtime = self._dir_mtime()
+        if now - self._read_at > _REFRESH or mtime != self._mtime:
+            self._read_targets(now, mtime)
         hashes = None if ids is None else [id_hash(i) for i in ids]
         if self._send(payload, hashes):
             return
         if now - self._read_at > _REREAD_MIN:
-            self._read_targets(now)
+            self._read_targets(now, self._dir_mtime())
             if self._send(payload, hashes):
                 return
         self._send(payload, None)
@@ -99,8 +100,8 @@ class Waker:
         except OSError:
             return None
 
-    def _read_targets(self, now: float) -> None:
-        mtime = self._dir_mtime()
+    def _read_targets(self, now: float, mtime: int | None) -> None:
+        """Read the list of sockets; ``mtime``: control/wake/'s, taken before the listing."""
         self._targets = [(self._short(path), *(share or (0, 0)))
                          for path, share in self._spool.wake_sockets()]
         self._counts = {count for _, _, count in self._targets if count}

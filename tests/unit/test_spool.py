@@ -246,7 +246,7 @@ def test_commit_wakes_a_listening_worker(spool):
         return woke.is_set()
 
     assert asyncio.run(go())
-    assert list(spool.wake_socket_paths()) == []
+    assert [path for path, _ in spool.wake_sockets()] == []
 
 
 def test_failed_write_leaves_no_file(spool):

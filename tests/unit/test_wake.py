@@ -33,7 +33,7 @@ def test_a_deep_spool_still_wakes_its_workers(tmp_path: Path) -> None:
         listener = WakeListener(spool, callback)
         waker = Waker(spool)
         try:
-            assert list(spool.wake_socket_paths()) == [spool.wake_socket_path(os.getpid())]
+            assert [path for path, _ in spool.wake_sockets()] == [spool.wake_socket_path(os.getpid())]
             waker.wake()
             await asyncio.wait_for(got.wait(), 5)
         finally:
@@ -43,7 +43,7 @@ def test_a_deep_spool_still_wakes_its_workers(tmp_path: Path) -> None:
 
     assert asyncio.run(scenario()) == ["wake"]
     # The socket was bound at its real place, and is gone after close.
-    assert list(spool.wake_socket_paths()) == []
+    assert [path for path, _ in spool.wake_sockets()] == []
 
 
 def _ear(path: str) -> socket.socket:
@@ -179,7 +179,7 @@ def test_the_master_removes_a_reaped_workers_socket(tmp_path: Path) -> None:
     for pid, share in ((7000, (0, 2)), (7001, (1, 2)), (70001, None)):
         _ear(spool.wake_socket_path(pid, share)).close()
     spool.remove_wake_sockets(7000)
-    assert sorted(os.path.basename(p) for p in spool.wake_socket_paths()) == ["70001",
+    assert sorted(os.path.basename(p) for p, _ in spool.wake_sockets()) == ["70001",
                                                                                "7001.1.2"]
 
 
